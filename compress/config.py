@@ -30,7 +30,7 @@ class SubsetConfig:
     def __post_init__(self):
         for name in ("train", "test"):
             value = getattr(self, name)
-            _check(value is None or value > 0, f"data.subset.{name}: expected a positive integer or null, got {value}")
+            _check(value is None or value > 0, f"{name}: expected a positive integer or null, got {value}")
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,12 @@ class DataConfig:
     subset: SubsetConfig = field(default_factory=SubsetConfig)
 
     def __post_init__(self):
-        _check(self.kind in DATASET_KINDS, f"data.kind: expected one of {', '.join(DATASET_KINDS)}, got {self.kind!r}")
-        _check(self.kind == "digits" or self.path is not None, f"data.path: dataset kind {self.kind!r} needs a path (or pass --data PATH)")
-        _check(8 <= self.image_size <= 1024, f"data.image_size: expected 8..1024, got {self.image_size}")
-        _check(self.batch_size > 0, f"data.batch_size: expected a positive integer, got {self.batch_size}")
-        _check(self.eval_batch_size > 0, f"data.eval_batch_size: expected a positive integer, got {self.eval_batch_size}")
-        _check(self.workers >= 0, f"data.workers: expected >= 0, got {self.workers}")
+        _check(self.kind in DATASET_KINDS, f"kind: expected one of {', '.join(DATASET_KINDS)}, got {self.kind!r}")
+        _check(self.kind == "digits" or self.path is not None, f"path: dataset kind {self.kind!r} needs a path (or pass --data PATH)")
+        _check(8 <= self.image_size <= 1024, f"image_size: expected 8..1024, got {self.image_size}")
+        _check(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
+        _check(self.eval_batch_size > 0, f"eval_batch_size: expected a positive integer, got {self.eval_batch_size}")
+        _check(self.workers >= 0, f"workers: expected >= 0, got {self.workers}")
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -71,13 +71,13 @@ class TrainConfig:
     warmup_epochs: int = 0
 
     def __post_init__(self):
-        _check(self.epochs >= 0, f"train.epochs: expected >= 0, got {self.epochs}")
-        _check(self.optimizer in OPTIMIZERS, f"train.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _check(self.schedule in SCHEDULES, f"train.schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        _check(self.lr > 0, f"train.lr: expected > 0, got {self.lr}")
-        _check(0 <= self.momentum < 1, f"train.momentum: expected 0 <= momentum < 1, got {self.momentum}")
-        _check(self.weight_decay >= 0, f"train.weight_decay: expected >= 0, got {self.weight_decay}")
-        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"train.warmup_epochs: expected 0..epochs ({self.epochs}), got {self.warmup_epochs}")
+        _check(self.epochs >= 0, f"epochs: expected >= 0, got {self.epochs}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _check(self.schedule in SCHEDULES, f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(self.lr > 0, f"lr: expected > 0, got {self.lr}")
+        _check(0 <= self.momentum < 1, f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
+        _check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"warmup_epochs: expected 0..epochs ({self.epochs}), got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,13 @@ class LossConfig:
     """A registered KD loss by name plus its own parameters (validated by the loss's dataclass)."""
 
     name: str = "kd"
-    params: Any = None
+    params: Any = None  # None: the loss's default parameters
+
+    def __post_init__(self):
+        if self.params is None:
+            from compress.losses import LOSSES
+
+            object.__setattr__(self, "params", LOSSES.get(self.name).params())
 
 
 @dataclass(frozen=True)
@@ -129,11 +135,11 @@ class ExportConfig:
     check_samples: int = 256
 
     def __post_init__(self):
-        _check(7 <= self.opset <= 23, f"export.opset: expected 7..23, got {self.opset}")
-        _check(self.exporter in EXPORTERS, f"export.exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
-        _check(self.tolerance > 0, f"export.tolerance: expected > 0, got {self.tolerance}")
-        _check(0 <= self.min_agreement <= 1, f"export.min_agreement: expected 0..1, got {self.min_agreement}")
-        _check(self.check_samples > 0, f"export.check_samples: expected > 0, got {self.check_samples}")
+        _check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")
+        _check(self.exporter in EXPORTERS, f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
+        _check(self.tolerance > 0, f"tolerance: expected > 0, got {self.tolerance}")
+        _check(0 <= self.min_agreement <= 1, f"min_agreement: expected 0..1, got {self.min_agreement}")
+        _check(self.check_samples > 0, f"check_samples: expected > 0, got {self.check_samples}")
 
 
 BENCH_BACKENDS = ("onnxruntime",)
@@ -152,13 +158,13 @@ class BenchConfig:
     eval_samples: int | None = None  # None: the whole test split
 
     def __post_init__(self):
-        _check(self.backend in BENCH_BACKENDS, f"bench.backend: expected one of {', '.join(BENCH_BACKENDS)}, got {self.backend!r}")
-        _check(self.batch_size > 0, f"bench.batch_size: expected > 0, got {self.batch_size}")
-        _check(self.warmup >= 0, f"bench.warmup: expected >= 0, got {self.warmup}")
-        _check(self.iterations > 0, f"bench.iterations: expected > 0, got {self.iterations}")
-        _check(self.time_budget_s is None or self.time_budget_s > 0, f"bench.time_budget_s: expected > 0 or null, got {self.time_budget_s}")
-        _check(self.threads >= 0, f"bench.threads: expected >= 0, got {self.threads}")
-        _check(self.eval_samples is None or self.eval_samples > 0, f"bench.eval_samples: expected > 0 or null, got {self.eval_samples}")
+        _check(self.backend in BENCH_BACKENDS, f"backend: expected one of {', '.join(BENCH_BACKENDS)}, got {self.backend!r}")
+        _check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
+        _check(self.warmup >= 0, f"warmup: expected >= 0, got {self.warmup}")
+        _check(self.iterations > 0, f"iterations: expected > 0, got {self.iterations}")
+        _check(self.time_budget_s is None or self.time_budget_s > 0, f"time_budget_s: expected > 0 or null, got {self.time_budget_s}")
+        _check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
+        _check(self.eval_samples is None or self.eval_samples > 0, f"eval_samples: expected > 0 or null, got {self.eval_samples}")
 
 
 @dataclass(frozen=True)
@@ -179,3 +185,22 @@ class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     stages: tuple[StageSpec, ...] = ()
+
+
+# Stage name -> its config class. The recipe loader reads this table; the functions that run the
+# stages are registered in ``compress.stages`` (kept apart so that validating a recipe does not
+# import the training code).
+STAGE_CONFIGS: dict[str, type] = {
+    "teacher": TeacherStageConfig,
+    "distill": DistillConfig,
+    "export": ExportConfig,
+    "bench": BenchConfig,
+}
+
+# What each stage needs to find earlier in the list, and what it provides to later stages.
+STAGE_NEEDS: dict[str, tuple[str, ...]] = {
+    "teacher": (),
+    "distill": ("teacher",),
+    "export": ("teacher",),
+    "bench": ("export",),
+}

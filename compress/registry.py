@@ -43,7 +43,9 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), self.names(), n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        return f"unknown {self.kind} {name!r}{hint}; known: {', '.join(self.names())}"
+        names = self.names()
+        known = ", ".join(names) if len(names) <= 12 else f"{len(names)} names, listed by `compress list`"
+        return f"unknown {self.kind} {name!r}{hint}; known: {known}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)

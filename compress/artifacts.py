@@ -1,0 +1,112 @@
+"""Run-folder layout and self-describing stage artifacts.
+
+``exported/<run>/<stage>/`` holds what a stage made plus ``stage.json``: the stage's resolved
+config, the whole resolved recipe, its metrics, the package versions, the key of its inputs and
+the sha256 of every file it wrote. ``stage.json`` is written last and atomically, so its presence
+with a matching key and matching file hashes is what "this stage is complete" means: a run
+interrupted anywhere leaves either a complete stage or one that re-runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.fileio import atomic_path, sha256_file, write_json_atomic
+
+STAGE_RECORD = "stage.json"
+
+
+@dataclass
+class Artifact:
+    """What a stage hands to later stages and to the report.
+
+    Attributes:
+        stage: the stage's name.
+        files: role -> file path (e.g. ``{"model": .../distill/model.pt}``).
+        metrics: JSON-able numbers the stage measured.
+        role: which network the stage's ``model`` file is ("teacher" or "student"), if any.
+    """
+
+    stage: str
+    files: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    role: str | None = None
+    key: str = ""
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def input_key(*parts: Any) -> str:
+    """A stable hash of JSON-able parts: what a stage's result depends on."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    from compress import __version__
+    from compress.benchmark import versions as runtime_versions
+
+    return {"compress": __version__, "torch": torch.__version__} | runtime_versions()
+
+
+def record_stage(folder: Path, run_dir: Path, artifact: Artifact, config: Any, recipe: dict) -> None:
+    """Write ``metrics.json`` and, last, ``stage.json`` (the completion marker)."""
+    write_json_atomic(folder / "metrics.json", artifact.metrics)
+    files = {
+        role: {"path": os.path.relpath(path, run_dir), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for role, path in artifact.files.items()
+    }
+    record = {
+        "stage": artifact.stage,
+        "key": artifact.key,
+        "role": artifact.role,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(artifact.seconds, 3),
+        "files": files,
+        "metrics": artifact.metrics,
+        "config": config,
+        "recipe": recipe,
+        "versions": versions(),
+    }
+    write_json_atomic(folder / STAGE_RECORD, record)
+
+
+def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
+    """The stage's artifact if it completed with this input key and its files are intact."""
+    try:
+        record = json.loads((folder / STAGE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    files = {}
+    for role, entry in record.get("files", {}).items():
+        path = run_dir / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return None
+        files[role] = path
+    return Artifact(
+        stage=record["stage"], files=files, metrics=record.get("metrics", {}), role=record.get("role"),
+        key=key, seconds=record.get("seconds", 0.0), skipped=True,
+    )
+
+
+def invalidate(folder: Path) -> None:
+    """Forget a stage's completion before re-running it, so a crash mid-way cannot look complete."""
+    (folder / STAGE_RECORD).unlink(missing_ok=True)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> Path:
+    """Save a state_dict (plain tensors: loadable with ``weights_only=True``), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    return path

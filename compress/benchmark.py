@@ -1,0 +1,479 @@
+"""Measure exported models and compare them: one row per model, ratios vs a reference, a table.
+
+A row describes the exported file, not the PyTorch model: size, parameters and MACs read from
+the ONNX graph; latency, throughput and memory from a bench backend (a fresh child process per
+model); top-1 accuracy of the exported model itself through ONNX Runtime. Whatever fails in a
+row (a corrupt file, a crashed runtime, missing preprocessing metadata) is recorded in that row's
+``status``/``error`` and the other rows go on (STYLE habit 7).
+
+Typical use (what the bench stage does)::
+
+    result = bench_models({"teacher": t_path, "student": s_path}, cfg, (images, labels))
+    write_bench(result, run_dir / "bench")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from compress.backends import BACKENDS
+from compress.config import BenchConfig
+from compress.errors import CompressError, DataError, ExportError
+from compress.exporters.onnx import META_MEAN, META_STD, open_session, read_onnx_info
+from compress.fileio import write_json_atomic, write_text_atomic
+
+TestData = tuple[np.ndarray, np.ndarray]
+
+
+# --- one model ------------------------------------------------------------------------------
+
+
+def bench_model(
+    path: Path,
+    cfg: BenchConfig,
+    test_data: TestData | None,
+    *,
+    role: str,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    reference_predictions: np.ndarray | None = None,
+) -> dict:
+    """Benchmark one exported model; never raises for a broken model (its row says why).
+
+    Args:
+        path: the ``.onnx`` file.
+        cfg: the bench settings (backend, batch size, warm-up, iterations, budget, threads,
+            eval_samples).
+        test_data: ``(images, labels)``: uint8 (N, C, H, W) images and integer labels, for the
+            top-1 accuracy of the exported model; None skips accuracy.
+        role: the row's name ("teacher", "student", or a file stem).
+        mean: per-channel mean of [0, 1] pixels, used only when the file's metadata has no
+            ``compress.mean`` (the file is the authority on its own preprocessing).
+        std: per-channel std, likewise for ``compress.std``.
+        reference_predictions: top-1 predictions of the reference model on the same images;
+            when given, the row gets ``agreement_with_reference``.
+
+    Returns:
+        A row: ``role``, ``path``, ``status`` ("ok"/"error"), ``error``, ``file_bytes``,
+        ``params``, ``macs``, ``opset``, ``latency`` (one entry per batch size: 1 and
+        ``cfg.batch_size``), ``peak_rss_mb``, ``model_rss_mb``, ``runtime`` and, with test data,
+        ``top1_accuracy`` (a fraction), ``eval_samples`` and maybe
+        ``agreement_with_reference``. Fields measured before a failure are kept.
+    """
+    row, _ = _bench(path, cfg, test_data, role, mean, std, reference_predictions)
+    return row
+
+
+def predict_onnx(
+    path: Path,
+    images: np.ndarray,
+    *,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 64,
+    threads: int = 0,
+) -> np.ndarray:
+    """Top-1 class of each image according to the exported model, through ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file.
+        images: uint8 (N, C, H, W) images.
+        mean: per-channel mean of pixels scaled to [0, 1].
+        std: per-channel standard deviation of pixels scaled to [0, 1].
+        batch_size: images per ``session.run``.
+        threads: ONNX Runtime intra-op threads; 0 keeps its default.
+
+    Returns:
+        int64 array of N predicted classes.
+
+    Raises:
+        DataError: the images are not uint8 NCHW or mean/std do not match their channels.
+        ExportError: ONNX Runtime cannot load the file.
+    """
+    mean_c, std_c = _channel_stats(images, mean, std)
+    session = open_session(Path(path), threads=threads)
+    name = session.get_inputs()[0].name
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        chunk = (images[start : start + batch_size].astype(np.float32) / 255.0 - mean_c) / std_c
+        logits = session.run(None, {name: chunk.astype(np.float32)})[0]
+        predictions.append(logits.argmax(axis=1))
+    return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
+
+
+def normalisation(
+    metadata: dict[str, str], path: Path, mean: list[float] | None = None, std: list[float] | None = None
+) -> tuple[list[float], list[float]]:
+    """The mean/std to preprocess images for a file: its metadata first, else the caller's.
+
+    Args:
+        metadata: the file's ``metadata_props`` (``read_onnx_info(path)["metadata"]``).
+        path: the file, for the error message.
+        mean: fallback per-channel mean.
+        std: fallback per-channel std.
+
+    Returns:
+        ``(mean, std)`` as lists of floats.
+
+    Raises:
+        ExportError: neither the metadata nor the caller gives both, or the metadata is not a
+            comma-separated list of numbers.
+    """
+    if META_MEAN in metadata and META_STD in metadata:
+        return _floats(metadata, META_MEAN, path), _floats(metadata, META_STD, path)
+    if mean is not None and std is not None:
+        return [float(m) for m in mean], [float(s) for s in std]
+    raise ExportError(
+        f"{Path(path).name} has no {META_MEAN}/{META_STD} metadata to normalise images with; "
+        "export it with preprocessing_metadata(...) or pass mean= and std="
+    )
+
+
+def _bench(path, cfg, test_data, role, mean, std, reference_predictions):
+    """(row, predictions or None): bench_model plus the predictions, kept out of the row."""
+    path = Path(path)
+    row: dict = {"role": role, "path": str(path), "status": "ok", "error": None}
+    errors: list[str] = []
+    predictions = None
+    try:
+        info = read_onnx_info(path)
+        row.update({k: info[k] for k in ("file_bytes", "params", "macs", "opset", "input_shape")})
+        row.update(_latency_fields(path, cfg, errors))
+        if test_data is not None:
+            mean, std = normalisation(info["metadata"], path, mean, std)
+            fields, predictions = _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions)
+            row.update(fields)
+    except Exception as exc:
+        errors.append(_describe(exc))
+    if errors:
+        row.update(status="error", error="; ".join(errors))
+    return row, predictions
+
+
+def _latency_fields(path: Path, cfg: BenchConfig, errors: list[str]) -> dict:
+    measured = BACKENDS.get(cfg.backend).measure(
+        path,
+        batch_sizes=sorted({1, cfg.batch_size}),
+        warmup=cfg.warmup,
+        iterations=cfg.iterations,
+        time_budget_s=cfg.time_budget_s,
+        threads=cfg.threads,
+    )
+    if measured["status"] != "ok":
+        errors.append(f"latency: {measured['error']}")
+    runtime_keys = ("onnxruntime", "providers", "threads", "graph_optimization_level")
+    return {
+        "latency": measured.get("batches", []),
+        "peak_rss_mb": measured.get("peak_rss_mb"),
+        "model_rss_mb": measured.get("model_rss_mb"),
+        "runtime": {"backend": cfg.backend, **{k: measured[k] for k in runtime_keys if k in measured}},
+    }
+
+
+def _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions) -> tuple[dict, np.ndarray]:
+    images, labels = test_data
+    n = len(images) if cfg.eval_samples is None else min(cfg.eval_samples, len(images))
+    predictions = predict_onnx(path, images[:n], mean=mean, std=std, batch_size=cfg.batch_size, threads=cfg.threads)
+    fields = {"top1_accuracy": float(np.mean(predictions == np.asarray(labels[:n]))), "eval_samples": n}
+    if reference_predictions is not None:
+        fields["agreement_with_reference"] = agreement(predictions, reference_predictions)
+    return fields, predictions
+
+
+def agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of images on which two models predict the same top-1 class.
+
+    Args:
+        predictions: one model's classes.
+        reference: the other model's classes on the same images, in the same order.
+
+    Returns:
+        A fraction in [0, 1].
+
+    Raises:
+        DataError: the two were computed on different numbers of images.
+    """
+    if len(predictions) != len(reference) or len(predictions) == 0:
+        raise DataError(f"cannot compare predictions on {len(predictions)} and {len(reference)} images")
+    return float(np.mean(np.asarray(predictions) == np.asarray(reference)))
+
+
+def _channel_stats(images: np.ndarray, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
+    channels = images.shape[1]
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
+    shape = (1, channels, 1, 1)
+    return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
+
+
+def _floats(metadata: dict[str, str], key: str, path: Path) -> list[float]:
+    try:
+        return [float(v) for v in metadata[key].split(",")]
+    except ValueError:
+        raise ExportError(f"{Path(path).name}: metadata {key}={metadata[key]!r} is not a comma-separated list of numbers") from None
+
+
+def _describe(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, CompressError) else f"{type(exc).__name__}: {text}"
+
+
+# --- several models -------------------------------------------------------------------------
+
+
+def bench_models(
+    models: dict[str, Path],
+    cfg: BenchConfig,
+    test_data: TestData | None,
+    *,
+    reference: str = "teacher",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> dict:
+    """Benchmark several exported models and compare them with the reference one.
+
+    Args:
+        models: role -> ``.onnx`` file, e.g. ``{"teacher": ..., "student": ...}``.
+        cfg: the bench settings.
+        test_data: ``(uint8 NCHW images, labels)`` or None (no accuracy, no agreement).
+        reference: the role the ratios are computed against.
+        mean: fallback normalisation for files without preprocessing metadata.
+        std: likewise.
+
+    Returns:
+        :func:`compare`'s dict plus ``config``, ``machine`` and ``versions``; rows get
+        ``agreement_with_reference`` when the reference's predictions are available.
+    """
+    rows, predictions = [], {}
+    for role, path in models.items():
+        row, predictions[role] = _bench(path, cfg, test_data, role, mean, std, None)
+        rows.append(row)
+    reference_predictions = predictions.get(reference)
+    for row in rows:
+        ours = predictions[row["role"]]
+        if row["role"] != reference and ours is not None and reference_predictions is not None:
+            row["agreement_with_reference"] = agreement(ours, reference_predictions)
+    result = compare(rows, reference)
+    result.update(config=dataclasses.asdict(cfg), machine=machine_info(), versions=versions())
+    return result
+
+
+def compare(rows: list[dict], reference: str = "teacher") -> dict:
+    """Ratios of every row against the reference row.
+
+    A ratio is None when either side lacks the number (an error row, no test data, no
+    reference). "Reduction" and "speedup" are > 1 when the row is smaller or faster.
+
+    Args:
+        rows: rows from :func:`bench_model`.
+        reference: the role to compare against.
+
+    Returns:
+        ``{"reference", "rows", "ratios": {role: {"speedup_b1", "speedup_throughput",
+        "throughput_batch_size", "size_reduction", "params_reduction", "macs_reduction",
+        "accuracy_delta", "agreement_with_reference"}}}`` for every role but the reference;
+        ``speedup_b1`` is reference p50 / row p50 at batch 1, ``speedup_throughput`` row /
+        reference images per second at the largest batch size both measured, and
+        ``accuracy_delta`` (row - reference) top-1 in percentage points.
+    """
+    ref = next((row for row in rows if row["role"] == reference), {})
+    ratios = {row["role"]: _ratios(row, ref) for row in rows if row["role"] != reference}
+    return {"reference": reference, "rows": rows, "ratios": ratios}
+
+
+def _ratios(row: dict, ref: dict) -> dict:
+    batch = _common_batch(row, ref)
+    accuracy = (row.get("top1_accuracy"), ref.get("top1_accuracy"))
+    return {
+        "speedup_b1": _ratio(_p50(ref, 1), _p50(row, 1)),
+        "speedup_throughput": _ratio(_throughput(row, batch), _throughput(ref, batch)),
+        "throughput_batch_size": batch,
+        "size_reduction": _ratio(ref.get("file_bytes"), row.get("file_bytes")),
+        "params_reduction": _ratio(ref.get("params"), row.get("params")),
+        "macs_reduction": _ratio(ref.get("macs"), row.get("macs")),
+        "accuracy_delta": None if None in accuracy else 100.0 * (accuracy[0] - accuracy[1]),
+        "agreement_with_reference": row.get("agreement_with_reference"),
+    }
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _batch_entry(row: dict, batch_size: int | None) -> dict | None:
+    for entry in row.get("latency") or []:
+        if entry.get("batch_size") == batch_size and entry.get("status") == "ok":
+            return entry
+    return None
+
+
+def _p50(row: dict, batch_size: int) -> float | None:
+    entry = _batch_entry(row, batch_size)
+    return entry["latency_ms"]["p50"] if entry else None
+
+
+def _throughput(row: dict, batch_size: int | None) -> float | None:
+    entry = _batch_entry(row, batch_size)
+    return entry["throughput_ips"] if entry else None
+
+
+def _ok_batches(row: dict) -> set[int]:
+    return {e["batch_size"] for e in row.get("latency") or [] if e.get("status") == "ok"}
+
+
+def _common_batch(row: dict, ref: dict) -> int | None:
+    common = _ok_batches(row) & _ok_batches(ref)
+    return max(common) if common else None
+
+
+# --- context: machine and versions ----------------------------------------------------------
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU model, cores, platform."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+
+
+def versions() -> dict:
+    """Versions of what ran the benchmark (torch is not involved: the files run on ONNX Runtime)."""
+    import onnx
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def bench_table_markdown(result: dict) -> str:
+    """Markdown table: metrics as rows; the reference, then each model and its ratio, as columns.
+
+    Args:
+        result: :func:`compare`'s (or :func:`bench_models`') dict.
+
+    Returns:
+        The table, plus one line on the machine when ``result`` has it.
+    """
+    reference = result["reference"]
+    rows = sorted(result["rows"], key=lambda row: row["role"] != reference)  # reference first
+    batch = max((b for row in rows for b in _ok_batches(row)), default=None)
+    header = ["Metric"]
+    for row in rows:
+        header.append(row["role"])
+        if row["role"] != reference:
+            header.append(f"{row['role']} vs {reference}")
+    lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    for label, value, fmt, ratio_key, ratio_fmt in _metrics(batch, reference):
+        cells = [label]
+        for row in rows:
+            cells.append(_cell(value(row), fmt))
+            if row["role"] != reference:
+                ratio = result["ratios"].get(row["role"], {}).get(ratio_key) if ratio_key else None
+                cells.append(_cell(ratio, ratio_fmt) if ratio_key else "")
+        lines.append(_md_row(cells))
+    lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
+    return "\n".join(lines) + _machine_note(result) + "\n"
+
+
+def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str, str | None, str | None]]:
+    """(label with unit, value getter, format, ratio key, ratio format) per table row."""
+
+    def latency(stat: str) -> Callable:
+        return lambda row: (_batch_entry(row, 1) or {}).get("latency_ms", {}).get(stat)
+
+    def scaled(key: str, factor: float) -> Callable:
+        return lambda row: None if row.get(key) is None else row[key] * factor
+
+    return [
+        ("File size (MiB)", scaled("file_bytes", 1 / 2**20), "{:.2f}", "size_reduction", "{:.2f}× smaller"),
+        ("Parameters (M)", scaled("params", 1e-6), "{:.3f}", "params_reduction", "{:.2f}× fewer"),
+        ("MACs, batch 1 (M)", scaled("macs", 1e-6), "{:.1f}", "macs_reduction", "{:.2f}× fewer"),
+        ("Latency p50, batch 1 (ms)", latency("p50"), "{:.3f}", "speedup_b1", "{:.2f}× faster"),
+        ("Latency p90, batch 1 (ms)", latency("p90"), "{:.3f}", None, None),
+        ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
+        (f"Throughput, batch {batch} (images/s)", lambda row: _throughput(row, batch), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
+        ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
+        ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
+        ("Top-1 accuracy (%)", scaled("top1_accuracy", 100.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
+        (f"Top-1 agreement with {reference} (%)", scaled("agreement_with_reference", 100.0), "{:.2f}", None, None),
+    ]
+
+
+def _status_cells(rows: list[dict], reference: str) -> list[str]:
+    cells = []
+    for row in rows:
+        cells.append("ok" if row["status"] == "ok" else f"error: {row['error']}")
+        if row["role"] != reference:
+            cells.append("")
+    return cells
+
+
+def _cell(value: float | None, fmt: str | None) -> str:
+    return "—" if value is None or fmt is None else fmt.format(value)
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _machine_note(result: dict) -> str:
+    machine, runtime = result.get("machine"), result.get("versions", {})
+    if not machine:
+        return ""
+    threads = (result.get("config") or {}).get("threads")
+    thread_note = f", {threads} threads" if threads else ", default threads"
+    return (
+        f"\n\nMeasured on {machine['cpu']} ({machine['usable_cores']} usable cores{thread_note}), "
+        f"{machine['platform']}, ONNX Runtime {runtime.get('onnxruntime', '?')}."
+    )
+
+
+def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:
+    """Write ``bench.json`` and ``bench.md`` into ``folder``, each atomically.
+
+    Args:
+        result: :func:`bench_models`' (or :func:`compare`'s) dict.
+        folder: destination; created if missing.
+
+    Returns:
+        ``(json_path, markdown_path)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = write_json_atomic(folder / "bench.json", result)
+    md_path = write_text_atomic(folder / "bench.md", bench_table_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,141 @@
+"""The ``compress`` command: parses arguments and calls the library; no logic of its own.
+
+Errors a user can fix print one line and exit 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+
+import click
+
+from compress.errors import CompressError
+
+
+def user_errors(fn):
+    """Turn CompressError into a one-line message and exit code 2 (a traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.pop("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as exc:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: completed stages are kept; run the same command to resume", err=True)
+            sys.exit(130)
+
+    return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+
+
+def recipe_options(fn):
+    """The overrides shared by ``run`` and ``validate``."""
+    options = [
+        click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False)),
+        click.option("--data", help="Dataset path (overrides data.path)."),
+        click.option("--epochs", type=click.IntRange(min=0), help="Epochs of every training section."),
+        click.option("--subset", help="Use N training (and M test) images: N or N,M."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N (overrides device)."),
+        click.option("--out", help="Output root folder (overrides out; default exported)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override any recipe field; repeatable."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load(recipe_path, data, epochs, subset, device, out, overrides):
+    from compress.recipe import load_recipe, parse_subset
+
+    return load_recipe(recipe_path, list(overrides), data=data, epochs=epochs, subset=parse_subset(subset), device=device, out=out)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compress")
+def cli():
+    """Teacher -> distilled student -> ONNX -> benchmark, from one YAML recipe."""
+
+
+@cli.command()
+@recipe_options
+@click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
+@user_errors
+def run(recipe_path, data, epochs, subset, device, out, overrides, force):
+    """Run RECIPE's stages into <out>/<name>/, skipping stages already done."""
+    from compress.pipeline import run as run_pipeline
+    from compress.report import summary_table
+
+    recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
+    artifacts = run_pipeline(recipe, force=force)
+    click.echo(summary_table(artifacts))
+    if "bench" in artifacts:
+        click.echo("")
+        click.echo(artifacts["bench"].files["table"].read_text())
+
+
+@cli.command()
+@recipe_options
+@user_errors
+def validate(recipe_path, data, epochs, subset, device, out, overrides):
+    """Check RECIPE (and the files it names) without running anything."""
+    import yaml
+
+    from compress.recipe import recipe_to_dict
+
+    recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
+    click.echo(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip())
+    click.echo(f"ok: {recipe_path} is valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})", err=True)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--against", type=click.Path(dir_okay=False), help="A reference ONNX model (the teacher) to compare with.")
+@click.option("--data", help="Test data for accuracy: a dataset folder (kind detected) or omitted for latency only.")
+@click.option("--data-kind", type=click.Choice(["digits", "cifar10", "cifar100", "npz", "imagefolder"]), help="Dataset kind when detection is not enough.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Throughput batch size (batch 1 is always measured).")
+@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds per measurement at most.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--eval-samples", type=click.IntRange(min=1), help="Test images for accuracy (default: the whole split).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for bench.json/bench.md (default: next to MODEL).")
+@user_errors
+def bench(model, against, data, data_kind, batch_size, iterations, warmup, time_budget, threads, eval_samples, out):
+    """Benchmark exported MODEL.onnx (and --against OTHER.onnx side by side)."""
+    from compress.config import BenchConfig
+    from compress.stages.bench import bench_files
+
+    cfg = BenchConfig(batch_size=batch_size, iterations=iterations, warmup=warmup, time_budget_s=time_budget, threads=threads, eval_samples=eval_samples)
+    result, table_path = bench_files(model, against=against, data=data, data_kind=data_kind, cfg=cfg, out=out)
+    click.echo(table_path.read_text())
+    click.echo(f"written: {table_path} and {table_path.with_suffix('.json')}", err=True)
+
+
+@cli.command(name="list")
+@click.argument("what", type=click.Choice(["stages", "losses", "models", "datasets"]), required=False)
+def list_(what):
+    """Print what the registries hold (stages, losses, models, datasets)."""
+    from compress.data import DATASETS
+    from compress.losses import LOSSES
+    from compress.models import model_names
+    from compress.stages import STAGES
+
+    tables = {"stages": STAGES.names(), "losses": LOSSES.names(), "models": model_names(), "datasets": DATASETS.names()}
+    for name in [what] if what else tables:
+        click.echo(f"{name}:")
+        for entry in tables[name]:
+            click.echo(f"  {entry}")
+
+
+def main():
+    cli(prog_name="compress")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""What a stage receives besides its own config: the recipe, the run folder, the device, the
+artifacts of the stages before it, and the dataset (loaded once per run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from compress.artifacts import Artifact
+from compress.config import Recipe
+from compress.errors import StageError
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    stage_dir: Path | None = None
+    show_progress: bool = True
+
+    @cached_property
+    def data(self):
+        """The recipe's dataset, loaded on first use (a run whose stages all skip never loads it)."""
+        from compress.data import load_dataset
+
+        return load_dataset(self.recipe.data, seed=self.recipe.seed)
+
+    def loaders(self):
+        from compress.data import make_loaders
+
+        return make_loaders(self.data, self.recipe.data, seed=self.recipe.seed)
+
+    def latest(self, role: str) -> Artifact:
+        """The most recent artifact whose model plays ``role`` ("teacher" or "student")."""
+        for artifact in reversed(self.artifacts.values()):
+            if artifact.role == role and "model" in artifact.files:
+                return artifact
+        raise StageError(f"no {role} model has been produced by an earlier stage")
+
+    def stage_path(self, name: str) -> Path:
+        assert self.stage_dir is not None
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        return self.stage_dir / name

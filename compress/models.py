@@ -1,0 +1,350 @@
+"""Model zoo: torchvision classifiers and the CIFAR ResNets, built by name, never pretrained.
+
+Names are ``torchvision:<name>`` (any classification model torchvision knows) and
+``cifar:resnet20/32/44/56/110``. Weights are always random (``weights=None``): this machine has no
+internet, and a recipe that silently downloads would not be reproducible. Checkpoints are loaded
+with :func:`load_weights`, which only accepts plain tensors.
+
+Example:
+    >>> model = build_model("torchvision:resnet18", num_classes=10, cifar_stem=True)
+    >>> params, macs = count_params_macs(model, image_size=32)
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compress.compat import torchvision
+from compress.errors import ModelError
+from compress.registry import Registry
+
+MODELS: Registry[Callable[[int], nn.Module]] = Registry("model", ModelError)
+
+_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+_MAX_LISTED = 3  # problems named in a load_weights error before "+N more"
+
+
+# --- CIFAR ResNets -----------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs plus a shortcut; a 1x1 conv + BN shortcut where the shape changes.
+
+    He et al. used a parameter-free zero-padding shortcut (option A) on CIFAR. The projection
+    (option B) costs ~3k parameters on resnet56 but is an ordinary conv that Torch-Pruning's
+    dependency graph can prune and every ONNX runtime executes without special cases.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016, "Deep Residual Learning for Image Recognition", sec. 4.2.
+
+    A 3x3 conv with 16 channels, three stages of ``n`` basic blocks with 16/32/64 channels (the
+    last two start with stride 2), global average pooling and a linear classifier: depth 6n+2.
+    Attribute names (``conv1``, ``bn1``, ``fc``) follow torchvision's ResNet.
+    """
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ModelError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = _stage(16, 16, n, stride=1)
+        self.layer2 = _stage(16, 32, n, stride=2)
+        self.layer3 = _stage(32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    layers = [BasicBlock(in_planes, planes, stride)]
+    layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def _register_torchvision() -> None:
+    for name in torchvision.models.list_models(module=torchvision.models):
+
+        def build(num_classes: int, name: str = name) -> nn.Module:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+        MODELS.register(f"torchvision:{name}")(build)
+
+
+def _register_cifar() -> None:
+    for depth in _CIFAR_DEPTHS:
+
+        def build(num_classes: int, depth: int = depth) -> nn.Module:
+            return CifarResNet(depth, num_classes)
+
+        MODELS.register(f"cifar:resnet{depth}")(build)
+
+
+_register_torchvision()
+_register_cifar()
+
+
+def model_names() -> list[str]:
+    """Every name :func:`build_model` accepts, sorted.
+
+    Returns:
+        Names such as ``"cifar:resnet56"`` and ``"torchvision:mobilenet_v2"``.
+    """
+    return MODELS.names()
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def build_model(name: str, num_classes: int, cifar_stem: bool = False, in_channels: int = 3) -> nn.Module:
+    """Build a randomly initialised classifier by name.
+
+    Args:
+        name: A registered name, e.g. ``"torchvision:resnet18"`` or ``"cifar:resnet56"``.
+        num_classes: Outputs of the classifier head.
+        cifar_stem: Adapt an ImageNet-shaped network to small (32x32) inputs, whose ImageNet stem
+            would downsample 32x away before the first block. ResNets: ``conv1`` becomes a 3x3
+            stride-1 conv and the max-pool is removed. MobileNetV2/V3: the stem conv and the
+            first stride-2 depthwise conv get stride 1 (total downsampling 8 instead of 32), the
+            usual practice of CIFAR MobileNet ports such as kuangliu/pytorch-cifar and
+            Torch-Pruning's CIFAR benchmarks. Ignored for ``cifar:`` models, already CIFAR-shaped.
+        in_channels: Input channels; anything but 3 replaces the first conv (ResNets and
+            MobileNets only).
+
+    Returns:
+        The model, in training mode, with ``compress_name`` set to ``"<name> (num_classes=K)"``
+        for error messages.
+
+    Raises:
+        ModelError: Unknown name (with close matches), or ``cifar_stem`` / ``in_channels`` asked
+            of an architecture we do not know how to adapt.
+    """
+    if num_classes < 1:
+        raise ModelError(f"{name}: num_classes must be positive, got {num_classes}")
+    model = MODELS.get(name)(num_classes)
+    if cifar_stem and not isinstance(model, CifarResNet):
+        _adapt_cifar_stem(model, name)
+    if in_channels != 3:
+        _adapt_in_channels(model, name, in_channels)
+    model.compress_name = f"{name} (num_classes={num_classes})"
+    return model
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module holding the first conv, and its attribute name; None for unknown families."""
+    if isinstance(model, torchvision.models.ResNet | CifarResNet):
+        return model, "conv1"
+    if isinstance(model, torchvision.models.MobileNetV2 | torchvision.models.MobileNetV3):
+        return model.features[0], "0"
+    return None
+
+
+def _replace_conv(parent: nn.Module, attr: str, **changes) -> None:
+    """Swap a conv for one with some hyper-parameters changed, initialised like torchvision does."""
+    old: nn.Conv2d = getattr(parent, attr)
+    settings = {
+        "in_channels": old.in_channels,
+        "out_channels": old.out_channels,
+        "kernel_size": old.kernel_size,
+        "stride": old.stride,
+        "padding": old.padding,
+        "dilation": old.dilation,
+        "groups": old.groups,
+        "bias": old.bias is not None,
+    }
+    new = nn.Conv2d(**{**settings, **changes})
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    if new.bias is not None:
+        nn.init.zeros_(new.bias)
+    setattr(parent, attr, new)
+
+
+def _adapt_cifar_stem(model: nn.Module, name: str) -> None:
+    if isinstance(model, torchvision.models.ResNet):
+        _replace_conv(model, "conv1", kernel_size=3, stride=1, padding=1)
+        model.maxpool = nn.Identity()
+    elif isinstance(model, torchvision.models.MobileNetV2 | torchvision.models.MobileNetV3):
+        model.features[0][0].stride = (1, 1)
+        _first_strided_depthwise(model.features[1:], name).stride = (1, 1)
+    else:
+        raise ModelError(
+            f"{name}: cifar_stem is only known for ResNet and MobileNetV2/V3 models; "
+            "set cifar_stem: false (or pick one of those)"
+        )
+
+
+def _first_strided_depthwise(features: nn.Module, name: str) -> nn.Conv2d:
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2) and module.groups > 1:
+            return module
+    raise ModelError(f"{name}: found no stride-2 depthwise conv to adapt for cifar_stem")
+
+
+def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> None:
+    if in_channels < 1:
+        raise ModelError(f"{name}: in_channels must be positive, got {in_channels}")
+    place = _first_conv(model)
+    if place is None:
+        raise ModelError(
+            f"{name}: in_channels={in_channels} is only supported for ResNet and MobileNet models"
+        )
+    _replace_conv(*place, in_channels=in_channels)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint into ``model`` strictly, accepting plain tensors only.
+
+    ``torch.load(..., weights_only=True)`` refuses pickles that would run code, so a checkpoint
+    from an untrusted source cannot execute anything here.
+
+    Args:
+        model: The model to fill (e.g. from :func:`build_model`).
+        path: A file saved with ``torch.save``: a raw ``state_dict``, or a dict holding one under
+            ``"state_dict"`` or ``"model"``.
+
+    Returns:
+        ``model`` itself, with the weights loaded.
+
+    Raises:
+        ModelError: The file is missing, is not a checkpoint, holds pickled objects that
+            ``weights_only`` refuses, or does not fit the model (missing/unexpected keys, size
+            mismatch). The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    state = _state_dict(_torch_load(path), path)
+    problems = _mismatches(model.state_dict(), state)
+    if problems:
+        name = getattr(model, "compress_name", type(model).__name__)
+        raise ModelError(f"checkpoint {path} does not fit {name}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            raise ModelError(
+                f"checkpoint {path} was refused: it pickles objects other than tensors "
+                "(re-save it with torch.save(model.state_dict(), path))"
+            ) from None
+        reason = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc) else "")
+        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint (torch.load: {reason})") from None
+
+
+def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(
+            f"checkpoint {path} holds no state_dict (expected a dict of tensors, "
+            f"or one under 'state_dict' or 'model'; got {type(obj).__name__})"
+        )
+    return obj
+
+
+def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> list[str]:
+    sizes = [
+        f"size mismatch for {k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    missing = _listed("missing keys", [k for k in expected if k not in given])
+    unexpected = _listed("unexpected keys", [k for k in given if k not in expected])
+    return _listed_items(sizes) + missing + unexpected
+
+
+def _listed(label: str, keys: list[str]) -> list[str]:
+    if not keys:
+        return []
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return [f"{label} {', '.join(keys[:_MAX_LISTED])}{more}"]
+
+
+def _listed_items(items: list[str]) -> list[str]:
+    if len(items) <= _MAX_LISTED:
+        return items
+    return items[:_MAX_LISTED] + [f"+{len(items) - _MAX_LISTED} more size mismatches"]
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def count_params_macs(model: nn.Module, image_size: int, in_channels: int = 3) -> tuple[int, int]:
+    """Parameters and multiply-accumulates of one forward pass on a single image.
+
+    Counted by Torch-Pruning's op counter (the same one its pruning examples report), on CPU and
+    in eval mode so that the numbers do not depend on where the model lives or its BN mode.
+
+    Args:
+        model: Any model taking ``(1, in_channels, image_size, image_size)`` inputs; its
+            device and train/eval modes are left as they were.
+        image_size: Height and width of the input.
+        in_channels: Channels of the input.
+
+    Returns:
+        ``(params, macs)``.
+    """
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    target = model if on_cpu else copy.deepcopy(model).cpu()
+    modes = {module: module.training for module in target.modules()}
+    target.eval()
+    try:
+        example = torch.zeros(1, in_channels, image_size, image_size)
+        macs, params = tp.utils.count_ops_and_params(target, example)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return int(params), int(macs)

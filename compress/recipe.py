@@ -1,0 +1,369 @@
+"""YAML recipe -> validated, frozen :class:`~compress.config.Recipe`.
+
+The YAML is read with ``yaml.safe_load`` (no code-executing tags) and every mapping is checked
+against its dataclass: unknown keys get a "did you mean", wrong types and out-of-range values
+name the field's full path (``stages[1].distill.train.epochs``). Command-line overrides are
+applied to the raw mapping before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from compress import config as C
+from compress.errors import RecipeError
+from compress.losses import LOSSES
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def load_recipe(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    data: str | None = None,
+    epochs: int | None = None,
+    subset: tuple[int | None, int | None] | None = None,
+    device: str | None = None,
+    out: str | None = None,
+) -> C.Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings (value parsed as YAML), applied in order;
+            stages are addressed by name (``stages.distill.train.epochs=3``) or index.
+        data, epochs, subset, device, out: the CLI's shorthand overrides: dataset path, the
+            epochs of every training section, (train, test) subset sizes, device, output root.
+
+    Returns:
+        The validated recipe.
+
+    Raises:
+        RecipeError: with the field path and what is expected.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    raw = apply_shorthands(raw, data=data, epochs=epochs, subset=subset, device=device, out=out)
+    for item in overrides:
+        raw = apply_override(raw, item)
+    recipe = recipe_from_dict(raw, source=path.name)
+    check_references(recipe)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of recipe fields at the top level, got {_kind(raw)}")
+    return raw
+
+
+def recipe_from_dict(raw: Any, source: str = "recipe") -> C.Recipe:
+    """Validate a plain mapping (as read from YAML) into a :class:`Recipe`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected a mapping at the top level, got {_kind(raw)}")
+    raw = dict(raw)
+    stages_raw = raw.pop("stages", None)
+    if "name" not in raw:
+        raise RecipeError(f"{source}: name: missing; every recipe names its run (used as the output folder)")
+    recipe = _build(C.Recipe, raw, "")
+    stages = _build_stages(stages_raw)
+    recipe = dataclasses.replace(recipe, stages=stages)
+    _check_recipe(recipe)
+    return recipe
+
+
+def _check_recipe(recipe: C.Recipe) -> None:
+    if not _RUN_NAME.match(recipe.name):
+        raise RecipeError(f"name: expected letters, digits, '.', '_' or '-' (a folder name, max 100 chars), got {recipe.name!r}")
+    if not recipe.stages:
+        raise RecipeError(f"stages: expected a non-empty list, e.g. [teacher, distill, export, bench]; known stages: {', '.join(C.STAGE_CONFIGS)}")
+    seen: list[str] = []
+    for index, stage in enumerate(recipe.stages):
+        for need in C.STAGE_NEEDS[stage.name]:
+            if need not in seen:
+                raise RecipeError(f"stages[{index}].{stage.name}: needs a {need!r} stage before it")
+        if stage.name in seen:
+            raise RecipeError(f"stages[{index}].{stage.name}: appears twice; each stage runs once per recipe")
+        seen.append(stage.name)
+    teacher = recipe.teacher
+    if "teacher" in seen and teacher.checkpoint is None and teacher.train.epochs < 1:
+        raise RecipeError("teacher: give a checkpoint to load or train.epochs >= 1 to train one")
+
+
+def check_references(recipe: C.Recipe) -> None:
+    """Models, files, folders and the device the recipe names must exist before anything runs."""
+    from compress.models import MODELS
+
+    resolve_device(recipe.device)
+
+    for section in ("teacher", "student"):
+        name = getattr(recipe, section).model
+        if name not in MODELS:
+            raise RecipeError(f"{section}.model: {MODELS.unknown_message(name)}")
+    if recipe.data.path is not None and not Path(recipe.data.path).exists():
+        raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
+    if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
+        raise RecipeError(f"teacher.checkpoint: no such file: {recipe.teacher.checkpoint}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device: {name!r} asked for, but this torch build sees no CUDA device")
+    return device
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _build_stages(raw: Any) -> tuple[C.StageSpec, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise RecipeError(f"stages: expected a list of stage names or {{name: settings}} mappings, got {_kind(raw)}")
+    return tuple(_build_stage(item, index) for index, item in enumerate(raw))
+
+
+def _stage_name_and_settings(item: Any, index: int) -> tuple[str, Any]:
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, dict) and len(item) == 1:
+        name, settings = next(iter(item.items()))
+        return str(name), {} if settings is None else settings
+    raise RecipeError(f"stages[{index}]: expected a stage name or a one-key mapping {{name: settings}}, got {_kind(item)}")
+
+
+def _build_stage(item: Any, index: int) -> C.StageSpec:
+    name, settings = _stage_name_and_settings(item, index)
+    if name not in C.STAGE_CONFIGS:
+        raise RecipeError(f"stages[{index}]: unknown stage {name!r}{_did_you_mean(name, C.STAGE_CONFIGS)}; known: {', '.join(C.STAGE_CONFIGS)}")
+    return C.StageSpec(name, _build(C.STAGE_CONFIGS[name], settings, f"stages[{index}].{name}"))
+
+
+# ----------------------------------------------------------------------------- dataclasses
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = _join(path, str(key))
+        if key not in names:
+            raise RecipeError(f"{where}: unknown field{_did_you_mean(str(key), names)}; expected one of: {', '.join(names)}")
+        kwargs[key] = _loss(value, where) if hints[key] is C.LossConfig else _convert(hints[key], value, where)
+    try:
+        return cls(**kwargs)
+    except RecipeError as exc:
+        raise RecipeError(_join(path, str(exc))) from None
+
+
+def _loss(raw: Any, path: str) -> C.LossConfig:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a loss name or a mapping with 'name' and its parameters, got {_kind(raw)}")
+    raw = dict(raw)
+    name = raw.pop("name", "kd")
+    if not isinstance(name, str) or name not in LOSSES:
+        raise RecipeError(f"{path}.name: {LOSSES.unknown_message(str(name))}")
+    return C.LossConfig(name=name, params=_build(LOSSES.get(name).params, raw, path))
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise RecipeError(f"{path}: expected {_describe(hint)}, got null")
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{path}: expected {_describe(hint)}, got {_kind(value)} {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is typing.Any:
+        return value
+    raise RecipeError(f"{path}: expected {_describe(hint)}, got {_kind(value)} {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
+        hint, "a mapping" if dataclasses.is_dataclass(hint) else str(hint)
+    )
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(path: str, rest: str) -> str:
+    return f"{path}.{rest}" if path else rest
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_shorthands(raw: dict, *, data=None, epochs=None, subset=None, device=None, out=None) -> dict:
+    """The CLI's short options, written as the equivalent ``--set`` overrides."""
+    items = []
+    if data is not None:
+        items.append(("data.path", data))
+    if device is not None:
+        items.append(("device", device))
+    if out is not None:
+        items.append(("out", out))
+    if subset is not None:
+        items += [("data.subset.train", subset[0]), ("data.subset.test", subset[1])]
+    if epochs is not None:
+        items.append(("teacher.train.epochs", epochs))
+        for index, item in enumerate(raw.get("stages") or []):
+            name, settings = _stage_name_and_settings(item, index) if isinstance(item, (str, dict)) else (None, None)
+            if name in C.STAGE_CONFIGS and "train" in {f.name for f in dataclasses.fields(C.STAGE_CONFIGS[name])}:
+                items.append((f"stages.{index}.train.epochs", epochs))
+    for key, value in items:
+        raw = _set(raw, key.split("."), value, key)
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Apply one ``key.path=value`` override; the value is parsed as YAML (``3``, ``0.1``, ``null``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. stages.distill.train.epochs=3")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML") from None
+    return _set(raw, key.strip().split("."), value, item)
+
+
+def _set(node: Any, keys: list[str], value: Any, item: str) -> Any:
+    """Return a copy of ``node`` with ``value`` at ``keys``, creating mappings as needed."""
+    if not keys:
+        return value
+    head, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        index = _stage_index(node, head, item)
+        copy = list(node)
+        name, settings = _stage_name_and_settings(copy[index], index)
+        copy[index] = {name: _set(dict(settings) if isinstance(settings, dict) else settings, rest, value, item)} if rest else value
+        return copy
+    if node is None:
+        node = {}
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {item!r}: {head!r} is inside a {_kind(node)}, not a mapping")
+    copy = dict(node)
+    copy[head] = _set(copy.get(head), rest, value, item)
+    return copy
+
+
+def _stage_index(stages: list, key: str, item: str) -> int:
+    if key.isdigit():
+        if int(key) >= len(stages):
+            raise RecipeError(f"--set {item!r}: the recipe has {len(stages)} stages, no index {key}")
+        return int(key)
+    names = [_stage_name_and_settings(s, i)[0] for i, s in enumerate(stages)]
+    if key not in names:
+        raise RecipeError(f"--set {item!r}: no stage {key!r} in the recipe{_did_you_mean(key, names)}; stages: {', '.join(names)}")
+    return names.index(key)
+
+
+def recipe_to_dict(recipe: C.Recipe) -> dict:
+    """The resolved recipe as plain data (what gets written next to every artifact)."""
+    out = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if f.name == "stages":
+            out["stages"] = [{s.name: _plain(s.config)} for s in value]
+        else:
+            out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, C.LossConfig):
+        return {"name": value.name, **_plain(value.params)}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_subset(text: str | None) -> tuple[int | None, int | None] | None:
+    """``--subset N`` or ``--subset N,M`` -> (train, test); M defaults to N // 4 (at least 100)."""
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) <= 0:
+        raise RecipeError(f"--subset: expected N or N,M (positive integers), got {text!r}")
+    train = numbers[0]
+    test = numbers[1] if len(numbers) == 2 else max(100, train // 4)
+    return train, test

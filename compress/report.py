@@ -1,0 +1,31 @@
+"""Artifacts -> the summary a person reads at the end of a run."""
+
+from __future__ import annotations
+
+from compress.artifacts import Artifact
+
+
+def summary_table(artifacts: dict[str, Artifact]) -> str:
+    """One Markdown row per stage: what happened, how long, and its headline numbers."""
+    lines = ["| stage | status | time | result |", "|---|---|---:|---|"]
+    for name, artifact in artifacts.items():
+        status = "skipped (unchanged)" if artifact.skipped else "ran"
+        lines.append(f"| {name} | {status} | {artifact.seconds:.1f}s | {headline(artifact)} |")
+    return "\n".join(lines)
+
+
+def headline(artifact: Artifact) -> str:
+    m = artifact.metrics
+    if artifact.stage in ("teacher", "distill"):
+        text = f"top-1 {m['top1']:.2f}%, {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e6:.1f}M MACs"
+        if artifact.stage == "distill" and m.get("teacher_top1") is not None:
+            text += f" (teacher {m['teacher_top1']:.2f}%)"
+        return text
+    if artifact.stage == "export":
+        return ", ".join(
+            f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement {100 * check['top1_agreement']:.1f}%"
+            for role, check in m.items()
+        )
+    if artifact.stage == "bench":
+        return ", ".join(f"{k} {v}" for k, v in m.items() if not isinstance(v, (dict, list)))
+    return ""

@@ -1,0 +1,75 @@
+"""Stage ``bench``: measure the exported teacher and student side by side on the same backend.
+
+Also the engine of ``compress bench MODEL.onnx [--against OTHER.onnx]``, which needs no run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.artifacts import Artifact
+from compress.benchmark import bench_models, write_bench
+from compress.config import BenchConfig, DataConfig
+from compress.context import RunContext
+from compress.data import detect_kind, load_dataset, test_arrays
+from compress.errors import DataError
+from compress.stages import STAGES
+
+
+@STAGES.register("bench")
+def bench(cfg: BenchConfig, ctx: RunContext) -> Artifact:
+    """Latency, throughput, memory, size, MACs and accuracy of every exported model.
+
+    Returns:
+        Artifact with ``bench.json`` and ``bench.md`` (student vs teacher with ratios).
+    """
+    exported = ctx.artifacts["export"].files
+    test_data = test_arrays(ctx.data, limit=cfg.eval_samples)
+    result = bench_models(dict(exported), cfg, test_data, reference="teacher")
+    json_path, table_path = write_bench(result, ctx.stage_path(""))
+    return Artifact("bench", files={"json": json_path, "table": table_path}, metrics=headline_metrics(result))
+
+
+def bench_files(model: str | Path, *, against: str | Path | None, data: str | None, data_kind: str | None, cfg: BenchConfig, out: str | Path | None) -> tuple[dict, Path]:
+    """Benchmark ONNX files outside a run (``compress bench``); returns the result and the table's path.
+
+    Accuracy is measured when ``data`` is given; the image size and normalisation come from the
+    files' ONNX metadata (written by our export stage) so nothing has to be repeated here.
+    """
+    model = Path(model)
+    test_data = None
+    if data is not None:
+        image_size = _image_size_of(model)
+        data_cfg = DataConfig(kind=data_kind or detect_kind(data), path=data, image_size=image_size)
+        test_data = test_arrays(load_dataset(data_cfg), limit=cfg.eval_samples)
+    models = {model.stem: model}
+    reference = model.stem
+    if against is not None:
+        reference = Path(against).stem if Path(against).stem != model.stem else f"{model.stem} (against)"
+        models[reference] = Path(against)
+    result = bench_models(models, cfg, test_data, reference=reference)
+    folder = Path(out) if out is not None else model.parent / f"{model.stem}_bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    _, table_path = write_bench(result, folder)
+    return result, table_path
+
+
+def _image_size_of(model: Path) -> int:
+    from compress.exporters.onnx import read_onnx_info
+
+    info = read_onnx_info(model)
+    size = info["metadata"].get("compress.image_size") or info["input_shape"][-1]
+    if not isinstance(size, int) and not str(size).isdigit():
+        raise DataError(f"{model}: cannot tell the input image size (no compress.image_size metadata, dynamic input shape)")
+    return int(size)
+
+
+def headline_metrics(result: dict) -> dict:
+    """The few numbers the run summary and CI gates read first."""
+    rows = {row["role"]: row for row in result["rows"]}
+    ratios = result["ratios"].get("student", {})
+    headline = {key: ratios.get(key) for key in ("speedup_b1", "speedup_throughput", "size_reduction", "accuracy_delta")}
+    for role in ("teacher", "student"):
+        headline[f"{role}_top1_accuracy"] = rows.get(role, {}).get("top1_accuracy")
+        headline[f"{role}_status"] = rows.get(role, {}).get("status")
+    return headline

@@ -1,0 +1,52 @@
+"""Stage ``teacher``: load the recipe's teacher checkpoint, or train the teacher with cross-entropy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+
+from compress.artifacts import Artifact, save_weights
+from compress.config import TeacherStageConfig
+from compress.context import RunContext
+from compress.models import count_params_macs, load_weights
+from compress.stages import STAGES
+from compress.stages.networks import build_network, preprocess
+from compress.train_loop import evaluate, fit
+
+
+@STAGES.register("teacher")
+def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
+    """Produce the teacher every later stage learns from.
+
+    With ``teacher.checkpoint`` the weights are loaded (``weights_only=True``) and only
+    evaluated; otherwise the teacher is trained from scratch with ``teacher.train``.
+
+    Returns:
+        Artifact with ``files["model"]`` (state_dict) and test accuracy, params, MACs, history.
+    """
+    spec = ctx.recipe.teacher
+    model = build_network(ctx, "teacher")
+    train_loader, test_loader = ctx.loaders()
+    prep = preprocess(ctx)
+    history = []
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint)
+        model.to(ctx.device)
+    else:
+
+        def step_loss(images, labels):
+            logits = model(images)
+            return F.cross_entropy(logits, labels), logits
+
+        history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, device=ctx.device, desc="teacher", show_progress=ctx.show_progress)
+    test = evaluate(model, test_loader, prep, ctx.device)
+    params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
+    path = save_weights(model, ctx.stage_path("model.pt"))
+    metrics = {
+        "model": spec.model, "top1": test["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
+        "params": params, "macs": macs, "num_classes": ctx.data.num_classes,
+        "source": "checkpoint" if spec.checkpoint else "trained",
+        "history": [dataclasses.asdict(h) for h in history],
+    }
+    return Artifact("teacher", files={"model": path}, metrics=metrics, role="teacher")

@@ -1,0 +1,130 @@
+"""The one training loop, shared by every stage that trains (teacher, distill, later prune/QAT).
+
+Stages differ only in the ``step_loss`` they hand in: a closure that takes a preprocessed batch
+and returns the loss to minimise and the model's logits (for the running accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compress.config import TrainConfig
+from compress.errors import StageError
+
+StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    train_top1: float
+    test_loss: float
+    test_top1: float
+    lr: float
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up, then cosine to zero, step decay (x0.1 at 50% and 75%), or constant."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "step":
+            return 0.1 ** sum(progress >= m for m in (0.5, 0.75))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, preprocess, device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy on a loader, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(preprocess(images, train=False))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+
+def fit(
+    model: torch.nn.Module,
+    train_loader,
+    test_loader,
+    step_loss: StepLoss,
+    cfg: TrainConfig,
+    *,
+    preprocess,
+    device: torch.device,
+    desc: str,
+    extra_params: tuple[torch.nn.Parameter, ...] = (),
+    show_progress: bool = True,
+) -> list[EpochLog]:
+    """Train ``model`` for ``cfg.epochs`` epochs, evaluating on the test loader after each.
+
+    Args:
+        model: the network being trained (put in train mode here).
+        step_loss: ``(images, labels) -> (loss, logits)`` on a preprocessed batch.
+        extra_params: parameters trained alongside the model (e.g. feature regressors).
+        preprocess: batch augmentation + normalisation (``compress.data.Preprocess``).
+
+    Returns:
+        One :class:`EpochLog` per epoch.
+
+    Raises:
+        StageError: when the loss becomes NaN or infinite.
+    """
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    history: list[EpochLog] = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
+        for step, (images, labels) in enumerate(bar):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss, logits = step_loss(preprocess(images, train=True), labels)
+            if not torch.isfinite(loss):
+                raise StageError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate (now {scheduler.get_last_lr()[0]:.3g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * labels.numel()
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.numel()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%")
+        test = evaluate(model, test_loader, preprocess, device)
+        log = EpochLog(epoch, loss_sum.item() / max(seen, 1), 100 * correct.item() / max(seen, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
+        history.append(log)
+        if show_progress:
+            print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%", file=sys.stderr)
+    return history

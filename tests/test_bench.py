@@ -1,0 +1,258 @@
+"""Benchmark rows, ratios and tables of exported models, measured in a child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import compress.backends.onnxruntime as ort_backend
+from compress.backends import BACKENDS
+from compress.benchmark import bench_model, bench_models, bench_table_markdown, compare, write_bench
+from compress.config import BenchConfig
+from compress.errors import StageError
+from compress.exporters.onnx import export_onnx, preprocessing_metadata
+from compress.fileio import sha256_file, write_json_atomic
+
+SIZE = 16
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+CFG = BenchConfig(batch_size=8, warmup=1, iterations=10, time_budget_s=0.5, threads=1)
+
+
+def cnn(width: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A large 'teacher' and a small 'student', exported with our preprocessing metadata."""
+    folder = tmp_path_factory.mktemp("bench")
+    metadata = preprocessing_metadata(MEAN, STD, SIZE, 10)
+    paths = {}
+    for role, width, seed in (("teacher", 64, 0), ("student", 8, 1)):
+        paths[role] = export_onnx(cnn(width, seed), folder / f"{role}.onnx", image_size=SIZE, exporter="torchscript", metadata=metadata)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def test_data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (40, 3, SIZE, SIZE), dtype=np.uint8), rng.integers(0, 10, 40)
+
+
+def manual_predictions(path, images) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = (images.astype(np.float32) / 255 - np.array(MEAN, np.float32)[:, None, None]) / np.array(STD, np.float32)[:, None, None]
+    return session.run(None, {"input": x.astype(np.float32)})[0].argmax(axis=1)
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+def test_rows_have_every_field_and_sane_numbers(models):
+    rows = {role: bench_model(path, CFG, None, role=role) for role, path in models.items()}
+    for role, row in rows.items():
+        assert (row["role"], row["status"], row["error"]) == (role, "ok", None)
+        assert [e["batch_size"] for e in row["latency"]] == [1, 8]
+        for entry in row["latency"]:
+            lat = entry["latency_ms"]
+            assert entry["status"] == "ok" and 5 <= entry["runs"] <= CFG.iterations
+            assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+            assert entry["throughput_ips"] == pytest.approx(entry["batch_size"] * entry["runs"] / entry["total_s"])
+        assert row["peak_rss_mb"] > 0 and row["model_rss_mb"] >= 0
+        assert row["runtime"]["providers"] == ["CPUExecutionProvider"]
+        assert row["runtime"]["threads"] == 1 and row["runtime"]["onnxruntime"] == ort.__version__
+        assert "top1_accuracy" not in row
+    big, small = rows["teacher"], rows["student"]
+    for key in ("params", "macs", "file_bytes"):
+        assert big[key] > small[key] > 0
+
+
+def test_accuracy_is_the_exported_models_own(models, test_data):
+    images, labels = test_data
+    cfg = BenchConfig(batch_size=8, warmup=0, iterations=5, time_budget_s=0.1, eval_samples=30)
+    row = bench_model(models["student"], cfg, test_data, role="student")
+    expected = float(np.mean(manual_predictions(models["student"], images[:30]) == labels[:30]))
+    assert row["status"] == "ok" and row["eval_samples"] == 30
+    assert row["top1_accuracy"] == expected
+    assert "predictions" not in row
+
+
+def test_missing_normalisation_is_a_row_error_unless_given(tmp_path, test_data):
+    path = export_onnx(cnn(8, 0), tmp_path / "bare.onnx", image_size=SIZE, exporter="torchscript")
+    cfg = BenchConfig(batch_size=4, warmup=0, iterations=5, time_budget_s=0.1)
+    row = bench_model(path, cfg, test_data, role="bare")
+    assert row["status"] == "error" and "compress.mean" in row["error"] and "mean=" in row["error"]
+    assert row["latency"][0]["status"] == "ok"  # what was measured before the failure is kept
+    row = bench_model(path, cfg, test_data, role="bare", mean=MEAN, std=STD)
+    assert row["status"] == "ok"
+    assert row["top1_accuracy"] == float(np.mean(manual_predictions(path, test_data[0]) == test_data[1]))
+
+
+def test_corrupt_model_is_an_error_row_and_others_go_on(tmp_path, models, test_data):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(os.urandom(4096))
+    cfg = BenchConfig(batch_size=4, warmup=0, iterations=5, time_budget_s=0.1)
+    result = bench_models({"teacher": corrupt, "student": models["student"]}, cfg, test_data)
+    teacher, student = result["rows"]
+    assert teacher["status"] == "error" and "corrupt.onnx" in teacher["error"] and "\n" not in teacher["error"]
+    assert student["status"] == "ok" and student["top1_accuracy"] is not None
+    assert all(v is None for k, v in result["ratios"]["student"].items())
+    table = bench_table_markdown(result)
+    assert "error: " in table and "corrupt.onnx" in table
+
+
+def test_bench_models_agreement_and_context(models, test_data):
+    images, labels = test_data
+    result = bench_models(models, CFG, test_data)
+    teacher, student = (manual_predictions(models[r], images) for r in ("teacher", "student"))
+    ratios = result["ratios"]["student"]
+    assert ratios["agreement_with_reference"] == float(np.mean(teacher == student))
+    rows = {row["role"]: row for row in result["rows"]}
+    assert ratios["accuracy_delta"] == pytest.approx(100 * (rows["student"]["top1_accuracy"] - rows["teacher"]["top1_accuracy"]))
+    assert ratios["params_reduction"] > 1 and ratios["throughput_batch_size"] == 8
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert set(result["versions"]) == {"python", "onnxruntime", "onnx", "numpy"}
+    assert result["config"]["batch_size"] == 8
+
+
+# --- the child process ----------------------------------------------------------------------
+
+
+def test_worker_crash_is_an_error_row(monkeypatch, models):
+    monkeypatch.setattr(ort_backend, "_worker_command", lambda: [sys.executable, "-c", "import os; os._exit(3)"])
+    row = bench_model(models["student"], CFG, None, role="student")
+    assert row["status"] == "error" and "exit code 3" in row["error"]
+    assert row["params"] > 0 and row["latency"] == []
+
+
+def test_worker_killed_by_signal(monkeypatch, models):
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    monkeypatch.setattr(ort_backend, "_worker_command", lambda: [sys.executable, "-c", kill])
+    result = BACKENDS.get("onnxruntime").measure(models["student"], batch_sizes=[1], warmup=0, iterations=5, time_budget_s=None, threads=0)
+    assert result == {"status": "error", "error": "the measuring process was killed by SIGKILL (out of memory?)"}
+
+
+def test_peak_memory_is_the_workers_own(models):
+    # ru_maxrss would carry this process's peak over fork + exec into the worker.
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    result = BACKENDS.get("onnxruntime").measure(models["student"], batch_sizes=[1], warmup=0, iterations=5, time_budget_s=None, threads=1)
+    assert ballast[-1] == 1.0
+    assert 0 < result["baseline_rss_mb"] < result["peak_rss_mb"] < 300
+    assert result["model_rss_mb"] == pytest.approx(result["peak_rss_mb"] - result["baseline_rss_mb"])
+
+
+def test_worker_stays_import_light():
+    code = "import sys, compress.backends._ort_worker; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'torchvision'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ort_backend._worker_env(), check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_time_budget_stops_early_after_five_runs(models):
+    result = BACKENDS.get("onnxruntime").measure(models["teacher"], batch_sizes=[1], warmup=0, iterations=10_000, time_budget_s=0.05, threads=1)
+    assert result["status"] == "ok" and 5 <= result["batches"][0]["runs"] < 10_000
+
+
+def test_unknown_backend_lists_known():
+    with pytest.raises(StageError, match="known: onnxruntime"):
+        BACKENDS.get("tensorrt")
+
+
+# --- ratios and output ----------------------------------------------------------------------
+
+
+def synthetic_row(role, p50, throughput, file_bytes, params, macs, top1, agreement=None):
+    return {
+        "role": role,
+        "status": "ok",
+        "error": None,
+        "file_bytes": file_bytes,
+        "params": params,
+        "macs": macs,
+        "latency": [
+            {"batch_size": 1, "status": "ok", "latency_ms": {"p50": p50, "p90": p50 * 2, "p99": p50 * 3}, "throughput_ips": 1000 / p50},
+            {"batch_size": 64, "status": "ok", "latency_ms": {"p50": 64000 / throughput}, "throughput_ips": throughput},
+        ],
+        "peak_rss_mb": 100.0,
+        "model_rss_mb": 20.0,
+        "top1_accuracy": top1,
+        **({"agreement_with_reference": agreement} if agreement is not None else {}),
+    }
+
+
+def test_compare_ratios_exact():
+    rows = [
+        synthetic_row("teacher", 8.0, 400.0, 4_000_000, 2_000_000, 600_000_000, 0.90),
+        synthetic_row("student", 2.0, 1600.0, 1_000_000, 500_000, 100_000_000, 0.875, agreement=0.95),
+    ]
+    result = compare(rows)
+    assert result["reference"] == "teacher" and result["rows"] is rows
+    assert result["ratios"] == {
+        "student": {
+            "speedup_b1": 4.0,
+            "speedup_throughput": 4.0,
+            "throughput_batch_size": 64,
+            "size_reduction": 4.0,
+            "params_reduction": 4.0,
+            "macs_reduction": 6.0,
+            "accuracy_delta": pytest.approx(-2.5),
+            "agreement_with_reference": 0.95,
+        }
+    }
+
+
+def test_compare_without_reference_or_numbers():
+    broken = {"role": "teacher", "status": "error", "error": "boom"}
+    student = synthetic_row("student", 2.0, 1600.0, 1, 1, 1, 0.5)
+    assert set(compare([broken, student])["ratios"]["student"].values()) == {None}
+    assert set(compare([student], reference="nobody")["ratios"]["student"].values()) == {None}
+
+
+def test_markdown_table():
+    rows = [
+        synthetic_row("teacher", 8.0, 400.0, 4 * 2**20, 2_000_000, 600_000_000, 0.90),
+        synthetic_row("student", 2.0, 1600.0, 2**20, 500_000, 100_000_000, 0.875, agreement=0.95),
+        {"role": "pruned", "status": "error", "error": "model | broke"},
+    ]
+    table = bench_table_markdown(compare(rows))
+    lines = table.splitlines()
+    assert lines[0] == "| Metric | teacher | student | student vs teacher | pruned | pruned vs teacher |"
+    assert "| Status | ok | ok |  | error: model \\| broke |  |" in lines
+    assert "| File size (MiB) | 4.00 | 1.00 | 4.00× smaller | — | — |" in lines
+    assert "| Latency p50, batch 1 (ms) | 8.000 | 2.000 | 4.00× faster | — | — |" in lines
+    assert "| Throughput, batch 64 (images/s) | 400.0 | 1600.0 | 4.00× faster | — | — |" in lines
+    assert "| Top-1 accuracy (%) | 90.00 | 87.50 | -2.50 pts | — | — |" in lines
+    assert "| Top-1 agreement with teacher (%) | — | 95.00 |  | — |  |" in lines
+
+
+def test_write_bench_is_atomic_json_and_markdown(tmp_path, models):
+    result = compare([synthetic_row("teacher", 8.0, 400.0, 4, 2, 6, 0.9), synthetic_row("student", 2.0, 1600.0, 1, 1, 1, 0.8)])
+    json_path, md_path = write_bench(result, tmp_path / "bench")
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
+    assert md_path.read_text() == bench_table_markdown(result)
+    assert sorted(os.listdir(tmp_path / "bench")) == ["bench.json", "bench.md"]
+
+
+def test_write_json_atomic_keeps_old_file_on_bad_object(tmp_path):
+    path = write_json_atomic(tmp_path / "a.json", {"n": np.int64(3), "p": tmp_path})
+    assert json.loads(path.read_text()) == {"n": 3, "p": str(tmp_path)}
+    digest = sha256_file(path)
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert sha256_file(path) == digest and os.listdir(tmp_path) == ["a.json"]

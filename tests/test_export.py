@@ -1,0 +1,320 @@
+"""ONNX export, its proof against PyTorch, and what read_onnx_info reads back from the file."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+import compress.fileio
+from compress.compat import torchvision
+from compress.errors import ExportError
+from compress.exporters import FORMATS
+from compress.exporters.onnx import (
+    export_onnx,
+    preprocessing_metadata,
+    read_onnx_info,
+    verify_onnx,
+)
+
+EXPORTERS = ("dynamo", "torchscript")
+SIZE = 32
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm statistics and every bias non-trivial values, and logits of order 1.
+
+    A freshly built torchvision model has BN = identity and zero biases, which exporters may
+    drop or share; a trained model has neither, and that is what the tests should describe.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=g)
+                module.running_var.uniform_(0.5, 1.5, generator=g)
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.normal_(0, 0.1, generator=g)
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.normal_(0, 0.1, generator=g)
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(10)
+    return model.eval()
+
+
+def tv_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomised(getattr(torchvision.models, name)(num_classes=10))
+
+
+MODELS = {"small": small_cnn, "mobilenet_v2": lambda: tv_model("mobilenet_v2")}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model, path) for every model x exporter, exported once for the whole file."""
+    folder = tmp_path_factory.mktemp("exported")
+    out = {}
+    for name, build in MODELS.items():
+        model = build()
+        for exporter in EXPORTERS:
+            path = export_onnx(model, folder / f"{name}_{exporter}.onnx", image_size=SIZE, exporter=exporter)
+            out[name, exporter] = (model, path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resnet18_onnx(tmp_path_factory):
+    model = tv_model("resnet18")
+    path = tmp_path_factory.mktemp("resnet") / "resnet18.onnx"
+    return model, export_onnx(model, path, image_size=SIZE, exporter="torchscript")
+
+
+def ort_logits(path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input": images})[0]
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_onnx_matches_torch_with_dynamic_batch(exported, name, exporter):
+    model, path = exported[name, exporter]
+    for batch in (1, 5):
+        images = np.random.default_rng(batch).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(images)).numpy()
+        got = ort_logits(path, images)
+        assert got.shape == (batch, 10)
+        assert np.abs(got - expected).max() < 1e-4
+    graph = onnx.load(path).graph
+    assert [v.name for v in graph.input] == ["input"] and [v.name for v in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # dynamic batch
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_export_is_one_self_contained_file(exported, exporter):
+    _, path = exported["mobilenet_v2", exporter]
+    model = onnx.load(path, load_external_data=False)
+    assert all(init.data_location == onnx.TensorProto.DEFAULT for init in model.graph.initializer)
+    assert sorted(os.listdir(path.parent)) == sorted(f"{n}_{e}.onnx" for n in MODELS for e in EXPORTERS)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_metadata_round_trip(tmp_path, exporter):
+    metadata = preprocessing_metadata([0.5, 0.25, 0.125], [0.2, 0.3, 0.4], SIZE, ["cat", "dog"])
+    metadata["note"] = "any string, even with, commas"
+    path = export_onnx(small_cnn(), tmp_path / "m.onnx", image_size=SIZE, exporter=exporter, metadata=metadata)
+    assert read_onnx_info(path)["metadata"] == metadata
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == metadata
+    assert metadata["compress.mean"] == "0.5,0.25,0.125" and metadata["compress.classes"] == "cat,dog"
+
+
+def test_export_leaves_model_as_it_came(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten())
+    model.train()
+    model[2].eval()  # a mixed state must survive too
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "m.onnx", image_size=8, exporter="torchscript")
+    assert [m.training for m in model.modules()] == [True, True, True, False, True]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats untouched: eval mode
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3)) if x.sum() > 0 else x.amax((2, 3))
+
+
+class Svd(nn.Module):
+    def forward(self, x):
+        return torch.linalg.svd(x.flatten(2))[1]
+
+
+@pytest.mark.parametrize(
+    ("model", "exporter", "reason"),
+    [(DataDependent(), "dynamo", "data-dependent"), (Svd(), "torchscript", "svd")],
+)
+def test_exporter_failure_is_one_line_and_keeps_old_file(tmp_path, model, exporter, reason):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ExportError) as info:
+        export_onnx(model, path, image_size=8, exporter=exporter)
+    message = str(info.value)
+    assert "\n" not in message and exporter in message and "m.onnx" in message
+    assert reason in message.lower()
+    assert path.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+
+    def interrupted(_path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compress.fileio, "_fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(small_cnn(), path, image_size=8, exporter="torchscript")
+    assert path.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_unknown_exporter(tmp_path):
+    with pytest.raises(ExportError, match="unknown ONNX exporter 'jit'"):
+        export_onnx(small_cnn(), tmp_path / "m.onnx", image_size=8, exporter="jit")
+
+
+def test_formats_table():
+    fmt = FORMATS.get("onnx")
+    assert (fmt.suffix, fmt.needs_gpu, fmt.export_fn) == (".onnx", False, export_onnx)
+    with pytest.raises(ExportError, match="known: onnx"):
+        FORMATS.get("tensorrt-int4")
+
+
+# --- verification ---------------------------------------------------------------------------
+
+
+def test_verify_passes_and_reports(exported):
+    model, path = exported["mobilenet_v2", "dynamo"]
+    images = np.random.default_rng(0).standard_normal((70, 3, SIZE, SIZE), dtype=np.float32)  # 2 chunks
+    result = verify_onnx(path, model, images, tolerance=1e-4, min_agreement=1.0)
+    assert result["samples"] == 70 and result["top1_agreement"] == 1.0 and result["tolerance"] == 1e-4
+    assert 0 <= result["mean_abs_diff"] <= result["max_abs_diff"] < 1e-4
+
+
+def test_verify_fails_on_a_different_model(exported):
+    model, path = exported["small", "torchscript"]
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed[-1].weight.add_(0.05 * torch.randn_like(perturbed[-1].weight))
+    images = np.random.default_rng(0).standard_normal((20, 3, SIZE, SIZE), dtype=np.float32)
+    with pytest.raises(ExportError) as info:
+        verify_onnx(path, perturbed, images, tolerance=1e-4, min_agreement=0.0)
+    result = info.value.result
+    assert result["max_abs_diff"] > 1e-4
+    message = str(info.value)
+    assert f"{result['max_abs_diff']:.3g}" in message and "tolerance 0.0001" in message
+    assert f"top-1 agreement {result['top1_agreement']:.2%}" in message
+
+
+def test_verify_fails_on_agreement(exported):
+    model, path = exported["small", "torchscript"]
+    images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE), dtype=np.float32)
+    flipped = nn.Sequential(model, nn.Flatten(), _Negate())  # same magnitude, other top-1
+    with pytest.raises(ExportError, match=r"top-1 agreement 0\.00% \(minimum 99\.00%\)"):
+        verify_onnx(path, flipped, images, tolerance=1e3, min_agreement=0.99)
+
+
+class _Negate(nn.Module):
+    def forward(self, x):
+        return -x
+
+
+# --- reading back ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_info_params_equal_torch_without_batchnorm(exported, exporter):
+    model, path = exported["small", exporter]
+    info = read_onnx_info(path)
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert info["input_shape"][1:] == [3, SIZE, SIZE] and isinstance(info["input_shape"][0], str)
+    assert info["opset"] == 18 and info["file_bytes"] == path.stat().st_size
+
+
+def _bn_channels(model: nn.Module) -> int:
+    return sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_info_params_with_batchnorm_folded(exported, exporter):
+    # The documented rule: each conv->BN pair folds BN's 2*C scale/shift into a C-element conv
+    # bias, so the file holds C fewer numbers per BN than PyTorch's parameters().
+    model, path = exported["mobilenet_v2", exporter]
+    torch_params = sum(p.numel() for p in model.parameters())
+    assert read_onnx_info(path)["params"] == torch_params - _bn_channels(model)
+
+
+def _tp_counts(model: nn.Module) -> tuple[float, float]:
+    """torch_pruning's total ops, and its ops of Conv2d/Linear layers alone."""
+    total, _, layer_ops, _ = tp.utils.count_ops_and_params(model, torch.randn(1, 3, SIZE, SIZE), layer_wise=True)
+    conv_linear = sum(v or 0 for m, v in layer_ops.items() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return total, conv_linear
+
+
+def test_info_macs_agree_with_torch_pruning_on_resnet18(resnet18_onnx):
+    model, path = resnet18_onnx
+    info = read_onnx_info(path)
+    total, conv_linear = _tp_counts(model)
+    assert info["macs_skipped"] == 0
+    assert info["macs"] == pytest.approx(total, rel=0.01)
+    assert info["macs"] == pytest.approx(conv_linear, rel=0.01)
+    assert info["params"] == sum(p.numel() for p in model.parameters()) - _bn_channels(model)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_info_macs_agree_with_torch_pruning_on_mobilenet_v2(exported, exporter):
+    # torch_pruning's total also counts BN and ReLU6 elementwise work, ~6% of MobileNetV2's
+    # (depthwise convs are cheap); we count Conv/Gemm/MatMul only, so compare those layers.
+    model, path = exported["mobilenet_v2", exporter]
+    info = read_onnx_info(path)
+    total, conv_linear = _tp_counts(model)
+    assert info["macs"] == pytest.approx(conv_linear, rel=0.01)
+    assert 0.9 * total < info["macs"] < total
+
+
+def test_info_macs_conv_transpose_and_matmul(tmp_path):
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2), nn.Flatten(2), _MatMul())
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=8, exporter="torchscript")
+    convt = 3 * 8 * 8 * 4 * 2 * 2  # input elements * Cout * kH * kW
+    matmul = 4 * 256 * 5  # (4 x 256) @ (256 x 5)
+    assert read_onnx_info(path)["macs"] == convt + matmul
+
+
+class _MatMul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(256, 5))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("random.onnx", os.urandom(2048)), ("empty.onnx", b""), ("notes.txt", b"not a model\n"), ("missing.onnx", None)],
+)
+def test_info_rejects_broken_files(tmp_path, name, content):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ExportError) as info:
+        read_onnx_info(path)
+    assert name in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,200 @@
+"""Recipe loading: valid recipes, overrides, and clear one-line errors for everything else."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compress.config import Recipe
+from compress.errors import CompressError, RecipeError
+from compress.recipe import load_recipe, parse_subset, recipe_from_dict, recipe_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def quickstart_dict() -> dict:
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
+def write(tmp_path, raw) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def test_shipped_recipes_validate(tmp_path):
+    recipe = load_recipe(QUICKSTART)
+    assert [s.name for s in recipe.stages] == ["teacher", "distill", "export", "bench"]
+    assert recipe.stages[1].config.loss.params.temperature == 4.0
+    cifar = load_recipe(ROOT / "recipes" / "resnet18_to_mobile.yaml", data=str(tmp_path))
+    assert cifar.data.kind == "cifar10" and cifar.teacher.cifar_stem is True
+    assert cifar.teacher.train.weight_decay == pytest.approx(5e-4)
+
+
+def test_resolved_recipe_round_trips():
+    recipe = load_recipe(QUICKSTART)
+    again = recipe_from_dict(recipe_to_dict(recipe))
+    assert again == recipe
+
+
+def test_overrides_by_stage_name_index_and_shorthands(tmp_path):
+    recipe = load_recipe(
+        QUICKSTART,
+        ["stages.distill.loss.temperature=8", "stages.2.opset=17", "data.batch_size=32"],
+        epochs=2, subset=(300, 100), out=str(tmp_path),
+    )
+    distill = recipe.stages[1].config
+    assert distill.loss.params.temperature == 8.0 and distill.train.epochs == 2
+    assert recipe.teacher.train.epochs == 2
+    assert recipe.stages[2].config.opset == 17
+    assert recipe.data.batch_size == 32 and recipe.data.subset.train == 300 and recipe.data.subset.test == 100
+    assert recipe.out == str(tmp_path)
+
+
+def test_numbers_in_exponent_form_are_accepted_as_floats(tmp_path):
+    raw = quickstart_dict()
+    raw["teacher"]["train"]["weight_decay"] = "5e-4"  # how YAML 1.1 reads an unquoted 5e-4
+    assert load_recipe(write(tmp_path, raw)).teacher.train.weight_decay == pytest.approx(5e-4)
+
+
+def mutate(raw: dict, path: str, value) -> dict:
+    raw = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    last = int(last) if isinstance(node, list) else last
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+DELETE = object()
+
+BAD = [
+    ("nmae", "x", "nmae: unknown field (did you mean 'name'?)"),
+    ("teacher.trian", {}, "teacher.trian: unknown field (did you mean 'train'?)"),
+    ("teacher.train.epochs", "ten", "teacher.train.epochs: expected an integer, got a string 'ten'"),
+    ("data.batch_size", 0, "data.batch_size: expected a positive integer"),
+    ("data.kind", "cifar", "data.kind: expected one of digits, cifar10"),
+    ("data.path", "/no/such/folder", "data.path: no such file or folder: /no/such/folder"),
+    ("student.model", "torchvision:mobilenet_v9", "student.model: unknown model 'torchvision:mobilenet_v9' (did you mean 'torchvision:mobilenet_v2'"),
+    ("teacher.checkpoint", "/no/such.pt", "teacher.checkpoint: no such file: /no/such.pt"),
+    ("stages.1", {"distil": {}}, "stages[1]: unknown stage 'distil' (did you mean 'distill'?)"),
+    ("stages.1", {"distill": {"loss": {"name": "kd", "temprature": 2}}}, "stages[1].distill.loss.temprature: unknown field (did you mean 'temperature'?)"),
+    ("stages.1", {"distill": {"loss": "hinton"}}, "stages[1].distill.loss.name: unknown loss 'hinton'"),
+    ("stages.1", {"distill": {"train": {"lr": -1}}}, "stages[1].distill.train.lr: expected > 0"),
+    ("stages.2", "distill", "stages[2].distill: appears twice"),
+    ("stages", [], "stages: expected a non-empty list"),
+    ("stages", ["distill"], "stages[0].distill: needs a 'teacher' stage before it"),
+    ("name", "../escape", "name: expected letters, digits"),
+    ("name", DELETE, "name: missing"),
+    ("seed", True, "seed: expected an integer, got a boolean"),
+    ("device", "tpu", "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("teacher.train.epochs", 0, "teacher: give a checkpoint to load or train.epochs >= 1"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD, ids=[b[0] + "=" + str(b[1])[:20] for b in BAD])
+def test_bad_recipes_name_the_field(tmp_path, path, value, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, mutate(quickstart_dict(), path, value)))
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [("name: [unclosed\n", "not valid YAML at line"), ("- just\n- a list\n", "expected a mapping"), ("", "expected a mapping")],
+)
+def test_bad_yaml_files(tmp_path, text, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_yaml_with_python_tags_is_refused(tmp_path):
+    path = write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\nstages: [teacher]\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("item", ["nokey", "=3", "stages.nope.x=1", "stages.9.x=1"])
+def test_bad_set_overrides(item):
+    with pytest.raises(RecipeError, match="--set"):
+        load_recipe(QUICKSTART, [item])
+
+
+def test_parse_subset():
+    assert parse_subset("1000") == (1000, 250)
+    assert parse_subset("200,50") == (200, 50)
+    for bad in ("x", "0", "1,2,3", "-5"):
+        with pytest.raises(RecipeError, match="--subset"):
+            parse_subset(bad)
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "compress", "validate", str(QUICKSTART)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "name: quickstart" in ok.stdout
+    bad = write(tmp_path, mutate(quickstart_dict(), "teacher.train.epochs", "ten"))
+    result = subprocess.run([sys.executable, "-m", "compress", "validate", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: teacher.train.epochs: expected an integer, got a string 'ten'"
+    missing = subprocess.run([sys.executable, "-m", "compress", "validate", str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "recipe file not found" in missing.stderr
+
+
+# Garbage of every shape, dropped anywhere into a valid recipe: the loader either accepts it or
+# raises a one-line CompressError. Any other exception is a bug.
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=12))
+garbage = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=8)
+
+
+def leaf_paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaf_paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from leaf_paths(value, prefix + (index,))
+
+
+PATHS = list(leaf_paths(quickstart_dict()))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(PATHS), garbage)
+def test_garbage_never_escapes_as_a_traceback(path, value):
+    raw = quickstart_dict()
+    if path:
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    else:
+        raw = value
+    try:
+        recipe = recipe_from_dict(raw)
+    except CompressError as exc:
+        assert "\n" not in str(exc) and str(exc)
+    else:
+        assert isinstance(recipe, Recipe)
+
+
+@settings(max_examples=100, deadline=None)
+@given(garbage)
+def test_garbage_whole_recipes(value):
+    try:
+        recipe_from_dict(value)
+    except CompressError as exc:
+        assert "\n" not in str(exc)
