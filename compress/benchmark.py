@@ -63,7 +63,7 @@ def bench_model(
         A row: ``role``, ``path``, ``status`` ("ok"/"error"), ``error``, ``file_bytes``,
         ``params``, ``macs``, ``opset``, ``latency`` (one entry per batch size: 1 and
         ``cfg.batch_size``), ``peak_rss_mb``, ``model_rss_mb``, ``runtime`` and, with test data,
-        ``top1_accuracy`` (a fraction), ``eval_samples`` and maybe
+        ``top1`` (percent, like every training metric), ``eval_samples`` and maybe
         ``agreement_with_reference``. Fields measured before a failure are kept.
     """
     row, _ = _bench(path, cfg, test_data, role, mean, std, reference_predictions)
@@ -180,7 +180,7 @@ def _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions) -> 
     images, labels = test_data
     n = len(images) if cfg.eval_samples is None else min(cfg.eval_samples, len(images))
     predictions = predict_onnx(path, images[:n], mean=mean, std=std, batch_size=cfg.batch_size, threads=cfg.threads)
-    fields = {"top1_accuracy": float(np.mean(predictions == np.asarray(labels[:n]))), "eval_samples": n}
+    fields = {"top1": 100.0 * float(np.mean(predictions == np.asarray(labels[:n]))), "eval_samples": n}
     if reference_predictions is not None:
         fields["agreement_with_reference"] = agreement(predictions, reference_predictions)
     return fields, predictions
@@ -292,7 +292,7 @@ def compare(rows: list[dict], reference: str = "teacher") -> dict:
 
 def _ratios(row: dict, ref: dict) -> dict:
     batch = _common_batch(row, ref)
-    accuracy = (row.get("top1_accuracy"), ref.get("top1_accuracy"))
+    accuracy = (row.get("top1"), ref.get("top1"))
     return {
         "speedup_b1": _ratio(_p50(ref, 1), _p50(row, 1)),
         "speedup_throughput": _ratio(_throughput(row, batch), _throughput(ref, batch)),
@@ -300,7 +300,7 @@ def _ratios(row: dict, ref: dict) -> dict:
         "size_reduction": _ratio(ref.get("file_bytes"), row.get("file_bytes")),
         "params_reduction": _ratio(ref.get("params"), row.get("params")),
         "macs_reduction": _ratio(ref.get("macs"), row.get("macs")),
-        "accuracy_delta": None if None in accuracy else 100.0 * (accuracy[0] - accuracy[1]),
+        "accuracy_delta": None if None in accuracy else accuracy[0] - accuracy[1],
         "agreement_with_reference": row.get("agreement_with_reference"),
     }
 
@@ -428,7 +428,7 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
         (f"Throughput, batch {batch} (images/s)", lambda row: _throughput(row, batch), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
         ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
         ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
-        ("Top-1 accuracy (%)", scaled("top1_accuracy", 100.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
+        ("Top-1 accuracy (%)", scaled("top1", 1.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
         (f"Top-1 agreement with {reference} (%)", scaled("agreement_with_reference", 100.0), "{:.2f}", None, None),
     ]
 

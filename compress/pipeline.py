@@ -57,6 +57,7 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
 
 
 def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Artifact:
+    folder.mkdir(parents=True, exist_ok=True)
     invalidate(folder)
     ctx.stage_dir = folder
     seed_everything(ctx.recipe.seed + index)  # a stage's result must not depend on which earlier stages were skipped

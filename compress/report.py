@@ -27,5 +27,14 @@ def headline(artifact: Artifact) -> str:
             for role, check in m.items()
         )
     if artifact.stage == "bench":
-        return ", ".join(f"{k} {v}" for k, v in m.items() if not isinstance(v, (dict, list)))
+        return bench_headline(m)
     return ""
+
+
+def bench_headline(m: dict) -> str:
+    if m.get("student_status") != "ok" or m.get("teacher_status") != "ok":
+        return f"teacher {m.get('teacher_status')}, student {m.get('student_status')} (see bench.md)"
+    parts = [f"student {m['speedup_b1']:.2f}x faster at batch 1", f"{m['speedup_throughput']:.2f}x throughput", f"{m['size_reduction']:.2f}x smaller"]
+    if m.get("accuracy_delta") is not None:
+        parts.append(f"top-1 {m['accuracy_delta']:+.2f} pts")
+    return ", ".join(parts)

@@ -78,7 +78,7 @@ def test_rows_have_every_field_and_sane_numbers(models):
         assert row["peak_rss_mb"] > 0 and row["model_rss_mb"] >= 0
         assert row["runtime"]["providers"] == ["CPUExecutionProvider"]
         assert row["runtime"]["threads"] == 1 and row["runtime"]["onnxruntime"] == ort.__version__
-        assert "top1_accuracy" not in row
+        assert "top1" not in row
     big, small = rows["teacher"], rows["student"]
     for key in ("params", "macs", "file_bytes"):
         assert big[key] > small[key] > 0
@@ -90,7 +90,7 @@ def test_accuracy_is_the_exported_models_own(models, test_data):
     row = bench_model(models["student"], cfg, test_data, role="student")
     expected = float(np.mean(manual_predictions(models["student"], images[:30]) == labels[:30]))
     assert row["status"] == "ok" and row["eval_samples"] == 30
-    assert row["top1_accuracy"] == expected
+    assert row["top1"] == pytest.approx(100 * expected)
     assert "predictions" not in row
 
 
@@ -102,7 +102,7 @@ def test_missing_normalisation_is_a_row_error_unless_given(tmp_path, test_data):
     assert row["latency"][0]["status"] == "ok"  # what was measured before the failure is kept
     row = bench_model(path, cfg, test_data, role="bare", mean=MEAN, std=STD)
     assert row["status"] == "ok"
-    assert row["top1_accuracy"] == float(np.mean(manual_predictions(path, test_data[0]) == test_data[1]))
+    assert row["top1"] == pytest.approx(100 * float(np.mean(manual_predictions(path, test_data[0]) == test_data[1])))
 
 
 def test_corrupt_model_is_an_error_row_and_others_go_on(tmp_path, models, test_data):
@@ -112,7 +112,7 @@ def test_corrupt_model_is_an_error_row_and_others_go_on(tmp_path, models, test_d
     result = bench_models({"teacher": corrupt, "student": models["student"]}, cfg, test_data)
     teacher, student = result["rows"]
     assert teacher["status"] == "error" and "corrupt.onnx" in teacher["error"] and "\n" not in teacher["error"]
-    assert student["status"] == "ok" and student["top1_accuracy"] is not None
+    assert student["status"] == "ok" and student["top1"] is not None
     assert all(v is None for k, v in result["ratios"]["student"].items())
     table = bench_table_markdown(result)
     assert "error: " in table and "corrupt.onnx" in table
@@ -125,7 +125,7 @@ def test_bench_models_agreement_and_context(models, test_data):
     ratios = result["ratios"]["student"]
     assert ratios["agreement_with_reference"] == float(np.mean(teacher == student))
     rows = {row["role"]: row for row in result["rows"]}
-    assert ratios["accuracy_delta"] == pytest.approx(100 * (rows["student"]["top1_accuracy"] - rows["teacher"]["top1_accuracy"]))
+    assert ratios["accuracy_delta"] == pytest.approx(rows["student"]["top1"] - rows["teacher"]["top1"])
     assert ratios["params_reduction"] > 1 and ratios["throughput_batch_size"] == 8
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     assert set(result["versions"]) == {"python", "onnxruntime", "onnx", "numpy"}
@@ -191,15 +191,15 @@ def synthetic_row(role, p50, throughput, file_bytes, params, macs, top1, agreeme
         ],
         "peak_rss_mb": 100.0,
         "model_rss_mb": 20.0,
-        "top1_accuracy": top1,
+        "top1": top1,
         **({"agreement_with_reference": agreement} if agreement is not None else {}),
     }
 
 
 def test_compare_ratios_exact():
     rows = [
-        synthetic_row("teacher", 8.0, 400.0, 4_000_000, 2_000_000, 600_000_000, 0.90),
-        synthetic_row("student", 2.0, 1600.0, 1_000_000, 500_000, 100_000_000, 0.875, agreement=0.95),
+        synthetic_row("teacher", 8.0, 400.0, 4_000_000, 2_000_000, 600_000_000, 90.0),
+        synthetic_row("student", 2.0, 1600.0, 1_000_000, 500_000, 100_000_000, 87.5, agreement=0.95),
     ]
     result = compare(rows)
     assert result["reference"] == "teacher" and result["rows"] is rows
@@ -226,8 +226,8 @@ def test_compare_without_reference_or_numbers():
 
 def test_markdown_table():
     rows = [
-        synthetic_row("teacher", 8.0, 400.0, 4 * 2**20, 2_000_000, 600_000_000, 0.90),
-        synthetic_row("student", 2.0, 1600.0, 2**20, 500_000, 100_000_000, 0.875, agreement=0.95),
+        synthetic_row("teacher", 8.0, 400.0, 4 * 2**20, 2_000_000, 600_000_000, 90.0),
+        synthetic_row("student", 2.0, 1600.0, 2**20, 500_000, 100_000_000, 87.5, agreement=0.95),
         {"role": "pruned", "status": "error", "error": "model | broke"},
     ]
     table = bench_table_markdown(compare(rows))
@@ -242,7 +242,7 @@ def test_markdown_table():
 
 
 def test_write_bench_is_atomic_json_and_markdown(tmp_path, models):
-    result = compare([synthetic_row("teacher", 8.0, 400.0, 4, 2, 6, 0.9), synthetic_row("student", 2.0, 1600.0, 1, 1, 1, 0.8)])
+    result = compare([synthetic_row("teacher", 8.0, 400.0, 4, 2, 6, 90.0), synthetic_row("student", 2.0, 1600.0, 1, 1, 1, 80.0)])
     json_path, md_path = write_bench(result, tmp_path / "bench")
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
     assert md_path.read_text() == bench_table_markdown(result)

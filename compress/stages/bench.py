@@ -36,7 +36,11 @@ def bench_files(model: str | Path, *, against: str | Path | None, data: str | No
     Accuracy is measured when ``data`` is given; the image size and normalisation come from the
     files' ONNX metadata (written by our export stage) so nothing has to be repeated here.
     """
+    from compress.exporters.onnx import read_onnx_info
+
     model = Path(model)
+    for path in [model] + ([Path(against)] if against is not None else []):
+        read_onnx_info(path)  # a missing, corrupt or non-ONNX file: one clear error before any timing
     test_data = None
     if data is not None:
         image_size = _image_size_of(model)

@@ -1,0 +1,176 @@
+"""End to end through the CLI in a subprocess: teacher -> distill -> ONNX -> bench, then resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+name: tiny
+seed: 0
+{data}
+teacher:
+  model: cifar:resnet32
+  train: {{epochs: 6, optimizer: adamw, lr: 0.003, weight_decay: 0.01}}
+student:
+  model: cifar:resnet20
+stages:
+  - teacher
+  - distill:
+      loss: {{name: kd, temperature: 4, alpha: 0.9}}
+      train: {{epochs: 6, optimizer: adamw, lr: 0.003, weight_decay: 0.01}}
+  - export
+  - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16}}
+"""
+
+
+def compress(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data_section):
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe = folder / "tiny.yaml"
+    recipe.write_text(RECIPE.format(data=tiny_data_section))
+    result = compress("run", recipe, "--out", folder / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, folder / "out" / "tiny", result
+
+
+def stage_record(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "stage.json").read_text())
+
+
+def test_every_artifact_is_written_and_self_describing(finished_run):
+    _, run_dir, _ = finished_run
+    for path in ["recipe.yaml", "teacher/model.pt", "distill/model.pt", "teacher.onnx", "student.onnx", "bench/bench.json", "bench/bench.md"]:
+        assert (run_dir / path).is_file(), path
+    for stage in ["teacher", "distill", "export", "bench"]:
+        record = stage_record(run_dir, stage)
+        assert record["stage"] == stage and len(record["key"]) == 16
+        assert {"torch", "onnxruntime", "compress"} <= set(record["versions"])
+        assert record["recipe"]["name"] == "tiny"
+        assert json.loads((run_dir / stage / "metrics.json").read_text()) == record["metrics"]
+    assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_distilled_student_learns_far_above_chance(finished_run):
+    _, run_dir, _ = finished_run
+    distill = stage_record(run_dir, "distill")["metrics"]
+    chance = 10.0
+    assert distill["top1_at_start"] < 2 * chance
+    assert distill["top1"] > 2.5 * chance, distill
+    assert distill["params"] < distill["teacher_params"]
+
+
+def test_onnx_matches_pytorch(finished_run):
+    _, run_dir, _ = finished_run
+    export = stage_record(run_dir, "export")["metrics"]
+    for role in ("teacher", "student"):
+        assert export[role]["max_abs_diff"] <= 1e-3
+        assert export[role]["top1_agreement"] >= 0.99
+        assert export[role]["samples"] > 100
+
+
+def test_bench_json_has_sane_fields(finished_run):
+    _, run_dir, result = finished_run
+    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
+    rows = {row["role"]: row for row in bench["rows"]}
+    assert set(rows) == {"teacher", "student"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert [batch["batch_size"] for batch in row["latency"]] == [1, 16]
+        for batch in row["latency"]:
+            ms = batch["latency_ms"]
+            assert 0 < ms["min"] <= ms["p50"] <= ms["p90"] <= ms["p99"] <= ms["max"]
+            assert batch["throughput_ips"] > 0 and batch["runs"] >= 5
+        assert row["peak_rss_mb"] > 0 and row["file_bytes"] > 0 and row["macs"] > 0
+        assert 0 <= row["top1"] <= 100
+    assert rows["student"]["params"] < rows["teacher"]["params"]
+    assert rows["student"]["macs"] < rows["teacher"]["macs"]
+    # the exported student's own accuracy equals the PyTorch student's on the same test split
+    distill = stage_record(run_dir, "distill")["metrics"]
+    assert rows["student"]["top1"] == pytest.approx(distill["top1"], abs=1.0)
+    assert bench["ratios"]["student"]["speedup_b1"] > 0
+    assert "| Metric | teacher | student | student vs teacher |" in result.stdout
+
+
+def test_second_run_skips_everything_and_changes_nothing(finished_run):
+    recipe, run_dir, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = compress("run", recipe, "--out", run_dir.parent)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in ("teacher", "distill", "export", "bench"):
+        assert f"[{stage}] skipped (unchanged)" in again.stderr
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    changed = [p.name for p in after if after[p] != before.get(p)]
+    assert changed == ["recipe.yaml"] or changed == []
+
+
+def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
+    recipe, run_dir, _ = finished_run
+    copy = tmp_path / "out"
+    subprocess.run(["cp", "-r", str(run_dir.parent), str(copy)], check=True)
+    teacher_before = stage_record(copy / "tiny", "teacher")
+    result = compress("run", recipe, "--out", copy, "--set", "stages.distill.loss.temperature=2", "--set", "stages.distill.train.epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[teacher] skipped (unchanged)" in result.stderr
+    for stage in ("distill", "export", "bench"):
+        assert f"[{stage}] done in" in result.stderr
+    assert stage_record(copy / "tiny", "teacher") == teacher_before
+    assert stage_record(copy / "tiny", "distill")["config"]["loss"]["temperature"] == 2.0
+
+
+def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, tiny_data_section):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE.format(data=tiny_data_section).replace("epochs: 6", "epochs: 30"))
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # in the middle of teacher training
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    run_dir = tmp_path / "out" / "tiny"
+    assert not (run_dir / "teacher" / "stage.json").exists()
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_bench_command_standalone(finished_run, tmp_path, tiny_data_section):
+    _, run_dir, _ = finished_run
+    data_args = []
+    from conftest import cifar10_folder
+
+    if cifar10_folder() is not None:
+        data_args = ["--data", cifar10_folder(), "--eval-samples", 300]
+    result = compress("bench", run_dir / "student.onnx", "--against", run_dir / "teacher.onnx", *data_args,
+                      "--iterations", 10, "--warmup", 1, "--time-budget", 1, "--batch-size", 8, "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr[-2000:]
+    bench = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [row["role"] for row in bench["rows"]] == ["student", "teacher"]
+    assert bench["reference"] == "teacher"
+    assert "| Metric | student | teacher | student vs teacher |" in result.stdout or "student" in result.stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model at all", os.urandom(256)])
+def test_bench_command_refuses_bad_files_cleanly(tmp_path, content):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(content)
+    result = compress("bench", bad)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "model.onnx" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_list_prints_registries():
+    result = compress("list")
+    assert result.returncode == 0
+    for name in ("teacher", "distill", "export", "bench", "kd", "cifar:resnet56", "torchvision:mobilenet_v2", "digits", "imagefolder"):
+        assert name in result.stdout
