@@ -1,0 +1,58 @@
+"""Stage records: a stage counts as complete only with the same inputs and intact files."""
+
+import json
+
+import torch
+
+from compress.artifacts import Artifact, input_key, load_completed, record_stage, save_weights
+from compress.models import build_model, load_weights
+
+
+def completed_stage(tmp_path):
+    run_dir = tmp_path / "run"
+    folder = run_dir / "distill"
+    model = torch.nn.Linear(3, 2)
+    path = save_weights(model, folder / "model.pt")
+    artifact = Artifact("distill", files={"model": path}, metrics={"top1": 50.0}, role="student", key="abc")
+    record_stage(folder, run_dir, artifact, config={"epochs": 1}, recipe={"name": "run"})
+    return run_dir, folder, path
+
+
+def test_complete_stage_is_found_with_its_files_and_metrics(tmp_path):
+    run_dir, folder, path = completed_stage(tmp_path)
+    found = load_completed(folder, run_dir, "abc")
+    assert found is not None and found.skipped
+    assert found.files == {"model": path} and found.metrics == {"top1": 50.0} and found.role == "student"
+    record = json.loads((folder / "stage.json").read_text())
+    assert record["files"]["model"]["path"] == "distill/model.pt"  # relative: the run folder can move
+
+
+def test_changed_inputs_or_tampered_files_mean_not_complete(tmp_path):
+    run_dir, folder, path = completed_stage(tmp_path)
+    assert load_completed(folder, run_dir, "other-key") is None
+    path.write_bytes(path.read_bytes() + b"x")
+    assert load_completed(folder, run_dir, "abc") is None
+    path.unlink()
+    assert load_completed(folder, run_dir, "abc") is None
+
+
+def test_corrupt_or_missing_record_means_not_complete(tmp_path):
+    run_dir, folder, _ = completed_stage(tmp_path)
+    (folder / "stage.json").write_text("{ half a reco")
+    assert load_completed(folder, run_dir, "abc") is None
+    (folder / "stage.json").unlink()
+    assert load_completed(folder, run_dir, "abc") is None
+
+
+def test_input_key_is_stable_and_order_independent_for_mappings():
+    assert input_key({"a": 1, "b": [1, 2]}) == input_key({"b": [1, 2], "a": 1})
+    assert input_key({"a": 1}) != input_key({"a": 2})
+
+
+def test_saved_weights_reload_with_weights_only(tmp_path):
+    model = build_model("cifar:resnet20", num_classes=10).eval()
+    path = save_weights(model, tmp_path / "m.pt")
+    again = load_weights(build_model("cifar:resnet20", num_classes=10), path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), again(x))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
