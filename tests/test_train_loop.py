@@ -1,0 +1,81 @@
+"""The shared training loop: it learns, it is reproducible, it stops on a diverged loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.config import DataConfig, SubsetConfig, TrainConfig
+from compress.data import Preprocess, load_dataset, make_loaders
+from compress.errors import StageError
+from compress.train_loop import build_optimizer, build_scheduler, evaluate, fit
+
+DATA = DataConfig(kind="digits", image_size=8, batch_size=64, augment=False, subset=SubsetConfig(train=600, test=200))
+
+
+def tiny_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+    )
+
+
+def train_once(seed: int, epochs: int = 3, lr: float = 0.01):
+    torch.manual_seed(seed)
+    bundle = load_dataset(DATA, seed=seed)
+    train, test = make_loaders(bundle, DATA, seed=seed)
+    prep = Preprocess(bundle.mean, bundle.std, augment=False)
+    model = tiny_cnn()
+
+    def step_loss(images, labels):
+        logits = model(images)
+        return F.cross_entropy(logits, labels), logits
+
+    start = evaluate(model, test, prep, torch.device("cpu"))
+    cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=lr, weight_decay=0.0)
+    history = fit(model, train, test, step_loss, cfg, preprocess=prep, device=torch.device("cpu"), desc="t", show_progress=False)
+    return model, start, history
+
+
+def test_fit_learns_real_data():
+    _, start, history = train_once(0)
+    assert len(history) == 3
+    assert history[-1].test_top1 > start["top1"] + 30
+    assert history[-1].train_loss < history[0].train_loss
+
+
+def test_same_seed_gives_identical_weights_and_other_seed_does_not():
+    a, _, _ = train_once(1, epochs=1)
+    b, _, _ = train_once(1, epochs=1)
+    c, _, _ = train_once(2, epochs=1)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
+
+
+def test_diverged_loss_stops_with_a_clear_error():
+    with pytest.raises(StageError, match="loss became nan at epoch 1, step 0"):
+        bundle = load_dataset(DATA)
+        train, test = make_loaders(bundle, DATA, seed=0)
+        model = tiny_cnn()
+        fit(model, train, test, lambda x, y: (model(x).sum() * float("nan"), model(x)), TrainConfig(epochs=1),
+            preprocess=Preprocess(bundle.mean, bundle.std, augment=False), device=torch.device("cpu"), desc="t", show_progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_schedules_with_warmup(schedule):
+    cfg = TrainConfig(epochs=4, lr=0.1, schedule=schedule, warmup_epochs=1)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warm-up over 10 steps
+    assert lrs[:10] == sorted(lrs[:10])
+    if schedule == "cosine":
+        assert lrs[10] == pytest.approx(0.1) and lrs[-1] < 0.002 and lrs[10:] == sorted(lrs[10:], reverse=True)
+    elif schedule == "step":
+        assert lrs[10] == pytest.approx(0.1) and lrs[26] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
+    else:
+        assert lrs[10:] == pytest.approx([0.1] * 30)
