@@ -51,9 +51,12 @@ def recipe_options(fn):
 
 
 def _load(recipe_path, data, epochs, subset, device, out, overrides):
-    from compress.recipe import load_recipe, parse_subset
+    from compress.recipe import load_recipe, parse_subset, recipe_warnings
 
-    return load_recipe(recipe_path, list(overrides), data=data, epochs=epochs, subset=parse_subset(subset), device=device, out=out)
+    recipe = load_recipe(recipe_path, list(overrides), data=data, epochs=epochs, subset=parse_subset(subset), device=device, out=out)
+    for warning in recipe_warnings(recipe):
+        click.echo(f"warning: {warning}", err=True)
+    return recipe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -34,6 +34,17 @@ class SubsetConfig:
 
 
 @dataclass(frozen=True)
+class UnlabeledConfig:
+    """Extra images without labels; only the teacher-driven loss terms apply to them."""
+
+    path: str | None = None  # a .npz with `x` (uint8 NHWC) or a folder of images (searched recursively)
+    limit: int | None = None  # use at most this many (a seeded random selection)
+
+    def __post_init__(self):
+        _check(self.limit is None or self.limit > 0, f"limit: expected a positive integer or null, got {self.limit}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     kind: str = "digits"
     path: str | None = None
@@ -43,6 +54,7 @@ class DataConfig:
     workers: int = 0
     augment: bool = True
     subset: SubsetConfig = field(default_factory=SubsetConfig)
+    unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
     def __post_init__(self):
         _check(self.kind in DATASET_KINDS, f"kind: expected one of {', '.join(DATASET_KINDS)}, got {self.kind!r}")
@@ -54,7 +66,8 @@ class DataConfig:
 
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "onecycle", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: int = 0
+    label_smoothing: float = 0.0  # teacher only; hurts distillation (Muller et al. 2019), so off by default
+    precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it, else fp32
+    channels_last: bool | None = None  # None: on for CUDA
 
     def __post_init__(self):
         _check(self.epochs >= 0, f"epochs: expected >= 0, got {self.epochs}")
@@ -78,6 +94,8 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
         _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"warmup_epochs: expected 0..epochs ({self.epochs}), got {self.warmup_epochs}")
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing: expected 0 <= value < 1, got {self.label_smoothing}")
+        _check(self.precision in PRECISIONS, f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -97,17 +115,48 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class LayerPair:
+    """A teacher module and the student module it teaches (names as in ``model.named_modules()``)."""
+
+    teacher: str
+    student: str
+
+
+@dataclass(frozen=True)
 class LossConfig:
-    """A registered KD loss by name plus its own parameters (validated by the loss's dataclass)."""
+    """One term of the distillation loss: a registered loss by name, its weight and parameters."""
 
     name: str = "kd"
+    weight: float = 1.0
     params: Any = None  # None: the loss's default parameters
 
     def __post_init__(self):
+        _check(self.weight >= 0, f"weight: expected >= 0, got {self.weight}")
         if self.params is None:
             from compress.losses import LOSSES
 
             object.__setattr__(self, "params", LOSSES.get(self.name).params())
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """KD-aware batch augmentation: teacher and student see the same mixed/erased batch.
+
+    mixup (Zhang et al. 2018) and cutmix (Yun et al. 2019) are drawn per batch with probability
+    ``prob``; when both alphas are > 0 one of the two is picked at random. cutout (DeVries &
+    Taylor 2017) erases one ``cutout``-pixel square per image.
+    """
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    cutout: int = 0
+
+    def __post_init__(self):
+        _check(self.mixup_alpha >= 0, f"mixup_alpha: expected >= 0 (0 disables), got {self.mixup_alpha}")
+        _check(self.cutmix_alpha >= 0, f"cutmix_alpha: expected >= 0 (0 disables), got {self.cutmix_alpha}")
+        _check(0 <= self.prob <= 1, f"prob: expected 0..1, got {self.prob}")
+        _check(self.cutout >= 0, f"cutout: expected >= 0 pixels (0 disables), got {self.cutout}")
 
 
 @dataclass(frozen=True)
@@ -117,8 +166,17 @@ class TeacherStageConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    loss: LossConfig = field(default_factory=LossConfig)
+    """Train a student against a frozen teacher with a weighted sum of registered loss terms."""
+
+    loss: tuple[LossConfig, ...] = field(default_factory=lambda: (LossConfig(),))
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: MixConfig = field(default_factory=MixConfig)
+    teacher: str = "teacher"  # the stage whose model teaches: "teacher" or an earlier distill stage's name
+    student: StudentConfig | None = None  # None: the recipe's student section
+    init_from_teacher: bool = False  # copy every teacher tensor whose name and shape fit the student
+
+    def __post_init__(self):
+        _check(len(self.loss) > 0, "loss: expected at least one loss term")
 
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -169,10 +227,20 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One entry of the recipe's ordered ``stages`` list."""
+    """One entry of the recipe's ordered ``stages`` list.
+
+    ``kind`` picks the stage function; ``name`` (the kind unless the entry sets ``name:``) names
+    its output folder and lets later stages refer to it (e.g. a second ``distill`` that learns
+    from the first one's student).
+    """
 
     name: str
     config: Any
+    kind: str = ""
+
+    def __post_init__(self):
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
 
 
 @dataclass(frozen=True)
@@ -197,10 +265,12 @@ STAGE_CONFIGS: dict[str, type] = {
     "bench": BenchConfig,
 }
 
-# What each stage needs to find earlier in the list, and what it provides to later stages.
+# Stage kinds each kind needs earlier in the list.
 STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "teacher": (),
     "distill": ("teacher",),
     "export": ("teacher",),
     "bench": ("export",),
 }
+# Stage kinds whose artifact is a trained network another stage can learn from.
+MODEL_STAGES = ("teacher", "distill")

@@ -5,6 +5,9 @@ yield uint8 NCHW batches. Augmentation and normalisation happen later, on a whol
 device, in :class:`Preprocess`: decoding stays cheap and the same on every backend, and the
 exported model receives exactly the normalised tensors it was trained on.
 
+``data.unlabeled`` appends extra images to the train split with label ``UNLABELED`` (-1): only
+the teacher-driven loss terms learn from them (:func:`load_unlabeled`).
+
 Example:
     >>> bundle = load_dataset(DataConfig(kind="digits"))
     >>> train_loader, test_loader = make_loaders(bundle, DataConfig(kind="digits"), seed=0)
@@ -27,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from compress.compat import torchvision
-from compress.config import DataConfig
+from compress.config import DataConfig, UnlabeledConfig
 from compress.errors import DataError
+from compress.losses import UNLABELED
 from compress.registry import Registry
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -41,6 +45,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_SPLIT_SEED = 0  # the digits test split never changes with the recipe seed
 TEST_SUBSET_SEED = 0  # neither does a test subset: accuracies stay comparable across seeds
 _RESIZE_CHUNK = 1024  # images resized at once: bounds the float copy's memory
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # files an unlabeled folder offers
 
 DATASETS: Registry[Callable[[DataConfig], DatasetBundle]] = Registry("dataset kind", DataError)
 
@@ -57,6 +62,7 @@ class DatasetBundle:
     std: tuple[float, ...]
     image_size: int
     in_channels: int = 3
+    unlabeled: int = 0  # images at the end of ``train`` whose label is UNLABELED (-1)
 
 
 class TensorImageDataset(Dataset):
@@ -73,16 +79,44 @@ class TensorImageDataset(Dataset):
         return self.images[index], int(self.targets[index])
 
 
+class ImageFileDataset(Dataset):
+    """Image files decoded on access like ImageFolder's (RGB, short side resized, centre crop)."""
+
+    def __init__(self, files: Sequence[str], label: int, image_size: int):
+        self.files = list(files)
+        self.targets = torch.full((len(self.files),), label, dtype=torch.int64)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return _decode_image(self.files[index], self.image_size), int(self.targets[index])
+
+
+class LabeledConcat(ConcatDataset):
+    """``ConcatDataset`` with the ``targets`` of all parts, as :func:`balanced_subset` needs."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        super().__init__(parts)
+        self.targets = torch.cat([torch.as_tensor(_targets(part), dtype=torch.int64) for part in parts])
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     """Load the dataset a recipe names, resized to ``cfg.image_size``, with optional subsets.
 
+    With ``cfg.unlabeled.path`` set, the train split is the labeled train split (after its
+    subset) followed by the unlabeled pool, labeled ``UNLABELED``; ``bundle.unlabeled`` counts
+    them. The test split never includes unlabeled images.
+
     Args:
-        cfg: The recipe's data section (kind, path, image_size, subset).
-        seed: Seeds the train subset's selection. The test subset uses a fixed seed, so test
-            accuracy is measured on the same images whatever the recipe seed.
+        cfg: The recipe's data section (kind, path, image_size, subset, unlabeled).
+        seed: Seeds the train subset's and the unlabeled pool's selections. The test subset
+            uses a fixed seed, so test accuracy is measured on the same images whatever the
+            recipe seed.
 
     Returns:
         The bundle; in-memory kinds hold each split as one uint8 tensor.
@@ -93,11 +127,49 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     """
     bundle = DATASETS.get(cfg.kind)(cfg)
     _check_not_empty(bundle, cfg)
-    return dataclasses.replace(
+    bundle = dataclasses.replace(
         bundle,
         train=balanced_subset(bundle.train, cfg.subset.train, seed),
         test=balanced_subset(bundle.test, cfg.subset.test, TEST_SUBSET_SEED),
     )
+    if cfg.unlabeled.path is None:
+        return bundle
+    pool = load_unlabeled(cfg.unlabeled, cfg.image_size, seed)
+    return dataclasses.replace(bundle, train=LabeledConcat([bundle.train, pool]), unlabeled=len(pool))
+
+
+def load_unlabeled(cfg: UnlabeledConfig, image_size: int, seed: int) -> Dataset:
+    """The unlabeled pool: every item labeled ``UNLABELED``, at ``image_size``.
+
+    Args:
+        cfg: ``path`` is a ``.npz`` file with ``x`` (uint8 NHWC with 1 or 3 channels, or NHW
+            grey), resized like the npz kind; or a folder searched recursively for
+            png/jpg/jpeg/bmp/webp files, decoded lazily like ImageFolder. ``limit`` keeps a
+            seeded random selection of at most that many (in file/array order).
+        image_size: The dataset's image size.
+        seed: Seeds the ``limit`` selection.
+
+    Returns:
+        An in-memory :class:`TensorImageDataset` (npz) or an :class:`ImageFileDataset` (folder).
+
+    Raises:
+        DataError: The path is missing or holds no images, ``x`` is malformed; the message
+            names the path. An undecodable file raises when it is read, naming the file.
+    """
+    if cfg.path is None:
+        raise DataError("unlabeled.path is not set: expected a .npz file or a folder of images")
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        files = _image_files(path)
+        keep = _seeded_selection(len(files), cfg.limit, seed)
+        return ImageFileDataset([files[i] for i in keep.tolist()], UNLABELED, image_size)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        x = _read_unlabeled_npz(path)
+        keep = _seeded_selection(len(x), cfg.limit, seed).numpy()
+        images = _resize(_npz_images(x[keep], path), image_size)
+        return TensorImageDataset(images, torch.full((len(images),), UNLABELED, dtype=torch.int64))
+    what = "is not a .npz file or a folder" if path.exists() else "does not exist"
+    raise DataError(f"unlabeled path {path} {what} (expected a .npz with array x, or a folder of images)")
 
 
 def detect_kind(path: str | Path) -> str:
@@ -227,7 +299,8 @@ def balanced_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     """
     if size is None or size >= len(dataset):
         return dataset
-    labels = torch.as_tensor(_targets(dataset), dtype=torch.int64)
+    # Class ids 0..K-1 in label order, so UNLABELED (-1) is just one more group.
+    labels = torch.unique(torch.as_tensor(_targets(dataset), dtype=torch.int64), return_inverse=True)[1]
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     shuffled = labels[order]
     by_class = torch.sort(shuffled, stable=True).indices
@@ -260,6 +333,14 @@ def _take(dataset: Dataset, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
     if not items:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+def _seeded_selection(count: int, limit: int | None, seed: int) -> Tensor:
+    """Sorted indices of a seeded random ``limit`` of ``count`` items (all when None or more)."""
+    if limit is None or limit >= count:
+        return torch.arange(count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return torch.sort(order[:limit]).values
 
 
 def _check_not_empty(bundle: DatasetBundle, cfg: DataConfig) -> None:
@@ -429,6 +510,21 @@ def _check_same_size(train_x: Tensor, test_x: Tensor, folder: Path) -> None:
         )
 
 
+def _read_unlabeled_npz(file: Path) -> np.ndarray:
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            if "x" not in arrays:
+                raise DataError(f"{file}: expected an array 'x' (unlabeled images), found {', '.join(arrays.files) or 'none'}")
+            x = arrays["x"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable npz file ({exc})") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+        raise DataError(f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey; got {x.dtype} {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{file}: x holds no images")
+    return x
+
+
 # --- CIFAR (official python format) ------------------------------------------------------------
 
 
@@ -559,6 +655,14 @@ def _image_folder(root: Path, loader: Callable[[str], Tensor]) -> Dataset:
         return torchvision.datasets.ImageFolder(str(root), loader=loader)
     except FileNotFoundError as exc:
         raise DataError(f"{root}: {exc}") from None
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursively), sorted so selections are reproducible."""
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"unlabeled folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found in it or below")
+    return files
 
 
 def _decode_image(path: str, image_size: int) -> Tensor:

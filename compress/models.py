@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,16 @@ def model_names() -> list[str]:
 
 
 # --- building ----------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def module_names(name: str) -> tuple[str, ...]:
+    """Names of a model's submodules (what forward hooks and feature losses refer to).
+
+    The stem and class count do not change the names, so one build per architecture suffices.
+    """
+    return tuple(n for n, _ in build_model(name, num_classes=10).named_modules() if n)
+
 
 
 def build_model(name: str, num_classes: int, cifar_stem: bool = False, in_channels: int = 3) -> nn.Module:

@@ -43,8 +43,8 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
     ctx = RunContext(recipe, run_dir, resolve_device(recipe.device), show_progress=show_progress)
     key = input_key(shared_inputs(recipe))
     for index, spec in enumerate(recipe.stages):
-        stage_config = resolved["stages"][index][spec.name]
-        key = input_key(key, spec.name, stage_config)
+        stage_config = resolved["stages"][index][spec.kind]
+        key = input_key(key, spec.kind, spec.name, stage_config)
         folder = run_dir / spec.name
         artifact = None if force else load_completed(folder, run_dir, key)
         if artifact is None:
@@ -64,7 +64,8 @@ def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Arti
     if ctx.show_progress:
         print(f"[{spec.name}] running", file=sys.stderr)
     started = time.perf_counter()
-    artifact = STAGES.get(spec.name)(spec.config, ctx)
+    artifact = STAGES.get(spec.kind)(spec.config, ctx)
+    artifact.stage = spec.name
     artifact.key, artifact.seconds = key, time.perf_counter() - started
     return artifact
 

@@ -98,17 +98,37 @@ def _check_recipe(recipe: C.Recipe) -> None:
         raise RecipeError(f"name: expected letters, digits, '.', '_' or '-' (a folder name, max 100 chars), got {recipe.name!r}")
     if not recipe.stages:
         raise RecipeError(f"stages: expected a non-empty list, e.g. [teacher, distill, export, bench]; known stages: {', '.join(C.STAGE_CONFIGS)}")
-    seen: list[str] = []
+    kinds: list[str] = []
+    models: list[str] = []  # names of earlier stages that produced a network
     for index, stage in enumerate(recipe.stages):
-        for need in C.STAGE_NEEDS[stage.name]:
-            if need not in seen:
-                raise RecipeError(f"stages[{index}].{stage.name}: needs a {need!r} stage before it")
-        if stage.name in seen:
-            raise RecipeError(f"stages[{index}].{stage.name}: appears twice; each stage runs once per recipe")
-        seen.append(stage.name)
+        where = f"stages[{index}].{stage.name}"
+        for need in C.STAGE_NEEDS[stage.kind]:
+            if need not in kinds:
+                raise RecipeError(f"{where}: needs a {need!r} stage before it")
+        if stage.name in [s.name for s in recipe.stages[:index]]:
+            raise RecipeError(f"{where}: the name {stage.name!r} appears twice; give repeated stages a distinct `name:`")
+        if stage.kind == "distill" and stage.config.teacher not in models:
+            raise RecipeError(f"{where}.teacher: expected an earlier stage that trains a network ({', '.join(models)}), got {stage.config.teacher!r}")
+        if stage.kind == "distill" and stage.config.train.label_smoothing > 0:
+            raise RecipeError(f"{where}.train.label_smoothing: applies to teacher training only; a distill stage's hard-label term is its `ce`/`kd` loss")
+        kinds.append(stage.kind)
+        if stage.kind in C.MODEL_STAGES:
+            models.append(stage.name)
     teacher = recipe.teacher
-    if "teacher" in seen and teacher.checkpoint is None and teacher.train.epochs < 1:
+    if "teacher" in kinds and teacher.checkpoint is None and teacher.train.epochs < 1:
         raise RecipeError("teacher: give a checkpoint to load or train.epochs >= 1 to train one")
+
+
+def recipe_warnings(recipe: C.Recipe) -> list[str]:
+    """Legal settings that are probably mistakes; the CLI prints them, nothing is changed."""
+    warnings = []
+    smoothing = recipe.teacher.train.label_smoothing
+    if smoothing > 0 and any(s.kind == "distill" for s in recipe.stages):
+        warnings.append(
+            f"teacher.train.label_smoothing={smoothing}: a teacher trained with label smoothing makes a worse "
+            "distillation teacher (Muller, Kornblith & Hinton 2019, 'When does label smoothing help?'); use 0 unless you measured otherwise"
+        )
+    return warnings
 
 
 def check_references(recipe: C.Recipe) -> None:
@@ -121,6 +141,7 @@ def check_references(recipe: C.Recipe) -> None:
         name = getattr(recipe, section).model
         if name not in MODELS:
             raise RecipeError(f"{section}.model: {MODELS.unknown_message(name)}")
+    check_layer_names(recipe)
     if recipe.data.path is not None and not Path(recipe.data.path).exists():
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
     if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
@@ -137,6 +158,26 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"device: {name!r} asked for, but this torch build sees no CUDA device")
     return device
+
+
+def check_layer_names(recipe: C.Recipe) -> None:
+    """Layers named by feature losses (fitnet, at) must exist in the networks they refer to."""
+    from compress.models import module_names
+
+    arch = {"teacher": recipe.teacher.model}
+    for index, stage in enumerate(recipe.stages):
+        if stage.kind != "distill":
+            continue
+        student = (stage.config.student or recipe.student).model
+        arch[stage.name] = student
+        for term_index, term in enumerate(stage.config.loss):
+            for pair_index, pair in enumerate(getattr(term.params, "pairs", ())):
+                where = f"stages[{index}].{stage.name}.loss[{term_index}].pairs[{pair_index}]"
+                for side, model in (("teacher", arch.get(stage.config.teacher)), ("student", student)):
+                    layer = getattr(pair, side)
+                    names = module_names(model)
+                    if layer not in names:
+                        raise RecipeError(f"{where}.{side}: no layer {layer!r} in {model}{_did_you_mean(layer, names)}")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -160,10 +201,17 @@ def _stage_name_and_settings(item: Any, index: int) -> tuple[str, Any]:
 
 
 def _build_stage(item: Any, index: int) -> C.StageSpec:
-    name, settings = _stage_name_and_settings(item, index)
-    if name not in C.STAGE_CONFIGS:
-        raise RecipeError(f"stages[{index}]: unknown stage {name!r}{_did_you_mean(name, C.STAGE_CONFIGS)}; known: {', '.join(C.STAGE_CONFIGS)}")
-    return C.StageSpec(name, _build(C.STAGE_CONFIGS[name], settings, f"stages[{index}].{name}"))
+    kind, settings = _stage_name_and_settings(item, index)
+    if kind not in C.STAGE_CONFIGS:
+        raise RecipeError(f"stages[{index}]: unknown stage {kind!r}{_did_you_mean(kind, C.STAGE_CONFIGS)}; known: {', '.join(C.STAGE_CONFIGS)}")
+    name = kind
+    if isinstance(settings, dict) and "name" in settings:
+        settings = dict(settings)
+        name = settings.pop("name")
+        if not isinstance(name, str) or not _RUN_NAME.match(name):
+            raise RecipeError(f"stages[{index}].{kind}.name: expected letters, digits, '.', '_' or '-' (a folder name), got {name!r}")
+    where = f"stages[{index}].{name}"
+    return C.StageSpec(name, _build(C.STAGE_CONFIGS[kind], settings, where), kind)
 
 
 # ----------------------------------------------------------------------------- dataclasses
@@ -181,11 +229,20 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         where = _join(path, str(key))
         if key not in names:
             raise RecipeError(f"{where}: unknown field{_did_you_mean(str(key), names)}; expected one of: {', '.join(names)}")
-        kwargs[key] = _loss(value, where) if hints[key] is C.LossConfig else _convert(hints[key], value, where)
+        kwargs[key] = _losses(value, where) if key == "loss" and cls is C.DistillConfig else _convert(hints[key], value, where)
     try:
         return cls(**kwargs)
     except RecipeError as exc:
         raise RecipeError(_join(path, str(exc))) from None
+
+
+def _losses(raw: Any, path: str) -> tuple[C.LossConfig, ...]:
+    """``loss: kd``, ``loss: {name: kd, ...}`` or a list of such terms."""
+    if isinstance(raw, list):
+        if not raw:
+            raise RecipeError(f"{path}: expected at least one loss term")
+        return tuple(_loss(item, f"{path}[{index}]") for index, item in enumerate(raw))
+    return (_loss(raw, path),)
 
 
 def _loss(raw: Any, path: str) -> C.LossConfig:
@@ -195,9 +252,15 @@ def _loss(raw: Any, path: str) -> C.LossConfig:
         raise RecipeError(f"{path}: expected a loss name or a mapping with 'name' and its parameters, got {_kind(raw)}")
     raw = dict(raw)
     name = raw.pop("name", "kd")
+    weight = _convert(float, raw.pop("weight", 1.0), f"{path}.weight")
     if not isinstance(name, str) or name not in LOSSES:
         raise RecipeError(f"{path}.name: {LOSSES.unknown_message(str(name))}")
-    return C.LossConfig(name=name, params=_build(LOSSES.get(name).params, raw, path))
+    try:
+        return C.LossConfig(name=name, weight=weight, params=_build(LOSSES.get(name).params, raw, path))
+    except RecipeError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise RecipeError(_join(path, str(exc))) from None
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -218,6 +281,11 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         raise RecipeError(f"{path}: expected {_describe(hint)}, got {_kind(value)} {value!r}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list of {_describe(item_hint)}, got {_kind(value)}")
+        return tuple(_convert(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -243,6 +311,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
         hint, "a mapping" if dataclasses.is_dataclass(hint) else str(hint)
     )
@@ -325,10 +395,16 @@ def _stage_index(stages: list, key: str, item: str) -> int:
         if int(key) >= len(stages):
             raise RecipeError(f"--set {item!r}: the recipe has {len(stages)} stages, no index {key}")
         return int(key)
-    names = [_stage_name_and_settings(s, i)[0] for i, s in enumerate(stages)]
+    names = [_instance_name(item, index) for index, item in enumerate(stages)]
     if key not in names:
         raise RecipeError(f"--set {item!r}: no stage {key!r} in the recipe{_did_you_mean(key, names)}; stages: {', '.join(names)}")
     return names.index(key)
+
+
+def _instance_name(item: Any, index: int) -> str:
+    kind, settings = _stage_name_and_settings(item, index)
+    name = settings.get("name") if isinstance(settings, dict) else None
+    return name if isinstance(name, str) else kind
 
 
 def recipe_to_dict(recipe: C.Recipe) -> dict:
@@ -337,7 +413,7 @@ def recipe_to_dict(recipe: C.Recipe) -> dict:
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         if f.name == "stages":
-            out["stages"] = [{s.name: _plain(s.config)} for s in value]
+            out["stages"] = [{s.kind: ({"name": s.name} if s.name != s.kind else {}) | _plain(s.config)} for s in value]
         else:
             out[f.name] = _plain(value)
     return out
@@ -345,7 +421,7 @@ def recipe_to_dict(recipe: C.Recipe) -> dict:
 
 def _plain(value: Any) -> Any:
     if isinstance(value, C.LossConfig):
-        return {"name": value.name, **_plain(value.params)}
+        return {"name": value.name, "weight": value.weight, **_plain(value.params)}
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):

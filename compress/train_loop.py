@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from compress.config import TrainConfig
 from compress.errors import StageError
 
-StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StepLoss = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -37,10 +37,14 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule: linear warm-up, then cosine to zero, step decay (x0.1 at 50% and 75%), or constant."""
+def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: linear warm-up, then cosine to zero, step decay (x0.1 at 50% and 75%),
+    constant, or one-cycle (Smith & Topin 2019; torch's OneCycleLR, warm-up = its rising phase)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        rising = warmup / total if warmup else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(max(rising, 0.01), 0.99))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -53,6 +57,17 @@ def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``cfg.precision`` on ``device``; None means full fp32."""
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
 
 @torch.no_grad()
@@ -101,30 +116,41 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+    model.to(memory_format=memory_format)
     history: list[EpochLog] = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        labeled = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
         for step, (images, labels) in enumerate(bar):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss, logits = step_loss(preprocess(images, train=True), labels)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, logits = step_loss(preprocess(images, train=True), labels, epoch)
             if not torch.isfinite(loss):
                 raise StageError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate (now {scheduler.get_last_lr()[0]:.3g})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             loss_sum += loss.detach() * labels.numel()
-            correct += (logits.detach().argmax(1) == labels).sum()
+            known = labels >= 0  # images from the unlabeled pool have no accuracy
+            correct += (logits.detach().argmax(1)[known] == labels[known]).sum()
             seen += labels.numel()
+            labeled += known.sum()
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%")
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%")
         test = evaluate(model, test_loader, preprocess, device)
-        log = EpochLog(epoch, loss_sum.item() / max(seen, 1), 100 * correct.item() / max(seen, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
+        log = EpochLog(epoch, loss_sum.item() / max(seen, 1), 100 * correct.item() / max(labeled.item(), 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
         history.append(log)
         if show_progress:
             print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%", file=sys.stderr)
+    model.to(memory_format=torch.contiguous_format)
     return history

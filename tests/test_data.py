@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compress.config import DATASET_KINDS, DataConfig, SubsetConfig
+from compress.config import DATASET_KINDS, DataConfig, SubsetConfig, UnlabeledConfig
 from compress.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -21,11 +21,13 @@ from compress.data import (
     DATASETS,
     IMAGENET_MEAN,
     Preprocess,
+    balanced_subset,
     load_dataset,
     make_loaders,
     test_arrays,
 )
 from compress.errors import DataError
+from compress.losses import UNLABELED
 
 
 def _labels(dataset) -> list[int]:
@@ -379,3 +381,100 @@ def test_preprocess_augments_each_image_independently():
     torch.manual_seed(0)
     torch.randint(1, 256, (3, 10, 10), dtype=torch.uint8)
     assert torch.equal(prep(batch, train=True), out)  # seeded by torch.manual_seed
+
+
+# --- unlabeled pool ----------------------------------------------------------------------------
+
+
+def _labeled_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(5)
+    return _write_npz(tmp_path / "labeled", *_random_split(rng, 12), *_random_split(rng, 6))
+
+
+def _with_pool(folder: Path, pool: Path, limit: int | None = None, **kwargs) -> DataConfig:
+    return DataConfig(kind="npz", path=str(folder), image_size=12, unlabeled=UnlabeledConfig(str(pool), limit), **kwargs)
+
+
+def test_unlabeled_npz_is_appended_with_label_minus_one(tmp_path):
+    folder = _labeled_npz(tmp_path)
+    pool_x = np.random.default_rng(6).integers(0, 256, (7, 24, 24), dtype=np.uint8)  # NHW grey, resized
+    np.savez(tmp_path / "pool.npz", x=pool_x)
+    plain = load_dataset(DataConfig(kind="npz", path=str(folder), image_size=12))
+    bundle = load_dataset(_with_pool(folder, tmp_path / "pool.npz"))
+    assert plain.unlabeled == 0 and bundle.unlabeled == 7 and len(bundle.train) == 12 + 7
+    assert _labels(bundle.train) == _labels(plain.train) + [UNLABELED] * 7 and UNLABELED == -1
+    assert torch.equal(bundle.train[3][0], plain.train[3][0])
+    image = bundle.train[12][0]
+    assert image.shape == (3, 12, 12) and image.dtype == torch.uint8 and torch.equal(image[0], image[2])
+    assert _image_bytes(bundle.test) == _image_bytes(plain.test) and _labels(bundle.test) == _labels(plain.test)
+    assert (bundle.mean, bundle.num_classes) == (plain.mean, plain.num_classes)  # stats from labeled train
+
+
+def test_unlabeled_limit_is_seeded(tmp_path):
+    folder = _labeled_npz(tmp_path)
+    pool_x = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(12, 1).repeat(12, 2).repeat(3, 3)
+    np.savez(tmp_path / "pool.npz", x=pool_x, y=np.zeros(20))  # extra arrays are ignored
+    cfg = _with_pool(folder, tmp_path / "pool.npz", limit=5)
+    a, b, c = (load_dataset(cfg, seed=s) for s in (1, 1, 2))
+
+    def picked(bundle):
+        return [int(bundle.train[i][0][0, 0, 0]) for i in range(12, len(bundle.train))]
+
+    assert a.unlabeled == 5 and len(picked(a)) == 5 and picked(a) == sorted(picked(a))
+    assert picked(a) == picked(b) and picked(a) != picked(c)
+    assert load_dataset(_with_pool(folder, tmp_path / "pool.npz", limit=50)).unlabeled == 20
+
+
+def test_unlabeled_folder_is_searched_recursively(tmp_path):
+    folder = _labeled_npz(tmp_path)
+    pool = tmp_path / "pool"
+    for i, name in enumerate(("a.png", "sub/b.PNG", "sub/deeper/c.jpg", "d.bmp", "e.webp")):
+        _write_png(pool / name, (30, 20), (10 * i, 100, 200), mode="L" if i == 1 else "RGB")
+    (pool / "notes.txt").write_text("not an image")
+    bundle = load_dataset(_with_pool(folder, pool))
+    assert bundle.unlabeled == 5 and _labels(bundle.train)[12:] == [UNLABELED] * 5
+    first = bundle.train[12][0]
+    assert first.shape == (3, 12, 12) and first[:, 6, 6].tolist() == [0, 100, 200]  # a.png
+    limited = load_dataset(_with_pool(folder, pool, limit=2, batch_size=8))
+    assert limited.unlabeled == 2
+    train, _ = make_loaders(limited, _with_pool(folder, pool, batch_size=8), seed=0)
+    labels = torch.cat([y for _, y in train])
+    assert sorted(labels.tolist())[:2] == [UNLABELED] * 2 and len(labels) == 14
+
+
+def test_subset_applies_to_labeled_part_only(tmp_path):
+    np.savez(tmp_path / "pool.npz", x=np.zeros((9, 8, 8, 3), dtype=np.uint8))
+    cfg = DataConfig(
+        kind="digits", image_size=16, subset=SubsetConfig(train=40), unlabeled=UnlabeledConfig(str(tmp_path / "pool.npz"))
+    )
+    bundle = load_dataset(cfg, seed=3)
+    labels = _labels(bundle.train)
+    assert len(labels) == 49 and labels[40:] == [UNLABELED] * 9
+    assert Counter(labels[:40]) == {k: 4 for k in range(10)}
+    both = balanced_subset(bundle.train, 22, seed=0)  # -1 is one more group, not an error
+    assert Counter(_labels(both)) == {**{k: 2 for k in range(10)}, UNLABELED: 2}
+
+
+def test_unlabeled_bad_inputs_name_the_path(tmp_path):
+    folder = _labeled_npz(tmp_path)
+    np.savez(tmp_path / "float.npz", x=np.zeros((2, 8, 8, 3), dtype=np.float32))
+    np.savez(tmp_path / "flat.npz", x=np.zeros((2, 64), dtype=np.uint8))
+    np.savez(tmp_path / "noimages.npz", y=np.zeros(2))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for name, message in (
+        ("missing.npz", "does not exist"), ("float.npz", "uint8"), ("flat.npz", "NHWC"),
+        ("noimages.npz", "expected an array 'x'"), ("empty", "no image files"), ("file.txt", "not a .npz"),
+    ):  # fmt: skip
+        with pytest.raises(DataError, match=re.escape(str(tmp_path / name)) + ".*" + re.escape(message)):
+            load_dataset(_with_pool(folder, tmp_path / name))
+
+
+def test_unlabeled_undecodable_file_names_it(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    bad = pool / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 garbage")
+    bundle = load_dataset(_with_pool(_labeled_npz(tmp_path), pool))
+    with pytest.raises(DataError, match=re.escape(f"cannot decode image {bad}")):
+        bundle.train[12]

@@ -126,7 +126,7 @@ def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
     for stage in ("distill", "export", "bench"):
         assert f"[{stage}] done in" in result.stderr
     assert stage_record(copy / "tiny", "teacher") == teacher_before
-    assert stage_record(copy / "tiny", "distill")["config"]["loss"]["temperature"] == 2.0
+    assert stage_record(copy / "tiny", "distill")["config"]["loss"][0]["temperature"] == 2.0
 
 
 def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, tiny_data_section):

@@ -31,7 +31,7 @@ def write(tmp_path, raw) -> Path:
 def test_shipped_recipes_validate(tmp_path):
     recipe = load_recipe(QUICKSTART)
     assert [s.name for s in recipe.stages] == ["teacher", "distill", "export", "bench"]
-    assert recipe.stages[1].config.loss.params.temperature == 4.0
+    assert recipe.stages[1].config.loss[0].params.temperature == 4.0
     cifar = load_recipe(ROOT / "recipes" / "resnet18_to_mobile.yaml", data=str(tmp_path))
     assert cifar.data.kind == "cifar10" and cifar.teacher.cifar_stem is True
     assert cifar.teacher.train.weight_decay == pytest.approx(5e-4)
@@ -50,7 +50,7 @@ def test_overrides_by_stage_name_index_and_shorthands(tmp_path):
         epochs=2, subset=(300, 100), out=str(tmp_path),
     )
     distill = recipe.stages[1].config
-    assert distill.loss.params.temperature == 8.0 and distill.train.epochs == 2
+    assert distill.loss[0].params.temperature == 8.0 and distill.train.epochs == 2
     assert recipe.teacher.train.epochs == 2
     assert recipe.stages[2].config.opset == 17
     assert recipe.data.batch_size == 32 and recipe.data.subset.train == 300 and recipe.data.subset.test == 100
@@ -92,7 +92,7 @@ BAD = [
     ("stages.1", {"distill": {"loss": {"name": "kd", "temprature": 2}}}, "stages[1].distill.loss.temprature: unknown field (did you mean 'temperature'?)"),
     ("stages.1", {"distill": {"loss": "hinton"}}, "stages[1].distill.loss.name: unknown loss 'hinton'"),
     ("stages.1", {"distill": {"train": {"lr": -1}}}, "stages[1].distill.train.lr: expected > 0"),
-    ("stages.2", "distill", "stages[2].distill: appears twice"),
+    ("stages.2", "distill", "stages[2].distill: the name 'distill' appears twice"),
     ("stages", [], "stages: expected a non-empty list"),
     ("stages", ["distill"], "stages[0].distill: needs a 'teacher' stage before it"),
     ("name", "../escape", "name: expected letters, digits"),
@@ -198,3 +198,69 @@ def test_garbage_whole_recipes(value):
         recipe_from_dict(value)
     except CompressError as exc:
         assert "\n" not in str(exc)
+
+
+# ----------------------------------------------------------------------------- distillation recipes
+
+MULTI = """
+name: multi
+data: {kind: digits}
+teacher: {model: torchvision:resnet18, train: {epochs: 1}}
+student: {model: cifar:resnet20}
+stages:
+  - teacher
+  - distill:
+      name: assistant
+      student: {model: cifar:resnet32}
+      loss:
+        - {name: kd, temperature: 4, alpha: 0.9}
+        - {name: fitnet, weight: 50, pairs: [{teacher: layer3, student: layer3}]}
+  - distill:
+      teacher: assistant
+      init_from_teacher: true
+      augment: {mixup_alpha: 0.2, cutout: 8}
+      loss: [ce, {name: at, pairs: [{teacher: layer2, student: layer2}, {teacher: layer3, student: layer3}]}]
+  - export
+"""
+
+
+def test_multi_stage_recipe_with_loss_lists(tmp_path):
+    recipe = load_recipe(write(tmp_path, MULTI))
+    assert [(s.kind, s.name) for s in recipe.stages] == [("teacher", "teacher"), ("distill", "assistant"), ("distill", "distill"), ("export", "export")]
+    assistant, student = recipe.stages[1].config, recipe.stages[2].config
+    assert [t.name for t in assistant.loss] == ["kd", "fitnet"] and assistant.loss[1].weight == 50.0
+    assert assistant.loss[1].params.pairs[0].teacher == "layer3" and assistant.student.model == "cifar:resnet32"
+    assert student.teacher == "assistant" and student.init_from_teacher and student.augment.mixup_alpha == 0.2
+    assert [t.name for t in student.loss] == ["ce", "at"] and len(student.loss[1].params.pairs) == 2
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+    overridden = load_recipe(write(tmp_path, MULTI), ["stages.assistant.train.epochs=3"])
+    assert overridden.stages[1].config.train.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        ("weight: 50, pairs: [{teacher: layer3, student: layer3}]", "weight: 50, pairs: [{teacher: layer3, student: layer9}]", "stages[1].assistant.loss[1].pairs[0].student: no layer 'layer9' in cifar:resnet32 (did you mean 'layer3'?)"),
+        ("weight: 50, pairs: [{teacher: layer3,", "weight: 50, pairs: [{teacher: layer7,", "pairs[0].teacher: no layer 'layer7' in torchvision:resnet18"),
+        ("teacher: assistant", "teacher: asistant", "stages[2].distill.teacher: expected an earlier stage that trains a network (teacher, assistant), got 'asistant'"),
+        ("name: assistant", "name: distill", "the name 'distill' appears twice"),
+        ("weight: 50", "weight: -1", "stages[1].assistant.loss[1].weight: expected >= 0"),
+        ("mixup_alpha: 0.2", "mixup_alpa: 0.2", "augment.mixup_alpa: unknown field (did you mean 'mixup_alpha'?)"),
+        ("pairs: [{teacher: layer3, student: layer3}]", "pairs: layer3", "loss[1].pairs: expected a list of a mapping"),
+    ],
+)
+def test_bad_distillation_recipes(tmp_path, old, new, message):
+    assert old in MULTI
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, MULTI.replace(old, new, 1)))
+    assert message in str(info.value)
+
+
+def test_label_smoothing_warns_for_the_teacher_and_is_refused_for_distill(tmp_path):
+    from compress.recipe import recipe_warnings
+
+    recipe = load_recipe(QUICKSTART, ["teacher.train.label_smoothing=0.1"])
+    assert "label smoothing" in recipe_warnings(recipe)[0] and "Muller" in recipe_warnings(recipe)[0]
+    assert recipe_warnings(load_recipe(QUICKSTART)) == []
+    with pytest.raises(RecipeError, match="train.label_smoothing: applies to teacher training only"):
+        load_recipe(QUICKSTART, ["stages.distill.train.label_smoothing=0.1"])

@@ -26,7 +26,7 @@ def train_once(seed: int, epochs: int = 3, lr: float = 0.01):
     prep = Preprocess(bundle.mean, bundle.std, augment=False)
     model = tiny_cnn()
 
-    def step_loss(images, labels):
+    def step_loss(images, labels, epoch):
         logits = model(images)
         return F.cross_entropy(logits, labels), logits
 
@@ -57,8 +57,22 @@ def test_diverged_loss_stops_with_a_clear_error():
         bundle = load_dataset(DATA)
         train, test = make_loaders(bundle, DATA, seed=0)
         model = tiny_cnn()
-        fit(model, train, test, lambda x, y: (model(x).sum() * float("nan"), model(x)), TrainConfig(epochs=1),
+        fit(model, train, test, lambda x, y, epoch: (model(x).sum() * float("nan"), model(x)), TrainConfig(epochs=1),
             preprocess=Preprocess(bundle.mean, bundle.std, augment=False), device=torch.device("cpu"), desc="t", show_progress=False)
+
+
+def test_onecycle_rises_then_falls():
+    cfg = TrainConfig(epochs=4, lr=0.1, schedule="onecycle", warmup_epochs=1)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(0.1) and 8 <= peak <= 11
+    assert lrs[0] < 0.01 and lrs[-1] < 1e-3
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])

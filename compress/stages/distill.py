@@ -1,57 +1,109 @@
-"""Stage ``distill``: train the student against the frozen teacher with a registered KD loss."""
+"""Stage ``distill``: train a student against a frozen teacher with a weighted sum of KD losses."""
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack
 
 import torch
 
 from compress.artifacts import Artifact, save_weights
+from compress.augment import BatchMix
 from compress.config import DistillConfig
 from compress.context import RunContext
-from compress.losses import build_loss
+from compress.hooks import FeatureHooks
+from compress.losses import DistillBatch
+from compress.losses.composite import build_distill_loss
 from compress.models import count_params_macs
 from compress.stages import STAGES
-from compress.stages.networks import build_network, load_network, preprocess
+from compress.stages.networks import architecture, build_network, load_network, preprocess
 from compress.train_loop import evaluate, fit
 
 
 @STAGES.register("distill")
 def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
-    """Train the recipe's student from scratch with ``cfg.loss`` against the teacher.
+    """Train the student with ``cfg.loss`` against the network of stage ``cfg.teacher``.
 
-    The teacher runs in eval mode without gradients on exactly the augmented batch the student
-    sees, so its soft targets describe the student's actual input.
+    The teacher runs in eval mode without gradients on exactly the batch the student sees
+    (after crop/flip and mixup/cutmix/cutout), so its soft targets describe the student's
+    actual input. Feature terms (fitnet, at) read hooked layers; their regressors train with
+    the student and are dropped afterwards: the saved student is the plain architecture.
 
     Returns:
-        Artifact with ``files["model"]`` (student state_dict), its test accuracy before and after,
-        the teacher's accuracy, params and MACs of both.
+        Artifact with ``files["model"]`` (student state_dict), its architecture, test accuracy
+        before and after, the teacher's accuracy, params and MACs of both.
     """
-    teacher = load_network(ctx, "teacher")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student = build_network(ctx, "student")
-    loss_fn = build_loss(cfg.loss.name, cfg.loss.params).to(ctx.device)
+    teacher_artifact = ctx.artifacts[cfg.teacher]
+    teacher = frozen(load_network(ctx, teacher_artifact))
+    arch = architecture(ctx, cfg.student or ctx.recipe.student)
+    student = build_network(ctx, arch)
+    copied = copy_matching_weights(teacher, student) if cfg.init_from_teacher else 0
+    loss_fn = build_distill_loss(cfg.loss).to(ctx.device)
+    mix = BatchMix(cfg.augment)
     train_loader, test_loader = ctx.loaders()
     prep = preprocess(ctx)
-
-    def step_loss(images, labels):
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        student_logits = student(images)
-        return loss_fn(student_logits, teacher_logits, labels).total, student_logits
-
     start = evaluate(student, test_loader, prep, ctx.device)
-    history = fit(student, train_loader, test_loader, step_loss, cfg.train, preprocess=prep, device=ctx.device, desc="distill", show_progress=ctx.show_progress)
+    with ExitStack() as stack:
+        teacher_features = stack.enter_context(FeatureHooks(teacher, loss_fn.teacher_layers))
+        student_features = stack.enter_context(FeatureHooks(student, loss_fn.student_layers))
+
+        def forward(images, labels, epoch) -> DistillBatch:
+            mixed = mix(images, labels)
+            with torch.no_grad():
+                teacher_logits = teacher(mixed.images) if loss_fn.needs_teacher else None
+            student_logits = student(mixed.images)
+            return DistillBatch(
+                student_logits, teacher_logits, mixed.labels, dict(student_features.outputs), dict(teacher_features.outputs),
+                mixed.mixed_labels, mixed.lam, epoch,
+            )
+
+        def step_loss(images, labels, epoch):
+            batch = forward(images, labels, epoch)
+            return loss_fn(batch).total, batch.student_logits
+
+        student.eval()  # the dry batch must not move BatchNorm statistics
+        setup_loss(loss_fn, forward, train_loader, prep, ctx.device)
+        loss_fn.to(ctx.device)
+        history = fit(
+            student, train_loader, test_loader, step_loss, cfg.train, preprocess=prep, device=ctx.device,
+            desc=ctx.stage_dir.name if ctx.stage_dir else "distill", extra_params=tuple(loss_fn.parameters()),
+            show_progress=ctx.show_progress,
+        )
     test = evaluate(student, test_loader, prep, ctx.device)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(student, ctx.stage_path("model.pt"))
-    teacher_metrics = ctx.latest("teacher").metrics
-    metrics = {
-        "model": ctx.recipe.student.model, "loss": cfg.loss.name,
+    metrics = arch | {
+        "loss": [term.name for term in cfg.loss], "teacher_stage": cfg.teacher,
         "top1": test["top1"], "top1_at_start": start["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
-        "teacher_top1": teacher_metrics.get("top1"), "params": params, "macs": macs,
-        "teacher_params": teacher_metrics.get("params"), "teacher_macs": teacher_metrics.get("macs"),
+        "teacher_top1": teacher_artifact.metrics.get("top1"), "params": params, "macs": macs,
+        "teacher_params": teacher_artifact.metrics.get("params"), "teacher_macs": teacher_artifact.metrics.get("macs"),
+        "init_from_teacher_tensors": copied, "unlabeled_images": getattr(ctx.data, "unlabeled", 0),
         "history": [dataclasses.asdict(h) for h in history],
     }
     return Artifact("distill", files={"model": path}, metrics=metrics, role="student")
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def copy_matching_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:
+    """Copy every tensor whose name and shape match (born-again / thinner-copy initialisation).
+
+    Returns:
+        How many tensors were copied.
+    """
+    wanted = target.state_dict()
+    matching = {k: v for k, v in source.state_dict().items() if k in wanted and wanted[k].shape == v.shape}
+    target.load_state_dict(matching, strict=False)
+    return len(matching)
+
+
+@torch.no_grad()
+def setup_loss(loss_fn, forward, train_loader, prep, device) -> None:
+    """Let losses with trainable parts (FitNet regressors) size them from one real batch."""
+    images, labels = next(iter(train_loader))
+    batch = forward(prep(images.to(device), train=False), labels.to(device), 1)
+    loss_fn.setup(batch)

@@ -27,9 +27,10 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     roles = ["teacher"] + (["student"] if any(a.role == "student" for a in ctx.artifacts.values()) else [])
     files, metrics = {}, {}
     for role in roles:
-        model = load_network(ctx, role).cpu()
+        artifact = ctx.latest(role)
+        model = load_network(ctx, artifact).cpu()
         path = ctx.run_dir / f"{role}.onnx"
-        export_onnx(model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset, exporter=cfg.exporter, metadata=onnx_metadata(ctx, role))
+        export_onnx(model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset, exporter=cfg.exporter, metadata=onnx_metadata(ctx, role, artifact.metrics["model"]))
         metrics[role] = verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement)
         files[role] = path
     return Artifact("export", files=files, metrics=metrics)
@@ -42,12 +43,11 @@ def normalised_test_images(ctx: RunContext, limit: int) -> np.ndarray:
     return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 
-def onnx_metadata(ctx: RunContext, role: str) -> dict[str, str]:
-    spec = ctx.recipe.teacher if role == "teacher" else ctx.recipe.student
+def onnx_metadata(ctx: RunContext, role: str, model_name: str) -> dict[str, str]:
     data = ctx.data
     return preprocessing_metadata(data.mean, data.std, data.image_size, [c.replace(",", " ") for c in data.classes]) | {
         "compress.role": role,
-        "compress.model": spec.model,
+        "compress.model": model_name,
         "compress.run": ctx.recipe.name,
         "compress.num_classes": str(data.num_classes),
         "compress.torch": torch.__version__,

@@ -1,25 +1,36 @@
-"""Build the recipe's teacher and student networks and load the weights earlier stages saved."""
+"""Build the recipe's networks and reload the ones earlier stages trained.
+
+A stage that trains a network records its architecture (``model``, ``cifar_stem``,
+``num_classes``) in its metrics, so a later stage rebuilds exactly that network from the
+artifact alone, whichever recipe section it came from.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from compress.artifacts import Artifact
+from compress.config import StudentConfig, TeacherConfig
 from compress.context import RunContext
 from compress.models import build_model, load_weights
 
 
-def build_network(ctx: RunContext, role: str) -> torch.nn.Module:
-    """A freshly initialised teacher or student as the recipe describes it, on the run's device."""
-    spec = ctx.recipe.teacher if role == "teacher" else ctx.recipe.student
+def architecture(ctx: RunContext, spec: TeacherConfig | StudentConfig) -> dict:
+    """The arguments of ``build_model`` for a recipe section (CIFAR stem auto: image_size <= 64)."""
     cifar_stem = spec.cifar_stem if spec.cifar_stem is not None else ctx.recipe.data.image_size <= 64
-    model = build_model(spec.model, num_classes=ctx.data.num_classes, cifar_stem=cifar_stem, in_channels=ctx.data.in_channels)
+    return {"model": spec.model, "cifar_stem": cifar_stem, "num_classes": ctx.data.num_classes}
+
+
+def build_network(ctx: RunContext, arch: dict) -> torch.nn.Module:
+    """A freshly initialised network on the run's device."""
+    model = build_model(arch["model"], num_classes=arch["num_classes"], cifar_stem=arch["cifar_stem"], in_channels=ctx.data.in_channels)
     return model.to(ctx.device)
 
 
-def load_network(ctx: RunContext, role: str) -> torch.nn.Module:
-    """The latest trained teacher or student of this run, in eval mode."""
-    model = build_network(ctx, role)
-    load_weights(model, ctx.latest(role).files["model"])
+def load_network(ctx: RunContext, artifact: Artifact) -> torch.nn.Module:
+    """The network an earlier stage trained, in eval mode on the run's device."""
+    model = build_network(ctx, artifact.metrics)
+    load_weights(model, artifact.files["model"])
     return model.to(ctx.device).eval()
 
 

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from compress.artifacts import Artifact, save_weights
 from compress.config import TeacherStageConfig
 from compress.context import RunContext
+from compress.losses import UNLABELED
 from compress.models import count_params_macs, load_weights
 from compress.stages import STAGES
-from compress.stages.networks import build_network, preprocess
+from compress.stages.networks import architecture, build_network, preprocess
 from compress.train_loop import evaluate, fit
 
 
@@ -26,7 +27,8 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         Artifact with ``files["model"]`` (state_dict) and test accuracy, params, MACs, history.
     """
     spec = ctx.recipe.teacher
-    model = build_network(ctx, "teacher")
+    arch = architecture(ctx, spec)
+    model = build_network(ctx, arch)
     train_loader, test_loader = ctx.loaders()
     prep = preprocess(ctx)
     history = []
@@ -35,17 +37,16 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         model.to(ctx.device)
     else:
 
-        def step_loss(images, labels):
+        def step_loss(images, labels, epoch):
             logits = model(images)
-            return F.cross_entropy(logits, labels), logits
+            return F.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=spec.train.label_smoothing), logits
 
         history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, device=ctx.device, desc="teacher", show_progress=ctx.show_progress)
     test = evaluate(model, test_loader, prep, ctx.device)
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(model, ctx.stage_path("model.pt"))
-    metrics = {
-        "model": spec.model, "top1": test["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
-        "params": params, "macs": macs, "num_classes": ctx.data.num_classes,
+    metrics = arch | {
+        "top1": test["top1"], "test_loss": test["loss"], "test_samples": test["samples"], "params": params, "macs": macs,
         "source": "checkpoint" if spec.checkpoint else "trained",
         "history": [dataclasses.asdict(h) for h in history],
     }
