@@ -1,0 +1,118 @@
+"""The distill stage with every loss: the student learns, regressors and hooks do not leak, and
+the teacher sees exactly the (mixed) batch the student sees."""
+
+import pytest
+import torch
+import yaml
+
+from compress.models import build_model
+from compress.pipeline import run
+from compress.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+
+BASE = {
+    "name": "teacher_run",
+    "seed": 0,
+    "data": {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 600, "test": 200}},
+    "teacher": {"model": "cifar:resnet20", "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
+    "student": {"model": "cifar:resnet20"},
+    "stages": ["teacher"],
+}
+TRAIN = {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}
+PAIRS = [{"teacher": "layer2", "student": "layer2"}, {"teacher": "layer3", "student": "layer3"}]
+METHODS = {
+    "ce": ["ce"],
+    "kd": [{"name": "kd", "temperature": 4, "alpha": 0.9}],
+    "logit_mse": ["logit_mse", "ce"],
+    "hybrid": [{"name": "hybrid", "alpha": 0.5}, "ce"],
+    "fitnet": ["kd", {"name": "fitnet", "weight": 10, "pairs": PAIRS[1:]}],
+    "at": ["kd", {"name": "at", "pairs": PAIRS}],
+    "dkd": [{"name": "dkd", "warmup_epochs": 1}],
+}
+
+
+def run_recipe(tmp_path, raw):
+    path = tmp_path / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return run(load_recipe(path, out=str(tmp_path / "out")), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    artifacts = run_recipe(tmp_path_factory.mktemp("teacher"), BASE)
+    assert artifacts["teacher"].metrics["top1"] > 60
+    return str(artifacts["teacher"].files["model"])
+
+
+def distill_recipe(name, checkpoint, loss, **distill):
+    return BASE | {
+        "name": name,
+        "teacher": BASE["teacher"] | {"checkpoint": checkpoint},
+        "stages": ["teacher", {"distill": {"loss": loss, "train": TRAIN} | distill}],
+    }
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_improves_the_student_and_saves_a_plain_student(tmp_path, teacher_checkpoint, method):
+    artifacts = run_recipe(tmp_path, distill_recipe(method, teacher_checkpoint, METHODS[method]))
+    metrics = artifacts["distill"].metrics
+    assert metrics["top1"] > metrics["top1_at_start"] + 25, metrics
+    saved = torch.load(artifacts["distill"].files["model"], weights_only=True)
+    assert set(saved) == set(build_model("cifar:resnet20", num_classes=10, cifar_stem=True).state_dict())
+
+
+def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, teacher_checkpoint, monkeypatch):
+    import compress.stages.distill as stage
+
+    seen = {"teacher": None, "matches": 0, "mixed": 0}
+
+    def watch_teacher(module, args):
+        seen["teacher"] = args[0].detach().clone()
+
+    def watch_student(module, args):
+        if seen["teacher"] is not None:
+            assert torch.equal(args[0], seen["teacher"])
+            seen["matches"] += 1
+            seen["teacher"] = None
+
+    real_frozen, real_build = stage.frozen, stage.build_network
+    monkeypatch.setattr(stage, "frozen", lambda m: real_frozen(m).register_forward_pre_hook(watch_teacher) and m)
+    monkeypatch.setattr(stage, "build_network", lambda ctx, arch: _hooked(real_build(ctx, arch), watch_student))
+    real_mix = stage.BatchMix
+
+    class CountingMix(real_mix):
+        def __call__(self, images, labels):
+            out = super().__call__(images, labels)
+            seen["mixed"] += out.mixed_labels is not None
+            return out
+
+    monkeypatch.setattr(stage, "BatchMix", CountingMix)
+    recipe = distill_recipe("mix", teacher_checkpoint, ["kd"], augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "cutout": 2})
+    recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
+    run_recipe(tmp_path, recipe)
+    assert seen["matches"] >= 19 and seen["mixed"] >= 19  # every training step (600 / 32) was mixed and matched
+
+
+def _hooked(model, hook):
+    model.register_forward_pre_hook(hook)
+    return model
+
+
+def test_multi_stage_teacher_assistant_student_and_born_again(tmp_path, teacher_checkpoint):
+    raw = BASE | {
+        "name": "chain",
+        "teacher": BASE["teacher"] | {"checkpoint": teacher_checkpoint},
+        "stages": [
+            "teacher",
+            {"distill": {"name": "born_again", "student": {"model": "cifar:resnet20"}, "init_from_teacher": True, "loss": "kd", "train": TRAIN | {"epochs": 1}}},
+            {"distill": {"teacher": "born_again", "student": {"model": "cifar:resnet20"}, "loss": "kd", "train": TRAIN}},
+        ],
+    }
+    artifacts = run_recipe(tmp_path, raw)
+    born_again = artifacts["born_again"].metrics
+    assert born_again["init_from_teacher_tensors"] == len(build_model("cifar:resnet20", num_classes=10).state_dict())
+    assert born_again["top1_at_start"] == pytest.approx(artifacts["teacher"].metrics["top1"])  # starts as the teacher
+    assert artifacts["distill"].metrics["teacher_stage"] == "born_again"
+    assert artifacts["distill"].metrics["teacher_top1"] == born_again["top1"]
+    assert (tmp_path / "out" / "chain" / "born_again" / "model.pt").is_file()
