@@ -142,7 +142,7 @@ def fit(
             scheduler.step()
             loss_sum += loss.detach() * labels.numel()
             known = labels >= 0  # images from the unlabeled pool have no accuracy
-            correct += (logits.detach().argmax(1)[known] == labels[known]).sum()
+            correct += ((logits.detach().argmax(1) == labels) & known).sum()  # no boolean indexing: no host sync
             seen += labels.numel()
             labeled += known.sum()
             if step % 10 == 0:

@@ -61,15 +61,21 @@ def test_diverged_loss_stops_with_a_clear_error():
             preprocess=Preprocess(bundle.mean, bundle.std, augment=False), device=torch.device("cpu"), desc="t", show_progress=False)
 
 
-def test_onecycle_rises_then_falls():
-    cfg = TrainConfig(epochs=4, lr=0.1, schedule="onecycle", warmup_epochs=1)
+def lr_trace(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """The learning rate at every step of a whole run."""
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(40):
+    for _ in range(cfg.epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_onecycle_rises_then_falls():
+    cfg = TrainConfig(epochs=4, lr=0.1, schedule="onecycle", warmup_epochs=1)
+    lrs = lr_trace(cfg, steps_per_epoch=10)
     peak = lrs.index(max(lrs))
     assert max(lrs) == pytest.approx(0.1) and 8 <= peak <= 11
     assert lrs[0] < 0.01 and lrs[-1] < 1e-3
@@ -78,13 +84,7 @@ def test_onecycle_rises_then_falls():
 @pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
 def test_schedules_with_warmup(schedule):
     cfg = TrainConfig(epochs=4, lr=0.1, schedule=schedule, warmup_epochs=1)
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
-    lrs = []
-    for _ in range(40):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    lrs = lr_trace(cfg, steps_per_epoch=10)
     assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warm-up over 10 steps
     assert lrs[:10] == sorted(lrs[:10])
     if schedule == "cosine":
