@@ -116,3 +116,15 @@ def test_multi_stage_teacher_assistant_student_and_born_again(tmp_path, teacher_
     assert artifacts["distill"].metrics["teacher_stage"] == "born_again"
     assert artifacts["distill"].metrics["teacher_top1"] == born_again["top1"]
     assert (tmp_path / "out" / "chain" / "born_again" / "model.pt").is_file()
+
+
+def test_unlabeled_pool_gets_only_teacher_terms(tmp_path, teacher_checkpoint):
+    import numpy as np
+
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, x=np.random.default_rng(0).integers(0, 256, (150, 8, 8, 3), dtype=np.uint8))
+    recipe = distill_recipe("unlabeled", teacher_checkpoint, [{"name": "kd", "alpha": 0.9}])
+    recipe["data"] = recipe["data"] | {"unlabeled": {"path": str(pool), "limit": 100}}
+    metrics = run_recipe(tmp_path, recipe)["distill"].metrics
+    assert metrics["unlabeled_images"] == 100
+    assert metrics["top1"] > metrics["top1_at_start"] + 25
