@@ -79,7 +79,8 @@ def base_recipe(args, budget, name: str, seed: int) -> dict:
 
 
 def train_settings(epochs: int) -> dict:
-    return {"epochs": epochs, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1}
+    # AdamW: on the short CPU budget SGD at lr 0.1 left a ResNet56 teacher at ~25% after 10 epochs.
+    return {"epochs": epochs, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.01, "schedule": "cosine", "warmup_epochs": 1}
 
 
 def train_teacher(args, budget, work: Path) -> dict:
