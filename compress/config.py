@@ -174,6 +174,7 @@ class DistillConfig:
     teacher: str = "teacher"  # the stage whose model teaches: "teacher" or an earlier distill stage's name
     student: StudentConfig | None = None  # None: the recipe's student section
     init_from_teacher: bool = False  # copy every teacher tensor whose name and shape fit the student
+    cache_teacher_logits: bool = False  # compute the teacher once per image; needs deterministic inputs
 
     def __post_init__(self):
         _check(len(self.loss) > 0, "loss: expected at least one loss term")

@@ -79,6 +79,20 @@ class TensorImageDataset(Dataset):
         return self.images[index], int(self.targets[index])
 
 
+class IndexedDataset(Dataset):
+    """Items as ``(image, label, index)``: lets a training step look up per-image cached values."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
 class ImageFileDataset(Dataset):
     """Image files decoded on access like ImageFolder's (RGB, short side resized, centre crop)."""
 

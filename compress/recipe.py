@@ -109,6 +109,8 @@ def _check_recipe(recipe: C.Recipe) -> None:
             raise RecipeError(f"{where}: the name {stage.name!r} appears twice; give repeated stages a distinct `name:`")
         if stage.kind == "distill" and stage.config.teacher not in models:
             raise RecipeError(f"{where}.teacher: expected an earlier stage that trains a network ({', '.join(models)}), got {stage.config.teacher!r}")
+        if stage.kind == "distill" and stage.config.cache_teacher_logits:
+            _check_cacheable(recipe, stage.config, where)
         if stage.kind == "distill" and stage.config.train.label_smoothing > 0:
             raise RecipeError(f"{where}.train.label_smoothing: applies to teacher training only; a distill stage's hard-label term is its `ce`/`kd` loss")
         kinds.append(stage.kind)
@@ -117,6 +119,20 @@ def _check_recipe(recipe: C.Recipe) -> None:
     teacher = recipe.teacher
     if "teacher" in kinds and teacher.checkpoint is None and teacher.train.epochs < 1:
         raise RecipeError("teacher: give a checkpoint to load or train.epochs >= 1 to train one")
+
+
+def _check_cacheable(recipe: C.Recipe, cfg: C.DistillConfig, where: str) -> None:
+    """Cached teacher logits are only right when the teacher sees each image identically every epoch."""
+    mix = cfg.augment
+    reasons = []
+    if recipe.data.augment:
+        reasons.append("data.augment is on")
+    if mix.cutout or (mix.prob > 0 and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0)):
+        reasons.append("augment mixes or erases images")
+    if any(getattr(term.params, "pairs", ()) for term in cfg.loss):
+        reasons.append("a feature term reads teacher layers every step")
+    if reasons:
+        raise RecipeError(f"{where}.cache_teacher_logits: needs identical teacher inputs every epoch, but {' and '.join(reasons)}")
 
 
 def recipe_warnings(recipe: C.Recipe) -> list[str]:

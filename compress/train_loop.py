@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from compress.config import TrainConfig
 from compress.errors import StageError
 
-StepLoss = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+StepLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (images, labels, epoch, *batch extras)
 
 
 @dataclass
@@ -128,11 +128,12 @@ def fit(
         labeled = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
-        for step, (images, labels) in enumerate(bar):
+        for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
+            extras = [extra.to(device, non_blocking=True) for extra in extras]
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, logits = step_loss(preprocess(images, train=True), labels, epoch)
+                loss, logits = step_loss(preprocess(images, train=True), labels, epoch, *extras)
             if not torch.isfinite(loss):
                 raise StageError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate (now {scheduler.get_last_lr()[0]:.3g})")
             optimizer.zero_grad(set_to_none=True)

@@ -128,3 +128,27 @@ def test_unlabeled_pool_gets_only_teacher_terms(tmp_path, teacher_checkpoint):
     metrics = run_recipe(tmp_path, recipe)["distill"].metrics
     assert metrics["unlabeled_images"] == 100
     assert metrics["top1"] > metrics["top1_at_start"] + 25
+
+
+def test_cached_teacher_logits_give_the_same_student(tmp_path, teacher_checkpoint):
+    runs = {}
+    for cached in (False, True):
+        recipe = distill_recipe(f"cache-{cached}", teacher_checkpoint, [{"name": "kd", "alpha": 0.9}], cache_teacher_logits=cached)
+        recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
+        runs[cached] = run_recipe(tmp_path, recipe)["distill"]
+    assert runs[True].metrics["cached_teacher_logits"] and not runs[False].metrics["cached_teacher_logits"]
+    uncached = torch.load(runs[False].files["model"], weights_only=True)
+    cached = torch.load(runs[True].files["model"], weights_only=True)
+    for name, tensor in uncached.items():
+        assert torch.allclose(tensor.float(), cached[name].float(), atol=1e-4), name
+
+
+def test_caching_is_refused_when_teacher_inputs_change(tmp_path):
+    from compress.errors import RecipeError
+
+    recipe = distill_recipe("refused", None, ["kd"], cache_teacher_logits=True, augment={"mixup_alpha": 0.2})
+    del recipe["teacher"]["checkpoint"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="cache_teacher_logits: needs identical teacher inputs every epoch, but augment mixes"):
+        load_recipe(path)

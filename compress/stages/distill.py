@@ -40,25 +40,29 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     copied = copy_matching_weights(teacher, student) if cfg.init_from_teacher else 0
     loss_fn = build_distill_loss(cfg.loss).to(ctx.device)
     mix = BatchMix(cfg.augment)
-    train_loader, test_loader = ctx.loaders()
     prep = preprocess(ctx)
+    cache = teacher_logits_cache(teacher, ctx, prep) if cfg.cache_teacher_logits else None
+    train_loader, test_loader = indexed_loaders(ctx) if cache is not None else ctx.loaders()
     start = evaluate(student, test_loader, prep, ctx.device)
     with ExitStack() as stack:
         teacher_features = stack.enter_context(FeatureHooks(teacher, loss_fn.teacher_layers))
         student_features = stack.enter_context(FeatureHooks(student, loss_fn.student_layers))
 
-        def forward(images, labels, epoch) -> DistillBatch:
+        def forward(images, labels, epoch, indices=None) -> DistillBatch:
             mixed = mix(images, labels)
             with torch.no_grad():
-                teacher_logits = teacher(mixed.images) if loss_fn.needs_teacher else None
+                if cache is not None and indices is not None:
+                    teacher_logits = cache[indices]
+                else:
+                    teacher_logits = teacher(mixed.images) if loss_fn.needs_teacher else None
             student_logits = student(mixed.images)
             return DistillBatch(
                 student_logits, teacher_logits, mixed.labels, dict(student_features.outputs), dict(teacher_features.outputs),
                 mixed.mixed_labels, mixed.lam, epoch,
             )
 
-        def step_loss(images, labels, epoch):
-            batch = forward(images, labels, epoch)
+        def step_loss(images, labels, epoch, indices=None):
+            batch = forward(images, labels, epoch, indices)
             return loss_fn(batch).total, batch.student_logits
 
         student.eval()  # the dry batch must not move BatchNorm statistics
@@ -77,7 +81,7 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
         "top1": test["top1"], "top1_at_start": start["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
         "teacher_top1": teacher_artifact.metrics.get("top1"), "params": params, "macs": macs,
         "teacher_params": teacher_artifact.metrics.get("params"), "teacher_macs": teacher_artifact.metrics.get("macs"),
-        "init_from_teacher_tensors": copied, "unlabeled_images": getattr(ctx.data, "unlabeled", 0),
+        "init_from_teacher_tensors": copied, "cached_teacher_logits": cache is not None, "unlabeled_images": getattr(ctx.data, "unlabeled", 0),
         "history": [dataclasses.asdict(h) for h in history],
     }
     return Artifact("distill", files={"model": path}, metrics=metrics, role="student")
@@ -102,8 +106,24 @@ def copy_matching_weights(source: torch.nn.Module, target: torch.nn.Module) -> i
 
 
 @torch.no_grad()
+def teacher_logits_cache(teacher, ctx: RunContext, prep) -> torch.Tensor:
+    """The teacher's logits for every training image, computed once (inputs never change)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ctx.data.train, batch_size=ctx.recipe.data.eval_batch_size, shuffle=False, num_workers=ctx.recipe.data.workers)
+    return torch.cat([teacher(prep(images.to(ctx.device), train=False)) for images, _ in loader])
+
+
+def indexed_loaders(ctx: RunContext):
+    from compress.data import IndexedDataset, make_loaders
+
+    bundle = dataclasses.replace(ctx.data, train=IndexedDataset(ctx.data.train))
+    return make_loaders(bundle, ctx.recipe.data, seed=ctx.recipe.seed)
+
+
+@torch.no_grad()
 def setup_loss(loss_fn, forward, train_loader, prep, device) -> None:
     """Let losses with trainable parts (FitNet regressors) size them from one real batch."""
-    images, labels = next(iter(train_loader))
+    images, labels, *_ = next(iter(train_loader))
     batch = forward(prep(images.to(device), train=False), labels.to(device), 1)
     loss_fn.setup(batch)
