@@ -19,7 +19,7 @@ def tiny_cnn() -> torch.nn.Module:
     )
 
 
-def train_once(seed: int, epochs: int = 3, lr: float = 0.01):
+def train_once(seed: int, epochs: int = 3, lr: float = 0.01, **settings):
     torch.manual_seed(seed)
     bundle = load_dataset(DATA, seed=seed)
     train, test = make_loaders(bundle, DATA, seed=seed)
@@ -31,7 +31,7 @@ def train_once(seed: int, epochs: int = 3, lr: float = 0.01):
         return F.cross_entropy(logits, labels), logits
 
     start = evaluate(model, test, prep, torch.device("cpu"))
-    cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=lr, weight_decay=0.0)
+    cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=lr, weight_decay=0.0, **settings)
     history = fit(model, train, test, step_loss, cfg, preprocess=prep, device=torch.device("cpu"), desc="t", show_progress=False)
     return model, start, history
 
@@ -41,6 +41,13 @@ def test_fit_learns_real_data():
     assert len(history) == 3
     assert history[-1].test_top1 > start["top1"] + 30
     assert history[-1].train_loss < history[0].train_loss
+
+
+def test_bf16_autocast_and_channels_last_path_learns():
+    # The CUDA defaults (bf16 autocast, channels_last) exercised on the CPU: same code path.
+    model, start, history = train_once(0, precision="bf16", channels_last=True)
+    assert history[-1].test_top1 > start["top1"] + 30
+    assert next(model.parameters()).dtype == torch.float32  # autocast never changes the weights
 
 
 def test_same_seed_gives_identical_weights_and_other_seed_does_not():
