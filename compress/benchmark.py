@@ -96,15 +96,21 @@ def predict_onnx(
         DataError: the images are not uint8 NCHW or mean/std do not match their channels.
         ExportError: ONNX Runtime cannot load the file.
     """
-    mean_c, std_c = _channel_stats(images, mean, std)
+    _channel_stats(images, mean, std)  # fail on bad shapes before loading the model
     session = open_session(Path(path), threads=threads)
     name = session.get_inputs()[0].name
     predictions = []
     for start in range(0, len(images), batch_size):
-        chunk = (images[start : start + batch_size].astype(np.float32) / 255.0 - mean_c) / std_c
-        logits = session.run(None, {name: chunk.astype(np.float32)})[0]
+        chunk = normalise_images(images[start : start + batch_size], mean, std)
+        logits = session.run(None, {name: chunk})[0]
         predictions.append(logits.argmax(axis=1))
     return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
+
+
+def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (N, C, H, W) -> the float32 input our exported models expect: (x / 255 - mean) / std."""
+    mean_c, std_c = _channel_stats(images, mean, std)
+    return ((images.astype(np.float32) / 255.0 - mean_c) / std_c).astype(np.float32)
 
 
 def normalisation(

@@ -41,7 +41,7 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
     resolved = recipe_to_dict(recipe)
     write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     ctx = RunContext(recipe, run_dir, resolve_device(recipe.device), show_progress=show_progress)
-    key = input_key(shared_inputs(recipe))
+    key = input_key(shared_inputs(recipe, resolved))
     for index, spec in enumerate(recipe.stages):
         stage_config = resolved["stages"][index][spec.kind]
         key = input_key(key, spec.kind, spec.name, stage_config)
@@ -70,9 +70,8 @@ def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Arti
     return artifact
 
 
-def shared_inputs(recipe: Recipe) -> dict:
+def shared_inputs(recipe: Recipe, resolved: dict) -> dict:
     """What every stage's result depends on besides its own section (device and workers excluded)."""
-    resolved = recipe_to_dict(recipe)
     data = {k: v for k, v in resolved["data"].items() if k != "workers"}
     checkpoint = recipe.teacher.checkpoint
     return {

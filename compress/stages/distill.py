@@ -81,7 +81,7 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
         "top1": test["top1"], "top1_at_start": start["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
         "teacher_top1": teacher_artifact.metrics.get("top1"), "params": params, "macs": macs,
         "teacher_params": teacher_artifact.metrics.get("params"), "teacher_macs": teacher_artifact.metrics.get("macs"),
-        "init_from_teacher_tensors": copied, "cached_teacher_logits": cache is not None, "unlabeled_images": getattr(ctx.data, "unlabeled", 0),
+        "init_from_teacher_tensors": copied, "cached_teacher_logits": cache is not None, "unlabeled_images": ctx.data.unlabeled,
         "history": [dataclasses.asdict(h) for h in history],
     }
     return Artifact("distill", files={"model": path}, metrics=metrics, role="student")

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from compress.artifacts import Artifact
+from compress.benchmark import normalise_images
 from compress.config import ExportConfig
 from compress.context import RunContext
 from compress.data import test_arrays
@@ -38,9 +39,7 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
 
 def normalised_test_images(ctx: RunContext, limit: int) -> np.ndarray:
     images, _ = test_arrays(ctx.data, limit=limit)
-    mean = np.asarray(ctx.data.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(ctx.data.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    return normalise_images(images, ctx.data.mean, ctx.data.std)
 
 
 def onnx_metadata(ctx: RunContext, role: str, model_name: str) -> dict[str, str]:
