@@ -104,9 +104,14 @@ def invalidate(folder: Path) -> None:
     (folder / STAGE_RECORD).unlink(missing_ok=True)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> Path:
-    """Save a state_dict (plain tensors: loadable with ``weights_only=True``), atomically."""
+def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None = None) -> Path:
+    """Save a state_dict (plain tensors: loadable with ``weights_only=True``), atomically.
+
+    ``structure`` (layer widths of a pruned network, plain ints) is stored beside the
+    state_dict so the network can be rebuilt without unpickling any module.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        torch.save(state if structure is None else {"structure": structure, "state_dict": state}, tmp)
     return path

@@ -180,6 +180,81 @@ class DistillConfig:
         _check(len(self.loss) > 0, "loss: expected at least one loss term")
 
 
+PRUNING_CRITERIA = ("magnitude", "taylor", "bn_scale", "lamp", "random")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Structured channel pruning of the latest student (Torch-Pruning), fine-tuned with the teacher.
+
+    The target is one of ``speedup`` (MACs reduction ratio), ``target_macs`` (absolute MACs of one
+    image) or ``pruning_ratio`` (fraction of channels removed per layer group); none given means
+    ``speedup: 2.0``. ``steps`` alternates pruning and fine-tuning (``train.epochs`` per step).
+    """
+
+    criterion: str = "magnitude"
+    norm: int = 2  # p of the group norm ranked by magnitude and lamp
+    speedup: float | None = None
+    target_macs: int | None = None
+    pruning_ratio: float | None = None
+    global_ranking: bool = False  # rank channels across layers instead of the same ratio per layer
+    steps: int = 1
+    round_to: int = 8  # kept channels are a multiple of this (hardware-friendly widths)
+    max_layer_ratio: float = 0.9  # no layer group loses more than this fraction of channels
+    ignore: tuple[str, ...] = ()  # module names or fnmatch patterns never pruned (the classifier never is)
+    loss: tuple[LossConfig, ...] | None = None  # None: the loss of the latest distill stage
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01))
+    augment: MixConfig = field(default_factory=MixConfig)
+    teacher: str = "teacher"
+
+    def __post_init__(self):
+        _check(self.criterion in PRUNING_CRITERIA, f"criterion: expected one of {', '.join(PRUNING_CRITERIA)}, got {self.criterion!r}")
+        _check(self.norm in (1, 2), f"norm: expected 1 or 2, got {self.norm}")
+        given = [name for name in ("speedup", "target_macs", "pruning_ratio") if getattr(self, name) is not None]
+        _check(len(given) <= 1, f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio (got {', '.join(given)})")
+        _check(self.speedup is None or self.speedup > 1, f"speedup: expected a MACs reduction ratio > 1, got {self.speedup}")
+        _check(self.target_macs is None or self.target_macs > 0, f"target_macs: expected a positive integer, got {self.target_macs}")
+        _check(self.pruning_ratio is None or 0 < self.pruning_ratio < 1, f"pruning_ratio: expected 0 < ratio < 1, got {self.pruning_ratio}")
+        _check(self.steps >= 1, f"steps: expected >= 1, got {self.steps}")
+        _check(self.round_to >= 1, f"round_to: expected >= 1, got {self.round_to}")
+        _check(0 < self.max_layer_ratio < 1, f"max_layer_ratio: expected 0 < ratio < 1, got {self.max_layer_ratio}")
+        _check(self.loss is None or len(self.loss) > 0, "loss: expected at least one loss term, or null for the distill stage's loss")
+
+
+QUANT_MODES = ("qat", "ptq")
+QUANT_TARGETS = ("onnxruntime-cpu", "tensorrt")
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """INT8 quantization of the latest student: calibrate (PTQ), then optionally fine-tune (QAT).
+
+    ``target`` fixes the activation type of the exported QDQ graph: uint8 for ONNX Runtime on CPU
+    (its fast u8s8 kernels), symmetric int8 for TensorRT. Weights are always int8, symmetric,
+    per output channel, with BatchNorm folded into the convolutions.
+    """
+
+    mode: str = "qat"
+    target: str = "onnxruntime-cpu"
+    calibration: str = "percentile"
+    percentile: float = 99.99
+    calibration_images: int = 512
+    skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32
+    loss: tuple[LossConfig, ...] | None = None  # None: the logit terms of the latest distill stage's loss
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
+    augment: MixConfig = field(default_factory=MixConfig)
+    teacher: str = "teacher"
+
+    def __post_init__(self):
+        _check(self.mode in QUANT_MODES, f"mode: expected one of {', '.join(QUANT_MODES)}, got {self.mode!r}")
+        _check(self.target in QUANT_TARGETS, f"target: expected one of {', '.join(QUANT_TARGETS)}, got {self.target!r}")
+        _check(self.calibration in CALIBRATION_METHODS, f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration!r}")
+        _check(50 < self.percentile <= 100, f"percentile: expected 50 < p <= 100, got {self.percentile}")
+        _check(self.calibration_images > 0, f"calibration_images: expected > 0, got {self.calibration_images}")
+        _check(self.loss is None or len(self.loss) > 0, "loss: expected at least one loss term, or null for the distill stage's loss")
+
+
 EXPORTERS = ("dynamo", "torchscript")
 
 
@@ -262,6 +337,8 @@ class Recipe:
 STAGE_CONFIGS: dict[str, type] = {
     "teacher": TeacherStageConfig,
     "distill": DistillConfig,
+    "prune": PruneConfig,
+    "quantize": QuantizeConfig,
     "export": ExportConfig,
     "bench": BenchConfig,
 }
@@ -270,8 +347,12 @@ STAGE_CONFIGS: dict[str, type] = {
 STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "teacher": (),
     "distill": ("teacher",),
+    "prune": ("teacher", "distill"),
+    "quantize": ("teacher", "distill"),
     "export": ("teacher",),
     "bench": ("export",),
 }
 # Stage kinds whose artifact is a trained network another stage can learn from.
-MODEL_STAGES = ("teacher", "distill")
+MODEL_STAGES = ("teacher", "distill", "prune", "quantize")
+# Stage kinds that train a student against a teacher with a list of loss terms.
+TEACHING_STAGES = ("distill", "prune", "quantize")

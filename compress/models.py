@@ -248,19 +248,23 @@ def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> None:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
     """Load a checkpoint into ``model`` strictly, accepting plain tensors only.
 
     ``torch.load(..., weights_only=True)`` refuses pickles that would run code, so a checkpoint
-    from an untrusted source cannot execute anything here.
+    from an untrusted source cannot execute anything here. A pruned network is stored as its
+    layer widths (``"structure"``, plain ints) next to its state_dict: the model is resized to
+    those widths first, so no module is ever unpickled.
 
     Args:
         model: The model to fill (e.g. from :func:`build_model`).
         path: A file saved with ``torch.save``: a raw ``state_dict``, or a dict holding one under
-            ``"state_dict"`` or ``"model"``.
+            ``"state_dict"`` or ``"model"`` (and optionally the pruned ``"structure"``).
+        prepare: turns the (resized) architecture into the module the state_dict belongs to,
+            e.g. the fake-quantized graph of a QAT checkpoint.
 
     Returns:
-        ``model`` itself, with the weights loaded.
+        The loaded model: ``model`` itself, or what ``prepare`` returned.
 
     Raises:
         ModelError: The file is missing, is not a checkpoint, holds pickled objects that
@@ -270,7 +274,17 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
-    state = _state_dict(_torch_load(path), path)
+    checkpoint = _torch_load(path)
+    structure = checkpoint.get("structure") if isinstance(checkpoint, dict) else None
+    if structure is not None:
+        from compress.pruning import apply_structure
+
+        if not isinstance(structure, dict):
+            raise ModelError(f"checkpoint {path}: 'structure' must map layer names to their widths, got {type(structure).__name__}")
+        apply_structure(model, structure)
+    if prepare is not None:
+        model = prepare(model)
+    state = _state_dict(checkpoint, path)
     problems = _mismatches(model.state_dict(), state)
     if problems:
         name = getattr(model, "compress_name", type(model).__name__)

@@ -107,18 +107,31 @@ def _check_recipe(recipe: C.Recipe) -> None:
                 raise RecipeError(f"{where}: needs a {need!r} stage before it")
         if stage.name in [s.name for s in recipe.stages[:index]]:
             raise RecipeError(f"{where}: the name {stage.name!r} appears twice; give repeated stages a distinct `name:`")
-        if stage.kind == "distill" and stage.config.teacher not in models:
-            raise RecipeError(f"{where}.teacher: expected an earlier stage that trains a network ({', '.join(models)}), got {stage.config.teacher!r}")
-        if stage.kind == "distill" and stage.config.cache_teacher_logits:
-            _check_cacheable(recipe, stage.config, where)
-        if stage.kind == "distill" and stage.config.train.label_smoothing > 0:
-            raise RecipeError(f"{where}.train.label_smoothing: applies to teacher training only; a distill stage's hard-label term is its `ce`/`kd` loss")
+        if stage.kind in C.TEACHING_STAGES:
+            _check_teaching_stage(recipe, stage, where, models)
         kinds.append(stage.kind)
         if stage.kind in C.MODEL_STAGES:
             models.append(stage.name)
     teacher = recipe.teacher
     if "teacher" in kinds and teacher.checkpoint is None and teacher.train.epochs < 1:
         raise RecipeError("teacher: give a checkpoint to load or train.epochs >= 1 to train one")
+
+
+def _check_teaching_stage(recipe: C.Recipe, stage: C.StageSpec, where: str, models: list[str]) -> None:
+    cfg = stage.config
+    if cfg.teacher not in models:
+        raise RecipeError(f"{where}.teacher: expected an earlier stage that trains a network ({', '.join(models)}), got {cfg.teacher!r}")
+    if cfg.train.label_smoothing > 0:
+        raise RecipeError(f"{where}.train.label_smoothing: applies to teacher training only; a {stage.kind} stage's hard-label term is its `ce`/`kd` loss")
+    if stage.kind == "distill" and cfg.cache_teacher_logits:
+        _check_cacheable(recipe, cfg, where)
+    if stage.kind == "quantize":
+        for index, term in enumerate(cfg.loss or ()):
+            if getattr(term.params, "pairs", ()):
+                raise RecipeError(
+                    f"{where}.loss[{index}]: {term.name!r} reads intermediate layers, which BatchNorm folding removes or renames "
+                    "in the quantized graph; use logit terms (kd, logit_mse, hybrid, dkd, ce) for quantization-aware training"
+                )
 
 
 def _check_cacheable(recipe: C.Recipe, cfg: C.DistillConfig, where: str) -> None:
@@ -181,12 +194,14 @@ def check_layer_names(recipe: C.Recipe) -> None:
     from compress.models import module_names
 
     arch = {"teacher": recipe.teacher.model}
+    student = recipe.student.model
     for index, stage in enumerate(recipe.stages):
-        if stage.kind != "distill":
+        if stage.kind not in C.TEACHING_STAGES:
             continue
-        student = (stage.config.student or recipe.student).model
+        if stage.kind == "distill":
+            student = (stage.config.student or recipe.student).model
         arch[stage.name] = student
-        for term_index, term in enumerate(stage.config.loss):
+        for term_index, term in enumerate(stage.config.loss or ()):
             for pair_index, pair in enumerate(getattr(term.params, "pairs", ())):
                 where = f"stages[{index}].{stage.name}.loss[{term_index}].pairs[{pair_index}]"
                 for side, model in (("teacher", arch.get(stage.config.teacher)), ("student", student)):
@@ -233,6 +248,9 @@ def _build_stage(item: Any, index: int) -> C.StageSpec:
 # ----------------------------------------------------------------------------- dataclasses
 
 
+_TEACHING_CONFIGS = tuple(C.STAGE_CONFIGS[kind] for kind in C.TEACHING_STAGES)
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     if raw is None:
         raw = {}
@@ -245,7 +263,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         where = _join(path, str(key))
         if key not in names:
             raise RecipeError(f"{where}: unknown field{_did_you_mean(str(key), names)}; expected one of: {', '.join(names)}")
-        kwargs[key] = _losses(value, where) if key == "loss" and cls is C.DistillConfig else _convert(hints[key], value, where)
+        is_loss = key == "loss" and cls in _TEACHING_CONFIGS and not (value is None and cls is not C.DistillConfig)
+        kwargs[key] = _losses(value, where) if is_loss else _convert(hints[key], value, where)
     try:
         return cls(**kwargs)
     except RecipeError as exc:

@@ -64,6 +64,7 @@ def test_every_method_improves_the_student_and_saves_a_plain_student(tmp_path, t
 
 def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, teacher_checkpoint, monkeypatch):
     import compress.stages.distill as stage
+    import compress.teaching as teaching
 
     seen = {"teacher": None, "matches": 0, "mixed": 0}
 
@@ -79,7 +80,7 @@ def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, teacher_checkpo
     real_frozen, real_build = stage.frozen, stage.build_network
     monkeypatch.setattr(stage, "frozen", lambda m: real_frozen(m).register_forward_pre_hook(watch_teacher) and m)
     monkeypatch.setattr(stage, "build_network", lambda ctx, arch: _hooked(real_build(ctx, arch), watch_student))
-    real_mix = stage.BatchMix
+    real_mix = teaching.BatchMix
 
     class CountingMix(real_mix):
         def __call__(self, images, labels):
@@ -87,7 +88,7 @@ def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, teacher_checkpo
             seen["mixed"] += out.mixed_labels is not None
             return out
 
-    monkeypatch.setattr(stage, "BatchMix", CountingMix)
+    monkeypatch.setattr(teaching, "BatchMix", CountingMix)
     recipe = distill_recipe("mix", teacher_checkpoint, ["kd"], augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "cutout": 2})
     recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
     run_recipe(tmp_path, recipe)

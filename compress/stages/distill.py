@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
 
 import torch
 
 from compress.artifacts import Artifact, save_weights
-from compress.augment import BatchMix
 from compress.config import DistillConfig
 from compress.context import RunContext
-from compress.hooks import FeatureHooks
-from compress.losses import DistillBatch
-from compress.losses.composite import build_distill_loss
 from compress.models import count_params_macs
 from compress.stages import STAGES
 from compress.stages.networks import architecture, build_network, load_network, preprocess
-from compress.train_loop import evaluate, fit
+from compress.teaching import frozen, history_dicts, train_with_teacher
+from compress.train_loop import evaluate
 
 
 @STAGES.register("distill")
@@ -38,41 +34,14 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     arch = architecture(ctx, cfg.student or ctx.recipe.student)
     student = build_network(ctx, arch)
     copied = copy_matching_weights(teacher, student) if cfg.init_from_teacher else 0
-    loss_fn = build_distill_loss(cfg.loss).to(ctx.device)
-    mix = BatchMix(cfg.augment)
     prep = preprocess(ctx)
     cache = teacher_logits_cache(teacher, ctx, prep) if cfg.cache_teacher_logits else None
     train_loader, test_loader = indexed_loaders(ctx) if cache is not None else ctx.loaders()
     start = evaluate(student, test_loader, prep, ctx.device)
-    with ExitStack() as stack:
-        teacher_features = stack.enter_context(FeatureHooks(teacher, loss_fn.teacher_layers))
-        student_features = stack.enter_context(FeatureHooks(student, loss_fn.student_layers))
-
-        def forward(images, labels, epoch, indices=None) -> DistillBatch:
-            mixed = mix(images, labels)
-            with torch.no_grad():
-                if cache is not None and indices is not None:
-                    teacher_logits = cache[indices]
-                else:
-                    teacher_logits = teacher(mixed.images) if loss_fn.needs_teacher else None
-            student_logits = student(mixed.images)
-            return DistillBatch(
-                student_logits, teacher_logits, mixed.labels, dict(student_features.outputs), dict(teacher_features.outputs),
-                mixed.mixed_labels, mixed.lam, epoch,
-            )
-
-        def step_loss(images, labels, epoch, indices=None):
-            batch = forward(images, labels, epoch, indices)
-            return loss_fn(batch).total, batch.student_logits
-
-        student.eval()  # the dry batch must not move BatchNorm statistics
-        setup_loss(loss_fn, forward, train_loader, prep, ctx.device)
-        loss_fn.to(ctx.device)
-        history = fit(
-            student, train_loader, test_loader, step_loss, cfg.train, preprocess=prep, device=ctx.device,
-            desc=ctx.stage_dir.name if ctx.stage_dir else "distill", extra_params=tuple(loss_fn.parameters()),
-            show_progress=ctx.show_progress,
-        )
+    history = train_with_teacher(
+        ctx, student, teacher, cfg.loss, cfg.train, cfg.augment, desc=ctx.stage_dir.name if ctx.stage_dir else "distill",
+        prep=prep, loaders=(train_loader, test_loader), cache=cache,
+    )
     test = evaluate(student, test_loader, prep, ctx.device)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(student, ctx.stage_path("model.pt"))
@@ -82,15 +51,9 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
         "teacher_top1": teacher_artifact.metrics.get("top1"), "params": params, "macs": macs,
         "teacher_params": teacher_artifact.metrics.get("params"), "teacher_macs": teacher_artifact.metrics.get("macs"),
         "init_from_teacher_tensors": copied, "cached_teacher_logits": cache is not None, "unlabeled_images": ctx.data.unlabeled,
-        "history": [dataclasses.asdict(h) for h in history],
+        "history": history_dicts(history),
     }
     return Artifact("distill", files={"model": path}, metrics=metrics, role="student")
-
-
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 def copy_matching_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:
@@ -119,11 +82,3 @@ def indexed_loaders(ctx: RunContext):
 
     bundle = dataclasses.replace(ctx.data, train=IndexedDataset(ctx.data.train))
     return make_loaders(bundle, ctx.recipe.data, seed=ctx.recipe.seed)
-
-
-@torch.no_grad()
-def setup_loss(loss_fn, forward, train_loader, prep, device) -> None:
-    """Let losses with trainable parts (FitNet regressors) size them from one real batch."""
-    images, labels, *_ = next(iter(train_loader))
-    batch = forward(prep(images.to(device), train=False), labels.to(device), 1)
-    loss_fn.setup(batch)

@@ -28,10 +28,29 @@ def build_network(ctx: RunContext, arch: dict) -> torch.nn.Module:
 
 
 def load_network(ctx: RunContext, artifact: Artifact) -> torch.nn.Module:
-    """The network an earlier stage trained, in eval mode on the run's device."""
-    model = build_network(ctx, artifact.metrics)
-    load_weights(model, artifact.files["model"])
+    """The network an earlier stage trained, in eval mode on the run's device.
+
+    A pruned network is resized from the widths stored in its file; a quantized one is rebuilt
+    as the same fake-quantized graph (BatchNorm folded, quantizers placed) before its weights and
+    quantization scales are loaded.
+    """
+    model = build_network(ctx, artifact.metrics).eval()
+    settings = artifact.metrics.get("quantization")
+    prepare = None
+    if settings:
+        from compress.quantization import prepare_quantized
+
+        def prepare(model):
+            return prepare_quantized(model.eval(), target=settings["target"], skip=tuple(settings["skip"]), example_inputs=example_batch(ctx))
+
+    model = load_weights(model, artifact.files["model"], prepare=prepare)
     return model.to(ctx.device).eval()
+
+
+def example_batch(ctx: RunContext, size: int = 2) -> torch.Tensor:
+    """Zeros shaped like the run's input, for tracing (batch 2: tracers specialise a batch of 1)."""
+    data = ctx.data
+    return torch.zeros(size, data.in_channels, data.image_size, data.image_size, device=ctx.device)
 
 
 def preprocess(ctx: RunContext):

@@ -1,0 +1,116 @@
+"""Train a student against a frozen teacher: the step shared by distill, prune and quantize.
+
+The three stages differ in what student they start from (a fresh network, a pruned one, a
+fake-quantized graph), not in how the teacher guides it, so the teacher forward, the feature
+hooks, the batch mixing and the loss set-up live here once and the shared training loop
+(:func:`compress.train_loop.fit`) runs the optimisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import ExitStack
+
+import torch
+
+from compress.augment import BatchMix
+from compress.config import LossConfig, MixConfig, TrainConfig
+from compress.context import RunContext
+from compress.hooks import FeatureHooks
+from compress.losses import DistillBatch
+from compress.losses.composite import build_distill_loss
+from compress.train_loop import EpochLog, fit
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """The teacher: eval mode (fixed BatchNorm statistics, no dropout), no gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def train_with_teacher(
+    ctx: RunContext,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loss: tuple[LossConfig, ...],
+    train: TrainConfig,
+    augment: MixConfig,
+    *,
+    desc: str,
+    prep,
+    loaders,
+    cache: torch.Tensor | None = None,
+) -> list[EpochLog]:
+    """Fit ``student`` in place with the weighted loss terms ``loss`` against ``teacher``.
+
+    The teacher runs without gradients on exactly the batch the student sees (after crop/flip
+    and mixup/cutmix/cutout), so its soft targets describe the student's actual input. Feature
+    terms (fitnet, at) read hooked layers; their regressors train with the student and are
+    dropped afterwards.
+
+    Args:
+        loaders: ``(train, test)``; the train loader yields ``(images, labels[, indices])``,
+            indices only with ``cache`` (the teacher's logits per training image).
+
+    Returns:
+        One log entry per epoch.
+    """
+    train_loader, test_loader = loaders
+    loss_fn = build_distill_loss(loss).to(ctx.device)
+    mix = BatchMix(augment)
+    with ExitStack() as stack:
+        teacher_features = stack.enter_context(FeatureHooks(teacher, loss_fn.teacher_layers))
+        student_features = stack.enter_context(FeatureHooks(student, loss_fn.student_layers))
+
+        def forward(images, labels, epoch, indices=None) -> DistillBatch:
+            mixed = mix(images, labels)
+            with torch.no_grad():
+                if cache is not None and indices is not None:
+                    teacher_logits = cache[indices]
+                else:
+                    teacher_logits = teacher(mixed.images) if loss_fn.needs_teacher else None
+            student_logits = student(mixed.images)
+            return DistillBatch(
+                student_logits, teacher_logits, mixed.labels, dict(student_features.outputs), dict(teacher_features.outputs),
+                mixed.mixed_labels, mixed.lam, epoch,
+            )
+
+        def step_loss(images, labels, epoch, indices=None):
+            batch = forward(images, labels, epoch, indices)
+            return loss_fn(batch).total, batch.student_logits
+
+        student.eval()  # the dry batch must not move BatchNorm statistics
+        setup_loss(loss_fn, forward, train_loader, prep, ctx.device)
+        loss_fn.to(ctx.device)
+        return fit(
+            student, train_loader, test_loader, step_loss, train, preprocess=prep, device=ctx.device,
+            desc=desc, extra_params=tuple(loss_fn.parameters()), show_progress=ctx.show_progress,
+        )
+
+
+@torch.no_grad()
+def setup_loss(loss_fn, forward, train_loader, prep, device) -> None:
+    """Let losses with trainable parts (FitNet regressors) size them from one real batch."""
+    images, labels, *_ = next(iter(train_loader))
+    batch = forward(prep(images.to(device), train=False), labels.to(device), 1)
+    loss_fn.setup(batch)
+
+
+def latest_distill_loss(ctx: RunContext, *, logits_only: bool = False) -> tuple[LossConfig, ...]:
+    """The loss of the last distill stage before the running one: what prune and QAT fine-tune with.
+
+    ``logits_only`` drops feature terms (their layers do not survive BatchNorm folding); if
+    nothing is left, plain ``kd`` guides the student.
+    """
+    terms: tuple[LossConfig, ...] = (LossConfig(),)
+    for spec in ctx.recipe.stages:
+        if spec.name in ctx.artifacts and spec.kind == "distill":
+            terms = spec.config.loss
+    if logits_only:
+        terms = tuple(t for t in terms if not getattr(t.params, "pairs", ())) or (LossConfig(),)
+    return terms
+
+
+def history_dicts(history: list[EpochLog]) -> list[dict]:
+    return [dataclasses.asdict(h) for h in history]
