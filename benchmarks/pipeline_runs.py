@@ -47,35 +47,45 @@ def main() -> None:
 
 
 def summarise(name, recipe_file, overrides, artifacts, wall_s) -> dict:
+    """The run's numbers: PyTorch accuracy per model stage, and the bench rows of every ONNX file."""
     bench = json.loads(artifacts["bench"].files["json"].read_text())
     rows = {row["role"]: row for row in bench["rows"]}
-    stage_seconds = {stage: round(a.seconds, 1) for stage, a in artifacts.items()}
 
     def latency(role, batch):
         entry = next(b for b in rows[role]["latency"] if b["batch_size"] == batch)
         return entry["latency_ms"]["p50"]
 
+    stages = {
+        stage: {key: a.metrics.get(key) for key in STAGE_KEYS if key in a.metrics}
+        for stage, a in artifacts.items() if "top1" in a.metrics
+    }
+    onnx = {
+        role: {"top1": row.get("top1"), "p50_b1_ms": latency(role, 1), "file_bytes": row["file_bytes"], "params": row["params"], "macs": row["macs"]}
+        for role, row in rows.items()
+    }
     return {
         "name": name, "recipe": recipe_file, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-        "teacher_top1_torch": artifacts["teacher"].metrics["top1"], "student_top1_torch": artifacts["distill"].metrics["top1"],
-        "teacher_top1_onnx": rows["teacher"]["top1"], "student_top1_onnx": rows["student"]["top1"],
-        "test_samples": rows["student"]["eval_samples"],
-        "teacher_p50_b1_ms": latency("teacher", 1), "student_p50_b1_ms": latency("student", 1),
-        "ratios": bench["ratios"]["student"], "teacher_params": rows["teacher"]["params"], "student_params": rows["student"]["params"],
-        "teacher_macs": rows["teacher"]["macs"], "student_macs": rows["student"]["macs"],
-        "stage_seconds": stage_seconds, "wall_s": round(wall_s, 1), "machine": machine_info(), "versions": versions(),
+        "stages": stages, "onnx": onnx, "test_samples": rows["student"]["eval_samples"],
+        "ratios": bench["ratios"], "headline": artifacts["bench"].metrics,
+        "stage_seconds": {stage: round(a.seconds, 1) for stage, a in artifacts.items()},
+        "wall_s": round(wall_s, 1), "machine": machine_info(), "versions": versions(),
     }
 
 
+STAGE_KEYS = ("top1", "params", "macs", "macs_reduction", "top1_delta", "fp32_top1", "ptq_top1", "agreement_with_fp32", "latency_ms_b1", "latency_ms_b1_before")
+
+
 def table(r: dict) -> str:
-    ratios = r["ratios"]
-    return "\n".join([
-        "| run | teacher top-1 (torch / onnx) | student top-1 (torch / onnx) | p50 b1 teacher -> student (ms) | speed-up b1 | throughput x | size x | wall |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {r['name']} | {r['teacher_top1_torch']:.2f} / {r['teacher_top1_onnx']:.2f} | {r['student_top1_torch']:.2f} / {r['student_top1_onnx']:.2f} "
-        f"| {r['teacher_p50_b1_ms']:.3f} -> {r['student_p50_b1_ms']:.3f} | {ratios['speedup_b1']:.2f} | {ratios['speedup_throughput']:.2f} "
-        f"| {ratios['size_reduction']:.2f} | {r['wall_s']:.0f}s |",
-    ])
+    """One row per stage (PyTorch), then one per exported file (ONNX Runtime)."""
+    lines = [f"run {r['name']} ({r['recipe']}, overrides {r['overrides']}), wall {r['wall_s']:.0f}s", "",
+             "| stage | top-1 (%) | params (M) | MACs (M) |", "|---|---:|---:|---:|"]
+    for stage, m in r["stages"].items():
+        lines.append(f"| {stage} | {m['top1']:.2f} | {m['params'] / 1e6:.3f} | {m['macs'] / 1e6:.1f} |")
+    lines += ["", "| ONNX file | top-1 (%) | p50 b1 (ms) | size (MiB) | speed-up b1 vs teacher |", "|---|---:|---:|---:|---:|"]
+    teacher_ms = r["onnx"]["teacher"]["p50_b1_ms"]
+    for role, m in r["onnx"].items():
+        lines.append(f"| {role} | {m['top1']:.2f} | {m['p50_b1_ms']:.3f} | {m['file_bytes'] / 2**20:.2f} | {teacher_ms / m['p50_b1_ms']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""compress: teacher -> distilled student -> ONNX -> measured, from one YAML recipe.
+"""compress: teacher -> distilled, pruned, quantized student -> ONNX -> measured, from one YAML recipe.
 
 The public API is imported lazily so that light entry points (the CLI's ``--help``, the bench
 worker process whose memory we measure) do not pay for importing torch.
@@ -16,6 +16,8 @@ _PUBLIC = {
     "build_model": "compress.models",
     "teacher": "compress.stages.teacher",
     "distill": "compress.stages.distill",
+    "prune": "compress.stages.prune",
+    "quantize": "compress.stages.quantize",
     "export": "compress.stages.export",
     "bench": "compress.stages.bench",
 }

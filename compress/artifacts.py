@@ -29,7 +29,7 @@ class Artifact:
     """What a stage hands to later stages and to the report.
 
     Attributes:
-        stage: the stage's name.
+        stage: the stage's name (the recipe's ``name:``; its kind unless it sets one).
         files: role -> file path (e.g. ``{"model": .../distill/model.pt}``).
         metrics: JSON-able numbers the stage measured.
         role: which network the stage's ``model`` file is ("teacher" or "student"), if any.
@@ -42,6 +42,10 @@ class Artifact:
     key: str = ""
     seconds: float = 0.0
     skipped: bool = False
+    kind: str = ""  # the stage function that made it ("distill", "prune", ...); stage until renamed
+
+    def __post_init__(self):
+        self.kind = self.kind or self.stage
 
 
 def input_key(*parts: Any) -> str:
@@ -66,6 +70,7 @@ def record_stage(folder: Path, run_dir: Path, artifact: Artifact, config: Any, r
     }
     record = {
         "stage": artifact.stage,
+        "kind": artifact.kind,
         "key": artifact.key,
         "role": artifact.role,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -94,7 +99,7 @@ def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
             return None
         files[role] = path
     return Artifact(
-        stage=record["stage"], files=files, metrics=record.get("metrics", {}), role=record.get("role"),
+        stage=record["stage"], kind=record.get("kind", ""), files=files, metrics=record.get("metrics", {}), role=record.get("role"),
         key=key, seconds=record.get("seconds", 0.0), skipped=True,
     )
 

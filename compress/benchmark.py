@@ -483,3 +483,53 @@ def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:
     json_path = write_json_atomic(folder / "bench.json", result)
     md_path = write_text_atomic(folder / "bench.md", bench_table_markdown(result))
     return json_path, md_path
+
+
+# --- PyTorch latency (before/after a model stage) ---------------------------------------------
+
+
+def measure_torch_latency(model, example, *, warmup: int = 5, iterations: int = 50, time_budget_s: float = 2.0) -> dict:
+    """Latency of a PyTorch model on CPU: what a stage reports before and after it changes a model.
+
+    Runs under ``torch.inference_mode()`` in eval mode (on a CPU copy when the model lives on a
+    GPU), after ``warmup`` untimed runs; timed runs stop at ``iterations`` or, after at least 5,
+    once ``time_budget_s`` is spent. Percentiles, not means: one scheduler hiccup must not move
+    the number. The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: a ``torch.nn.Module``.
+        example: an input batch (e.g. ``(1, 3, 32, 32)`` for batch-1 latency).
+        warmup: untimed runs first (allocator, oneDNN kernel selection).
+        iterations: at most this many timed runs.
+        time_budget_s: stop timing after this many seconds (with at least 5 runs).
+
+    Returns:
+        ``{"p50_ms", "p90_ms", "p99_ms", "runs"}``.
+    """
+    import copy
+    import time
+
+    import torch
+
+    on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
+    target = model if on_cpu else copy.deepcopy(model).cpu()
+    example = example.cpu()
+    modes = {module: module.training for module in target.modules()}
+    target.eval()
+    times: list[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                target(example)
+            deadline = time.perf_counter() + time_budget_s
+            while len(times) < iterations:
+                start = time.perf_counter()
+                target(example)
+                times.append(time.perf_counter() - start)
+                if len(times) >= 5 and time.perf_counter() >= deadline:
+                    break
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    p50, p90, p99 = np.percentile(np.asarray(times) * 1000.0, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "runs": len(times)}

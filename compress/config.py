@@ -211,7 +211,8 @@ class PruneConfig:
         _check(self.criterion in PRUNING_CRITERIA, f"criterion: expected one of {', '.join(PRUNING_CRITERIA)}, got {self.criterion!r}")
         _check(self.norm in (1, 2), f"norm: expected 1 or 2, got {self.norm}")
         given = [name for name in ("speedup", "target_macs", "pruning_ratio") if getattr(self, name) is not None]
-        _check(len(given) <= 1, f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio (got {', '.join(given)})")
+        if len(given) > 1:
+            raise RecipeError(f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio (got {', '.join(given)})")
         _check(self.speedup is None or self.speedup > 1, f"speedup: expected a MACs reduction ratio > 1, got {self.speedup}")
         _check(self.target_macs is None or self.target_macs > 0, f"target_macs: expected a positive integer, got {self.target_macs}")
         _check(self.pruning_ratio is None or 0 < self.pruning_ratio < 1, f"pruning_ratio: expected 0 < ratio < 1, got {self.pruning_ratio}")
@@ -266,6 +267,8 @@ class ExportConfig:
     exporter: str = "dynamo"
     tolerance: float = 1e-3
     min_agreement: float = 0.99
+    int8_tolerance: float = 0.2  # quantized student vs its fake-quantized model: max |diff| / max |logit|
+    int8_min_agreement: float = 0.98
     check_samples: int = 256
 
     def __post_init__(self):
@@ -273,6 +276,8 @@ class ExportConfig:
         _check(self.exporter in EXPORTERS, f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
         _check(self.tolerance > 0, f"tolerance: expected > 0, got {self.tolerance}")
         _check(0 <= self.min_agreement <= 1, f"min_agreement: expected 0..1, got {self.min_agreement}")
+        _check(self.int8_tolerance > 0, f"int8_tolerance: expected > 0, got {self.int8_tolerance}")
+        _check(0 <= self.int8_min_agreement <= 1, f"int8_min_agreement: expected 0..1, got {self.int8_min_agreement}")
         _check(self.check_samples > 0, f"check_samples: expected > 0, got {self.check_samples}")
 
 

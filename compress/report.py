@@ -16,17 +16,21 @@ def summary_table(artifacts: dict[str, Artifact]) -> str:
 
 def headline(artifact: Artifact) -> str:
     m = artifact.metrics
-    if artifact.stage in ("teacher", "distill"):
+    if artifact.kind in ("teacher", "distill", "prune", "quantize"):
         text = f"top-1 {m['top1']:.2f}%, {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e6:.1f}M MACs"
-        if artifact.stage == "distill" and m.get("teacher_top1") is not None:
+        if artifact.kind == "distill" and m.get("teacher_top1") is not None:
             text += f" (teacher {m['teacher_top1']:.2f}%)"
+        if artifact.kind == "prune":
+            text += f" ({m['macs_reduction']:.2f}x fewer MACs, {m['top1_delta']:+.2f} pts)"
+        if artifact.kind == "quantize":
+            text += f" (INT8 {m['quantization']['mode']}, {m['top1_delta']:+.2f} pts vs FP32, PTQ {m['ptq_top1']:.2f}%)"
         return text
-    if artifact.stage == "export":
+    if artifact.kind == "export":
         return ", ".join(
             f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement {100 * check['top1_agreement']:.1f}%"
             for role, check in m.items()
         )
-    if artifact.stage == "bench":
+    if artifact.kind == "bench":
         return bench_headline(m)
     return ""
 
@@ -37,4 +41,6 @@ def bench_headline(m: dict) -> str:
     parts = [f"student {m['speedup_b1']:.2f}x faster at batch 1", f"{m['speedup_throughput']:.2f}x throughput", f"{m['size_reduction']:.2f}x smaller"]
     if m.get("accuracy_delta") is not None:
         parts.append(f"top-1 {m['accuracy_delta']:+.2f} pts")
+    if m.get("int8_speedup_b1") is not None:
+        parts.append(f"INT8 {m['int8_speedup_b1']:.2f}x faster than FP32 student")
     return ", ".join(parts)

@@ -30,11 +30,13 @@ def write(tmp_path, raw) -> Path:
 
 def test_shipped_recipes_validate(tmp_path):
     recipe = load_recipe(QUICKSTART)
-    assert [s.name for s in recipe.stages] == ["teacher", "distill", "export", "bench"]
+    assert [s.name for s in recipe.stages] == ["teacher", "distill", "prune", "quantize", "export", "bench"]
     assert recipe.stages[1].config.loss[0].params.temperature == 4.0
     cifar = load_recipe(ROOT / "recipes" / "resnet18_to_mobile.yaml", data=str(tmp_path))
     assert cifar.data.kind == "cifar10" and cifar.teacher.cifar_stem is True
     assert cifar.teacher.train.weight_decay == pytest.approx(5e-4)
+    assert [s.name for s in cifar.stages] == ["teacher", "distill", "prune", "quantize", "export", "bench"]
+    assert cifar.stages[2].config.speedup == 2.0 and cifar.stages[3].config.mode == "qat"
 
 
 def test_resolved_recipe_round_trips():
@@ -46,13 +48,13 @@ def test_resolved_recipe_round_trips():
 def test_overrides_by_stage_name_index_and_shorthands(tmp_path):
     recipe = load_recipe(
         QUICKSTART,
-        ["stages.distill.loss.temperature=8", "stages.2.opset=17", "data.batch_size=32"],
+        ["stages.distill.loss.temperature=8", "stages.4.opset=17", "data.batch_size=32"],
         epochs=2, subset=(300, 100), out=str(tmp_path),
     )
     distill = recipe.stages[1].config
     assert distill.loss[0].params.temperature == 8.0 and distill.train.epochs == 2
     assert recipe.teacher.train.epochs == 2
-    assert recipe.stages[2].config.opset == 17
+    assert recipe.stages[4].config.opset == 17
     assert recipe.data.batch_size == 32 and recipe.data.subset.train == 300 and recipe.data.subset.test == 100
     assert recipe.out == str(tmp_path)
 

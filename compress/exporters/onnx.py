@@ -21,7 +21,7 @@ import io
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ _FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.DOUBLE,
 }
+_INT8_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -70,6 +71,7 @@ def export_onnx(
     opset: int = 18,
     exporter: str = "dynamo",
     metadata: dict[str, str] | None = None,
+    transform: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
 ) -> Path:
     """Export a classifier to a single ONNX file with a dynamic batch axis.
 
@@ -88,6 +90,9 @@ def export_onnx(
             ``"torchscript"`` (the legacy tracer; a fallback for models torch.export rejects).
         metadata: string key/values for the model's ``metadata_props``; use
             :func:`preprocessing_metadata` for the preprocessing keys we read back.
+        transform: rewrites the exported graph before it is checked and written (e.g.
+            :func:`compress.exporters.qdq.store_int8_weights`, which stores quantized weights
+            as INT8 initializers).
 
     Returns:
         ``path``.
@@ -100,6 +105,8 @@ def export_onnx(
         raise ExportError(f"unknown ONNX exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
     path = Path(path)
     proto = _run_exporter(model, exporter, opset, in_channels, image_size, path)
+    if transform is not None:
+        proto = transform(proto)
     _set_metadata(proto, metadata or {})
     data = _checked_bytes(proto, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +255,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def verify_onnx(
-    path: Path, model: nn.Module, images: np.ndarray, *, tolerance: float, min_agreement: float
+    path: Path, model: nn.Module, images: np.ndarray, *, tolerance: float, min_agreement: float, relative: bool = False
 ) -> dict:
     """Prove an exported file reproduces the PyTorch model on real inputs (STYLE habit 6).
 
@@ -261,10 +268,14 @@ def verify_onnx(
         images: float32 (N, C, H, W) batch, already normalised as the model expects.
         tolerance: largest acceptable absolute difference of any logit.
         min_agreement: smallest acceptable fraction of images with the same top-1 class.
+        relative: ``tolerance`` bounds the difference divided by the largest |logit| of the
+            PyTorch model instead (an INT8 graph's rounding error scales with its output range,
+            so an absolute bound would depend on how confident the model is).
 
     Returns:
-        ``{"max_abs_diff", "mean_abs_diff", "top1_agreement", "samples", "tolerance",
-        "min_agreement"}``; worth writing into the export artifact.
+        ``{"max_abs_diff", "mean_abs_diff", "max_abs_logit", "max_rel_diff", "top1_agreement",
+        "samples", "tolerance", "relative", "min_agreement"}``; worth writing into the export
+        artifact.
 
     Raises:
         ExportError: the file cannot be run, its output shape differs from PyTorch's, or the
@@ -281,12 +292,16 @@ def verify_onnx(
     with _eval_on_cpu(model), torch.no_grad():
         chunks = (images[i : i + VERIFY_CHUNK] for i in range(0, len(images), VERIFY_CHUNK))
         diffs = [_chunk_diff(session, model, chunk, path) for chunk in chunks]
+    max_abs_diff, max_abs_logit = max(d[0] for d in diffs), max(d[4] for d in diffs)
     result = {
-        "max_abs_diff": max(d[0] for d in diffs),
+        "max_abs_diff": max_abs_diff,
         "mean_abs_diff": sum(d[1] for d in diffs) / sum(d[2] for d in diffs),
+        "max_abs_logit": max_abs_logit,
+        "max_rel_diff": max_abs_diff / max_abs_logit if max_abs_logit > 0 else max_abs_diff,
         "top1_agreement": sum(d[3] for d in diffs) / len(images),
         "samples": len(images),
         "tolerance": tolerance,
+        "relative": relative,
         "min_agreement": min_agreement,
     }
     _raise_if_out_of_bounds(result, path)
@@ -318,9 +333,9 @@ def open_session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:
         raise ExportError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
 
 
-def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, float, int, int]:
-    """(max |diff|, sum |diff|, number of logits, top-1 agreements) of one chunk; the model is
-    already in eval mode on CPU under no_grad."""
+def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, float, int, int, float]:
+    """(max |diff|, sum |diff|, number of logits, top-1 agreements, max |PyTorch logit|) of one
+    chunk; the model is already in eval mode on CPU under no_grad."""
     import torch
 
     ours = session.run(None, {session.get_inputs()[0].name: chunk})[0]
@@ -330,20 +345,28 @@ def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, f
         raise ExportError(f"{path.name}: ONNX output shape {ours.shape} differs from PyTorch's {theirs.shape}")
     diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
     agree = int((ours.argmax(axis=1) == theirs.argmax(axis=1)).sum())
-    return float(diff.max()), float(diff.sum()), diff.size, agree
+    return float(diff.max()), float(diff.sum()), diff.size, agree, float(np.abs(theirs).max())
 
 
 def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
-    bad_diff = result["max_abs_diff"] > result["tolerance"]
+    measured = "max_rel_diff" if result["relative"] else "max_abs_diff"
+    bad_diff = result[measured] > result["tolerance"]
     bad_agreement = result["top1_agreement"] < result["min_agreement"]
     if bad_diff or bad_agreement:
         error = ExportError(
             f"{path.name} does not reproduce the PyTorch model on {result['samples']} images: "
-            f"max |diff| {result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g}), "
+            f"max |diff| {_diff_text(result)}, "
             f"top-1 agreement {result['top1_agreement']:.2%} (minimum {result['min_agreement']:.2%})"
         )
         error.result = result
         raise error
+
+
+def _diff_text(result: dict) -> str:
+    if result["relative"]:
+        return (f"{result['max_abs_diff']:.3g} = {result['max_rel_diff']:.2%} of the largest logit "
+                f"{result['max_abs_logit']:.3g} (tolerance {result['tolerance']:.2%})")
+    return f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})"
 
 
 # --- reading back ---------------------------------------------------------------------------
@@ -362,7 +385,9 @@ def read_onnx_info(path: Path | str) -> dict:
       count its running mean and variance too.
     * Exporters may drop all-zero biases or share identical tensors (freshly initialised
       models have many); trained models rarely do.
-    * Integer (quantized) weights are not counted yet.
+    * Quantized weights (8-bit initializers read by a DequantizeLinear) count like float ones,
+      and quantization scales and zero points do not, so an INT8 model has the parameter count
+      of the float model it came from.
 
     MACs are counted for a batch of 1 after ONNX shape inference, for Conv (output elements *
     Cin/groups * kH * kW), ConvTranspose (input elements * Cout/groups * kH * kW), Gemm and
@@ -422,11 +447,17 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers of rank >= 1 (see :func:`read_onnx_info`)."""
+    """Elements of the floating-point initializers of rank >= 1, and of the 8-bit ones that a
+    DequantizeLinear turns into weights (see :func:`read_onnx_info`)."""
+    qdq = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    dequantized = {node.input[0] for node in qdq if node.op_type == "DequantizeLinear"}
+    scales = {name for node in qdq for name in node.input[1:]}  # per-channel scales are not weights
     return sum(
         math.prod(init.dims)
         for init in model.graph.initializer
-        if init.data_type in _FLOAT_TYPES and len(init.dims) >= 1
+        if len(init.dims) >= 1
+        and init.name not in scales
+        and (init.data_type in _FLOAT_TYPES or (init.data_type in _INT8_TYPES and init.name in dequantized))
     )
 
 

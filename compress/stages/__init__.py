@@ -12,4 +12,4 @@ from compress.registry import Registry
 
 STAGES: Registry[Callable] = Registry("stage", RecipeError)
 
-from compress.stages import bench, distill, export, teacher  # noqa: E402,F401
+from compress.stages import bench, distill, export, prune, quantize, teacher  # noqa: E402,F401

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.artifacts import Artifact
-from compress.benchmark import bench_models, write_bench
+from compress.benchmark import bench_models, compare, write_bench
 from compress.config import BenchConfig, DataConfig
 from compress.context import RunContext
 from compress.data import detect_kind, load_dataset, test_arrays
@@ -68,12 +68,23 @@ def _image_size_of(model: Path) -> int:
     return int(size)
 
 
+HEADLINE_RATIOS = ("speedup_b1", "speedup_throughput", "size_reduction", "accuracy_delta")
+
+
 def headline_metrics(result: dict) -> dict:
-    """The few numbers the run summary and CI gates read first."""
+    """The few numbers the run summary and CI gates read first.
+
+    ``speedup_b1`` etc. compare the student with the teacher; with a quantized student the
+    ``int8_*`` keys compare it with the float student it was quantized from.
+    """
     rows = {row["role"]: row for row in result["rows"]}
     ratios = result["ratios"].get("student", {})
-    headline = {key: ratios.get(key) for key in ("speedup_b1", "speedup_throughput", "size_reduction", "accuracy_delta")}
-    for role in ("teacher", "student"):
-        headline[f"{role}_top1_accuracy"] = rows.get(role, {}).get("top1_accuracy")
-        headline[f"{role}_status"] = rows.get(role, {}).get("status")
+    headline = {key: ratios.get(key) for key in HEADLINE_RATIOS}
+    for role in ("teacher", "student_fp32", "student"):
+        if role in rows:
+            headline[f"{role}_top1"] = rows[role].get("top1")
+            headline[f"{role}_status"] = rows[role].get("status")
+    if "student_fp32" in rows and "student" in rows:
+        int8 = compare(result["rows"], reference="student_fp32")["ratios"]["student"]
+        headline |= {f"int8_{key}": int8.get(key) for key in HEADLINE_RATIOS}
     return headline

@@ -23,18 +23,57 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
     file can be benchmarked and deployed on its own. Each file is checked with ONNX Runtime
     against the PyTorch model on ``cfg.check_samples`` test images; the max abs difference and
     top-1 agreement are recorded, and a mismatch beyond ``cfg.tolerance`` fails the stage.
+
+    A quantized student is exported as a QDQ graph with INT8 weights and checked against its
+    fake-quantized PyTorch model with the INT8 bounds (``int8_tolerance``, ``int8_min_agreement``:
+    ONNX Runtime's integer kernels round differently), and its graph is verified (Q/DQ nodes,
+    INT8 weights with zero point 0, the target's activation type, no FP32 convolution left after
+    ONNX Runtime's optimisation). The float student it came from is exported beside it as
+    ``student_fp32.onnx`` so the bench measures what quantization bought.
     """
     images = normalised_test_images(ctx, cfg.check_samples)
-    roles = ["teacher"] + (["student"] if any(a.role == "student" for a in ctx.artifacts.values()) else [])
     files, metrics = {}, {}
-    for role in roles:
-        artifact = ctx.latest(role)
+    for role, artifact in models_to_export(ctx):
         model = load_network(ctx, artifact).cpu()
         path = ctx.run_dir / f"{role}.onnx"
-        export_onnx(model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset, exporter=cfg.exporter, metadata=onnx_metadata(ctx, role, artifact.metrics["model"]))
-        metrics[role] = verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement)
+        metadata = onnx_metadata(ctx, role, artifact.metrics["model"])
+        quantization = artifact.metrics.get("quantization")
+        if quantization is None:
+            export_onnx(model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset, exporter=cfg.exporter, metadata=metadata)
+            metrics[role] = verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement)
+        else:
+            metrics[role] = export_quantized(model, path, cfg, ctx, images, metadata | {"compress.quantization": quantization["target"]}, quantization)
         files[role] = path
     return Artifact("export", files=files, metrics=metrics)
+
+
+def models_to_export(ctx: RunContext) -> list[tuple[str, Artifact]]:
+    """(file role, artifact): the teacher, the last student and, if that student is quantized,
+    the float student it was quantized from."""
+    models = [("teacher", ctx.latest("teacher"))]
+    if not any(a.role == "student" for a in ctx.artifacts.values()):
+        return models
+    student = ctx.latest("student")
+    source = student.metrics.get("source_stage")
+    if student.metrics.get("quantization") and source in ctx.artifacts:
+        models.append(("student_fp32", ctx.artifacts[source]))
+    return models + [("student", student)]
+
+
+QUANTIZED_EXPORTER = "torchscript"
+
+
+def export_quantized(model, path, cfg: ExportConfig, ctx: RunContext, images: np.ndarray, metadata: dict, quantization: dict) -> dict:
+    from compress.exporters.qdq import check_qdq, store_int8_weights
+    from compress.quantization import kept_float_convs
+
+    export_onnx(  # torch.export has no fake-tensor kernels for the fake-quantize ops: the tracer exports them
+        model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset,
+        exporter=QUANTIZED_EXPORTER, metadata=metadata, transform=store_int8_weights,
+    )
+    result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True)
+    result["qdq"] = check_qdq(path, target=quantization["target"], skip_count=kept_float_convs(model))
+    return result
 
 
 def normalised_test_images(ctx: RunContext, limit: int) -> np.ndarray:

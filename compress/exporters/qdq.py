@@ -1,0 +1,215 @@
+"""The INT8 (QDQ) ONNX graph of a fake-quantized model: weights stored as INT8, and proof that it is fast.
+
+A fake-quantized model (:mod:`compress.quantization`) exports as QuantizeLinear/DequantizeLinear
+pairs, with each weight still a float initializer that a QuantizeLinear rounds at run time.
+:func:`store_int8_weights` rounds those weights once and stores the INT8 result (a ~4x smaller
+file, and the form ONNX Runtime and TensorRT expect); :func:`check_qdq` proves the graph is what
+the target's integer kernels need, which a wrong quantizer placement silently breaks (the model
+still runs, only slower than FP32).
+
+Only the ``torchscript`` exporter handles the fake-quantize ops: ``torch.export`` (the
+``dynamo`` exporter) has no fake-tensor kernel for ``fake_quantize_per_tensor_affine``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compress.config import QUANT_TARGETS
+from compress.errors import ExportError
+
+_QLINEAR_CONVS = ("QLinearConv", "NhwcQLinearConv")
+_FLOAT_CONVS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv")
+_INT8 = onnx.TensorProto.INT8
+_UINT8 = onnx.TensorProto.UINT8
+
+
+def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every QuantizeLinear of a constant FP32 tensor by the INT8 tensor it computes.
+
+    The DequantizeLinear after it then reads an INT8 initializer directly (same scale, zero
+    point and per-channel ``axis``); float weights no longer used are removed. Rounding is
+    ONNX's (half to even), the same as ``torch.fake_quantize_*``, so outputs do not change.
+    Usable as ``export_onnx(..., transform=store_int8_weights)``.
+
+    Args:
+        proto: the exported model; modified in place.
+
+    Returns:
+        ``proto``.
+    """
+    graph = proto.graph
+    _bypass_identities(graph)
+    constants = {init.name: init for init in graph.initializer}
+    for node in graph.node:  # exporters may emit scalars as Constant nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants.setdefault(node.output[0], node.attribute[0].t)
+    kept = []
+    for node in graph.node:
+        stored = _int8_weight(node, constants)
+        if stored is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(stored)
+        for user in graph.node:
+            for i, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[i] = stored.name
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return proto
+
+
+def _bypass_identities(graph: onnx.GraphProto) -> None:
+    """Drop Identity nodes of initializers (the torchscript exporter shares zero points through them)."""
+    inits = {init.name for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    kept = [n for n in graph.node if n.output[0] not in alias or n.op_type != "Identity"]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _int8_weight(node: onnx.NodeProto, constants: dict) -> onnx.TensorProto | None:
+    """The INT8 initializer a QuantizeLinear of a float constant computes; None for other nodes."""
+    if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not all(n in constants for n in node.input[:3]):
+        return None
+    weight, scale, zero_point = (numpy_helper.to_array(constants[n]) for n in node.input[:3])
+    if weight.dtype != np.float32 or weight.ndim < 2 or zero_point.dtype != np.int8:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    shape = [1] * weight.ndim
+    if scale.ndim == 1:
+        shape[axis] = -1
+    q = np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.float32)
+    return numpy_helper.from_array(np.clip(q, -128, 127).astype(np.int8), f"{node.input[0]}_int8")
+
+
+def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
+    """Prove an exported INT8 file is what ``target``'s integer kernels need.
+
+    Checks: the graph has QuantizeLinear/DequantizeLinear nodes; every DequantizeLinear of a
+    weight reads an INT8 initializer with zero point 0 (no float weight is quantized at run
+    time); activations are uint8 (``onnxruntime-cpu``) or int8 with zero point 0
+    (``tensorrt``). For ``onnxruntime-cpu`` the file is also optimised by ONNX Runtime (at the
+    extended level: QDQ fusion without the NCHWc layout rewrite, whose ops would hide FP32
+    convs) and every convolution must have become a QLinearConv, except the ``skip_count``
+    kept in FP32.
+
+    Args:
+        path: the exported ``.onnx`` file.
+        target: ``"onnxruntime-cpu"`` or ``"tensorrt"``.
+        skip_count: convolutions deliberately kept FP32 (see
+            :func:`compress.quantization.kept_float_convs`).
+
+    Returns:
+        ``{"quantize_nodes", "dequantize_nodes", "int8_weights", "int8_weight_bytes",
+        "activation_type", "qlinear_conv", "fp32_conv"}`` (the last two None for TensorRT,
+        whose fusion happens at engine build time).
+
+    Raises:
+        ExportError: any check fails (one line naming the file and the first problem).
+    """
+    if target not in QUANT_TARGETS:
+        raise ExportError(f"unknown quantization target {target!r}; known: {', '.join(QUANT_TARGETS)}")
+    path = Path(path)
+    try:
+        proto = onnx.load(path)
+    except Exception as exc:
+        raise ExportError(f"{path}: cannot be read as ONNX ({type(exc).__name__})") from exc
+    _bypass_identities(proto.graph)
+    inits = {init.name: init for init in proto.graph.initializer}
+    ops = Counter(node.op_type for node in proto.graph.node)
+    if not ops["QuantizeLinear"] or not ops["DequantizeLinear"]:
+        raise ExportError(f"{path.name}: no QuantizeLinear/DequantizeLinear nodes: the model was not quantized")
+    weights = _check_weights(proto, inits, path)
+    activation_type = _check_activations(proto, inits, target, path)
+    result = {
+        "quantize_nodes": ops["QuantizeLinear"],
+        "dequantize_nodes": ops["DequantizeLinear"],
+        "int8_weights": len(weights),
+        "int8_weight_bytes": sum(int(np.prod(inits[name].dims)) for name in weights),
+        "activation_type": activation_type,
+        "qlinear_conv": None,
+        "fp32_conv": None,
+    }
+    if target == "onnxruntime-cpu":
+        result |= _fused_convs(path, skip_count)
+    return result
+
+
+def _check_weights(proto: onnx.ModelProto, inits: dict, path: Path) -> list[str]:
+    """Names of the INT8 weights; raises on a float weight quantized at run time or a nonzero zero point."""
+    weights = []
+    for node in proto.graph.node:
+        source = inits.get(node.input[0]) if node.input else None
+        if source is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(source.dims) < 2:
+            continue
+        if node.op_type == "QuantizeLinear" or source.data_type != _INT8:
+            raise ExportError(f"{path.name}: weight {source.name} is not stored as INT8 (export with transform=store_int8_weights)")
+        zero_point = _zero_point(node, inits)
+        if zero_point is not None and np.any(zero_point != 0):
+            raise ExportError(f"{path.name}: weight {source.name} has a nonzero zero point; weights must be symmetric")
+        weights.append(source.name)
+    if not weights:
+        raise ExportError(f"{path.name}: no INT8 weight feeds a DequantizeLinear")
+    return weights
+
+
+def _check_activations(proto: onnx.ModelProto, inits: dict, target: str, path: Path) -> str:
+    want = _UINT8 if target == "onnxruntime-cpu" else _INT8
+    for node in proto.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if zero_point is None or zero_point.data_type != want:
+            kind = "missing" if zero_point is None else onnx.TensorProto.DataType.Name(zero_point.data_type).lower()
+            raise ExportError(
+                f"{path.name}: activation QuantizeLinear {node.name or node.output[0]} has a {kind} zero point; "
+                f"{target} needs {onnx.TensorProto.DataType.Name(want).lower()}"
+            )
+        if target == "tensorrt" and np.any(numpy_helper.to_array(zero_point) != 0):
+            raise ExportError(f"{path.name}: activation QuantizeLinear {node.name or node.output[0]} has a nonzero zero point; tensorrt needs symmetric int8")
+    return onnx.TensorProto.DataType.Name(want).lower()
+
+
+def _zero_point(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
+    if len(node.input) < 3 or not node.input[2]:
+        return None
+    return numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
+
+
+def _fused_convs(path: Path, skip_count: int) -> dict:
+    """QLinearConv and FP32 Conv counts after ONNX Runtime's graph optimisation."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(optimized)
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        ops = Counter(node.op_type for node in onnx.load(optimized).graph.node)
+    counts = {"qlinear_conv": sum(ops[op] for op in _QLINEAR_CONVS), "fp32_conv": sum(ops[op] for op in _FLOAT_CONVS)}
+    if counts["fp32_conv"] > skip_count:
+        raise ExportError(
+            f"{path.name}: {counts['fp32_conv']} convolutions stay FP32 after ONNX Runtime's optimisation "
+            f"({skip_count} kept by skip, {counts['qlinear_conv']} QLinearConv): the Q/DQ placement defeats the INT8 kernels"
+        )
+    return counts

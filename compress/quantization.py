@@ -1,0 +1,465 @@
+"""INT8 fake quantization of a CNN: BatchNorm folded, quantizers placed where integer kernels need them.
+
+:func:`prepare_quantized` turns a float network into a ``torch.fx`` graph whose convolutions and
+linear layers compute with INT8-rounded weights (symmetric, per output channel, zero point 0)
+and whose activations are rounded to 8 bits where an integer runtime would hold them;
+:func:`calibrate` sets the activation ranges from real images. The result trains (QAT, with
+straight-through gradients) and exports to ONNX as QuantizeLinear/DequantizeLinear pairs that
+ONNX Runtime fuses into QLinearConv (see :mod:`compress.exporters.qdq`).
+
+Why our own small pass rather than a library: ``torch.ao.quantization`` is deprecated, torchao's
+PT2E flow failed on torchvision's ResNet and left convs of MobileNetV2 in FP32, and ModelOpt
+left BatchNorm unfolded (slower than FP32 on ONNX Runtime's CPU). The placement rules are what
+made the exported graph fast:
+
+* no quantizer between a conv (or an add) and the ReLU/ReLU6 after it: the activation's output
+  is quantized, so ONNX Runtime folds the activation into the integer kernel;
+* max-pool, flatten, reshape and dropout reuse their input's quantizer (same scale and zero
+  point), so no extra rounding and no re-quantization appear around them;
+* activations are uint8 with a zero point for ``onnxruntime-cpu`` (its fast u8s8 kernels) and
+  int8 with zero point 0 for ``tensorrt``.
+
+Example:
+    >>> qmodel = prepare_quantized(model.eval(), target="onnxruntime-cpu", example_inputs=batch)
+    >>> calibrate(qmodel, [batch1, batch2], method="percentile", percentile=99.99)
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import operator
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
+
+from compress.config import CALIBRATION_METHODS, QUANT_TARGETS
+from compress.errors import RecipeError, StageError
+
+WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # scale = max|w| / 127, so -128 is never produced
+HISTOGRAM_BINS = 2048
+MSE_CANDIDATES = 100  # clipping ranges tried by the mse calibration: 1%..100% of the observed range
+_MIN_SCALE = 1e-8
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+_ACTIVATION_FUNCTIONS = (F.relu, F.relu6, torch.relu)
+_ADDS = (operator.add, operator.iadd, torch.add)
+_PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, F.max_pool2d, F.dropout)
+_PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "contiguous")
+
+
+# --- modules ---------------------------------------------------------------------------------
+
+
+class WeightQuant:
+    """Mixin: the layer's weight rounded to INT8, symmetric per output channel, zero point 0.
+
+    The scale (``weight_scale``, one per output channel) follows the weights while training and
+    is frozen in eval mode, so an exported graph sees it as a constant; switching to eval
+    refreshes it once from the final weights.
+    """
+
+    def _init_weight_quant(self) -> None:
+        channels = self.weight.shape[0]
+        self.register_buffer("weight_scale", torch.ones(channels, device=self.weight.device))
+        self.register_buffer("weight_zero_point", torch.zeros(channels, dtype=torch.int32, device=self.weight.device), persistent=False)
+        self.refresh_weight_scale()
+
+    @torch.no_grad()
+    def refresh_weight_scale(self) -> None:
+        amax = self.weight.detach().abs().flatten(1).amax(dim=1)
+        self.weight_scale.copy_((amax / WEIGHT_QMAX).clamp_min(_MIN_SCALE))
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.training:
+            self.refresh_weight_scale()
+        return torch.fake_quantize_per_channel_affine(
+            self.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
+        )
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.refresh_weight_scale()
+        return super().train(mode)
+
+
+class QuantConv2d(WeightQuant, nn.Conv2d):
+    """``nn.Conv2d`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(WeightQuant, nn.Linear):
+    """``nn.Linear`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor 8-bit fake quantization of an activation.
+
+    ``signed=False``: uint8, asymmetric (zero point in 0..255); ``signed=True``: int8,
+    symmetric (zero point 0). While :func:`calibrate` runs, ``observer`` sees the float values
+    and the input passes unchanged.
+    """
+
+    def __init__(self, signed: bool):
+        super().__init__()
+        self.signed = signed
+        self.quant_min, self.quant_max = (-128, 127) if signed else (0, 255)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.observer: _Observer | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        kind = "int8 symmetric" if self.signed else "uint8"
+        return f"{kind}, scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}"
+
+
+# --- preparation -----------------------------------------------------------------------------
+
+
+def prepare_quantized(
+    model: nn.Module, *, target: str, skip: Sequence[str] = (), example_inputs: torch.Tensor
+) -> fx.GraphModule:
+    """The fake-quantized copy of ``model``: BatchNorm folded, weights and activations INT8.
+
+    The same architecture always gives the same module and buffer names and shapes (names come
+    from the traced graph), so a saved ``state_dict`` loads strictly into a fresh preparation;
+    a pruned (narrower) network is prepared the same way. Activation quantizers start with
+    scale 1: call :func:`calibrate` before using the model.
+
+    Args:
+        model: the float network, in eval mode (BatchNorm statistics are folded as they are);
+            it is not modified. It must be traceable by ``torch.fx`` (torchvision ResNets and
+            MobileNets and our CIFAR ResNets are).
+        target: ``"onnxruntime-cpu"`` (uint8 activations) or ``"tensorrt"`` (int8, zero point 0).
+        skip: module names or fnmatch patterns (of the original model) whose convs/linears keep
+            FP32 weights; a pattern that names a container (``"layer4"``) covers its children.
+        example_inputs: a batch shaped like the real input, run once to prove the graph works.
+
+    Returns:
+        The prepared ``GraphModule`` on the model's device, in eval mode.
+
+    Raises:
+        RecipeError: a ``skip`` pattern matches no module, or ``target`` is unknown.
+        StageError: ``torch.fx`` cannot trace the model.
+    """
+    if target not in QUANT_TARGETS:
+        raise RecipeError(f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}")
+    skipped = skipped_layers(model, skip)
+    graph_module = fold_batchnorm(model)
+    quantized = _swap_layers(graph_module, skipped)
+    _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
+    graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
+    graph_module.eval()
+    with torch.no_grad():
+        graph_module(example_inputs)
+    return graph_module
+
+
+def skipped_layers(model: nn.Module, patterns: Sequence[str]) -> set[str]:
+    """Names of the convs/linears that ``patterns`` keep FP32 (a matched container covers its children).
+
+    Raises:
+        RecipeError: a pattern matches no module name.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise RecipeError(f"quantize skip: {pattern!r} matches no module of {getattr(model, 'compress_name', type(model).__name__)}")
+
+    def covered(name: str) -> bool:
+        parts = name.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
+
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Conv2d | nn.Linear) and covered(name)}
+
+
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """A traced copy of ``model`` (eval mode) with every conv -> BatchNorm pair folded into one conv.
+
+    Folding first means the INT8 weights are the ones the exported graph runs, and that the
+    integer kernels see no separate BatchNorm. Convs keep their original names.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        return fuse(model, inplace=True)
+    except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
+        name = getattr(model, "compress_name", type(model).__name__)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StageError(f"{name} cannot be traced by torch.fx for quantization: {type(exc).__name__}: {first}") from exc
+
+
+def kept_float_convs(model: nn.Module) -> int:
+    """How many convolutions of a prepared model keep FP32 weights (the ``skip`` list)."""
+    return sum(isinstance(m, nn.Conv2d) and not isinstance(m, QuantConv2d) for m in model.modules())
+
+
+def _swap_layers(graph_module: fx.GraphModule, skipped: set[str]) -> set[str]:
+    """Replace every conv/linear not in ``skipped`` by its weight-quantized twin; their names."""
+    quantized = set()
+    for name, module in list(graph_module.named_modules()):
+        if name in skipped or type(module) not in (nn.Conv2d, nn.Linear):
+            continue
+        new = _twin(module)
+        parent, _, attr = name.rpartition(".")
+        setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, new)
+        quantized.add(name)
+    for module in graph_module.modules():
+        if isinstance(module, _ACTIVATIONS):
+            module.inplace = False  # fake quantization must not see a tensor change under it
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is operator.iadd:
+            node.target = operator.add
+    return quantized
+
+
+def _twin(module: nn.Conv2d | nn.Linear) -> QuantConv2d | QuantLinear:
+    """The weight-quantized layer with the same hyper-parameters, sharing ``module``'s parameters."""
+    device, bias = module.weight.device, module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        new = QuantConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups, bias=bias, padding_mode=module.padding_mode, device=device,
+        )
+    else:
+        new = QuantLinear(module.in_features, module.out_features, bias=bias, device=device)
+    new.weight, new.bias = module.weight, module.bias
+    new._init_weight_quant()
+    return new
+
+
+def _place_quantizers(graph_module: fx.GraphModule, quantized: set[str], signed: bool) -> None:
+    """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module docstring)."""
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    points: list[fx.Node] = []
+
+    def is_point(node) -> bool:
+        return isinstance(node, fx.Node) and _source(node, modules) in points
+
+    for node in list(graph.nodes):
+        layer = node.op == "call_module" and node.target in quantized
+        if layer and not is_point(node.args[0]):
+            points.append(node.args[0])
+        tensor_inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        add = node.op == "call_function" and node.target in _ADDS and len(tensor_inputs) == 2
+        if (layer or (add and all(is_point(a) for a in tensor_inputs))) and not _only_output(node):
+            points.append(_after_activation(node, modules))
+    shared: dict[fx.Node, str] = {}
+    for point in points:
+        if point in shared:
+            continue
+        name = f"quant_{point.name}"
+        graph_module.add_submodule(name, ActQuant(signed))
+        shared[point] = name
+        _insert_after(graph, point, name)
+    for node in list(graph.nodes):  # pass-through ops reuse their input's quantizer
+        if _passthrough(node, modules) and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+            if source.op == "call_module" and source.target in shared.values():
+                shared[node] = source.target
+                _insert_after(graph, node, source.target)
+    graph.lint()
+    graph_module.recompile()
+
+
+def _insert_after(graph: fx.Graph, node: fx.Node, quantizer: str) -> fx.Node:
+    with graph.inserting_after(node):
+        quant = graph.call_module(quantizer, (node,))
+    node.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant)
+    return quant
+
+
+def _after_activation(node: fx.Node, modules: dict) -> fx.Node:
+    """The ReLU/ReLU6 that is the only user of ``node``, else ``node``: where its output is quantized."""
+    users = list(node.users)
+    if len(users) != 1:
+        return node
+    user = users[0]
+    if (user.op == "call_module" and isinstance(modules.get(user.target), _ACTIVATIONS)) or (
+        user.op == "call_function" and user.target in _ACTIVATION_FUNCTIONS
+    ):
+        return user
+    return node
+
+
+def _source(node: fx.Node, modules: dict) -> fx.Node:
+    """The value ``node`` passes through unchanged (following max-pool/flatten/reshape/dropout)."""
+    while _passthrough(node, modules) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _passthrough(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _PASSTHROUGH_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASSTHROUGH_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASSTHROUGH_METHODS
+
+
+def _only_output(node: fx.Node) -> bool:
+    return all(user.op == "output" for user in node.users)
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+class _Observer:
+    """Running min/max of a quantizer's input, then (second pass) its histogram on that range."""
+
+    def __init__(self, symmetric: bool):
+        self.symmetric = symmetric
+        self.low = float("inf")
+        self.high = float("-inf")
+        self.histogram: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        if self.histogram is None:
+            self.low = min(self.low, x.min().item())
+            self.high = max(self.high, x.max().item())
+        elif self.symmetric:
+            self.histogram += torch.histc(x.abs(), HISTOGRAM_BINS, 0.0, self.amax).cpu()
+        else:
+            self.histogram += torch.histc(x, HISTOGRAM_BINS, self.low, self.high).cpu()
+
+    @property
+    def amax(self) -> float:
+        return max(abs(self.low), abs(self.high))
+
+    def start_histogram(self) -> None:
+        self.low, self.high = min(self.low, 0.0), max(self.high, 0.0)  # zero must be exact
+        self.histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, method: str, percentile: float = 99.99) -> dict:
+    """Set every activation quantizer's scale and zero point from real batches.
+
+    The model runs in eval mode without gradients, its activation quantizers passing float
+    values through while they observe (weights are already INT8-rounded). ``minmax`` takes the
+    observed range; ``percentile`` clips to the ``percentile``-th percentile of ``|x|``
+    (symmetric int8) or to the ``100 - p`` / ``p`` percentiles of ``x`` (uint8); ``mse`` picks
+    the clipping range, among 1%..100% of the observed one, with the least quantization error
+    on the observed histogram. Percentile and mse need a second pass over ``batches``.
+
+    The ranges stay fixed afterwards: quantization-aware training then adapts the weights to
+    them (weight scales still follow the weights), and PTQ uses them as they are.
+
+    Args:
+        model: from :func:`prepare_quantized`; its train/eval mode is restored afterwards.
+        batches: preprocessed input batches on the model's device (a list: it may be read twice).
+        method: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        percentile: for ``"percentile"``, in (50, 100].
+
+    Returns:
+        ``{quantizer name: (scale, zero_point)}``, for the record.
+
+    Raises:
+        ValueError: unknown method, or no batch given.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration needs at least one batch")
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, ActQuant)}
+    training = model.training
+    model.eval()
+    try:
+        for quantizer in quantizers.values():
+            quantizer.observer = _Observer(symmetric=quantizer.signed)
+        _run(model, batches)
+        if method != "minmax":
+            for quantizer in quantizers.values():
+                quantizer.observer.start_histogram()
+            _run(model, batches)
+        for quantizer in quantizers.values():
+            _set_range(quantizer, _clipping_range(quantizer, method, percentile))
+    finally:
+        for quantizer in quantizers.values():
+            quantizer.observer = None
+        model.train(training)
+    return {name: (q.scale.item(), q.zero_point.item()) for name, q in quantizers.items()}
+
+
+def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    for batch in batches:
+        model(batch)
+
+
+def _clipping_range(quantizer: ActQuant, method: str, percentile: float) -> tuple[float, float]:
+    """(low, high) to quantize; symmetric quantizers use (-amax, amax)."""
+    observer = quantizer.observer
+    low, high = min(observer.low, 0.0), max(observer.high, 0.0)
+    if quantizer.signed:
+        low, high = -max(-low, high), max(-low, high)
+    if method == "minmax" or high - low <= 0:
+        return low, high
+    centers, counts = _bins(observer)
+    if method == "percentile":
+        return _percentile_range(quantizer, centers, counts, percentile, low, high)
+    return _mse_range(quantizer, centers, counts, low, high)
+
+
+def _bins(observer: _Observer) -> tuple[torch.Tensor, torch.Tensor]:
+    start, stop = (0.0, observer.amax) if observer.symmetric else (observer.low, observer.high)
+    width = (stop - start) / HISTOGRAM_BINS
+    centers = start + width * (torch.arange(HISTOGRAM_BINS, dtype=torch.float64) + 0.5)
+    return centers, observer.histogram
+
+
+def _percentile_range(quantizer, centers, counts, percentile, low, high) -> tuple[float, float]:
+    cdf = counts.cumsum(0) / counts.sum().clamp_min(1)
+    width = (centers[1] - centers[0]).item()
+
+    def value_at(fraction: float) -> float:
+        index = int(torch.searchsorted(cdf, torch.tensor([fraction], dtype=torch.float64)).clamp_max(len(cdf) - 1))
+        return centers[index].item() + width / 2
+
+    if quantizer.signed:
+        amax = min(value_at(percentile / 100), high)
+        return -amax, amax
+    lower = centers[0].item() - width / 2 if percentile == 100 else value_at(1 - percentile / 100) - width
+    return max(min(lower, 0.0), low), min(max(value_at(percentile / 100), 0.0), high)
+
+
+def _mse_range(quantizer, centers, counts, low, high) -> tuple[float, float]:
+    best, best_error = (low, high), float("inf")
+    for step in range(1, MSE_CANDIDATES + 1):
+        fraction = step / MSE_CANDIDATES
+        scale, zero_point = _qparams(quantizer, low * fraction, high * fraction)
+        q = torch.clamp(torch.round(centers / scale) + zero_point, quantizer.quant_min, quantizer.quant_max)
+        error = (counts * (centers - (q - zero_point) * scale) ** 2).sum().item()
+        if error < best_error:
+            best, best_error = (low * fraction, high * fraction), error
+    return best
+
+
+def _qparams(quantizer: ActQuant, low: float, high: float) -> tuple[float, int]:
+    if quantizer.signed:
+        return max(max(-low, high) / 127, _MIN_SCALE), 0
+    scale = max((high - low) / 255, _MIN_SCALE)
+    return scale, int(min(max(round(-low / scale), 0), 255))
+
+
+def _set_range(quantizer: ActQuant, bounds: tuple[float, float]) -> None:
+    scale, zero_point = _qparams(quantizer, *bounds)
+    quantizer.scale.fill_(scale)
+    quantizer.zero_point.fill_(zero_point)

@@ -1,0 +1,104 @@
+"""Stage ``quantize``: INT8 student by calibration (PTQ), then optional fine-tuning against the teacher (QAT)."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.artifacts import Artifact, save_weights
+from compress.config import QuantizeConfig
+from compress.context import RunContext
+from compress.errors import StageError
+from compress.models import count_params_macs
+from compress.quantization import calibrate, prepare_quantized
+from compress.stages import STAGES
+from compress.stages.networks import example_batch, load_network, preprocess
+from compress.teaching import frozen, history_dicts, latest_distill_loss, train_with_teacher
+from compress.train_loop import evaluate
+
+ARCHITECTURE_KEYS = ("model", "cifar_stem", "num_classes")
+
+
+@STAGES.register("quantize")
+def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
+    """Quantize the latest student to INT8 and, in ``qat`` mode, fine-tune it against the teacher.
+
+    The float student is folded and fake-quantized for ``cfg.target``
+    (:func:`compress.quantization.prepare_quantized`), its activation ranges are calibrated on
+    ``cfg.calibration_images`` training images without augmentation, and its PTQ accuracy is
+    measured. QAT then trains it with ``cfg.loss`` (default: the logit terms of the latest
+    distill stage) against the frozen teacher, activation ranges fixed. The saved checkpoint
+    holds every quantizer scale, and the pruned structure of a pruned source, so
+    :func:`compress.stages.networks.load_network` rebuilds the same graph.
+
+    Returns:
+        Artifact with ``files["model"]``, the architecture, ``quantization`` settings,
+        ``fp32_top1``, ``ptq_top1``, ``top1``, ``top1_delta`` (vs FP32), ``agreement_with_fp32``
+        (top-1 agreement on the test split), params, MACs and the training history.
+    """
+    source = float_student(ctx)
+    student = load_network(ctx, source)
+    teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
+    prep = preprocess(ctx)
+    train_loader, test_loader = ctx.loaders()
+    fp32 = evaluate(student, test_loader, prep, ctx.device)
+    qmodel = prepare_quantized(student, target=cfg.target, skip=cfg.skip, example_inputs=example_batch(ctx))
+    calibrate(qmodel, calibration_batches(ctx, train_loader, prep, cfg.calibration_images), method=cfg.calibration, percentile=cfg.percentile)
+    ptq = evaluate(qmodel, test_loader, prep, ctx.device)
+    history = []
+    if cfg.mode == "qat" and cfg.train.epochs > 0:
+        loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
+        desc = ctx.stage_dir.name if ctx.stage_dir else "quantize"
+        history = train_with_teacher(ctx, qmodel, teacher, loss, cfg.train, cfg.augment, desc=desc, prep=prep, loaders=(train_loader, test_loader))
+    qmodel.eval()
+    test = evaluate(qmodel, test_loader, prep, ctx.device) if history else ptq
+    params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
+    path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
+    metrics = {key: source.metrics[key] for key in ARCHITECTURE_KEYS} | {
+        "quantization": {
+            "mode": cfg.mode, "target": cfg.target, "skip": list(cfg.skip), "calibration": cfg.calibration,
+            "percentile": cfg.percentile, "calibration_images": cfg.calibration_images,
+        },
+        "source_stage": source.stage, "fp32_top1": fp32["top1"], "ptq_top1": ptq["top1"], "top1": test["top1"],
+        "top1_delta": test["top1"] - fp32["top1"], "agreement_with_fp32": top1_agreement(qmodel, student, test_loader, prep, ctx.device),
+        "test_loss": test["loss"], "test_samples": test["samples"], "params": params, "macs": macs, "history": history_dicts(history),
+    }
+    return Artifact("quantize", files={"model": path}, metrics=metrics, role="student")
+
+
+def float_student(ctx: RunContext) -> Artifact:
+    """The latest student that is not quantized yet (a second quantize stage re-quantizes the float one)."""
+    for artifact in reversed(ctx.artifacts.values()):
+        if artifact.role == "student" and "model" in artifact.files and not artifact.metrics.get("quantization"):
+            return artifact
+    raise StageError("quantize needs a float student from an earlier distill or prune stage")
+
+
+def calibration_batches(ctx: RunContext, loader, prep, images: int) -> list[torch.Tensor]:
+    """The first ``images`` training images, preprocessed without augmentation, on the run's device."""
+    batches, seen = [], 0
+    for batch, *_ in loader:
+        batch = batch[: images - seen]
+        batches.append(prep(batch.to(ctx.device), train=False))
+        seen += len(batch)
+        if seen >= images:
+            break
+    return batches
+
+
+@torch.no_grad()
+def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, loader, prep, device) -> float:
+    """Fraction of test images on which both networks predict the same class."""
+    model.eval()
+    reference.eval()
+    same = total = 0
+    for images, *_ in loader:
+        inputs = prep(images.to(device), train=False)
+        same += int((model(inputs).argmax(1) == reference(inputs).argmax(1)).sum())
+        total += len(images)
+    return same / max(total, 1)
+
+
+def pruned_structure(artifact: Artifact) -> dict | None:
+    """The layer widths stored beside the source's weights, if it was pruned."""
+    checkpoint = torch.load(artifact.files["model"], map_location="cpu", weights_only=True)
+    return checkpoint.get("structure") if isinstance(checkpoint, dict) else None
