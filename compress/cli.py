@@ -121,15 +121,16 @@ def bench(model, against, data, data_kind, batch_size, iterations, warmup, time_
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["stages", "losses", "models", "datasets"]), required=False)
+@click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets"]), required=False)
 def list_(what):
-    """Print what the registries hold (stages, losses, models, datasets)."""
+    """Print what the registries hold (stages, losses, pruning criteria, models, datasets)."""
     from compress.data import DATASETS
     from compress.losses import LOSSES
     from compress.models import model_names
+    from compress.pruning import CRITERIA
     from compress.stages import STAGES
 
-    tables = {"stages": STAGES.names(), "losses": LOSSES.names(), "models": model_names(), "datasets": DATASETS.names()}
+    tables = {"stages": STAGES.names(), "losses": LOSSES.names(), "criteria": CRITERIA.names(), "models": model_names(), "datasets": DATASETS.names()}
     for name in [what] if what else tables:
         click.echo(f"{name}:")
         for entry in tables[name]:

@@ -4,21 +4,14 @@ the teacher sees exactly the (mixed) batch the student sees."""
 import pytest
 import torch
 import yaml
+from conftest import DIGITS_BASE as BASE
+from conftest import run_recipe
 
 from compress.models import build_model
-from compress.pipeline import run
 from compress.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
-BASE = {
-    "name": "teacher_run",
-    "seed": 0,
-    "data": {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 600, "test": 200}},
-    "teacher": {"model": "cifar:resnet20", "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
-    "student": {"model": "cifar:resnet20"},
-    "stages": ["teacher"],
-}
 TRAIN = {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}
 PAIRS = [{"teacher": "layer2", "student": "layer2"}, {"teacher": "layer3", "student": "layer3"}]
 METHODS = {
@@ -32,19 +25,6 @@ METHODS = {
 }
 
 
-def run_recipe(tmp_path, raw):
-    path = tmp_path / f"{raw['name']}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return run(load_recipe(path, out=str(tmp_path / "out")), show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory):
-    artifacts = run_recipe(tmp_path_factory.mktemp("teacher"), BASE)
-    assert artifacts["teacher"].metrics["top1"] > 60
-    return str(artifacts["teacher"].files["model"])
-
-
 def distill_recipe(name, checkpoint, loss, **distill):
     return BASE | {
         "name": name,
@@ -54,15 +34,15 @@ def distill_recipe(name, checkpoint, loss, **distill):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_improves_the_student_and_saves_a_plain_student(tmp_path, teacher_checkpoint, method):
-    artifacts = run_recipe(tmp_path, distill_recipe(method, teacher_checkpoint, METHODS[method]))
+def test_every_method_improves_the_student_and_saves_a_plain_student(tmp_path, digits_teacher, method):
+    artifacts = run_recipe(tmp_path, distill_recipe(method, digits_teacher, METHODS[method]))
     metrics = artifacts["distill"].metrics
     assert metrics["top1"] > metrics["top1_at_start"] + 25, metrics
     saved = torch.load(artifacts["distill"].files["model"], weights_only=True)
     assert set(saved) == set(build_model("cifar:resnet20", num_classes=10, cifar_stem=True).state_dict())
 
 
-def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, teacher_checkpoint, monkeypatch):
+def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, digits_teacher, monkeypatch):
     import compress.stages.distill as stage
     import compress.teaching as teaching
 
@@ -89,7 +69,7 @@ def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, teacher_checkpo
             return out
 
     monkeypatch.setattr(teaching, "BatchMix", CountingMix)
-    recipe = distill_recipe("mix", teacher_checkpoint, ["kd"], augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "cutout": 2})
+    recipe = distill_recipe("mix", digits_teacher, ["kd"], augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "cutout": 2})
     recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
     run_recipe(tmp_path, recipe)
     assert seen["matches"] >= 19 and seen["mixed"] >= 19  # every training step (600 / 32) was mixed and matched
@@ -100,10 +80,10 @@ def _hooked(model, hook):
     return model
 
 
-def test_multi_stage_teacher_assistant_student_and_born_again(tmp_path, teacher_checkpoint):
+def test_multi_stage_teacher_assistant_student_and_born_again(tmp_path, digits_teacher):
     raw = BASE | {
         "name": "chain",
-        "teacher": BASE["teacher"] | {"checkpoint": teacher_checkpoint},
+        "teacher": BASE["teacher"] | {"checkpoint": digits_teacher},
         "stages": [
             "teacher",
             {"distill": {"name": "born_again", "student": {"model": "cifar:resnet20"}, "init_from_teacher": True, "loss": "kd", "train": TRAIN | {"epochs": 1}}},
@@ -119,22 +99,22 @@ def test_multi_stage_teacher_assistant_student_and_born_again(tmp_path, teacher_
     assert (tmp_path / "out" / "chain" / "born_again" / "model.pt").is_file()
 
 
-def test_unlabeled_pool_gets_only_teacher_terms(tmp_path, teacher_checkpoint):
+def test_unlabeled_pool_gets_only_teacher_terms(tmp_path, digits_teacher):
     import numpy as np
 
     pool = tmp_path / "pool.npz"
     np.savez(pool, x=np.random.default_rng(0).integers(0, 256, (150, 8, 8, 3), dtype=np.uint8))
-    recipe = distill_recipe("unlabeled", teacher_checkpoint, [{"name": "kd", "alpha": 0.9}])
+    recipe = distill_recipe("unlabeled", digits_teacher, [{"name": "kd", "alpha": 0.9}])
     recipe["data"] = recipe["data"] | {"unlabeled": {"path": str(pool), "limit": 100}}
     metrics = run_recipe(tmp_path, recipe)["distill"].metrics
     assert metrics["unlabeled_images"] == 100
     assert metrics["top1"] > metrics["top1_at_start"] + 25
 
 
-def test_cached_teacher_logits_give_the_same_student(tmp_path, teacher_checkpoint):
+def test_cached_teacher_logits_give_the_same_student(tmp_path, digits_teacher):
     runs = {}
     for cached in (False, True):
-        recipe = distill_recipe(f"cache-{cached}", teacher_checkpoint, [{"name": "kd", "alpha": 0.9}], cache_teacher_logits=cached)
+        recipe = distill_recipe(f"cache-{cached}", digits_teacher, [{"name": "kd", "alpha": 0.9}], cache_teacher_logits=cached)
         recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
         runs[cached] = run_recipe(tmp_path, recipe)["distill"]
     assert runs[True].metrics["cached_teacher_logits"] and not runs[False].metrics["cached_teacher_logits"]

@@ -172,5 +172,5 @@ def test_bench_command_refuses_bad_files_cleanly(tmp_path, content):
 def test_list_prints_registries():
     result = compress("list")
     assert result.returncode == 0
-    for name in ("teacher", "distill", "export", "bench", "kd", "cifar:resnet56", "torchvision:mobilenet_v2", "digits", "imagefolder"):
+    for name in ("teacher", "distill", "prune", "quantize", "export", "bench", "kd", "taylor", "cifar:resnet56", "torchvision:mobilenet_v2", "digits", "imagefolder"):
         assert name in result.stdout

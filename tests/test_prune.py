@@ -4,16 +4,15 @@ the pruned student back up with its teacher."""
 
 import pytest
 import torch
-import yaml
+from conftest import DIGITS_BASE as BASE
+from conftest import run_recipe
 
 from compress.artifacts import save_weights
 from compress.benchmark import measure_torch_latency
 from compress.config import PRUNING_CRITERIA, PruneConfig
 from compress.errors import ModelError, RecipeError, StageError
 from compress.models import build_model, count_params_macs, load_weights
-from compress.pipeline import run
 from compress.pruning import CRITERIA, ChannelPruner, apply_structure, prune_network, structure_of
-from compress.recipe import load_recipe
 
 SIZES = {"cifar:resnet20": 8, "torchvision:mobilenet_v2": 16}
 
@@ -80,6 +79,12 @@ def test_pruning_ratio_halves_every_prunable_layer_exactly():
             assert m.out_channels == widths[n] // 2, n
     assert model.conv1.in_channels == 3 and model.fc.out_features == 10
     assert 3.5 < params / result["params"] < 4.5 and 3.5 < macs / result["macs"] < 4.5  # widths halve: ~ratio^2
+
+
+def test_recipe_criteria_are_the_registered_ones():
+    from compress.pruning import CRITERIA
+
+    assert sorted(CRITERIA.names()) == sorted(PRUNING_CRITERIA)
 
 
 @pytest.mark.parametrize("criterion", sorted(PRUNING_CRITERIA))
@@ -202,26 +207,7 @@ def test_torch_latency_reports_percentiles_and_restores_the_mode():
 
 # --- the prune stage in a pipeline ---------------------------------------------------------------
 
-BASE = {
-    "name": "prune_teacher",
-    "seed": 0,
-    "data": {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 600, "test": 200}},
-    "teacher": {"model": "cifar:resnet20", "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
-    "student": {"model": "cifar:resnet20"},
-    "stages": ["teacher"],
-}
 TRAIN = {"epochs": 2, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}
-
-
-def run_recipe(tmp_path, raw):
-    path = tmp_path / f"{raw['name']}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return run(load_recipe(path, out=str(tmp_path / "out")), show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory):
-    return str(run_recipe(tmp_path_factory.mktemp("teacher"), BASE)["teacher"].files["model"])
 
 
 def prune_recipe(name, checkpoint, **prune):
@@ -233,8 +219,8 @@ def prune_recipe(name, checkpoint, **prune):
 
 
 @pytest.mark.slow
-def test_pipeline_prunes_the_distilled_student_and_fine_tuning_recovers(tmp_path, teacher_checkpoint):
-    artifacts = run_recipe(tmp_path, prune_recipe("prune_run", teacher_checkpoint, speedup=2.0, steps=2, max_layer_ratio=0.75))
+def test_pipeline_prunes_the_distilled_student_and_fine_tuning_recovers(tmp_path, digits_teacher):
+    artifacts = run_recipe(tmp_path, prune_recipe("prune_run", digits_teacher, speedup=2.0, steps=2, max_layer_ratio=0.75))
     metrics = artifacts["prune"].metrics
     distilled = artifacts["distill"].metrics
     assert metrics["source_stage"] == "distill" and metrics["loss"] == ["kd"]
@@ -256,8 +242,8 @@ def test_pipeline_prunes_the_distilled_student_and_fine_tuning_recovers(tmp_path
 
 
 @pytest.mark.slow
-def test_pipeline_taylor_by_ratio_keeps_ignored_layers(tmp_path, teacher_checkpoint):
-    recipe = prune_recipe("prune_taylor", teacher_checkpoint, criterion="taylor", pruning_ratio=0.5, steps=2, round_to=4, ignore=["layer3.*"])
+def test_pipeline_taylor_by_ratio_keeps_ignored_layers(tmp_path, digits_teacher):
+    recipe = prune_recipe("prune_taylor", digits_teacher, criterion="taylor", pruning_ratio=0.5, steps=2, round_to=4, ignore=["layer3.*"])
     recipe["stages"][2]["prune"]["train"] = TRAIN | {"epochs": 1}
     artifacts = run_recipe(tmp_path, recipe)
     metrics = artifacts["prune"].metrics

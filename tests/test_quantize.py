@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import DIGITS_BASE
 from torch import nn
 
 from compress.artifacts import save_weights
@@ -115,12 +116,9 @@ def test_check_qdq_refuses_a_float_export(tmp_path):
 
 # --- through the pipeline, on real digits ----------------------------------------------------
 
-BASE = {
+BASE = DIGITS_BASE | {
     "name": "quant",
-    "seed": 0,
-    "data": {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 600, "test": 360}},
-    "teacher": {"model": "cifar:resnet20", "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
-    "student": {"model": "cifar:resnet20"},
+    "data": DIGITS_BASE["data"] | {"subset": {"train": 600, "test": 360}},
     "stages": [
         "teacher",
         {"distill": {"loss": "kd", "train": {"epochs": 2, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}}},
@@ -131,10 +129,10 @@ BASE = {
 
 
 @pytest.fixture(scope="module")
-def quant_run(tmp_path_factory):
+def quant_run(tmp_path_factory, digits_teacher):
     folder = tmp_path_factory.mktemp("quant")
     path = folder / "quant.yaml"
-    path.write_text(yaml.safe_dump(BASE))
+    path.write_text(yaml.safe_dump(BASE | {"teacher": BASE["teacher"] | {"checkpoint": digits_teacher}}))
     recipe = load_recipe(path, out=str(folder / "out"))
     return recipe, run(recipe, show_progress=False)
 
