@@ -256,7 +256,8 @@ def bench_models(
         std: likewise.
 
     Returns:
-        :func:`compare`'s dict plus ``config``, ``machine`` and ``versions``; rows get
+        :func:`compare`'s dict plus ``config``, ``machine``, ``versions`` and ``agreement``
+        (``{role: {other role: top-1 agreement}}`` for every pair with predictions); rows get
         ``agreement_with_reference`` when the reference's predictions are available.
     """
     rows, predictions = [], {}
@@ -269,6 +270,10 @@ def bench_models(
         if row["role"] != reference and ours is not None and reference_predictions is not None:
             row["agreement_with_reference"] = agreement(ours, reference_predictions)
     result = compare(rows, reference)
+    result["agreement"] = {
+        role: {other: agreement(ours, theirs) for other, theirs in predictions.items() if other != role and theirs is not None}
+        for role, ours in predictions.items() if ours is not None
+    }
     result.update(config=dataclasses.asdict(cfg), machine=machine_info(), versions=versions())
     return result
 

@@ -111,6 +111,7 @@ def test_bench_compares_teacher_float_and_int8_students(finished_run):
     assert rows["student"]["top1"] == pytest.approx(metrics(run_dir, "quantize")["top1"], abs=2.0)
     headline = metrics(run_dir, "bench")
     assert headline["int8_speedup_b1"] > 0 and headline["int8_size_reduction"] > 3
+    assert headline["int8_agreement_with_fp32"] == bench["agreement"]["student"]["student_fp32"] >= 0.9
     assert "| Metric | teacher | student_fp32 |" in result.stdout
 
 

@@ -206,3 +206,14 @@ def test_skipped_convs_stay_fp32_in_onnx_runtime(quant_run, tmp_path):
     assert check_qdq(path, target="onnxruntime-cpu", skip_count=1) | {} and kept_float_convs(qmodel) == 1
     with pytest.raises(ExportError, match="stay FP32"):
         check_qdq(path, target="onnxruntime-cpu", skip_count=0)
+
+
+@pytest.mark.slow
+def test_a_skipped_layer_between_quantized_ones_is_reported_requantized(quant_run, tmp_path):
+    _, artifacts = quant_run
+    qmodel = prepare_quantized(loaded(artifacts["distill"]), target="onnxruntime-cpu", skip=("layer2.0.conv1",), example_inputs=torch.zeros(2, 3, 8, 8))
+    calibrate(qmodel, [torch.randn(32, 3, 8, 8)], method="minmax")
+    path = export_onnx(qmodel, tmp_path / "middle.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights)
+    result = check_qdq(path, target="onnxruntime-cpu", skip_count=kept_float_convs(qmodel))
+    assert kept_float_convs(qmodel) == 1 and result["int8_weights"] == 21  # float in the file ...
+    assert result["skipped_but_quantized_by_onnxruntime"] == 1  # ... but ONNX Runtime quantizes it on load

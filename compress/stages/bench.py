@@ -87,4 +87,5 @@ def headline_metrics(result: dict) -> dict:
     if "student_fp32" in rows and "student" in rows:
         int8 = compare(result["rows"], reference="student_fp32")["ratios"]["student"]
         headline |= {f"int8_{key}": int8.get(key) for key in HEADLINE_RATIOS}
+        headline["int8_agreement_with_fp32"] = result.get("agreement", {}).get("student", {}).get("student_fp32")
     return headline

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -73,6 +75,13 @@ def export_quantized(model, path, cfg: ExportConfig, ctx: RunContext, images: np
     )
     result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True)
     result["qdq"] = check_qdq(path, target=quantization["target"], skip_count=kept_float_convs(model))
+    requantized = result["qdq"].get("skipped_but_quantized_by_onnxruntime")
+    if requantized and ctx.show_progress:
+        print(
+            f"warning: {requantized} layer(s) in quantize.skip sit between quantized layers; ONNX Runtime quantizes "
+            f"them anyway (per tensor) when it loads {path.name}. Only layers at the edges of the graph stay float.",
+            file=sys.stderr,
+        )
     return result
 
 
