@@ -120,6 +120,35 @@ def bench(model, against, data, data_kind, batch_size, iterations, warmup, time_
     click.echo(f"written: {table_path} and {table_path.with_suffix('.json')}", err=True)
 
 
+def _fraction(ctx, param, value: str) -> float:
+    """``10%`` -> 0.10; a plain number is a fraction (``0.1``)."""
+    text = value.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a percentage like 10% or a fraction like 0.1, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("result", type=click.Path())
+@click.option("--baseline", required=True, type=click.Path(), help="The known-good bench.json (or its bench/ or run folder).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Top-1 points a model may lose.")
+@click.option("--max-latency-increase", default="10%", show_default=True, callback=_fraction, help="Batch-1 p50 growth allowed (10% or 0.1).")
+@click.option("--max-size-increase", default="5%", show_default=True, callback=_fraction, help="File size growth allowed.")
+@click.option("--latency", type=click.Choice(["auto", "relative", "absolute"]), default="auto", show_default=True,
+              help="relative: latency as a ratio to the run's reference model (machine-independent); auto: relative when both results have it.")
+@user_errors
+def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency):
+    """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline; exit 1 on a regression."""
+    from compress.gates import Gates, gates_table, load_bench_result
+    from compress.gates import check as check_gates
+
+    gates = Gates(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase, latency=latency)
+    results = check_gates(load_bench_result(result), load_bench_result(baseline), gates)
+    click.echo(gates_table(results), nl=False)
+    sys.exit(0 if all(r.passed for r in results) else 1)
+
+
 @cli.command(name="list")
 @click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets"]), required=False)
 def list_(what):

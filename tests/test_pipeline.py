@@ -103,6 +103,13 @@ def test_bench_json_has_sane_fields(finished_run):
     assert "| Metric | teacher | student | student vs teacher |" in result.stdout
 
 
+def test_check_gates_a_real_result_against_itself(finished_run):
+    _, run_dir, _ = finished_run
+    result = compress("check", run_dir, "--baseline", run_dir / "bench" / "bench.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| student | top-1 (%) |" in result.stdout and "gates passed" in result.stdout
+
+
 def test_second_run_skips_everything_and_changes_nothing(finished_run):
     recipe, run_dir, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}

@@ -1,0 +1,174 @@
+"""Regression gates: compare a bench result with a baseline, model by model (``compress check``).
+
+A CI job keeps the ``bench.json`` of a known-good run as its baseline and checks every new run
+against it: top-1 accuracy may drop by at most so many points, batch-1 latency and file size
+may grow by at most so many percent. Absolute times drift between machines (a CI runner is not
+the laptop that recorded the baseline), so latency is compared, by default, as the ratio to the
+reference model measured in the same run (the teacher): a student that got slower relative to
+its teacher is a regression on any machine.
+
+Example::
+
+    results = check(load_bench_result("exported/run/bench"), load_bench_result("baseline.json"), Gates())
+    print(gates_table(results)); sys.exit(0 if all(r.passed for r in results) else 1)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from compress.errors import DataError
+
+LATENCY_MODES = ("auto", "relative", "absolute")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The tolerances of a check.
+
+    Attributes:
+        max_accuracy_drop: top-1 points a model may lose against the baseline.
+        max_latency_increase: fraction by which batch-1 p50 latency may grow (0.10 = 10%).
+        max_size_increase: fraction by which the file size may grow.
+        latency: ``relative`` (to the reference model of the same result), ``absolute``
+            (milliseconds as measured), or ``auto``: relative when both results have the
+            reference row measured, absolute otherwise.
+    """
+
+    max_accuracy_drop: float = 0.5
+    max_latency_increase: float = 0.10
+    max_size_increase: float = 0.05
+    latency: str = "auto"
+
+    def __post_init__(self):
+        if self.latency not in LATENCY_MODES:
+            raise DataError(f"latency: expected one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
+        for name in ("max_accuracy_drop", "max_latency_increase", "max_size_increase"):
+            if getattr(self, name) < 0:
+                raise DataError(f"{name}: expected >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One metric of one model: baseline, current value, the change and whether it is allowed."""
+
+    model: str
+    metric: str
+    baseline: float | None
+    current: float | None
+    change: str
+    limit: str
+    passed: bool
+
+
+def load_bench_result(path: str | Path) -> dict:
+    """A ``bench.json``: given as the file, its ``bench/`` folder, or the run folder.
+
+    Raises:
+        DataError: the file is missing, not JSON, or not a bench result (one line naming it).
+    """
+    path = Path(path)
+    for candidate in (path, path / "bench.json", path / "bench" / "bench.json"):
+        if candidate.is_file():
+            path = candidate
+            break
+    else:
+        raise DataError(f"{path}: no bench result here (expected bench.json, its bench/ folder or the run folder)")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: not a JSON bench result ({type(exc).__name__})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not all(isinstance(r, dict) and "role" in r for r in result["rows"]):
+        raise DataError(f"{path}: not a bench result (expected an object with a list of 'rows', as compress bench writes)")
+    return result
+
+
+def check(current: dict, baseline: dict, gates: Gates) -> list[GateResult]:
+    """Every gate of every model of the baseline, against the current result.
+
+    A model of the baseline that is missing from the current result, or whose current row
+    failed, fails its gates; models only in the current result are new and not gated.
+
+    Returns:
+        One :class:`GateResult` per (model, metric), in the baseline's model order.
+    """
+    relative = gates.latency == "relative" or (gates.latency == "auto" and _has_reference(current) and _has_reference(baseline))
+    rows = {row["role"]: row for row in current["rows"]}
+    results = []
+    for base in baseline["rows"]:
+        model, row = base["role"], rows.get(base["role"])
+        if row is None or row.get("status") != "ok":
+            why = "missing" if row is None else f"error: {row.get('error')}"
+            results.append(GateResult(model, "status", None, None, why, "ok", False))
+            continue
+        results.append(_accuracy(model, base, row, gates))
+        if not (relative and model == current.get("reference")):  # the reference is the yardstick itself
+            results.append(_latency(model, base, row, baseline, current, gates, relative))
+        results.append(_growth(model, "file size (bytes)", base.get("file_bytes"), row.get("file_bytes"), gates.max_size_increase))
+    return results
+
+
+def _accuracy(model: str, base: dict, row: dict, gates: Gates) -> GateResult:
+    before, after = base.get("top1"), row.get("top1")
+    limit = f">= -{gates.max_accuracy_drop:g} pts"
+    if before is None:
+        return GateResult(model, "top-1 (%)", None, after, "not in baseline", limit, True)
+    if after is None:
+        return GateResult(model, "top-1 (%)", before, None, "not measured", limit, False)
+    drop = after - before
+    return GateResult(model, "top-1 (%)", before, after, f"{drop:+.2f} pts", limit, drop >= -gates.max_accuracy_drop)
+
+
+def _latency(model, base, row, baseline, current, gates, relative) -> GateResult:
+    if relative:
+        before = _p50(base) / _p50(_reference_row(baseline)) if _p50(base) else None
+        after = _p50(row) / _p50(_reference_row(current)) if _p50(row) else None
+        metric = f"p50 batch 1 / {current.get('reference')}'s"
+    else:
+        before, after, metric = _p50(base), _p50(row), "p50 batch 1 (ms)"
+    return _growth(model, metric, before, after, gates.max_latency_increase)
+
+
+def _growth(model: str, metric: str, before: float | None, after: float | None, allowed: float) -> GateResult:
+    limit = f"<= +{100 * allowed:g}%"
+    if before is None:
+        return GateResult(model, metric, None, after, "not in baseline", limit, True)
+    if after is None:
+        return GateResult(model, metric, before, None, "not measured", limit, False)
+    growth = after / before - 1 if before else 0.0
+    return GateResult(model, metric, before, after, f"{100 * growth:+.1f}%", limit, growth <= allowed)
+
+
+def _p50(row: dict | None) -> float | None:
+    for entry in (row or {}).get("latency") or []:
+        if entry.get("batch_size") == 1 and entry.get("status") == "ok":
+            return entry["latency_ms"]["p50"]
+    return None
+
+
+def _reference_row(result: dict) -> dict | None:
+    return next((row for row in result["rows"] if row["role"] == result.get("reference")), None)
+
+
+def _has_reference(result: dict) -> bool:
+    return _p50(_reference_row(result)) is not None
+
+
+def gates_table(results: list[GateResult]) -> str:
+    """Markdown: one line per gate with baseline, current, change, limit and PASS/FAIL."""
+    lines = ["| model | metric | baseline | current | change | limit | result |", "|---|---|---:|---:|---:|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.metric} | {_number(r.baseline)} | {_number(r.current)} | {r.change} | {r.limit} | {'PASS' if r.passed else 'FAIL'} |"
+        )
+    failed = sum(not r.passed for r in results)
+    verdict = f"{failed} of {len(results)} gates failed" if failed else f"all {len(results)} gates passed"
+    return "\n".join(lines) + f"\n\n{verdict}\n"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"

@@ -1,0 +1,107 @@
+"""`compress check`: passes on equal results, fails (exit 1) on each planted regression, and
+compares latency as a ratio to the run's reference model so a slower machine is not a regression."""
+
+import copy
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import cli
+from compress.errors import DataError
+from compress.gates import Gates, check, load_bench_result
+
+
+def row(role, top1, p50_ms, size):
+    latency = [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": p50_ms}}, {"batch_size": 64, "status": "ok", "latency_ms": {"p50": 20 * p50_ms}}]
+    return {"role": role, "status": "ok", "error": None, "top1": top1, "file_bytes": size, "latency": latency}
+
+
+BASELINE = {
+    "reference": "teacher",
+    "rows": [row("teacher", 95.0, 3.0, 40_000_000), row("student_fp32", 93.0, 0.6, 4_000_000), row("student", 92.8, 0.3, 1_000_000)],
+}
+
+
+def run_check(tmp_path, current, *options):
+    (tmp_path / "baseline.json").write_text(json.dumps(BASELINE))
+    (tmp_path / "current.json").write_text(json.dumps(current))
+    return CliRunner().invoke(cli, ["check", str(tmp_path / "current.json"), "--baseline", str(tmp_path / "baseline.json"), *options])
+
+
+def planted(role, **changes):
+    current = copy.deepcopy(BASELINE)
+    target = next(r for r in current["rows"] if r["role"] == role)
+    for key, value in changes.items():
+        if key == "p50_ms":
+            target["latency"][0]["latency_ms"]["p50"] = value
+        else:
+            target[key] = value
+    return current
+
+
+def test_equal_results_pass(tmp_path):
+    result = run_check(tmp_path, BASELINE)
+    assert result.exit_code == 0, result.output
+    assert "all 8 gates passed" in result.output and "FAIL" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("current", "failing"),
+    [
+        (planted("student", top1=92.1), "| student | top-1 (%) | 92.8 | 92.1 | -0.70 pts"),
+        (planted("student", p50_ms=0.36), "| student | p50 batch 1 / teacher's | 0.1 | 0.12 | +20.0%"),
+        (planted("student_fp32", file_bytes=4_400_000), "| student_fp32 | file size (bytes) | 4,000,000 | 4,400,000 | +10.0%"),
+        (planted("student", status="error", error="latency: worker crashed"), "| student | status | — | — | error: latency: worker crashed"),
+    ],
+)
+def test_each_planted_regression_fails_with_exit_1(tmp_path, current, failing):
+    result = run_check(tmp_path, current)
+    assert result.exit_code == 1, result.output
+    assert failing in result.output and "1 of " in result.output
+
+
+def test_a_missing_model_fails(tmp_path):
+    current = copy.deepcopy(BASELINE)
+    current["rows"] = current["rows"][:2]
+    result = run_check(tmp_path, current)
+    assert result.exit_code == 1 and "| student | status | — | — | missing |" in result.output
+
+
+def test_a_slower_machine_is_no_regression_in_relative_mode_but_is_in_absolute(tmp_path):
+    slower = copy.deepcopy(BASELINE)
+    for r in slower["rows"]:
+        r["latency"][0]["latency_ms"]["p50"] *= 2
+    assert run_check(tmp_path, slower).exit_code == 0
+    absolute = run_check(tmp_path, slower, "--latency", "absolute")
+    assert absolute.exit_code == 1 and "+100.0%" in absolute.output
+
+
+def test_tolerances_from_the_command_line(tmp_path):
+    current = planted("student", top1=92.1, p50_ms=0.36)
+    assert run_check(tmp_path, current).exit_code == 1
+    assert run_check(tmp_path, current, "--max-accuracy-drop", "1", "--max-latency-increase", "25%").exit_code == 0
+    assert run_check(tmp_path, current, "--max-accuracy-drop", "1", "--max-latency-increase", "0.25").exit_code == 0
+    bad = run_check(tmp_path, current, "--max-latency-increase", "ten")
+    assert bad.exit_code == 2 and "expected a percentage" in bad.output
+
+
+def test_accuracy_better_and_faster_pass():
+    current = planted("student", top1=94.0, p50_ms=0.2, file_bytes=900_000)
+    assert all(r.passed for r in check(current, BASELINE, Gates()))
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"rows": [{"no_role": 1}]}'])
+def test_a_file_that_is_not_a_bench_result_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bench.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match="bench.json"):
+        load_bench_result(path)
+    result = CliRunner().invoke(cli, ["check", str(path), "--baseline", str(path)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "Traceback" not in result.output
+
+
+def test_run_folder_and_bench_folder_are_accepted(tmp_path):
+    (tmp_path / "run" / "bench").mkdir(parents=True)
+    (tmp_path / "run" / "bench" / "bench.json").write_text(json.dumps(BASELINE))
+    assert load_bench_result(tmp_path / "run") == load_bench_result(tmp_path / "run" / "bench") == BASELINE
