@@ -417,7 +417,9 @@ def bench_table_markdown(result: dict) -> str:
                 cells.append(_cell(ratio, ratio_fmt) if ratio_key else "")
         lines.append(_md_row(cells))
     lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
-    return "\n".join(lines) + _machine_note(result) + "\n"
+    noisy = [f"{row['role']} (batch {e['batch_size']})" for row in rows for e in row.get("latency") or [] if e.get("noisy")]
+    note = f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a quiet machine." if noisy else ""
+    return "\n".join(lines) + note + _machine_note(result) + "\n"
 
 
 def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str, str | None, str | None]]:
@@ -425,6 +427,10 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
 
     def latency(stat: str) -> Callable:
         return lambda row: (_batch_entry(row, 1) or {}).get("latency_ms", {}).get(stat)
+
+    def mean_std(row: dict) -> str | None:
+        stats = (_batch_entry(row, 1) or {}).get("latency_ms", {})
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if "mean" in stats and "std" in stats else None
 
     def scaled(key: str, factor: float) -> Callable:
         return lambda row: None if row.get(key) is None else row[key] * factor
@@ -435,13 +441,22 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
         ("MACs, batch 1 (M)", scaled("macs", 1e-6), "{:.1f}", "macs_reduction", "{:.2f}× fewer"),
         ("Latency p50, batch 1 (ms)", latency("p50"), "{:.3f}", "speedup_b1", "{:.2f}× faster"),
         ("Latency p90, batch 1 (ms)", latency("p90"), "{:.3f}", None, None),
+        ("Latency p95, batch 1 (ms)", latency("p95"), "{:.3f}", None, None),
         ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
+        ("Latency mean ± std, batch 1 (ms)", mean_std, "{}", None, None),
+        ("Latency CV, batch 1 (%)", lambda row: _cv_cell(_batch_entry(row, 1)), "{}", None, None),
         (f"Throughput, batch {batch} (images/s)", lambda row: _throughput(row, batch), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
         ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
         ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
         ("Top-1 accuracy (%)", scaled("top1", 1.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
         (f"Top-1 agreement with {reference} (%)", scaled("agreement_with_reference", 100.0), "{:.2f}", None, None),
     ]
+
+
+def _cv_cell(entry: dict | None) -> str | None:
+    if not entry or entry.get("cv") is None:
+        return None
+    return f"{100 * entry['cv']:.1f}" + (" (noisy)" if entry.get("noisy") else "")
 
 
 def _status_cells(rows: list[dict], reference: str) -> list[str]:

@@ -73,7 +73,8 @@ def test_rows_have_every_field_and_sane_numbers(models):
         for entry in row["latency"]:
             lat = entry["latency_ms"]
             assert entry["status"] == "ok" and 5 <= entry["runs"] <= CFG.iterations
-            assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+            assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+            assert entry["cv"] == pytest.approx(lat["std"] / lat["mean"]) and entry["noisy"] == (entry["cv"] > 0.10)
             assert entry["throughput_ips"] == pytest.approx(entry["batch_size"] * entry["runs"] / entry["total_s"])
         assert row["peak_rss_mb"] > 0 and row["model_rss_mb"] >= 0
         assert row["runtime"]["providers"] == ["CPUExecutionProvider"]
@@ -256,3 +257,14 @@ def test_write_json_atomic_keeps_old_file_on_bad_object(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(path, {"bad": object()})
     assert sha256_file(path) == digest and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_noisy_timings_are_flagged_in_the_table():
+    quiet = synthetic_row("teacher", 4.0, 400.0, 40 * 2**20, 11e6, 500e6, 95.0)
+    busy = synthetic_row("student", 1.0, 2000.0, 4 * 2**20, 2e6, 90e6, 93.0)
+    quiet["latency"][0] |= {"cv": 0.03, "noisy": False}
+    busy["latency"][0] |= {"cv": 0.42, "noisy": True}
+    table = bench_table_markdown(compare([quiet, busy]))
+    assert "| Latency CV, batch 1 (%) | 3.0 | 42.0 (noisy) |" in table
+    assert "Noisy timings (coefficient of variation over 10%): student (batch 1)" in table
+    assert "teacher (batch" not in table.split("Noisy timings")[1]

@@ -103,20 +103,27 @@ def _timed_runs(session, feed: dict, iterations: int, budget_s: float | None) ->
     return times
 
 
+NOISY_CV = 0.10  # above this the machine was busy (or the run too short): the row is flagged
+
+
 def _summary(times: list[float], batch_size: int) -> dict:
     ms = np.asarray(times) * 1000.0
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
     total = float(np.sum(times))
+    cv = float(ms.std() / ms.mean()) if ms.mean() > 0 else 0.0
     return {
         "latency_ms": {
             "p50": float(p50),
             "p90": float(p90),
+            "p95": float(p95),
             "p99": float(p99),
             "mean": float(ms.mean()),
             "std": float(ms.std()),
             "min": float(ms.min()),
             "max": float(ms.max()),
         },
+        "cv": cv,  # coefficient of variation of the timed runs
+        "noisy": cv > NOISY_CV,
         "runs": len(times),
         "total_s": total,
         "throughput_ips": batch_size * len(times) / total,
