@@ -62,7 +62,7 @@ def _load(recipe_path, data, epochs, subset, device, out, overrides):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="compress")
 def cli():
-    """Teacher -> distilled student -> ONNX -> benchmark, from one YAML recipe."""
+    """Teacher -> distilled, pruned, INT8 student -> ONNX -> benchmark, from one YAML recipe."""
 
 
 @cli.command()
@@ -118,6 +118,18 @@ def bench(model, against, data, data_kind, batch_size, iterations, warmup, time_
     result, table_path = bench_files(model, against=against, data=data, data_kind=data_kind, cfg=cfg, out=out)
     click.echo(table_path.read_text())
     click.echo(f"written: {table_path} and {table_path.with_suffix('.json')}", err=True)
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@user_errors
+def report(run_dir):
+    """(Re)write RUN_DIR/report.md, report.json and report.png from the run's artifacts."""
+    from compress.report import write_report
+
+    paths = write_report(run_dir)
+    click.echo(paths["markdown"].read_text())
+    click.echo(f"written: {', '.join(str(p) for p in paths.values())}", err=True)
 
 
 def _fraction(ctx, param, value: str) -> float:

@@ -23,11 +23,12 @@ from compress.context import RunContext
 from compress.errors import RecipeError, StageError
 from compress.fileio import sha256_file, write_text_atomic
 from compress.recipe import recipe_to_dict, resolve_device
+from compress.report import write_report
 from compress.stages import STAGES
 
 
 def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> dict[str, Artifact]:
-    """Run every stage of ``recipe``; return the artifacts by stage name.
+    """Run every stage of ``recipe``, then write the run report; return the artifacts by stage name.
 
     Args:
         recipe: a validated recipe (``compress.load_recipe``).
@@ -53,6 +54,7 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
         ctx.artifacts[spec.name] = artifact
         if show_progress:
             print(stage_line(artifact), file=sys.stderr)
+    write_report(run_dir)
     return ctx.artifacts
 
 

@@ -1,8 +1,15 @@
-"""Artifacts -> the summary a person reads at the end of a run."""
+"""Artifacts -> what a person reads: the summary printed at the end of a run, and the run report
+(``report.md``, ``report.json``, ``report.png``) written from the stage records alone."""
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 from compress.artifacts import Artifact
+from compress.errors import DataError
+from compress.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def summary_table(artifacts: dict[str, Artifact]) -> str:
@@ -44,3 +51,199 @@ def bench_headline(m: dict) -> str:
     if m.get("int8_speedup_b1") is not None:
         parts.append(f"INT8 {m['int8_speedup_b1']:.2f}x faster than FP32 student")
     return ", ".join(parts)
+
+
+# --- the run report: every model of a run, side by side, and the accuracy/latency trade-off ---
+
+
+def write_report(run_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into a run folder, from its artifacts.
+
+    Every network the run produced (teacher, distilled, pruned, quantized students) gets one
+    entry: its PyTorch accuracy, parameters and MACs from its stage record, and, for the files
+    the export stage wrote, what the bench measured on them (ONNX top-1, batch-1 latency,
+    throughput, size) with ratios to the teacher. The plot shows top-1 against batch-1 latency
+    with the Pareto front (no other model is both faster and more accurate) marked.
+
+    Args:
+        run_dir: ``<out>/<run>``, after at least one stage completed.
+
+    Returns:
+        ``{"json": ..., "markdown": ..., "plot": ...}`` (no plot when no model was benchmarked).
+
+    Raises:
+        DataError: the folder holds no completed stage.
+    """
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    paths = {"json": write_json_atomic(run_dir / "report.json", report)}
+    paths["markdown"] = write_text_atomic(run_dir / "report.md", report_markdown(report))
+    if any(m.get("onnx") for m in report["models"]):
+        paths["plot"] = write_bytes_atomic(run_dir / "report.png", pareto_plot(report))
+    return paths
+
+
+def build_report(run_dir: Path) -> dict:
+    """The report's data (see :func:`write_report`), read from stage records only."""
+    records = _stage_records(run_dir)
+    if not records:
+        raise DataError(f"{run_dir}: no completed stage (no */stage.json); run the recipe first")
+    bench = _bench_rows(run_dir, records)
+    models = []
+    for record in records:
+        metrics = record.get("metrics", {})
+        if "top1" not in metrics or "params" not in metrics:
+            continue
+        models.append({
+            "name": record["stage"], "kind": record.get("kind", record["stage"]), "model": metrics.get("model"),
+            "top1": metrics["top1"], "params": metrics["params"], "macs": metrics.get("macs"),
+            "quantized": bool(metrics.get("quantization")), "onnx": bench.get(record["stage"]),
+        })
+    teacher = next((m for m in models if m["kind"] == "teacher"), None)
+    for entry in models:
+        entry["vs_teacher"] = _ratios(entry, teacher)
+    return {"run": run_dir.name, "models": models, "pareto": pareto_front(models)}
+
+
+def _stage_records(run_dir: Path) -> list[dict]:
+    """Completed stage records, in the recipe's order when the resolved recipe is there."""
+    import yaml
+
+    records = {}
+    for path in run_dir.glob("*/stage.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "stage" in record:
+            records[record["stage"]] = record
+    order = []
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        for item in recipe.get("stages", []):
+            kind, settings = next(iter(item.items())) if isinstance(item, dict) else (item, {})
+            order.append((settings or {}).get("name") or kind)
+    except (OSError, yaml.YAMLError, AttributeError, StopIteration):
+        pass
+    ranked = [records[name] for name in order if name in records]
+    return ranked + [r for name, r in sorted(records.items()) if name not in order]
+
+
+def _bench_rows(run_dir: Path, records: list[dict]) -> dict[str, dict]:
+    """Stage name -> what the bench measured on the ONNX file holding that stage's network."""
+    export = next((r for r in records if r.get("kind", r["stage"]) == "export"), None)
+    bench_path = run_dir / "bench" / "bench.json"
+    if export is None or not bench_path.is_file():
+        return {}
+    rows = {row["role"]: row for row in json.loads(bench_path.read_text()).get("rows", [])}
+    measured = {}
+    for role, check in export.get("metrics", {}).items():
+        row, stage = rows.get(role), _exported_stage(role, check, records)
+        if stage is None or row is None or row.get("status") != "ok":
+            continue
+        batch1 = next((b for b in row.get("latency", []) if b.get("batch_size") == 1 and b.get("status") == "ok"), None)
+        widest = max((b for b in row.get("latency", []) if b.get("status") == "ok"), key=lambda b: b["batch_size"], default=None)
+        measured[stage] = {
+            "file": f"{role}.onnx", "top1": row.get("top1"), "file_bytes": row.get("file_bytes"),
+            "p50_b1_ms": batch1["latency_ms"]["p50"] if batch1 else None,
+            "throughput_ips": widest["throughput_ips"] if widest else None,
+            "throughput_batch": widest["batch_size"] if widest else None,
+        }
+    return measured
+
+
+def _exported_stage(role: str, check: dict, records: list[dict]) -> str | None:
+    """The stage whose network ``<role>.onnx`` holds: recorded by the export stage, or (runs made
+    before it recorded it) the latest stage of that role."""
+    if isinstance(check, dict) and "stage" in check:
+        return check["stage"]
+    by_role = [r for r in records if r.get("role") == ("teacher" if role == "teacher" else "student")]
+    if not by_role:
+        return None
+    if role == "student_fp32":
+        return by_role[-1].get("metrics", {}).get("source_stage")
+    return by_role[0]["stage"] if role == "teacher" else by_role[-1]["stage"]
+
+
+def _ratios(entry: dict, teacher: dict | None) -> dict:
+    if teacher is None:
+        return {}
+    ours, theirs = entry.get("onnx") or {}, teacher.get("onnx") or {}
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    return {
+        "top1_delta": entry["top1"] - teacher["top1"],
+        "params_reduction": ratio(teacher["params"], entry["params"]),
+        "macs_reduction": ratio(teacher.get("macs"), entry.get("macs")),
+        "speedup_b1": ratio(theirs.get("p50_b1_ms"), ours.get("p50_b1_ms")),
+        "size_reduction": ratio(theirs.get("file_bytes"), ours.get("file_bytes")),
+    }
+
+
+def pareto_front(models: list[dict]) -> list[str]:
+    """Names of the benchmarked models that no other is both at least as fast and as accurate as
+    (and strictly better in one), fastest first."""
+    points = [(m["onnx"]["p50_b1_ms"], m["onnx"]["top1"], m["name"]) for m in models
+              if m.get("onnx") and m["onnx"].get("p50_b1_ms") is not None and m["onnx"].get("top1") is not None]
+    front = [
+        (ms, top1, name) for ms, top1, name in points
+        if not any(o_ms <= ms and o_top1 >= top1 and (o_ms < ms or o_top1 > top1) for o_ms, o_top1, _ in points)
+    ]
+    return [name for _, _, name in sorted(front)]
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        f"# Run `{report['run']}`", "",
+        "| model | network | top-1 (PyTorch) | params (M) | MACs (M) | ONNX file | top-1 (ONNX) | p50 batch 1 (ms) | throughput (img/s) | size (MiB) | vs teacher |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for m in report["models"]:
+        onnx, ratios = m.get("onnx") or {}, m.get("vs_teacher") or {}
+        parts = [("speedup_b1", "{:.2f}x faster"), ("size_reduction", "{:.2f}x smaller"), ("macs_reduction", "{:.2f}x fewer MACs"), ("top1_delta", "{:+.2f} pts")]
+        versus = ", ".join(fmt.format(ratios[key]) for key, fmt in parts if ratios.get(key) is not None) if m["kind"] != "teacher" else ""
+        name = m["name"] + (" (INT8)" if m["quantized"] else "") + (" ★" if m["name"] in report["pareto"] else "")
+        lines.append(
+            f"| {name} | {m['model']} | {m['top1']:.2f} | {m['params'] / 1e6:.3f} | {_fmt(m['macs'], '{:.1f}', 1e-6)} "
+            f"| {onnx.get('file', '—')} | {_fmt(onnx.get('top1'), '{:.2f}')} | {_fmt(onnx.get('p50_b1_ms'), '{:.3f}')} "
+            f"| {_fmt(onnx.get('throughput_ips'), '{:.0f}')} | {_fmt(onnx.get('file_bytes'), '{:.2f}', 2**-20)} | {versus or '—'} |"
+        )
+    lines += ["", "★ on the Pareto front of accuracy vs batch-1 latency (exported files, ONNX Runtime)."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, fmt: str, scale: float = 1.0) -> str:
+    return "—" if value is None else fmt.format(value * scale)
+
+
+def pareto_plot(report: dict) -> bytes:
+    """PNG: ONNX top-1 against batch-1 latency per benchmarked model; the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in report["models"] if m.get("onnx") and m["onnx"].get("p50_b1_ms") and m["onnx"].get("top1") is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for m in models:
+        on_front = m["name"] in report["pareto"]
+        ax.scatter(m["onnx"]["p50_b1_ms"], m["onnx"]["top1"], s=60, zorder=3,
+                   color="tab:red" if on_front else "tab:gray", marker="*" if on_front else "o")
+        ax.annotate(m["name"] + (" INT8" if m["quantized"] else ""), (m["onnx"]["p50_b1_ms"], m["onnx"]["top1"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = [next(m for m in models if m["name"] == name) for name in report["pareto"]]
+    if len(front) > 1:
+        ax.plot([m["onnx"]["p50_b1_ms"] for m in front], [m["onnx"]["top1"] for m in front], color="tab:red", lw=1, zorder=2, label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50, batch 1 (ms, log scale)")
+    ax.set_ylabel("top-1 accuracy of the exported model (%)")
+    ax.set_title(f"{report['run']}: accuracy vs latency (ONNX Runtime)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

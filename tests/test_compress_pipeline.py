@@ -121,3 +121,30 @@ def test_second_run_skips_every_stage(finished_run):
     assert again.returncode == 0, again.stderr[-2000:]
     for stage in STAGES:
         assert f"[{stage}] skipped (unchanged)" in again.stderr
+
+
+def test_report_lists_every_model_with_its_exported_numbers_and_regenerates(finished_run):
+    _, run_dir, _ = finished_run
+    report = json.loads((run_dir / "report.json").read_text())
+    models = {m["name"]: m for m in report["models"]}
+    assert list(models) == ["teacher", "distill", "prune", "quantize"]
+    assert models["prune"]["onnx"]["file"] == "student_fp32.onnx" and models["quantize"]["onnx"]["file"] == "student.onnx"
+    assert models["distill"]["onnx"] is None and models["quantize"]["quantized"]
+    bench = {row["role"]: row for row in json.loads((run_dir / "bench" / "bench.json").read_text())["rows"]}
+    assert models["quantize"]["onnx"]["top1"] == bench["student"]["top1"]
+    assert models["prune"]["vs_teacher"]["macs_reduction"] == pytest.approx(models["teacher"]["macs"] / models["prune"]["macs"])
+    assert report["pareto"] and set(report["pareto"]) <= {"teacher", "prune", "quantize"}
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| quantize (INT8)" in (run_dir / "report.md").read_text()
+    again = compress("report", run_dir)
+    assert again.returncode == 0 and json.loads((run_dir / "report.json").read_text()) == report
+
+
+def test_pareto_front_keeps_only_undominated_models():
+    from compress.report import pareto_front
+
+    def model(name, ms, top1):
+        return {"name": name, "onnx": {"p50_b1_ms": ms, "top1": top1}}
+
+    models = [model("teacher", 3.0, 95.0), model("fast", 0.3, 90.0), model("dominated", 0.5, 89.0), model("middle", 1.0, 93.0), model("unmeasured", None, 99.0)]
+    assert pareto_front(models) == ["fast", "middle", "teacher"]

@@ -45,6 +45,7 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
             metrics[role] = verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement)
         else:
             metrics[role] = export_quantized(model, path, cfg, ctx, images, metadata | {"compress.quantization": quantization["target"]}, quantization)
+        metrics[role]["stage"] = artifact.stage  # which stage's network the file holds (for the report)
         files[role] = path
     return Artifact("export", files=files, metrics=metrics)
 
