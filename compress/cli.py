@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -80,6 +81,13 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force):
     if "bench" in artifacts:
         click.echo("")
         click.echo(artifacts["bench"].files["table"].read_text())
+    if recipe.gates.baseline is not None:
+        from compress.gates import gate_run, gates_table
+
+        results = gate_run(recipe.gates, Path(recipe.out) / recipe.name)
+        click.echo(gates_table(results), nl=False)
+        if not all(r.passed for r in results):
+            sys.exit(1)
 
 
 @cli.command()
@@ -152,10 +160,11 @@ def _fraction(ctx, param, value: str) -> float:
 @user_errors
 def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency):
     """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline; exit 1 on a regression."""
-    from compress.gates import Gates, gates_table, load_bench_result
+    from compress.config import GatesConfig
     from compress.gates import check as check_gates
+    from compress.gates import gates_table, load_bench_result
 
-    gates = Gates(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase, latency=latency)
+    gates = GatesConfig(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase, latency=latency)
     results = check_gates(load_bench_result(result), load_bench_result(baseline), gates)
     click.echo(gates_table(results), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)

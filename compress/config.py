@@ -306,6 +306,30 @@ class BenchConfig:
         _check(self.eval_samples is None or self.eval_samples > 0, f"eval_samples: expected > 0 or null, got {self.eval_samples}")
 
 
+GATE_LATENCY_MODES = ("auto", "relative", "absolute")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Regression gates: after the run, its bench result is compared with ``baseline``.
+
+    ``max_latency_increase`` and ``max_size_increase`` are fractions (0.10 = 10%). ``latency``:
+    ``relative`` compares each model's batch-1 latency as a ratio to the run's reference model
+    (the teacher), ``absolute`` in milliseconds, ``auto`` relative when both results have it.
+    """
+
+    baseline: str | None = None  # a bench.json, its bench/ folder or a run folder; null: no gates
+    max_accuracy_drop: float = 0.5  # top-1 points
+    max_latency_increase: float = 0.10
+    max_size_increase: float = 0.05
+    latency: str = "auto"
+
+    def __post_init__(self):
+        _check(self.latency in GATE_LATENCY_MODES, f"latency: expected one of {', '.join(GATE_LATENCY_MODES)}, got {self.latency!r}")
+        for name in ("max_accuracy_drop", "max_latency_increase", "max_size_increase"):
+            _check(getattr(self, name) >= 0, f"{name}: expected >= 0, got {getattr(self, name)}")
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One entry of the recipe's ordered ``stages`` list.
@@ -333,6 +357,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
     stages: tuple[StageSpec, ...] = ()
 
 

@@ -9,7 +9,7 @@ its teacher is a regression on any machine.
 
 Example::
 
-    results = check(load_bench_result("exported/run/bench"), load_bench_result("baseline.json"), Gates())
+    results = check(load_bench_result("exported/run/bench"), load_bench_result("baseline.json"), GatesConfig())
     print(gates_table(results)); sys.exit(0 if all(r.passed for r in results) else 1)
 """
 
@@ -19,35 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from compress.config import GatesConfig
 from compress.errors import DataError
-
-LATENCY_MODES = ("auto", "relative", "absolute")
-
-
-@dataclass(frozen=True)
-class Gates:
-    """The tolerances of a check.
-
-    Attributes:
-        max_accuracy_drop: top-1 points a model may lose against the baseline.
-        max_latency_increase: fraction by which batch-1 p50 latency may grow (0.10 = 10%).
-        max_size_increase: fraction by which the file size may grow.
-        latency: ``relative`` (to the reference model of the same result), ``absolute``
-            (milliseconds as measured), or ``auto``: relative when both results have the
-            reference row measured, absolute otherwise.
-    """
-
-    max_accuracy_drop: float = 0.5
-    max_latency_increase: float = 0.10
-    max_size_increase: float = 0.05
-    latency: str = "auto"
-
-    def __post_init__(self):
-        if self.latency not in LATENCY_MODES:
-            raise DataError(f"latency: expected one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
-        for name in ("max_accuracy_drop", "max_latency_increase", "max_size_increase"):
-            if getattr(self, name) < 0:
-                raise DataError(f"{name}: expected >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +58,7 @@ def load_bench_result(path: str | Path) -> dict:
     return result
 
 
-def check(current: dict, baseline: dict, gates: Gates) -> list[GateResult]:
+def check(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]:
     """Every gate of every model of the baseline, against the current result.
 
     A model of the baseline that is missing from the current result, or whose current row
@@ -110,7 +83,7 @@ def check(current: dict, baseline: dict, gates: Gates) -> list[GateResult]:
     return results
 
 
-def _accuracy(model: str, base: dict, row: dict, gates: Gates) -> GateResult:
+def _accuracy(model: str, base: dict, row: dict, gates: GatesConfig) -> GateResult:
     before, after = base.get("top1"), row.get("top1")
     limit = f">= -{gates.max_accuracy_drop:g} pts"
     if before is None:
@@ -172,3 +145,16 @@ def _number(value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def gate_run(gates: GatesConfig, run_dir: str | Path) -> list[GateResult]:
+    """The recipe's ``gates`` applied to a finished run; the table is also written to ``gates.md``.
+
+    Raises:
+        DataError: the run has no bench result, or the baseline cannot be read.
+    """
+    from compress.fileio import write_text_atomic
+
+    results = check(load_bench_result(run_dir), load_bench_result(gates.baseline), gates)
+    write_text_atomic(Path(run_dir) / "gates.md", gates_table(results))
+    return results

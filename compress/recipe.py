@@ -175,6 +175,10 @@ def check_references(recipe: C.Recipe) -> None:
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
     if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
         raise RecipeError(f"teacher.checkpoint: no such file: {recipe.teacher.checkpoint}")
+    if recipe.gates.baseline is not None and not Path(recipe.gates.baseline).exists():
+        raise RecipeError(f"gates.baseline: no such file or folder: {recipe.gates.baseline}")
+    if recipe.gates.baseline is not None and "bench" not in [s.kind for s in recipe.stages]:
+        raise RecipeError("gates.baseline: gates compare the run's bench result; add a bench stage")
 
 
 def resolve_device(name: str) -> torch.device:

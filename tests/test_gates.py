@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import cli
+from compress.config import GatesConfig
 from compress.errors import DataError
-from compress.gates import Gates, check, load_bench_result
+from compress.gates import check, load_bench_result
 
 
 def row(role, top1, p50_ms, size):
@@ -88,7 +89,7 @@ def test_tolerances_from_the_command_line(tmp_path):
 
 def test_accuracy_better_and_faster_pass():
     current = planted("student", top1=94.0, p50_ms=0.2, file_bytes=900_000)
-    assert all(r.passed for r in check(current, BASELINE, Gates()))
+    assert all(r.passed for r in check(current, BASELINE, GatesConfig()))
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"rows": [{"no_role": 1}]}'])

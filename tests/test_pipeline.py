@@ -110,6 +110,24 @@ def test_check_gates_a_real_result_against_itself(finished_run):
     assert "| student | top-1 (%) |" in result.stdout and "gates passed" in result.stdout
 
 
+def test_recipe_gates_pass_against_itself_and_fail_on_a_better_baseline(finished_run, tmp_path):
+    recipe, run_dir, _ = finished_run
+    baseline = json.loads((run_dir / "bench" / "bench.json").read_text())
+    (tmp_path / "same.json").write_text(json.dumps(baseline))
+    same = compress("run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'same.json'}")
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "gates passed" in same.stdout and "gates passed" in (run_dir / "gates.md").read_text()
+    for row in baseline["rows"]:
+        if row["role"] == "student":
+            row["top1"] += 5.0  # the baseline student was better: the new run is a regression
+    (tmp_path / "better.json").write_text(json.dumps(baseline))
+    worse = compress("run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'better.json'}", "--set", "gates.max_accuracy_drop=1")
+    assert worse.returncode == 1, worse.stderr[-2000:]
+    assert "| student | top-1 (%) |" in worse.stdout and "-5.00 pts | >= -1 pts | FAIL |" in worse.stdout
+    missing = compress("run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'nope.json'}")
+    assert missing.returncode == 2 and "gates.baseline: no such file" in missing.stderr
+
+
 def test_second_run_skips_everything_and_changes_nothing(finished_run):
     recipe, run_dir, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -119,7 +137,7 @@ def test_second_run_skips_everything_and_changes_nothing(finished_run):
         assert f"[{stage}] skipped (unchanged)" in again.stderr
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     changed = {p.name for p in after if after[p] != before.get(p)}
-    assert changed <= {"recipe.yaml", "report.json", "report.md", "report.png"}  # rewritten, same content
+    assert changed <= {"recipe.yaml", "report.json", "report.md", "report.png", "gates.md"}  # rewritten, same content
 
 
 def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
