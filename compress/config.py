@@ -270,6 +270,7 @@ class ExportConfig:
     int8_tolerance: float = 0.2  # quantized student vs its fake-quantized model: max |diff| / max |logit|
     int8_min_agreement: float = 0.95
     check_samples: int = 256
+    simplify: bool = False  # onnxslim graph simplification, verified against PyTorch like any export
 
     def __post_init__(self):
         _check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")

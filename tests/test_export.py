@@ -318,3 +318,13 @@ def test_info_rejects_broken_files(tmp_path, name, content):
     with pytest.raises(ExportError) as info:
         read_onnx_info(path)
     assert name in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_simplified_export_still_matches_torch(tmp_path, exported, exporter):
+    model, plain = exported["mobilenet_v2", exporter]
+    slim = export_onnx(model, tmp_path / "slim.onnx", image_size=SIZE, exporter=exporter, simplify=True)
+    assert len(onnx.load(slim).graph.node) <= len(onnx.load(plain).graph.node)
+    images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE), dtype=np.float32)
+    assert verify_onnx(slim, model, images, tolerance=1e-4, min_agreement=1.0)["max_abs_diff"] <= 1e-4
+    assert read_onnx_info(slim)["metadata"] == read_onnx_info(plain)["metadata"]

@@ -2,6 +2,7 @@
 ONNX file (INT8 weights, the target's activation type, every conv a QLinearConv in ONNX Runtime)."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -217,3 +218,15 @@ def test_a_skipped_layer_between_quantized_ones_is_reported_requantized(quant_ru
     result = check_qdq(path, target="onnxruntime-cpu", skip_count=kept_float_convs(qmodel))
     assert kept_float_convs(qmodel) == 1 and result["int8_weights"] == 21  # float in the file ...
     assert result["skipped_but_quantized_by_onnxruntime"] == 1  # ... but ONNX Runtime quantizes it on load
+
+
+@pytest.mark.slow
+def test_simplified_int8_export_is_smaller_and_computes_the_same(quant_run, tmp_path):
+    images, _ = digit_images(quant_run)
+    qmodel = loaded(quant_run[1]["qat"])
+    plain = export_onnx(qmodel, tmp_path / "plain.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights)
+    slim = export_onnx(qmodel, tmp_path / "slim.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights, simplify=True)
+    assert len(onnx.load(slim).graph.node) < len(onnx.load(plain).graph.node)
+    assert check_qdq(slim, target="onnxruntime-cpu")["fp32_conv"] == 0
+    ours, theirs = (open_session(p).run(None, {"input": images})[0] for p in (slim, plain))
+    assert np.abs(ours - theirs).max() <= 1e-5

@@ -72,6 +72,7 @@ def export_onnx(
     exporter: str = "dynamo",
     metadata: dict[str, str] | None = None,
     transform: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    simplify: bool = False,
 ) -> Path:
     """Export a classifier to a single ONNX file with a dynamic batch axis.
 
@@ -93,6 +94,9 @@ def export_onnx(
         transform: rewrites the exported graph before it is checked and written (e.g.
             :func:`compress.exporters.qdq.store_int8_weights`, which stores quantized weights
             as INT8 initializers).
+        simplify: run onnxslim's graph simplification (constant folding, dead and identity node
+            removal, fusion of shape arithmetic) after ``transform``; the caller verifies the
+            result against PyTorch as for any export.
 
     Returns:
         ``path``.
@@ -107,6 +111,8 @@ def export_onnx(
     proto = _run_exporter(model, exporter, opset, in_channels, image_size, path)
     if transform is not None:
         proto = transform(proto)
+    if simplify:
+        proto = _simplified(proto, path)
     _set_metadata(proto, metadata or {})
     data = _checked_bytes(proto, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +192,16 @@ def _export_torchscript(model, example, opset) -> onnx.ModelProto:
         dynamo=False,
     )
     return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _simplified(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    import onnxslim
+
+    try:
+        with _quiet():
+            return onnxslim.slim(proto)
+    except Exception as exc:
+        raise ExportError(f"onnxslim could not simplify {path.name}: {_root_cause(exc)}") from exc
 
 
 def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:

@@ -41,7 +41,7 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
         metadata = onnx_metadata(ctx, role, artifact.metrics["model"])
         quantization = artifact.metrics.get("quantization")
         if quantization is None:
-            export_onnx(model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset, exporter=cfg.exporter, metadata=metadata)
+            export_onnx(model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset, exporter=cfg.exporter, metadata=metadata, simplify=cfg.simplify)
             metrics[role] = verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement)
         else:
             metrics[role] = export_quantized(model, path, cfg, ctx, images, metadata | {"compress.quantization": quantization["target"]}, quantization)
@@ -72,7 +72,7 @@ def export_quantized(model, path, cfg: ExportConfig, ctx: RunContext, images: np
 
     export_onnx(  # torch.export has no fake-tensor kernels for the fake-quantize ops: the tracer exports them
         model, path, image_size=ctx.data.image_size, in_channels=ctx.data.in_channels, opset=cfg.opset,
-        exporter=QUANTIZED_EXPORTER, metadata=metadata, transform=store_int8_weights,
+        exporter=QUANTIZED_EXPORTER, metadata=metadata, transform=store_int8_weights, simplify=cfg.simplify,
     )
     result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True)
     result["qdq"] = check_qdq(path, target=quantization["target"], skip_count=kept_float_convs(model))
