@@ -71,4 +71,14 @@ register_format(
     )
 )
 
+register_format(
+    ExportFormat(
+        name="tensorrt",
+        suffix=".engine",
+        needs_gpu=True,
+        options_doc="from an exported .onnx: fp16=False, int8=False (for a QDQ file), batch=(min, opt, max), workspace_mib, timing_cache",
+        entry="compress.exporters.tensorrt:build_engine",
+    )
+)
+
 __all__ = ["FORMATS", "ExportFormat", "register_format"]

@@ -1,0 +1,100 @@
+"""TensorRT engines from our ONNX files, with the ``tensorrt`` Python API (extra ``[tensorrt]``).
+
+The engine is built from the exported ONNX file, so it inherits everything the export stage
+proved about that file: an FP32 file gives an FP32 (or, with ``fp16``, mixed FP16) engine, and
+an INT8 QDQ file exported for ``target: tensorrt`` (int8 activations, zero point 0) gives an
+explicitly quantized INT8 engine, TensorRT reading the scales from the Q/DQ nodes. The batch
+axis gets one optimisation profile (``min``/``opt``/``max`` batch), and a timing cache file is
+read before and written after the build, so rebuilding on the same GPU is fast.
+
+tensorrt is imported only inside :func:`build_engine`: without it (or without a GPU) the rest of
+the pipeline runs, and asking for an engine fails with a message saying how to get one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.errors import ExportError
+from compress.fileio import write_bytes_atomic
+
+INSTALL_HINT = "install the extra on a machine with an NVIDIA GPU: pip install -e '.[tensorrt]'"
+
+
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    *,
+    fp16: bool = False,
+    int8: bool = False,
+    batch: tuple[int, int, int] = (1, 32, 64),
+    workspace_mib: int = 2048,
+    timing_cache: str | Path | None = None,
+) -> Path:
+    """Build and write a serialized TensorRT engine (``.engine``) from an ONNX file.
+
+    Args:
+        onnx_path: a file written by the export stage (input ``input``, dynamic batch axis).
+        engine_path: where the engine goes (written atomically).
+        fp16: allow FP16 kernels.
+        int8: allow INT8 kernels; needed for a QDQ file (explicit quantization).
+        batch: (min, opt, max) batch size of the optimisation profile.
+        workspace_mib: builder workspace limit.
+        timing_cache: a cache file to start from and update (created if missing).
+
+    Returns:
+        ``engine_path``.
+
+    Raises:
+        ExportError: tensorrt is not installed, no CUDA device is usable, the parser rejects
+            the file, or the build fails (one line each).
+    """
+    trt = _import_tensorrt()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise ExportError(f"{onnx_path}: no such ONNX file")
+    if not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise ExportError(f"batch: expected 1 <= min <= opt <= max, got {batch}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch: the only mode of TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors or 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if int8:
+        config.set_flag(trt.BuilderFlag.INT8)
+    profile = builder.create_optimization_profile()
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (batch[0], *rest), (batch[1], *rest), (batch[2], *rest))
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
+    if cache_path is not None:
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    return write_bytes_atomic(engine_path, bytes(serialized))
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise ExportError(f"TensorRT engines need the tensorrt package, which is not installed; {INSTALL_HINT}") from None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError("TensorRT engines are built on an NVIDIA GPU, and this machine has no usable CUDA device")
+    except ImportError:
+        pass
+    return tensorrt
