@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from compress.artifacts import Artifact
-from compress.benchmark import bench_models, machine_info, versions
+from compress.benchmark import bench_models, machine_info, p50_ms, versions
 from compress.config import BenchConfig
 from compress.context import RunContext
 from compress.data import test_arrays
@@ -92,7 +92,7 @@ def table(record: dict) -> str:
     ]
     for stage, r in record["results"].items():
         rows = {row["role"]: row for row in r["rows"]}
-        p50 = {role: next(b["latency_ms"]["p50"] for b in rows[role]["latency"] if b["batch_size"] == 1) for role in rows}
+        p50 = {role: p50_ms(row, 1) for role, row in rows.items()}
         ratios = r["ratios"]
         lines.append(
             f"| {stage} | {r['model']} | {p50['fp32']:.3f} | {p50['int8']:.3f} | {ratios['speedup_b1']:.2f}x | {ratios['speedup_throughput']:.2f}x "

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from compress.benchmark import machine_info, versions
+from compress.benchmark import machine_info, p50_ms, versions
 from compress.fileio import write_json_atomic
 from compress.pipeline import run
 from compress.recipe import load_recipe
@@ -51,16 +51,12 @@ def summarise(name, recipe_file, overrides, artifacts, wall_s) -> dict:
     bench = json.loads(artifacts["bench"].files["json"].read_text())
     rows = {row["role"]: row for row in bench["rows"]}
 
-    def latency(role, batch):
-        entry = next(b for b in rows[role]["latency"] if b["batch_size"] == batch)
-        return entry["latency_ms"]["p50"]
-
     stages = {
         stage: {key: a.metrics.get(key) for key in STAGE_KEYS if key in a.metrics}
         for stage, a in artifacts.items() if "top1" in a.metrics
     }
     onnx = {
-        role: {"top1": row.get("top1"), "p50_b1_ms": latency(role, 1), "file_bytes": row["file_bytes"], "params": row["params"], "macs": row["macs"]}
+        role: {"top1": row.get("top1"), "p50_b1_ms": p50_ms(row, 1), "file_bytes": row["file_bytes"], "params": row["params"], "macs": row["macs"]}
         for role, row in rows.items()
     }
     return {

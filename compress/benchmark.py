@@ -305,7 +305,7 @@ def _ratios(row: dict, ref: dict) -> dict:
     batch = _common_batch(row, ref)
     accuracy = (row.get("top1"), ref.get("top1"))
     return {
-        "speedup_b1": _ratio(_p50(ref, 1), _p50(row, 1)),
+        "speedup_b1": _ratio(p50_ms(ref, 1), p50_ms(row, 1)),
         "speedup_throughput": _ratio(_throughput(row, batch), _throughput(ref, batch)),
         "throughput_batch_size": batch,
         "size_reduction": _ratio(ref.get("file_bytes"), row.get("file_bytes")),
@@ -322,20 +322,22 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _batch_entry(row: dict, batch_size: int | None) -> dict | None:
-    for entry in row.get("latency") or []:
+def latency_entry(row: dict | None, batch_size: int | None) -> dict | None:
+    """The successful latency measurement of a bench row at ``batch_size``, if there is one."""
+    for entry in (row or {}).get("latency") or []:
         if entry.get("batch_size") == batch_size and entry.get("status") == "ok":
             return entry
     return None
 
 
-def _p50(row: dict, batch_size: int) -> float | None:
-    entry = _batch_entry(row, batch_size)
+def p50_ms(row: dict | None, batch_size: int) -> float | None:
+    """A bench row's median latency (ms) at ``batch_size``; None when not measured."""
+    entry = latency_entry(row, batch_size)
     return entry["latency_ms"]["p50"] if entry else None
 
 
 def _throughput(row: dict, batch_size: int | None) -> float | None:
-    entry = _batch_entry(row, batch_size)
+    entry = latency_entry(row, batch_size)
     return entry["throughput_ips"] if entry else None
 
 
@@ -426,10 +428,10 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
     """(label with unit, value getter, format, ratio key, ratio format) per table row."""
 
     def latency(stat: str) -> Callable:
-        return lambda row: (_batch_entry(row, 1) or {}).get("latency_ms", {}).get(stat)
+        return lambda row: (latency_entry(row, 1) or {}).get("latency_ms", {}).get(stat)
 
     def mean_std(row: dict) -> str | None:
-        stats = (_batch_entry(row, 1) or {}).get("latency_ms", {})
+        stats = (latency_entry(row, 1) or {}).get("latency_ms", {})
         return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if "mean" in stats and "std" in stats else None
 
     def scaled(key: str, factor: float) -> Callable:
@@ -444,7 +446,7 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
         ("Latency p95, batch 1 (ms)", latency("p95"), "{:.3f}", None, None),
         ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
         ("Latency mean ± std, batch 1 (ms)", mean_std, "{}", None, None),
-        ("Latency CV, batch 1 (%)", lambda row: _cv_cell(_batch_entry(row, 1)), "{}", None, None),
+        ("Latency CV, batch 1 (%)", lambda row: _cv_cell(latency_entry(row, 1)), "{}", None, None),
         (f"Throughput, batch {batch} (images/s)", lambda row: _throughput(row, batch), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
         ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
         ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from compress.benchmark import p50_ms
 from compress.config import GatesConfig
 from compress.errors import DataError
 
@@ -96,11 +97,11 @@ def _accuracy(model: str, base: dict, row: dict, gates: GatesConfig) -> GateResu
 
 def _latency(model, base, row, baseline, current, gates, relative) -> GateResult:
     if relative:
-        before = _p50(base) / _p50(_reference_row(baseline)) if _p50(base) else None
-        after = _p50(row) / _p50(_reference_row(current)) if _p50(row) else None
+        before = p50_ms(base, 1) / p50_ms(_reference_row(baseline), 1) if p50_ms(base, 1) else None
+        after = p50_ms(row, 1) / p50_ms(_reference_row(current), 1) if p50_ms(row, 1) else None
         metric = f"p50 batch 1 / {current.get('reference')}'s"
     else:
-        before, after, metric = _p50(base), _p50(row), "p50 batch 1 (ms)"
+        before, after, metric = p50_ms(base, 1), p50_ms(row, 1), "p50 batch 1 (ms)"
     return _growth(model, metric, before, after, gates.max_latency_increase)
 
 
@@ -114,19 +115,12 @@ def _growth(model: str, metric: str, before: float | None, after: float | None, 
     return GateResult(model, metric, before, after, f"{100 * growth:+.1f}%", limit, growth <= allowed)
 
 
-def _p50(row: dict | None) -> float | None:
-    for entry in (row or {}).get("latency") or []:
-        if entry.get("batch_size") == 1 and entry.get("status") == "ok":
-            return entry["latency_ms"]["p50"]
-    return None
-
-
 def _reference_row(result: dict) -> dict | None:
     return next((row for row in result["rows"] if row["role"] == result.get("reference")), None)
 
 
 def _has_reference(result: dict) -> bool:
-    return _p50(_reference_row(result)) is not None
+    return p50_ms(_reference_row(result), 1) is not None
 
 
 def gates_table(results: list[GateResult]) -> str:

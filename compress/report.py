@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from compress.artifacts import Artifact
+from compress.benchmark import p50_ms
 from compress.errors import DataError
 from compress.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
@@ -141,11 +142,10 @@ def _bench_rows(run_dir: Path, records: list[dict]) -> dict[str, dict]:
         row, stage = rows.get(role), _exported_stage(role, check, records)
         if stage is None or row is None or row.get("status") != "ok":
             continue
-        batch1 = next((b for b in row.get("latency", []) if b.get("batch_size") == 1 and b.get("status") == "ok"), None)
         widest = max((b for b in row.get("latency", []) if b.get("status") == "ok"), key=lambda b: b["batch_size"], default=None)
         measured[stage] = {
             "file": f"{role}.onnx", "top1": row.get("top1"), "file_bytes": row.get("file_bytes"),
-            "p50_b1_ms": batch1["latency_ms"]["p50"] if batch1 else None,
+            "p50_b1_ms": p50_ms(row, 1),
             "throughput_ips": widest["throughput_ips"] if widest else None,
             "throughput_batch": widest["batch_size"] if widest else None,
         }

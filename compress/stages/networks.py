@@ -14,6 +14,14 @@ from compress.config import StudentConfig, TeacherConfig
 from compress.context import RunContext
 from compress.models import build_model, load_weights
 
+ARCHITECTURE_KEYS = ("model", "cifar_stem", "num_classes")  # what build_network needs
+
+
+def architecture_of(artifact: Artifact) -> dict:
+    """The architecture a model stage recorded: a later stage that reshapes the same network
+    (prune, quantize) records it again so its own artifact rebuilds on its own."""
+    return {key: artifact.metrics[key] for key in ARCHITECTURE_KEYS}
+
 
 def architecture(ctx: RunContext, spec: TeacherConfig | StudentConfig) -> dict:
     """The arguments of ``build_model`` for a recipe section (CIFAR stem auto: image_size <= 64)."""

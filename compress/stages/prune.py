@@ -23,12 +23,17 @@ from compress.losses import UNLABELED
 from compress.models import count_params_macs
 from compress.pruning import ChannelPruner, apply_structure, structure_of
 from compress.stages import STAGES
-from compress.stages.networks import build_network, example_batch, load_network, preprocess
+from compress.stages.networks import (
+    architecture_of,
+    build_network,
+    example_batch,
+    load_network,
+    preprocess,
+)
 from compress.teaching import frozen, history_dicts, latest_distill_loss, train_with_teacher
 from compress.train_loop import evaluate
 
 TAYLOR_BATCHES = 4  # training batches whose gradients rank channels for the taylor criterion
-ARCH_KEYS = ("model", "cifar_stem", "num_classes")
 
 
 @STAGES.register("prune")
@@ -53,7 +58,7 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     source = ctx.latest("student")
     if source.metrics.get("quantization"):
         raise StageError(f"prune: the latest student (stage {source.stage!r}) is quantized; put prune before quantize")
-    arch = {key: source.metrics[key] for key in ARCH_KEYS}
+    arch = architecture_of(source)
     student = load_network(ctx, source)
     teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
     prep = preprocess(ctx)

@@ -11,11 +11,9 @@ from compress.errors import StageError
 from compress.models import count_params_macs
 from compress.quantization import calibrate, prepare_quantized
 from compress.stages import STAGES
-from compress.stages.networks import example_batch, load_network, preprocess
+from compress.stages.networks import architecture_of, example_batch, load_network, preprocess
 from compress.teaching import frozen, history_dicts, latest_distill_loss, train_with_teacher
 from compress.train_loop import evaluate
-
-ARCHITECTURE_KEYS = ("model", "cifar_stem", "num_classes")
 
 
 @STAGES.register("quantize")
@@ -53,7 +51,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     test = evaluate(qmodel, test_loader, prep, ctx.device) if history else ptq
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
-    metrics = {key: source.metrics[key] for key in ARCHITECTURE_KEYS} | {
+    metrics = architecture_of(source) | {
         "quantization": {
             "mode": cfg.mode, "target": cfg.target, "skip": list(cfg.skip), "calibration": cfg.calibration,
             "percentile": cfg.percentile, "calibration_images": cfg.calibration_images,
