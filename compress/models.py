@@ -293,6 +293,14 @@ def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Mo
     return model
 
 
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The plain tensors of a checkpoint (``weights_only=True``), without building a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    return _state_dict(_torch_load(path), path)
+
+
 def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

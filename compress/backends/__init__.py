@@ -1,23 +1,29 @@
-"""Benchmark backends: how an exported model's latency and memory are measured.
+"""Benchmark backends: how a model's latency and memory are measured, all behind one call.
 
-Every backend offers the same call, ``measure(path, *, batch_sizes, warmup, iterations,
-time_budget_s, threads) -> dict`` (see :mod:`compress.backends.onnxruntime` for the result's
-keys). It never raises for a model that fails to load or run: the result then has ``"status":
-"error"`` and a one-line ``"error"`` (STYLE habit 7). Only "onnxruntime" (CPU) exists now; the
-CUDA execution provider, eager torch and TensorRT plug in as more ``BACKENDS`` entries.
+Every backend's ``measure(path, *, batch_sizes, warmup, iterations, time_budget_s, threads,
+**options) -> dict`` runs in a fresh child process and returns the same keys (see
+:func:`compress.backends.onnxruntime.measure`). It never raises for a model that fails to load
+or run: the result then has ``"status": "error"`` and a one-line ``"error"`` (STYLE habit 7).
 
-This package is imported by the measuring child process: keep it free of torch and of the heavy
-``compress`` modules.
+What a backend measures is its ``artifact``: an exported ``.onnx`` file (ONNX Runtime), a
+TensorRT ``.engine``, or a stage folder of a run holding a PyTorch checkpoint (eager PyTorch and
+``torch.compile``, for networks before export). Measuring functions are named as
+``"module:function"`` and imported on first use, so listing backends imports no runtime.
+
+This package is imported by the measuring child processes: keep it free of torch and of the
+heavy ``compress`` modules.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from compress.backends import onnxruntime as _onnxruntime
 from compress.errors import StageError
 from compress.registry import Registry
+
+ARTIFACTS = ("onnx", "engine", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -25,18 +31,30 @@ class Backend:
     """One benchmark backend.
 
     Attributes:
-        name: the recipe's ``bench.backend`` value.
+        name: the recipe's ``bench.backends`` entry and the CLI's ``--backend``.
         description: one line for listings.
-        needs_gpu: whether it needs a CUDA device (tests mark such backends ``gpu``).
-        suffix: the artifact it measures (".onnx", later ".engine").
-        measure: the measuring function described in the module docstring.
+        device: "cpu" or "cuda" (tests mark CUDA backends ``gpu``).
+        artifact: what it measures: "onnx" (a ``.onnx`` file), "engine" (a TensorRT
+            ``.engine``) or "checkpoint" (a stage folder of a run).
+        entry: ``"module:function"`` of the measuring function.
+        options: extra keyword arguments for it (the device, torch.compile, ...).
     """
 
     name: str
     description: str
-    needs_gpu: bool
-    suffix: str
-    measure: Callable[..., dict]
+    device: str
+    artifact: str
+    entry: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def measure(self, path, **kwargs) -> dict:
+        """Measure ``path`` (see the module docstring); never raises for a broken model."""
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(module), function)(path, **kwargs, **self.options)
 
 
 BACKENDS: Registry[Backend] = Registry("bench backend", StageError)
@@ -46,22 +64,47 @@ def register_backend(backend: Backend) -> Backend:
     """Add a backend to :data:`BACKENDS` under its own name.
 
     Args:
-        backend: the backend; its name must be new.
+        backend: the backend; its name must be new and its artifact one of :data:`ARTIFACTS`.
 
     Returns:
         ``backend``.
     """
+    if backend.artifact not in ARTIFACTS:
+        raise ValueError(f"backend {backend.name}: artifact must be one of {ARTIFACTS}, got {backend.artifact!r}")
     return BACKENDS.register(backend.name)(backend)
 
 
+for _device in ("cpu", "cuda"):
+    _suffix = "" if _device == "cpu" else "-cuda"
+    register_backend(
+        Backend(
+            name=f"onnxruntime{_suffix}",
+            description=f"ONNX Runtime, {'CPU' if _device == 'cpu' else 'CUDA'}ExecutionProvider, on the exported .onnx",
+            device=_device,
+            artifact="onnx",
+            entry="compress.backends.onnxruntime:measure",
+            options={"device": _device},
+        )
+    )
+    for _compile in (False, True):
+        register_backend(
+            Backend(
+                name=f"torch{'-compile' if _compile else ''}{_suffix}",
+                description=f"PyTorch {'torch.compile' if _compile else 'eager'} on {_device.upper()}, on a stage's checkpoint (before export)",
+                device=_device,
+                artifact="checkpoint",
+                entry="compress.backends.torch:measure",
+                options={"device": _device, "compile": _compile},
+            )
+        )
 register_backend(
     Backend(
-        name="onnxruntime",
-        description="ONNX Runtime, CPUExecutionProvider, measured in a fresh child process",
-        needs_gpu=False,
-        suffix=".onnx",
-        measure=_onnxruntime.measure,
+        name="tensorrt",
+        description="TensorRT engine built from the exported .onnx (needs the tensorrt extra and a GPU)",
+        device="cuda",
+        artifact="engine",
+        entry="compress.backends.tensorrt:measure",
     )
 )
 
-__all__ = ["BACKENDS", "Backend", "register_backend"]
+__all__ = ["ARTIFACTS", "BACKENDS", "Backend", "register_backend"]

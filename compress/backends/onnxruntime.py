@@ -1,27 +1,21 @@
-"""The "onnxruntime" bench backend: ONNX Runtime on CPU, measured in a fresh child process.
+"""The "onnxruntime" and "onnxruntime-cuda" bench backends: an ONNX file in a fresh ONNX Runtime.
 
-Why a child process: a process's peak resident memory only ever grows, so measured in the
-parent it would be the largest of everything loaded so far (torch, the teacher, the dataset). A
-fresh ``python -m compress.backends._ort_worker`` per model, importing only numpy and
-onnxruntime, makes ``peak_rss_mb`` that model's own (the peak of the worker's address space,
-VmHWM: ``ru_maxrss`` would carry the parent's peak over exec) and ``model_rss_mb`` (peak minus
-the worker's peak right before the session is created) what loading and running it cost. It also
-keeps a model that crashes the runtime from taking the whole benchmark down (STYLE habit 7).
+Measured in a child process (see :mod:`compress.backends.child` for why) that imports only
+numpy and onnxruntime, so ``model_rss_mb`` (peak minus the worker's peak right before the
+session is created) is what loading and running the model cost. On CUDA the worker also reads
+the GPU memory the process holds (NVML, when ``nvidia-ml-py`` is installed).
 
-This module must stay import-light too: the child imports it through ``compress.backends``.
+This module must stay import-light: the child imports it through ``compress.backends``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
+from compress.backends.child import budget_timeout, run_child
+
 WORKER_MODULE = "compress.backends._ort_worker"
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the compress package
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def measure(
@@ -32,28 +26,32 @@ def measure(
     iterations: int,
     time_budget_s: float | None,
     threads: int,
+    device: str = "cpu",
     timeout_s: float | None = None,
 ) -> dict:
     """Measure latency, throughput and memory of an ONNX model in a fresh process.
 
     Per batch size: a random normal input, ``warmup`` untimed runs, then timed runs
-    (``time.perf_counter`` around each ``session.run``) until ``iterations`` runs or, after at
-    least 5 runs, ``time_budget_s`` is spent.
+    (``time.perf_counter`` around each ``session.run``, which returns only once the outputs are
+    on the host, so CUDA timings are synchronised) until ``iterations`` runs or, after at least
+    5 runs, ``time_budget_s`` is spent.
 
     Args:
         path: the ``.onnx`` file.
-        batch_sizes: batch sizes to measure, in order (the model's batch axis must be dynamic).
+        batch_sizes: batch sizes to measure, in order (a static batch axis allows only its own).
         warmup: untimed runs before timing each batch size.
         iterations: most timed runs per batch size.
         time_budget_s: seconds after which timing a batch size stops early; None: no limit.
         threads: ONNX Runtime intra-op threads; 0 keeps its default (one per physical core).
-        timeout_s: wall-clock limit for the whole child process; None: derived from the budget
-            (no limit when the budget is None).
+        device: "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider, which must be
+            available: the row is an error rather than a silent CPU fallback).
+        timeout_s: wall-clock limit for the whole child process; None: derived from the budget.
 
     Returns:
         ``{"status": "ok"|"error", "error": str|None, "batches": [{"batch_size", "status",
-        "latency_ms": {"p50", "p90", "p99", "mean", "std", "min", "max"}, "runs", "total_s",
-        "throughput_ips"}, ...], "peak_rss_mb", "baseline_rss_mb", "model_rss_mb", "providers",
+        "latency_ms": {"p50", "p90", "p95", "p99", "mean", "std", "min", "max"}, "cv", "noisy",
+        "runs", "total_s", "throughput_ips"}, ...], "peak_rss_mb", "baseline_rss_mb",
+        "model_rss_mb", "gpu_peak_mb" (CUDA with NVML, else None), "device", "providers",
         "threads", "graph_optimization_level", "onnxruntime"}``. A batch size that fails has
         ``"status": "error"`` and ``"error"``. When the child cannot load the model or crashes,
         only ``status`` and ``error`` are present. Never raises for a broken model.
@@ -65,53 +63,8 @@ def measure(
         "iterations": int(iterations),
         "time_budget_s": time_budget_s,
         "threads": int(threads),
+        "provider": PROVIDERS[device],
     }
-    if timeout_s is None and time_budget_s is not None:
-        timeout_s = 120.0 + 4 * time_budget_s * len(batch_sizes)
-    try:
-        proc = subprocess.run(
-            _worker_command(),
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            env=_worker_env(),
-            timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        return _error(f"the measuring process ran past {timeout_s:.0f} s and was stopped")
-    return _parse(proc)
-
-
-def _worker_command() -> list[str]:
-    return [sys.executable, "-m", WORKER_MODULE]
-
-
-def _worker_env() -> dict[str, str]:
-    """The parent's environment, with our package importable however the parent found it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _parse(proc: subprocess.CompletedProcess) -> dict:
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        hint = " (out of memory?)" if proc.returncode == -signal.SIGKILL else ""
-        return _error(f"the measuring process was killed by {name}{hint}")
-    try:
-        result = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        result = None
-    if proc.returncode != 0 or not isinstance(result, dict):
-        reason = _last_line(proc.stderr) or "no result"
-        return _error(f"the measuring process failed (exit code {proc.returncode}): {reason}")
-    return result
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _error(message: str) -> dict:
-    return {"status": "error", "error": message}
+    if timeout_s is None:
+        timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
+    return run_child(WORKER_MODULE, request, timeout_s)

@@ -7,11 +7,15 @@ artifact alone, whichever recipe section it came from.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
-from compress.artifacts import Artifact
+from compress.artifacts import STAGE_RECORD, Artifact
 from compress.config import StudentConfig, TeacherConfig
 from compress.context import RunContext
+from compress.errors import ModelError
 from compress.models import build_model, load_weights
 
 ARCHITECTURE_KEYS = ("model", "cifar_stem", "num_classes")  # what build_network needs
@@ -42,17 +46,69 @@ def load_network(ctx: RunContext, artifact: Artifact) -> torch.nn.Module:
     as the same fake-quantized graph (BatchNorm folded, quantizers placed) before its weights and
     quantization scales are loaded.
     """
-    model = build_network(ctx, artifact.metrics).eval()
-    settings = artifact.metrics.get("quantization")
+    model = rebuild_network(artifact.metrics, artifact.files["model"], in_channels=ctx.data.in_channels, image_size=ctx.data.image_size)
+    return model.to(ctx.device).eval()
+
+
+def rebuild_network(metrics: dict, weights: Path, *, in_channels: int, image_size: int) -> torch.nn.Module:
+    """A stage's network from its recorded metrics (architecture, quantization) and weights, on CPU."""
+    model = build_model(metrics["model"], num_classes=metrics["num_classes"], cifar_stem=metrics["cifar_stem"], in_channels=in_channels).eval()
+    settings = metrics.get("quantization")
     prepare = None
     if settings:
         from compress.quantization import prepare_quantized
 
-        def prepare(model):
-            return prepare_quantized(model.eval(), target=settings["target"], skip=tuple(settings["skip"]), example_inputs=example_batch(ctx))
+        example = torch.zeros(2, in_channels, image_size, image_size)
 
-    model = load_weights(model, artifact.files["model"], prepare=prepare)
-    return model.to(ctx.device).eval()
+        def prepare(model):
+            return prepare_quantized(model.eval(), target=settings["target"], skip=tuple(settings["skip"]), example_inputs=example)
+
+    return load_weights(model, weights, prepare=prepare).eval()
+
+
+def load_stage_network(folder: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The network a finished stage folder holds, without its run or recipe: for ``compress
+    export`` and the torch bench backend.
+
+    Everything comes from the folder's ``stage.json`` (architecture and quantization in its
+    metrics, the image size in its resolved recipe) and its weights, loaded with
+    ``weights_only=True``; the input channels are read off the first convolution's weight.
+
+    Args:
+        folder: a stage folder of a run (``exported/<run>/<stage>``) or its ``stage.json``.
+
+    Returns:
+        ``(model in eval mode on CPU, info)`` with info ``{"stage", "model", "cifar_stem",
+        "num_classes", "image_size", "in_channels", "quantization"}``.
+
+    Raises:
+        ModelError: the folder is not a finished stage with a network, or its files do not fit.
+    """
+    folder = Path(folder)
+    record_path = folder if folder.name == STAGE_RECORD else folder / STAGE_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+        metrics, recipe = record["metrics"], record["recipe"]
+        weights = record_path.parent.parent / record["files"]["model"]["path"]
+        image_size = int(recipe["data"]["image_size"])
+        arch = {key: metrics[key] for key in ARCHITECTURE_KEYS}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = "no such file" if isinstance(exc, OSError) else f"no {exc} recorded" if isinstance(exc, KeyError) else "not a stage record"
+        raise ModelError(f"{record_path}: not a finished stage holding a network ({reason})") from None
+    in_channels = _input_channels(weights)
+    model = rebuild_network(metrics, weights, in_channels=in_channels, image_size=image_size)
+    info = arch | {"stage": record.get("stage"), "image_size": image_size, "in_channels": in_channels, "quantization": metrics.get("quantization")}
+    return model, info
+
+
+def _input_channels(weights: Path) -> int:
+    """Channels of the first 4-D weight in a checkpoint: the network's input channels."""
+    from compress.models import read_state_dict
+
+    for tensor in read_state_dict(weights).values():
+        if tensor.ndim == 4:
+            return int(tensor.shape[1])
+    raise ModelError(f"{weights}: no convolution weight to read the input channels from")
 
 
 def example_batch(ctx: RunContext, size: int = 2) -> torch.Tensor:
