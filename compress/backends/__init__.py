@@ -17,7 +17,6 @@ heavy ``compress`` modules.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from compress.errors import StageError
