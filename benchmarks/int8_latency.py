@@ -71,7 +71,7 @@ def float_networks(run_dir: Path) -> dict[str, Artifact]:
 
 def export_pair(ctx: RunContext, stage: str, artifact: Artifact, folder: Path, images: int) -> dict[str, Path]:
     model = load_network(ctx, artifact).cpu().eval()
-    metadata = onnx_metadata(ctx, stage, artifact.metrics["model"])
+    metadata = onnx_metadata(ctx.data, stage, artifact.metrics["model"], ctx.recipe.name)
     size, channels = ctx.data.image_size, ctx.data.in_channels
     fp32 = export_onnx(model, folder / f"{stage}_fp32.onnx", image_size=size, in_channels=channels, metadata=metadata)
     qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=example_batch(ctx))

@@ -95,6 +95,8 @@ def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
     files = {}
     for role, entry in record.get("files", {}).items():
         path = run_dir / entry["path"]
+        if not path.resolve().is_relative_to(run_dir.resolve()):  # a tampered record pointing elsewhere: re-run
+            return None
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
             return None
         files[role] = path

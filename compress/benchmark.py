@@ -99,9 +99,10 @@ def predict_onnx(
     _channel_stats(images, mean, std)  # fail on bad shapes before loading the model
     session = open_session(Path(path), threads=threads)
     name = session.get_inputs()[0].name
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32  # FP16 I/O files
     predictions = []
     for start in range(0, len(images), batch_size):
-        chunk = normalise_images(images[start : start + batch_size], mean, std)
+        chunk = normalise_images(images[start : start + batch_size], mean, std).astype(dtype)
         logits = session.run(None, {name: chunk})[0]
         predictions.append(logits.argmax(axis=1))
     return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
@@ -141,17 +142,19 @@ def normalisation(
     )
 
 
-def _bench(path, cfg, test_data, role, mean, std, reference_predictions):
+def _bench(path, cfg, test_data, role, mean, std, reference_predictions, backend: str | None = None, fmt: str | None = None):
     """(row, predictions or None): bench_model plus the predictions, kept out of the row."""
     path = Path(path)
-    row: dict = {"role": role, "path": str(path), "status": "ok", "error": None}
+    backend = BACKENDS.get(backend or cfg.backends[0])
+    fmt = fmt or artifact_format(path)
+    row: dict = {"role": role, "path": str(path), "status": "ok", "error": None, "backend": backend.name, "format": fmt}
     errors: list[str] = []
     predictions = None
     try:
-        info = read_onnx_info(path)
-        row.update({k: info[k] for k in ("file_bytes", "params", "macs", "opset", "input_shape")})
-        row.update(_latency_fields(path, cfg, errors))
-        if test_data is not None:
+        info = describe_artifact(path, fmt)
+        row.update({k: info.get(k) for k in ("file_bytes", "params", "macs", "opset", "input_shape")})
+        row.update(_latency_fields(path, backend, cfg, info.get("input_shape"), errors))
+        if test_data is not None and fmt in ONNX_FORMATS:
             mean, std = normalisation(info["metadata"], path, mean, std)
             fields, predictions = _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions)
             row.update(fields)
@@ -162,10 +165,45 @@ def _bench(path, cfg, test_data, role, mean, std, reference_predictions):
     return row, predictions
 
 
-def _latency_fields(path: Path, cfg: BenchConfig, errors: list[str]) -> dict:
-    measured = BACKENDS.get(cfg.backend).measure(
+ONNX_FORMATS = ("onnx", "onnx-fp16")  # files ONNX Runtime runs; accuracy is measured on these
+
+
+def artifact_format(path: Path) -> str:
+    """"checkpoint" (a stage folder), "tensorrt" (.engine/.plan), "onnx-fp16" or "onnx"."""
+    if path.is_dir() or path.name == "stage.json":
+        return "checkpoint"
+    if path.suffix in (".engine", ".plan"):
+        return "tensorrt"
+    return "onnx-fp16" if path.name.endswith(".fp16.onnx") else "onnx"
+
+
+def describe_artifact(path: Path, fmt: str) -> dict:
+    """Size, parameters and MACs of what a row measures: read from the ONNX graph, from a
+    stage's record for a checkpoint, and only the file size for an engine (opaque)."""
+    if fmt in ONNX_FORMATS:
+        return read_onnx_info(path)
+    if fmt == "checkpoint":
+        import json
+
+        record_path = path if path.name == "stage.json" else path / "stage.json"
+        try:
+            record = json.loads(record_path.read_text())
+            weights = record_path.parent.parent / record["files"]["model"]["path"]
+            metrics = record["metrics"]
+            return {"file_bytes": weights.stat().st_size, "params": metrics.get("params"), "macs": metrics.get("macs")}
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ExportError(f"{path}: not a finished stage holding a network (no readable stage.json with a model)") from None
+    if not path.is_file():
+        raise ExportError(f"{path}: no such engine file")
+    return {"file_bytes": path.stat().st_size}
+
+
+def _latency_fields(path: Path, backend, cfg: BenchConfig, input_shape, errors: list[str]) -> dict:
+    static = input_shape[0] if input_shape and isinstance(input_shape[0], int) else None
+    batch_sizes = [static] if static else sorted({1, cfg.batch_size})  # a static batch runs only at its size
+    measured = backend.measure(
         path,
-        batch_sizes=sorted({1, cfg.batch_size}),
+        batch_sizes=batch_sizes,
         warmup=cfg.warmup,
         iterations=cfg.iterations,
         time_budget_s=cfg.time_budget_s,
@@ -173,12 +211,12 @@ def _latency_fields(path: Path, cfg: BenchConfig, errors: list[str]) -> dict:
     )
     if measured["status"] != "ok":
         errors.append(f"latency: {measured['error']}")
-    runtime_keys = ("onnxruntime", "providers", "threads", "graph_optimization_level")
+    memory_keys = ("peak_rss_mb", "model_rss_mb", "gpu_peak_mb")
+    skipped = {"status", "error", "batches", "baseline_rss_mb", *memory_keys}
     return {
         "latency": measured.get("batches", []),
-        "peak_rss_mb": measured.get("peak_rss_mb"),
-        "model_rss_mb": measured.get("model_rss_mb"),
-        "runtime": {"backend": cfg.backend, **{k: measured[k] for k in runtime_keys if k in measured}},
+        **{key: measured.get(key) for key in memory_keys},
+        "runtime": {"backend": backend.name, **{k: v for k, v in measured.items() if k not in skipped}},
     }
 
 
@@ -236,8 +274,17 @@ def _describe(exc: BaseException) -> str:
 # --- several models -------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchTarget:
+    """One artifact to measure: which model it is, the file (or stage folder), its format."""
+
+    model: str
+    path: Path
+    format: str = "onnx"
+
+
 def bench_models(
-    models: dict[str, Path],
+    models: dict[str, Path] | list[BenchTarget],
     cfg: BenchConfig,
     test_data: TestData | None,
     *,
@@ -245,37 +292,76 @@ def bench_models(
     mean: list[float] | None = None,
     std: list[float] | None = None,
 ) -> dict:
-    """Benchmark several exported models and compare them with the reference one.
+    """Benchmark several models on every backend of ``cfg.backends`` and compare them.
+
+    Each backend measures the targets it can run (ONNX Runtime the ``.onnx`` files, PyTorch the
+    stage checkpoints, TensorRT the engines). Rows are grouped by backend (and by format when a
+    backend runs more than one, e.g. FP16 ONNX): the group of the first backend's own format is
+    the headline and its rows are named after their model ("teacher", "student"); other rows
+    are named ``"student [torch-cuda]"``. Ratios compare each row with the reference model of
+    its own group. Accuracy is measured once per ONNX file, with ONNX Runtime on CPU.
 
     Args:
-        models: role -> ``.onnx`` file, e.g. ``{"teacher": ..., "student": ...}``.
+        models: role -> ``.onnx`` file, or a list of :class:`BenchTarget`.
         cfg: the bench settings.
         test_data: ``(uint8 NCHW images, labels)`` or None (no accuracy, no agreement).
-        reference: the role the ratios are computed against.
+        reference: the model the ratios are computed against.
         mean: fallback normalisation for files without preprocessing metadata.
         std: likewise.
 
     Returns:
-        :func:`compare`'s dict plus ``config``, ``machine``, ``versions`` and ``agreement``
-        (``{role: {other role: top-1 agreement}}`` for every pair with predictions); rows get
-        ``agreement_with_reference`` when the reference's predictions are available.
+        :func:`compare`'s dict plus ``config``, ``machine``, ``versions``, ``groups`` (headline
+        first) and ``agreement`` (``{row: {other row: top-1 agreement}}`` for every pair with
+        predictions in the same group).
     """
-    rows, predictions = [], {}
-    for role, path in models.items():
-        row, predictions[role] = _bench(path, cfg, test_data, role, mean, std, None)
-        rows.append(row)
-    reference_predictions = predictions.get(reference)
-    for row in rows:
-        ours = predictions[row["role"]]
-        if row["role"] != reference and ours is not None and reference_predictions is not None:
-            row["agreement_with_reference"] = agreement(ours, reference_predictions)
+    targets = [BenchTarget(role, Path(path), artifact_format(Path(path))) for role, path in models.items()] if isinstance(models, dict) else list(models)
+    rows, predictions, by_file = [], {}, {}
+    headline = _group(BACKENDS.get(cfg.backends[0]), _natural_format(cfg.backends[0]))
+    for backend_name in cfg.backends:
+        backend = BACKENDS.get(backend_name)
+        for target in (t for t in targets if backend_runs(backend, t.format)):
+            group = _group(backend, target.format)
+            label = target.model if group == headline else f"{target.model} [{group}]"
+            cached = by_file.get(target.path)  # accuracy does not depend on the backend: measure it once
+            data = None if cached is not None else test_data
+            row, found = _bench(target.path, cfg, data, label, mean, std, None, backend.name, target.format)
+            if cached is not None:
+                row.update({k: cached[0][k] for k in ("top1", "eval_samples") if k in cached[0]})
+                found = cached[1]
+            elif found is not None:
+                by_file[target.path] = (row, found)
+            row.update(model=target.model, group=group)
+            rows.append(row)
+            predictions[label] = found
     result = compare(rows, reference)
+    for row in rows:
+        ref = reference_row(rows, row, reference)
+        ours, theirs = predictions.get(row["role"]), predictions.get(ref["role"]) if ref else None
+        if ref is not None and ref is not row and ours is not None and theirs is not None:
+            row["agreement_with_reference"] = result["ratios"][row["role"]]["agreement_with_reference"] = agreement(ours, theirs)
     result["agreement"] = {
-        role: {other: agreement(ours, theirs) for other, theirs in predictions.items() if other != role and theirs is not None}
-        for role, ours in predictions.items() if ours is not None
+        row["role"]: {
+            other["role"]: agreement(predictions[row["role"]], predictions[other["role"]])
+            for other in rows if other is not row and other.get("group") == row.get("group") and predictions.get(other["role"]) is not None
+        }
+        for row in rows if predictions.get(row["role"]) is not None
     }
+    result["groups"] = list(dict.fromkeys([headline] + [row["group"] for row in rows]))
     result.update(config=dataclasses.asdict(cfg), machine=machine_info(), versions=versions())
     return result
+
+
+def _natural_format(backend_name: str) -> str:
+    return {"onnx": "onnx", "engine": "tensorrt", "checkpoint": "checkpoint"}[BACKENDS.get(backend_name).artifact]
+
+
+def backend_runs(backend, fmt: str) -> bool:
+    """Whether ``backend`` measures artifacts of format ``fmt``."""
+    return {"onnx": fmt in ONNX_FORMATS, "engine": fmt == "tensorrt", "checkpoint": fmt == "checkpoint"}[backend.artifact]
+
+
+def _group(backend, fmt: str) -> str:
+    return backend.name if fmt == _natural_format(backend.name) else f"{backend.name}, {fmt}"
 
 
 def compare(rows: list[dict], reference: str = "teacher") -> dict:
@@ -288,6 +374,8 @@ def compare(rows: list[dict], reference: str = "teacher") -> dict:
         rows: rows from :func:`bench_model`.
         reference: the role to compare against.
 
+    A row is compared with the reference model's row of its own group (same backend and format).
+
     Returns:
         ``{"reference", "rows", "ratios": {role: {"speedup_b1", "speedup_throughput",
         "throughput_batch_size", "size_reduction", "params_reduction", "macs_reduction",
@@ -296,9 +384,18 @@ def compare(rows: list[dict], reference: str = "teacher") -> dict:
         reference images per second at the largest batch size both measured, and
         ``accuracy_delta`` (row - reference) top-1 in percentage points.
     """
-    ref = next((row for row in rows if row["role"] == reference), {})
-    ratios = {row["role"]: _ratios(row, ref) for row in rows if row["role"] != reference}
+    ratios = {row["role"]: _ratios(row, reference_row(rows, row, reference) or {}) for row in rows if row_model(row) != reference}
     return {"reference": reference, "rows": rows, "ratios": ratios}
+
+
+def row_model(row: dict) -> str:
+    """The model a row measures ("teacher", "student", ...; its role in results without groups)."""
+    return row.get("model", row["role"])
+
+
+def reference_row(rows: list[dict], row: dict, reference: str | None) -> dict | None:
+    """The reference model's row measured like ``row`` (same backend group)."""
+    return next((r for r in rows if row_model(r) == reference and r.get("group") == row.get("group")), None)
 
 
 def _ratios(row: dict, ref: dict) -> dict:
@@ -354,7 +451,7 @@ def _common_batch(row: dict, ref: dict) -> int | None:
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on: CPU model, cores, platform."""
+    """What the numbers were measured on: CPU model, cores, platform and the GPUs, if any."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": _cpu_model(),
@@ -362,20 +459,50 @@ def machine_info() -> dict:
         "usable_cores": usable,
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "gpus": _gpus(),
     }
 
 
 def versions() -> dict:
-    """Versions of what ran the benchmark (torch is not involved: the files run on ONNX Runtime)."""
+    """Versions of what ran the benchmark; torch and tensorrt from their installed metadata
+    (importing them would cost seconds and memory the ONNX-only path does not need)."""
+    from importlib import metadata
+
     import onnx
     import onnxruntime
 
-    return {
+    found = {
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
         "numpy": np.__version__,
     }
+    for package in ("torch", "tensorrt"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _gpus() -> list[dict]:
+    """Name, driver and memory of each NVIDIA GPU, from nvidia-smi (empty without one)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            gpus.append({"name": parts[0], "driver": parts[1], "memory_mib": float(parts[2]) if parts[2].replace(".", "").isdigit() else None})
+    return gpus
 
 
 def _cpu_model() -> str:
@@ -393,16 +520,29 @@ def _cpu_model() -> str:
 
 
 def bench_table_markdown(result: dict) -> str:
-    """Markdown table: metrics as rows; the reference, then each model and its ratio, as columns.
+    """Markdown tables, one per backend group (headline first): metrics as rows; the reference,
+    then each model and its ratio, as columns.
 
     Args:
         result: :func:`compare`'s (or :func:`bench_models`') dict.
 
     Returns:
-        The table, plus one line on the machine when ``result`` has it.
+        The tables, plus one line on the machine when ``result`` has it.
     """
-    reference = result["reference"]
-    rows = sorted(result["rows"], key=lambda row: row["role"] != reference)  # reference first
+    groups = result.get("groups") or [None]
+    sections = []
+    for index, group in enumerate(groups):
+        rows = [row for row in result["rows"] if row.get("group") == group]
+        if not rows:
+            continue
+        table = _group_table(result, rows)
+        sections.append(table if index == 0 else f"### {group}\n\n{table}")
+    return "\n\n".join(sections) + _machine_note(result) + "\n"
+
+
+def _group_table(result: dict, rows: list[dict]) -> str:
+    reference = next((row["role"] for row in rows if row_model(row) == result["reference"]), result["reference"])
+    rows = sorted(rows, key=lambda row: row["role"] != reference)  # reference first
     batch = max((b for row in rows for b in _ok_batches(row)), default=None)
     header = ["Metric"]
     for row in rows:
@@ -410,7 +550,10 @@ def bench_table_markdown(result: dict) -> str:
         if row["role"] != reference:
             header.append(f"{row['role']} vs {reference}")
     lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
-    for label, value, fmt, ratio_key, ratio_fmt in _metrics(batch, reference):
+    metrics = _metrics(batch, reference)
+    if any(row.get("gpu_peak_mb") is not None for row in rows):
+        metrics.insert(-2, ("GPU peak memory (MiB)", lambda row: row.get("gpu_peak_mb"), "{:.1f}", None, None))
+    for label, value, fmt, ratio_key, ratio_fmt in metrics:
         cells = [label]
         for row in rows:
             cells.append(_cell(value(row), fmt))
@@ -421,7 +564,7 @@ def bench_table_markdown(result: dict) -> str:
     lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
     noisy = [f"{row['role']} (batch {e['batch_size']})" for row in rows for e in row.get("latency") or [] if e.get("noisy")]
     note = f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a quiet machine." if noisy else ""
-    return "\n".join(lines) + note + _machine_note(result) + "\n"
+    return "\n".join(lines) + note
 
 
 def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str, str | None, str | None]]:
@@ -484,9 +627,12 @@ def _machine_note(result: dict) -> str:
         return ""
     threads = (result.get("config") or {}).get("threads")
     thread_note = f", {threads} threads" if threads else ", default threads"
+    gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
+    torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
+    trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
     return (
-        f"\n\nMeasured on {machine['cpu']} ({machine['usable_cores']} usable cores{thread_note}), "
-        f"{machine['platform']}, ONNX Runtime {runtime.get('onnxruntime', '?')}."
+        f"\n\nMeasured on {machine['cpu']} ({machine['usable_cores']} usable cores{thread_note}){gpus}, "
+        f"{machine['platform']}, ONNX Runtime {runtime.get('onnxruntime', '?')}{torch_note}{trt_note}."
     )
 
 

@@ -104,9 +104,17 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
     click.echo(f"ok: {recipe_path} is valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})", err=True)
 
 
+def _backends() -> list[str]:
+    from compress.backends import BACKENDS
+
+    return BACKENDS.names()
+
+
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--against", type=click.Path(dir_okay=False), help="A reference ONNX model (the teacher) to compare with.")
+@click.argument("model", type=click.Path())
+@click.option("--against", type=click.Path(), help="A reference model (the teacher) to compare with.")
+@click.option("--backend", "backends", multiple=True, default=["onnxruntime"], show_default=True, metavar="NAME",
+              help="Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] for .onnx, torch[-compile][-cuda] for a stage folder, tensorrt for .engine.")
 @click.option("--data", help="Test data for accuracy: a dataset folder (kind detected) or omitted for latency only.")
 @click.option("--data-kind", type=click.Choice(["digits", "cifar10", "cifar100", "npz", "imagefolder"]), help="Dataset kind when detection is not enough.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Throughput batch size (batch 1 is always measured).")
@@ -117,15 +125,44 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
 @click.option("--eval-samples", type=click.IntRange(min=1), help="Test images for accuracy (default: the whole split).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for bench.json/bench.md (default: next to MODEL).")
 @user_errors
-def bench(model, against, data, data_kind, batch_size, iterations, warmup, time_budget, threads, eval_samples, out):
-    """Benchmark exported MODEL.onnx (and --against OTHER.onnx side by side)."""
+def bench(model, against, backends, data, data_kind, batch_size, iterations, warmup, time_budget, threads, eval_samples, out):
+    """Benchmark MODEL (an .onnx, a TensorRT .engine or a run's stage folder), and --against OTHER side by side."""
     from compress.config import BenchConfig
     from compress.stages.bench import bench_files
 
-    cfg = BenchConfig(batch_size=batch_size, iterations=iterations, warmup=warmup, time_budget_s=time_budget, threads=threads, eval_samples=eval_samples)
+    cfg = BenchConfig(backends=tuple(backends), batch_size=batch_size, iterations=iterations, warmup=warmup, time_budget_s=time_budget, threads=threads, eval_samples=eval_samples)
     result, table_path = bench_files(model, against=against, data=data, data_kind=data_kind, cfg=cfg, out=out)
     click.echo(table_path.read_text())
     click.echo(f"written: {table_path} and {table_path.with_suffix('.json')}", err=True)
+
+
+@cli.command(name="export")
+@click.argument("source", type=click.Path())
+@click.option("--format", "fmt", required=True, help="onnx (from a stage folder), onnx-fp16 or tensorrt (from a stage folder or an .onnx); `compress list formats`.")
+@click.option("--out", type=click.Path(dir_okay=False), help="The file to write (default: next to SOURCE).")
+@click.option("--opset", type=click.IntRange(7, 23), default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), help="A static batch size (default: a dynamic batch axis).")
+@click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim (verified not to change outputs).")
+@click.option("--data", help="Dataset for the metadata and check images (default: the data of the recipe that made the stage).")
+@click.option("--engine-fp16/--no-engine-fp16", default=True, show_default=True, help="TensorRT: allow FP16 kernels.")
+@click.option("--engine-batch", default="1,32,64", show_default=True, help="TensorRT optimisation profile: min,opt,max batch.")
+@user_errors
+def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp16, engine_batch):
+    """Export SOURCE (a run's stage folder, or an .onnx file) to one format, verified, outside a run."""
+    import json
+
+    from compress.config import ExportConfig
+    from compress.stages.export import export_file
+
+    try:
+        profile = tuple(int(b) for b in engine_batch.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three integers like 1,32,64, got {engine_batch!r}", param_hint="--engine-batch") from None
+    cfg = ExportConfig(opset=opset, exporter=exporter, batch=batch, simplify=simplify, engine_fp16=engine_fp16, engine_batch=profile)
+    path, record = export_file(source, fmt, out, cfg, data=data)
+    click.echo(json.dumps(record, indent=2, default=str))
+    click.echo(f"written: {path}", err=True)
 
 
 @cli.command()
@@ -171,16 +208,23 @@ def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_in
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets"]), required=False)
+@click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets", "formats", "backends"]), required=False)
 def list_(what):
-    """Print what the registries hold (stages, losses, pruning criteria, models, datasets)."""
+    """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export formats, bench backends)."""
+    from compress.backends import BACKENDS
     from compress.data import DATASETS
+    from compress.exporters import FORMATS
     from compress.losses import LOSSES
     from compress.models import model_names
     from compress.pruning import CRITERIA
     from compress.stages import STAGES
 
-    tables = {"stages": STAGES.names(), "losses": LOSSES.names(), "criteria": CRITERIA.names(), "models": model_names(), "datasets": DATASETS.names()}
+    formats = [f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}" for f in map(FORMATS.get, FORMATS.names())]
+    backends = [f"{b.name:<19} {b.artifact:<10} {b.description}" for b in map(BACKENDS.get, BACKENDS.names())]
+    tables = {
+        "stages": STAGES.names(), "losses": LOSSES.names(), "criteria": CRITERIA.names(), "models": model_names(),
+        "datasets": DATASETS.names(), "formats": formats, "backends": backends,
+    }
     for name in [what] if what else tables:
         click.echo(f"{name}:")
         for entry in tables[name]:

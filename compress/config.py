@@ -261,35 +261,58 @@ EXPORTERS = ("dynamo", "torchscript")
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """ONNX export of teacher and student, proven against PyTorch on real test images."""
+    """Export of teacher and student, each file proven against PyTorch on real test images.
 
+    ``formats``: ONNX always (every other format is built from it), plus ``onnx-fp16`` (FP16
+    weights and I/O for GPU runtimes) and ``tensorrt`` (an engine, when TensorRT and a GPU are
+    present; otherwise a warning and the run goes on). ``batch``: null keeps a dynamic batch
+    axis; a number fixes it (some runtimes and accelerators want static shapes).
+    """
+
+    formats: tuple[str, ...] = ("onnx",)
     opset: int = 18
     exporter: str = "dynamo"
+    batch: int | None = None
     tolerance: float = 1e-3
     min_agreement: float = 0.99
     int8_tolerance: float = 0.2  # quantized student vs its fake-quantized model: max |diff| / max |logit|
     int8_min_agreement: float = 0.95
+    fp16_tolerance: float = 0.02  # FP16 file vs the FP32 model: max |diff| / max |logit| (measured: exporters/fp16.py)
+    fp16_min_agreement: float = 0.98
     check_samples: int = 256
     simplify: bool = False  # onnxslim graph simplification, verified against PyTorch like any export
+    engine_fp16: bool = True  # TensorRT may pick FP16 kernels for float layers
+    engine_batch: tuple[int, int, int] = (1, 32, 64)  # TensorRT optimisation profile: min, opt, max batch
+    engine_workspace_mib: int = 2048
 
     def __post_init__(self):
+        from compress.exporters import FORMATS
+
         _check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")
         _check(self.exporter in EXPORTERS, f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
-        _check(self.tolerance > 0, f"tolerance: expected > 0, got {self.tolerance}")
-        _check(0 <= self.min_agreement <= 1, f"min_agreement: expected 0..1, got {self.min_agreement}")
-        _check(self.int8_tolerance > 0, f"int8_tolerance: expected > 0, got {self.int8_tolerance}")
-        _check(0 <= self.int8_min_agreement <= 1, f"int8_min_agreement: expected 0..1, got {self.int8_min_agreement}")
+        unknown = [f for f in self.formats if f not in FORMATS.names()]
+        _check(not unknown, f"formats: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(FORMATS.names())}")
+        _check("onnx" in self.formats, "formats: must include onnx (every other format is built from the ONNX file)")
+        _check(len(set(self.formats)) == len(self.formats), f"formats: listed twice in {list(self.formats)}")
+        _check(self.batch is None or self.batch > 0, f"batch: expected a positive integer or null (dynamic), got {self.batch}")
+        for name in ("tolerance", "int8_tolerance", "fp16_tolerance"):
+            _check(getattr(self, name) > 0, f"{name}: expected > 0, got {getattr(self, name)}")
+        for name in ("min_agreement", "int8_min_agreement", "fp16_min_agreement"):
+            _check(0 <= getattr(self, name) <= 1, f"{name}: expected 0..1, got {getattr(self, name)}")
         _check(self.check_samples > 0, f"check_samples: expected > 0, got {self.check_samples}")
-
-
-BENCH_BACKENDS = ("onnxruntime",)
+        _check(len(self.engine_batch) == 3 and 1 <= self.engine_batch[0] <= self.engine_batch[1] <= self.engine_batch[2], f"engine_batch: expected [min, opt, max] with 1 <= min <= opt <= max, got {list(self.engine_batch)}")
+        _check(self.engine_workspace_mib > 0, f"engine_workspace_mib: expected > 0, got {self.engine_workspace_mib}")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Latency/throughput/memory/accuracy measurement of exported models."""
+    """Latency/throughput/memory/accuracy measurement of exported models.
 
-    backend: str = "onnxruntime"
+    ``backends``: where to measure (``compress list backends``); the first one's rows are the
+    headline, gated and reported; each further one adds rows with their own ratios.
+    """
+
+    backends: tuple[str, ...] = ("onnxruntime",)
     batch_size: int = 64  # the throughput batch; batch 1 is always measured too
     warmup: int = 10
     iterations: int = 100
@@ -298,7 +321,12 @@ class BenchConfig:
     eval_samples: int | None = None  # None: the whole test split
 
     def __post_init__(self):
-        _check(self.backend in BENCH_BACKENDS, f"backend: expected one of {', '.join(BENCH_BACKENDS)}, got {self.backend!r}")
+        from compress.backends import BACKENDS
+
+        unknown = [b for b in self.backends if b not in BACKENDS.names()]
+        _check(bool(self.backends), "backends: expected at least one backend")
+        _check(not unknown, f"backends: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(BACKENDS.names())}")
+        _check(len(set(self.backends)) == len(self.backends), f"backends: listed twice in {list(self.backends)}")
         _check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
         _check(self.warmup >= 0, f"warmup: expected >= 0, got {self.warmup}")
         _check(self.iterations > 0, f"iterations: expected > 0, got {self.iterations}")

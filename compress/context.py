@@ -22,6 +22,7 @@ class RunContext:
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     stage_dir: Path | None = None
     show_progress: bool = True
+    stage_key: str = ""  # the running stage's input key: its training checkpoints must match it
 
     @cached_property
     def data(self):
@@ -41,6 +42,15 @@ class RunContext:
             if artifact.role == role and "model" in artifact.files:
                 return artifact
         raise StageError(f"no {role} model has been produced by an earlier stage")
+
+    def checkpointing(self, desc: str) -> dict:
+        """``fit``'s checkpoint arguments for the training run ``desc`` of the running stage:
+        one file per run in the stage folder, valid only for the stage's current inputs."""
+        from compress.checkpoint import checkpoint_name
+
+        if self.stage_dir is None:
+            return {}
+        return {"checkpoint": self.stage_path(checkpoint_name(desc)), "checkpoint_key": f"{self.stage_key}:{desc}"}
 
     def stage_path(self, name: str) -> Path:
         assert self.stage_dir is not None

@@ -8,6 +8,15 @@ exported model receives exactly the normalised tensors it was trained on.
 ``data.unlabeled`` appends extra images to the train split with label ``UNLABELED`` (-1): only
 the teacher-driven loss terms learn from them (:func:`load_unlabeled`).
 
+Image files (``imagefolder`` and unlabeled folders) are checked before anything trains: files
+whose names are hidden (``.DS_Store``, macOS ``._photo.jpg``) or lack an image extension are not
+part of the dataset, hidden folders (``.ipynb_checkpoints/``) are not classes, and every image file
+a split uses must open as an image (its header is read, nothing is decoded); otherwise one
+:class:`DataError` names the first bad file and how many there are. A file that is damaged
+further in (a truncated JPEG) can only be found by decoding it: it raises a one-line
+:class:`DataError` naming it when it is first read, in a worker process too. Bad files are
+never skipped silently: remove or fix them.
+
 Example:
     >>> bundle = load_dataset(DataConfig(kind="digits"))
     >>> train_loader, test_loader = make_loaders(bundle, DataConfig(kind="digits"), seed=0)
@@ -20,15 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pickle
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
@@ -136,8 +147,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
         The bundle; in-memory kinds hold each split as one uint8 tensor.
 
     Raises:
-        DataError: The path or its files are missing, or arrays/labels are malformed; the
-            message names the file and what was expected.
+        DataError: The path or its files are missing, arrays/labels are malformed, or image
+            files of the splits (after subsetting) do not open as images; the message names
+            the file and what was expected.
     """
     bundle = DATASETS.get(cfg.kind)(cfg)
     _check_not_empty(bundle, cfg)
@@ -146,10 +158,11 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
         train=balanced_subset(bundle.train, cfg.subset.train, seed),
         test=balanced_subset(bundle.test, cfg.subset.test, TEST_SUBSET_SEED),
     )
-    if cfg.unlabeled.path is None:
-        return bundle
-    pool = load_unlabeled(cfg.unlabeled, cfg.image_size, seed)
-    return dataclasses.replace(bundle, train=LabeledConcat([bundle.train, pool]), unlabeled=len(pool))
+    if cfg.unlabeled.path is not None:
+        pool = load_unlabeled(cfg.unlabeled, cfg.image_size, seed)
+        bundle = dataclasses.replace(bundle, train=LabeledConcat([bundle.train, pool]), unlabeled=len(pool))
+    check_image_files(bundle.train, bundle.test)
+    return bundle
 
 
 def load_unlabeled(cfg: UnlabeledConfig, image_size: int, seed: int) -> Dataset:
@@ -205,6 +218,53 @@ def detect_kind(path: str | Path) -> str:
         f"{folder}: cannot tell the dataset kind (expected train.npz/test.npz, cifar-10-batches-py/, "
         "cifar-100-python/ or train/ + val/ class folders); pass --data-kind"
     )
+
+
+def check_image_files(*splits: Dataset) -> None:
+    """Open every image file the splits read (the header only: no decoding), before training.
+
+    A zero-byte file, a text file named ``.jpg`` or a format Pillow does not know would
+    otherwise stop a run mid-epoch. Files are opened by a few threads: on network storage the
+    check waits on I/O, not on the CPU.
+
+    Raises:
+        DataError: naming the first bad file (in path order), its problem and how many of the
+            files are bad.
+    """
+    files = sorted({path for split in splits for path in _files_of(split) if path is not None})
+    if not files:
+        return
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = [(path, problem) for path, problem in zip(files, pool.map(_image_problem, files, chunksize=64), strict=True) if problem]
+    if problems:
+        path, problem = problems[0]
+        raise DataError(f"{len(problems)} of {len(files)} image files cannot be read (first: {path}: {problem}); fix or remove them")
+
+
+def _files_of(dataset: Dataset) -> list[str | None]:
+    """The file behind each item (None for in-memory items), aligned with the dataset's indices."""
+    if isinstance(dataset, Subset):
+        files = _files_of(dataset.dataset)
+        return [files[i] for i in dataset.indices]
+    if isinstance(dataset, ConcatDataset):
+        return [path for part in dataset.datasets for path in _files_of(part)]
+    if isinstance(dataset, ImageFileDataset):
+        return list(dataset.files)
+    if isinstance(dataset, torchvision.datasets.DatasetFolder):
+        return [path for path, _ in dataset.samples]
+    return [None] * len(dataset)
+
+
+def _image_problem(path: str) -> str | None:
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path):
+            return None
+    except UnidentifiedImageError:
+        return "not an image file Pillow can read"
+    except Exception as exc:  # hostile files fail PIL's parsers in many ways (and bombs are refused)
+        return f"{type(exc).__name__}: {exc}"
 
 
 def make_loaders(bundle: DatasetBundle, cfg: DataConfig, seed: int) -> tuple[DataLoader, DataLoader]:
@@ -597,14 +657,40 @@ def _load_cifar(folder: Path, layout: _CifarLayout, image_size: int) -> DatasetB
     return _in_memory_bundle(train, test, classes, image_size, stats=(layout.mean, layout.std))
 
 
+# Everything the CIFAR python-format files pickle: numpy arrays (their reconstructors under the
+# numpy 1 and numpy 2 module names, and protocol 5's buffer form), numpy scalars, and protocol 2's
+# way of writing bytes. Nothing else is importable while unpickling, so a planted file cannot run
+# code (the same guarantee ``torch.load(weights_only=True)`` gives for checkpoints).
+_CIFAR_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+)
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(file: Path) -> dict:
     # The official CIFAR distribution is a set of Python pickles (Krizhevsky's own loading
-    # recipe is ``pickle.load(fo, encoding="bytes")``); we only open the dataset files the user
-    # points at in the recipe, never anything downloaded or found on our own.
+    # recipe is ``pickle.load(fo, encoding="bytes")``); they are read with an unpickler that
+    # can only build arrays, lists, dicts, bytes and numbers.
     try:
         with open(file, "rb") as f:
-            content = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
+            content = _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as exc:
+        raise DataError(
+            f"{file}: refused: unpickling it would import {exc}, and a CIFAR python-format file holds only arrays, lists, bytes and numbers"
+        ) from None
+    except Exception as exc:  # a file that is not a pickle fails the unpickler in many ways
         raise DataError(f"{file}: not a CIFAR python-format batch ({type(exc).__name__}: {exc})") from None
     if not isinstance(content, dict):
         raise DataError(f"{file}: expected a pickled dict (CIFAR python format), got {type(content).__name__}")
@@ -640,7 +726,9 @@ def load_imagefolder(cfg: DataConfig) -> DatasetBundle:
     """``path/train/<class>/*.png|jpg...`` and ``path/val/`` (or ``path/test/``), decoded lazily.
 
     Images are decoded with PIL, converted to RGB, resized so the short side is ``image_size``
-    and centre-cropped (the usual ImageNet evaluation transform); ImageNet mean/std.
+    and centre-cropped (the usual ImageNet evaluation transform); ImageNet mean/std. Hidden
+    files and folders and files without an image extension are ignored; the files that remain
+    must be images (see the module docstring: bad files raise, they are never skipped).
     """
     folder = _existing_dir(cfg.path, "imagefolder")
     test_dir = next((folder / name for name in ("val", "test") if (folder / name).is_dir()), None)
@@ -664,16 +752,32 @@ def load_imagefolder(cfg: DataConfig) -> DatasetBundle:
     )
 
 
+class _ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder without hidden entries: ``.ipynb_checkpoints/`` is no class."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+
 def _image_folder(root: Path, loader: Callable[[str], Tensor]) -> Dataset:
     try:
-        return torchvision.datasets.ImageFolder(str(root), loader=loader)
+        return _ImageFolder(str(root), loader=loader, is_valid_file=_is_image_file)
     except FileNotFoundError as exc:
         raise DataError(f"{root}: {exc}") from None
 
 
+def _is_image_file(path: str | Path) -> bool:
+    """An image extension and not hidden (``.DS_Store``, macOS's ``._photo.jpg`` metadata)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+
+
 def _image_files(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursively), sorted so selections are reproducible."""
-    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if not files:
         raise DataError(f"unlabeled folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found in it or below")
     return files
@@ -685,7 +789,7 @@ def _decode_image(path: str, image_size: int) -> Tensor:
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}") from None
+    except Exception as exc:  # corrupt files fail PIL's decoders in many ways (OSError, SyntaxError, struct.error...)
+        raise DataError(f"cannot decode image {path}: {exc or type(exc).__name__}") from None
     resized = tf.resize(rgb, image_size, interpolation=tf.InterpolationMode.BILINEAR, antialias=True)
     return tf.pil_to_tensor(tf.center_crop(resized, image_size))

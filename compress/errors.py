@@ -7,11 +7,31 @@ subclass of :class:`CompressError`. The CLI prints its one-line message and exit
 
 from __future__ import annotations
 
+_WORKER_MARK = "\nOriginal Traceback"  # torch's DataLoader re-raises a worker's error with this text
+
 
 class CompressError(Exception):
-    """Base of every error caused by user input; its message is the whole explanation."""
+    """Base of every error caused by user input; its message is the whole explanation.
+
+    A DataLoader worker process cannot hand its exception over as it is: torch re-raises it in
+    the main process as ``type(exc)(message)``, the message being "Caught X in DataLoader worker
+    process N." followed by the worker's whole traceback. Such a message is cut back to the
+    worker's own one line here and the worker's traceback becomes a note (``--debug`` shows it),
+    so the CLI still prints one line. Any other line break (from a key or path in the recipe) is
+    written as ``\\n``.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: object = "", *args: object):
+        text = str(message)
+        if _WORKER_MARK in text:
+            last = text.rstrip().splitlines()[-1]
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            super().__init__(last.removeprefix(prefix), *args)
+            self.add_note(text)
+        else:  # a user's value with a line break in it must not break the one-line contract
+            super().__init__(text.replace("\r", "\\r").replace("\n", "\\n") if isinstance(message, str) else message, *args)
 
 
 class RecipeError(CompressError):

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.benchmark import p50_ms
+from compress.benchmark import p50_ms, reference_row, row_model
 from compress.config import GatesConfig
 from compress.errors import DataError
 
@@ -78,7 +78,7 @@ def check(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]
             results.append(GateResult(model, "status", None, None, why, "ok", False))
             continue
         results.append(_accuracy(model, base, row, gates))
-        if not (relative and model == current.get("reference")):  # the reference is the yardstick itself
+        if not (relative and row_model(base) == current.get("reference")):  # the reference is the yardstick itself
             results.append(_latency(model, base, row, baseline, current, gates, relative))
         results.append(_growth(model, "file size (bytes)", base.get("file_bytes"), row.get("file_bytes"), gates.max_size_increase))
     return results
@@ -97,8 +97,8 @@ def _accuracy(model: str, base: dict, row: dict, gates: GatesConfig) -> GateResu
 
 def _latency(model, base, row, baseline, current, gates, relative) -> GateResult:
     if relative:
-        before = p50_ms(base, 1) / p50_ms(_reference_row(baseline), 1) if p50_ms(base, 1) else None
-        after = p50_ms(row, 1) / p50_ms(_reference_row(current), 1) if p50_ms(row, 1) else None
+        before = _relative_p50(base, baseline)
+        after = _relative_p50(row, current)
         metric = f"p50 batch 1 / {current.get('reference')}'s"
     else:
         before, after, metric = p50_ms(base, 1), p50_ms(row, 1), "p50 batch 1 (ms)"
@@ -115,12 +115,14 @@ def _growth(model: str, metric: str, before: float | None, after: float | None, 
     return GateResult(model, metric, before, after, f"{100 * growth:+.1f}%", limit, growth <= allowed)
 
 
-def _reference_row(result: dict) -> dict | None:
-    return next((row for row in result["rows"] if row["role"] == result.get("reference")), None)
+def _relative_p50(row: dict, result: dict) -> float | None:
+    """Batch-1 p50 of a row over that of the reference model measured the same way (same backend)."""
+    ours, theirs = p50_ms(row, 1), p50_ms(reference_row(result["rows"], row, result.get("reference")), 1)
+    return ours / theirs if ours and theirs else None
 
 
 def _has_reference(result: dict) -> bool:
-    return p50_ms(_reference_row(result), 1) is not None
+    return any(p50_ms(row, 1) is not None for row in result["rows"] if row_model(row) == result.get("reference"))
 
 
 def gates_table(results: list[GateResult]) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import pickle
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -293,25 +294,53 @@ def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Mo
     return model
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The plain tensors of a checkpoint (``weights_only=True``), without building a model."""
+def read_checkpoint(path: str | Path) -> object:
+    """A checkpoint file as saved (``weights_only=True``); one-line ModelError when it cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
-    return _state_dict(_torch_load(path), path)
+    return _torch_load(path)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The plain tensors of a checkpoint (``weights_only=True``), without building a model."""
+    return _state_dict(read_checkpoint(path), Path(path))
+
+
+def classifier_key(model: nn.Module) -> str | None:
+    """The state_dict key of the classifier's weight: the model's last Linear (or Conv2d, as in
+    SqueezeNet) layer, whose first dimension is the number of classes."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = name
+    return f"{last}.weight" if last else None
 
 
 def _torch_load(path: Path) -> object:
+    if path.stat().st_size == 0:
+        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint: the file is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        text = str(exc)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
             raise ModelError(
-                f"checkpoint {path} was refused: it pickles objects other than tensors "
-                "(re-save it with torch.save(model.state_dict(), path))"
+                f"checkpoint {path} was refused: it would import {refused.group(1)} and only plain tensors are loaded "
+                "(weights_only=True); if you trust the file, re-save it with torch.save(model.state_dict(), path)"
             ) from None
-        reason = type(exc).__name__ + (f": {str(exc).splitlines()[0]}" if str(exc) else "")
-        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint (torch.load: {reason})") from None
+        unreadable = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text)
+        reason = unreadable.group(1).strip() if unreadable else _first_sentence(text)
+        reason = type(exc).__name__ + (f": {reason}" if reason else "")
+        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint, or is truncated or corrupt (torch.load: {reason})") from None
+
+
+def _first_sentence(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.split(". ")[0].rstrip(".")
 
 
 def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:

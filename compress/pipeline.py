@@ -49,8 +49,11 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
         folder = run_dir / spec.name
         artifact = None if force else load_completed(folder, run_dir, key)
         if artifact is None:
+            if force:
+                remove_checkpoints(folder)
             artifact = run_stage(spec, ctx, folder, key, index)
             record_stage(folder, run_dir, artifact, stage_config, resolved)
+            remove_checkpoints(folder)  # the stage is complete: its epoch checkpoints are spent
         ctx.artifacts[spec.name] = artifact
         if show_progress:
             print(stage_line(artifact), file=sys.stderr)
@@ -61,7 +64,7 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
 def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Artifact:
     folder.mkdir(parents=True, exist_ok=True)
     invalidate(folder)
-    ctx.stage_dir = folder
+    ctx.stage_dir, ctx.stage_key = folder, key
     seed_everything(ctx.recipe.seed + index)  # a stage's result must not depend on which earlier stages were skipped
     if ctx.show_progress:
         print(f"[{spec.name}] running", file=sys.stderr)
@@ -70,6 +73,12 @@ def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Arti
     artifact.stage = spec.name
     artifact.key, artifact.seconds = key, time.perf_counter() - started
     return artifact
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Delete a stage's epoch checkpoints (see :mod:`compress.checkpoint`)."""
+    for path in folder.glob("train-*.ckpt"):
+        path.unlink(missing_ok=True)
 
 
 def shared_inputs(recipe: Recipe, resolved: dict) -> dict:
@@ -91,6 +100,10 @@ def prepare_run_dir(recipe: Recipe) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StageError(f"out: cannot create the run folder {run_dir}: {exc.strerror}") from None
+    for spec in recipe.stages:  # a stage folder that is a link elsewhere would be written through
+        folder = run_dir / spec.name
+        if folder.resolve().parent != run_dir.resolve():
+            raise StageError(f"{folder} links to {folder.resolve()}, outside the run folder; remove the link")
     return run_dir
 
 

@@ -253,6 +253,9 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
             raise ModelError(f"pruned structure: {name!r} is a {type(module).__name__}, not a layer whose width is stored")
         if not isinstance(widths, dict) or set(widths) != set(fields) or not all(_positive_int(v) for v in widths.values()):
             raise ModelError(f"pruned structure: {name!r} must give positive integers {', '.join(fields)}, got {widths!r}")
+        grown = [f for f in fields if f != "groups" and widths[f] > getattr(module, f)]  # groups divide a width
+        if grown:  # pruning only removes channels: a wider layer is a corrupt or hostile file (and could exhaust memory)
+            raise ModelError(f"pruned structure: {name!r} {grown[0]} {widths[grown[0]]} is wider than the unpruned layer's {getattr(module, grown[0])}")
         _resize(module, name, **widths)
     return model
 

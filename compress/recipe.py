@@ -23,7 +23,12 @@ from compress import config as C
 from compress.errors import RecipeError
 from compress.losses import LOSSES
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Names that become folders under ``out``: no separators, no "..", no hidden or empty names. A
+# stage folder sits beside run files (recipe.yaml, report.md, student.onnx), so it has no dot.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+_PATH_FIELDS = ("out", "data.path", "data.unlabeled.path", "teacher.checkpoint", "gates.baseline")
+_MAX_SEED = 2**32 - 1  # what numpy's seeding accepts; torch takes more
 
 
 def load_recipe(
@@ -73,9 +78,19 @@ def _read_yaml(path: Path) -> dict:
         raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # what PyYAML's constructor does not wrap
+        raise RecipeError(f"{path}: not a usable recipe: {_yaml_limit(exc)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe fields at the top level, got {_kind(raw)}")
     return raw
+
+
+def _yaml_limit(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    return f"a value cannot be read ({str(exc).split(';')[0]})"
 
 
 def recipe_from_dict(raw: Any, source: str = "recipe") -> C.Recipe:
@@ -94,8 +109,14 @@ def recipe_from_dict(raw: Any, source: str = "recipe") -> C.Recipe:
 
 
 def _check_recipe(recipe: C.Recipe) -> None:
-    if not _RUN_NAME.match(recipe.name):
+    if not _RUN_NAME.fullmatch(recipe.name):
         raise RecipeError(f"name: expected letters, digits, '.', '_' or '-' (a folder name, max 100 chars), got {recipe.name!r}")
+    if not 0 <= recipe.seed <= _MAX_SEED:
+        raise RecipeError(f"seed: expected 0..{_MAX_SEED}, got {recipe.seed}")
+    for field in _PATH_FIELDS:
+        value = _field(recipe, field)
+        if value is not None and (not value.strip() or "\0" in value):
+            raise RecipeError(f"{field}: expected a file or folder path, got {value!r}")
     if not recipe.stages:
         raise RecipeError(f"stages: expected a non-empty list, e.g. [teacher, distill, export, bench]; known stages: {', '.join(C.STAGE_CONFIGS)}")
     kinds: list[str] = []
@@ -115,6 +136,12 @@ def _check_recipe(recipe: C.Recipe) -> None:
     teacher = recipe.teacher
     if "teacher" in kinds and teacher.checkpoint is None and teacher.train.epochs < 1:
         raise RecipeError("teacher: give a checkpoint to load or train.epochs >= 1 to train one")
+
+
+def _field(node: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        node = getattr(node, name)
+    return node
 
 
 def _check_teaching_stage(recipe: C.Recipe, stage: C.StageSpec, where: str, models: list[str]) -> None:
@@ -171,14 +198,21 @@ def check_references(recipe: C.Recipe) -> None:
         if name not in MODELS:
             raise RecipeError(f"{section}.model: {MODELS.unknown_message(name)}")
     check_layer_names(recipe)
-    if recipe.data.path is not None and not Path(recipe.data.path).exists():
+    if recipe.data.path is not None and not _path_is(recipe.data.path, "exists", "data.path"):
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
-    if recipe.teacher.checkpoint is not None and not Path(recipe.teacher.checkpoint).is_file():
+    if recipe.teacher.checkpoint is not None and not _path_is(recipe.teacher.checkpoint, "is_file", "teacher.checkpoint"):
         raise RecipeError(f"teacher.checkpoint: no such file: {recipe.teacher.checkpoint}")
-    if recipe.gates.baseline is not None and not Path(recipe.gates.baseline).exists():
+    if recipe.gates.baseline is not None and not _path_is(recipe.gates.baseline, "exists", "gates.baseline"):
         raise RecipeError(f"gates.baseline: no such file or folder: {recipe.gates.baseline}")
     if recipe.gates.baseline is not None and "bench" not in [s.kind for s in recipe.stages]:
         raise RecipeError("gates.baseline: gates compare the run's bench result; add a bench stage")
+
+
+def _path_is(value: str, test: str, field: str) -> bool:
+    try:
+        return getattr(Path(value), test)()
+    except OSError as exc:  # e.g. a name too long; a missing file is just False
+        raise RecipeError(f"{field}: cannot use this path ({exc.strerror or exc}): {value[:200]!r}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -243,8 +277,8 @@ def _build_stage(item: Any, index: int) -> C.StageSpec:
     if isinstance(settings, dict) and "name" in settings:
         settings = dict(settings)
         name = settings.pop("name")
-        if not isinstance(name, str) or not _RUN_NAME.match(name):
-            raise RecipeError(f"stages[{index}].{kind}.name: expected letters, digits, '.', '_' or '-' (a folder name), got {name!r}")
+        if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
+            raise RecipeError(f"stages[{index}].{kind}.name: expected letters, digits, '_' or '-' (a folder in the run folder, max 100 chars), got {name!r}")
     where = f"stages[{index}].{name}"
     return C.StageSpec(name, _build(C.STAGE_CONFIGS[kind], settings, where), kind)
 
@@ -264,7 +298,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
-        where = _join(path, str(key))
+        where = _join(path, _show_key(key))
         if key not in names:
             raise RecipeError(f"{where}: unknown field{_did_you_mean(str(key), names)}; expected one of: {', '.join(names)}")
         is_loss = key == "loss" and cls in _TEACHING_CONFIGS and not (value is None and cls is not C.DistillConfig)
@@ -368,6 +402,13 @@ def _did_you_mean(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _show_key(key: Any) -> str:
+    """A key as written in a field path: quoted when it is empty, not text, or holds blanks or
+    control characters (a key with a line break must not break a one-line error)."""
+    plain = isinstance(key, str) and key and key.isprintable() and key.strip() == key
+    return key if plain else repr(key)
+
+
 def _join(path: str, rest: str) -> str:
     return f"{path}.{rest}" if path else rest
 
@@ -404,7 +445,7 @@ def apply_override(raw: dict, item: str) -> dict:
         raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. stages.distill.train.epochs=3")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
         raise RecipeError(f"--set {item!r}: the value is not valid YAML") from None
     return _set(raw, key.strip().split("."), value, item)
 

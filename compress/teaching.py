@@ -78,14 +78,15 @@ def train_with_teacher(
 
         def step_loss(images, labels, epoch, indices=None):
             batch = forward(images, labels, epoch, indices)
-            return loss_fn(batch).total, batch.student_logits
+            out = loss_fn(batch)
+            return out.total, batch.student_logits, out.terms
 
         student.eval()  # the dry batch must not move BatchNorm statistics
         setup_loss(loss_fn, forward, train_loader, prep, ctx.device)
         loss_fn.to(ctx.device)
         return fit(
             student, train_loader, test_loader, step_loss, train, preprocess=prep, device=ctx.device,
-            desc=desc, extra_params=tuple(loss_fn.parameters()), show_progress=ctx.show_progress,
+            desc=desc, extra_params=tuple(loss_fn.parameters()), show_progress=ctx.show_progress, **ctx.checkpointing(desc),
         )
 
 

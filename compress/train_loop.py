@@ -6,15 +6,18 @@ and returns the loss to minimise and the model's logits (for the running accurac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compress.checkpoint import load_training_state, restore_training_state, save_training_state
 from compress.config import TrainConfig
 from compress.errors import StageError
 
@@ -98,20 +101,31 @@ def fit(
     desc: str,
     extra_params: tuple[torch.nn.Parameter, ...] = (),
     show_progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_key: str = "",
 ) -> list[EpochLog]:
     """Train ``model`` for ``cfg.epochs`` epochs, evaluating on the test loader after each.
 
+    With ``checkpoint``, the whole training state is written there after every epoch, and a
+    checkpoint already there with the same ``checkpoint_key`` is resumed: training continues
+    after its epoch with the same weights, optimiser, schedule and random streams, so the
+    result matches an uninterrupted run (see :mod:`compress.checkpoint`).
+
     Args:
         model: the network being trained (put in train mode here).
-        step_loss: ``(images, labels) -> (loss, logits)`` on a preprocessed batch.
+        step_loss: ``(images, labels, epoch, *extras) -> (loss, logits[, terms])`` on a
+            preprocessed batch; ``terms`` (name -> value) are named when the loss diverges.
         extra_params: parameters trained alongside the model (e.g. feature regressors).
         preprocess: batch augmentation + normalisation (``compress.data.Preprocess``).
+        checkpoint: the epoch checkpoint file; None: no checkpoints.
+        checkpoint_key: what the checkpoint must belong to (the stage's input key and run).
 
     Returns:
-        One :class:`EpochLog` per epoch.
+        One :class:`EpochLog` per epoch (resumed epochs included).
 
     Raises:
-        StageError: when the loss becomes NaN or infinite.
+        StageError: when the loss becomes NaN or infinite (the last epoch's checkpoint is
+            kept), or a checkpoint cannot be written.
     """
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = build_optimizer(params, cfg)
@@ -121,7 +135,14 @@ def fit(
     memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     model.to(memory_format=memory_format)
     history: list[EpochLog] = []
-    for epoch in range(1, cfg.epochs + 1):
+    parts = dict(model=model, extra_params=tuple(extra_params), optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader_generator=getattr(train_loader, "generator", None))
+    state = load_training_state(checkpoint, checkpoint_key) if checkpoint is not None else None
+    if state is not None:
+        restore_training_state(state, **parts)
+        history = [EpochLog(**entry) for entry in state["history"]]
+        if show_progress:
+            print(f"  {desc}: resumed after epoch {state['epoch']}/{cfg.epochs} from {checkpoint.name}", file=sys.stderr)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -133,9 +154,9 @@ def fit(
             labels = labels.to(device, non_blocking=True)
             extras = [extra.to(device, non_blocking=True) for extra in extras]
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, logits = step_loss(preprocess(images, train=True), labels, epoch, *extras)
+                loss, logits, *terms = step_loss(preprocess(images, train=True), labels, epoch, *extras)
             if not torch.isfinite(loss):
-                raise StageError(f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate (now {scheduler.get_last_lr()[0]:.3g})")
+                raise StageError(_divergence(desc, loss, terms, epoch, step, scheduler, checkpoint if epoch > 1 else None))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -153,5 +174,18 @@ def fit(
         history.append(log)
         if show_progress:
             print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%", file=sys.stderr)
+        if checkpoint is not None:
+            save_training_state(checkpoint, checkpoint_key, epoch=epoch, history=[dataclasses.asdict(h) for h in history], **parts)
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _divergence(desc, loss, terms, epoch, step, scheduler, checkpoint) -> str:
+    named = terms[0] if terms and isinstance(terms[0], dict) else {}
+    values = ", ".join(f"{name}={float(value):.4g}" for name, value in named.items())
+    kept = f"; the checkpoint of epoch {epoch - 1} is kept ({checkpoint})" if checkpoint is not None else ""
+    return (
+        f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}"
+        + (f" (terms: {values})" if values else "")
+        + f"; lower the learning rate (now {scheduler.get_last_lr()[0]:.3g}){kept}"
+    )

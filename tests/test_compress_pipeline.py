@@ -36,8 +36,8 @@ stages:
       mode: qat
       calibration_images: 256
       train: {{epochs: 1, optimizer: adamw, lr: 0.0001, weight_decay: 0.0}}
-  - export: {{check_samples: 200}}
-  - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16}}
+  - export: {{check_samples: 200, formats: [onnx, onnx-fp16, tensorrt]}}
+  - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16, backends: [onnxruntime, torch]}}
 """
 STAGES = ["teacher", "distill", "prune", "quantize", "export", "bench"]
 
@@ -102,7 +102,7 @@ def test_int8_onnx_is_int8_and_matches_its_pytorch_model(finished_run):
 def test_bench_compares_teacher_float_and_int8_students(finished_run):
     _, run_dir, result = finished_run
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
-    rows = {row["role"]: row for row in bench["rows"]}
+    rows = {row["role"]: row for row in bench["rows"] if row["group"] == "onnxruntime"}
     assert set(rows) == {"teacher", "student_fp32", "student"}
     assert all(row["status"] == "ok" for row in rows.values()), rows
     assert rows["student"]["params"] == rows["student_fp32"]["params"]  # INT8 weights are counted
@@ -148,3 +148,75 @@ def test_pareto_front_keeps_only_undominated_models():
 
     models = [model("teacher", 3.0, 95.0), model("fast", 0.3, 90.0), model("dominated", 0.5, 89.0), model("middle", 1.0, 93.0), model("unmeasured", None, 99.0)]
     assert pareto_front(models) == ["fast", "middle", "teacher"]
+
+
+def tensorrt_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def test_fp16_files_are_verified_and_engines_skipped_without_tensorrt(finished_run):
+    _, run_dir, result = finished_run
+    export = metrics(run_dir, "export")
+    for role in ("teacher", "student_fp32"):
+        fp16 = export[role]["formats"]["onnx-fp16"]
+        assert fp16["status"] == "ok" and fp16["file"] == f"{role}.fp16.onnx"
+        assert fp16["max_rel_diff"] <= fp16["tolerance"] and fp16["top1_agreement"] >= 0.98
+        model = onnx.load(run_dir / fp16["file"])
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        assert (run_dir / fp16["file"]).stat().st_size < 0.6 * (run_dir / f"{role}.onnx").stat().st_size
+    assert export["student"]["formats"]["onnx-fp16"] == {"status": "skipped", "reason": "an INT8 model: FP16 conversion applies to float models"}
+    if not tensorrt_installed():
+        engine = export["teacher"]["formats"]["tensorrt"]
+        assert engine["status"] == "skipped" and "tensorrt" in engine["reason"]
+        assert "warning: no TensorRT engine for teacher.onnx" in result.stderr
+        assert not list(run_dir.glob("*.engine"))
+
+
+def test_every_backend_gets_its_own_table_compared_within_it(finished_run):
+    _, run_dir, result = finished_run
+    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
+    assert bench["groups"] == ["onnxruntime", "onnxruntime, onnx-fp16", "torch"]
+    rows = {row["role"]: row for row in bench["rows"]}
+    assert {"teacher [torch]", "student_fp32 [torch]", "student [torch]", "teacher [onnxruntime, onnx-fp16]"} <= set(rows)
+    assert all(row["status"] == "ok" for row in rows.values()), {r: row["error"] for r, row in rows.items() if row["error"]}
+    torch_student = bench["ratios"]["student_fp32 [torch]"]
+    assert torch_student["speedup_b1"] == pytest.approx(
+        rows["teacher [torch]"]["latency"][0]["latency_ms"]["p50"] / rows["student_fp32 [torch]"]["latency"][0]["latency_ms"]["p50"]
+    )
+    assert rows["student_fp32 [torch]"]["macs"] == metrics(run_dir, "prune")["macs"] and "top1" not in rows["student_fp32 [torch]"]
+    fp16, fp32 = rows["teacher [onnxruntime, onnx-fp16]"], rows["teacher"]
+    assert abs(fp16["top1"] - fp32["top1"]) <= 1.0 and fp16["file_bytes"] < 0.6 * fp32["file_bytes"]
+    assert "### torch" in result.stdout and " student_fp32 [torch] vs teacher [torch] |" in result.stdout
+
+
+def test_compress_export_outside_a_run(finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    done = compress("export", run_dir / "prune", "--format", "onnx", "--batch", "4", "--out", tmp_path / "pruned.onnx")
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout)
+    assert record["max_abs_diff"] <= 1e-3 and record["batch"] == 4
+    dims = onnx.load(tmp_path / "pruned.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 4
+    half = compress("export", run_dir / "teacher.onnx", "--format", "onnx-fp16", "--out", tmp_path / "teacher16.onnx")
+    assert half.returncode == 0, half.stderr[-2000:]
+    assert json.loads(half.stdout)["max_rel_diff"] <= 0.02
+    for args, message in [
+        ((run_dir / "bench", "--format", "onnx"), "not a finished stage holding a network"),
+        ((run_dir / "teacher.onnx", "--format", "onnx"), "is already ONNX"),
+        ((run_dir / "teacher.onnx", "--format", "tflite"), "unknown export format 'tflite'"),
+    ] + ([] if tensorrt_installed() else [((run_dir / "teacher.onnx", "--format", "tensorrt"), "pip install -e '.[tensorrt]'")]):
+        failed = compress("export", *args)
+        assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    wrong = compress("bench", run_dir / "prune")
+    assert wrong.returncode == 2 and "use --backend torch" in wrong.stderr
+    done = compress("bench", run_dir / "prune", "--against", run_dir / "teacher", "--backend", "torch", "--iterations", "10", "--time-budget", "1", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["role"] for row in bench["rows"]] == ["prune", "teacher"] and bench["ratios"]["prune"]["speedup_b1"] > 0

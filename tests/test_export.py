@@ -198,6 +198,53 @@ def test_formats_table():
         FORMATS.get("tensorrt-int4")
 
 
+# --- static batch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("batch", [1, 3])  # 1: the size torch.export would specialise anyway
+def test_static_batch_is_fixed_in_the_graph_and_runs(exported, tmp_path, exporter, batch):
+    model, dynamic = exported["mobilenet_v2", exporter]
+    path = export_onnx(model, tmp_path / "static.onnx", image_size=SIZE, exporter=exporter, batch=batch)
+    graph = onnx.load(path).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_value == batch
+    info = read_onnx_info(path)
+    assert info["input_shape"] == [batch, 3, SIZE, SIZE]
+    assert info["macs"] == read_onnx_info(dynamic)["macs"]  # per image, whatever the batch
+    images = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    assert np.abs(ort_logits(path, images) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_static_batch_rejects_another_batch_size(exported, tmp_path, exporter):
+    # What the benchmark must respect: ONNX Runtime refuses any other batch size.
+    model, _ = exported["small", exporter]
+    path = export_onnx(model, tmp_path / "static.onnx", image_size=SIZE, exporter=exporter, batch=4)
+    for wrong in (1, 5):
+        with pytest.raises(Exception, match=r"(?i)invalid.*dimension|got: \d+ expected: 4"):
+            ort_logits(path, np.zeros((wrong, 3, SIZE, SIZE), np.float32))
+
+
+@pytest.mark.parametrize(("count", "samples"), [(7, 6), (2, 3), (3, 3)])
+def test_verify_feeds_whole_static_batches(exported, tmp_path, count, samples):
+    # Whole chunks of exactly 3 images; fewer than 3 are repeated to fill one.
+    model, _ = exported["small", "dynamo"]
+    path = export_onnx(model, tmp_path / "static.onnx", image_size=SIZE, exporter="dynamo", batch=3)
+    images = np.random.default_rng(0).standard_normal((count, 3, SIZE, SIZE), dtype=np.float32)
+    result = verify_onnx(path, model, images, tolerance=1e-4, min_agreement=1.0)
+    assert result["samples"] == samples and result["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("batch", [0, -2, 2.0, True, "4"])
+def test_static_batch_must_be_a_positive_int(tmp_path, batch):
+    with pytest.raises(ExportError, match="batch: expected None"):
+        export_onnx(small_cnn(), tmp_path / "m.onnx", image_size=8, batch=batch)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 # --- verification ---------------------------------------------------------------------------
 
 

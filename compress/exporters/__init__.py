@@ -3,7 +3,8 @@
 Each :class:`ExportFormat` says what file it makes, whether it needs a GPU and which options it
 takes. Its exporter is named as ``"module:function"`` and imported only when used, so listing the
 formats (``compress --help``, a recipe check) never imports torch or TensorRT. A new format
-(TensorRT, fp16 ONNX) is one more ``FORMATS.register`` call below plus its module.
+is one more ``register_format`` call below plus its module; the recipe's ``export.formats``
+and ``compress export --format`` take these names.
 
 Example:
     >>> fmt = FORMATS.get("onnx")
@@ -66,8 +67,18 @@ register_format(
         name="onnx",
         suffix=".onnx",
         needs_gpu=False,
-        options_doc="image_size, in_channels=3, opset=18, exporter='dynamo'|'torchscript', metadata={str: str}",
+        options_doc="image_size, in_channels=3, opset=18, exporter='dynamo'|'torchscript', batch=None (dynamic) or N, simplify, metadata",
         entry="compress.exporters.onnx:export_onnx",
+    )
+)
+
+register_format(
+    ExportFormat(
+        name="onnx-fp16",
+        suffix=".fp16.onnx",
+        needs_gpu=False,  # converted and verified on CPU; fast only on a GPU runtime
+        options_doc="from an exported float .onnx: keep_io_types=False (FP16 input and output)",
+        entry="compress.exporters.fp16:convert_to_fp16",
     )
 )
 

@@ -2,9 +2,9 @@
 
 Three steps, each usable alone:
 
-* :func:`export_onnx` writes one self-contained ``.onnx`` file with a dynamic batch axis and our
-  preprocessing (mean/std/image size/classes) in its ``metadata_props``, so the file alone is
-  enough to run it correctly;
+* :func:`export_onnx` writes one self-contained ``.onnx`` file with a dynamic (or fixed) batch
+  axis and our preprocessing (mean/std/image size/classes) in its ``metadata_props``, so the file
+  alone is enough to run it correctly;
 * :func:`verify_onnx` runs ONNX Runtime and PyTorch on the same images and fails loudly when they
   disagree (STYLE habit 6: every export proves itself);
 * :func:`read_onnx_info` reads size, parameters, MACs and metadata back from any ONNX file, so the
@@ -46,6 +46,7 @@ META_MEAN = "compress.mean"
 META_STD = "compress.std"
 META_IMAGE_SIZE = "compress.image_size"
 META_CLASSES = "compress.classes"
+META_PRECISION = "compress.precision"  # set by converters that change it (fp16.py); absent = fp32
 
 _PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model is one protobuf message
 _FLOAT_TYPES = {
@@ -55,6 +56,7 @@ _FLOAT_TYPES = {
     onnx.TensorProto.DOUBLE,
 }
 _INT8_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # ORT type -> numpy
 _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -73,13 +75,15 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     transform: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
     simplify: bool = False,
+    batch: int | None = None,
 ) -> Path:
-    """Export a classifier to a single ONNX file with a dynamic batch axis.
+    """Export a classifier to a single ONNX file with a dynamic (or fixed) batch axis.
 
     The model is exported in eval mode on CPU and left afterwards in the mode and on the device
     it came in. The graph has one input ``"input"`` (N, C, H, W float32) and one output
-    ``"logits"``; N is dynamic. The file is checked with ``onnx.checker`` and written atomically:
-    on any failure, Ctrl-C included, ``path`` is untouched and no temporary file is left.
+    ``"logits"``; N is dynamic unless ``batch`` fixes it. The file is checked with
+    ``onnx.checker`` and written atomically: on any failure, Ctrl-C included, ``path`` is
+    untouched and no temporary file is left.
 
     Args:
         model: the PyTorch classifier.
@@ -97,18 +101,25 @@ def export_onnx(
         simplify: run onnxslim's graph simplification (constant folding, dead and identity node
             removal, fusion of shape arithmetic) after ``transform``; the caller verifies the
             result against PyTorch as for any export.
+        batch: None for a dynamic batch axis; an int fixes input and output to that batch size,
+            for runtimes and compilers that plan memory or pick kernels for one shape (TensorRT
+            without profiles, some NPUs). The file then rejects any other batch size: feed it
+            exactly ``batch`` images (:func:`verify_onnx` does).
 
     Returns:
         ``path``.
 
     Raises:
         ExportError: the exporter failed (the message is the root cause in one line), the model
-            is over the 2 GiB single-file limit, or the ONNX checker rejected the result.
+            is over the 2 GiB single-file limit, the ONNX checker rejected the result, or
+            ``batch`` is not a positive int.
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown ONNX exporter {exporter!r}; known: {', '.join(EXPORTERS)}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ExportError(f"batch: expected None (dynamic) or a positive int, got {batch!r}")
     path = Path(path)
-    proto = _run_exporter(model, exporter, opset, in_channels, image_size, path)
+    proto = _run_exporter(model, exporter, opset, (batch, in_channels, image_size), path)
     if transform is not None:
         proto = transform(proto)
     if simplify:
@@ -145,20 +156,23 @@ def preprocessing_metadata(
     }
 
 
-def _run_exporter(model, exporter, opset, in_channels, image_size, path) -> onnx.ModelProto:
+def _run_exporter(model, exporter, opset, shape, path) -> onnx.ModelProto:
+    """Run one exporter; ``shape`` is (batch or None for dynamic, channels, image size)."""
     import torch
 
-    # Batch 2, not 1: torch.export specialises a size-1 dimension to a constant.
-    example = torch.randn(2, in_channels, image_size, image_size)
+    batch, in_channels, image_size = shape
+    # Dynamic: batch 2, not 1, as torch.export specialises a size-1 dimension to a constant.
+    # Static: an example of exactly that batch and no dynamic axis; both exporters fix it.
+    example = torch.randn(batch or 2, in_channels, image_size, image_size)
     export = _export_dynamo if exporter == "dynamo" else _export_torchscript
     with _eval_on_cpu(model), _quiet():
         try:
-            return export(model, example, opset)
+            return export(model, example, opset, dynamic=batch is None)
         except Exception as exc:
             raise ExportError(f"{exporter} ONNX exporter failed for {path.name}: {_root_cause(exc)}") from exc
 
 
-def _export_dynamo(model, example, opset) -> onnx.ModelProto:
+def _export_dynamo(model, example, opset, dynamic: bool) -> onnx.ModelProto:
     import torch
 
     batch = torch.export.Dim("batch", min=1)
@@ -167,7 +181,7 @@ def _export_dynamo(model, example, opset) -> onnx.ModelProto:
         (example,),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),  # a tuple: forward's argument may have any name
+        dynamic_shapes=({0: batch},) if dynamic else None,  # a tuple: forward's arg has any name
         opset_version=opset,
         dynamo=True,
         optimize=True,
@@ -176,7 +190,7 @@ def _export_dynamo(model, example, opset) -> onnx.ModelProto:
     return program.model_proto
 
 
-def _export_torchscript(model, example, opset) -> onnx.ModelProto:
+def _export_torchscript(model, example, opset, dynamic: bool) -> onnx.ModelProto:
     import torch
 
     buffer = io.BytesIO()
@@ -186,7 +200,7 @@ def _export_torchscript(model, example, opset) -> onnx.ModelProto:
         buffer,
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None,
         opset_version=opset,
         do_constant_folding=True,
         dynamo=False,
@@ -275,8 +289,11 @@ def verify_onnx(
 ) -> dict:
     """Prove an exported file reproduces the PyTorch model on real inputs (STYLE habit 6).
 
-    Both run on CPU in float32, in chunks of 64 images: ONNX Runtime's CPUExecutionProvider and
-    the model in eval mode under ``no_grad`` (its mode and device are restored afterwards).
+    Both run on CPU: ONNX Runtime's CPUExecutionProvider and the model in float32, in eval mode
+    under ``no_grad`` (its mode and device are restored afterwards). ONNX Runtime is fed the
+    file's own input type (float32, or float16 for an FP16 file) and both outputs are compared in
+    float64. Images go in chunks of 64; a file with a static batch size B gets chunks of exactly
+    B images: only whole chunks are used, and fewer than B images are repeated to fill one.
 
     Args:
         path: the exported ``.onnx`` file.
@@ -290,13 +307,14 @@ def verify_onnx(
 
     Returns:
         ``{"max_abs_diff", "mean_abs_diff", "max_abs_logit", "max_rel_diff", "top1_agreement",
-        "samples", "tolerance", "relative", "min_agreement"}``; worth writing into the export
-        artifact.
+        "samples", "tolerance", "relative", "min_agreement"}`` (``samples``: images compared,
+        repeats included); worth writing into the export artifact.
 
     Raises:
-        ExportError: the file cannot be run, its output shape differs from PyTorch's, or the
-            difference/agreement is out of bounds (the message states both numbers). In the
-            last case the error's ``result`` attribute holds the dict above.
+        ExportError: the file cannot be run, its input type is neither float32 nor float16, its
+            output shape differs from PyTorch's, or the difference/agreement is out of bounds
+            (the message states both numbers). In the last case the error's ``result`` attribute
+            holds the dict above.
     """
     path = Path(path)
     images = np.ascontiguousarray(images, dtype=np.float32)
@@ -305,17 +323,18 @@ def verify_onnx(
     import torch
 
     session = open_session(path)
+    chunks = _verify_chunks(images, session.get_inputs()[0].shape[0])
     with _eval_on_cpu(model), torch.no_grad():
-        chunks = (images[i : i + VERIFY_CHUNK] for i in range(0, len(images), VERIFY_CHUNK))
         diffs = [_chunk_diff(session, model, chunk, path) for chunk in chunks]
     max_abs_diff, max_abs_logit = max(d[0] for d in diffs), max(d[4] for d in diffs)
+    samples = sum(len(chunk) for chunk in chunks)
     result = {
         "max_abs_diff": max_abs_diff,
         "mean_abs_diff": sum(d[1] for d in diffs) / sum(d[2] for d in diffs),
         "max_abs_logit": max_abs_logit,
         "max_rel_diff": max_abs_diff / max_abs_logit if max_abs_logit > 0 else max_abs_diff,
-        "top1_agreement": sum(d[3] for d in diffs) / len(images),
-        "samples": len(images),
+        "top1_agreement": sum(d[3] for d in diffs) / samples,
+        "samples": samples,
         "tolerance": tolerance,
         "relative": relative,
         "min_agreement": min_agreement,
@@ -349,12 +368,25 @@ def open_session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:
         raise ExportError(f"{path}: ONNX Runtime cannot load it: {_one_line(exc)}") from exc
 
 
+def _verify_chunks(images: np.ndarray, batch: Any) -> list[np.ndarray]:
+    """VERIFY_CHUNK-sized chunks for a dynamic batch axis (``batch`` is its name or None); for a
+    static one, whole chunks of exactly ``batch`` images, repeating them if there are fewer."""
+    if not isinstance(batch, int) or batch < 1:
+        return [images[i : i + VERIFY_CHUNK] for i in range(0, len(images), VERIFY_CHUNK)]
+    if len(images) < batch:
+        images = np.resize(images, (batch, *images.shape[1:]))  # repeats the images cyclically
+    return [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
+
+
 def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, float, int, int, float]:
     """(max |diff|, sum |diff|, number of logits, top-1 agreements, max |PyTorch logit|) of one
     chunk; the model is already in eval mode on CPU under no_grad."""
     import torch
 
-    ours = session.run(None, {session.get_inputs()[0].name: chunk})[0]
+    feed = session.get_inputs()[0]
+    if feed.type not in _INPUT_DTYPES:
+        raise ExportError(f"{path.name}: cannot verify an input of type {feed.type} (float or float16 only)")
+    ours = session.run(None, {feed.name: chunk.astype(_INPUT_DTYPES[feed.type])})[0]
     theirs = model(torch.from_numpy(chunk))
     theirs = (theirs[0] if isinstance(theirs, (tuple, list)) else theirs).numpy()
     if ours.shape != theirs.shape:
@@ -405,7 +437,8 @@ def read_onnx_info(path: Path | str) -> dict:
       and quantization scales and zero points do not, so an INT8 model has the parameter count
       of the float model it came from.
 
-    MACs are counted for a batch of 1 after ONNX shape inference, for Conv (output elements *
+    MACs are counted for one image after ONNX shape inference (a static batch of B is counted
+    whole and divided by B: its graph may reshape with B baked in), for Conv (output elements *
     Cin/groups * kH * kW), ConvTranspose (input elements * Cout/groups * kH * kW), Gemm and
     MatMul (M * N * K). Everything else (bias adds, BatchNorm, activations, pooling, elementwise
     ops) is ignored: it is a few percent of a CNN's work at most. Nodes inside subgraphs
@@ -417,7 +450,8 @@ def read_onnx_info(path: Path | str) -> dict:
 
     Returns:
         ``{"params", "macs", "macs_skipped", "file_bytes", "input_shape", "metadata", "opset"}``;
-        ``input_shape`` has the dynamic axes as their names (e.g. ``["batch", 3, 32, 32]``).
+        ``input_shape`` has the dynamic axes as their names (e.g. ``["batch", 3, 32, 32]``) and
+        fixed ones as ints (``[8, 3, 32, 32]`` for a static batch of 8).
 
     Raises:
         ExportError: the file is missing, empty, corrupt or not an ONNX model (one line naming
@@ -478,7 +512,7 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def count_macs(model: onnx.ModelProto) -> tuple[int, int]:
-    """(MACs at batch 1, nodes skipped for unknown shapes); the rules are in read_onnx_info."""
+    """(MACs per image, nodes skipped for unknown shapes); the rules are in read_onnx_info."""
     shapes = _shapes_at_batch_1(model)
     total, skipped = 0, 0
     for node in model.graph.node:
@@ -489,11 +523,12 @@ def count_macs(model: onnx.ModelProto) -> tuple[int, int]:
             skipped += 1
         else:
             total += macs
-    return total, skipped
+    batch = next(iter(_input_shape(model)), None)
+    return (total // batch if isinstance(batch, int) and batch > 1 else total), skipped
 
 
 def _shapes_at_batch_1(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Every value's inferred shape once the batch axis is fixed to 1 (None: unknown dim)."""
+    """Every value's inferred shape once a dynamic batch axis is fixed to 1 (None: unknown dim)."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
     del fixed.graph.value_info[:]  # the exporter's symbolic shapes; inference recomputes them

@@ -21,6 +21,11 @@ from compress.fileio import write_bytes_atomic
 INSTALL_HINT = "install the extra on a machine with an NVIDIA GPU: pip install -e '.[tensorrt]'"
 
 
+class TensorRTUnavailable(ExportError):
+    """No tensorrt package or no CUDA device: an engine cannot be built here. The export stage
+    treats this as "skip the engine, warn, go on"; every other ExportError fails it."""
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -89,12 +94,12 @@ def _import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise ExportError(f"TensorRT engines need the tensorrt package, which is not installed; {INSTALL_HINT}") from None
+        raise TensorRTUnavailable(f"TensorRT engines need the tensorrt package, which is not installed; {INSTALL_HINT}") from None
     try:
         import torch
 
         if not torch.cuda.is_available():
-            raise ExportError("TensorRT engines are built on an NVIDIA GPU, and this machine has no usable CUDA device")
+            raise TensorRTUnavailable("TensorRT engines are built on an NVIDIA GPU, and this machine has no usable CUDA device")
     except ImportError:
         pass
     return tensorrt

@@ -8,11 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from compress.artifacts import Artifact
-from compress.benchmark import bench_models, compare, write_bench
+from compress.backends import BACKENDS
+from compress.benchmark import (
+    ONNX_FORMATS,
+    BenchTarget,
+    artifact_format,
+    backend_runs,
+    bench_models,
+    compare,
+    describe_artifact,
+    write_bench,
+)
 from compress.config import BenchConfig, DataConfig
 from compress.context import RunContext
 from compress.data import detect_kind, load_dataset, test_arrays
-from compress.errors import DataError
+from compress.errors import DataError, StageError
 from compress.stages import STAGES
 
 
@@ -23,44 +33,66 @@ def bench(cfg: BenchConfig, ctx: RunContext) -> Artifact:
     Returns:
         Artifact with ``bench.json`` and ``bench.md`` (student vs teacher with ratios).
     """
-    exported = ctx.artifacts["export"].files
     test_data = test_arrays(ctx.data, limit=cfg.eval_samples)
-    result = bench_models(dict(exported), cfg, test_data, reference="teacher")
+    result = bench_models(bench_targets(ctx.artifacts["export"], ctx.run_dir), cfg, test_data, reference="teacher")
     json_path, table_path = write_bench(result, ctx.stage_path(""))
     return Artifact("bench", files={"json": json_path, "table": table_path}, metrics=headline_metrics(result))
 
 
+def bench_targets(export: Artifact, run_dir: Path) -> list[BenchTarget]:
+    """What a run's bench measures: every exported file (``role`` and ``role@format`` in the
+    export artifact) and the stage checkpoint each file came from (for the PyTorch backends)."""
+    targets = []
+    for key, path in export.files.items():
+        role, _, fmt = key.partition("@")
+        targets.append(BenchTarget(role, Path(path), fmt or "onnx"))
+    for role, record in export.metrics.items():
+        if isinstance(record, dict) and record.get("stage") and (run_dir / record["stage"] / "stage.json").is_file():
+            targets.append(BenchTarget(role, run_dir / record["stage"], "checkpoint"))
+    return targets
+
+
 def bench_files(model: str | Path, *, against: str | Path | None, data: str | None, data_kind: str | None, cfg: BenchConfig, out: str | Path | None) -> tuple[dict, Path]:
-    """Benchmark ONNX files outside a run (``compress bench``); returns the result and the table's path.
+    """Benchmark models outside a run (``compress bench``); returns the result and the table's path.
 
-    Accuracy is measured when ``data`` is given; the image size and normalisation come from the
-    files' ONNX metadata (written by our export stage) so nothing has to be repeated here.
+    ``model`` and ``against`` are ``.onnx`` files, TensorRT engines or stage folders of a run
+    (PyTorch checkpoints), each measured on those of ``cfg.backends`` that run it. Accuracy is
+    measured on ONNX files when ``data`` is given; the image size and normalisation come from
+    the files' ONNX metadata (written by our export stage) so nothing has to be repeated here.
     """
-    from compress.exporters.onnx import read_onnx_info
-
-    model = Path(model)
-    for path in [model] + ([Path(against)] if against is not None else []):
-        read_onnx_info(path)  # a missing, corrupt or non-ONNX file: one clear error before any timing
+    paths = [Path(model)] + ([Path(against)] if against is not None else [])
+    for path in paths:  # a missing, corrupt or unrunnable model: one clear error before any timing
+        fmt = artifact_format(path)
+        describe_artifact(path, fmt)
+        if not any(backend_runs(BACKENDS.get(b), fmt) for b in cfg.backends):
+            able = [name for name in BACKENDS.names() if backend_runs(BACKENDS.get(name), fmt)]
+            raise StageError(f"{path} is {'a stage checkpoint' if fmt == 'checkpoint' else 'a ' + fmt + ' file'}, which none of the backends {', '.join(cfg.backends)} runs; use --backend {' or --backend '.join(able)}")
+    model = paths[0]
     test_data = None
     if data is not None:
         image_size = _image_size_of(model)
         data_cfg = DataConfig(kind=data_kind or detect_kind(data), path=data, image_size=image_size)
         test_data = test_arrays(load_dataset(data_cfg), limit=cfg.eval_samples)
-    models = {model.stem: model}
-    reference = model.stem
-    if against is not None:
-        reference = Path(against).stem if Path(against).stem != model.stem else f"{model.stem} (against)"
-        models[reference] = Path(against)
-    result = bench_models(models, cfg, test_data, reference=reference)
-    folder = Path(out) if out is not None else model.parent / f"{model.stem}_bench"
+    names = [_name(path) for path in paths]
+    if len(names) == 2 and names[0] == names[1]:
+        names[1] = f"{names[1]} (against)"
+    targets = [BenchTarget(name, path, artifact_format(path)) for name, path in zip(names, paths, strict=True)]
+    result = bench_models(targets, cfg, test_data, reference=names[-1])
+    folder = Path(out) if out is not None else model.parent / f"{names[0]}_bench"
     folder.mkdir(parents=True, exist_ok=True)
     _, table_path = write_bench(result, folder)
     return result, table_path
 
 
+def _name(path: Path) -> str:
+    return path.parent.name if path.name == "stage.json" else path.name if path.is_dir() else path.name.removesuffix(".onnx").removesuffix(".engine")
+
+
 def _image_size_of(model: Path) -> int:
     from compress.exporters.onnx import read_onnx_info
 
+    if artifact_format(model) not in ONNX_FORMATS:
+        raise DataError(f"{model}: accuracy (--data) is measured on ONNX files; bench the exported .onnx")
     info = read_onnx_info(model)
     size = info["metadata"].get("compress.image_size") or info["input_shape"][-1]
     if not isinstance(size, int) and not str(size).isdigit():

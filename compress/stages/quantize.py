@@ -98,5 +98,7 @@ def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, loader, p
 
 def pruned_structure(artifact: Artifact) -> dict | None:
     """The layer widths stored beside the source's weights, if it was pruned."""
-    checkpoint = torch.load(artifact.files["model"], map_location="cpu", weights_only=True)
+    from compress.models import read_checkpoint
+
+    checkpoint = read_checkpoint(artifact.files["model"])
     return checkpoint.get("structure") if isinstance(checkpoint, dict) else None

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from compress.artifacts import Artifact, save_weights
 from compress.config import TeacherStageConfig
 from compress.context import RunContext
+from compress.errors import ModelError
 from compress.losses import UNLABELED
-from compress.models import count_params_macs, load_weights
+from compress.models import classifier_key, count_params_macs, load_weights, read_state_dict
 from compress.stages import STAGES
 from compress.stages.networks import architecture, build_network, preprocess
 from compress.train_loop import evaluate, fit
@@ -33,6 +34,7 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
     prep = preprocess(ctx)
     history = []
     if spec.checkpoint is not None:
+        check_classes(spec.checkpoint, model, ctx)
         load_weights(model, spec.checkpoint)
         model.to(ctx.device)
     else:
@@ -41,7 +43,7 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
             logits = model(images)
             return F.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=spec.train.label_smoothing), logits
 
-        history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, device=ctx.device, desc="teacher", show_progress=ctx.show_progress)
+        history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, device=ctx.device, desc="teacher", show_progress=ctx.show_progress, **ctx.checkpointing("teacher"))
     test = evaluate(model, test_loader, prep, ctx.device)
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(model, ctx.stage_path("model.pt"))
@@ -51,3 +53,15 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         "history": [dataclasses.asdict(h) for h in history],
     }
     return Artifact("teacher", files={"model": path}, metrics=metrics, role="teacher")
+
+
+def check_classes(path: str, model, ctx: RunContext) -> None:
+    """A checkpoint trained on another label set is the likeliest wrong teacher: say so plainly
+    instead of listing the classifier's size mismatches."""
+    key = classifier_key(model)
+    weight = read_state_dict(path).get(key) if key else None
+    classes = ctx.data.num_classes
+    if weight is not None and weight.ndim >= 1 and weight.shape[0] != classes:
+        data = ctx.recipe.data
+        where = f"{data.kind} at {data.path}" if data.path else data.kind
+        raise ModelError(f"teacher checkpoint {path} has {weight.shape[0]} classes, the data has {classes} ({where}); the teacher must be trained on the data's classes")

@@ -1,0 +1,577 @@
+"""Hostile and broken input: planted pickles, code-executing YAML, escaping names, corrupt
+checkpoints, ONNX files and images, fuzzed recipes. Every one ends in a one-line error (exit code
+2, no traceback unless --debug) and nothing a file asks for is ever executed."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from PIL import Image
+from torch.utils.data import Subset
+
+from compress import config as C
+from compress.cli import cli
+from compress.config import DataConfig, Recipe
+from compress.data import ImageFileDataset, check_image_files, load_dataset, make_loaders
+from compress.errors import DataError, RecipeError, StageError
+from compress.models import build_model
+from compress.pipeline import prepare_run_dir
+from compress.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+DIGITS = {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 60, "test": 20}}
+
+
+def compress(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> str:
+    """The error is one line, the last one, and nothing else on stderr but progress lines."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), stderr[-3000:]
+    assert all(re.fullmatch(r"\[\w+\] running", line) for line in lines[:-1]), stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1]
+    return lines[-1]
+
+
+def invoke(*args) -> tuple[int, str]:
+    """The CLI in-process: (exit code, stderr); anything but a clean exit is re-raised."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stderr
+
+
+def teacher_recipe(folder: Path, checkpoint: Path | None = None, data: dict | None = None, model: str = "cifar:resnet20") -> Path:
+    teacher = {"model": model, "train": {"epochs": 1}}
+    if checkpoint is not None:
+        teacher["checkpoint"] = str(checkpoint)
+    raw = {"name": "hostile", "data": data or DIGITS, "teacher": teacher, "stages": ["teacher"], "out": str(folder / "out")}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# --- planted pickles -----------------------------------------------------------------------------
+
+
+class Planted:
+    """Unpickling this runs code: it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_the_planted_payload_is_live(tmp_path):
+    """The guard below is only worth something if the payload runs when loaded unsafely."""
+    marker = tmp_path / "ran"
+    torch.save(Planted(marker), tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.slow
+def test_malicious_teacher_checkpoint_is_refused_by_the_cli(tmp_path):
+    marker = tmp_path / "PWNED"
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save({"fc.weight": Planted(marker)}, checkpoint)
+    result = compress("run", teacher_recipe(tmp_path, checkpoint))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, f"checkpoint {checkpoint} was refused: it would import exec")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_malicious_checkpoint_in_either_torch_format_never_runs(tmp_path, legacy):
+    marker = tmp_path / "PWNED"
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save(Planted(marker), checkpoint, _use_new_zipfile_serialization=not legacy)
+    code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint))
+    assert code == 2 and "was refused" in assert_one_line_error(stderr)
+    assert not marker.exists()
+
+
+def _cifar_batch(n: int) -> dict:
+    return {b"data": np.zeros((n, 3072), np.uint8), b"labels": [k % 10 for k in range(n)]}
+
+
+def test_malicious_cifar_batch_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps(_cifar_batch(4), protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{k}".encode() for k in range(10)]}))
+    marker = tmp_path / "PWNED"
+    batch = _cifar_batch(4) | {b"labels": Planted(marker)}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'data_batch_1'}: refused: unpickling it would import builtins.exec")):
+        load_dataset(DataConfig(kind="cifar10", path=str(folder)))
+    assert not marker.exists()
+    (folder / "data_batch_1").write_bytes(pickle.dumps(_cifar_batch(4), protocol=5))  # numpy 2's buffer form is allowed
+    assert len(load_dataset(DataConfig(kind="cifar10", path=str(folder))).train) == 20
+
+
+# --- broken checkpoints --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("ckpt") / "resnet20.pt"
+    torch.save(build_model("cifar:resnet20", 10).state_dict(), path)
+    return path.read_bytes()
+
+
+def _truncated(fraction: float):
+    return lambda real: real[: int(len(real) * fraction)]
+
+
+BROKEN_CHECKPOINTS = {
+    "empty": (lambda real: b"", "is not a PyTorch checkpoint: the file is empty"),
+    "random-bytes": (lambda real: np.random.default_rng(0).bytes(4096), "is not a PyTorch checkpoint, or is truncated or corrupt"),
+    "cut-at-16-bytes": (lambda real: real[:16], "is not a PyTorch checkpoint, or is truncated or corrupt"),
+    "cut-at-1-percent": (_truncated(0.01), "truncated or corrupt"),
+    "cut-at-half": (_truncated(0.5), "truncated or corrupt"),
+    "cut-10-bytes-short": (lambda real: real[:-10], "truncated or corrupt"),
+    "plain-pickle": (lambda real: pickle.dumps({"fc.weight": [1.0, 2.0]}), "is not a PyTorch checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CHECKPOINTS)
+def test_broken_teacher_checkpoint_is_one_clear_line(tmp_path, real_checkpoint, case):
+    make, message = BROKEN_CHECKPOINTS[case]
+    checkpoint = tmp_path / "teacher.pt"
+    checkpoint.write_bytes(make(real_checkpoint))
+    code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint))
+    assert code == 2
+    line = assert_one_line_error(stderr, f"checkpoint {checkpoint} ", message)
+    assert "internal miniz error" not in line  # torch's advice paragraph is cut to its first sentence
+
+
+def test_checkpoint_of_another_architecture_names_the_mismatch(tmp_path):
+    checkpoint = tmp_path / "resnet32.pt"
+    torch.save(build_model("cifar:resnet32", 10).state_dict(), checkpoint)
+    code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint))
+    assert code == 2
+    assert_one_line_error(stderr, f"checkpoint {checkpoint} does not fit cifar:resnet20", "unexpected keys layer1.3.conv1.weight")
+
+
+@pytest.mark.parametrize("model", ["cifar:resnet20", "torchvision:mobilenet_v2"])
+def test_teacher_checkpoint_with_other_classes_than_the_data(tmp_path, model):
+    checkpoint = tmp_path / "cifar100.pt"
+    torch.save(build_model(model, 100, cifar_stem=True).state_dict(), checkpoint)
+    code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint, model=model))
+    assert code == 2
+    assert_one_line_error(stderr, f"teacher checkpoint {checkpoint} has 100 classes, the data has 10 (digits)")
+
+
+# --- code-executing YAML -------------------------------------------------------------------------
+
+
+def _tags(marker: Path) -> dict[str, str]:
+    code = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "apply": f"name: !!python/object/apply:builtins.exec [{code!r}]\n",
+        "new": f"name: !!python/object/new:builtins.exec [{code!r}]\n",
+        "name": "name: !!python/name:os.system\n",
+        "module": "name: !!python/module:os\n",
+        "custom-tag": "name: !import_call {key: os.system, init: {args: [touch marker]}}\n",
+    }
+
+
+def test_the_yaml_payload_is_live(tmp_path):
+    marker = tmp_path / "ran"
+    yaml.unsafe_load(_tags(marker)["apply"])
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("tag", list(_tags(Path("m"))))
+def test_yaml_tags_never_execute(tmp_path, tag):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_tags(marker)[tag] + "stages: [teacher]\n")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}: not valid YAML")):
+        load_recipe(path)
+    assert not marker.exists()
+
+
+# --- names and paths that would escape the output folder -----------------------------------------
+
+BAD_RUN_NAMES = ["../escape", "..", ".", "/abs/path", "a/b", "a\\b", "", "   ", "a\0b", "run\n", "\nrun", ".hidden", "-rf", "ünïcode", "a" * 101]
+
+
+@pytest.mark.parametrize("name", BAD_RUN_NAMES, ids=[repr(n)[:16] for n in BAD_RUN_NAMES])
+def test_run_names_that_are_not_one_plain_folder_are_refused(tmp_path, name):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "data": DIGITS, "stages": ["teacher"]}))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith("name: expected letters, digits") and "\n" not in str(info.value)
+
+
+BAD_STAGE_NAMES = ["../x", "a/b", "..", "", "recipe.yaml", "student.onnx", "x\n", ".git", 5, None, ["a"]]
+
+
+@pytest.mark.parametrize("name", BAD_STAGE_NAMES, ids=[repr(n)[:16] for n in BAD_STAGE_NAMES])
+def test_stage_names_that_are_not_one_plain_folder_are_refused(tmp_path, name):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "ok", "data": DIGITS, "stages": ["teacher", {"export": {"name": name}}]}))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith("stages[1].export.name: expected letters, digits, '_' or '-'") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["out", "data.path", "teacher.checkpoint", "gates.baseline"])
+@pytest.mark.parametrize("value", ["", "  ", "dir\0name", "x" * 5000], ids=["empty", "blank", "nul", "too-long"])
+def test_unusable_paths_are_recipe_errors(tmp_path, field, value):
+    raw = {"name": "ok", "data": {"kind": "npz", "path": str(tmp_path)}, "stages": ["teacher", "export", "bench"]}
+    section, _, key = field.rpartition(".")
+    (raw.setdefault(section, {}) if section else raw)[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    if field == "out" and value == "x" * 5000:
+        assert load_recipe(path).out == value  # legal until a run creates it: then a StageError
+        return
+    with pytest.raises(RecipeError, match=rf"^{re.escape(field)}: ") as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_run_and_stage_folders_linked_outside_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = Recipe(name="run", out=str(out), stages=load_recipe(QUICKSTART).stages)
+    (out / "run").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(RecipeError, match="name: 'run' would write outside the output folder"):
+        prepare_run_dir(recipe)
+    (out / "run").unlink()
+    (out / "run").mkdir()
+    (out / "run" / "distill").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(StageError, match=re.escape(f"{out / 'run' / 'distill'} links to {outside.resolve()}, outside the run folder")):
+        prepare_run_dir(recipe)
+    assert not any(outside.iterdir())
+
+
+# --- fuzzed recipes ------------------------------------------------------------------------------
+
+
+def _quickstart() -> dict:
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
+def _fuzz_base() -> dict:
+    """The quickstart with every path-like field present, so that fuzzing reaches them too."""
+    raw = _quickstart()
+    raw["out"] = "exported"
+    raw["data"]["unlabeled"] = {"path": None, "limit": None}
+    raw["teacher"]["checkpoint"] = None
+    raw["gates"] = {"baseline": None, "max_accuracy_drop": 0.5}
+    return raw
+
+
+# Real field names as well as random text, so an added key is sometimes a known one in a new place.
+_CLASSES = (C.Recipe, C.DataConfig, C.SubsetConfig, C.UnlabeledConfig, C.TrainConfig, C.TeacherConfig, C.GatesConfig, C.MixConfig)
+FIELD_NAMES = sorted({f.name for cls in _CLASSES + tuple(C.STAGE_CONFIGS.values()) for f in dataclasses.fields(cls)})
+
+
+def _nodes(node, prefix=()):
+    """Every (path, container) in the recipe: where a key can be dropped, replaced or added."""
+    yield prefix, node
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in children:
+        yield from _nodes(value, prefix + (key,))
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12) | st.sampled_from(["\n", "a\r\nb", "\t", "\x00", "\u202e", ""])
+_scalars = st.one_of(
+    st.none(), st.booleans(), _text, st.sampled_from(["", " ", "../..", "/etc/passwd", "a\0b", "ünï", "cpu", "kd", "teacher", "5e-4"]),
+    st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, 10**40]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+_garbage = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)), max_leaves=6)
+PLACES = [path for path, _ in _nodes(_fuzz_base())]
+
+
+@st.composite
+def mutated_recipes(draw) -> dict:
+    """The quickstart with 1-3 edits: a key dropped, a value replaced by garbage, an unknown key
+    added, or a key renamed by a typo."""
+    raw = _fuzz_base()
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(PLACES))
+        parent, node = None, raw
+        try:
+            for key in path:
+                parent, node = node, node[key]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed or replaced this place
+        op = draw(st.sampled_from(["drop", "replace", "add", "rename"]))
+        if op == "replace" or not path and op == "drop":
+            if path:
+                parent[path[-1]] = draw(_garbage)
+            else:
+                raw = draw(_garbage)
+        elif op == "drop":
+            del parent[path[-1]]
+        elif op == "add" and isinstance(node, dict):
+            node[draw(st.one_of(_text, st.sampled_from(FIELD_NAMES)))] = draw(_garbage)
+        elif op == "rename" and isinstance(parent, dict):
+            key = path[-1]
+            parent[draw(st.sampled_from([key[:-1], key + "s", key.upper(), key + " "]))] = parent.pop(key)
+    return raw
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutated_recipes())
+def test_fuzzed_recipes_load_or_raise_one_line_recipe_error(tmp_path, raw):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    out = Path(recipe.out).resolve()
+    run_dir = (out / recipe.name).resolve()
+    assert run_dir.parent == out
+    assert all((run_dir / stage.name).resolve().parent == run_dir for stage in recipe.stages)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: x\nseed: " + "9" * 5000 + "\n", "a value cannot be read (Exceeds the limit (4300 digits)"),
+        ("name: " + "[" * 5000 + "]" * 5000 + "\n", "it is nested too deeply"),
+        ("name: x\nseed: 4294967296\nstages: [teacher]\n", "seed: expected 0..4294967295, got 4294967296"),
+        ("name: x\nseed: -1\nstages: [teacher]\n", "seed: expected 0..4294967295, got -1"),
+        ('name: x\ndata: {"\\n": 1}\n', "data.'\\n': unknown field"),
+        (b"\xff\xfe\x00garbage", "not a text file"),
+    ],
+    ids=["huge-int", "deep-nesting", "seed-too-big", "negative-seed", "newline-key", "binary"],
+)
+def test_pathological_yaml(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: !!python/object/apply:os.system ['touch {marker}']\nstages: [teacher]\n", "not valid YAML"),
+        ("name: ../../etc\nstages: [teacher]\n", "name: expected letters, digits"),
+    ],
+    ids=["python-tag", "escaping-name"],
+)
+def test_cli_validate_refuses_hostile_recipes(tmp_path, text, message):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.format(marker=marker))
+    result = compress("validate", path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert_one_line_error(result.stderr, message)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_cli_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: ../../etc\nstages: [teacher]\n")
+    result = compress("validate", path, "--debug")
+    assert result.returncode == 2
+    assert "Traceback (most recent call last)" in result.stderr and "compress.errors.RecipeError: name:" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: name: expected letters, digits")
+
+
+# --- bad images in an ImageFolder ----------------------------------------------------------------
+
+
+def _png(path: Path, color=(10, 20, 30), size=(12, 12)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def _jpeg_bytes(size: int = 128) -> bytes:
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), np.random.default_rng(0).bytes(size * size * 3)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _tree(root: Path, per_class: int = 3) -> Path:
+    for split, count in (("train", per_class), ("val", 1)):
+        for k, name in enumerate(("ant", "bee")):
+            for i in range(count):
+                _png(root / split / name / f"{i}.png", (120 * k, 40 * i, 7))
+    return root
+
+
+def test_bad_image_files_fail_at_load_naming_the_first_and_the_count(tmp_path):
+    root = _tree(tmp_path / "imgs")
+    (root / "train" / "ant" / "a_empty.png").write_bytes(b"")
+    (root / "train" / "bee" / "text.jpg").write_text("just some text")
+    (root / "val" / "ant" / "cut.jpg").write_bytes(_jpeg_bytes()[:300])  # cut inside the header
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(kind="imagefolder", path=str(root), image_size=8))
+    first = root / "train" / "ant" / "a_empty.png"
+    assert str(info.value) == f"3 of 11 image files cannot be read (first: {first}: empty file); fix or remove them"
+
+
+def test_files_that_are_not_images_by_name_are_ignored(tmp_path):
+    root = _tree(tmp_path / "imgs")
+    (root / "train" / "ant" / "notes.txt").write_text("not an image")
+    (root / "train" / "ant" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train" / "bee" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata beside a copy
+    _png(root / "train" / ".ipynb_checkpoints" / "0.png")  # not a class
+    bundle = load_dataset(DataConfig(kind="imagefolder", path=str(root), image_size=8))
+    assert bundle.classes == ("ant", "bee") and len(bundle.train) == 6
+
+
+def test_only_the_files_a_split_uses_are_checked(tmp_path):
+    _png(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    files = ImageFileDataset([str(tmp_path / "good.png"), str(tmp_path / "bad.png")], label=0, image_size=8)
+    check_image_files(Subset(files, [0]))  # a subset without the bad file (e.g. --subset) is fine
+    with pytest.raises(DataError, match=re.escape(f"1 of 2 image files cannot be read (first: {tmp_path / 'bad.png'}: empty file)")):
+        check_image_files(files)
+
+
+def _tree_with_truncated_body(root: Path) -> Path:
+    _tree(root)
+    jpeg = _jpeg_bytes()
+    bad = root / "train" / "ant" / "truncated.jpg"
+    bad.write_bytes(jpeg[: int(len(jpeg) * 0.7)])  # the header is whole: only decoding finds it
+    return bad
+
+
+def test_truncated_image_in_a_worker_is_one_line_naming_it(tmp_path):
+    bad = _tree_with_truncated_body(tmp_path / "imgs")
+    cfg = DataConfig(kind="imagefolder", path=str(tmp_path / "imgs"), image_size=8, batch_size=16, workers=1)
+    train, _ = make_loaders(load_dataset(cfg), cfg, seed=0)
+    with pytest.raises(DataError) as info:
+        next(iter(train))
+    assert str(info.value).startswith(f"cannot decode image {bad}: image file is truncated") and "\n" not in str(info.value)
+    assert any("Original Traceback" in note for note in info.value.__notes__)  # what --debug shows
+
+
+@pytest.mark.slow
+def test_truncated_image_mid_epoch_is_one_line_through_the_cli(tmp_path):
+    bad = _tree_with_truncated_body(tmp_path / "imgs")
+    data = {"kind": "imagefolder", "path": str(tmp_path / "imgs"), "image_size": 8, "batch_size": 4, "workers": 1}
+    result = compress("run", teacher_recipe(tmp_path, data=data))
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, f"cannot decode image {bad}: image file is truncated")
+
+
+# --- corrupt ONNX files --------------------------------------------------------------------------
+
+
+def _onnx_model(weight_name: str = "W") -> onnx.ModelProto:
+    weight = helper.make_tensor("W", TensorProto.FLOAT, [10, 48], np.ones(480, np.float32))
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1), helper.make_node("Gemm", ["flat", weight_name], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [weight],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_onnx_model_is_valid():
+    onnx.checker.check_model(_onnx_model(), full_check=True)
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.95])
+def test_truncated_onnx_is_one_line(tmp_path, cut):
+    real = _onnx_model().SerializeToString()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(real[: int(len(real) * cut)])
+    code, stderr = invoke("bench", path)
+    assert code == 2
+    assert_one_line_error(stderr, f"{path}: not a valid ONNX model")
+
+
+def test_onnx_with_a_missing_node_input_is_one_line(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(_onnx_model(weight_name="W_missing"), path)
+    code, stderr = invoke("bench", path)
+    assert code == 2
+    assert_one_line_error(stderr, f"{path}: not a valid ONNX model", "W_missing")
+
+
+def test_onnx_whose_external_data_points_outside_is_refused(tmp_path):
+    model = _onnx_model()
+    weight = model.graph.initializer[0]
+    weight.ClearField("float_data")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../../../../etc/hostname"), ("length", "1920")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    code, stderr = invoke("bench", path)
+    assert code == 2
+    assert_one_line_error(stderr, f"{path}: not a valid ONNX model", "outside")
+
+
+def test_fuzz_places_reach_every_section():
+    """The mutation places cover the whole quickstart, so fuzzing reaches every stage's settings."""
+    assert {path[0] for path in PLACES if path} == set(_fuzz_base()) >= set(_quickstart())
+    assert {path[:2] for path in PLACES if len(path) >= 2 and path[0] == "stages"} == {("stages", i) for i in range(6)}
+
+
+# --- tampered artifacts ---------------------------------------------------------------------
+
+
+def test_pruned_structure_wider_than_the_network_is_refused_before_allocating(tmp_path):
+    from compress.errors import ModelError
+    from compress.models import load_weights
+
+    model = build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True)
+    hostile = tmp_path / "pruned.pt"
+    torch.save({"structure": {"features.0.0": {"in_channels": 3, "out_channels": 10**12, "groups": 1}}, "state_dict": model.state_dict()}, hostile)
+    with pytest.raises(ModelError, match="out_channels 1000000000000 is wider than the unpruned layer's 32"):
+        load_weights(build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True), hostile)
+
+
+def test_stage_record_pointing_outside_the_run_is_not_trusted(tmp_path):
+    import json
+
+    from compress.artifacts import Artifact, load_completed, record_stage
+    from compress.fileio import write_bytes_atomic
+
+    run_dir, outside = tmp_path / "run", tmp_path / "secret.bin"
+    (run_dir / "stage").mkdir(parents=True)
+    weights = write_bytes_atomic(run_dir / "stage" / "model.pt", b"weights")
+    record_stage(run_dir / "stage", run_dir, Artifact("stage", files={"model": weights}, key="k"), {}, {})
+    assert load_completed(run_dir / "stage", run_dir, "k") is not None
+    outside.write_bytes(b"weights")
+    record = json.loads((run_dir / "stage" / "stage.json").read_text())
+    record["files"]["model"]["path"] = "../secret.bin"  # same hash, outside the run folder
+    (run_dir / "stage" / "stage.json").write_text(json.dumps(record))
+    assert load_completed(run_dir / "stage", run_dir, "k") is None
