@@ -46,3 +46,24 @@ def test_engine_builds_with_a_batch_profile_and_reuses_its_timing_cache(tmp_path
     shapes = engine.get_tensor_profile_shape("input", 0)
     assert [tuple(s)[0] for s in shapes] == [1, 4, 8]
     assert build_engine(onnx_path, tmp_path / "again.engine", fp16=True, batch=(1, 4, 8), timing_cache=cache).is_file()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not (HAVE_TENSORRT and torch.cuda.is_available()), reason="needs tensorrt and a CUDA device")
+def test_engine_reproduces_its_pytorch_model_and_a_wrong_engine_fails(tmp_path):
+    import numpy as np
+
+    from compress.config import ExportConfig
+    from compress.stages.export import verify_engine
+
+    model = small_cnn()
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", image_size=8)
+    engine_path = build_engine(onnx_path, tmp_path / "m.engine", fp16=True, batch=(1, 4, 8))
+    images = np.random.default_rng(0).standard_normal((19, 3, 8, 8), dtype=np.float32)  # not a multiple of 8
+    record = verify_engine(engine_path, model, images, ExportConfig(), int8=False)
+    assert record["samples"] == 19 and record["max_rel_diff"] <= ExportConfig().fp16_tolerance
+    other = small_cnn()
+    with torch.no_grad():
+        other[0].weight.mul_(-1)
+    with pytest.raises(ExportError, match="does not reproduce"):
+        verify_engine(engine_path, other, images, ExportConfig(), int8=False)

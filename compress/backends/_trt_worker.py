@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compress.backends.child import error, serve
@@ -77,6 +78,41 @@ def measure(request: dict) -> dict:
             "device_memory_mb": device_memory / 2**20,
         },
     }
+
+
+def infer(path: str | Path, inputs: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """Run an engine on real inputs (what the export stage checks it with): float32 NCHW in,
+    the first output as float32 out, in chunks the engine's profile accepts.
+
+    Raises:
+        ImportError / RuntimeError / ValueError: no tensorrt, no GPU, an engine that cannot run.
+    """
+    import tensorrt as trt
+
+    torch.cuda.init()
+    runtime, engine = _load_engine(trt, Path(path))
+    context = engine.create_execution_context()
+    io = _io_tensors(trt, engine)
+    low, _, high = _profile_batch(engine, io)
+    size = min(chunk or high, high)
+    outputs = []
+    stream = torch.cuda.Stream()
+    for start in range(0, len(inputs), size):
+        part = inputs[start : start + size]
+        count = len(part)
+        if count < low:  # pad up to the profile's smallest batch (a static-batch engine)
+            part = np.concatenate([part, np.repeat(part[-1:], low - count, axis=0)])
+        buffers = _bind(context, io, len(part))
+        name_in = next(name for name, (is_input, _, _) in io.items() if is_input)
+        name_out = next(name for name, (is_input, _, _) in io.items() if not is_input)
+        buffers[name_in].copy_(torch.from_numpy(np.ascontiguousarray(part)).to(buffers[name_in].dtype))
+        torch.cuda.synchronize()
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("execute_async_v3 failed (see the TensorRT log)")
+        stream.synchronize()
+        outputs.append(buffers[name_out].float().cpu().numpy()[:count])
+    del context, engine, runtime
+    return np.concatenate(outputs)
 
 
 def _load_engine(trt, path: Path):

@@ -396,6 +396,33 @@ def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, f
     return float(diff.max()), float(diff.sum()), diff.size, agree, float(np.abs(theirs).max())
 
 
+def compare_logits(ours: np.ndarray, theirs: np.ndarray, path: Path, *, tolerance: float, min_agreement: float, relative: bool) -> dict:
+    """The verification record of logits from another runtime (a TensorRT engine, a converted
+    file) against reference logits on the same inputs, with :func:`verify_onnx`'s keys and bounds.
+
+    Raises:
+        ExportError: different shapes, or out of bounds (the error's ``result`` holds the record).
+    """
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if ours.shape != theirs.shape:
+        raise ExportError(f"{Path(path).name}: output shape {ours.shape} differs from the reference's {theirs.shape}")
+    diff = np.abs(ours - theirs)
+    max_abs_logit = float(np.abs(theirs).max())
+    result = {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_abs_logit": max_abs_logit,
+        "max_rel_diff": float(diff.max()) / max_abs_logit if max_abs_logit > 0 else float(diff.max()),
+        "top1_agreement": float(np.mean(ours.argmax(axis=1) == theirs.argmax(axis=1))),
+        "samples": len(ours),
+        "tolerance": tolerance,
+        "relative": relative,
+        "min_agreement": min_agreement,
+    }
+    _raise_if_out_of_bounds(result, Path(path))
+    return result
+
+
 def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
     measured = "max_rel_diff" if result["relative"] else "max_abs_diff"
     bad_diff = result[measured] > result["tolerance"]

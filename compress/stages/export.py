@@ -164,8 +164,27 @@ def _build(fmt, onnx_path, target, model, cfg, images, quantization, timing_cach
     from compress.exporters.tensorrt import build_engine
 
     batch = (cfg.batch,) * 3 if cfg.batch is not None else cfg.engine_batch
-    build_engine(onnx_path, target, fp16=cfg.engine_fp16, int8=quantization is not None, batch=batch, workspace_mib=cfg.engine_workspace_mib, timing_cache=timing_cache)
-    return {"fp16": cfg.engine_fp16, "int8": quantization is not None, "batch": list(batch)}
+    int8 = quantization is not None
+    build_engine(onnx_path, target, fp16=cfg.engine_fp16, int8=int8, batch=batch, workspace_mib=cfg.engine_workspace_mib, timing_cache=timing_cache)
+    return verify_engine(target, model, images, cfg, int8=int8) | {"fp16": cfg.engine_fp16, "int8": int8, "batch": list(batch)}
+
+
+def verify_engine(path: Path, model, images: np.ndarray, cfg: ExportConfig, *, int8: bool) -> dict:
+    """An engine against its PyTorch model on the check images, with the bounds of its
+    precision (INT8: the ``int8_*`` bounds; FP16 kernels: the ``fp16_*`` ones; else FP32's)."""
+    from compress.backends._trt_worker import infer
+    from compress.exporters.onnx import compare_logits
+
+    try:
+        ours = infer(path, images)
+    except Exception as exc:
+        raise ExportError(f"{path.name}: TensorRT cannot run the engine it built: {exc}") from exc
+    with torch.no_grad():
+        theirs = model.eval()(torch.from_numpy(images)).numpy()
+    tolerance, agreement = (
+        (cfg.int8_tolerance, cfg.int8_min_agreement) if int8 else (cfg.fp16_tolerance, cfg.fp16_min_agreement) if cfg.engine_fp16 else (cfg.tolerance, cfg.min_agreement)
+    )
+    return compare_logits(ours, theirs, path, tolerance=tolerance, min_agreement=agreement, relative=int8 or cfg.engine_fp16)
 
 
 def _is_unavailable(exc: ExportError) -> bool:
@@ -273,32 +292,15 @@ def _convert_onnx(source: Path, fmt: str, target: Path, cfg: ExportConfig) -> di
 
 def compare_onnx_files(candidate: Path, reference: Path, samples: int, *, tolerance: float, min_agreement: float) -> dict:
     """Check a converted file against the file it came from on random normal inputs (no
-    PyTorch model or dataset at hand): max difference relative to the largest |logit| and top-1
-    agreement, as :func:`compress.exporters.onnx.verify_onnx` reports them."""
-    from compress.exporters.onnx import open_session
+    PyTorch model or dataset at hand), relative to the largest |logit|, with top-1 agreement."""
+    from compress.exporters.onnx import compare_logits, open_session
 
     sessions = [open_session(p) for p in (candidate, reference)]
     shape = [d if isinstance(d, int) else None for d in sessions[1].get_inputs()[0].shape]
-    batch = shape[0] or min(samples, 64)
-    inputs = np.random.default_rng(0).standard_normal((batch, *shape[1:]), dtype=np.float32)
+    inputs = np.random.default_rng(0).standard_normal((shape[0] or min(samples, 64), *shape[1:]), dtype=np.float32)
     outputs = []
     for session in sessions:
         feed = inputs.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else inputs
-        outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0].astype(np.float64))
-    ours, theirs = outputs
-    max_diff, max_logit = float(np.abs(ours - theirs).max()), float(np.abs(theirs).max())
-    result = {
-        "max_abs_diff": max_diff,
-        "max_rel_diff": max_diff / max_logit if max_logit > 0 else max_diff,
-        "top1_agreement": float(np.mean(ours.argmax(1) == theirs.argmax(1))),
-        "samples": batch,
-        "inputs": "random normal",
-        "tolerance": tolerance,
-        "min_agreement": min_agreement,
-    }
-    if result["max_rel_diff"] > tolerance or result["top1_agreement"] < min_agreement:
-        raise ExportError(
-            f"{candidate.name} differs from {reference.name}: max relative difference {result['max_rel_diff']:.4g} "
-            f"(tolerance {tolerance}), top-1 agreement {result['top1_agreement']:.3f} (minimum {min_agreement})"
-        )
-    return result
+        outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0])
+    result = compare_logits(outputs[0], outputs[1], candidate, tolerance=tolerance, min_agreement=min_agreement, relative=True)
+    return result | {"inputs": "random normal", "reference": reference.name}
