@@ -286,6 +286,17 @@ def test_imagefolder_corrupt_file_names_it_before_training(tmp_path):
         load_dataset(DataConfig(kind="imagefolder", path=str(root)))
 
 
+def test_imagefolder_file_deleted_during_a_run_is_named(tmp_path):
+    root = _image_tree(tmp_path / "imgs")
+    cfg = DataConfig(kind="imagefolder", path=str(root), image_size=8, batch_size=4)
+    train, _ = make_loaders(load_dataset(cfg), cfg, seed=0)
+    gone = root / "train" / "bee" / "1.png"
+    gone.unlink()  # e.g. the dataset folder was cleaned up while training
+    with pytest.raises(DataError, match=re.escape(f"cannot decode image {gone}: ") + ".*No such file"):
+        for _ in train:
+            pass
+
+
 def test_imagefolder_class_mismatch_and_missing_split(tmp_path):
     root = _image_tree(tmp_path / "imgs")
     _write_png(root / "val" / "cow" / "0.png", (8, 8), (1, 2, 3))

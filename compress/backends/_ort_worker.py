@@ -13,7 +13,14 @@ import numpy as np
 import onnxruntime as ort
 
 from compress.backends.child import serve
-from compress.backends.timing import gpu_memory_mb, one_line, peak_rss_mb, summarize, timed_runs
+from compress.backends.timing import (
+    gpu_memory_mb,
+    measured,
+    one_line,
+    peak_rss_mb,
+    summarize,
+    timed_runs,
+)
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -25,15 +32,7 @@ def measure(request: dict) -> dict:
     session = _session(request["path"], request["threads"], provider)
     rng = np.random.default_rng(request.get("seed", 0))
     batches = [_measure_batch(session, batch_size, request, rng) for batch_size in request["batch_sizes"]]
-    peak = peak_rss_mb()
-    errors = [f"batch {b['batch_size']}: {b['error']}" for b in batches if b["status"] != "ok"]
-    return {
-        "status": "error" if errors else "ok",
-        "error": "; ".join(errors) or None,
-        "batches": batches,
-        "peak_rss_mb": peak,
-        "baseline_rss_mb": baseline,
-        "model_rss_mb": peak - baseline,
+    return measured(batches, baseline) | {
         "gpu_peak_mb": gpu_memory_mb() if provider == "CUDAExecutionProvider" else None,
         "device": "cuda" if provider == "CUDAExecutionProvider" else "cpu",
         "providers": session.get_providers(),

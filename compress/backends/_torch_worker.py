@@ -14,7 +14,14 @@ import time
 import torch
 
 from compress.backends.child import error, serve
-from compress.backends.timing import gpu_memory_mb, one_line, peak_rss_mb, summarize, timed_runs
+from compress.backends.timing import (
+    gpu_memory_mb,
+    measured,
+    one_line,
+    peak_rss_mb,
+    summarize,
+    timed_runs,
+)
 from compress.stages.networks import load_stage_network
 
 
@@ -33,16 +40,8 @@ def measure(request: dict) -> dict:
         model = model.to("cuda", memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(request.get("seed", 0))
     batches = [_measure_batch(model, batch_size, info, request, generator) for batch_size in request["batch_sizes"]]
-    peak = peak_rss_mb()
-    errors = [f"batch {b['batch_size']}: {b['error']}" for b in batches if b["status"] != "ok"]
     cuda = device == "cuda"
-    return {
-        "status": "error" if errors else "ok",
-        "error": "; ".join(errors) or None,
-        "batches": batches,
-        "peak_rss_mb": peak,
-        "baseline_rss_mb": baseline,
-        "model_rss_mb": peak - baseline,
+    return measured(batches, baseline) | {
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "gpu_process_mb": gpu_memory_mb() if cuda else None,
         "device": device,

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from compress.backends.child import error, serve
-from compress.backends.timing import gpu_memory_mb, one_line, peak_rss_mb, summarize, timed_runs
+from compress.backends.timing import (
+    gpu_memory_mb,
+    measured,
+    one_line,
+    peak_rss_mb,
+    summarize,
+    timed_runs,
+)
 from compress.exporters.tensorrt import INSTALL_HINT
 
 _TORCH_DTYPES = {  # trt.DataType member name -> torch dtype
@@ -52,19 +59,11 @@ def measure(request: dict) -> dict:
     profile = _profile_batch(engine, io)
     stream = torch.cuda.Stream()
     batches = [_measure_batch(context, io, profile, stream, batch_size, request) for batch_size in request["batch_sizes"]]
-    peak = peak_rss_mb()
-    errors = [f"batch {b['batch_size']}: {b['error']}" for b in batches if b["status"] != "ok"]
     device_memory = _device_memory_bytes(engine)
     process_mb = gpu_memory_mb()
     estimate_mb = (device_memory + torch.cuda.max_memory_allocated()) / 2**20
     del context, engine, runtime  # TensorRT objects go before the runtime that made them
-    return {
-        "status": "error" if errors else "ok",
-        "error": "; ".join(errors) or None,
-        "batches": batches,
-        "peak_rss_mb": peak,
-        "baseline_rss_mb": baseline,
-        "model_rss_mb": peak - baseline,
+    return measured(batches, baseline) | {
         "gpu_peak_mb": process_mb if process_mb is not None else estimate_mb,
         "gpu_memory_source": "nvml" if process_mb is not None else "estimate",
         "device": "cuda",

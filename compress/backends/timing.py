@@ -69,6 +69,21 @@ def summarize(times: list[float], batch_size: int) -> dict:
     }
 
 
+def measured(batches: list[dict], baseline_rss_mb: float) -> dict:
+    """The keys every backend's result starts with: status (error when any batch size failed),
+    the batches, and the process's peak memory over the baseline taken before the model loaded."""
+    peak = peak_rss_mb()
+    errors = [f"batch {b['batch_size']}: {b['error']}" for b in batches if b["status"] != "ok"]
+    return {
+        "status": "error" if errors else "ok",
+        "error": "; ".join(errors) or None,
+        "batches": batches,
+        "peak_rss_mb": peak,
+        "baseline_rss_mb": baseline_rss_mb,
+        "model_rss_mb": peak - baseline_rss_mb,
+    }
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB.
 
