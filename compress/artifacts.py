@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from compress import distributed
 from compress.fileio import atomic_path, sha256_file, write_json_atomic
 
 STAGE_RECORD = "stage.json"
@@ -115,9 +116,12 @@ def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None =
     """Save a state_dict (plain tensors: loadable with ``weights_only=True``), atomically.
 
     ``structure`` (layer widths of a pruned network, plain ints) is stored beside the
-    state_dict so the network can be rebuilt without unpickling any module.
+    state_dict so the network can be rebuilt without unpickling any module. In a distributed
+    run only rank 0 writes (every rank gets the path).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():  # a distributed run: rank 0 writes, the other ranks take its artifact
+        return path
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(state if structure is None else {"structure": structure, "state_dict": state}, tmp)

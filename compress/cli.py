@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from compress import distributed
 from compress.errors import CompressError
 
 
@@ -26,10 +27,11 @@ def user_errors(fn):
         except CompressError as exc:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {'' if distributed.is_main() else f'(process {distributed.rank()}) '}{exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: completed stages are kept; run the same command to resume", err=True)
+            if distributed.is_main():  # Ctrl-C reaches every process of a torchrun: one message
+                click.echo("interrupted: completed stages are kept; run the same command to resume", err=True)
             sys.exit(130)
 
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
@@ -51,11 +53,11 @@ def recipe_options(fn):
     return fn
 
 
-def _load(recipe_path, data, epochs, subset, device, out, overrides):
+def _load(recipe_path, data, epochs, subset, device, out, overrides, *, warn: bool = True):
     from compress.recipe import load_recipe, parse_subset, recipe_warnings
 
     recipe = load_recipe(recipe_path, list(overrides), data=data, epochs=epochs, subset=parse_subset(subset), device=device, out=out)
-    for warning in recipe_warnings(recipe):
+    for warning in recipe_warnings(recipe) if warn and distributed.is_main() else ():
         click.echo(f"warning: {warning}", err=True)
     return recipe
 
@@ -69,14 +71,24 @@ def cli():
 @cli.command()
 @recipe_options
 @click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
+@click.option("--nproc", type=click.IntRange(min=1), metavar="N",
+              help="Train data-parallel (DDP) in N processes on this machine: runs this command under torchrun --standalone --nproc_per_node=N.")
 @user_errors
-def run(recipe_path, data, epochs, subset, device, out, overrides, force):
+def run(recipe_path, data, epochs, subset, device, out, overrides, force, nproc):
     """Run RECIPE's stages into <out>/<name>/, skipping stages already done."""
     from compress.pipeline import run as run_pipeline
     from compress.report import summary_table
 
+    if nproc is not None:
+        if distributed.launched():
+            raise click.UsageError("--nproc starts torchrun; a process torchrun started runs without it")
+        recipe = _load(recipe_path, data, epochs, subset, device, out, overrides, warn=False)  # a bad recipe: one message, not one per process
+        distributed.per_process_batch(recipe.data.batch_size, nproc)
+        sys.exit(distributed.launch(nproc, ["run", *_run_arguments(click.get_current_context().params)]))
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
     artifacts = run_pipeline(recipe, force=force)
+    if not distributed.is_main():
+        return
     click.echo(summary_table(artifacts))
     if "bench" in artifacts:
         click.echo("")
@@ -88,6 +100,17 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force):
         click.echo(gates_table(results), nl=False)
         if not all(r.passed for r in results):
             sys.exit(1)
+
+
+def _run_arguments(params: dict) -> list[str]:
+    """The ``compress run`` arguments that give ``params`` again, without ``--nproc``."""
+    args = [params["recipe_path"]]
+    for name in ("data", "epochs", "subset", "device", "out"):
+        if params[name] is not None:
+            args += [f"--{name}", str(params[name])]
+    for override in params["overrides"]:
+        args += ["--set", override]
+    return args + [f"--{flag}" for flag in ("force", "debug") if params.get(flag)]
 
 
 @cli.command()

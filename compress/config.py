@@ -85,6 +85,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # teacher only; hurts distillation (Muller et al. 2019), so off by default
     precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it, else fp32
     channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the training step (worth it on CUDA; compiling costs seconds to minutes)
 
     def __post_init__(self):
         _check(self.epochs >= 0, f"epochs: expected >= 0, got {self.epochs}")

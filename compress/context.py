@@ -34,7 +34,7 @@ class RunContext:
     def loaders(self):
         from compress.data import make_loaders
 
-        return make_loaders(self.data, self.recipe.data, seed=self.recipe.seed)
+        return make_loaders(self.data, self.recipe.data, seed=self.recipe.seed, pin_memory=self.device.type == "cuda")
 
     def latest(self, role: str) -> Artifact:
         """The most recent artifact whose model plays ``role`` ("teacher" or "student")."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from compress import distributed
 from compress.artifacts import Artifact, input_key, invalidate, load_completed, record_stage
 from compress.config import Recipe
 from compress.context import RunContext
@@ -26,44 +28,85 @@ from compress.recipe import recipe_to_dict, resolve_device
 from compress.report import write_report
 from compress.stages import STAGES
 
+RANK0_STAGES = ("export", "bench")  # train nothing: in a distributed run only rank 0 runs them
+
 
 def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> dict[str, Artifact]:
     """Run every stage of ``recipe``, then write the run report; return the artifacts by stage name.
 
+    Under torchrun (``torchrun --nproc_per_node=N -m compress run RECIPE``) every process calls
+    this: they join one process group (:mod:`compress.distributed`), all of them run the
+    training stages together, rank 0 alone writes files and prints, export and bench run on
+    rank 0 only, and every rank returns rank 0's artifacts.
+
     Args:
         recipe: a validated recipe (``compress.load_recipe``).
         force: re-run stages even when their inputs are unchanged.
-        show_progress: progress bars and per-epoch lines on stderr.
+        show_progress: progress bars and per-epoch lines on stderr (rank 0's only).
 
     Raises:
         CompressError: a stage failed for a reason the user can fix; earlier stages stay done.
     """
+    with distributed.process_group(resolve_device(recipe.device)) as device:
+        distributed.per_process_batch(recipe.data.batch_size)  # an uneven split fails before any stage
+        return run_stages(recipe, device, force=force, show_progress=show_progress and distributed.is_main())
+
+
+def run_stages(recipe: Recipe, device: torch.device, *, force: bool, show_progress: bool) -> dict[str, Artifact]:
     run_dir = prepare_run_dir(recipe)
     resolved = recipe_to_dict(recipe)
-    write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    ctx = RunContext(recipe, run_dir, resolve_device(recipe.device), show_progress=show_progress)
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    distributed.on_main(partial(write_text_atomic, run_dir / "recipe.yaml", text))
+    check_shared(run_dir / "recipe.yaml", text)
+    ctx = RunContext(recipe, run_dir, device, show_progress=show_progress)
     key = input_key(shared_inputs(recipe, resolved))
     for index, spec in enumerate(recipe.stages):
         stage_config = resolved["stages"][index][spec.kind]
         key = input_key(key, spec.kind, spec.name, stage_config)
         folder = run_dir / spec.name
-        artifact = None if force else load_completed(folder, run_dir, key)
-        if artifact is None:
-            if force:
-                remove_checkpoints(folder)
-            artifact = run_stage(spec, ctx, folder, key, index)
-            record_stage(folder, run_dir, artifact, stage_config, resolved)
-            remove_checkpoints(folder)  # the stage is complete: its epoch checkpoints are spent
+        artifact = None if force else distributed.on_main(partial(load_completed, folder, run_dir, key))
+        if artifact is None:  # rank 0 prepares the folder, every rank (or rank 0 alone) runs the stage, rank 0 records it
+            distributed.on_main(partial(start_stage, folder, force))
+            artifact = run_stage(spec, ctx, folder, key, index) if distributed.is_main() or spec.kind not in RANK0_STAGES else None
+            artifact = distributed.on_main(partial(finish_stage, folder, run_dir, artifact, stage_config, resolved))
         ctx.artifacts[spec.name] = artifact
         if show_progress:
             print(stage_line(artifact), file=sys.stderr)
-    write_report(run_dir)
+    if distributed.is_main():
+        write_report(run_dir)
     return ctx.artifacts
+
+
+def check_shared(path: Path, text: str) -> None:
+    """Every rank reads the files rank 0 writes: on several machines the run folder must be on a
+    filesystem they share. Checked once on the resolved recipe rank 0 just wrote."""
+    if distributed.world_size() == 1:
+        return
+    try:
+        seen = path.read_text(encoding="utf-8")
+    except OSError:
+        seen = None
+    if seen != text:
+        raise StageError(f"out: process {distributed.rank()} does not see {path} as rank 0 wrote it; with several machines, put the output folder on a filesystem all of them share")
+
+
+def start_stage(folder: Path, force: bool) -> None:
+    """Forget the stage's completion (a crash mid-way cannot look complete) and, with ``force``,
+    its epoch checkpoints; rank 0 does this before any rank starts the stage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    invalidate(folder)
+    if force:
+        remove_checkpoints(folder)
+
+
+def finish_stage(folder: Path, run_dir: Path, artifact: Artifact, stage_config: dict, resolved: dict) -> Artifact:
+    record_stage(folder, run_dir, artifact, stage_config, resolved)
+    remove_checkpoints(folder)  # the stage is complete: its epoch checkpoints are spent
+    return artifact
 
 
 def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Artifact:
     folder.mkdir(parents=True, exist_ok=True)
-    invalidate(folder)
     ctx.stage_dir, ctx.stage_key = folder, key
     seed_everything(ctx.recipe.seed + index)  # a stage's result must not depend on which earlier stages were skipped
     if ctx.show_progress:

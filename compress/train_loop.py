@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
+from compress import distributed
 from compress.checkpoint import load_training_state, restore_training_state, save_training_state
 from compress.config import TrainConfig
 from compress.errors import StageError
@@ -111,6 +114,13 @@ def fit(
     after its epoch with the same weights, optimiser, schedule and random streams, so the
     result matches an uninterrupted run (see :mod:`compress.checkpoint`).
 
+    Under torchrun (:mod:`compress.distributed`) every rank calls ``fit`` with its share of
+    the data: the step runs inside ``DistributedDataParallel`` (gradients of the model and of
+    ``extra_params`` averaged over the ranks), the sampler is reshuffled each epoch, the logged
+    training loss and accuracy are summed over all ranks, BatchNorm statistics are averaged
+    before the evaluation (which every rank runs on the whole test split, with identical
+    results), and rank 0 alone writes the checkpoint.
+
     Args:
         model: the network being trained (put in train mode here).
         step_loss: ``(images, labels, epoch, *extras) -> (loss, logits[, terms])`` on a
@@ -137,12 +147,16 @@ def fit(
     history: list[EpochLog] = []
     parts = dict(model=model, extra_params=tuple(extra_params), optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader_generator=getattr(train_loader, "generator", None))
     state = load_training_state(checkpoint, checkpoint_key) if checkpoint is not None else None
-    if state is not None:
+    if state is not None:  # every rank loads the same file: they all continue from rank 0's state
         restore_training_state(state, **parts)
         history = [EpochLog(**entry) for entry in state["history"]]
         if show_progress:
             print(f"  {desc}: resumed after epoch {state['epoch']}/{cfg.epochs} from {checkpoint.name}", file=sys.stderr)
+    train_step = training_step(model, extra_params, step_loss, device, compile=cfg.compile)
+    sampler = getattr(train_loader, "sampler", None)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank (and after a resume)
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -154,7 +168,7 @@ def fit(
             labels = labels.to(device, non_blocking=True)
             extras = [extra.to(device, non_blocking=True) for extra in extras]
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, logits, *terms = step_loss(preprocess(images, train=True), labels, epoch, *extras)
+                loss, logits, *terms = train_step(preprocess(images, train=True), labels, epoch, *extras)
             if not torch.isfinite(loss):
                 raise StageError(_divergence(desc, loss, terms, epoch, step, scheduler, checkpoint if epoch > 1 else None))
             optimizer.zero_grad(set_to_none=True)
@@ -169,15 +183,48 @@ def fit(
             labeled += known.sum()
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%")
+        loss_total, correct_total, labeled_total, seen_total = epoch_totals(loss_sum, correct, labeled, seen)
+        distributed.sync_buffers(model)  # every rank now holds the same network: the same test numbers
         test = evaluate(model, test_loader, preprocess, device)
-        log = EpochLog(epoch, loss_sum.item() / max(seen, 1), 100 * correct.item() / max(labeled.item(), 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
+        log = EpochLog(epoch, loss_total / max(seen_total, 1), 100 * correct_total / max(labeled_total, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
         history.append(log)
         if show_progress:
             print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%", file=sys.stderr)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             save_training_state(checkpoint, checkpoint_key, epoch=epoch, history=[dataclasses.asdict(h) for h in history], **parts)
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+class TrainStep(nn.Module):
+    """One training forward (``step_loss``) as a module holding everything it trains: the
+    network and the parameters beside it (FitNet regressors), so that DDP averages all their
+    gradients and ``torch.compile`` sees the whole step. The teacher, frozen, stays outside."""
+
+    def __init__(self, model: nn.Module, extra_params, step_loss: StepLoss):
+        super().__init__()
+        self.model = model
+        self.extra = nn.ParameterList(extra_params)
+        self.step_loss = step_loss
+
+    def forward(self, images, labels, epoch, *extras):
+        return self.step_loss(images, labels, epoch, *extras)
+
+
+def training_step(model: nn.Module, extra_params, step_loss: StepLoss, device: torch.device, *, compile: bool = False) -> StepLoss:
+    """What ``fit`` calls each step: ``step_loss`` itself in a single process, else the step
+    wrapped in ``DistributedDataParallel`` (under torchrun) and/or ``torch.compile``."""
+    if not (distributed.active() or compile):
+        return step_loss
+    step = distributed.data_parallel(TrainStep(model, extra_params, step_loss), device)
+    return torch.compile(step) if compile else step
+
+
+def epoch_totals(loss_sum: torch.Tensor, correct: torch.Tensor, labeled: torch.Tensor, seen: int) -> list[float]:
+    """The epoch's loss sum, correct, labeled and seen counts over all ranks (this rank's alone
+    without a process group)."""
+    totals = torch.stack([loss_sum.double(), correct.double(), labeled.double(), torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+    return distributed.all_reduce_sum(totals).tolist()
 
 
 def _divergence(desc, loss, terms, epoch, step, scheduler, checkpoint) -> str:

@@ -100,3 +100,14 @@ def test_schedules_with_warmup(schedule):
         assert lrs[10] == pytest.approx(0.1) and lrs[26] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
     else:
         assert lrs[10:] == pytest.approx([0.1] * 30)
+
+
+def test_compiled_training_step_runs_on_cpu_and_trains_like_eager():
+    # train.compile is meant for CUDA; on the CPU (inductor, a C++ compiler) it must at least run
+    # and train the same network as eager mode, up to float rounding of fused kernels.
+    eager_model, _, eager = train_once(0, epochs=1)
+    compiled_model, _, compiled = train_once(0, epochs=1, compile=True)
+    assert compiled[0].train_loss == pytest.approx(eager[0].train_loss, rel=1e-3)
+    assert compiled[0].test_top1 == pytest.approx(eager[0].test_top1, abs=1.0)
+    assert type(compiled_model) is type(eager_model)  # the network itself is not replaced
+    assert compiled_model.state_dict().keys() == eager_model.state_dict().keys()

@@ -73,12 +73,13 @@ def teacher_logits_cache(teacher, ctx: RunContext, prep) -> torch.Tensor:
     """The teacher's logits for every training image, computed once (inputs never change)."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ctx.data.train, batch_size=ctx.recipe.data.eval_batch_size, shuffle=False, num_workers=ctx.recipe.data.workers)
-    return torch.cat([teacher(prep(images.to(ctx.device), train=False)) for images, _ in loader])
+    cuda = ctx.device.type == "cuda"
+    loader = DataLoader(ctx.data.train, batch_size=ctx.recipe.data.eval_batch_size, shuffle=False, num_workers=ctx.recipe.data.workers, pin_memory=cuda)
+    return torch.cat([teacher(prep(images.to(ctx.device, non_blocking=cuda), train=False)) for images, _ in loader])
 
 
 def indexed_loaders(ctx: RunContext):
     from compress.data import IndexedDataset, make_loaders
 
     bundle = dataclasses.replace(ctx.data, train=IndexedDataset(ctx.data.train))
-    return make_loaders(bundle, ctx.recipe.data, seed=ctx.recipe.seed)
+    return make_loaders(bundle, ctx.recipe.data, seed=ctx.recipe.seed, pin_memory=ctx.device.type == "cuda")

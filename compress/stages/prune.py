@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from compress import distributed
 from compress.artifacts import Artifact, save_weights
 from compress.benchmark import measure_torch_latency
 from compress.config import PruneConfig
@@ -108,9 +109,11 @@ def target_macs(cfg: PruneConfig, macs: int) -> int | None:
 def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
     """Params and MACs (one image), batch-1 PyTorch CPU latency (p50) and test top-1."""
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
-    latency = measure_torch_latency(model, example_batch(ctx, size=1), time_budget_s=1.0)
+    latency = float("nan")  # measured by rank 0 alone, which records it: other ranks would disturb its timing
+    if distributed.is_main():
+        latency = measure_torch_latency(model, example_batch(ctx, size=1), time_budget_s=1.0)["p50_ms"]
     top1 = evaluate(model, test_loader, prep, ctx.device)["top1"]
-    return {"params": params, "macs": macs, "latency_ms_b1": latency["p50_ms"], "top1": top1}
+    return {"params": params, "macs": macs, "latency_ms_b1": latency, "top1": top1}
 
 
 def taylor_gradients(ctx: RunContext, train_loader, prep):
@@ -121,6 +124,7 @@ def taylor_gradients(ctx: RunContext, train_loader, prep):
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             if (labels != UNLABELED).any():
                 F.cross_entropy(model(prep(images, train=False)), labels, ignore_index=UNLABELED).backward()
+        distributed.average_gradients(p for p in model.parameters() if p.requires_grad)  # every rank ranks channels alike
 
     return accumulate
 
