@@ -13,22 +13,26 @@ from pathlib import Path
 import click
 
 from compress import distributed
-from compress.errors import CompressError
+from compress.errors import CompressError, output_error
 
 
 def user_errors(fn):
-    """Turn CompressError into a one-line message and exit code 2 (a traceback with --debug)."""
+    """Turn CompressError (and a failed write: full disk, read-only folder) into a one-line
+    message and exit code 2 (a traceback with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.pop("debug", False)
         try:
             return fn(*args, **kwargs)
-        except CompressError as exc:
+        except (CompressError, OSError) as exc:
+            error = exc if isinstance(exc, CompressError) else output_error(exc)
+            if error is None:  # an OSError that is not about writing: a bug, keep its traceback
+                raise
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {'' if distributed.is_main() else f'(process {distributed.rank()}) '}{exc}", err=True)
-            sys.exit(exc.exit_code)
+            click.echo(f"error: {'' if distributed.is_main() else f'(process {distributed.rank()}) '}{error}", err=True)
+            sys.exit(error.exit_code)
         except KeyboardInterrupt:
             if distributed.is_main():  # Ctrl-C reaches every process of a torchrun: one message
                 click.echo("interrupted: completed stages are kept; run the same command to resume", err=True)

@@ -52,3 +52,22 @@ class StageError(CompressError):
 
 class ExportError(CompressError):
     """An export failed, or the exported file does not reproduce the PyTorch model."""
+
+
+class OutputError(CompressError):
+    """An output could not be written: a full disk, a read-only or unwritable folder."""
+
+
+WRITE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted"}
+
+
+def output_error(exc: OSError) -> OutputError | None:
+    """The one-line error for an OSError that means "cannot write here", else None (a bug or an
+    input problem keeps its traceback). Atomic writes leave the previous file intact."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or -1)
+    if name not in WRITE_ERRNOS:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return OutputError(f"cannot write{where}: {WRITE_ERRNOS[name]} (files written before are intact; free space or fix the folder, then run the same command to resume)")

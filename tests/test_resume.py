@@ -181,3 +181,31 @@ def json_key(ckpt):
         return torch.load(ckpt, weights_only=True)["key"]
     except Exception:
         return None
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, code):
+    """Root ignores folder permissions, so the failing write is planted: the stage's weights."""
+    from click.testing import CliRunner
+
+    import compress.artifacts
+    from compress.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    raw = dict(RECIPE, stages=["teacher", {"distill": {"train": {"epochs": 1}}}])
+    raw["teacher"] = dict(RECIPE["teacher"], train=dict(RECIPE["teacher"]["train"], epochs=1))
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", "stages=[teacher]"]).exit_code == 0
+    teacher_record = (out / "resume" / "teacher" / "stage.json").read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(out / "resume" / "distill" / "model.pt"))
+
+    monkeypatch.setattr(compress.artifacts, "atomic_path", refuse)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(f"error: cannot write {out / 'resume' / 'distill' / 'model.pt'}: ") and "Traceback" not in result.output
+    assert (out / "resume" / "teacher" / "stage.json").read_bytes() == teacher_record
+    assert not (out / "resume" / "distill" / "stage.json").exists()
