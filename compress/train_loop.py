@@ -140,50 +140,22 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
     memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     model.to(memory_format=memory_format)
-    history: list[EpochLog] = []
     parts = dict(model=model, extra_params=tuple(extra_params), optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader_generator=getattr(train_loader, "generator", None))
-    state = load_training_state(checkpoint, checkpoint_key) if checkpoint is not None else None
-    if state is not None:  # every rank loads the same file: they all continue from rank 0's state
-        restore_training_state(state, **parts)
-        history = [EpochLog(**entry) for entry in state["history"]]
-        if show_progress:
-            print(f"  {desc}: resumed after epoch {state['epoch']}/{cfg.epochs} from {checkpoint.name}", file=sys.stderr)
+    history = _resume(checkpoint, checkpoint_key, parts, desc, cfg.epochs, show_progress)
     train_step = training_step(model, extra_params, step_loss, device, compile=cfg.compile)
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank (and after a resume)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        labeled = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
         bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
-        for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            extras = [extra.to(device, non_blocking=True) for extra in extras]
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, logits, *terms = train_step(preprocess(images, train=True), labels, epoch, *extras)
-            if not torch.isfinite(loss):
-                raise StageError(_divergence(desc, loss, terms, epoch, step, scheduler, checkpoint if epoch > 1 else None))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach() * labels.numel()
-            known = labels >= 0  # images from the unlabeled pool have no accuracy
-            correct += ((logits.detach().argmax(1) == labels) & known).sum()  # no boolean indexing: no host sync
-            seen += labels.numel()
-            labeled += known.sum()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%")
-        loss_total, correct_total, labeled_total, seen_total = epoch_totals(loss_sum, correct, labeled, seen)
+        try:
+            sums = _train_epoch(train_step, bar, epoch, cfg, parts, preprocess, device, memory_format)
+        except _Diverged as diverged:
+            raise StageError(_divergence(desc, *diverged.args, epoch, scheduler, checkpoint if epoch > 1 else None)) from None
+        loss_total, correct_total, labeled_total, seen_total = epoch_totals(*sums)
         distributed.sync_buffers(model)  # every rank now holds the same network: the same test numbers
         test = evaluate(model, test_loader, preprocess, device)
         log = EpochLog(epoch, loss_total / max(seen_total, 1), 100 * correct_total / max(labeled_total, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
@@ -194,6 +166,55 @@ def fit(
             save_training_state(checkpoint, checkpoint_key, epoch=epoch, history=[dataclasses.asdict(h) for h in history], **parts)
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+class _Diverged(Exception):
+    """(loss, terms, step) of the first non-finite loss of an epoch."""
+
+
+def _resume(checkpoint: Path | None, key: str, parts: dict, desc: str, epochs: int, show_progress: bool) -> list[EpochLog]:
+    """The history so far: restored from the checkpoint (weights, optimiser, RNG, ...) when it
+    belongs to ``key``, else empty. Every rank loads the same file: they all continue from
+    rank 0's state."""
+    state = load_training_state(checkpoint, key) if checkpoint is not None else None
+    if state is None:
+        return []
+    restore_training_state(state, **parts)
+    if show_progress:
+        print(f"  {desc}: resumed after epoch {state['epoch']}/{epochs} from {checkpoint.name}", file=sys.stderr)
+    return [EpochLog(**entry) for entry in state["history"]]
+
+
+def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, preprocess, device, memory_format):
+    """One pass over the training data; returns this rank's (loss sum, correct, labeled, seen)."""
+    optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
+    dtype = autocast_dtype(cfg, device)
+    parts["model"].train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    labeled = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        extras = [extra.to(device, non_blocking=True) for extra in extras]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, logits, *terms = train_step(preprocess(images, train=True), labels, epoch, *extras)
+        if not torch.isfinite(loss):
+            raise _Diverged(loss, terms, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * labels.numel()
+        known = labels >= 0  # images from the unlabeled pool have no accuracy
+        correct += ((logits.detach().argmax(1) == labels) & known).sum()  # no boolean indexing: no host sync
+        seen += labels.numel()
+        labeled += known.sum()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%")
+    return loss_sum, correct, labeled, seen
 
 
 class TrainStep(nn.Module):
@@ -227,7 +248,7 @@ def epoch_totals(loss_sum: torch.Tensor, correct: torch.Tensor, labeled: torch.T
     return distributed.all_reduce_sum(totals).tolist()
 
 
-def _divergence(desc, loss, terms, epoch, step, scheduler, checkpoint) -> str:
+def _divergence(desc, loss, terms, step, epoch, scheduler, checkpoint) -> str:
     named = terms[0] if terms and isinstance(terms[0], dict) else {}
     values = ", ".join(f"{name}={float(value):.4g}" for name, value in named.items())
     kept = f"; the checkpoint of epoch {epoch - 1} is kept ({checkpoint})" if checkpoint is not None else ""
