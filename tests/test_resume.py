@@ -209,3 +209,44 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(tm
     assert lines[-1].startswith(f"error: cannot write {out / 'resume' / 'distill' / 'model.pt'}: ") and "Traceback" not in result.output
     assert (out / "resume" / "teacher" / "stage.json").read_bytes() == teacher_record
     assert not (out / "resume" / "distill" / "stage.json").exists()
+
+
+def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_path, monkeypatch):
+    """Each prune step fine-tunes in its own checkpointed run: on resume the pruning of step 1 is
+    recomputed (deterministic), its finished fine-tuning restored, and step 2 continues."""
+    import compress.train_loop as train_loop
+    from tests.conftest import run_recipe
+
+    raw = dict(RECIPE, name="prune_resume", stages=[
+        "teacher",
+        {"distill": {"train": {"epochs": 1}}},
+        {"prune": {"speedup": 1.5, "steps": 2, "criterion": "magnitude", "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.01}}},
+    ])
+    for name in ("straight", "crashed"):
+        (tmp_path / name).mkdir()
+    straight = run_recipe(tmp_path / "straight", raw)["prune"].metrics
+    real_epoch, calls = train_loop._train_epoch, {"epochs": 0}
+
+    def crash_in_step_2(*args, **kwargs):
+        calls["epochs"] += 1  # teacher: 1, distill: 2, prune step 1: 3-4, step 2: 5-6
+        if calls["epochs"] == 6:  # step 2, epoch 2: its epoch 1 is checkpointed
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_train_epoch", crash_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tmp_path / "crashed", raw)
+    folder = tmp_path / "crashed" / "out" / "prune_resume" / "prune"
+    assert sorted(p.name for p in folder.glob("train-*.ckpt")) == ["train-prune-step-1.ckpt", "train-prune-step-2.ckpt"]
+    counted = {"epochs": 0}
+
+    def count(*args, **kwargs):
+        counted["epochs"] += 1
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_train_epoch", count)
+    resumed = run_recipe(tmp_path / "crashed", raw)["prune"].metrics
+    assert counted["epochs"] == 1  # only step 2's second epoch was trained again
+    assert resumed["macs"] == straight["macs"] and resumed["steps"] == straight["steps"]
+    assert resumed["top1"] == pytest.approx(straight["top1"]) and not list(folder.glob("train-*.ckpt"))
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]], rel=1e-5)
