@@ -250,3 +250,33 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
     assert resumed["macs"] == straight["macs"] and resumed["steps"] == straight["steps"]
     assert resumed["top1"] == pytest.approx(straight["top1"]) and not list(folder.glob("train-*.ckpt"))
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]], rel=1e-5)
+
+
+def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeypatch):
+    import compress.train_loop as train_loop
+    from tests.conftest import run_recipe
+
+    raw = dict(RECIPE, name="qat_resume", stages=[
+        "teacher",
+        {"distill": {"train": {"epochs": 1}}},
+        {"quantize": {"mode": "qat", "calibration_images": 64, "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.001}}},
+    ])
+    for name in ("straight", "crashed"):
+        (tmp_path / name).mkdir()
+    straight = run_recipe(tmp_path / "straight", raw)["quantize"]
+    real_epoch, calls = train_loop._train_epoch, {"epochs": 0}
+
+    def crash_in_qat_epoch_2(*args, **kwargs):
+        calls["epochs"] += 1  # teacher: 1, distill: 2, QAT: 3-4
+        if calls["epochs"] == 4:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_train_epoch", crash_in_qat_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tmp_path / "crashed", raw)
+    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
+    resumed = run_recipe(tmp_path / "crashed", raw)["quantize"]
+    assert resumed.metrics["top1"] == straight.metrics["top1"] and resumed.metrics["agreement_with_fp32"] == straight.metrics["agreement_with_fp32"]
+    ours, theirs = (torch.load(a.files["model"], weights_only=True) for a in (resumed, straight))
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours)
