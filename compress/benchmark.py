@@ -541,16 +541,18 @@ def bench_table_markdown(result: dict) -> str:
 
 
 def _group_table(result: dict, rows: list[dict]) -> str:
+    """One group's table; columns are named after the model (the group is the table's heading)."""
     reference = next((row["role"] for row in rows if row_model(row) == result["reference"]), result["reference"])
     rows = sorted(rows, key=lambda row: row["role"] != reference)  # reference first
     batch = max((b for row in rows for b in _ok_batches(row)), default=None)
+    name = {row["role"]: row_model(row) for row in rows}
     header = ["Metric"]
     for row in rows:
-        header.append(row["role"])
+        header.append(name[row["role"]])
         if row["role"] != reference:
-            header.append(f"{row['role']} vs {reference}")
+            header.append(f"{name[row['role']]} vs {name.get(reference, reference)}")
     lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
-    metrics = _metrics(batch, reference)
+    metrics = _metrics(batch, name.get(reference, reference))
     if any(row.get("gpu_peak_mb") is not None for row in rows):
         metrics.insert(-2, ("GPU peak memory (MiB)", lambda row: row.get("gpu_peak_mb"), "{:.1f}", None, None))
     for label, value, fmt, ratio_key, ratio_fmt in metrics:
@@ -562,7 +564,7 @@ def _group_table(result: dict, rows: list[dict]) -> str:
                 cells.append(_cell(ratio, ratio_fmt) if ratio_key else "")
         lines.append(_md_row(cells))
     lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
-    noisy = [f"{row['role']} (batch {e['batch_size']})" for row in rows for e in row.get("latency") or [] if e.get("noisy")]
+    noisy = [f"{name[row['role']]} (batch {e['batch_size']})" for row in rows for e in row.get("latency") or [] if e.get("noisy")]
     note = f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a quiet machine." if noisy else ""
     return "\n".join(lines) + note
 
