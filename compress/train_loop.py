@@ -168,6 +168,9 @@ def fit(
     return history
 
 
+SYNC_EVERY = 10  # on a GPU the loop reads device values (progress, the NaN check) every this many steps
+
+
 class _Diverged(Exception):
     """(loss, terms, step) of the first non-finite loss of an epoch."""
 
@@ -194,14 +197,17 @@ def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, pre
     correct = torch.zeros((), device=device, dtype=torch.long)
     labeled = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # step of the first non-finite loss
+    check_every = 1 if device.type == "cpu" else SYNC_EVERY  # reading a GPU value waits for the GPU
     for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         extras = [extra.to(device, non_blocking=True) for extra in extras]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss, logits, *terms = train_step(preprocess(images, train=True), labels, epoch, *extras)
-        if not torch.isfinite(loss):
-            raise _Diverged(loss, terms, step)
+        first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step, first_bad)
+        if step % check_every == 0 and first_bad.item() >= 0:
+            raise _Diverged(loss, terms, int(first_bad))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -212,8 +218,10 @@ def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, pre
         correct += ((logits.detach().argmax(1) == labels) & known).sum()  # no boolean indexing: no host sync
         seen += labels.numel()
         labeled += known.sum()
-        if step % 10 == 0:
+        if step % SYNC_EVERY == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%")
+    if first_bad.item() >= 0:  # a non-finite loss after the last check
+        raise _Diverged(loss, terms, int(first_bad))
     return loss_sum, correct, labeled, seen
 
 
