@@ -14,7 +14,7 @@ Both train a CIFAR-stem ResNet18 teacher -> MobileNetV2 student at 32x32 on real
 images (``../shared/data/cifar10`` or ``--data``), else on random images. Each side runs
 ``--repeats`` times, alternating, after one untimed warm-up of each; the table shows the
 median images/s and our overhead (plain / ours - 1; the issue's target is <= 10%). Writes
-``benchmarks/results/train_throughput.json``.
+``benchmarks/results/train_throughput.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "cifar10")
     parser.add_argument("--teacher", default="torchvision:resnet18")
     parser.add_argument("--student", default="torchvision:mobilenet_v2")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "train_throughput.json")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -82,7 +83,8 @@ def main() -> None:
     }
     record["overhead"] = record["median_images_per_s"]["plain"] / record["median_images_per_s"]["ours"] - 1
     print(table(record))
-    write_json_atomic(HERE / "results" / "train_throughput.json", record)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, record)
 
 
 def training_images(folder: Path, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -194,9 +194,13 @@ def data_parallel(module, device):
     """
     if not active():
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; older releases know the first only
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, **{name: False})
 
 
 def launch(nproc: int, args: list[str]) -> int:

@@ -1,0 +1,108 @@
+"""The CUDA paths, run where a GPU exists (marked ``gpu``; skipped elsewhere): the CUDA bench
+backends, training with bf16 autocast and channels_last, the delayed NaN check, resuming the
+CUDA random state, and a tiny recipe end to end on the GPU. ``benchmarks/gpu_checks.sh`` runs
+them together with the GPU benchmarks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.backends import BACKENDS
+from compress.config import TrainConfig
+from compress.data import Preprocess
+from compress.errors import StageError
+from compress.train_loop import fit
+from tests.test_backends import FAST, check_batches, stage  # noqa: F401 (stage is a fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch-cuda", "torch-compile-cuda"])
+def test_torch_cuda_backends_time_with_events_and_report_gpu_memory(stage, backend):  # noqa: F811
+    result = BACKENDS.get(backend).measure(stage, batch_sizes=[1, 32], **FAST)
+    assert result["status"] == "ok", result["error"]
+    check_batches(result, [1, 32], FAST["iterations"])
+    assert result["device"] == "cuda" and result["gpu_peak_mb"] > 0
+
+
+def test_onnxruntime_cuda_runs_on_the_gpu_or_says_what_is_missing(tmp_path):
+    import onnxruntime as ort
+
+    from compress.exporters.onnx import export_onnx
+    from tests.test_backends import network
+
+    path = export_onnx(network(), tmp_path / "m.onnx", image_size=8)
+    result = BACKENDS.get("onnxruntime-cuda").measure(path, batch_sizes=[1, 32], **FAST)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert result["status"] == "error" and "onnxruntime-gpu" in result["error"]
+        pytest.skip("this onnxruntime build has no CUDA provider")
+    assert result["status"] == "ok", result["error"]
+    assert result["providers"][0] == "CUDAExecutionProvider" and result["device"] == "cuda"
+
+
+def tiny_problem():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = (images.float().mean(dim=(1, 2, 3)) > 127.5).long()
+    data = torch.utils.data.TensorDataset(images, labels)
+    train = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0), pin_memory=True)
+    return train, torch.utils.data.DataLoader(data, batch_size=64)
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2)).to(CUDA)
+
+
+def train(model, step_loss=None, epochs=3, checkpoint=None):
+    train_loader, test_loader = tiny_problem()
+    prep = Preprocess((0.5,) * 3, (0.25,) * 3, augment=True).to(CUDA)
+
+    def loss(images, labels, epoch):
+        logits = model(images)
+        return F.cross_entropy(logits, labels), logits
+
+    cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=0.01, weight_decay=0.0)
+    return fit(model, train_loader, test_loader, step_loss or loss, cfg, preprocess=prep, device=CUDA, desc="gpu",
+               show_progress=False, checkpoint=checkpoint, checkpoint_key="k")
+
+
+def test_training_on_cuda_learns_with_bf16_autocast_and_channels_last():
+    history = train(conv_net())
+    assert history[-1].test_top1 > 80 and history[-1].train_loss < history[0].train_loss
+
+
+def test_nan_on_the_gpu_names_its_first_step_though_checked_every_ten():
+    model = conv_net()
+
+    seen = {"n": 0}
+
+    def nan_from_step_3(images, labels, epoch):
+        seen["n"] += 1
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        return (loss * float("nan") if seen["n"] >= 4 else loss), logits
+
+    with pytest.raises(StageError, match="loss became nan at epoch 1, step 3"):
+        train(model, nan_from_step_3, epochs=1)
+
+
+def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
+    reference = train(conv_net(), epochs=3)
+    model = conv_net()
+
+    def crash_in_epoch_3(images, labels, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        logits = model(images)
+        return F.cross_entropy(logits, labels), logits
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, crash_in_epoch_3, epochs=3, checkpoint=tmp_path / "c.ckpt")
+    resumed = train(conv_net(), epochs=3, checkpoint=tmp_path / "c.ckpt")
+    assert [h.train_loss for h in resumed[:2]] == pytest.approx([h.train_loss for h in reference[:2]], rel=1e-3)
+    assert resumed[2].train_loss == pytest.approx(reference[2].train_loss, rel=1e-2)  # cuDNN may be nondeterministic
