@@ -97,7 +97,7 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force, nproc)
     if "bench" in artifacts:
         click.echo("")
         click.echo(artifacts["bench"].files["table"].read_text())
-    if recipe.gates.baseline is not None:
+    if recipe.gates.active:
         from compress.gates import gate_run, gates_table
 
         results = gate_run(recipe.gates, Path(recipe.out) / recipe.name)
@@ -215,21 +215,27 @@ def _fraction(ctx, param, value: str) -> float:
 
 @cli.command()
 @click.argument("result", type=click.Path())
-@click.option("--baseline", required=True, type=click.Path(), help="The known-good bench.json (or its bench/ or run folder).")
+@click.option("--baseline", type=click.Path(), help="The known-good bench.json (or its bench/ or run folder).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Top-1 points a model may lose.")
 @click.option("--max-latency-increase", default="10%", show_default=True, callback=_fraction, help="Batch-1 p50 growth allowed (10% or 0.1).")
 @click.option("--max-size-increase", default="5%", show_default=True, callback=_fraction, help="File size growth allowed.")
 @click.option("--latency", type=click.Choice(["auto", "relative", "absolute"]), default="auto", show_default=True,
               help="relative: latency as a ratio to the run's reference model (machine-independent); auto: relative when both results have it.")
+@click.option("--min-int8-agreement", callback=lambda ctx, param, value: None if value is None else _fraction(ctx, param, value),
+              help="Floor on the INT8 student's top-1 agreement with its float version (99% or 0.99); needs no baseline.")
 @user_errors
-def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency):
-    """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline; exit 1 on a regression."""
+def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency, min_int8_agreement):
+    """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline and floors; exit 1 on a regression."""
     from compress.config import GatesConfig
+    from compress.errors import RecipeError
     from compress.gates import check as check_gates
     from compress.gates import gates_table, load_bench_result
 
-    gates = GatesConfig(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase, latency=latency)
-    results = check_gates(load_bench_result(result), load_bench_result(baseline), gates)
+    if baseline is None and min_int8_agreement is None:
+        raise RecipeError("nothing to check: give --baseline BASELINE and/or --min-int8-agreement")
+    gates = GatesConfig(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase,
+                        latency=latency, min_int8_agreement=min_int8_agreement)
+    results = check_gates(load_bench_result(result), load_bench_result(baseline) if baseline else None, gates)
     click.echo(gates_table(results), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)
 

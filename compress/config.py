@@ -348,13 +348,20 @@ class GatesConfig:
     (the teacher), ``absolute`` in milliseconds, ``auto`` relative when both results have it.
     """
 
-    baseline: str | None = None  # a bench.json, its bench/ folder or a run folder; null: no gates
+    baseline: str | None = None  # a bench.json, its bench/ folder or a run folder; null: no comparison
     max_accuracy_drop: float = 0.5  # top-1 points
     max_latency_increase: float = 0.10
     max_size_increase: float = 0.05
     latency: str = "auto"
+    min_int8_agreement: float | None = None  # floor on the INT8 student's top-1 agreement with its float version
+
+    @property
+    def active(self) -> bool:
+        """Whether a finished run is gated at all (a baseline to compare with, or a floor)."""
+        return self.baseline is not None or self.min_int8_agreement is not None
 
     def __post_init__(self):
+        _check(self.min_int8_agreement is None or 0 <= self.min_int8_agreement <= 1, f"min_int8_agreement: expected 0..1 or null, got {self.min_int8_agreement}")
         _check(self.latency in GATE_LATENCY_MODES, f"latency: expected one of {', '.join(GATE_LATENCY_MODES)}, got {self.latency!r}")
         for name in ("max_accuracy_drop", "max_latency_increase", "max_size_increase"):
             _check(getattr(self, name) >= 0, f"{name}: expected >= 0, got {getattr(self, name)}")

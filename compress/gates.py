@@ -59,15 +59,33 @@ def load_bench_result(path: str | Path) -> dict:
     return result
 
 
-def check(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]:
-    """Every gate of every model of the baseline, against the current result.
+def check(current: dict, baseline: dict | None, gates: GatesConfig) -> list[GateResult]:
+    """Every gate of every model of the baseline, against the current result, then the floors.
 
     A model of the baseline that is missing from the current result, or whose current row
-    failed, fails its gates; models only in the current result are new and not gated.
+    failed, fails its gates; models only in the current result are new and not gated. Floors
+    (``min_int8_agreement``) need no baseline: they judge the current result alone.
 
     Returns:
         One :class:`GateResult` per (model, metric), in the baseline's model order.
     """
+    results = [] if baseline is None else _compare(current, baseline, gates)
+    if gates.min_int8_agreement is not None:
+        results.append(_int8_agreement(current, gates.min_int8_agreement))
+    return results
+
+
+def _int8_agreement(current: dict, floor: float) -> GateResult:
+    """The INT8 student's top-1 agreement with the float student it came from, on the test split
+    (both exported files through ONNX Runtime): quantization must not change the predictions."""
+    value = (current.get("agreement") or {}).get("student", {}).get("student_fp32")
+    limit = f">= {100 * floor:g}%"
+    if value is None:
+        return GateResult("student", "INT8 agreement with student_fp32 (%)", None, None, "not measured (no INT8 student, or no test data)", limit, False)
+    return GateResult("student", "INT8 agreement with student_fp32 (%)", None, 100 * value, "", limit, value >= floor)
+
+
+def _compare(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]:
     relative = gates.latency == "relative" or (gates.latency == "auto" and _has_reference(current) and _has_reference(baseline))
     rows = {row["role"]: row for row in current["rows"]}
     results = []
@@ -151,6 +169,7 @@ def gate_run(gates: GatesConfig, run_dir: str | Path) -> list[GateResult]:
     """
     from compress.fileio import write_text_atomic
 
-    results = check(load_bench_result(run_dir), load_bench_result(gates.baseline), gates)
+    baseline = load_bench_result(gates.baseline) if gates.baseline is not None else None
+    results = check(load_bench_result(run_dir), baseline, gates)
     write_text_atomic(Path(run_dir) / "gates.md", gates_table(results))
     return results

@@ -106,3 +106,25 @@ def test_run_folder_and_bench_folder_are_accepted(tmp_path):
     (tmp_path / "run" / "bench").mkdir(parents=True)
     (tmp_path / "run" / "bench" / "bench.json").write_text(json.dumps(BASELINE))
     assert load_bench_result(tmp_path / "run") == load_bench_result(tmp_path / "run" / "bench") == BASELINE
+
+
+@pytest.mark.parametrize(("agreement", "code"), [(0.995, 0), (0.985, 1), (None, 1)])
+def test_int8_agreement_floor_needs_no_baseline(tmp_path, agreement, code):
+    current = copy.deepcopy(BASELINE)
+    if agreement is not None:
+        current["agreement"] = {"student": {"student_fp32": agreement, "teacher": 0.9}}
+    (tmp_path / "current.json").write_text(json.dumps(current))
+    result = CliRunner().invoke(cli, ["check", str(tmp_path / "current.json"), "--min-int8-agreement", "99%"])
+    assert result.exit_code == code, result.output
+    expected = f"| {100 * agreement:.4g} |  | >= 99% | {'PASS' if code == 0 else 'FAIL'} |" if agreement else "not measured"
+    assert "| student | INT8 agreement with student_fp32 (%) |" in result.output and expected in result.output
+
+
+def test_check_with_nothing_to_check_is_a_usage_error(tmp_path):
+    (tmp_path / "current.json").write_text(json.dumps(BASELINE))
+    result = CliRunner().invoke(cli, ["check", str(tmp_path / "current.json")])
+    assert result.exit_code == 2 and "nothing to check" in result.output
+
+
+def test_recipe_floor_alone_turns_the_gates_on():
+    assert not GatesConfig().active and GatesConfig(min_int8_agreement=0.99).active and GatesConfig(baseline="b.json").active
