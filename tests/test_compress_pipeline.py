@@ -221,3 +221,18 @@ def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert [row["role"] for row in bench["rows"]] == ["prune", "teacher"] and bench["ratios"]["prune"]["speedup_b1"] > 0
+
+
+def test_int8_agreement_floor_on_a_real_run(finished_run):
+    from compress.config import GatesConfig
+    from compress.gates import gate_run
+
+    _, run_dir, _ = finished_run
+    agreement = json.loads((run_dir / "bench" / "bench.json").read_text())["agreement"]["student"]["student_fp32"]
+    [passed] = gate_run(GatesConfig(min_int8_agreement=agreement), run_dir)
+    [failed] = gate_run(GatesConfig(min_int8_agreement=min(1.0, agreement + 0.001)), run_dir)
+    assert passed.passed and passed.current == pytest.approx(100 * agreement)
+    assert not failed.passed or agreement == 1.0
+    assert "INT8 agreement with student_fp32" in (run_dir / "gates.md").read_text()
+    done = compress("check", run_dir, "--min-int8-agreement", f"{max(0.0, agreement - 0.001):.4f}")
+    assert done.returncode == 0 and "all 1 gates passed" in done.stdout, done.stdout
