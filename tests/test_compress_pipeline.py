@@ -200,6 +200,10 @@ def test_compress_export_outside_a_run(finished_run, tmp_path):
     assert record["max_abs_diff"] <= 1e-3 and record["batch"] == 4
     dims = onnx.load(tmp_path / "pruned.onnx").graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 4
+    from_stage = compress("export", run_dir / "prune", "--format", "onnx-fp16", "--out", tmp_path / "fp16" / "pruned16.onnx")
+    assert from_stage.returncode == 0, from_stage.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "fp16").iterdir()] == ["pruned16.onnx"]  # the FP32 file it came from is not left behind
+    assert json.loads(from_stage.stdout)["onnx-fp16"]["max_rel_diff"] <= 0.02
     half = compress("export", run_dir / "teacher.onnx", "--format", "onnx-fp16", "--out", tmp_path / "teacher16.onnx")
     assert half.returncode == 0, half.stderr[-2000:]
     assert json.loads(half.stdout)["max_rel_diff"] <= 0.02
@@ -207,6 +211,7 @@ def test_compress_export_outside_a_run(finished_run, tmp_path):
         ((run_dir / "bench", "--format", "onnx"), "not a finished stage holding a network"),
         ((run_dir / "teacher.onnx", "--format", "onnx"), "is already ONNX"),
         ((run_dir / "teacher.onnx", "--format", "tflite"), "unknown export format 'tflite'"),
+        ((run_dir / "quantize", "--format", "onnx-fp16"), "an INT8 model: FP16 conversion applies to float models"),
     ] + ([] if tensorrt_installed() else [((run_dir / "teacher.onnx", "--format", "tensorrt"), "pip install -e '.[tensorrt]'")]):
         failed = compress("export", *args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr

@@ -7,8 +7,8 @@ exported the same way, an existing ONNX file converted.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -241,16 +241,18 @@ def export_file(source: str | Path, fmt: str, out: str | Path | None, cfg: Expor
     model, info = load_stage_network(source)
     bundle = _stage_data(source, info, data)
     target = Path(out) if out else source.parent / f"{info['stage']}{suffix}"
-    onnx_path = target if fmt == "onnx" else target.with_name(target.name.removesuffix(suffix) + ".onnx")
     images = normalised_test_images(bundle, cfg.check_samples)
     metadata = onnx_metadata(bundle, info["stage"], info["model"], source.parent.name)
-    record = export_network(model, onnx_path, cfg, bundle, images, metadata, info["quantization"])
-    if fmt != "onnx":
-        derived = export_derived_formats(onnx_path, model, dataclasses.replace(cfg, formats=("onnx", fmt)), images, info["quantization"], warn=False, timing_cache=None)
-        outcome, _ = derived[fmt]
-        if outcome["status"] != "ok":
-            raise ExportError(f"cannot export {source} as {fmt}: {outcome['reason']}")
-        record = {"onnx": record, fmt: outcome}
+    if fmt == "onnx":
+        return target, export_network(model, target, cfg, bundle, images, metadata, info["quantization"])
+    reason = _not_applicable(fmt, info["quantization"])
+    if reason is not None:
+        raise ExportError(f"cannot export {source} as {fmt}: {reason}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:  # the ONNX file it is built from
+        onnx_path = Path(folder) / f"{info['stage']}.onnx"
+        record = {"onnx": export_network(model, onnx_path, cfg, bundle, images, metadata, info["quantization"])}
+        record[fmt] = _build(fmt, onnx_path, target, model, cfg, images, info["quantization"], timing_cache=None)
     return target, record
 
 
