@@ -86,7 +86,8 @@ def predict_onnx(
         images: uint8 (N, C, H, W) images.
         mean: per-channel mean of pixels scaled to [0, 1].
         std: per-channel standard deviation of pixels scaled to [0, 1].
-        batch_size: images per ``session.run``.
+        batch_size: images per ``session.run`` (a file with a static batch axis gets exactly
+            its batch; the last chunk is padded).
         threads: ONNX Runtime intra-op threads; 0 keeps its default.
 
     Returns:
@@ -98,13 +99,18 @@ def predict_onnx(
     """
     _channel_stats(images, mean, std)  # fail on bad shapes before loading the model
     session = open_session(Path(path), threads=threads)
-    name = session.get_inputs()[0].name
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32  # FP16 I/O files
+    feed = session.get_inputs()[0]
+    dtype = np.float16 if feed.type == "tensor(float16)" else np.float32  # FP16 I/O files
+    static = feed.shape[0] if isinstance(feed.shape[0], int) else None  # a static batch runs only at its size
+    batch_size = static or batch_size
     predictions = []
     for start in range(0, len(images), batch_size):
         chunk = normalise_images(images[start : start + batch_size], mean, std).astype(dtype)
-        logits = session.run(None, {name: chunk})[0]
-        predictions.append(logits.argmax(axis=1))
+        count = len(chunk)
+        if static and count < static:  # pad the last chunk with copies; their predictions are dropped
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, axis=0)])
+        logits = session.run(None, {feed.name: chunk})[0]
+        predictions.append(logits[:count].argmax(axis=1))
     return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
 
 
@@ -570,14 +576,21 @@ def _group_table(result: dict, rows: list[dict]) -> str:
 
 
 def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str, str | None, str | None]]:
-    """(label with unit, value getter, format, ratio key, ratio format) per table row."""
+    """(label with unit, value getter, format, ratio key, ratio format) per table row.
+
+    A file with a static batch axis has no batch-1 or throughput-batch entry: its cells show
+    what it was measured at, marked ``(batch N)``.
+    """
 
     def latency(stat: str) -> Callable:
-        return lambda row: (latency_entry(row, 1) or {}).get("latency_ms", {}).get(stat)
+        return lambda row: _at(row, 1, lambda e: e.get("latency_ms", {}).get(stat), "{:.3f}")
 
     def mean_std(row: dict) -> str | None:
-        stats = (latency_entry(row, 1) or {}).get("latency_ms", {})
-        return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if "mean" in stats and "std" in stats else None
+        def text(entry: dict) -> str | None:
+            stats = entry.get("latency_ms", {})
+            return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if "mean" in stats and "std" in stats else None
+
+        return _at(row, 1, text, "{}")
 
     def scaled(key: str, factor: float) -> Callable:
         return lambda row: None if row.get(key) is None else row[key] * factor
@@ -591,13 +604,26 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
         ("Latency p95, batch 1 (ms)", latency("p95"), "{:.3f}", None, None),
         ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
         ("Latency mean ± std, batch 1 (ms)", mean_std, "{}", None, None),
-        ("Latency CV, batch 1 (%)", lambda row: _cv_cell(latency_entry(row, 1)), "{}", None, None),
-        (f"Throughput, batch {batch} (images/s)", lambda row: _throughput(row, batch), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
+        ("Latency CV, batch 1 (%)", lambda row: _at(row, 1, _cv_cell, "{}"), "{}", None, None),
+        (f"Throughput, batch {batch} (images/s)", lambda row: _at(row, batch, lambda e: e.get("throughput_ips"), "{:.1f}"), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
         ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
         ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
         ("Top-1 accuracy (%)", scaled("top1", 1.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
         (f"Top-1 agreement with {reference} (%)", scaled("agreement_with_reference", 100.0), "{:.2f}", None, None),
     ]
+
+
+def _at(row: dict, batch_size: int | None, value: Callable[[dict], object], fmt: str):
+    """``value`` of the row's entry at ``batch_size``; for a row measured only at other batch
+    sizes (a static batch), that of its single measured batch, as text marked with it."""
+    entry = latency_entry(row, batch_size)
+    if entry is not None:
+        return value(entry)
+    measured = [e for e in row.get("latency") or [] if e.get("status") == "ok"]
+    if len(measured) != 1:
+        return None
+    found = value(measured[0])
+    return None if found is None else f"{fmt.format(found)} (batch {measured[0]['batch_size']})"
 
 
 def _cv_cell(entry: dict | None) -> str | None:
@@ -615,7 +641,9 @@ def _status_cells(rows: list[dict], reference: str) -> list[str]:
     return cells
 
 
-def _cell(value: float | None, fmt: str | None) -> str:
+def _cell(value: float | str | None, fmt: str | None) -> str:
+    if isinstance(value, str):  # already formatted (a static-batch entry)
+        return value
     return "—" if value is None or fmt is None else fmt.format(value)
 
 

@@ -269,3 +269,13 @@ def test_noisy_timings_are_flagged_in_the_table():
     assert "| Latency CV, batch 1 (%) | 3.0 | 42.0 (noisy) |" in table
     assert "Noisy timings (coefficient of variation over 10%): student (batch 1)" in table
     assert "teacher (batch" not in table.split("Noisy timings")[1]
+
+
+def test_a_static_batch_file_is_measured_at_its_batch_and_marked_in_the_table(tmp_path, models, test_data):
+    static = export_onnx(cnn(8, 1), tmp_path / "static.onnx", image_size=SIZE, exporter="torchscript", batch=4,
+                         metadata=preprocessing_metadata(MEAN, STD, SIZE, 10))
+    result = bench_models({"teacher": models["teacher"], "static": static}, CFG, test_data)
+    row = next(r for r in result["rows"] if r["role"] == "static")
+    assert row["status"] == "ok" and [e["batch_size"] for e in row["latency"]] == [4] and row["input_shape"][0] == 4
+    assert row["top1"] is not None and result["ratios"]["static"]["speedup_b1"] is None  # no batch-1 number to compare
+    assert " (batch 4) |" in bench_table_markdown(result)
