@@ -103,7 +103,29 @@ def build_report(run_dir: Path) -> dict:
     teacher = next((m for m in models if m["kind"] == "teacher"), None)
     for entry in models:
         entry["vs_teacher"] = _ratios(entry, teacher)
-    return {"run": run_dir.name, "models": models, "pareto": pareto_front(models)}
+    return {"run": run_dir.name, "models": models, "pareto": pareto_front(models), "more": _other_measurements(run_dir)}
+
+
+def _other_measurements(run_dir: Path) -> list[dict]:
+    """The bench rows beyond the headline group: other formats (FP16 ONNX, engines) and
+    backends (PyTorch, CUDA providers), each with the speed-up over the teacher measured alike."""
+    try:
+        result = json.loads((run_dir / "bench" / "bench.json").read_text())
+    except (OSError, ValueError):
+        return []
+    groups = result.get("groups") or []
+    more = []
+    for row in result.get("rows", []):
+        if not groups or row.get("group") in (None, groups[0]):
+            continue
+        widest = max((b for b in row.get("latency") or [] if b.get("status") == "ok"), key=lambda b: b["batch_size"], default=None)
+        more.append({
+            "model": row.get("model", row["role"]), "group": row["group"], "status": row.get("status"), "error": row.get("error"),
+            "file": Path(row.get("path", "")).name, "top1": row.get("top1"), "file_bytes": row.get("file_bytes"),
+            "p50_b1_ms": p50_ms(row, 1), "throughput_ips": widest["throughput_ips"] if widest else None,
+            "speedup_b1": (result.get("ratios", {}).get(row["role"]) or {}).get("speedup_b1"),
+        })
+    return more
 
 
 def _stage_records(run_dir: Path) -> list[dict]:
@@ -211,6 +233,20 @@ def report_markdown(report: dict) -> str:
             f"| {_fmt(onnx.get('throughput_ips'), '{:.0f}')} | {_fmt(onnx.get('file_bytes'), '{:.2f}', 2**-20)} | {versus or '—'} |"
         )
     lines += ["", "★ on the Pareto front of accuracy vs batch-1 latency (exported files, ONNX Runtime)."]
+    if report.get("more"):
+        lines += [
+            "", "## Other formats and backends", "",
+            "| model | measured on | file | top-1 | p50 batch 1 (ms) | throughput (img/s) | size (MiB) | vs teacher alike |",
+            "|---|---|---|---:|---:|---:|---:|---|",
+        ]
+        for m in report["more"]:
+            speed = f"{m['speedup_b1']:.2f}x faster" if m.get("speedup_b1") else "—"
+            if m["status"] != "ok":
+                speed = f"error: {m['error']}"
+            lines.append(
+                f"| {m['model']} | {m['group']} | {m['file']} | {_fmt(m['top1'], '{:.2f}')} | {_fmt(m['p50_b1_ms'], '{:.3f}')} "
+                f"| {_fmt(m['throughput_ips'], '{:.0f}')} | {_fmt(m['file_bytes'], '{:.2f}', 2**-20)} | {speed} |"
+            )
     return "\n".join(lines) + "\n"
 
 

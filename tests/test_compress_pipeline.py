@@ -136,6 +136,9 @@ def test_report_lists_every_model_with_its_exported_numbers_and_regenerates(fini
     assert report["pareto"] and set(report["pareto"]) <= {"teacher", "prune", "quantize"}
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| quantize (INT8)" in (run_dir / "report.md").read_text()
+    more = {(m["model"], m["group"]): m for m in report["more"]}
+    assert {("student", "torch"), ("teacher", "onnxruntime, onnx-fp16"), ("student_fp32", "onnxruntime, onnx-fp16")} <= set(more)
+    assert more[("student", "torch")]["file"] == "quantize" and "## Other formats and backends" in (run_dir / "report.md").read_text()
     again = compress("report", run_dir)
     assert again.returncode == 0 and json.loads((run_dir / "report.json").read_text()) == report
 
