@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_backends import FAST, check_batches, stage  # noqa: F401 (stage is a fixture)
 from torch import nn
 
 from compress.backends import BACKENDS
@@ -15,7 +16,6 @@ from compress.config import TrainConfig
 from compress.data import Preprocess
 from compress.errors import StageError
 from compress.train_loop import fit
-from tests.test_backends import FAST, check_batches, stage  # noqa: F401 (stage is a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
@@ -31,9 +31,9 @@ def test_torch_cuda_backends_time_with_events_and_report_gpu_memory(stage, backe
 
 def test_onnxruntime_cuda_runs_on_the_gpu_or_says_what_is_missing(tmp_path):
     import onnxruntime as ort
+    from test_backends import network
 
     from compress.exporters.onnx import export_onnx
-    from tests.test_backends import network
 
     path = export_onnx(network(), tmp_path / "m.onnx", image_size=8)
     result = BACKENDS.get("onnxruntime-cuda").measure(path, batch_sizes=[1, 32], **FAST)
