@@ -656,7 +656,7 @@ def _machine_note(result: dict) -> str:
     if not machine:
         return ""
     threads = (result.get("config") or {}).get("threads")
-    thread_note = f", {threads} threads" if threads else ", default threads"
+    thread_note = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ", default threads"
     gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
     torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
     trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
