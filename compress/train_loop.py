@@ -171,6 +171,12 @@ def fit(
 SYNC_EVERY = 10  # on a GPU the loop reads device values (progress, the NaN check) every this many steps
 
 
+def checks_every(device: torch.device) -> int:
+    """Steps between reads of the NaN flag: every step on the CPU (free), every SYNC_EVERY on a
+    GPU, where reading a device value waits for all queued work."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
+
+
 class _Diverged(Exception):
     """(loss, terms, step) of the first non-finite loss of an epoch."""
 
@@ -198,7 +204,7 @@ def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, pre
     labeled = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # step of the first non-finite loss
-    check_every = 1 if device.type == "cpu" else SYNC_EVERY  # reading a GPU value waits for the GPU
+    check_every = checks_every(device)
     for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)

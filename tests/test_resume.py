@@ -282,3 +282,23 @@ def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeyp
     assert resumed.metrics["top1"] == straight.metrics["top1"] and resumed.metrics["agreement_with_fp32"] == straight.metrics["agreement_with_fp32"]
     ours, theirs = (torch.load(a.files["model"], weights_only=True) for a in (resumed, straight))
     assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours)
+
+
+def test_nan_checked_only_every_ten_steps_still_names_its_first_step(tmp_path, monkeypatch):
+    """What a GPU does (it reads the flag every 10 steps), played on the CPU."""
+    import compress.train_loop as train_loop
+
+    monkeypatch.setattr(train_loop, "checks_every", lambda device: 10)
+    steps = {"n": 0}
+
+    def nan_from_step_3(loss):
+        def step(images, labels, epoch):
+            value, logits = loss(images, labels, epoch)
+            steps["n"] += 1
+            return (value * float("nan") if steps["n"] >= 4 else value), logits
+
+        return step
+
+    with pytest.raises(StageError, match=r"unit: loss became nan at epoch 1, step 3\b"):
+        train(wrap=nan_from_step_3, epochs=1)
+    assert steps["n"] == 6  # 96 images / 16: the epoch's last step read the flag, not step 3
