@@ -289,6 +289,12 @@ def _build_stage(item: Any, index: int) -> C.StageSpec:
 _TEACHING_CONFIGS = tuple(C.STAGE_CONFIGS[kind] for kind in C.TEACHING_STAGES)
 
 
+def section_from_dict(cls: type, raw: Any, path: str) -> Any:
+    """One recipe section (e.g. ``DataConfig`` from a stage record's resolved recipe), checked
+    like a whole recipe: unknown keys and wrong types are a RecipeError naming ``path``."""
+    return _build(cls, raw, path)
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     if raw is None:
         raw = {}

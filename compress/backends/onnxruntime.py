@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.backends.child import budget_timeout, run_child
+from compress.backends.child import budget_timeout, measure_request, run_child
 
 WORKER_MODULE = "compress.backends._ort_worker"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -56,15 +56,7 @@ def measure(
         ``"status": "error"`` and ``"error"``. When the child cannot load the model or crashes,
         only ``status`` and ``error`` are present. Never raises for a broken model.
     """
-    request = {
-        "path": str(Path(path).resolve()),
-        "batch_sizes": [int(b) for b in batch_sizes],
-        "warmup": int(warmup),
-        "iterations": int(iterations),
-        "time_budget_s": time_budget_s,
-        "threads": int(threads),
-        "provider": PROVIDERS[device],
-    }
+    request = measure_request(path, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads, provider=PROVIDERS[device])
     if timeout_s is None:
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
     return run_child(WORKER_MODULE, request, timeout_s)

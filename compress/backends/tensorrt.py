@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.backends.child import budget_timeout, run_child
+from compress.backends.child import budget_timeout, measure_request, run_child
 
 WORKER_MODULE = "compress.backends._trt_worker"
 
@@ -66,14 +66,7 @@ def measure(
         deserialize or a crashed child, only ``status`` and ``error`` are present. Never raises
         for a broken engine.
     """
-    request = {
-        "path": str(Path(path).resolve()),
-        "batch_sizes": [int(b) for b in batch_sizes],
-        "warmup": int(warmup),
-        "iterations": int(iterations),
-        "time_budget_s": time_budget_s,
-        "threads": int(threads),
-    }
+    request = measure_request(path, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads)
     if timeout_s is None:
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
     return run_child(WORKER_MODULE, request, timeout_s)

@@ -131,7 +131,7 @@ def export_derived_formats(onnx_path: Path, model, cfg: ExportConfig, images: np
         reason = _not_applicable(fmt, quantization)
         if reason is None:
             try:
-                outcome = _build(fmt, onnx_path, target, model, cfg, images, quantization, timing_cache)
+                outcome = _build_format(fmt, onnx_path, target, model, cfg, images, quantization, timing_cache)
             except ExportError as exc:
                 if not _is_unavailable(exc):
                     raise
@@ -155,7 +155,7 @@ def _not_applicable(fmt: str, quantization: dict | None) -> str | None:
     return None
 
 
-def _build(fmt, onnx_path, target, model, cfg, images, quantization, timing_cache) -> dict:
+def _build_format(fmt, onnx_path, target, model, cfg, images, quantization, timing_cache) -> dict:
     if fmt == "onnx-fp16":
         from compress.exporters.fp16 import convert_to_fp16
 
@@ -252,7 +252,7 @@ def export_file(source: str | Path, fmt: str, out: str | Path | None, cfg: Expor
     with tempfile.TemporaryDirectory(dir=target.parent) as folder:  # the ONNX file it is built from
         onnx_path = Path(folder) / f"{info['stage']}.onnx"
         record = {"onnx": export_network(model, onnx_path, cfg, bundle, images, metadata, info["quantization"])}
-        record[fmt] = _build(fmt, onnx_path, target, model, cfg, images, info["quantization"], timing_cache=None)
+        record[fmt] = _build_format(fmt, onnx_path, target, model, cfg, images, info["quantization"], timing_cache=None)
     return target, record
 
 
@@ -261,13 +261,13 @@ def _stage_data(folder: Path, info: dict, data: str | None) -> DatasetBundle:
     import json
 
     from compress.data import detect_kind, load_dataset
-    from compress.recipe import _build
+    from compress.recipe import section_from_dict
 
     if data is not None:
         cfg = DataConfig(kind=detect_kind(data), path=data, image_size=info["image_size"])
     else:
         record = json.loads((folder / "stage.json").read_text())
-        cfg = _build(DataConfig, record["recipe"]["data"], "data")
+        cfg = section_from_dict(DataConfig, record["recipe"]["data"], "data")
     bundle = load_dataset(cfg)
     if bundle.num_classes != info["num_classes"]:
         raise ExportError(f"{folder}: the network has {info['num_classes']} classes, the data {bundle.num_classes}")
