@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from compress.backends import BACKENDS
 from compress.config import BenchConfig
+from compress.cpu_features import CpuFeatures, cpu_features
 from compress.errors import CompressError, DataError, ExportError
 from compress.exporters.onnx import META_MEAN, META_STD, open_session, read_onnx_info
 from compress.fileio import write_json_atomic, write_text_atomic
@@ -159,6 +161,11 @@ def _bench(path, cfg, test_data, role, mean, std, reference_predictions, backend
     try:
         info = describe_artifact(path, fmt)
         row.update({k: info.get(k) for k in ("file_bytes", "params", "macs", "opset", "input_shape")})
+        if fmt in ONNX_FORMATS:
+            row["int8_portable"] = int8_portable(path, info["metadata"])
+            if row["int8_portable"] is False and backend.name == "onnxruntime" and cpu_features().saturates_u8s8:
+                row["warning"] = saturation_warning(path)
+                print(f"warning: {row['warning']}", file=sys.stderr)
         row.update(_latency_fields(path, backend, cfg, info.get("input_shape"), errors))
         if test_data is not None and fmt in ONNX_FORMATS:
             mean, std = normalisation(info["metadata"], path, mean, std)
@@ -172,6 +179,28 @@ def _bench(path, cfg, test_data, role, mean, std, reference_predictions, backend
 
 
 ONNX_FORMATS = ("onnx", "onnx-fp16")  # files ONNX Runtime runs; accuracy is measured on these
+
+
+def int8_portable(path: Path, metadata: dict[str, str]) -> bool | None:
+    """Whether an ONNX file's integer layers compute the same on x86 CPUs with and without VNNI
+    (:func:`compress.exporters.qdq.int8_portability`): from the verdict the export wrote into its
+    metadata, else from its weights. None for a file without integer layers."""
+    from compress.exporters.onnx import load_onnx
+    from compress.exporters.qdq import int8_portability, portable_from_metadata
+
+    portable = portable_from_metadata(metadata)
+    if portable is not None:
+        return portable
+    report = int8_portability(load_onnx(path))
+    return report.portable if report.layers else None
+
+
+def saturation_warning(path: Path) -> str:
+    """The one line a user sees when a non-portable INT8 file is measured where it computes wrong sums."""
+    return (
+        f"{path.name} has full-range INT8 weights and this CPU ({cpu_features().summary()}) adds its products in "
+        "saturating 16-bit lanes: its accuracy and agreement here are wrong (re-export with quantize.weight_range: auto)"
+    )
 
 
 def artifact_format(path: Path) -> str:
@@ -465,6 +494,7 @@ def machine_info() -> dict:
         "usable_cores": usable,
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu_features": cpu_features().to_dict(),
         "gpus": _gpus(),
     }
 
@@ -660,10 +690,17 @@ def _machine_note(result: dict) -> str:
     gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
     torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
     trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
+    features = _features_note(machine.get("cpu_features"))
     return (
-        f"\n\nMeasured on {machine['cpu']} ({machine['usable_cores']} usable cores{thread_note}){gpus}, "
+        f"\n\nMeasured on {machine['cpu']} ({features}{machine['usable_cores']} usable cores{thread_note}){gpus}, "
         f"{machine['platform']}, ONNX Runtime {runtime.get('onnxruntime', '?')}{torch_note}{trt_note}."
     )
+
+
+def _features_note(features: dict | None) -> str:
+    if not features:
+        return ""
+    return CpuFeatures(features["arch"], tuple(features["flags"]), features["known"]).summary() + "; "
 
 
 def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:

@@ -241,12 +241,13 @@ def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_in
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets", "formats", "backends"]), required=False)
+@click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets", "formats", "backends", "weight-ranges"]), required=False)
 def list_(what):
-    """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export formats, bench backends)."""
+    """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export formats, bench backends, INT8 weight ranges)."""
     from compress.backends import BACKENDS
     from compress.data import DATASETS
     from compress.exporters import FORMATS
+    from compress.int8_kernels import WEIGHT_RANGES
     from compress.losses import LOSSES
     from compress.models import model_names
     from compress.pruning import CRITERIA
@@ -254,9 +255,11 @@ def list_(what):
 
     formats = [f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}" for f in map(FORMATS.get, FORMATS.names())]
     backends = [f"{b.name:<19} {b.artifact:<10} {b.description}" for b in map(BACKENDS.get, BACKENDS.names())]
+    ranges = [f"{r.name:<12} {'portable' if r.portable else 'VNNI only'}  {r.summary}" for r in WEIGHT_RANGES.values()]
     tables = {
         "stages": STAGES.names(), "losses": LOSSES.names(), "criteria": CRITERIA.names(), "models": model_names(),
         "datasets": DATASETS.names(), "formats": formats, "backends": backends,
+        "weight-ranges": ranges,
     }
     for name in [what] if what else tables:
         click.echo(f"{name}:")

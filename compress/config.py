@@ -234,7 +234,10 @@ class QuantizeConfig:
 
     ``target`` fixes the activation type of the exported QDQ graph: uint8 for ONNX Runtime on CPU
     (its fast u8s8 kernels), symmetric int8 for TensorRT. Weights are always int8, symmetric,
-    per output channel, with BatchNorm folded into the convolutions.
+    per output channel, with BatchNorm folded into the convolutions. ``weight_range`` chooses
+    their scale (:data:`compress.int8_kernels.WEIGHT_RANGES`); ``auto`` is ``pair-limit`` for
+    ONNX Runtime on CPU (the file computes the same on x86 CPUs with and without VNNI) and
+    ``full`` for TensorRT. ``full`` on CPU is an opt-in for files that run only on VNNI CPUs.
     """
 
     mode: str = "qat"
@@ -243,6 +246,7 @@ class QuantizeConfig:
     percentile: float = 99.99
     calibration_images: int = 512
     skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32
+    weight_range: str = "auto"
     loss: tuple[LossConfig, ...] | None = None  # None: the logit terms of the latest distill stage's loss
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
     augment: MixConfig = field(default_factory=MixConfig)
@@ -254,6 +258,9 @@ class QuantizeConfig:
         _check(self.calibration in CALIBRATION_METHODS, f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration!r}")
         _check(50 < self.percentile <= 100, f"percentile: expected 50 < p <= 100, got {self.percentile}")
         _check(self.calibration_images > 0, f"calibration_images: expected > 0, got {self.calibration_images}")
+        from compress.int8_kernels import WEIGHT_RANGES
+
+        _check(self.weight_range == "auto" or self.weight_range in WEIGHT_RANGES, f"weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got {self.weight_range!r}")
         _check(self.loss is None or len(self.loss) > 0, "loss: expected at least one loss term, or null for the distill stage's loss")
 
 

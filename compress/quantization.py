@@ -38,8 +38,9 @@ from torch.fx.experimental.optimization import fuse
 
 from compress.config import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.errors import RecipeError, StageError
+from compress.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 
-WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # scale = max|w| / 127, so -128 is never produced
+WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # every weight range has scale >= max|w| / 127: -128 is never produced
 HISTOGRAM_BINS = 2048
 MSE_CANDIDATES = 100  # clipping ranges tried by the mse calibration: 1%..100% of the observed range
 _MIN_SCALE = 1e-8
@@ -58,12 +59,19 @@ _PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "contiguous")
 class WeightQuant:
     """Mixin: the layer's weight rounded to INT8, symmetric per output channel, zero point 0.
 
-    The scale (``weight_scale``, one per output channel) follows the weights while training and
-    is frozen in eval mode, so an exported graph sees it as a constant; switching to eval
-    refreshes it once from the final weights.
+    The scale (``weight_scale``, one per output channel) is chosen by the layer's
+    ``weight_range`` (:data:`compress.int8_kernels.WEIGHT_RANGES`: the portable ones keep the
+    file exact on x86 CPUs without VNNI). It follows the weights while training, so QAT adapts
+    to the range, and is frozen in eval mode, so an exported graph sees it as a constant;
+    switching to eval refreshes it once from the final weights.
     """
 
-    def _init_weight_quant(self) -> None:
+    weight_range: str = "full"
+    depthwise: bool = False
+
+    def _init_weight_quant(self, weight_range: str) -> None:
+        self.weight_range = weight_range
+        self.depthwise = isinstance(self, nn.Conv2d) and is_depthwise(self.in_channels, self.out_channels, self.groups)
         channels = self.weight.shape[0]
         self.register_buffer("weight_scale", torch.ones(channels, device=self.weight.device))
         self.register_buffer("weight_zero_point", torch.zeros(channels, dtype=torch.int32, device=self.weight.device), persistent=False)
@@ -71,8 +79,8 @@ class WeightQuant:
 
     @torch.no_grad()
     def refresh_weight_scale(self) -> None:
-        amax = self.weight.detach().abs().flatten(1).amax(dim=1)
-        self.weight_scale.copy_((amax / WEIGHT_QMAX).clamp_min(_MIN_SCALE))
+        scale = WEIGHT_RANGES[self.weight_range].scale(self.weight.detach(), self.depthwise)
+        self.weight_scale.copy_(scale.clamp_min(_MIN_SCALE))
 
     def quantized_weight(self) -> torch.Tensor:
         if self.training:
@@ -132,7 +140,7 @@ class ActQuant(nn.Module):
 
 
 def prepare_quantized(
-    model: nn.Module, *, target: str, skip: Sequence[str] = (), example_inputs: torch.Tensor
+    model: nn.Module, *, target: str, skip: Sequence[str] = (), example_inputs: torch.Tensor, weight_range: str = "auto"
 ) -> fx.GraphModule:
     """The fake-quantized copy of ``model``: BatchNorm folded, weights and activations INT8.
 
@@ -149,21 +157,29 @@ def prepare_quantized(
         skip: module names or fnmatch patterns (of the original model) whose convs/linears keep
             FP32 weights; a pattern that names a container (``"layer4"``) covers its children.
         example_inputs: a batch shaped like the real input, run once to prove the graph works.
+        weight_range: how each layer's weight scale is chosen, a name from
+            :data:`compress.int8_kernels.WEIGHT_RANGES`, or ``"auto"``: ``"pair-limit"`` for
+            ``onnxruntime-cpu`` (exact on CPUs with and without VNNI), ``"full"`` for TensorRT.
 
     Returns:
-        The prepared ``GraphModule`` on the model's device, in eval mode.
+        The prepared ``GraphModule`` on the model's device, in eval mode; its
+        ``weight_range`` attribute holds the resolved name.
 
     Raises:
-        RecipeError: a ``skip`` pattern matches no module, or ``target`` is unknown.
+        RecipeError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is unknown.
         StageError: ``torch.fx`` cannot trace the model.
     """
     if target not in QUANT_TARGETS:
         raise RecipeError(f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}")
+    weight_range = resolve_weight_range(weight_range, target)
+    if weight_range not in WEIGHT_RANGES:
+        raise RecipeError(f"quantize weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got {weight_range!r}")
     skipped = skipped_layers(model, skip)
     graph_module = fold_batchnorm(model)
-    quantized = _swap_layers(graph_module, skipped)
+    quantized = _swap_layers(graph_module, skipped, weight_range)
     _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
+    graph_module.weight_range = weight_range
     graph_module.eval()
     with torch.no_grad():
         graph_module(example_inputs)
@@ -209,13 +225,13 @@ def kept_float_convs(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) and not isinstance(m, QuantConv2d) for m in model.modules())
 
 
-def _swap_layers(graph_module: fx.GraphModule, skipped: set[str]) -> set[str]:
+def _swap_layers(graph_module: fx.GraphModule, skipped: set[str], weight_range: str) -> set[str]:
     """Replace every conv/linear not in ``skipped`` by its weight-quantized twin; their names."""
     quantized = set()
     for name, module in list(graph_module.named_modules()):
         if name in skipped or type(module) not in (nn.Conv2d, nn.Linear):
             continue
-        new = _twin(module)
+        new = _twin(module, weight_range)
         parent, _, attr = name.rpartition(".")
         setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, new)
         quantized.add(name)
@@ -228,7 +244,7 @@ def _swap_layers(graph_module: fx.GraphModule, skipped: set[str]) -> set[str]:
     return quantized
 
 
-def _twin(module: nn.Conv2d | nn.Linear) -> QuantConv2d | QuantLinear:
+def _twin(module: nn.Conv2d | nn.Linear, weight_range: str) -> QuantConv2d | QuantLinear:
     """The weight-quantized layer with the same hyper-parameters, sharing ``module``'s parameters."""
     device, bias = module.weight.device, module.bias is not None
     if isinstance(module, nn.Conv2d):
@@ -239,7 +255,7 @@ def _twin(module: nn.Conv2d | nn.Linear) -> QuantConv2d | QuantLinear:
     else:
         new = QuantLinear(module.in_features, module.out_features, bias=bias, device=device)
     new.weight, new.bias = module.weight, module.bias
-    new._init_weight_quant()
+    new._init_weight_quant(weight_range)
     return new
 
 

@@ -97,6 +97,10 @@ def test_int8_onnx_is_int8_and_matches_its_pytorch_model(finished_run):
     assert int8 and not floats, "every conv weight must be stored as INT8"
     uint8_zero_points = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
     assert uint8_zero_points, "onnxruntime-cpu activations are uint8"
+    portability = export["student"]["portability"]  # the default weight range computes the same on every CPU
+    assert portability["portable"] and portability["weight_range"] == "pair-limit" and portability["worst_pair_sum"] <= 128
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["compress.int8_portable"] == "true" and metadata["compress.int8_weight_range"] == "pair-limit"
 
 
 def test_bench_compares_teacher_float_and_int8_students(finished_run):
@@ -105,6 +109,8 @@ def test_bench_compares_teacher_float_and_int8_students(finished_run):
     rows = {row["role"]: row for row in bench["rows"] if row["group"] == "onnxruntime"}
     assert set(rows) == {"teacher", "student_fp32", "student"}
     assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert rows["student"]["int8_portable"] is True and rows["teacher"]["int8_portable"] is None
+    assert bench["machine"]["cpu_features"]["arch"]
     assert rows["student"]["params"] == rows["student_fp32"]["params"]  # INT8 weights are counted
     assert rows["student"]["file_bytes"] < rows["student_fp32"]["file_bytes"] / 3
     assert rows["student_fp32"]["macs"] < rows["teacher"]["macs"]

@@ -167,7 +167,7 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
     assert ptq["agreement_with_fp32"] >= 0.97 and ptq["ptq_top1"] >= ptq["fp32_top1"] - 2, ptq
     assert ptq["top1"] == ptq["ptq_top1"] and ptq["history"] == []
     assert len(qat["history"]) == 1 and qat["top1"] >= qat["ptq_top1"] - 1, qat
-    assert qat["quantization"] == {"mode": "qat", "target": "onnxruntime-cpu", "skip": [], "calibration": "percentile", "percentile": 99.99, "calibration_images": 256}
+    assert qat["quantization"] == {"mode": "qat", "target": "onnxruntime-cpu", "skip": [], "weight_range": "pair-limit", "calibration": "percentile", "percentile": 99.99, "calibration_images": 256}
 
 
 @pytest.mark.slow

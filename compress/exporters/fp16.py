@@ -41,8 +41,8 @@ from compress.exporters.onnx import (
     META_PRECISION,
     _checked_bytes,
     _one_line,
-    _set_metadata,
     load_onnx,
+    set_metadata,
 )
 from compress.fileio import write_bytes_atomic
 
@@ -112,7 +112,7 @@ def convert_to_fp16(
     if reason:
         raise ExportError(f"{onnx_path}: cannot convert to FP16: {reason}")
     model = _converted(model, keep_io_types, onnx_path)
-    _set_metadata(model, {**(metadata or {}), META_PRECISION: "fp16"})
+    set_metadata(model, {**(metadata or {}), META_PRECISION: "fp16"})
     data = _checked_bytes(model, out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return write_bytes_atomic(out_path, data)

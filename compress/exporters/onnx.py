@@ -124,7 +124,7 @@ def export_onnx(
         proto = transform(proto)
     if simplify:
         proto = _simplified(proto, path)
-    _set_metadata(proto, metadata or {})
+    set_metadata(proto, metadata or {})
     data = _checked_bytes(proto, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_bytes_atomic(path, data)
@@ -218,7 +218,8 @@ def _simplified(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         raise ExportError(f"onnxslim could not simplify {path.name}: {_root_cause(exc)}") from exc
 
 
-def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Add or replace ``metadata_props`` entries (string keys and values), keeping the others."""
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"ONNX metadata must map str to str, got {key!r}: {value!r}")
@@ -226,6 +227,14 @@ def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
     del proto.metadata_props[:]
     for key, value in chain(kept, metadata.items()):
         proto.metadata_props.add(key=key, value=value)
+
+
+def add_metadata(path: Path | str, metadata: dict[str, str]) -> Path:
+    """Rewrite an ONNX file with ``metadata`` added to its ``metadata_props`` (atomically)."""
+    path = Path(path)
+    proto = load_onnx(path)
+    set_metadata(proto, metadata)
+    return write_bytes_atomic(path, _checked_bytes(proto, path))
 
 
 def _checked_bytes(proto: onnx.ModelProto, path: Path) -> bytes:
@@ -285,7 +294,8 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def verify_onnx(
-    path: Path, model: nn.Module, images: np.ndarray, *, tolerance: float, min_agreement: float, relative: bool = False
+    path: Path, model: nn.Module, images: np.ndarray, *, tolerance: float, min_agreement: float, relative: bool = False,
+    exact_int8: bool = False,
 ) -> dict:
     """Prove an exported file reproduces the PyTorch model on real inputs (STYLE habit 6).
 
@@ -304,6 +314,9 @@ def verify_onnx(
         relative: ``tolerance`` bounds the difference divided by the largest |logit| of the
             PyTorch model instead (an INT8 graph's rounding error scales with its output range,
             so an absolute bound would depend on how confident the model is).
+        exact_int8: run ONNX Runtime's exact u8u8 integer kernels (``session.x64quantprecision``)
+            instead of its u8s8 ones: what a VNNI CPU computes, proven on a CPU without VNNI
+            (see :func:`open_session`).
 
     Returns:
         ``{"max_abs_diff", "mean_abs_diff", "max_abs_logit", "max_rel_diff", "top1_agreement",
@@ -322,7 +335,7 @@ def verify_onnx(
         raise ExportError(f"verify {path.name}: expected a non-empty (N, C, H, W) batch, got shape {images.shape}")
     import torch
 
-    session = open_session(path)
+    session = open_session(path, exact_int8=exact_int8)
     chunks = _verify_chunks(images, session.get_inputs()[0].shape[0])
     with _eval_on_cpu(model), torch.no_grad():
         diffs = [_chunk_diff(session, model, chunk, path) for chunk in chunks]
@@ -343,12 +356,15 @@ def verify_onnx(
     return result
 
 
-def open_session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:
+def open_session(path: Path, threads: int = 0, *, exact_int8: bool = False) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session for ``path``; any loading failure becomes one-line ExportError.
 
     Args:
         path: the ``.onnx`` file.
         threads: intra-op threads; 0 keeps ONNX Runtime's default (one per physical core).
+        exact_int8: on x86 CPUs without VNNI, convert int8 weights to uint8 at load time
+            (``session.x64quantprecision``) so no product pair saturates: slower, but the
+            sums a VNNI CPU computes. No effect elsewhere.
 
     Returns:
         The session, with all graph optimisations enabled.
@@ -362,6 +378,8 @@ def open_session(path: Path, threads: int = 0) -> onnxruntime.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads > 0:
         options.intra_op_num_threads = threads
+    if exact_int8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

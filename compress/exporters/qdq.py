@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from onnx import numpy_helper
 
 from compress.config import QUANT_TARGETS
 from compress.errors import ExportError
+from compress.int8_kernels import PAIR_LIMIT, U8_MAX, is_depthwise, worst_pair_sums
 
 _QLINEAR_CONVS = ("QLinearConv", "NhwcQLinearConv")
 _FLOAT_CONVS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv")
@@ -217,3 +219,88 @@ def _fused_convs(path: Path, skip_count: int) -> dict:
             f"({skip_count} kept by skip, {counts['qlinear_conv']} QLinearConv): the Q/DQ placement defeats the INT8 kernels"
         )
     return counts
+
+
+# --- portability: does the file compute the same on CPUs with and without VNNI? -------------
+
+META_PORTABLE = "compress.int8_portable"
+META_WORST_PAIR = "compress.int8_worst_pair_sum"
+META_WORST_LAYER = "compress.int8_worst_layer"
+_INTEGER_LAYERS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Int8Portability:
+    """Whether every integer layer of a file stays within the 16-bit lanes of non-VNNI x86
+    kernels (see :mod:`compress.int8_kernels`), and its worst layer.
+
+    ``worst_pair_sum``: the largest |sum| of two same-signed integer weights of one output
+    channel, over the layers whose kernels pair products (not depthwise); the file is portable
+    when it is at most ``limit`` (128: 255 * 128 fits in 16 bits).
+    """
+
+    portable: bool
+    layers: int
+    paired_layers: int
+    layers_at_risk: int
+    worst_layer: str | None
+    worst_pair_sum: int
+    limit: int = PAIR_LIMIT
+
+    @property
+    def worst_lane(self) -> int:
+        """The largest 16-bit value the worst pair can reach (saturation above 32,767)."""
+        return self.worst_pair_sum * U8_MAX
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"worst_lane": self.worst_lane}
+
+    def metadata(self) -> dict[str, str]:
+        """The ``metadata_props`` entries that let a reader (``compress bench``) know without
+        re-reading the weights."""
+        return {META_PORTABLE: str(self.portable).lower(), META_WORST_PAIR: str(self.worst_pair_sum), META_WORST_LAYER: self.worst_layer or ""}
+
+
+def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
+    """Check every integer convolution and matrix product of a QDQ graph against the overflow
+    bound of x86 u8s8 kernels without VNNI.
+
+    A layer is one Conv, Gemm or MatMul whose weight input is a DequantizeLinear of an INT8
+    initializer. Depthwise convolutions are exact on every CPU and counted, not checked.
+
+    Returns:
+        The :class:`Int8Portability` record; a file with no integer layer is portable.
+    """
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    dequantized = {
+        node.output[0]: inits[node.input[0]]
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == _INT8
+    }
+    layers = paired = at_risk = worst = 0
+    worst_layer = None
+    for node in graph.node:
+        if node.op_type not in _INTEGER_LAYERS or len(node.input) < 2 or node.input[1] not in dequantized:
+            continue
+        layers += 1
+        weight = numpy_helper.to_array(dequantized[node.input[1]])
+        if node.op_type == "Conv":
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if is_depthwise(weight.shape[1] * groups, weight.shape[0], groups):
+                continue
+        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or transposed else weight.ndim - 1
+        paired += 1
+        pair_sum = int(worst_pair_sums(weight, axis=axis).max())
+        at_risk += pair_sum > PAIR_LIMIT
+        if pair_sum > worst:
+            worst, worst_layer = pair_sum, node.name or node.output[0]
+    return Int8Portability(worst <= PAIR_LIMIT, layers, paired, at_risk, worst_layer, worst)
+
+
+def portable_from_metadata(metadata: dict[str, str]) -> bool | None:
+    """What a file's metadata says of its portability; None when it says nothing (not ours, or
+    exported before the check existed)."""
+    value = metadata.get(META_PORTABLE)
+    return None if value is None else value == "true"

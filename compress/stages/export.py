@@ -101,9 +101,12 @@ def export_network(model, path: Path, cfg: ExportConfig, data: DatasetBundle, im
     from compress.exporters.qdq import check_qdq, store_int8_weights
     from compress.quantization import kept_float_convs
 
-    metadata = metadata | {"compress.quantization": quantization["target"]}
+    weight_range = quantization.get("weight_range", "full")  # stages quantized before ranges existed
+    metadata = metadata | {"compress.quantization": quantization["target"], "compress.int8_weight_range": weight_range}
     export_onnx(model, path, exporter=QUANTIZED_EXPORTER, metadata=metadata, transform=store_int8_weights, **common)
-    result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True)
+    portability, exact = prove_portability(path, weight_range, quantization["target"], warn=warn)
+    result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True, exact_int8=exact)
+    result["portability"] = portability
     result["qdq"] = check_qdq(path, target=quantization["target"], skip_count=kept_float_convs(model))
     requantized = result["qdq"].get("skipped_but_quantized_by_onnxruntime")
     if requantized and warn:
@@ -113,6 +116,45 @@ def export_network(model, path: Path, cfg: ExportConfig, data: DatasetBundle, im
             file=sys.stderr,
         )
     return result | {"batch": cfg.batch}
+
+
+def prove_portability(path: Path, weight_range: str, target: str, *, warn: bool) -> tuple[dict, bool]:
+    """Check an INT8 file against the overflow bound of x86 kernels without VNNI and write the
+    verdict into its metadata (:func:`compress.exporters.qdq.int8_portability`).
+
+    A file that is not portable cannot be verified with ONNX Runtime's default kernels on a CPU
+    that saturates it: there it is verified with the exact u8u8 kernels instead, which compute
+    what a VNNI CPU does, and a warning says so.
+
+    Returns:
+        ``(record for the export metrics, whether to verify with exact_int8)``.
+
+    Raises:
+        ExportError: a portable ``weight_range`` produced a file that is not portable.
+    """
+    from compress.cpu_features import cpu_features
+    from compress.exporters.onnx import add_metadata, load_onnx
+    from compress.exporters.qdq import int8_portability
+    from compress.int8_kernels import WEIGHT_RANGES
+
+    report = int8_portability(load_onnx(path))
+    add_metadata(path, report.metadata())
+    if WEIGHT_RANGES[weight_range].portable and not report.portable:
+        raise ExportError(
+            f"{path.name}: weight_range {weight_range} should stay within the 16-bit lanes of CPUs without VNNI, "
+            f"but layer {report.worst_layer} pairs weights summing to {report.worst_pair_sum} (limit {report.limit})"
+        )
+    cpu = cpu_features()
+    exact = cpu.saturates_u8s8 and not report.portable
+    if exact and warn and target == "onnxruntime-cpu":
+        print(
+            f"warning: {path.name} has full-range INT8 weights (quantize.weight_range: {weight_range}), which this CPU "
+            f"({cpu.summary()}) saturates; it was verified with ONNX Runtime's exact u8u8 kernels and gives these answers "
+            "only on CPUs with VNNI (or ARM). Use weight_range: auto for a file that is right everywhere.",
+            file=sys.stderr,
+        )
+    verified_with = "u8u8 (session.x64quantprecision)" if exact else "u8s8"
+    return report.to_dict() | {"weight_range": weight_range, "cpu": cpu.summary(), "verified_with": verified_with}, exact
 
 
 def export_derived_formats(onnx_path: Path, model, cfg: ExportConfig, images: np.ndarray, quantization: dict | None, *, warn: bool, timing_cache: Path | None) -> dict[str, tuple[dict, Path | None]]:

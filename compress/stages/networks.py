@@ -61,7 +61,9 @@ def rebuild_network(metrics: dict, weights: Path, *, in_channels: int, image_siz
         example = torch.zeros(2, in_channels, image_size, image_size)
 
         def prepare(model):
-            return prepare_quantized(model.eval(), target=settings["target"], skip=tuple(settings["skip"]), example_inputs=example)
+            # stages quantized before weight ranges existed used the full range
+            weight_range = settings.get("weight_range", "full")
+            return prepare_quantized(model.eval(), target=settings["target"], skip=tuple(settings["skip"]), example_inputs=example, weight_range=weight_range)
 
     return load_weights(model, weights, prepare=prepare).eval()
 

@@ -29,7 +29,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     :func:`compress.stages.networks.load_network` rebuilds the same graph.
 
     Returns:
-        Artifact with ``files["model"]``, the architecture, ``quantization`` settings,
+        Artifact with ``files["model"]``, the architecture, ``quantization`` settings (with
+        the resolved ``weight_range``),
         ``fp32_top1``, ``ptq_top1``, ``top1``, ``top1_delta`` (vs FP32), ``agreement_with_fp32``
         (top-1 agreement on the test split), params, MACs and the training history.
     """
@@ -39,7 +40,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     prep = preprocess(ctx)
     train_loader, test_loader = ctx.loaders()
     fp32 = evaluate(student, test_loader, prep, ctx.device)
-    qmodel = prepare_quantized(student, target=cfg.target, skip=cfg.skip, example_inputs=example_batch(ctx))
+    qmodel = prepare_quantized(student, target=cfg.target, skip=cfg.skip, example_inputs=example_batch(ctx), weight_range=cfg.weight_range)
     calibrate(qmodel, calibration_batches(ctx, train_loader, prep, cfg.calibration_images), method=cfg.calibration, percentile=cfg.percentile)
     ptq = evaluate(qmodel, test_loader, prep, ctx.device)
     history = []
@@ -53,7 +54,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
     metrics = architecture_of(source) | {
         "quantization": {
-            "mode": cfg.mode, "target": cfg.target, "skip": list(cfg.skip), "calibration": cfg.calibration,
+            "mode": cfg.mode, "target": cfg.target, "skip": list(cfg.skip), "weight_range": qmodel.weight_range, "calibration": cfg.calibration,
             "percentile": cfg.percentile, "calibration_images": cfg.calibration_images,
         },
         "source_stage": source.stage, "fp32_top1": fp32["top1"], "ptq_top1": ptq["top1"], "top1": test["top1"],
