@@ -114,8 +114,13 @@ def _seven_bit(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
     return _amax(weight) / SEVEN_BIT_QMAX
 
 
-def _seven_bit_paired(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
-    return _full(weight, depthwise) if depthwise else _seven_bit(weight, depthwise)
+def _seven_bit_where_needed(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
+    """7-bit for a whole layer whose full-range weights could overflow, else full range."""
+    full = _full(weight, depthwise)
+    if depthwise:
+        return full
+    q = torch.round(weight.detach().flatten(1) / full.clamp_min(1e-12)[:, None])
+    return _seven_bit(weight, depthwise) if bool((_pair_amax(q) > PAIR_LIMIT).any()) else full
 
 
 def _pair_limit(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
@@ -144,7 +149,7 @@ WEIGHT_RANGES: dict[str, WeightRange] = {
     r.name: r
     for r in (
         WeightRange("pair-limit", True, "per channel, the two largest same-signed weights add up to <= 128; depthwise layers 8-bit", _pair_limit),
-        WeightRange("7bit-paired", True, "7-bit weights (|q| <= 63) in layers whose kernels pair products; depthwise layers 8-bit", _seven_bit_paired),
+        WeightRange("7bit-where-needed", True, "7-bit weights (|q| <= 63) in layers whose 8-bit weights could overflow; others 8-bit", _seven_bit_where_needed),
         WeightRange("7bit", True, "7-bit weights everywhere (ONNX Runtime's reduce_range)", _seven_bit),
         WeightRange("full", False, "8-bit weights everywhere: exact only on CPUs with VNNI (and ARM, GPUs)", _full),
     )

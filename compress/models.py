@@ -1,7 +1,7 @@
 """Model zoo: torchvision classifiers and the CIFAR ResNets, built by name, never pretrained.
 
 Names are ``torchvision:<name>`` (any classification model torchvision knows) and
-``cifar:resnet20/32/44/56/110``. Weights are always random (``weights=None``): this machine has no
+``cifar:resnet8/14/20/32/44/56/110``. Weights are always random (``weights=None``): this machine has no
 internet, and a recipe that silently downloads would not be reproducible. Checkpoints are loaded
 with :func:`load_weights`, which only accepts plain tensors.
 
@@ -29,7 +29,7 @@ from compress.registry import Registry
 
 MODELS: Registry[Callable[[int], nn.Module]] = Registry("model", ModelError)
 
-_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+_CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 _MAX_LISTED = 3  # problems named in a load_weights error before "+N more"
 
 
@@ -75,7 +75,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
-            raise ModelError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+            raise ModelError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)

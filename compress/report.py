@@ -35,12 +35,20 @@ def headline(artifact: Artifact) -> str:
         return text
     if artifact.kind == "export":
         return ", ".join(
-            f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement {100 * check['top1_agreement']:.1f}%"
+            f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement {100 * check['top1_agreement']:.1f}%{_portability_note(check)}"
             for role, check in m.items()
         )
     if artifact.kind == "bench":
         return bench_headline(m)
     return ""
+
+
+def _portability_note(check: dict) -> str:
+    """Where an INT8 file computes what was verified: everywhere, or on VNNI CPUs only."""
+    portability = check.get("portability")
+    if not portability:
+        return ""
+    return " (INT8, exact on every CPU)" if portability["portable"] else " (INT8, exact only on CPUs with VNNI)"
 
 
 def bench_headline(m: dict) -> str:

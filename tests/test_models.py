@@ -16,7 +16,7 @@ TORCHVISION = [
     "torchvision:mobilenet_v3_small",
     "torchvision:mobilenet_v3_large",
 ]
-CIFAR = ["cifar:resnet20", "cifar:resnet32", "cifar:resnet44", "cifar:resnet56", "cifar:resnet110"]
+CIFAR = ["cifar:resnet8", "cifar:resnet14", "cifar:resnet20", "cifar:resnet32", "cifar:resnet44", "cifar:resnet56", "cifar:resnet110"]
 # He et al. 2016, Table 6 (CIFAR-10): parameters of the 6n+2 ResNets.
 HE_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}
 
