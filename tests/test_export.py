@@ -271,6 +271,25 @@ def test_verify_fails_on_a_different_model(exported):
     assert f"top-1 agreement {result['top1_agreement']:.2%}" in message
 
 
+def test_fp32_tolerance_scales_with_huge_logits(exported, tmp_path):
+    """An undertrained network can have logits of 10^4 (seen on a 1-epoch CIFAR-10 ResNet18):
+    float rounding then differs by 10^-2 between two correct runtimes, which the absolute bound
+    must not call a wrong file; a really different model still fails."""
+    model, _ = exported["small", "torchscript"]
+    loud = copy.deepcopy(model)
+    with torch.no_grad():
+        loud[-1].weight.mul_(3e4)
+        loud[-1].bias.mul_(3e4)
+    path = export_onnx(loud, tmp_path / "loud.onnx", image_size=SIZE, exporter="torchscript")
+    images = np.random.default_rng(0).standard_normal((20, 3, SIZE, SIZE), dtype=np.float32)
+    result = verify_onnx(path, loud, images, tolerance=1e-6, min_agreement=1.0)
+    assert result["max_abs_logit"] > 1e3 and result["max_abs_diff"] <= 1e-6 * result["max_abs_logit"]
+    with torch.no_grad():
+        loud[-1].weight.add_(0.05 * 3e4 * torch.randn_like(loud[-1].weight))
+    with pytest.raises(ExportError, match="x the largest logit"):
+        verify_onnx(path, loud, images, tolerance=1e-6, min_agreement=0.0)
+
+
 def test_verify_fails_on_agreement(exported):
     model, path = exported["small", "torchscript"]
     images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE), dtype=np.float32)

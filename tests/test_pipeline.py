@@ -157,7 +157,12 @@ def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
 def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, tiny_data_section):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(RECIPE.format(data=tiny_data_section).replace("epochs: 6", "epochs: 30"))
-    proc = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`pytest &`) ignores SIGINT and its children inherit that, so the
+    # child gets Ctrl-C's default disposition back whatever started the suite.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     time.sleep(8)  # in the middle of teacher training
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)

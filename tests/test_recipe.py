@@ -37,6 +37,10 @@ def test_shipped_recipes_validate(tmp_path):
     assert cifar.teacher.train.weight_decay == pytest.approx(5e-4)
     assert [s.name for s in cifar.stages] == ["teacher", "distill", "prune", "quantize", "export", "bench"]
     assert cifar.stages[2].config.speedup == 2.0 and cifar.stages[3].config.mode == "qat"
+    cpu = load_recipe(ROOT / "recipes" / "cifar10_cpu.yaml", data=str(tmp_path))
+    assert (cpu.teacher.model, cpu.student.model) == ("cifar:resnet44", "cifar:resnet8")
+    assert [s.name for s in cpu.stages] == ["teacher", "distill", "prune", "quantize", "export", "bench"]
+    assert cpu.stages[3].config.weight_range == "auto" and cpu.stages[5].config.threads == 1
 
 
 def test_resolved_recipe_round_trips():
