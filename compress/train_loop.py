@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class EpochLog:
     test_loss: float
     test_top1: float
     lr: float
+    seconds: float = 0.0  # wall time of the epoch, its evaluation included; 0.0 in checkpoints older than this field
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -150,6 +152,7 @@ def fit(
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank (and after a resume)
+        started = time.perf_counter()
         bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
         try:
             sums = _train_epoch(train_step, bar, epoch, cfg, parts, preprocess, device, memory_format)
@@ -158,10 +161,10 @@ def fit(
         loss_total, correct_total, labeled_total, seen_total = epoch_totals(*sums)
         distributed.sync_buffers(model)  # every rank now holds the same network: the same test numbers
         test = evaluate(model, test_loader, preprocess, device)
-        log = EpochLog(epoch, loss_total / max(seen_total, 1), 100 * correct_total / max(labeled_total, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0])
+        log = EpochLog(epoch, loss_total / max(seen_total, 1), 100 * correct_total / max(labeled_total, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0], time.perf_counter() - started)
         history.append(log)
         if show_progress:
-            print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%", file=sys.stderr)
+            print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%  ({log.seconds:.0f}s)", file=sys.stderr)
         if checkpoint is not None and distributed.is_main():
             save_training_state(checkpoint, checkpoint_key, epoch=epoch, history=[dataclasses.asdict(h) for h in history], **parts)
     model.to(memory_format=torch.contiguous_format)
