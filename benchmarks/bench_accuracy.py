@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compress.backends import BACKENDS
-from compress.benchmark import machine_info, versions
+from compress.bench_backends import BACKENDS
 from compress.fileio import write_json_atomic
+from compress.machine import machine_info, versions
 
 HERE = Path(__file__).resolve().parent
 TARGET = 0.05  # ours vs plain, relative difference of the medians

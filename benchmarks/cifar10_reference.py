@@ -24,10 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from compress.benchmark import machine_info, p50_ms
+from compress.benchmark.ratios import p50_ms
 from compress.fileio import write_json_atomic
+from compress.machine import machine_info
 from compress.pipeline import run
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "cifar10_cpu.yaml"
@@ -106,8 +107,8 @@ def summarise(recipe, artifacts, methods: dict, recipe_seconds: float, benchmark
     return {
         "machine": {"cpu": machine["cpu"], "cores": machine["cores"], "flags": list(machine["cpu_features"]["flags"])},
         "recipe": RECIPE.name,
-        "teacher": {"model": teacher["model"], "top1": teacher["top1"], "macs": teacher["macs"], "params": teacher["params"], "epochs": recipe.teacher.train.epochs},
-        "student": {"model": distill["model"], "macs": distill["macs"], "params": distill["params"], "epochs": _distill_epochs(recipe)},
+        "teacher": {"model": artifacts["teacher"].network.model, "top1": teacher["top1"], "macs": teacher["macs"], "params": teacher["params"], "epochs": recipe.teacher.train.epochs},
+        "student": {"model": artifacts["distill"].network.model, "macs": distill["macs"], "params": distill["params"], "epochs": _distill_epochs(recipe)},
         "methods": methods,
         "prune": {"macs_ratio": prune["macs_reduction"], "top1_before": distill["top1"], "top1_after": prune["top1"]},
         "quantize": {"fp32_top1": quantize["fp32_top1"], "qat_top1": quantize["top1"], "ptq_top1": quantize["ptq_top1"]},

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from compress.benchmark import machine_info, versions
 from compress.fileio import write_json_atomic
+from compress.machine import machine_info, versions
 from compress.pipeline import run
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,22 +12,24 @@ top-1 accuracy and agreement). Prints a table and writes ``benchmarks/results/in
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from compress.artifacts import Artifact
-from compress.benchmark import bench_models, machine_info, p50_ms, versions
+from compress.benchmark.compare import bench_models
+from compress.benchmark.ratios import p50_ms
 from compress.config import BenchConfig
 from compress.context import RunContext
-from compress.data import test_arrays
-from compress.exporters.onnx import export_onnx
+from compress.data.loaders import test_arrays
+from compress.exporters.onnx.export import export_onnx
 from compress.exporters.qdq import check_qdq, store_int8_weights
 from compress.fileio import write_json_atomic
+from compress.machine import machine_info, versions
 from compress.quantization import calibrate, prepare_quantized
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
+from compress.records import STAGE_RECORD, StageRecord
 from compress.stages.export import onnx_metadata
 from compress.stages.networks import example_batch, load_network, preprocess
 from compress.stages.quantize import calibration_batches
@@ -51,7 +53,7 @@ def main() -> None:
         for stage, artifact in float_networks(args.run_dir).items():
             files = export_pair(ctx, stage, artifact, Path(folder), args.calibration_images)
             bench = bench_models(files, cfg, test_data, reference="fp32")
-            results[stage] = {"model": artifact.metrics["model"], "rows": bench["rows"], "ratios": bench["ratios"]["int8"], "agreement": bench["agreement"]}
+            results[stage] = {"model": artifact.network.model, "rows": bench["rows"], "ratios": bench["ratios"]["int8"], "agreement": bench["agreement"]}
     record = {"run": str(args.run_dir), "results": results, "machine": machine_info(), "versions": versions()}
     print(table(record))
     write_json_atomic(HERE / "results" / "int8_latency.json", record)
@@ -60,18 +62,17 @@ def main() -> None:
 def float_networks(run_dir: Path) -> dict[str, Artifact]:
     """Every completed stage of the run that holds a float network."""
     networks = {}
-    for record_path in sorted(run_dir.glob("*/stage.json"), key=lambda p: p.stat().st_mtime):
-        record = json.loads(record_path.read_text())
-        metrics = record.get("metrics", {})
-        if "model" in record.get("files", {}) and "top1" in metrics and not metrics.get("quantization"):
-            files = {"model": run_dir / record["files"]["model"]["path"]}
-            networks[record["stage"]] = Artifact(record["stage"], files=files, metrics=metrics, role=record.get("role"))
+    for record_path in sorted(run_dir.glob(f"*/{STAGE_RECORD}"), key=lambda p: p.stat().st_mtime):
+        record = StageRecord.read(record_path)
+        if record.network is not None and "model" in record.files and "top1" in record.metrics and not record.network.quantized:
+            files = {"model": record.path("model")}
+            networks[record.stage] = Artifact(record.stage, files=files, metrics=record.metrics, role=record.role, network=record.network)
     return networks
 
 
 def export_pair(ctx: RunContext, stage: str, artifact: Artifact, folder: Path, images: int) -> dict[str, Path]:
     model = load_network(ctx, artifact).cpu().eval()
-    metadata = onnx_metadata(ctx.data, stage, artifact.metrics["model"], ctx.recipe.name)
+    metadata = onnx_metadata(ctx.data, stage, artifact.network.model, ctx.recipe.name)
     size, channels = ctx.data.image_size, ctx.data.in_channels
     fp32 = export_onnx(model, folder / f"{stage}_fp32.onnx", image_size=size, in_channels=channels, metadata=metadata)
     qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=example_batch(ctx))

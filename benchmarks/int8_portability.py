@@ -28,14 +28,17 @@ from pathlib import Path
 import torch
 
 from compress.artifacts import Artifact
-from compress.benchmark import bench_models, machine_info, p50_ms, versions
+from compress.benchmark.compare import bench_models
+from compress.benchmark.ratios import p50_ms
 from compress.config import BenchConfig, LossConfig, QuantizeConfig
 from compress.context import RunContext
-from compress.data import test_arrays
+from compress.data.loaders import test_arrays
+from compress.exporters.network import export_network
 from compress.fileio import write_json_atomic
 from compress.int8_kernels import WEIGHT_RANGES
-from compress.recipe import load_recipe
-from compress.stages.export import export_network, normalised_test_images, onnx_metadata
+from compress.machine import machine_info, versions
+from compress.recipe.load import load_recipe
+from compress.stages.export import input_of, normalised_test_images, onnx_metadata
 from compress.stages.networks import load_network
 from compress.stages.quantize import quantize
 
@@ -57,7 +60,7 @@ def main() -> None:
     artifacts = completed_stages(args.run_dir)
     source = artifacts[args.network] if args.network else latest_float(artifacts)
     ctx = RunContext(recipe, args.run_dir, torch.device("cpu"), show_progress=False)
-    ctx.artifacts = {name: a for name, a in artifacts.items() if not a.metrics.get("quantization")}
+    ctx.artifacts = {name: a for name, a in artifacts.items() if not a.quantized}
     ctx.artifacts["_source"] = dataclasses.replace(source, role="student")  # the network quantized, whatever it was
     base = quantize_settings(recipe, args.qat_epochs)
     cfg = BenchConfig(batch_size=64, warmup=10, iterations=200, time_budget_s=args.time_budget, threads=1, eval_samples=args.eval_samples)
@@ -88,7 +91,7 @@ def completed_stages(run_dir: Path) -> dict[str, Artifact]:
 
 
 def latest_float(artifacts: dict[str, Artifact]) -> Artifact:
-    networks = [a for a in artifacts.values() if "model" in a.files and "top1" in a.metrics and not a.metrics.get("quantization")]
+    networks = [a for a in artifacts.values() if "model" in a.files and "top1" in a.metrics and not a.quantized]
     students = [a for a in networks if a.role == "student"]
     return (students or networks)[-1]
 
@@ -107,7 +110,7 @@ def export_float(ctx: RunContext, source: Artifact, folder: Path) -> Path:
     path = folder / "fp32.onnx"
     export_cfg = export_settings(ctx)
     images = normalised_test_images(ctx.data, export_cfg.check_samples)
-    export_network(model, path, export_cfg, ctx.data, images, onnx_metadata(ctx.data, "student_fp32", source.metrics["model"], ctx.recipe.name), None)
+    export_network(model, path, export_cfg, images, onnx_metadata(ctx.data, "student_fp32", source.network.model, ctx.recipe.name), None, **input_of(ctx.data))
     return path
 
 
@@ -119,8 +122,8 @@ def quantize_and_export(ctx: RunContext, settings: QuantizeConfig, folder: Path)
     export_cfg = export_settings(ctx)
     images = normalised_test_images(ctx.data, export_cfg.check_samples)
     path = folder / "int8.onnx"
-    metadata = onnx_metadata(ctx.data, "student", artifact.metrics["model"], ctx.recipe.name)
-    proof = export_network(model, path, export_cfg, ctx.data, images, metadata, artifact.metrics["quantization"], warn=False)
+    metadata = onnx_metadata(ctx.data, "student", artifact.network.model, ctx.recipe.name)
+    proof = export_network(model, path, export_cfg, images, metadata, artifact.network.quantization, **input_of(ctx.data), warn=False)
     keys = ("fp32_top1", "ptq_top1", "top1", "agreement_with_fp32")
     extra = {"portability": proof["portability"], "max_rel_diff": proof["max_rel_diff"], "weight_sqnr_db": weight_sqnr_db(model)}
     return {key: artifact.metrics[key] for key in keys} | extra, path
@@ -163,7 +166,7 @@ def summarise(args, recipe, source: Artifact, runs: dict, bench: dict, wall_s: f
             "status": row["status"],
         }
     return {
-        "run": str(args.run_dir), "recipe": recipe.name, "network": source.stage, "model": source.metrics["model"],
+        "run": str(args.run_dir), "recipe": recipe.name, "network": source.stage, "model": source.network.model,
         "fp32": {"onnx_top1": fp32.get("top1"), "p50_ms_b1": p50_ms(fp32, 1), "p50_ms_b64": p50_ms(fp32, 64)},
         "results": results, "eval_samples": fp32.get("eval_samples"), "wall_s": round(wall_s, 1),
         "machine": machine_info(), "versions": versions(),

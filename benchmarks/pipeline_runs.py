@@ -14,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from compress.benchmark import machine_info, p50_ms, versions
+from compress.benchmark.ratios import p50_ms
 from compress.fileio import write_json_atomic
+from compress.machine import machine_info, versions
 from compress.pipeline import run
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes"

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.benchmark import machine_info, versions
 from compress.config import LossConfig, MixConfig, TrainConfig
 from compress.context import RunContext
-from compress.data import Preprocess
+from compress.data.augment import Preprocess
 from compress.fileio import write_json_atomic
+from compress.machine import machine_info, versions
 from compress.models import build_model
 from compress.teaching import frozen, train_with_teacher
 from compress.train_loop import autocast_dtype, uses_channels_last

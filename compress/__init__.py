@@ -1,4 +1,6 @@
-"""compress: teacher -> distilled, pruned, quantized student -> ONNX -> measured, from one YAML recipe.
+"""compress: teacher -> distilled, pruned, quantized student -> ONNX -> measured, from one YAML
+recipe (:func:`run`) or from Python on any ``nn.Module`` (:func:`distill`, :func:`prune`,
+:func:`quantize`, :func:`export`, :func:`bench`).
 
 The public API is imported lazily so that light entry points (the CLI's ``--help``, the bench
 worker process whose memory we measure) do not pay for importing torch.
@@ -11,15 +13,20 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "load_recipe": "compress.recipe",
-    "run": "compress.pipeline",
+    # the library: any nn.Module and DataLoader, no recipe (compress.api)
+    "distill": "compress.api",
+    "prune": "compress.api",
+    "quantize": "compress.api",
+    "export": "compress.api",
+    "bench": "compress.api",
+    "loss": "compress.api",
+    "PruneSpec": "compress.config",
+    "TrainConfig": "compress.config",
+    "MixConfig": "compress.config",
     "build_model": "compress.models",
-    "teacher": "compress.stages.teacher",
-    "distill": "compress.stages.distill",
-    "prune": "compress.stages.prune",
-    "quantize": "compress.stages.quantize",
-    "export": "compress.stages.export",
-    "bench": "compress.stages.bench",
+    # the recipe pipeline
+    "load_recipe": "compress.recipe.load",
+    "run": "compress.pipeline",
 }
 
 __all__ = sorted(_PUBLIC)

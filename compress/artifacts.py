@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from compress import distributed
-from compress.fileio import atomic_path, sha256_file, write_json_atomic
+from compress.fileio import sha256_file, write_json_atomic
+from compress.records import STAGE_RECORD, FileRecord, NetworkSpec, StageRecord
 
-STAGE_RECORD = "stage.json"
+__all__ = ["STAGE_RECORD", "Artifact", "input_key", "invalidate", "load_completed", "record_stage"]
 
 
 @dataclass
@@ -32,14 +32,16 @@ class Artifact:
     Attributes:
         stage: the stage's name (the recipe's ``name:``; its kind unless it sets one).
         files: role -> file path (e.g. ``{"model": .../distill/model.pt}``).
-        metrics: JSON-able numbers the stage measured.
+        metrics: JSON-able numbers the stage measured (results only).
         role: which network the stage's ``model`` file is ("teacher" or "student"), if any.
+        network: how to rebuild the network in ``files["model"]``, if the stage holds one.
     """
 
     stage: str
     files: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     role: str | None = None
+    network: NetworkSpec | None = None
     key: str = ""
     seconds: float = 0.0
     skipped: bool = False
@@ -47,6 +49,10 @@ class Artifact:
 
     def __post_init__(self):
         self.kind = self.kind or self.stage
+
+    @property
+    def quantized(self) -> bool:
+        return self.network is not None and self.network.quantized
 
 
 def input_key(*parts: Any) -> str:
@@ -57,7 +63,7 @@ def input_key(*parts: Any) -> str:
 
 def versions() -> dict[str, str]:
     from compress import __version__
-    from compress.benchmark import versions as runtime_versions
+    from compress.machine import versions as runtime_versions
 
     return {"compress": __version__, "torch": torch.__version__} | runtime_versions()
 
@@ -65,45 +71,36 @@ def versions() -> dict[str, str]:
 def record_stage(folder: Path, run_dir: Path, artifact: Artifact, config: Any, recipe: dict) -> None:
     """Write ``metrics.json`` and, last, ``stage.json`` (the completion marker)."""
     write_json_atomic(folder / "metrics.json", artifact.metrics)
-    files = {
-        role: {"path": os.path.relpath(path, run_dir), "sha256": sha256_file(path), "bytes": path.stat().st_size}
-        for role, path in artifact.files.items()
-    }
-    record = {
-        "stage": artifact.stage,
-        "kind": artifact.kind,
-        "key": artifact.key,
-        "role": artifact.role,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(artifact.seconds, 3),
-        "files": files,
-        "metrics": artifact.metrics,
-        "config": config,
-        "recipe": recipe,
-        "versions": versions(),
-    }
-    write_json_atomic(folder / STAGE_RECORD, record)
+    record = StageRecord(
+        stage=artifact.stage, kind=artifact.kind, key=artifact.key, role=artifact.role,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=artifact.seconds,
+        files={role: FileRecord(os.path.relpath(path, run_dir), sha256_file(path), path.stat().st_size) for role, path in artifact.files.items()},
+        metrics=artifact.metrics, network=artifact.network, config=config, recipe=recipe, versions=versions(),
+    )
+    write_json_atomic(folder / STAGE_RECORD, record.to_json())
 
 
 def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
     """The stage's artifact if it completed with this input key and its files are intact."""
+    from compress.errors import ModelError
+
     try:
-        record = json.loads((folder / STAGE_RECORD).read_text())
-    except (OSError, ValueError):
+        record = StageRecord.read(folder)
+    except ModelError:
         return None
-    if not isinstance(record, dict) or record.get("key") != key:
+    if record.key != key:
         return None
     files = {}
-    for role, entry in record.get("files", {}).items():
-        path = run_dir / entry["path"]
+    for role, entry in record.files.items():
+        path = run_dir / entry.path
         if not path.resolve().is_relative_to(run_dir.resolve()):  # a tampered record pointing elsewhere: re-run
             return None
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        if not path.is_file() or sha256_file(path) != entry.sha256:
             return None
         files[role] = path
     return Artifact(
-        stage=record["stage"], kind=record.get("kind", ""), files=files, metrics=record.get("metrics", {}), role=record.get("role"),
-        key=key, seconds=record.get("seconds", 0.0), skipped=True,
+        stage=record.stage, kind=record.kind, files=files, metrics=record.metrics, role=record.role, network=record.network,
+        key=key, seconds=record.seconds, skipped=True,
     )
 
 
@@ -112,17 +109,3 @@ def invalidate(folder: Path) -> None:
     (folder / STAGE_RECORD).unlink(missing_ok=True)
 
 
-def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None = None) -> Path:
-    """Save a state_dict (plain tensors: loadable with ``weights_only=True``), atomically.
-
-    ``structure`` (layer widths of a pruned network, plain ints) is stored beside the
-    state_dict so the network can be rebuilt without unpickling any module. In a distributed
-    run only rank 0 writes (every rank gets the path).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not distributed.is_main():  # a distributed run: rank 0 writes, the other ranks take its artifact
-        return path
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state if structure is None else {"structure": structure, "state_dict": state}, tmp)
-    return path

@@ -5,6 +5,7 @@ Errors a user can fix print one line and exit 2; ``--debug`` shows the traceback
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import traceback
@@ -13,7 +14,26 @@ from pathlib import Path
 import click
 
 from compress import distributed
+from compress.config import (
+    DATASET_KINDS,
+    EXPORTERS,
+    GATE_LATENCY_MODES,
+    PRUNING_CRITERIA,
+    BenchConfig,
+    ExportConfig,
+    GatesConfig,
+)
 from compress.errors import CompressError, output_error
+
+
+def default(cls: type, name: str):
+    """The default of a config field: the CLI shows and uses the recipe's defaults, declared
+    once in :mod:`compress.config` (importing it costs no torch)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
 
 
 def user_errors(fn):
@@ -58,7 +78,9 @@ def recipe_options(fn):
 
 
 def _load(recipe_path, data, epochs, subset, device, out, overrides, *, warn: bool = True):
-    from compress.recipe import load_recipe, parse_subset, recipe_warnings
+    from compress.recipe.checks import recipe_warnings
+    from compress.recipe.load import load_recipe
+    from compress.recipe.overrides import parse_subset
 
     recipe = load_recipe(recipe_path, list(overrides), data=data, epochs=epochs, subset=parse_subset(subset), device=device, out=out)
     for warning in recipe_warnings(recipe) if warn and distributed.is_main() else ():
@@ -124,7 +146,7 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
     """Check RECIPE (and the files it names) without running anything."""
     import yaml
 
-    from compress.recipe import recipe_to_dict
+    from compress.recipe.serialise import recipe_to_dict
 
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
     click.echo(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip())
@@ -132,7 +154,7 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
 
 
 def _backends() -> list[str]:
-    from compress.backends import BACKENDS
+    from compress.bench_backends import BACKENDS
 
     return BACKENDS.names()
 
@@ -140,21 +162,20 @@ def _backends() -> list[str]:
 @cli.command()
 @click.argument("model", type=click.Path())
 @click.option("--against", type=click.Path(), help="A reference model (the teacher) to compare with.")
-@click.option("--backend", "backends", multiple=True, default=["onnxruntime"], show_default=True, metavar="NAME",
+@click.option("--backend", "backends", multiple=True, default=list(default(BenchConfig, "backends")), show_default=True, metavar="NAME",
               help="Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] for .onnx, torch[-compile][-cuda] for a stage folder, tensorrt for .engine.")
 @click.option("--data", help="Test data for accuracy: a dataset folder (kind detected) or omitted for latency only.")
-@click.option("--data-kind", type=click.Choice(["digits", "cifar10", "cifar100", "npz", "imagefolder"]), help="Dataset kind when detection is not enough.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Throughput batch size (batch 1 is always measured).")
-@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds per measurement at most.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--data-kind", type=click.Choice(list(DATASET_KINDS)), help="Dataset kind when detection is not enough.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=default(BenchConfig, "batch_size"), show_default=True, help="Throughput batch size (batch 1 is always measured).")
+@click.option("--iterations", type=click.IntRange(min=1), default=default(BenchConfig, "iterations"), show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=default(BenchConfig, "warmup"), show_default=True)
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=default(BenchConfig, "time_budget_s"), show_default=True, help="Seconds per measurement at most.")
+@click.option("--threads", type=click.IntRange(min=0), default=default(BenchConfig, "threads"), help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--eval-samples", type=click.IntRange(min=1), help="Test images for accuracy (default: the whole split).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for bench.json/bench.md (default: next to MODEL).")
 @user_errors
 def bench(model, against, backends, data, data_kind, batch_size, iterations, warmup, time_budget, threads, eval_samples, out):
     """Benchmark MODEL (an .onnx, a TensorRT .engine or a run's stage folder), and --against OTHER side by side."""
-    from compress.config import BenchConfig
     from compress.stages.bench import bench_files
 
     cfg = BenchConfig(backends=tuple(backends), batch_size=batch_size, iterations=iterations, warmup=warmup, time_budget_s=time_budget, threads=threads, eval_samples=eval_samples)
@@ -167,19 +188,18 @@ def bench(model, against, backends, data, data_kind, batch_size, iterations, war
 @click.argument("source", type=click.Path())
 @click.option("--format", "fmt", required=True, help="onnx (from a stage folder), onnx-fp16 or tensorrt (from a stage folder or an .onnx); `compress list formats`.")
 @click.option("--out", type=click.Path(dir_okay=False), help="The file to write (default: next to SOURCE).")
-@click.option("--opset", type=click.IntRange(7, 23), default=18, show_default=True)
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--opset", type=click.IntRange(7, 23), default=default(ExportConfig, "opset"), show_default=True)
+@click.option("--exporter", type=click.Choice(EXPORTERS), default=default(ExportConfig, "exporter"), show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), help="A static batch size (default: a dynamic batch axis).")
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim (verified not to change outputs).")
 @click.option("--data", help="Dataset for the metadata and check images (default: the data of the recipe that made the stage).")
-@click.option("--engine-fp16/--no-engine-fp16", default=True, show_default=True, help="TensorRT: allow FP16 kernels.")
-@click.option("--engine-batch", default="1,32,64", show_default=True, help="TensorRT optimisation profile: min,opt,max batch.")
+@click.option("--engine-fp16/--no-engine-fp16", default=default(ExportConfig, "engine_fp16"), show_default=True, help="TensorRT: allow FP16 kernels.")
+@click.option("--engine-batch", default=",".join(map(str, default(ExportConfig, "engine_batch"))), show_default=True, help="TensorRT optimisation profile: min,opt,max batch.")
 @user_errors
 def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp16, engine_batch):
     """Export SOURCE (a run's stage folder, or an .onnx file) to one format, verified, outside a run."""
     import json
 
-    from compress.config import ExportConfig
     from compress.stages.export import export_file
 
     try:
@@ -216,17 +236,16 @@ def _fraction(ctx, param, value: str) -> float:
 @cli.command()
 @click.argument("result", type=click.Path())
 @click.option("--baseline", type=click.Path(), help="The known-good bench.json (or its bench/ or run folder).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Top-1 points a model may lose.")
-@click.option("--max-latency-increase", default="10%", show_default=True, callback=_fraction, help="Batch-1 p50 growth allowed (10% or 0.1).")
-@click.option("--max-size-increase", default="5%", show_default=True, callback=_fraction, help="File size growth allowed.")
-@click.option("--latency", type=click.Choice(["auto", "relative", "absolute"]), default="auto", show_default=True,
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=default(GatesConfig, "max_accuracy_drop"), show_default=True, help="Top-1 points a model may lose.")
+@click.option("--max-latency-increase", default=percent(default(GatesConfig, "max_latency_increase")), show_default=True, callback=_fraction, help="Batch-1 p50 growth allowed (10% or 0.1).")
+@click.option("--max-size-increase", default=percent(default(GatesConfig, "max_size_increase")), show_default=True, callback=_fraction, help="File size growth allowed.")
+@click.option("--latency", type=click.Choice(GATE_LATENCY_MODES), default=default(GatesConfig, "latency"), show_default=True,
               help="relative: latency as a ratio to the run's reference model (machine-independent); auto: relative when both results have it.")
 @click.option("--min-int8-agreement", callback=lambda ctx, param, value: None if value is None else _fraction(ctx, param, value),
               help="Floor on the INT8 student's top-1 agreement with its float version (99% or 0.99); needs no baseline.")
 @user_errors
 def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency, min_int8_agreement):
     """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline and floors; exit 1 on a regression."""
-    from compress.config import GatesConfig
     from compress.errors import RecipeError
     from compress.gates import check as check_gates
     from compress.gates import gates_table, load_bench_result
@@ -244,21 +263,19 @@ def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_in
 @click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets", "formats", "backends", "weight-ranges"]), required=False)
 def list_(what):
     """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export formats, bench backends, INT8 weight ranges)."""
-    from compress.backends import BACKENDS
-    from compress.data import DATASETS
-    from compress.exporters import FORMATS
+    from compress.bench_backends import BACKENDS
+    from compress.config import STAGE_KINDS
+    from compress.formats import FORMATS
     from compress.int8_kernels import WEIGHT_RANGES
     from compress.losses import LOSSES
     from compress.models import model_names
-    from compress.pruning import CRITERIA
-    from compress.stages import STAGES
 
     formats = [f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}" for f in map(FORMATS.get, FORMATS.names())]
     backends = [f"{b.name:<19} {b.artifact:<10} {b.description}" for b in map(BACKENDS.get, BACKENDS.names())]
     ranges = [f"{r.name:<12} {'portable' if r.portable else 'VNNI only'}  {r.summary}" for r in WEIGHT_RANGES.values()]
     tables = {
-        "stages": STAGES.names(), "losses": LOSSES.names(), "criteria": CRITERIA.names(), "models": model_names(),
-        "datasets": DATASETS.names(), "formats": formats, "backends": backends,
+        "stages": list(STAGE_KINDS), "losses": LOSSES.names(), "criteria": list(PRUNING_CRITERIA), "models": model_names(),
+        "datasets": list(DATASET_KINDS), "formats": formats, "backends": backends,
         "weight-ranges": ranges,
     }
     for name in [what] if what else tables:

@@ -11,8 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import RecipeError
+from compress.loss_params import LOSSES
 
-DATASET_KINDS = ("digits", "cifar10", "cifar100", "npz", "imagefolder")
+UNLABELED = -1  # label value of an image from the unlabeled pool (datasets, losses and the loop agree on it)
+
+# Dataset kind -> the reader that loads it, ``(DataConfig) -> DatasetBundle`` (imported on use).
+DATASET_KINDS: dict[str, str] = {
+    "digits": "compress.data.digits:load_digits",
+    "cifar10": "compress.data.cifar:load_cifar10",
+    "cifar100": "compress.data.cifar:load_cifar100",
+    "npz": "compress.data.npz:load_npz",
+    "imagefolder": "compress.data.imagefolder:load_imagefolder",
+}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -116,14 +126,6 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
-class LayerPair:
-    """A teacher module and the student module it teaches (names as in ``model.named_modules()``)."""
-
-    teacher: str
-    student: str
-
-
-@dataclass(frozen=True)
 class LossConfig:
     """One term of the distillation loss: a registered loss by name, its weight and parameters."""
 
@@ -134,8 +136,6 @@ class LossConfig:
     def __post_init__(self):
         _check(self.weight >= 0, f"weight: expected >= 0, got {self.weight}")
         if self.params is None:
-            from compress.losses import LOSSES
-
             object.__setattr__(self, "params", LOSSES.get(self.name).params())
 
 
@@ -181,16 +181,23 @@ class DistillConfig:
         _check(len(self.loss) > 0, "loss: expected at least one loss term")
 
 
-PRUNING_CRITERIA = ("magnitude", "taylor", "bn_scale", "lamp", "random")
+# Pruning criterion -> ``(PruneConfig) -> torch_pruning importance`` (imported on use).
+PRUNING_CRITERIA: dict[str, str] = {
+    "magnitude": "compress.pruning:magnitude_importance",
+    "taylor": "compress.pruning:taylor_importance",
+    "bn_scale": "compress.pruning:bn_scale_importance",
+    "lamp": "compress.pruning:lamp_importance",
+    "random": "compress.pruning:random_importance",
+}
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """Structured channel pruning of the latest student (Torch-Pruning), fine-tuned with the teacher.
+class PruneSpec:
+    """What structured channel pruning (Torch-Pruning) removes, and how it ranks channels.
 
     The target is one of ``speedup`` (MACs reduction ratio), ``target_macs`` (absolute MACs of one
     image) or ``pruning_ratio`` (fraction of channels removed per layer group); none given means
-    ``speedup: 2.0``. ``steps`` alternates pruning and fine-tuning (``train.epochs`` per step).
+    ``speedup: 2.0``. The library's :func:`compress.prune` takes this alone.
     """
 
     criterion: str = "magnitude"
@@ -199,14 +206,9 @@ class PruneConfig:
     target_macs: int | None = None
     pruning_ratio: float | None = None
     global_ranking: bool = False  # rank channels across layers instead of the same ratio per layer
-    steps: int = 1
     round_to: int = 8  # kept channels are a multiple of this (hardware-friendly widths)
     max_layer_ratio: float = 0.9  # no layer group loses more than this fraction of channels
     ignore: tuple[str, ...] = ()  # module names or fnmatch patterns never pruned (the classifier never is)
-    loss: tuple[LossConfig, ...] | None = None  # None: the loss of the latest distill stage
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01))
-    augment: MixConfig = field(default_factory=MixConfig)
-    teacher: str = "teacher"
 
     def __post_init__(self):
         _check(self.criterion in PRUNING_CRITERIA, f"criterion: expected one of {', '.join(PRUNING_CRITERIA)}, got {self.criterion!r}")
@@ -217,9 +219,24 @@ class PruneConfig:
         _check(self.speedup is None or self.speedup > 1, f"speedup: expected a MACs reduction ratio > 1, got {self.speedup}")
         _check(self.target_macs is None or self.target_macs > 0, f"target_macs: expected a positive integer, got {self.target_macs}")
         _check(self.pruning_ratio is None or 0 < self.pruning_ratio < 1, f"pruning_ratio: expected 0 < ratio < 1, got {self.pruning_ratio}")
-        _check(self.steps >= 1, f"steps: expected >= 1, got {self.steps}")
         _check(self.round_to >= 1, f"round_to: expected >= 1, got {self.round_to}")
         _check(0 < self.max_layer_ratio < 1, f"max_layer_ratio: expected 0 < ratio < 1, got {self.max_layer_ratio}")
+
+
+@dataclass(frozen=True)
+class PruneConfig(PruneSpec):
+    """The ``prune`` stage: a :class:`PruneSpec` reached in ``steps`` prune / fine-tune rounds on
+    the latest student, fine-tuned against the teacher (``train.epochs`` per step)."""
+
+    steps: int = 1
+    loss: tuple[LossConfig, ...] | None = None  # None: the loss of the latest distill stage
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01))
+    augment: MixConfig = field(default_factory=MixConfig)
+    teacher: str = "teacher"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.steps >= 1, f"steps: expected >= 1, got {self.steps}")
         _check(self.loss is None or len(self.loss) > 0, "loss: expected at least one loss term, or null for the distill stage's loss")
 
 
@@ -294,7 +311,7 @@ class ExportConfig:
     engine_workspace_mib: int = 2048
 
     def __post_init__(self):
-        from compress.exporters import FORMATS
+        from compress.formats import FORMATS
 
         _check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")
         _check(self.exporter in EXPORTERS, f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
@@ -329,7 +346,7 @@ class BenchConfig:
     eval_samples: int | None = None  # None: the whole test split
 
     def __post_init__(self):
-        from compress.backends import BACKENDS
+        from compress.bench_backends import BACKENDS
 
         unknown = [b for b in self.backends if b not in BACKENDS.names()]
         _check(bool(self.backends), "backends: expected at least one backend")
@@ -405,28 +422,36 @@ class Recipe:
     stages: tuple[StageSpec, ...] = ()
 
 
-# Stage name -> its config class. The recipe loader reads this table; the functions that run the
-# stages are registered in ``compress.stages`` (kept apart so that validating a recipe does not
-# import the training code).
-STAGE_CONFIGS: dict[str, type] = {
-    "teacher": TeacherStageConfig,
-    "distill": DistillConfig,
-    "prune": PruneConfig,
-    "quantize": QuantizeConfig,
-    "export": ExportConfig,
-    "bench": BenchConfig,
-}
+@dataclass(frozen=True)
+class StageKind:
+    """One kind of stage, declared once: everything the recipe loader, the pipeline and the CLI
+    need to know about it. Adding a stage is one entry in :data:`STAGE_KINDS` plus its module.
 
-# Stage kinds each kind needs earlier in the list.
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {
-    "teacher": (),
-    "distill": ("teacher",),
-    "prune": ("teacher", "distill"),
-    "quantize": ("teacher", "distill"),
-    "export": ("teacher",),
-    "bench": ("export",),
-}
-# Stage kinds whose artifact is a trained network another stage can learn from.
-MODEL_STAGES = ("teacher", "distill", "prune", "quantize")
-# Stage kinds that train a student against a teacher with a list of loss terms.
-TEACHING_STAGES = ("distill", "prune", "quantize")
+    Attributes:
+        name: what a recipe's ``stages:`` list calls it.
+        config: its config class (the recipe section's fields and defaults).
+        run: ``"module:function"`` that runs it, ``function(config, ctx) -> Artifact``; imported
+            only when the stage runs, so validating a recipe imports no training code.
+        needs: stage kinds that must come earlier in the list.
+        network: its artifact is a network later stages learn from or reshape.
+        teaches: it trains a student against a teacher with a list of loss terms.
+        rank0_only: it trains nothing: in a distributed run only rank 0 runs it.
+    """
+
+    name: str
+    config: type
+    run: str
+    needs: tuple[str, ...] = ()
+    network: bool = False
+    teaches: bool = False
+    rank0_only: bool = False
+
+
+STAGE_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
+    StageKind("teacher", TeacherStageConfig, "compress.stages.teacher:teacher", network=True),
+    StageKind("distill", DistillConfig, "compress.stages.distill:distill", needs=("teacher",), network=True, teaches=True),
+    StageKind("prune", PruneConfig, "compress.stages.prune:prune", needs=("teacher", "distill"), network=True, teaches=True),
+    StageKind("quantize", QuantizeConfig, "compress.stages.quantize:quantize", needs=("teacher", "distill"), network=True, teaches=True),
+    StageKind("export", ExportConfig, "compress.stages.export:export", needs=("teacher",), rank0_only=True),
+    StageKind("bench", BenchConfig, "compress.stages.bench:bench", needs=("export",), rank0_only=True),
+)}

@@ -27,12 +27,12 @@ class RunContext:
     @cached_property
     def data(self):
         """The recipe's dataset, loaded on first use (a run whose stages all skip never loads it)."""
-        from compress.data import load_dataset
+        from compress.data.load import load_dataset
 
         return load_dataset(self.recipe.data, seed=self.recipe.seed)
 
     def loaders(self):
-        from compress.data import make_loaders
+        from compress.data.loaders import make_loaders
 
         return make_loaders(self.data, self.recipe.data, seed=self.recipe.seed, pin_memory=self.device.type == "cuda")
 
@@ -51,6 +51,11 @@ class RunContext:
         if self.stage_dir is None:
             return {}
         return {"checkpoint": self.stage_path(checkpoint_name(desc)), "checkpoint_key": f"{self.stage_key}:{desc}"}
+
+    def training(self, desc: str) -> dict:
+        """The keyword arguments every training call of the running stage takes: the run's
+        device and progress setting, and the checkpoint of the training run ``desc``."""
+        return {"device": self.device, "show_progress": self.show_progress, "desc": desc, **self.checkpointing(desc)}
 
     def stage_path(self, name: str) -> Path:
         assert self.stage_dir is not None

@@ -7,6 +7,8 @@ subclass of :class:`CompressError`. The CLI prints its one-line message and exit
 
 from __future__ import annotations
 
+import re
+
 _WORKER_MARK = "\nOriginal Traceback"  # torch's DataLoader re-raises a worker's error with this text
 
 
@@ -34,7 +36,12 @@ class CompressError(Exception):
             super().__init__(text.replace("\r", "\\r").replace("\n", "\\n") if isinstance(message, str) else message, *args)
 
 
-class RecipeError(CompressError):
+class SettingError(CompressError):
+    """A setting given to a library function (a layer pattern, a target, a range) is unknown or
+    does not fit the model: what a recipe field would say, without a recipe."""
+
+
+class RecipeError(SettingError):
     """A recipe field is unknown, mistyped, out of range or points to a missing file."""
 
 
@@ -71,3 +78,14 @@ def output_error(exc: OSError) -> OutputError | None:
         return None
     where = f" {exc.filename}" if exc.filename else ""
     return OutputError(f"cannot write{where}: {WRITE_ERRNOS[name]} (files written before are intact; free space or fix the folder, then run the same command to resume)")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, colour codes removed, at most
+    ``limit`` characters (a third-party traceback becomes one line of our error)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.benchmark import p50_ms, reference_row, row_model
+from compress.benchmark.ratios import p50_ms, reference_row, row_model
 from compress.config import GatesConfig
 from compress.errors import DataError
 

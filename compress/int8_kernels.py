@@ -31,9 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 U8_MAX = 255  # the largest uint8 activation the kernels multiply (zero points are applied afterwards)
 INT16_MIN, INT16_MAX = -32768, 32767
@@ -98,6 +101,8 @@ def _amax(weight: torch.Tensor) -> torch.Tensor:
 
 def _pair_amax(weight: torch.Tensor) -> torch.Tensor:
     """Per channel, the larger of (two largest positive weights) and (two most negative, negated)."""
+    import torch
+
     flat = weight.detach().flatten(1)
     if flat.shape[1] < 2:
         flat = torch.nn.functional.pad(flat, (0, 2 - flat.shape[1]))
@@ -116,6 +121,8 @@ def _seven_bit(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
 
 def _seven_bit_where_needed(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
     """7-bit for a whole layer whose full-range weights could overflow, else full range."""
+    import torch
+
     full = _full(weight, depthwise)
     if depthwise:
         return full
@@ -124,6 +131,8 @@ def _seven_bit_where_needed(weight: torch.Tensor, depthwise: bool) -> torch.Tens
 
 
 def _pair_limit(weight: torch.Tensor, depthwise: bool) -> torch.Tensor:
+    import torch
+
     if depthwise:
         return _full(weight, depthwise)
     # scale >= (w1 + w2) / 127 gives round(w1/s) + round(w2/s) <= 127 + 1 = PAIR_LIMIT

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch_pruning as tp
@@ -25,12 +22,12 @@ from torch import nn
 
 from compress.compat import torchvision
 from compress.errors import ModelError
+from compress.modes import evaluating
 from compress.registry import Registry
 
 MODELS: Registry[Callable[[int], nn.Module]] = Registry("model", ModelError)
 
 _CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
-_MAX_LISTED = 3  # problems named in a load_weights error before "+N more"
 
 
 # --- CIFAR ResNets -----------------------------------------------------------------------------
@@ -150,7 +147,6 @@ def module_names(name: str) -> tuple[str, ...]:
     return tuple(n for n, _ in build_model(name, num_classes=10).named_modules() if n)
 
 
-
 def build_model(name: str, num_classes: int, cifar_stem: bool = False, in_channels: int = 3) -> nn.Module:
     """Build a randomly initialised classifier by name.
 
@@ -246,67 +242,6 @@ def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> None:
     _replace_conv(*place, in_channels=in_channels)
 
 
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
-    """Load a checkpoint into ``model`` strictly, accepting plain tensors only.
-
-    ``torch.load(..., weights_only=True)`` refuses pickles that would run code, so a checkpoint
-    from an untrusted source cannot execute anything here. A pruned network is stored as its
-    layer widths (``"structure"``, plain ints) next to its state_dict: the model is resized to
-    those widths first, so no module is ever unpickled.
-
-    Args:
-        model: The model to fill (e.g. from :func:`build_model`).
-        path: A file saved with ``torch.save``: a raw ``state_dict``, or a dict holding one under
-            ``"state_dict"`` or ``"model"`` (and optionally the pruned ``"structure"``).
-        prepare: turns the (resized) architecture into the module the state_dict belongs to,
-            e.g. the fake-quantized graph of a QAT checkpoint.
-
-    Returns:
-        The loaded model: ``model`` itself, or what ``prepare`` returned.
-
-    Raises:
-        ModelError: The file is missing, is not a checkpoint, holds pickled objects that
-            ``weights_only`` refuses, or does not fit the model (missing/unexpected keys, size
-            mismatch). The message names the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    checkpoint = _torch_load(path)
-    structure = checkpoint.get("structure") if isinstance(checkpoint, dict) else None
-    if structure is not None:
-        from compress.pruning import apply_structure
-
-        if not isinstance(structure, dict):
-            raise ModelError(f"checkpoint {path}: 'structure' must map layer names to their widths, got {type(structure).__name__}")
-        apply_structure(model, structure)
-    if prepare is not None:
-        model = prepare(model)
-    state = _state_dict(checkpoint, path)
-    problems = _mismatches(model.state_dict(), state)
-    if problems:
-        name = getattr(model, "compress_name", type(model).__name__)
-        raise ModelError(f"checkpoint {path} does not fit {name}: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def read_checkpoint(path: str | Path) -> object:
-    """A checkpoint file as saved (``weights_only=True``); one-line ModelError when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    return _torch_load(path)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The plain tensors of a checkpoint (``weights_only=True``), without building a model."""
-    return _state_dict(read_checkpoint(path), Path(path))
-
-
 def classifier_key(model: nn.Module) -> str | None:
     """The state_dict key of the classifier's weight: the model's last Linear (or Conv2d, as in
     SqueezeNet) layer, whose first dimension is the number of classes."""
@@ -315,70 +250,6 @@ def classifier_key(model: nn.Module) -> str | None:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             last = name
     return f"{last}.weight" if last else None
-
-
-def _torch_load(path: Path) -> object:
-    if path.stat().st_size == 0:
-        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint: the file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
-        text = str(exc)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if refused:
-            raise ModelError(
-                f"checkpoint {path} was refused: it would import {refused.group(1)} and only plain tensors are loaded "
-                "(weights_only=True); if you trust the file, re-save it with torch.save(model.state_dict(), path)"
-            ) from None
-        unreadable = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text)
-        reason = unreadable.group(1).strip() if unreadable else _first_sentence(text)
-        reason = type(exc).__name__ + (f": {reason}" if reason else "")
-        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint, or is truncated or corrupt (torch.load: {reason})") from None
-
-
-def _first_sentence(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line.split(". ")[0].rstrip(".")
-
-
-def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(
-            f"checkpoint {path} holds no state_dict (expected a dict of tensors, "
-            f"or one under 'state_dict' or 'model'; got {type(obj).__name__})"
-        )
-    return obj
-
-
-def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> list[str]:
-    sizes = [
-        f"size mismatch for {k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in given and given[k].shape != v.shape
-    ]
-    missing = _listed("missing keys", [k for k in expected if k not in given])
-    unexpected = _listed("unexpected keys", [k for k in given if k not in expected])
-    return _listed_items(sizes) + missing + unexpected
-
-
-def _listed(label: str, keys: list[str]) -> list[str]:
-    if not keys:
-        return []
-    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-    return [f"{label} {', '.join(keys[:_MAX_LISTED])}{more}"]
-
-
-def _listed_items(items: list[str]) -> list[str]:
-    if len(items) <= _MAX_LISTED:
-        return items
-    return items[:_MAX_LISTED] + [f"+{len(items) - _MAX_LISTED} more size mismatches"]
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -401,12 +272,6 @@ def count_params_macs(model: nn.Module, image_size: int, in_channels: int = 3) -
     """
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     target = model if on_cpu else copy.deepcopy(model).cpu()
-    modes = {module: module.training for module in target.modules()}
-    target.eval()
-    try:
-        example = torch.zeros(1, in_channels, image_size, image_size)
-        macs, params = tp.utils.count_ops_and_params(target, example)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(target):
+        macs, params = tp.utils.count_ops_and_params(target, torch.zeros(1, in_channels, image_size, image_size))
     return int(params), int(macs)

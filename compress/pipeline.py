@@ -20,15 +20,14 @@ import yaml
 
 from compress import distributed
 from compress.artifacts import Artifact, input_key, invalidate, load_completed, record_stage
-from compress.config import Recipe
+from compress.config import STAGE_KINDS, Recipe
 from compress.context import RunContext
 from compress.errors import RecipeError, StageError
 from compress.fileio import sha256_file, write_text_atomic
-from compress.recipe import recipe_to_dict, resolve_device
+from compress.recipe.checks import resolve_device
+from compress.recipe.serialise import recipe_to_dict
 from compress.report import write_report
-from compress.stages import STAGES
-
-RANK0_STAGES = ("export", "bench")  # train nothing: in a distributed run only rank 0 runs them
+from compress.stages import stage_function
 
 
 def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> dict[str, Artifact]:
@@ -67,7 +66,7 @@ def run_stages(recipe: Recipe, device: torch.device, *, force: bool, show_progre
         artifact = None if force else distributed.on_main(partial(load_completed, folder, run_dir, key))
         if artifact is None:  # rank 0 prepares the folder, every rank (or rank 0 alone) runs the stage, rank 0 records it
             distributed.on_main(partial(start_stage, folder, force))
-            artifact = run_stage(spec, ctx, folder, key, index) if distributed.is_main() or spec.kind not in RANK0_STAGES else None
+            artifact = run_stage(spec, ctx, folder, key, index) if distributed.is_main() or not STAGE_KINDS[spec.kind].rank0_only else None
             artifact = distributed.on_main(partial(finish_stage, folder, run_dir, artifact, stage_config, resolved))
         ctx.artifacts[spec.name] = artifact
         if show_progress:
@@ -112,7 +111,7 @@ def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Arti
     if ctx.show_progress:
         print(f"[{spec.name}] running", file=sys.stderr)
     started = time.perf_counter()
-    artifact = STAGES.get(spec.kind)(spec.config, ctx)
+    artifact = stage_function(spec.kind)(spec.config, ctx)
     artifact.stage = spec.name
     artifact.key, artifact.seconds = key, time.perf_counter() - started
     return artifact

@@ -37,8 +37,9 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from compress.config import CALIBRATION_METHODS, QUANT_TARGETS
-from compress.errors import RecipeError, StageError
+from compress.errors import SettingError, StageError
 from compress.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
+from compress.records import QuantSpec
 
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # every weight range has scale >= max|w| / 127: -128 is never produced
 HISTOGRAM_BINS = 2048
@@ -163,23 +164,25 @@ def prepare_quantized(
 
     Returns:
         The prepared ``GraphModule`` on the model's device, in eval mode; its
-        ``weight_range`` attribute holds the resolved name.
+        ``weight_range`` attribute holds the resolved name and ``quant_spec`` the
+        :class:`~compress.records.QuantSpec` it is rebuilt and exported with.
 
     Raises:
-        RecipeError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is unknown.
+        SettingError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is unknown.
         StageError: ``torch.fx`` cannot trace the model.
     """
     if target not in QUANT_TARGETS:
-        raise RecipeError(f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}")
+        raise SettingError(f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}")
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:
-        raise RecipeError(f"quantize weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got {weight_range!r}")
+        raise SettingError(f"quantize weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got {weight_range!r}")
     skipped = skipped_layers(model, skip)
     graph_module = fold_batchnorm(model)
     quantized = _swap_layers(graph_module, skipped, weight_range)
     _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
+    graph_module.quant_spec = QuantSpec(target, tuple(skip), weight_range)  # what export and reloading need
     graph_module.eval()
     with torch.no_grad():
         graph_module(example_inputs)
@@ -190,12 +193,12 @@ def skipped_layers(model: nn.Module, patterns: Sequence[str]) -> set[str]:
     """Names of the convs/linears that ``patterns`` keep FP32 (a matched container covers its children).
 
     Raises:
-        RecipeError: a pattern matches no module name.
+        SettingError: a pattern matches no module name.
     """
     names = [name for name, _ in model.named_modules() if name]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise RecipeError(f"quantize skip: {pattern!r} matches no module of {getattr(model, 'compress_name', type(model).__name__)}")
+            raise SettingError(f"quantize skip: {pattern!r} matches no module of {getattr(model, 'compress_name', type(model).__name__)}")
 
     def covered(name: str) -> bool:
         parts = name.split(".")

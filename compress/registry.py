@@ -1,8 +1,11 @@
-"""Named registries at the extension points: stages, KD losses, models, datasets, backends."""
+"""Named registries at the extension points (KD losses, models, export formats, bench backends),
+and :func:`load_entry` for the tables that name their functions as ``"module:function"`` so that
+reading the table imports nothing heavy (stages, dataset readers, pruning criteria)."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -55,3 +58,9 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def load_entry(entry: str) -> Callable:
+    """The object ``"package.module:name"`` names, its module imported on first use."""
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from compress.artifacts import Artifact
-from compress.benchmark import p50_ms
-from compress.errors import DataError
+from compress.benchmark.ratios import p50_ms
+from compress.errors import DataError, ModelError
 from compress.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from compress.records import STAGE_RECORD, StageRecord
 
 
 def summary_table(artifacts: dict[str, Artifact]) -> str:
@@ -100,13 +101,13 @@ def build_report(run_dir: Path) -> dict:
     bench = _bench_rows(run_dir, records)
     models = []
     for record in records:
-        metrics = record.get("metrics", {})
+        metrics = record.metrics
         if "top1" not in metrics or "params" not in metrics:
             continue
         models.append({
-            "name": record["stage"], "kind": record.get("kind", record["stage"]), "model": metrics.get("model"),
+            "name": record.stage, "kind": record.kind, "model": record.network.model if record.network else None,
             "top1": metrics["top1"], "params": metrics["params"], "macs": metrics.get("macs"),
-            "quantized": bool(metrics.get("quantization")), "onnx": bench.get(record["stage"]),
+            "quantized": bool(record.network and record.network.quantized), "onnx": bench.get(record.stage),
         })
     teacher = next((m for m in models if m["kind"] == "teacher"), None)
     for entry in models:
@@ -136,18 +137,17 @@ def _other_measurements(run_dir: Path) -> list[dict]:
     return more
 
 
-def _stage_records(run_dir: Path) -> list[dict]:
+def _stage_records(run_dir: Path) -> list[StageRecord]:
     """Completed stage records, in the recipe's order when the resolved recipe is there."""
     import yaml
 
     records = {}
-    for path in run_dir.glob("*/stage.json"):
+    for path in run_dir.glob(f"*/{STAGE_RECORD}"):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = StageRecord.read(path)
+        except ModelError:
             continue
-        if isinstance(record, dict) and "stage" in record:
-            records[record["stage"]] = record
+        records[record.stage] = record
     order = []
     try:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
@@ -160,15 +160,15 @@ def _stage_records(run_dir: Path) -> list[dict]:
     return ranked + [r for name, r in sorted(records.items()) if name not in order]
 
 
-def _bench_rows(run_dir: Path, records: list[dict]) -> dict[str, dict]:
+def _bench_rows(run_dir: Path, records: list[StageRecord]) -> dict[str, dict]:
     """Stage name -> what the bench measured on the ONNX file holding that stage's network."""
-    export = next((r for r in records if r.get("kind", r["stage"]) == "export"), None)
+    export = next((r for r in records if r.kind == "export"), None)
     bench_path = run_dir / "bench" / "bench.json"
     if export is None or not bench_path.is_file():
         return {}
     rows = {row["role"]: row for row in json.loads(bench_path.read_text()).get("rows", [])}
     measured = {}
-    for role, check in export.get("metrics", {}).items():
+    for role, check in export.metrics.items():
         row, stage = rows.get(role), _exported_stage(role, check, records)
         if stage is None or row is None or row.get("status") != "ok":
             continue
@@ -182,17 +182,17 @@ def _bench_rows(run_dir: Path, records: list[dict]) -> dict[str, dict]:
     return measured
 
 
-def _exported_stage(role: str, check: dict, records: list[dict]) -> str | None:
+def _exported_stage(role: str, check: dict, records: list[StageRecord]) -> str | None:
     """The stage whose network ``<role>.onnx`` holds: recorded by the export stage, or (runs made
     before it recorded it) the latest stage of that role."""
     if isinstance(check, dict) and "stage" in check:
         return check["stage"]
-    by_role = [r for r in records if r.get("role") == ("teacher" if role == "teacher" else "student")]
+    by_role = [r for r in records if r.role == ("teacher" if role == "teacher" else "student")]
     if not by_role:
         return None
     if role == "student_fp32":
-        return by_role[-1].get("metrics", {}).get("source_stage")
-    return by_role[0]["stage"] if role == "teacher" else by_role[-1]["stage"]
+        return by_role[-1].metrics.get("source_stage")
+    return by_role[0].stage if role == "teacher" else by_role[-1].stage
 
 
 def _ratios(entry: dict, teacher: dict | None) -> dict:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 
-from compress.augment import BatchMix
 from compress.config import LossConfig, MixConfig, TrainConfig
-from compress.context import RunContext
+from compress.data.augment import BatchMix
 from compress.hooks import FeatureHooks
-from compress.losses import DistillBatch
+from compress.losses.base import DistillBatch
 from compress.losses.composite import build_distill_loss
 from compress.train_loop import EpochLog, fit
 
@@ -30,16 +30,19 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_with_teacher(
-    ctx: RunContext,
     student: torch.nn.Module,
     teacher: torch.nn.Module,
     loss: tuple[LossConfig, ...],
     train: TrainConfig,
     augment: MixConfig,
     *,
-    desc: str,
-    prep,
     loaders,
+    prep,
+    device: torch.device,
+    desc: str,
+    show_progress: bool = True,
+    checkpoint: Path | None = None,
+    checkpoint_key: str = "",
     cache: torch.Tensor | None = None,
 ) -> list[EpochLog]:
     """Fit ``student`` in place with the weighted loss terms ``loss`` against ``teacher``.
@@ -51,13 +54,16 @@ def train_with_teacher(
 
     Args:
         loaders: ``(train, test)``; the train loader yields ``(images, labels[, indices])``,
-            indices only with ``cache`` (the teacher's logits per training image).
+            indices only with ``cache`` (the teacher's logits per training image); test may be
+            None (no evaluation).
+        prep: ``prep(images, train=...)``, the augmentation and normalisation of a raw batch.
+        checkpoint, checkpoint_key: the epoch checkpoint (see :func:`compress.train_loop.fit`).
 
     Returns:
         One log entry per epoch.
     """
     train_loader, test_loader = loaders
-    loss_fn = build_distill_loss(loss).to(ctx.device)
+    loss_fn = build_distill_loss(loss).to(device)
     mix = BatchMix(augment)
     with ExitStack() as stack:
         teacher_features = stack.enter_context(FeatureHooks(teacher, loss_fn.teacher_layers))
@@ -82,11 +88,11 @@ def train_with_teacher(
             return out.total, batch.student_logits, out.terms
 
         student.eval()  # the dry batch must not move BatchNorm statistics
-        setup_loss(loss_fn, forward, train_loader, prep, ctx.device)
-        loss_fn.to(ctx.device)
+        setup_loss(loss_fn, forward, train_loader, prep, device)
+        loss_fn.to(device)
         return fit(
-            student, train_loader, test_loader, step_loss, train, preprocess=prep, device=ctx.device,
-            desc=desc, extra_params=tuple(loss_fn.parameters()), show_progress=ctx.show_progress, **ctx.checkpointing(desc),
+            student, train_loader, test_loader, step_loss, train, preprocess=prep, device=device, desc=desc,
+            extra_params=tuple(loss_fn.parameters()), show_progress=show_progress, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
         )
 
 
@@ -96,21 +102,6 @@ def setup_loss(loss_fn, forward, train_loader, prep, device) -> None:
     images, labels, *_ = next(iter(train_loader))
     batch = forward(prep(images.to(device), train=False), labels.to(device), 1)
     loss_fn.setup(batch)
-
-
-def latest_distill_loss(ctx: RunContext, *, logits_only: bool = False) -> tuple[LossConfig, ...]:
-    """The loss of the last distill stage before the running one: what prune and QAT fine-tune with.
-
-    ``logits_only`` drops feature terms (their layers do not survive BatchNorm folding); if
-    nothing is left, plain ``kd`` guides the student.
-    """
-    terms: tuple[LossConfig, ...] = (LossConfig(),)
-    for spec in ctx.recipe.stages:
-        if spec.name in ctx.artifacts and spec.kind == "distill":
-            terms = spec.config.loss
-    if logits_only:
-        terms = tuple(t for t in terms if not getattr(t.params, "pairs", ())) or (LossConfig(),)
-    return terms
 
 
 def history_dicts(history: list[EpochLog]) -> list[dict]:

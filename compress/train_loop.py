@@ -125,10 +125,11 @@ def fit(
 
     Args:
         model: the network being trained (put in train mode here).
+        test_loader: evaluated after every epoch; None: not evaluated (test fields are NaN).
         step_loss: ``(images, labels, epoch, *extras) -> (loss, logits[, terms])`` on a
             preprocessed batch; ``terms`` (name -> value) are named when the loss diverges.
         extra_params: parameters trained alongside the model (e.g. feature regressors).
-        preprocess: batch augmentation + normalisation (``compress.data.Preprocess``).
+        preprocess: batch augmentation + normalisation (``compress.data.augment.Preprocess``).
         checkpoint: the epoch checkpoint file; None: no checkpoints.
         checkpoint_key: what the checkpoint must belong to (the stage's input key and run).
 
@@ -160,7 +161,7 @@ def fit(
             raise StageError(_divergence(desc, *diverged.args, epoch, scheduler, checkpoint if epoch > 1 else None)) from None
         loss_total, correct_total, labeled_total, seen_total = epoch_totals(*sums)
         distributed.sync_buffers(model)  # every rank now holds the same network: the same test numbers
-        test = evaluate(model, test_loader, preprocess, device)
+        test = evaluate(model, test_loader, preprocess, device) if test_loader is not None else _NOT_EVALUATED
         log = EpochLog(epoch, loss_total / max(seen_total, 1), 100 * correct_total / max(labeled_total, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0], time.perf_counter() - started)
         history.append(log)
         if show_progress:
@@ -170,6 +171,8 @@ def fit(
     model.to(memory_format=torch.contiguous_format)
     return history
 
+
+_NOT_EVALUATED = {"loss": float("nan"), "top1": float("nan")}  # fit without a test loader (the library API)
 
 SYNC_EVERY = 10  # on a GPU the loop reads device values (progress, the NaN check) every this many steps
 

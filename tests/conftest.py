@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +42,7 @@ def run_recipe(folder: Path, raw: dict) -> dict:
     import yaml
 
     from compress.pipeline import run
-    from compress.recipe import load_recipe
+    from compress.recipe.load import load_recipe
 
     path = folder / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -53,3 +55,24 @@ def digits_teacher(tmp_path_factory) -> str:
     artifacts = run_recipe(tmp_path_factory.mktemp("digits_teacher"), DIGITS_BASE)
     assert artifacts["teacher"].metrics["top1"] > 60
     return str(artifacts["teacher"].files["model"])
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm statistics and every bias non-trivial values, and logits of order 1.
+
+    A freshly built torchvision model has BN = identity and zero biases, which exporters may
+    drop or share; a trained model has neither, and that is what the tests should describe.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1, generator=g)
+                module.running_var.uniform_(0.5, 1.5, generator=g)
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.normal_(0, 0.1, generator=g)
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
+                module.bias.normal_(0, 0.1, generator=g)
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(10)
+    return model.eval()

@@ -2,10 +2,14 @@
 
 import json
 
+import pytest
 import torch
 
-from compress.artifacts import Artifact, input_key, load_completed, record_stage, save_weights
-from compress.models import build_model, load_weights
+from compress.artifacts import Artifact, input_key, load_completed, record_stage
+from compress.errors import ModelError
+from compress.models import build_model
+from compress.records import NetworkSpec, QuantSpec, StageRecord
+from compress.weights import load_weights, save_weights
 
 
 def completed_stage(tmp_path):
@@ -56,3 +60,37 @@ def test_saved_weights_reload_with_weights_only(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), again(x))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_network_spec_round_trips_through_the_stage_record(tmp_path):
+    run_dir, folder = tmp_path / "run", tmp_path / "run" / "quantize"
+    spec = NetworkSpec("cifar:resnet8", num_classes=10, cifar_stem=True, quantization=QuantSpec("onnxruntime-cpu", ("fc",), "pair-limit"))
+    path = save_weights(torch.nn.Linear(3, 2), folder / "model.pt")
+    record_stage(folder, run_dir, Artifact("quantize", files={"model": path}, metrics={"top1": 80.0}, role="student", network=spec, key="k"), {}, {"data": {"image_size": 32}})
+    record = StageRecord.read(folder)
+    assert record.network == spec and record.metrics == {"top1": 80.0} and record.image_size == 32
+    assert record.network_file() == path and record.run_dir == run_dir
+    found = load_completed(folder, run_dir, "k")
+    assert found.network == spec and found.quantized
+
+
+def test_records_written_before_network_specs_still_load(tmp_path):
+    """Old run folders kept the network's identity in the metrics: they still resume and reload."""
+    run_dir, folder, path = completed_stage(tmp_path)
+    raw = json.loads((folder / "stage.json").read_text())
+    raw.pop("network", None)
+    raw["metrics"] |= {"model": "cifar:resnet20", "cifar_stem": True, "num_classes": 10, "quantization": {"mode": "qat", "target": "onnxruntime-cpu", "skip": []}}
+    (folder / "stage.json").write_text(json.dumps(raw))
+    found = load_completed(folder, run_dir, "abc")
+    assert found.network == NetworkSpec("cifar:resnet20", num_classes=10, cifar_stem=True, quantization=QuantSpec("onnxruntime-cpu", (), "full"))
+
+
+def test_a_record_that_is_not_one_names_the_file(tmp_path):
+    (tmp_path / "stage.json").write_text('{"metrics": {}}')
+    with pytest.raises(ModelError, match=r"stage\.json: not a finished stage \(no 'stage' recorded\)"):
+        StageRecord.read(tmp_path)
+    with pytest.raises(ModelError, match="no such file"):
+        StageRecord.read(tmp_path / "elsewhere")
+    run_dir, folder, _ = completed_stage(tmp_path)
+    with pytest.raises(ModelError, match="not a finished stage holding a network"):
+        StageRecord.read(folder).network_file()  # a stage without a network spec

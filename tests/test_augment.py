@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress import augment
-from compress.augment import BatchMix, MixedBatch, cutmix, cutout, mixup
 from compress.config import MixConfig
+from compress.data import augment
+from compress.data.augment import BatchMix, MixedBatch, cutmix, cutout, mixup
 
 
 def _batch(n: int = 8, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ a GPU exist (marked ``tensorrt``); elsewhere its error says how to get it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -19,16 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.artifacts import Artifact, record_stage, save_weights
-from compress.backends import BACKENDS
+from compress.artifacts import Artifact, record_stage
 from compress.backends import tensorrt as trt_backend
 from compress.backends import torch as torch_backend
 from compress.backends.child import child_env
+from compress.bench_backends import BACKENDS
 from compress.models import build_model
+from compress.records import NetworkSpec, QuantSpec
+from compress.weights import save_weights
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 IMAGE_SIZE = 8
-ARCH = {"model": "cifar:resnet20", "cifar_stem": True, "num_classes": 10}  # as stages record it
+ARCH = NetworkSpec(model="cifar:resnet20", num_classes=10, cifar_stem=True)  # as stages record it
 LATENCY_KEYS = {"p50", "p90", "p95", "p99", "mean", "std", "min", "max"}
 BATCH_KEYS = {"batch_size", "status", "latency_ms", "cv", "noisy", "runs", "total_s", "throughput_ips"}
 COMMON_KEYS = {"status", "error", "batches", "peak_rss_mb", "baseline_rss_mb", "model_rss_mb", "gpu_peak_mb", "device", "threads"}
@@ -37,14 +40,14 @@ FAST = {"warmup": 1, "iterations": 20, "time_budget_s": 0.3, "threads": 1}
 
 def network() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ARCH["model"], num_classes=ARCH["num_classes"], cifar_stem=ARCH["cifar_stem"]).eval()
+    return build_model(ARCH.model, num_classes=ARCH.num_classes, cifar_stem=ARCH.cifar_stem).eval()
 
 
-def write_stage(run_dir: Path, name: str, model: torch.nn.Module, metrics: dict) -> Path:
+def write_stage(run_dir: Path, name: str, model: torch.nn.Module, spec: NetworkSpec) -> Path:
     """A finished stage folder ``run_dir/name`` holding ``model``, as the pipeline writes one."""
     folder = run_dir / name
     weights = save_weights(model, folder / "model.pt")
-    artifact = Artifact(stage=name, files={"model": weights}, metrics=metrics, role="student")
+    artifact = Artifact(stage=name, files={"model": weights}, role="student", network=spec)
     record_stage(folder, run_dir, artifact, config={}, recipe={"data": {"image_size": IMAGE_SIZE}})
     return folder
 
@@ -52,7 +55,7 @@ def write_stage(run_dir: Path, name: str, model: torch.nn.Module, metrics: dict)
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory) -> Path:
     """A float cifar:resnet20 stage at 8x8 (random weights: only speed is measured)."""
-    return write_stage(tmp_path_factory.mktemp("run"), "distill", network(), dict(ARCH))
+    return write_stage(tmp_path_factory.mktemp("run"), "distill", network(), ARCH)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,8 @@ def qat_stage(tmp_path_factory) -> Path:
 
     example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     model = prepare_quantized(network(), target="onnxruntime-cpu", example_inputs=example)
-    settings = {"mode": "qat", "target": "onnxruntime-cpu", "skip": []}
-    return write_stage(tmp_path_factory.mktemp("run"), "quantize", model, ARCH | {"quantization": settings})
+    spec = dataclasses.replace(ARCH, quantization=QuantSpec(target="onnxruntime-cpu", weight_range=model.weight_range))
+    return write_stage(tmp_path_factory.mktemp("run"), "quantize", model, spec)
 
 
 def check_batches(result: dict, batch_sizes: list[int], iterations: int) -> None:
@@ -189,7 +192,7 @@ def test_tensorrt_without_the_package_says_how_to_get_it(tmp_path):
 def test_tensorrt_measures_a_tiny_engine_within_its_batch_profile(tmp_path):
     import tensorrt as trt
 
-    from compress.exporters.onnx import export_onnx
+    from compress.exporters.onnx.export import export_onnx
     from compress.exporters.tensorrt import build_engine
 
     torch.manual_seed(0)

@@ -14,11 +14,14 @@ import torch
 from torch import nn
 
 import compress.backends.child as child
-from compress.backends import BACKENDS
-from compress.benchmark import bench_model, bench_models, bench_table_markdown, compare, write_bench
+from compress.bench_backends import BACKENDS
+from compress.benchmark.compare import bench_models
+from compress.benchmark.measure import bench_model
+from compress.benchmark.ratios import compare
+from compress.benchmark.table import bench_table_markdown, write_bench
 from compress.config import BenchConfig
 from compress.errors import StageError
-from compress.exporters.onnx import export_onnx, preprocessing_metadata
+from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
 from compress.fileio import sha256_file, write_json_atomic
 
 SIZE = 16

@@ -175,7 +175,7 @@ def test_fp16_files_are_verified_and_engines_skipped_without_tensorrt(finished_r
         model = onnx.load(run_dir / fp16["file"])
         assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
         assert (run_dir / fp16["file"]).stat().st_size < 0.6 * (run_dir / f"{role}.onnx").stat().st_size
-    assert export["student"]["formats"]["onnx-fp16"] == {"status": "skipped", "reason": "an INT8 model: FP16 conversion applies to float models"}
+    assert export["student"]["formats"]["onnx-fp16"] == {"status": "skipped", "reason": "an INT8 model: an FP16 ONNX file holds a float model"}
     if not tensorrt_installed():
         engine = export["teacher"]["formats"]["tensorrt"]
         assert engine["status"] == "skipped" and "tensorrt" in engine["reason"]
@@ -220,7 +220,7 @@ def test_compress_export_outside_a_run(finished_run, tmp_path):
         ((run_dir / "bench", "--format", "onnx"), "not a finished stage holding a network"),
         ((run_dir / "teacher.onnx", "--format", "onnx"), "is already ONNX"),
         ((run_dir / "teacher.onnx", "--format", "tflite"), "unknown export format 'tflite'"),
-        ((run_dir / "quantize", "--format", "onnx-fp16"), "an INT8 model: FP16 conversion applies to float models"),
+        ((run_dir / "quantize", "--format", "onnx-fp16"), "an INT8 model: an FP16 ONNX file holds a float model"),
     ] + ([] if tensorrt_installed() else [((run_dir / "teacher.onnx", "--format", "tensorrt"), "pip install -e '.[tensorrt]'")]):
         failed = compress("export", *args)
         assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr

@@ -8,7 +8,7 @@ from conftest import DIGITS_BASE as BASE
 from conftest import run_recipe
 
 from compress.models import build_model
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
 
 pytestmark = pytest.mark.slow
 

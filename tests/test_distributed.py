@@ -28,7 +28,9 @@ from compress import distributed
 from compress.artifacts import load_completed
 from compress.cli import cli
 from compress.config import DataConfig, SubsetConfig, TrainConfig
-from compress.data import Preprocess, load_dataset, make_loaders
+from compress.data.augment import Preprocess
+from compress.data.load import load_dataset
+from compress.data.loaders import make_loaders
 from compress.errors import RecipeError
 from compress.train_loop import fit, training_step
 

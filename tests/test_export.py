@@ -11,18 +11,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import randomised
 from torch import nn
 
 import compress.fileio
 from compress.compat import torchvision
 from compress.errors import ExportError
-from compress.exporters import FORMATS
-from compress.exporters.onnx import (
-    export_onnx,
-    preprocessing_metadata,
-    read_onnx_info,
-    verify_onnx,
-)
+from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
+from compress.exporters.onnx.graph import read_onnx_info
+from compress.exporters.onnx.verify import verify_onnx
+from compress.formats import FORMATS
 
 EXPORTERS = ("dynamo", "torchscript")
 SIZE = 32
@@ -39,27 +37,6 @@ def small_cnn(seed: int = 0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16, 10),
     )
-
-
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorm statistics and every bias non-trivial values, and logits of order 1.
-
-    A freshly built torchvision model has BN = identity and zero biases, which exporters may
-    drop or share; a trained model has neither, and that is what the tests should describe.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1, generator=g)
-                module.running_var.uniform_(0.5, 1.5, generator=g)
-                module.weight.uniform_(0.5, 1.5, generator=g)
-                module.bias.normal_(0, 0.1, generator=g)
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
-                module.bias.normal_(0, 0.1, generator=g)
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(10)
-    return model.eval()
 
 
 def tv_model(name: str) -> nn.Module:
@@ -192,8 +169,22 @@ def test_unknown_exporter(tmp_path):
 
 
 def test_formats_table():
-    fmt = FORMATS.get("onnx")
-    assert (fmt.suffix, fmt.needs_gpu, fmt.export_fn) == (".onnx", False, export_onnx)
+    from compress.exporters.fp16 import build_from_onnx, convert_onnx
+    from compress.formats import format_of_file
+    from compress.records import QuantSpec
+
+    onnx_fmt, fp16 = FORMATS.get("onnx"), FORMATS.get("onnx-fp16")
+    assert (onnx_fmt.suffix, onnx_fmt.needs_gpu, onnx_fmt.artifact) == (".onnx", False, "onnx")
+    with pytest.raises(ExportError, match="base format"):
+        onnx_fmt.builder  # noqa: B018  (ONNX is exported, every other format is built from it)
+    assert (fp16.builder, fp16.converter, fp16.artifact) == (build_from_onnx, convert_onnx, "onnx")
+    assert [format_of_file(n).name for n in ("m.onnx", "m.fp16.onnx", "m.engine", "m.plan")] == ["onnx", "onnx-fp16", "tensorrt", "tensorrt"]
+    assert format_of_file("m.bin") is None
+    int8 = QuantSpec("onnxruntime-cpu")
+    assert onnx_fmt.not_applicable(int8) is None and fp16.not_applicable(None) is None
+    assert fp16.not_applicable(int8) == "an INT8 model: an FP16 ONNX file holds a float model"
+    assert FORMATS.get("tensorrt").not_applicable(int8) == "quantized for onnxruntime-cpu; an INT8 TensorRT engine needs quantize.target: tensorrt"
+    assert FORMATS.get("tensorrt").not_applicable(QuantSpec("tensorrt")) is None
     with pytest.raises(ExportError, match="known: onnx"):
         FORMATS.get("tensorrt-int4")
 

@@ -8,12 +8,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import randomised
 from onnx import TensorProto, helper
 from torch import nn
 
 from compress.errors import ExportError
 from compress.exporters.fp16 import FP16_MIN_AGREEMENT, FP16_TOLERANCE, convert_to_fp16
-from compress.exporters.onnx import export_onnx, preprocessing_metadata, read_onnx_info, verify_onnx
+from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
+from compress.exporters.onnx.graph import read_onnx_info
+from compress.exporters.onnx.verify import verify_onnx
 from compress.models import CifarResNet, build_model
 
 SIZE = 8  # sklearn digits are 8x8
@@ -58,13 +61,7 @@ def mobilenet(tmp_path_factory):
     BatchNorm statistics and biases, exported by the tracer."""
     torch.manual_seed(0)
     model = build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1, generator=g)
-                module.running_var.uniform_(0.5, 1.5, generator=g)
-                module.bias.normal_(0, 0.1, generator=g)
+    randomised(model)
     model.eval()
     path = tmp_path_factory.mktemp("mobilenet") / "mobilenet_v2.onnx"
     return model, export_onnx(model, path, image_size=SIZE, exporter="torchscript")

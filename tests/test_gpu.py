@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from test_backends import FAST, check_batches, stage  # noqa: F401 (stage is a fixture)
 from torch import nn
 
-from compress.backends import BACKENDS
+from compress.bench_backends import BACKENDS
 from compress.config import TrainConfig
-from compress.data import Preprocess
+from compress.data.augment import Preprocess
 from compress.errors import StageError
 from compress.train_loop import fit
 
@@ -33,7 +33,7 @@ def test_onnxruntime_cuda_runs_on_the_gpu_or_says_what_is_missing(tmp_path):
     import onnxruntime as ort
     from test_backends import network
 
-    from compress.exporters.onnx import export_onnx
+    from compress.exporters.onnx.export import export_onnx
 
     path = export_onnx(network(), tmp_path / "m.onnx", image_size=8)
     result = BACKENDS.get("onnxruntime-cuda").measure(path, batch_sizes=[1, 32], **FAST)

@@ -27,11 +27,13 @@ from torch.utils.data import Subset
 from compress import config as C
 from compress.cli import cli
 from compress.config import DataConfig, Recipe
-from compress.data import ImageFileDataset, check_image_files, load_dataset, make_loaders
+from compress.data.containers import ImageFileDataset
+from compress.data.load import check_image_files, load_dataset
+from compress.data.loaders import make_loaders
 from compress.errors import DataError, RecipeError, StageError
 from compress.models import build_model
 from compress.pipeline import prepare_run_dir
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -294,7 +296,7 @@ def _fuzz_base() -> dict:
 
 # Real field names as well as random text, so an added key is sometimes a known one in a new place.
 _CLASSES = (C.Recipe, C.DataConfig, C.SubsetConfig, C.UnlabeledConfig, C.TrainConfig, C.TeacherConfig, C.GatesConfig, C.MixConfig)
-FIELD_NAMES = sorted({f.name for cls in _CLASSES + tuple(C.STAGE_CONFIGS.values()) for f in dataclasses.fields(cls)})
+FIELD_NAMES = sorted({f.name for cls in _CLASSES + tuple(kind.config for kind in C.STAGE_KINDS.values()) for f in dataclasses.fields(cls)})
 
 
 def _nodes(node, prefix=()):
@@ -550,7 +552,7 @@ def test_fuzz_places_reach_every_section():
 
 def test_pruned_structure_wider_than_the_network_is_refused_before_allocating(tmp_path):
     from compress.errors import ModelError
-    from compress.models import load_weights
+    from compress.weights import load_weights
 
     model = build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True)
     hostile = tmp_path / "pruned.pt"

@@ -17,10 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from compress.benchmark import bench_models
+from compress.benchmark.compare import bench_models
 from compress.config import BenchConfig
 from compress.cpu_features import CpuFeatures, cpu_features
-from compress.exporters.onnx import export_onnx, load_onnx, open_session, preprocessing_metadata
+from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
+from compress.exporters.onnx.graph import load_onnx
+from compress.exporters.onnx.verify import open_session
 from compress.exporters.qdq import int8_portability, portable_from_metadata, store_int8_weights
 from compress.int8_kernels import (
     PAIR_LIMIT,
@@ -31,8 +33,9 @@ from compress.int8_kernels import (
     resolve_weight_range,
     worst_pair_sums,
 )
-from compress.models import build_model, load_weights
+from compress.models import build_model
 from compress.quantization import calibrate, prepare_quantized
+from compress.weights import load_weights
 
 SIZE = 8
 PORTABLE = [name for name, r in WEIGHT_RANGES.items() if r.portable]
@@ -204,7 +207,7 @@ def test_full_range_file_is_verified_with_the_exact_kernels_where_the_cpu_satura
     """On any CPU: ONNX Runtime's exact u8u8 kernels (what a VNNI CPU computes) reproduce the
     fake-quantized model; on a CPU said to lack VNNI, the export verifies that way and warns."""
     import compress.cpu_features as features
-    from compress.stages.export import prove_portability
+    from compress.exporters.network import prove_portability
 
     files, images = exported
     qmodel, path = files["full"]
@@ -226,7 +229,7 @@ def test_full_range_file_is_verified_with_the_exact_kernels_where_the_cpu_satura
 
 def test_a_portable_range_that_yields_a_non_portable_file_is_refused(exported, tmp_path):
     from compress.errors import ExportError
-    from compress.stages.export import prove_portability
+    from compress.exporters.network import prove_portability
 
     files, _ = exported
     copy = tmp_path / "mislabelled.onnx"
@@ -261,7 +264,7 @@ def test_this_cpus_features_are_read():
 
 
 def test_bench_records_the_cpu_and_warns_when_a_full_range_file_would_saturate(exported, monkeypatch, capsys):
-    import compress.benchmark as benchmark
+    import compress.benchmark.measure as benchmark
 
     files, images = exported
     path = files["full"][1]
@@ -278,7 +281,7 @@ def test_bench_records_the_cpu_and_warns_when_a_full_range_file_would_saturate(e
 
 
 def test_preprocessing_metadata_survives_the_portability_verdict(exported, tmp_path):
-    from compress.exporters.onnx import add_metadata
+    from compress.exporters.onnx.export import add_metadata
 
     files, _ = exported
     copy = tmp_path / "m.onnx"

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.config import LayerPair, LossConfig
+from compress.config import UNLABELED, LossConfig
 from compress.errors import RecipeError
-from compress.losses import LOSSES, UNLABELED, DistillBatch, build_loss, hard_ce
+from compress.loss_params import ATParams, DKDParams, FitNetParams, HybridParams, KDParams
+from compress.losses import LOSSES, LayerPair, build_loss
+from compress.losses.base import DistillBatch, hard_ce
 from compress.losses.composite import CompositeLoss, build_distill_loss
-from compress.losses.dkd import DecoupledKD, DKDParams, dkd_target, nckd, tckd
-from compress.losses.features import ATParams, AttentionTransfer, FitNet, FitNetParams
-from compress.losses.kd import KDParams, soft_kl
-from compress.losses.logit import HybridParams
+from compress.losses.dkd import DecoupledKD, dkd_target, nckd, tckd
+from compress.losses.features import AttentionTransfer, FitNet
+from compress.losses.kd import soft_kl
 
 LN3 = math.log(3)
 

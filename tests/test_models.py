@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from compress.errors import ModelError
-from compress.models import build_model, count_params_macs, load_weights, model_names
+from compress.models import build_model, count_params_macs, model_names
+from compress.weights import load_weights
 
 TORCHVISION = [
     "torchvision:resnet18",

@@ -7,12 +7,13 @@ import torch
 from conftest import DIGITS_BASE as BASE
 from conftest import run_recipe
 
-from compress.artifacts import save_weights
-from compress.benchmark import measure_torch_latency
-from compress.config import PRUNING_CRITERIA, PruneConfig
-from compress.errors import ModelError, RecipeError, StageError
-from compress.models import build_model, count_params_macs, load_weights
-from compress.pruning import CRITERIA, ChannelPruner, apply_structure, prune_network, structure_of
+from compress.backends.timing import torch_latency
+from compress.config import PRUNING_CRITERIA, PruneConfig, PruneSpec
+from compress.errors import ModelError, SettingError, StageError
+from compress.models import build_model, count_params_macs
+from compress.pruning import ChannelPruner, prune_network
+from compress.records import NetworkSpec
+from compress.weights import apply_structure, load_weights, save_weights, structure_of
 
 SIZES = {"cifar:resnet20": 8, "torchvision:mobilenet_v2": 16}
 
@@ -81,15 +82,14 @@ def test_pruning_ratio_halves_every_prunable_layer_exactly():
     assert 3.5 < params / result["params"] < 4.5 and 3.5 < macs / result["macs"] < 4.5  # widths halve: ~ratio^2
 
 
-def test_recipe_criteria_are_the_registered_ones():
-    from compress.pruning import CRITERIA
+def test_every_recipe_criterion_names_an_importance():
+    from compress.registry import load_entry
 
-    assert sorted(CRITERIA.names()) == sorted(PRUNING_CRITERIA)
+    assert all(callable(load_entry(entry)) for entry in PRUNING_CRITERIA.values())
 
 
 @pytest.mark.parametrize("criterion", sorted(PRUNING_CRITERIA))
 def test_every_criterion_prunes(criterion):
-    assert criterion in CRITERIA
     name = "cifar:resnet20"
     model = trained_like(name)
     _, macs = macs_of(model, name)
@@ -141,7 +141,7 @@ def test_pruning_a_training_model_leaves_batchnorm_statistics_and_mode_alone():
 
 def test_ignore_pattern_matching_nothing_names_the_field():
     name = "cifar:resnet20"
-    with pytest.raises(RecipeError, match=r"^ignore: 'layer9\.\*' matches no module"):
+    with pytest.raises(SettingError, match=r"^ignore: 'layer9\.\*' matches no module"):
         prune_network(trained_like(name), example(name), PruneConfig(ignore=("layer9.*",)), num_classes=10, target_macs=1)
 
 
@@ -199,7 +199,7 @@ def test_structure_that_fits_but_weights_that_do_not_is_a_model_error(tmp_path):
 
 def test_torch_latency_reports_percentiles_and_restores_the_mode():
     model = build_model("cifar:resnet20", num_classes=10).train()
-    result = measure_torch_latency(model, torch.zeros(1, 3, 8, 8), warmup=1, iterations=20, time_budget_s=0.5)
+    result = torch_latency(model, torch.zeros(1, 3, 8, 8), warmup=1, iterations=20, time_budget_s=0.5)
     assert 5 <= result["runs"] <= 20
     assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"]
     assert model.training and all(m.running_mean.abs().sum() == 0 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
@@ -224,7 +224,7 @@ def test_pipeline_prunes_the_distilled_student_and_fine_tuning_recovers(tmp_path
     metrics = artifacts["prune"].metrics
     distilled = artifacts["distill"].metrics
     assert metrics["source_stage"] == "distill" and metrics["loss"] == ["kd"]
-    assert {k: metrics[k] for k in ("model", "cifar_stem", "num_classes")} == {"model": "cifar:resnet20", "cifar_stem": True, "num_classes": 10}
+    assert artifacts["prune"].network == NetworkSpec("cifar:resnet20", num_classes=10, cifar_stem=True)  # the source's network, rebuilt from the record
     assert metrics["macs_before"] == distilled["macs"] and metrics["top1_before"] == pytest.approx(distilled["top1"])
     assert metrics["macs_reduction"] >= 1.8 and metrics["macs_reduction"] == pytest.approx(metrics["macs_before"] / metrics["macs"])
     assert metrics["params_reduction"] > 1.3 and metrics["latency_ms_b1"] > 0 and metrics["latency_ms_b1_before"] > 0
@@ -255,9 +255,13 @@ def test_pipeline_taylor_by_ratio_keeps_ignored_layers(tmp_path, digits_teacher)
 
 
 def test_stage_target_is_speedup_2_unless_given():
-    from compress.stages.prune import target_macs
+    from compress.pruning import step_targets, target_macs
 
     assert target_macs(PruneConfig(), 1000) == 500
     assert target_macs(PruneConfig(speedup=4.0), 1000) == 250
     assert target_macs(PruneConfig(target_macs=123), 1000) == 123
     assert target_macs(PruneConfig(pruning_ratio=0.3), 1000) is None
+    assert step_targets(PruneSpec(speedup=4.0), 1000, 2) == [500, 250]  # each step removes the same fraction
+    assert step_targets(PruneSpec(pruning_ratio=0.3), 1000, 3) == [None] * 3
+    with pytest.raises(StageError, match="not below the network's 1,000 MACs"):
+        step_targets(PruneSpec(target_macs=1000), 1000, 1)

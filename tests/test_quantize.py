@@ -9,11 +9,11 @@ import yaml
 from conftest import DIGITS_BASE
 from torch import nn
 
-from compress.artifacts import save_weights
-from compress.errors import ExportError, RecipeError
-from compress.exporters.onnx import export_onnx, open_session
+from compress.errors import ExportError, SettingError
+from compress.exporters.onnx.export import export_onnx
+from compress.exporters.onnx.verify import open_session
 from compress.exporters.qdq import check_qdq, store_int8_weights
-from compress.models import build_model, load_weights
+from compress.models import build_model
 from compress.pipeline import run
 from compress.quantization import (
     ActQuant,
@@ -22,7 +22,8 @@ from compress.quantization import (
     kept_float_convs,
     prepare_quantized,
 )
-from compress.recipe import load_recipe
+from compress.recipe.load import load_recipe
+from compress.weights import load_weights, save_weights
 
 TARGETS = ("onnxruntime-cpu", "tensorrt")
 # Measured on 360 digits test images (resnet20, 8x8): ORT's integer requantisation vs PyTorch
@@ -65,7 +66,7 @@ def test_skip_keeps_layers_fp32_and_rejects_patterns_that_match_nothing():
     model, qmodel = prepared(skip=("conv1", "layer3.2"))  # layer3.2 covers its two convs
     assert kept_float_convs(qmodel) == 3
     assert len(nodes_of(qmodel, QuantConv2d)) + 3 == sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    with pytest.raises(RecipeError, match=r"skip: 'layer9\*' matches no module"):
+    with pytest.raises(SettingError, match=r"skip: 'layer9\*' matches no module"):
         prepared(skip=("layer9*",))
 
 
@@ -139,7 +140,8 @@ def quant_run(tmp_path_factory, digits_teacher):
 
 
 def digit_images(quant_run):
-    from compress.data import load_dataset, test_arrays
+    from compress.data.load import load_dataset
+    from compress.data.loaders import test_arrays
 
     recipe, _ = quant_run
     data = load_dataset(recipe.data, seed=0)

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from compress.config import Recipe
 from compress.errors import CompressError, RecipeError
-from compress.recipe import load_recipe, parse_subset, recipe_from_dict, recipe_to_dict
+from compress.recipe.load import load_recipe, recipe_from_dict
+from compress.recipe.overrides import parse_subset
+from compress.recipe.serialise import recipe_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -263,7 +265,7 @@ def test_bad_distillation_recipes(tmp_path, old, new, message):
 
 
 def test_label_smoothing_warns_for_the_teacher_and_is_refused_for_distill(tmp_path):
-    from compress.recipe import recipe_warnings
+    from compress.recipe.checks import recipe_warnings
 
     recipe = load_recipe(QUICKSTART, ["teacher.train.label_smoothing=0.1"])
     assert "label smoothing" in recipe_warnings(recipe)[0] and "Muller" in recipe_warnings(recipe)[0]

@@ -19,7 +19,7 @@ from torch import nn
 
 from compress.checkpoint import load_training_state
 from compress.config import TrainConfig
-from compress.data import Preprocess
+from compress.data.augment import Preprocess
 from compress.errors import StageError
 from compress.train_loop import fit
 

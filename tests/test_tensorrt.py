@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from compress.errors import ExportError
-from compress.exporters import FORMATS
-from compress.exporters.onnx import export_onnx
+from compress.exporters.onnx.export import export_onnx
 from compress.exporters.tensorrt import build_engine
+from compress.formats import FORMATS
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -21,8 +21,10 @@ def small_cnn() -> nn.Module:
 
 
 def test_the_format_table_names_the_engine_builder():
+    from compress.exporters.tensorrt import build_from_onnx, convert_onnx
+
     fmt = FORMATS.get("tensorrt")
-    assert (fmt.suffix, fmt.needs_gpu, fmt.export_fn) == (".engine", True, build_engine)
+    assert (fmt.suffix, fmt.needs_gpu, fmt.artifact, fmt.builder, fmt.converter) == (".engine", True, "engine", build_from_onnx, convert_onnx)
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed here")
@@ -54,7 +56,7 @@ def test_engine_reproduces_its_pytorch_model_and_a_wrong_engine_fails(tmp_path):
     import numpy as np
 
     from compress.config import ExportConfig
-    from compress.stages.export import verify_engine
+    from compress.exporters.tensorrt import verify_engine
 
     model = small_cnn()
     onnx_path = export_onnx(model, tmp_path / "m.onnx", image_size=8)

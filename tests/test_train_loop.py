@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from compress.config import DataConfig, SubsetConfig, TrainConfig
-from compress.data import Preprocess, load_dataset, make_loaders
+from compress.data.augment import Preprocess
+from compress.data.load import load_dataset
+from compress.data.loaders import make_loaders
 from compress.errors import StageError
 from compress.train_loop import build_optimizer, build_scheduler, evaluate, fit
 

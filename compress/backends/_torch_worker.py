@@ -22,7 +22,7 @@ from compress.backends.timing import (
     summarize,
     timed_runs,
 )
-from compress.stages.networks import load_stage_network
+from compress.networks import StageNetwork, load_stage_network
 
 
 def measure(request: dict) -> dict:
@@ -33,13 +33,13 @@ def measure(request: dict) -> dict:
         return error(f"device cuda was asked for, but this PyTorch ({torch.__version__}) sees no usable CUDA device; use the CPU backend or a machine with an NVIDIA GPU")
     if request["threads"] > 0:
         torch.set_num_threads(request["threads"])
-    model, info = load_stage_network(request["path"])
+    model, network = load_stage_network(request["path"])
     if device == "cuda":
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
         model = model.to("cuda", memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(request.get("seed", 0))
-    batches = [_measure_batch(model, batch_size, info, request, generator) for batch_size in request["batch_sizes"]]
+    batches = [_measure_batch(model, batch_size, network, request, generator) for batch_size in request["batch_sizes"]]
     cuda = device == "cuda"
     return measured(batches, baseline) | {
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -50,20 +50,20 @@ def measure(request: dict) -> dict:
         "compile": compiled,
         "compile_s": sum(b.get("compile_s", 0.0) for b in batches) if compiled else None,
         "network": {
-            "stage": info["stage"],
-            "model": info["model"],
-            "image_size": info["image_size"],
-            "in_channels": info["in_channels"],
-            "quantized": bool(info["quantization"]),
+            "stage": network.stage,
+            "model": network.spec.model,
+            "image_size": network.image_size,
+            "in_channels": network.in_channels,
+            "quantized": network.spec.quantized,
         },
     }
 
 
-def _measure_batch(model, batch_size: int, info: dict, request: dict, generator: torch.Generator) -> dict:
+def _measure_batch(model, batch_size: int, network: StageNetwork, request: dict, generator: torch.Generator) -> dict:
     cuda, compiled = request.get("device") == "cuda", bool(request.get("compile", False))
     row: dict = {"batch_size": batch_size}
     try:
-        shape = (batch_size, info["in_channels"], info["image_size"], info["image_size"])
+        shape = (batch_size, network.in_channels, network.image_size, network.image_size)
         x = torch.randn(shape, generator=generator)
         if cuda:
             x = x.to("cuda", memory_format=torch.channels_last)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from compress.backends.child import error, serve
@@ -28,17 +27,13 @@ from compress.backends.timing import (
     timed_runs,
 )
 from compress.exporters.tensorrt import INSTALL_HINT
-
-_TORCH_DTYPES = {  # trt.DataType member name -> torch dtype
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "UINT8": torch.uint8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-}
+from compress.exporters.tensorrt_engine import (
+    bind,
+    device_memory_bytes,
+    io_tensors,
+    load_engine,
+    profile_batch,
+)
 
 
 def measure(request: dict) -> dict:
@@ -51,15 +46,15 @@ def measure(request: dict) -> dict:
     if not torch.cuda.is_available():
         return error(f"TensorRT engines run on an NVIDIA GPU, and this PyTorch ({torch.__version__}) sees no usable CUDA device")
     torch.cuda.init()  # TensorRT then shares PyTorch's (primary) CUDA context
-    runtime, engine = _load_engine(trt, Path(request["path"]))
+    runtime, engine = load_engine(trt, Path(request["path"]))
     context = engine.create_execution_context()
     if context is None:
         raise RuntimeError(f"{Path(request['path']).name}: TensorRT could not create an execution context (out of GPU memory?)")
-    io = _io_tensors(trt, engine)
-    profile = _profile_batch(engine, io)
+    io = io_tensors(trt, engine)
+    profile = profile_batch(engine, io)
     stream = torch.cuda.Stream()
     batches = [_measure_batch(context, io, profile, stream, batch_size, request) for batch_size in request["batch_sizes"]]
-    device_memory = _device_memory_bytes(engine)
+    device_memory = device_memory_bytes(engine)
     process_mb = gpu_memory_mb()
     estimate_mb = (device_memory + torch.cuda.max_memory_allocated()) / 2**20
     del context, engine, runtime  # TensorRT objects go before the runtime that made them
@@ -79,95 +74,6 @@ def measure(request: dict) -> dict:
     }
 
 
-def infer(path: str | Path, inputs: np.ndarray, chunk: int | None = None) -> np.ndarray:
-    """Run an engine on real inputs (what the export stage checks it with): float32 NCHW in,
-    the first output as float32 out, in chunks the engine's profile accepts.
-
-    Raises:
-        ImportError / RuntimeError / ValueError: no tensorrt, no GPU, an engine that cannot run.
-    """
-    import tensorrt as trt
-
-    torch.cuda.init()
-    runtime, engine = _load_engine(trt, Path(path))
-    context = engine.create_execution_context()
-    io = _io_tensors(trt, engine)
-    low, _, high = _profile_batch(engine, io)
-    size = min(chunk or high, high)
-    outputs = []
-    stream = torch.cuda.Stream()
-    for start in range(0, len(inputs), size):
-        part = inputs[start : start + size]
-        count = len(part)
-        if count < low:  # pad up to the profile's smallest batch (a static-batch engine)
-            part = np.concatenate([part, np.repeat(part[-1:], low - count, axis=0)])
-        buffers = _bind(context, io, len(part))
-        name_in = next(name for name, (is_input, _, _) in io.items() if is_input)
-        name_out = next(name for name, (is_input, _, _) in io.items() if not is_input)
-        buffers[name_in].copy_(torch.from_numpy(np.ascontiguousarray(part)).to(buffers[name_in].dtype))
-        torch.cuda.synchronize()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("execute_async_v3 failed (see the TensorRT log)")
-        stream.synchronize()
-        outputs.append(buffers[name_out].float().cpu().numpy()[:count])
-    del context, engine, runtime
-    return np.concatenate(outputs)
-
-
-def _load_engine(trt, path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such engine file")
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise RuntimeError(
-            f"{path.name}: TensorRT {trt.__version__} could not deserialize the engine (built by another "
-            "TensorRT version or for another GPU? see the TensorRT log); rebuild it on this machine"
-        )
-    return runtime, engine
-
-
-def _io_tensors(trt, engine) -> dict[str, tuple[bool, tuple[int, ...], torch.dtype]]:
-    """name -> (is input, engine shape with -1 for dynamic axes, torch dtype)."""
-    io = {}
-    for index in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(index)
-        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        io[name] = (is_input, tuple(engine.get_tensor_shape(name)), _torch_dtype(trt, engine.get_tensor_dtype(name), name))
-    if not any(is_input for is_input, _, _ in io.values()):
-        raise ValueError("the engine has no inputs")
-    return io
-
-
-def _torch_dtype(trt, dtype, name: str) -> torch.dtype:
-    for member, torch_dtype in _TORCH_DTYPES.items():
-        if getattr(trt.DataType, member, None) == dtype:
-            return torch_dtype
-    raise ValueError(f"tensor {name!r} has TensorRT type {dtype}, which has no PyTorch buffer type here")
-
-
-def _profile_batch(engine, io: dict) -> tuple[int, int, int]:
-    """(min, opt, max) batch of optimisation profile 0 that every input accepts."""
-    lows, opts, highs = [], [], []
-    for name, (is_input, shape, _) in io.items():
-        if not is_input:
-            continue
-        if shape[0] >= 0:  # a static batch: the only one it runs
-            low = opt = high = shape
-        else:
-            low, opt, high = (tuple(dims) for dims in engine.get_tensor_profile_shape(name, 0))
-        lows.append(low[0])
-        opts.append(opt[0])
-        highs.append(high[0])
-    return max(lows), max(opts), min(highs)
-
-
-def _device_memory_bytes(engine) -> int:
-    """Activation memory one execution context needs (TensorRT >= 10.1 names it ``_v2``)."""
-    size = getattr(engine, "device_memory_size_v2", None)
-    return int(size if size is not None else engine.device_memory_size)
-
-
 def _measure_batch(context, io: dict, profile: tuple[int, int, int], stream, batch_size: int, request: dict) -> dict:
     try:
         if not profile[0] <= batch_size <= profile[2]:
@@ -175,7 +81,7 @@ def _measure_batch(context, io: dict, profile: tuple[int, int, int], stream, bat
                 f"batch {batch_size} is outside the engine's optimisation profile (batch {profile[0]} to {profile[2]}); "
                 "rebuild the engine with export.engine_batch covering it"
             )
-        buffers = _bind(context, io, batch_size)  # kept alive while the engine reads them
+        buffers = bind(context, io, batch_size)  # kept alive while the engine reads them
         torch.cuda.synchronize()  # the inputs were written on the default stream
 
         def run_once() -> None:
@@ -190,32 +96,6 @@ def _measure_batch(context, io: dict, profile: tuple[int, int, int], stream, bat
     except Exception as exc:
         return {"batch_size": batch_size, "status": "error", "error": one_line(exc)}
     return {"batch_size": batch_size, "status": "ok", **summarize(times, batch_size)}
-
-
-def _bind(context, io: dict, batch_size: int) -> dict[str, torch.Tensor]:
-    """Set every input's shape to ``batch_size``, allocate every I/O tensor on the GPU, bind it."""
-    buffers = {}
-    for name, (is_input, shape, dtype) in io.items():
-        if not is_input:
-            continue
-        if any(d < 0 for d in shape[1:]):
-            raise ValueError(f"input {name!r} has dynamic axes besides the batch: {list(shape)}")
-        full = (batch_size, *shape[1:])
-        if not context.set_input_shape(name, full):
-            raise RuntimeError(f"TensorRT refused input {name!r} of shape {list(full)}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"input {name!r} has type {dtype}; only float inputs are supported")
-        buffers[name] = torch.randn(full, device="cuda").to(dtype)
-    for name, (is_input, _, dtype) in io.items():
-        if not is_input:
-            shape = tuple(context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise ValueError(f"output {name!r} has a shape TensorRT cannot know before running: {list(shape)}")
-            buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
-    for name, tensor in buffers.items():
-        if not context.set_tensor_address(name, tensor.data_ptr()):
-            raise RuntimeError(f"TensorRT refused the buffer of tensor {name!r}")
-    return buffers
 
 
 def _event_clock(stream):

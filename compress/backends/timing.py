@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from compress.errors import first_line
+
 MIN_RUNS = 5  # a time budget stops the timed loop only after this many runs
 NOISY_CV = 0.10  # above this the machine was busy (or the run too short): the row is flagged
 
@@ -104,8 +106,7 @@ def peak_rss_mb() -> float:
 
 def one_line(exc: BaseException) -> str:
     """``Type: first line`` of an exception, at most 300 characters."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    return f"{type(exc).__name__}: {first_line(exc)}"[:300]
 
 
 def gpu_memory_mb() -> float | None:
@@ -133,3 +134,30 @@ def gpu_memory_mb() -> float | None:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError:
         return None
+
+
+def torch_latency(model, example, *, warmup: int = 5, iterations: int = 50, time_budget_s: float = 2.0) -> dict:
+    """Latency of a PyTorch model on CPU, in this process: what the prune stage reports before and
+    after it changes a network (the bench measures in child processes instead).
+
+    Runs under ``torch.inference_mode()`` in eval mode (on a CPU copy when the model lives on a
+    GPU) after ``warmup`` untimed runs, with :func:`timed_runs`; every module's mode is restored.
+
+    Returns:
+        ``{"p50_ms", "p90_ms", "p99_ms", "runs"}``.
+    """
+    import copy
+
+    import torch
+
+    from compress.modes import evaluating
+
+    on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
+    target = model if on_cpu else copy.deepcopy(model).cpu()
+    example = example.cpu()
+    with evaluating(target), torch.inference_mode():
+        for _ in range(warmup):
+            target(example)
+        times = timed_runs(lambda: target(example), iterations, time_budget_s)
+    p50, p90, p99 = np.percentile(np.asarray(times) * 1000.0, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "runs": len(times)}

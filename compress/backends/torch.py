@@ -1,7 +1,7 @@
 """The "torch", "torch-compile" and their "-cuda" bench backends: a stage's checkpoint in PyTorch.
 
 What they measure is the network before export: a stage folder of a run (``stage.json`` +
-``model.pt``), rebuilt by :func:`compress.stages.networks.load_stage_network` (weights loaded
+``model.pt``), rebuilt by :func:`compress.networks.load_stage_network` (weights loaded
 with ``weights_only=True``, so a checkpoint that would run code is refused, never executed).
 Eager PyTorch is the baseline an exported model is compared with; ``torch.compile`` shows how
 much of the gap a compiler closes without leaving PyTorch. A quantized (QAT) stage runs as its

@@ -36,14 +36,11 @@ from pathlib import Path
 
 import onnx
 
-from compress.errors import ExportError
-from compress.exporters.onnx import (
-    META_PRECISION,
-    _checked_bytes,
-    _one_line,
-    load_onnx,
-    set_metadata,
-)
+from compress.config import ExportConfig
+from compress.errors import ExportError, first_line
+from compress.exporters.onnx.export import META_PRECISION, _checked_bytes, set_metadata
+from compress.exporters.onnx.graph import load_onnx
+from compress.exporters.onnx.verify import compare_onnx_files, verify_onnx
 from compress.fileio import write_bytes_atomic
 
 # Bounds for verify_onnx(..., relative=True): max |FP16 - PyTorch FP32| logit over the largest
@@ -72,6 +69,20 @@ _QUANTIZED_OPS = {
     "ConvInteger",
     "MatMulInteger",
 }
+
+
+def build_from_onnx(onnx_path: Path, target: Path, model, images, cfg: ExportConfig, *, int8: bool = False, timing_cache: Path | None = None) -> dict:
+    """The ``onnx-fp16`` format of :data:`compress.exporters.FORMATS`: ``target`` converted from a
+    proven FP32 file and verified against the PyTorch network with ``cfg``'s FP16 bounds."""
+    convert_to_fp16(onnx_path, target)
+    return verify_onnx(target, model, images, tolerance=cfg.fp16_tolerance, min_agreement=cfg.fp16_min_agreement, relative=True)
+
+
+def convert_onnx(source: Path, target: Path, cfg: ExportConfig) -> dict:
+    """``compress export model.onnx --format onnx-fp16``: no PyTorch network at hand, so the FP16
+    file is checked against the FP32 file it came from, with the same bounds."""
+    convert_to_fp16(source, target)
+    return compare_onnx_files(target, source, cfg.check_samples, tolerance=cfg.fp16_tolerance, min_agreement=cfg.fp16_min_agreement)
 
 
 def convert_to_fp16(
@@ -147,5 +158,5 @@ def _converted(model: onnx.ModelProto, keep_io_types: bool, path: Path) -> onnx.
         converted = convert_float_to_float16(model, keep_io_types=keep_io_types)
         OnnxModel.graph_topological_sort(converted.graph)  # its IO casts are appended last
     except Exception as exc:
-        raise ExportError(f"{path}: FP16 conversion failed: {_one_line(exc)}") from exc
+        raise ExportError(f"{path}: FP16 conversion failed: {first_line(exc)}") from exc
     return converted

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from compress.config import ExportConfig
 from compress.errors import ExportError
 from compress.fileio import write_bytes_atomic
 
@@ -103,3 +106,43 @@ def _import_tensorrt():
     except ImportError:
         pass
     return tensorrt
+
+
+def build_from_onnx(onnx_path: Path, target: Path, model, images, cfg: ExportConfig, *, int8: bool, timing_cache: Path | None = None) -> dict:
+    """The ``tensorrt`` format of :data:`compress.exporters.FORMATS`: an engine built from a proven
+    ONNX file (INT8 from a QDQ file) and verified against the PyTorch network."""
+    batch = (cfg.batch,) * 3 if cfg.batch is not None else cfg.engine_batch
+    build_engine(onnx_path, target, fp16=cfg.engine_fp16, int8=int8, batch=batch, workspace_mib=cfg.engine_workspace_mib, timing_cache=timing_cache)
+    return verify_engine(target, model, images, cfg, int8=int8) | {"fp16": cfg.engine_fp16, "int8": int8, "batch": list(batch)}
+
+
+def convert_onnx(source: Path, target: Path, cfg: ExportConfig) -> dict:
+    """``compress export model.onnx --format tensorrt``: INT8 when the file is a QDQ export, its
+    static batch or ``cfg.engine_batch``; the timing cache lives beside the source."""
+    from compress.exporters.onnx.graph import read_onnx_info
+
+    info = read_onnx_info(source)
+    int8 = "compress.quantization" in info["metadata"]
+    batch = tuple([info["input_shape"][0]] * 3) if isinstance(info["input_shape"][0], int) else cfg.engine_batch
+    build_engine(source, target, fp16=cfg.engine_fp16, int8=int8, batch=batch, workspace_mib=cfg.engine_workspace_mib, timing_cache=source.parent / "tensorrt.cache")
+    return {"fp16": cfg.engine_fp16, "int8": int8, "batch": list(batch)}
+
+
+def verify_engine(path: Path, model, images: np.ndarray, cfg: ExportConfig, *, int8: bool) -> dict:
+    """An engine against its PyTorch model on the check images, with the bounds of its
+    precision (INT8: the ``int8_*`` bounds; FP16 kernels: the ``fp16_*`` ones; else FP32's)."""
+    import torch
+
+    from compress.exporters.onnx.verify import compare_logits
+    from compress.exporters.tensorrt_engine import infer
+
+    try:
+        ours = infer(path, images)
+    except Exception as exc:
+        raise ExportError(f"{path.name}: TensorRT cannot run the engine it built: {exc}") from exc
+    with torch.no_grad():
+        theirs = model.eval()(torch.from_numpy(images)).numpy()
+    tolerance, agreement = (
+        (cfg.int8_tolerance, cfg.int8_min_agreement) if int8 else (cfg.fp16_tolerance, cfg.fp16_min_agreement) if cfg.engine_fp16 else (cfg.tolerance, cfg.min_agreement)
+    )
+    return compare_logits(ours, theirs, path, tolerance=tolerance, min_agreement=agreement, relative=int8 or cfg.engine_fp16)

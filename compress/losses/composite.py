@@ -15,7 +15,8 @@ from torch import nn
 
 from compress.config import LossConfig
 from compress.errors import RecipeError
-from compress.losses import DistillBatch, DistillLoss, LossOutput, build_loss
+from compress.losses import build_loss
+from compress.losses.base import DistillBatch, DistillLoss, LossOutput
 
 
 def _union(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:

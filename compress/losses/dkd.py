@@ -14,31 +14,12 @@ target logit is masked out of NCKD by subtracting 1000 from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from compress.errors import RecipeError
-from compress.losses import UNLABELED, DistillBatch, DistillLoss, LossOutput, hard_ce, register_loss
-
-
-@dataclass(frozen=True)
-class DKDParams:
-    """``alpha``, ``beta``, ``ce_weight`` >= 0; ``temperature`` > 0; ``warmup_epochs`` >= 0 (0: none)."""
-
-    alpha: float = 1.0
-    beta: float = 8.0
-    temperature: float = 4.0
-    warmup_epochs: int = 20
-    ce_weight: float = 1.0
-
-    def __post_init__(self):
-        for name in ("alpha", "beta", "ce_weight", "warmup_epochs"):
-            if not getattr(self, name) >= 0:
-                raise RecipeError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if not self.temperature > 0:
-            raise RecipeError(f"temperature: expected > 0, got {self.temperature}")
+from compress.config import UNLABELED
+from compress.loss_params import DKDParams
+from compress.losses.base import DistillBatch, DistillLoss, LossOutput, hard_ce
 
 
 def dkd_target(batch: DistillBatch) -> torch.Tensor:
@@ -75,7 +56,6 @@ def nckd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: tor
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
-@register_loss("dkd", DKDParams)
 class DecoupledKD(DistillLoss):
     """Decoupled KD: separately weighted target-class (TCKD) and non-target-class (NCKD) terms.
 

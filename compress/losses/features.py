@@ -8,25 +8,13 @@ teacher's: adaptive average pooling when it is larger, bilinear interpolation wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.config import LayerPair
 from compress.errors import RecipeError
-from compress.losses import DistillBatch, DistillLoss, LossOutput, register_loss
-
-_PAIRS_MESSAGE = "pairs: expected at least one {teacher: ..., student: ...} layer pair"
-
-
-def _check_pairs(pairs: tuple[LayerPair, ...]) -> None:
-    if not pairs:
-        raise RecipeError(_PAIRS_MESSAGE)
-    for pair in pairs:
-        if not isinstance(pair, LayerPair):
-            raise RecipeError(f"{_PAIRS_MESSAGE}, got {pair!r}")
+from compress.loss_params import ATParams, FitNetParams, LayerPair
+from compress.losses.base import DistillBatch, DistillLoss, LossOutput
 
 
 def feature_pairs(batch: DistillBatch, pairs: tuple[LayerPair, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,16 +50,6 @@ def _layers(pairs: tuple[LayerPair, ...], side: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(getattr(pair, side) for pair in pairs))
 
 
-@dataclass(frozen=True)
-class FitNetParams:
-    """``pairs``: at least one ``{teacher, student}`` layer pair."""
-
-    pairs: tuple[LayerPair, ...] = ()
-
-    def __post_init__(self):
-        _check_pairs(self.pairs)
-
-
 def _regressor(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
     c_s, c_t = student.shape[1], teacher.shape[1]
     if c_s == c_t:
@@ -81,7 +59,6 @@ def _regressor(student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:
     return nn.Sequential(nn.Conv2d(c_s, c_t, kernel_size=1, bias=False), nn.BatchNorm2d(c_t))
 
 
-@register_loss("fitnet", FitNetParams)
 class FitNet(DistillLoss):
     """Hints: regress the teacher's intermediate features from the student's through a regressor.
 
@@ -121,28 +98,11 @@ class FitNet(DistillLoss):
         return LossOutput(total, {"fitnet": total.detach()})
 
 
-@dataclass(frozen=True)
-class ATParams:
-    """``pairs``: at least one layer pair; ``p`` > 0; ``beta`` >= 0."""
-
-    pairs: tuple[LayerPair, ...] = ()
-    p: float = 2.0
-    beta: float = 1000.0
-
-    def __post_init__(self):
-        _check_pairs(self.pairs)
-        if not self.p > 0:
-            raise RecipeError(f"p: expected > 0, got {self.p}")
-        if not self.beta >= 0:
-            raise RecipeError(f"beta: expected >= 0, got {self.beta}")
-
-
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Q = normalize(mean_c |f|^p), flattened to (N, H*W) and L2-normalised per image."""
     return F.normalize(features.abs().pow(p).mean(1).flatten(1))
 
 
-@register_loss("at", ATParams)
 class AttentionTransfer(DistillLoss):
     """Match the student's spatial attention maps to the teacher's.
 

@@ -11,32 +11,11 @@ image, labeled or not; the cross-entropy only to labeled ones (see :func:`hard_c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from compress.errors import RecipeError
-from compress.losses import DistillBatch, DistillLoss, LossOutput, hard_ce, register_loss
-
-
-@dataclass(frozen=True)
-class KDParams:
-    """``temperature`` > 0; ``alpha`` in 0..1; ``beta`` >= 0 or None (then the CE weight is 1 - alpha)."""
-
-    temperature: float = 4.0
-    alpha: float = 0.9
-    beta: float | None = None
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise RecipeError(f"temperature: expected > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise RecipeError(f"alpha: expected 0..1, got {self.alpha}")
-        if self.beta is not None and not self.beta >= 0:
-            raise RecipeError(f"beta: expected >= 0 or null, got {self.beta}")
-        if self.beta is not None and not self.alpha + self.beta > 0:
-            raise RecipeError(f"beta: expected alpha + beta > 0, got alpha={self.alpha}, beta={self.beta}")
+from compress.loss_params import KDParams
+from compress.losses.base import DistillBatch, DistillLoss, LossOutput, hard_ce
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -50,7 +29,6 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
-@register_loss("kd", KDParams)
 class HintonKD(DistillLoss):
     """Soft teacher targets at temperature T mixed with the hard-label cross-entropy.
 

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 
-from compress.errors import RecipeError
-from compress.losses import DistillBatch, DistillLoss, LossOutput, hard_ce, register_loss
+from compress.loss_params import CEParams, HybridParams, LogitMSEParams
+from compress.losses.base import DistillBatch, DistillLoss, LossOutput, hard_ce
 from compress.losses.kd import soft_kl
 
 
-@dataclass(frozen=True)
-class CEParams:
-    """Cross-entropy has no parameters."""
-
-
-@register_loss("ce", CEParams)
 class CrossEntropy(DistillLoss):
     """Hard-label cross-entropy alone: the no-teacher baseline, or a term next to a teacher loss.
 
@@ -35,12 +27,6 @@ class CrossEntropy(DistillLoss):
         return LossOutput(hard, {"ce": hard.detach()})
 
 
-@dataclass(frozen=True)
-class LogitMSEParams:
-    """Logit regression has no parameters."""
-
-
-@register_loss("logit_mse", LogitMSEParams)
 class LogitMSE(DistillLoss):
     """Regress the teacher's raw logits.
 
@@ -57,21 +43,6 @@ class LogitMSE(DistillLoss):
         return LossOutput(mse, {"logit_mse": mse.detach()})
 
 
-@dataclass(frozen=True)
-class HybridParams:
-    """``alpha`` in 0..1 (the weight of the KD term); ``temperature`` > 0."""
-
-    alpha: float = 0.5
-    temperature: float = 4.0
-
-    def __post_init__(self):
-        if not 0 <= self.alpha <= 1:
-            raise RecipeError(f"alpha: expected 0..1, got {self.alpha}")
-        if not self.temperature > 0:
-            raise RecipeError(f"temperature: expected > 0, got {self.temperature}")
-
-
-@register_loss("hybrid", HybridParams)
 class Hybrid(DistillLoss):
     """Logit MSE blended with the temperature-scaled soft KL; no hard-label term.
 

@@ -1,15 +1,14 @@
-"""The stages a recipe lists, by name. Each is one function ``stage(cfg, ctx) -> Artifact``.
-
-Importing a stage module registers it; this package imports them all so the registry is full.
-"""
+"""The stages a recipe lists. Each is one function ``stage(cfg, ctx) -> Artifact`` in its own
+module, declared with its config class and needs in :data:`compress.config.STAGE_KINDS`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from compress.errors import RecipeError
-from compress.registry import Registry
+from compress.config import STAGE_KINDS
+from compress.registry import load_entry
 
-STAGES: Registry[Callable] = Registry("stage", RecipeError)
 
-from compress.stages import bench, distill, export, prune, quantize, teacher  # noqa: E402,F401
+def stage_function(kind: str) -> Callable:
+    """The function that runs stage ``kind``, imported on first use."""
+    return load_entry(STAGE_KINDS[kind].run)

@@ -7,26 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.artifacts import Artifact
-from compress.backends import BACKENDS
-from compress.benchmark import (
-    ONNX_FORMATS,
-    BenchTarget,
-    artifact_format,
-    backend_runs,
-    bench_models,
-    compare,
-    describe_artifact,
-    write_bench,
-)
+from compress.artifacts import STAGE_RECORD, Artifact
+from compress.bench_backends import BACKENDS
+from compress.benchmark.compare import BenchTarget, backend_runs, bench_models
+from compress.benchmark.measure import ONNX_FORMATS, artifact_format, describe_artifact
+from compress.benchmark.ratios import compare
+from compress.benchmark.table import write_bench
 from compress.config import BenchConfig, DataConfig
 from compress.context import RunContext
-from compress.data import detect_kind, load_dataset, test_arrays
+from compress.data.load import detect_kind, load_dataset
+from compress.data.loaders import test_arrays
 from compress.errors import DataError, StageError
-from compress.stages import STAGES
 
 
-@STAGES.register("bench")
 def bench(cfg: BenchConfig, ctx: RunContext) -> Artifact:
     """Latency, throughput, memory, size, MACs and accuracy of every exported model.
 
@@ -47,7 +40,7 @@ def bench_targets(export: Artifact, run_dir: Path) -> list[BenchTarget]:
         role, _, fmt = key.partition("@")
         targets.append(BenchTarget(role, Path(path), fmt or "onnx"))
     for role, record in export.metrics.items():
-        if isinstance(record, dict) and record.get("stage") and (run_dir / record["stage"] / "stage.json").is_file():
+        if isinstance(record, dict) and record.get("stage") and (run_dir / record["stage"] / STAGE_RECORD).is_file():
             targets.append(BenchTarget(role, run_dir / record["stage"], "checkpoint"))
     return targets
 
@@ -85,11 +78,11 @@ def bench_files(model: str | Path, *, against: str | Path | None, data: str | No
 
 
 def _name(path: Path) -> str:
-    return path.parent.name if path.name == "stage.json" else path.name if path.is_dir() else path.name.removesuffix(".onnx").removesuffix(".engine")
+    return path.parent.name if path.name == STAGE_RECORD else path.name if path.is_dir() else path.name.removesuffix(".onnx").removesuffix(".engine")
 
 
 def _image_size_of(model: Path) -> int:
-    from compress.exporters.onnx import read_onnx_info
+    from compress.exporters.onnx.graph import read_onnx_info
 
     if artifact_format(model) not in ONNX_FORMATS:
         raise DataError(f"{model}: accuracy (--data) is measured on ONNX files; bench the exported .onnx")

@@ -6,17 +6,16 @@ import dataclasses
 
 import torch
 
-from compress.artifacts import Artifact, save_weights
+from compress.artifacts import Artifact
 from compress.config import DistillConfig
 from compress.context import RunContext
 from compress.models import count_params_macs
-from compress.stages import STAGES
-from compress.stages.networks import architecture, build_network, load_network, preprocess
+from compress.stages.networks import build_network, load_network, network_spec, preprocess
 from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
+from compress.weights import save_weights
 
 
-@STAGES.register("distill")
 def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     """Train the student with ``cfg.loss`` against the network of stage ``cfg.teacher``.
 
@@ -26,26 +25,26 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     the student and are dropped afterwards: the saved student is the plain architecture.
 
     Returns:
-        Artifact with ``files["model"]`` (student state_dict), its architecture, test accuracy
+        Artifact with ``files["model"]`` (student state_dict), its network, test accuracy
         before and after, the teacher's accuracy, params and MACs of both.
     """
     teacher_artifact = ctx.artifacts[cfg.teacher]
     teacher = frozen(load_network(ctx, teacher_artifact))
-    arch = architecture(ctx, cfg.student or ctx.recipe.student)
-    student = build_network(ctx, arch)
+    network = network_spec(ctx, cfg.student or ctx.recipe.student)
+    student = build_network(ctx, network)
     copied = copy_matching_weights(teacher, student) if cfg.init_from_teacher else 0
     prep = preprocess(ctx)
     cache = teacher_logits_cache(teacher, ctx, prep) if cfg.cache_teacher_logits else None
     train_loader, test_loader = indexed_loaders(ctx) if cache is not None else ctx.loaders()
     start = evaluate(student, test_loader, prep, ctx.device)
     history = train_with_teacher(
-        ctx, student, teacher, cfg.loss, cfg.train, cfg.augment, desc=ctx.stage_dir.name if ctx.stage_dir else "distill",
-        prep=prep, loaders=(train_loader, test_loader), cache=cache,
+        student, teacher, cfg.loss, cfg.train, cfg.augment, prep=prep, loaders=(train_loader, test_loader), cache=cache,
+        **ctx.training(ctx.stage_dir.name if ctx.stage_dir else "distill"),
     )
     test = evaluate(student, test_loader, prep, ctx.device)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(student, ctx.stage_path("model.pt"))
-    metrics = arch | {
+    metrics = {
         "loss": [term.name for term in cfg.loss], "teacher_stage": cfg.teacher,
         "top1": test["top1"], "top1_at_start": start["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
         "teacher_top1": teacher_artifact.metrics.get("top1"), "params": params, "macs": macs,
@@ -53,7 +52,7 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
         "init_from_teacher_tensors": copied, "cached_teacher_logits": cache is not None, "unlabeled_images": ctx.data.unlabeled,
         "history": history_dicts(history),
     }
-    return Artifact("distill", files={"model": path}, metrics=metrics, role="student")
+    return Artifact("distill", files={"model": path}, metrics=metrics, role="student", network=network)
 
 
 def copy_matching_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:
@@ -79,7 +78,8 @@ def teacher_logits_cache(teacher, ctx: RunContext, prep) -> torch.Tensor:
 
 
 def indexed_loaders(ctx: RunContext):
-    from compress.data import IndexedDataset, make_loaders
+    from compress.data.containers import IndexedDataset
+    from compress.data.loaders import make_loaders
 
     bundle = dataclasses.replace(ctx.data, train=IndexedDataset(ctx.data.train))
     return make_loaders(bundle, ctx.recipe.data, seed=ctx.recipe.seed, pin_memory=ctx.device.type == "cuda")

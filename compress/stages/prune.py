@@ -15,29 +15,29 @@ import torch
 import torch.nn.functional as F
 
 from compress import distributed
-from compress.artifacts import Artifact, save_weights
-from compress.benchmark import measure_torch_latency
-from compress.config import PruneConfig
+from compress.artifacts import Artifact
+from compress.backends.timing import torch_latency
+from compress.config import UNLABELED, PruneConfig
 from compress.context import RunContext
 from compress.errors import StageError
-from compress.losses import UNLABELED
 from compress.models import count_params_macs
-from compress.pruning import ChannelPruner, apply_structure, structure_of
-from compress.stages import STAGES
+from compress.pruning import ChannelPruner, step_targets
+from compress.records import NetworkSpec
+from compress.stages.losses import latest_distill_loss
 from compress.stages.networks import (
-    architecture_of,
     build_network,
     example_batch,
     load_network,
+    network_of,
     preprocess,
 )
-from compress.teaching import frozen, history_dicts, latest_distill_loss, train_with_teacher
+from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
+from compress.weights import apply_structure, save_weights, structure_of
 
 TAYLOR_BATCHES = 4  # training batches whose gradients rank channels for the taylor criterion
 
 
-@STAGES.register("prune")
 def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     """Prune the latest student to ``cfg``'s MACs target (or channel ratio), fine-tuning each step.
 
@@ -48,7 +48,7 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
 
     Returns:
         Artifact with ``files["model"]`` (state_dict plus the pruned layer widths), the
-        architecture, and params, MACs, batch-1 PyTorch CPU latency and top-1 before and after,
+        network, and params, MACs, batch-1 PyTorch CPU latency and top-1 before and after,
         their ratios, one record per step and the training history.
 
     Raises:
@@ -57,9 +57,9 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         RecipeError: an ``ignore`` pattern matches no module.
     """
     source = ctx.latest("student")
-    if source.metrics.get("quantization"):
+    if source.quantized:
         raise StageError(f"prune: the latest student (stage {source.stage!r}) is quantized; put prune before quantize")
-    arch = architecture_of(source)
+    network = network_of(source)
     student = load_network(ctx, source)
     teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
     prep = preprocess(ctx)
@@ -67,43 +67,31 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     loss = cfg.loss or latest_distill_loss(ctx)
     before = measure(ctx, student, loaders[1], prep)
     say(ctx, f"prune: before {before['params']:,} params, {before['macs']:,} MACs, {before['latency_ms_b1']:.2f} ms, top-1 {before['top1']:.2f}%")
-    target = target_macs(cfg, before["macs"])
-    if target is not None and target >= before["macs"]:
-        raise StageError(f"target_macs: {target:,} is not below the student's {before['macs']:,} MACs; nothing to prune")
-    pruner = ChannelPruner(student, example_batch(ctx), cfg, num_classes=arch["num_classes"], rounds=cfg.steps)
+    goals = step_targets(cfg, before["macs"], cfg.steps)
+    pruner = ChannelPruner(student, example_batch(ctx), cfg, num_classes=network.num_classes, rounds=cfg.steps)
     gradients = taylor_gradients(ctx, loaders[0], prep)
     steps, history = [], []
-    for k in range(1, cfg.steps + 1):
-        goal = None if target is None else round(before["macs"] * (target / before["macs"]) ** (k / cfg.steps))
+    for k, goal in enumerate(goals, start=1):
         pruned = pruner.prune(goal, gradients)
         pruned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
         say(ctx, f"prune step {k}/{cfg.steps}: {pruned['macs']:,} MACs ({before['macs'] / pruned['macs']:.2f}x fewer), top-1 {pruned_top1:.2f}% before fine-tuning")
         desc = f"{ctx.stage_dir.name if ctx.stage_dir else 'prune'} step {k}"
-        logs = train_with_teacher(ctx, student, teacher, loss, cfg.train, cfg.augment, desc=desc, prep=prep, loaders=loaders)
+        logs = train_with_teacher(student, teacher, loss, cfg.train, cfg.augment, prep=prep, loaders=loaders, **ctx.training(desc))
         history += [log | {"step": k} for log in history_dicts(logs)]
         tuned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
         steps.append({"target_macs": goal, "macs": pruned["macs"], "params": pruned["params"], "top1_pruned": pruned_top1, "top1": tuned_top1})
     after = measure(ctx, student, loaders[1], prep)
     say(ctx, f"prune: after {after['params']:,} params, {after['macs']:,} MACs, {after['latency_ms_b1']:.2f} ms, top-1 {after['top1']:.2f}%")
     structure = structure_of(student)
-    check_rebuildable(ctx, arch, student, structure)
+    check_rebuildable(ctx, network, student, structure)
     path = save_weights(student, ctx.stage_path("model.pt"), structure=structure)
-    metrics = arch | after | {f"{key}_before": value for key, value in before.items()} | {
-        "source_stage": source.stage, "criterion": cfg.criterion, "target_macs": target,
+    metrics = after | {f"{key}_before": value for key, value in before.items()} | {
+        "source_stage": source.stage, "criterion": cfg.criterion, "target_macs": goals[-1],
         "macs_reduction": before["macs"] / after["macs"], "params_reduction": before["params"] / after["params"],
         "top1_delta": after["top1"] - before["top1"], "loss": [term.name for term in loss],
         "steps": steps, "history": history,
     }
-    return Artifact("prune", files={"model": path}, metrics=metrics, role="student")
-
-
-def target_macs(cfg: PruneConfig, macs: int) -> int | None:
-    """The MACs to reach: ``target_macs``, else ``macs / speedup`` (2.0 by default); None with a ratio."""
-    if cfg.pruning_ratio is not None:
-        return None
-    if cfg.target_macs is not None:
-        return cfg.target_macs
-    return round(macs / (cfg.speedup or 2.0))
+    return Artifact("prune", files={"model": path}, metrics=metrics, role="student", network=network)
 
 
 def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
@@ -111,7 +99,7 @@ def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
     latency = float("nan")  # measured by rank 0 alone, which records it: other ranks would disturb its timing
     if distributed.is_main():
-        latency = measure_torch_latency(model, example_batch(ctx, size=1), time_budget_s=1.0)["p50_ms"]
+        latency = torch_latency(model, example_batch(ctx, size=1), time_budget_s=1.0)["p50_ms"]
     top1 = evaluate(model, test_loader, prep, ctx.device)["top1"]
     return {"params": params, "macs": macs, "latency_ms_b1": latency, "top1": top1}
 
@@ -129,16 +117,16 @@ def taylor_gradients(ctx: RunContext, train_loader, prep):
     return accumulate
 
 
-def check_rebuildable(ctx: RunContext, arch: dict, model: torch.nn.Module, structure: dict) -> None:
+def check_rebuildable(ctx: RunContext, network: NetworkSpec, model: torch.nn.Module, structure: dict) -> None:
     """Fail now, not at the next load, if the saved widths cannot rebuild this network.
 
     Torch-Pruning may also shrink layers :func:`structure_of` does not record (e.g. LayerNorm);
     such a network would save fine and never load again.
     """
-    fresh = apply_structure(build_network(ctx, arch), structure).state_dict()
+    fresh = apply_structure(build_network(ctx, network), structure).state_dict()
     wrong = [k for k, v in model.state_dict().items() if k not in fresh or fresh[k].shape != v.shape]
     if wrong:
-        raise StageError(f"prune: {arch['model']} was pruned in layers whose widths cannot be stored ({', '.join(wrong[:3])}); ignore them")
+        raise StageError(f"prune: {network.model} was pruned in layers whose widths cannot be stored ({', '.join(wrong[:3])}); ignore them")
 
 
 def say(ctx: RunContext, line: str) -> None:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from compress.artifacts import Artifact, save_weights
+from compress.artifacts import Artifact
 from compress.config import QuantizeConfig
 from compress.context import RunContext
 from compress.errors import StageError
 from compress.models import count_params_macs
 from compress.quantization import calibrate, prepare_quantized
-from compress.stages import STAGES
-from compress.stages.networks import architecture_of, example_batch, load_network, preprocess
-from compress.teaching import frozen, history_dicts, latest_distill_loss, train_with_teacher
+from compress.stages.losses import latest_distill_loss
+from compress.stages.networks import example_batch, load_network, network_of, preprocess
+from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
+from compress.weights import save_weights
 
 
-@STAGES.register("quantize")
 def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     """Quantize the latest student to INT8 and, in ``qat`` mode, fine-tune it against the teacher.
 
@@ -29,8 +31,9 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     :func:`compress.stages.networks.load_network` rebuilds the same graph.
 
     Returns:
-        Artifact with ``files["model"]``, the architecture, ``quantization`` settings (with
-        the resolved ``weight_range``),
+        Artifact with ``files["model"]``, its network (the source's, with the
+        :class:`~compress.records.QuantSpec` it is rebuilt with), the ``quantization`` settings
+        (with the resolved ``weight_range``),
         ``fp32_top1``, ``ptq_top1``, ``top1``, ``top1_delta`` (vs FP32), ``agreement_with_fp32``
         (top-1 agreement on the test split), params, MACs and the training history.
     """
@@ -47,12 +50,13 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     if cfg.mode == "qat" and cfg.train.epochs > 0:
         loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
         desc = ctx.stage_dir.name if ctx.stage_dir else "quantize"
-        history = train_with_teacher(ctx, qmodel, teacher, loss, cfg.train, cfg.augment, desc=desc, prep=prep, loaders=(train_loader, test_loader))
+        history = train_with_teacher(qmodel, teacher, loss, cfg.train, cfg.augment, prep=prep, loaders=(train_loader, test_loader), **ctx.training(desc))
     qmodel.eval()
     test = evaluate(qmodel, test_loader, prep, ctx.device) if history else ptq
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
-    metrics = architecture_of(source) | {
+    network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
+    metrics = {
         "quantization": {
             "mode": cfg.mode, "target": cfg.target, "skip": list(cfg.skip), "weight_range": qmodel.weight_range, "calibration": cfg.calibration,
             "percentile": cfg.percentile, "calibration_images": cfg.calibration_images,
@@ -61,13 +65,13 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         "top1_delta": test["top1"] - fp32["top1"], "agreement_with_fp32": top1_agreement(qmodel, student, test_loader, prep, ctx.device),
         "test_loss": test["loss"], "test_samples": test["samples"], "params": params, "macs": macs, "history": history_dicts(history),
     }
-    return Artifact("quantize", files={"model": path}, metrics=metrics, role="student")
+    return Artifact("quantize", files={"model": path}, metrics=metrics, role="student", network=network)
 
 
 def float_student(ctx: RunContext) -> Artifact:
     """The latest student that is not quantized yet (a second quantize stage re-quantizes the float one)."""
     for artifact in reversed(ctx.artifacts.values()):
-        if artifact.role == "student" and "model" in artifact.files and not artifact.metrics.get("quantization"):
+        if artifact.role == "student" and "model" in artifact.files and not artifact.quantized:
             return artifact
     raise StageError("quantize needs a float student from an earlier distill or prune stage")
 
@@ -99,7 +103,7 @@ def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, loader, p
 
 def pruned_structure(artifact: Artifact) -> dict | None:
     """The layer widths stored beside the source's weights, if it was pruned."""
-    from compress.models import read_checkpoint
+    from compress.weights import read_checkpoint
 
     checkpoint = read_checkpoint(artifact.files["model"])
     return checkpoint.get("structure") if isinstance(checkpoint, dict) else None

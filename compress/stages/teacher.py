@@ -6,18 +6,16 @@ import dataclasses
 
 import torch.nn.functional as F
 
-from compress.artifacts import Artifact, save_weights
-from compress.config import TeacherStageConfig
+from compress.artifacts import Artifact
+from compress.config import UNLABELED, TeacherStageConfig
 from compress.context import RunContext
 from compress.errors import ModelError
-from compress.losses import UNLABELED
-from compress.models import classifier_key, count_params_macs, load_weights, read_state_dict
-from compress.stages import STAGES
-from compress.stages.networks import architecture, build_network, preprocess
+from compress.models import classifier_key, count_params_macs
+from compress.stages.networks import build_network, network_spec, preprocess
 from compress.train_loop import evaluate, fit
+from compress.weights import load_weights, read_state_dict, save_weights
 
 
-@STAGES.register("teacher")
 def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
     """Produce the teacher every later stage learns from.
 
@@ -28,8 +26,8 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         Artifact with ``files["model"]`` (state_dict) and test accuracy, params, MACs, history.
     """
     spec = ctx.recipe.teacher
-    arch = architecture(ctx, spec)
-    model = build_network(ctx, arch)
+    network = network_spec(ctx, spec)
+    model = build_network(ctx, network)
     train_loader, test_loader = ctx.loaders()
     prep = preprocess(ctx)
     history = []
@@ -43,16 +41,16 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
             logits = model(images)
             return F.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=spec.train.label_smoothing), logits
 
-        history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, device=ctx.device, desc="teacher", show_progress=ctx.show_progress, **ctx.checkpointing("teacher"))
+        history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, **ctx.training("teacher"))
     test = evaluate(model, test_loader, prep, ctx.device)
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(model, ctx.stage_path("model.pt"))
-    metrics = arch | {
+    metrics = {
         "top1": test["top1"], "test_loss": test["loss"], "test_samples": test["samples"], "params": params, "macs": macs,
         "source": "checkpoint" if spec.checkpoint else "trained",
         "history": [dataclasses.asdict(h) for h in history],
     }
-    return Artifact("teacher", files={"model": path}, metrics=metrics, role="teacher")
+    return Artifact("teacher", files={"model": path}, metrics=metrics, role="teacher", network=network)
 
 
 def check_classes(path: str, model, ctx: RunContext) -> None:

@@ -1,4 +1,7 @@
-"""KD-aware batch augmentation: mixup, cutmix and cutout on a normalised batch.
+"""Augmentation on whole batches, on their device: crop, flip and normalisation of uint8 batches
+(:class:`Preprocess`), then the KD-aware mixing of normalised ones (:class:`BatchMix`).
+
+KD-aware batch augmentation: mixup, cutmix and cutout on a normalised batch.
 
 Why "KD-aware": the distill stage hands the *same* augmented batch to the teacher and the
 student, so the teacher's soft targets describe the image the student actually sees, mixed or
@@ -21,12 +24,64 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from compress.config import MixConfig
+
+
+class Preprocess(nn.Module):
+    """Batch augmentation and normalisation, vectorised on the batch's device.
+
+    Training with ``augment``: a random crop of the image zero-padded by ``pad`` pixels and a
+    random horizontal flip, drawn independently per image (the standard CIFAR recipe of He et
+    al. 2016), done by gathering pixels with per-image indices: no loop over samples. Then
+    ``/255`` and per-channel ``(x - mean) / std``; evaluation only normalises. Randomness comes
+    from torch's global generator on the batch's device (seed it with ``torch.manual_seed``).
+
+    Args:
+        mean: Per-channel mean in [0, 1] pixel units (``DatasetBundle.mean``).
+        std: Per-channel std in [0, 1] pixel units.
+        augment: Whether training batches are augmented at all.
+        pad: Zero padding around the image before the random crop; 0 disables the crop.
+        flip: Whether to flip horizontally with probability 0.5.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: bool, pad: int = 4, flip: bool = True):
+        super().__init__()
+        self.augment = augment
+        self.pad = pad
+        self.flip = flip
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images_uint8: Tensor, train: bool) -> Tensor:
+        """Augment (training only) and normalise a uint8 NCHW batch into float32."""
+        images = images_uint8
+        if train and self.augment and (self.pad > 0 or self.flip):
+            images = self._crop_and_flip(images)
+        images = images.float().div_(255)
+        return (images - self.mean) / self.std
+
+    def _crop_and_flip(self, images: Tensor) -> Tensor:
+        n, _, h, w = images.shape
+        padded = F.pad(images, (self.pad,) * 4)  # zeros
+        device = images.device
+        top = torch.randint(0, 2 * self.pad + 1, (n, 1), device=device)
+        left = torch.randint(0, 2 * self.pad + 1, (n, 1), device=device)
+        rows = top + torch.arange(h, device=device)  # (n, h)
+        cols = left + torch.arange(w, device=device)  # (n, w)
+        if self.flip:
+            flipped = torch.rand(n, 1, device=device) < 0.5
+            cols = torch.where(flipped, cols.flip(1), cols)
+        batch = torch.arange(n, device=device).view(n, 1, 1)
+        # Advanced indices around the channel slice put their (n, h, w) shape first.
+        crops = padded[batch, :, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
+        return crops.permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass

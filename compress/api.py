@@ -1,0 +1,243 @@
+"""The library: distill, prune, quantize, export and bench any ``nn.Module`` with your own data,
+no recipe, run folder or stage involved.
+
+    import compress
+    student = compress.distill(student, teacher, train_loader, losses=[compress.loss("kd", temperature=4)], epochs=30)
+    student = compress.prune(student, example_inputs, compress.PruneSpec(speedup=2.0), finetune=lambda m, step: ...)
+    qmodel = compress.quantize(student, calibration_batches)
+    qmodel = compress.distill(qmodel, teacher, train_loader, epochs=2, lr=1e-3)    # QAT is distillation of the INT8 graph
+    record = compress.export(qmodel, "student.onnx", check_inputs=images)       # verified, INT8 portability proven
+    result = compress.bench({"teacher": "teacher.onnx", "student": "student.onnx"}, data=(uint8_images, labels))
+
+Loaders yield ``(images, labels)`` batches of float tensors exactly as the network takes them
+(already normalised); the recipe's stages call the same functions underneath with their own
+uint8 loaders and on-device augmentation. Every function works in place where it can and
+returns the network, so calls chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.config import BenchConfig, ExportConfig, LossConfig, MixConfig, PruneSpec, TrainConfig
+from compress.losses import LOSSES
+from compress.records import QuantSpec
+from compress.train_loop import EpochLog
+
+
+def loss(name: str = "kd", *, weight: float = 1.0, **params: Any) -> LossConfig:
+    """One distillation loss term by name (``compress list losses``) with its parameters,
+    e.g. ``loss("kd", temperature=4, alpha=0.9)`` or ``loss("ce", weight=0.5)``."""
+    return LossConfig(name=name, weight=weight, params=LOSSES.get(name).params(**params))
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_loader: Iterable,
+    *,
+    losses: Iterable[LossConfig] | None = None,
+    epochs: int = 1,
+    test_loader: Iterable | None = None,
+    augment: MixConfig | None = None,
+    device: str | torch.device | None = None,
+    show_progress: bool = False,
+    history: list[EpochLog] | None = None,
+    **train: Any,
+) -> nn.Module:
+    """Train ``student`` in place against the frozen ``teacher`` and return it.
+
+    With ``teacher=None`` and ``losses=[loss("ce")]`` this is plain supervised training (how
+    a teacher is trained); every other loss needs the teacher.
+
+    Args:
+        losses: the weighted terms (:func:`loss`); default Hinton KD (T=4, alpha=0.9).
+        epochs: passes over ``train_loader``.
+        test_loader: evaluated after every epoch (top-1 in ``history``), if given.
+        augment: mixup / cutmix / cutout applied to the batch both networks see.
+        device: where to train; default: where the student's parameters are.
+        history: a list to append one :class:`~compress.train_loop.EpochLog` per epoch to.
+        **train: any :class:`~compress.config.TrainConfig` field (``lr``, ``optimizer``,
+            ``schedule``, ``weight_decay``, ...).
+    """
+    from compress.teaching import frozen, train_with_teacher
+
+    device = torch.device(device) if device is not None else _device_of(student)
+    terms = tuple(losses) if losses is not None else (LossConfig(),)
+    if teacher is None:
+        needing = [term.name for term in terms if term.name != "ce"]
+        if needing:
+            raise ValueError(f"distill: the loss terms {', '.join(needing)} need a teacher; pass one, or train with losses=[loss('ce')]")
+        teacher = nn.Identity()  # never called: cross-entropy alone skips the teacher's forward pass
+    logs = train_with_teacher(
+        student.to(device), frozen(teacher.to(device)), terms,
+        TrainConfig(epochs=epochs, **train), augment or MixConfig(),
+        loaders=(train_loader, test_loader), prep=_as_is, device=device, desc="distill", show_progress=show_progress,
+    )
+    if history is not None:
+        history.extend(logs)
+    return student
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    spec: PruneSpec | None = None,
+    *,
+    steps: int = 1,
+    num_classes: int | None = None,
+    finetune: Callable[[nn.Module, int], None] | None = None,
+    gradient_fn: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """Prune ``model``'s channels in place (Torch-Pruning) to ``spec``'s target and return it.
+
+    With ``steps`` > 1 the MACs go down geometrically, and ``finetune(model, step)`` runs after
+    each step (e.g. a call of :func:`distill`); build optimisers inside it, as the pruned
+    parameters are new tensors. The classifier (every layer with ``num_classes`` outputs,
+    default: read off ``model(example_inputs)``) is never pruned.
+
+    Args:
+        spec: criterion, target (``speedup``, ``target_macs`` or ``pruning_ratio``), widths'
+            ``round_to``, ``max_layer_ratio``, ``ignore`` patterns; default: 2x fewer MACs by
+            magnitude.
+        gradient_fn: runs ``loss.backward()`` on real batches, for the ``taylor`` criterion.
+
+    Raises:
+        StageError: the target cannot be reached within ``max_layer_ratio``.
+    """
+    from compress.models import count_params_macs
+    from compress.pruning import ChannelPruner, step_targets
+
+    spec = spec or PruneSpec()
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = int(model.eval()(example_inputs).shape[-1])
+    _, channels, size, _ = example_inputs.shape
+    _, macs = count_params_macs(model, size, channels)
+    pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes, rounds=steps)
+    for step, goal in enumerate(step_targets(spec, macs, steps), start=1):
+        pruner.prune(goal, gradient_fn)
+        if finetune is not None:
+            finetune(model, step)
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    calibration_data: Iterable,
+    *,
+    target: str = "onnxruntime-cpu",
+    skip: tuple[str, ...] = (),
+    weight_range: str = "auto",
+    calibration: str = "percentile",
+    percentile: float = 99.99,
+) -> nn.Module:
+    """The INT8 fake-quantized copy of ``model`` (BatchNorm folded), calibrated and ready to
+    export, or to fine-tune with :func:`distill` (quantization-aware training).
+
+    Args:
+        calibration_data: batches of inputs, or ``(inputs, labels)`` batches; a few thousand
+            images are enough.
+        target: ``onnxruntime-cpu`` (uint8 activations) or ``tensorrt`` (int8, zero point 0).
+        skip: module names or patterns kept in float.
+        weight_range: ``auto`` (portable across CPUs with and without VNNI on ``onnxruntime-cpu``)
+            or a name of ``compress list weight-ranges``.
+        calibration: ``minmax``, ``percentile`` or ``mse``.
+
+    Returns:
+        A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized.
+    """
+    from compress.quantization import calibrate, prepare_quantized
+
+    batches = [batch[0] if isinstance(batch, list | tuple) else batch for batch in calibration_data]
+    if not batches:
+        raise ValueError("quantize: calibration_data holds no batch")
+    device = _device_of(model)
+    batches = [b.to(device) for b in batches]
+    qmodel = prepare_quantized(model.eval(), target=target, skip=skip, example_inputs=batches[0], weight_range=weight_range)
+    calibrate(qmodel, batches, method=calibration, percentile=percentile)
+    return qmodel.eval()
+
+
+def export(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    check_inputs: torch.Tensor | np.ndarray,
+    metadata: Mapping[str, str] | None = None,
+    **settings: Any,
+) -> dict:
+    """Write ``model`` as one ONNX file and prove it: ONNX Runtime must reproduce the PyTorch
+    outputs on ``check_inputs`` within the tolerance of its precision, and an INT8 model (from
+    :func:`quantize`) must be a QDQ graph whose weights compute the same on every CPU.
+
+    Args:
+        check_inputs: a batch shaped like the real input (normalised as the model takes it).
+        metadata: extra ``metadata_props`` strings.
+        **settings: any :class:`~compress.config.ExportConfig` field (``opset``, ``exporter``,
+            ``batch``, ``tolerance``, ``int8_tolerance``, ``simplify``, ...).
+
+    Returns:
+        The verification record (max |diff|, top-1 agreement, and for INT8 the graph check and
+        the portability verdict).
+
+    Raises:
+        ExportError: the export failed or the file does not reproduce the model.
+    """
+    from compress.exporters.network import export_network
+
+    images = check_inputs.detach().cpu().numpy() if isinstance(check_inputs, torch.Tensor) else np.asarray(check_inputs)
+    images = images.astype(np.float32)
+    quantization: QuantSpec | None = getattr(model, "quant_spec", None)
+    return export_network(
+        model.cpu().eval(), Path(path), ExportConfig(**settings), images, dict(metadata or {}), quantization,
+        image_size=images.shape[-1], in_channels=images.shape[1],
+    )
+
+
+def bench(
+    models: Mapping[str, str | Path],
+    *,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
+    reference: str | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    **settings: Any,
+) -> dict:
+    """Measure exported files side by side: latency per batch size, memory, size and, with
+    ``data``, top-1 and agreement between the models; ratios against ``reference`` (default: the
+    first model).
+
+    Args:
+        models: name -> ``.onnx`` file (or TensorRT engine, or a run's stage folder).
+        data: ``(uint8 NCHW images, labels)``; normalised with the files' metadata (written by
+            :func:`export` when given ``metadata``) or ``mean``/``std``.
+        **settings: any :class:`~compress.config.BenchConfig` field (``backends``,
+            ``batch_size``, ``threads``, ``iterations``, ...).
+
+    Returns:
+        The result :func:`compress.benchmark.table.bench_table_markdown` prints and
+        ``compress check`` gates.
+    """
+    from compress.benchmark.compare import bench_models
+
+    paths = {name: Path(path) for name, path in models.items()}
+    return bench_models(paths, BenchConfig(**settings), data, reference=reference or next(iter(paths)), mean=mean, std=std)
+
+
+def _as_is(images: torch.Tensor, train: bool) -> torch.Tensor:
+    """The loaders already yield what the network takes: no augmentation or normalisation here."""
+    return images
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+__all__ = ["bench", "distill", "export", "loss", "prune", "quantize"]

@@ -1,0 +1,108 @@
+"""The table of benchmark backends: how a model's latency and memory are measured, all behind one
+call. A new backend is one ``register_backend`` call below plus its module in
+:mod:`compress.backends`.
+
+Every backend's ``measure(path, *, batch_sizes, warmup, iterations, time_budget_s, threads,
+**options) -> dict`` runs in a fresh child process and returns the same keys (see
+:func:`compress.backends.onnxruntime.measure`). It never raises for a model that fails to load
+or run: the result then has ``"status": "error"`` and a one-line ``"error"`` (STYLE habit 7).
+
+What a backend measures is its ``artifact``: an exported ``.onnx`` file (ONNX Runtime), a
+TensorRT ``.engine``, or a stage folder of a run holding a PyTorch checkpoint (eager PyTorch and
+``torch.compile``, for networks before export). Measuring functions are named as
+``"module:function"`` and imported on first use, so listing backends imports no runtime.
+
+The recipe check reads this table: keep it free of torch and of the heavy ``compress`` modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compress.errors import StageError
+from compress.registry import Registry, load_entry
+
+ARTIFACTS = ("onnx", "engine", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One benchmark backend.
+
+    Attributes:
+        name: the recipe's ``bench.backends`` entry and the CLI's ``--backend``.
+        description: one line for listings.
+        device: "cpu" or "cuda" (tests mark CUDA backends ``gpu``).
+        artifact: what it measures: "onnx" (a ``.onnx`` file), "engine" (a TensorRT
+            ``.engine``) or "checkpoint" (a stage folder of a run).
+        entry: ``"module:function"`` of the measuring function.
+        options: extra keyword arguments for it (the device, torch.compile, ...).
+    """
+
+    name: str
+    description: str
+    device: str
+    artifact: str
+    entry: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def measure(self, path, **kwargs) -> dict:
+        """Measure ``path`` (see the module docstring); never raises for a broken model."""
+        return load_entry(self.entry)(path, **kwargs, **self.options)
+
+
+BACKENDS: Registry[Backend] = Registry("bench backend", StageError)
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a backend to :data:`BACKENDS` under its own name.
+
+    Args:
+        backend: the backend; its name must be new and its artifact one of :data:`ARTIFACTS`.
+
+    Returns:
+        ``backend``.
+    """
+    if backend.artifact not in ARTIFACTS:
+        raise ValueError(f"backend {backend.name}: artifact must be one of {ARTIFACTS}, got {backend.artifact!r}")
+    return BACKENDS.register(backend.name)(backend)
+
+
+for _device in ("cpu", "cuda"):
+    _suffix = "" if _device == "cpu" else "-cuda"
+    register_backend(
+        Backend(
+            name=f"onnxruntime{_suffix}",
+            description=f"ONNX Runtime, {'CPU' if _device == 'cpu' else 'CUDA'}ExecutionProvider, on the exported .onnx",
+            device=_device,
+            artifact="onnx",
+            entry="compress.backends.onnxruntime:measure",
+            options={"device": _device},
+        )
+    )
+    for _compile in (False, True):
+        register_backend(
+            Backend(
+                name=f"torch{'-compile' if _compile else ''}{_suffix}",
+                description=f"PyTorch {'torch.compile' if _compile else 'eager'} on {_device.upper()}, on a stage's checkpoint (before export)",
+                device=_device,
+                artifact="checkpoint",
+                entry="compress.backends.torch:measure",
+                options={"device": _device, "compile": _compile},
+            )
+        )
+register_backend(
+    Backend(
+        name="tensorrt",
+        description="TensorRT engine built from the exported .onnx (needs the tensorrt extra and a GPU)",
+        device="cuda",
+        artifact="engine",
+        entry="compress.backends.tensorrt:measure",
+    )
+)
+
+__all__ = ["ARTIFACTS", "BACKENDS", "Backend", "register_backend"]

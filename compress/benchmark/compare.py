@@ -1,0 +1,116 @@
+"""Several models on several backends side by side: which backend runs which file, the groups
+of rows, and the agreement between models' predictions."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from compress.bench_backends import BACKENDS
+from compress.benchmark.measure import (
+    CHECKPOINT,
+    TestData,
+    _bench,
+    agreement,
+    artifact_format,
+)
+from compress.benchmark.ratios import compare, reference_row
+from compress.config import BenchConfig
+from compress.formats import FORMATS
+from compress.machine import machine_info, versions
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchTarget:
+    """One artifact to measure: which model it is, the file (or stage folder), its format."""
+
+    model: str
+    path: Path
+    format: str = "onnx"
+
+
+def bench_models(
+    models: dict[str, Path] | list[BenchTarget],
+    cfg: BenchConfig,
+    test_data: TestData | None,
+    *,
+    reference: str = "teacher",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> dict:
+    """Benchmark several models on every backend of ``cfg.backends`` and compare them.
+
+    Each backend measures the targets it can run (ONNX Runtime the ``.onnx`` files, PyTorch the
+    stage checkpoints, TensorRT the engines). Rows are grouped by backend (and by format when a
+    backend runs more than one, e.g. FP16 ONNX): the group of the first backend's own format is
+    the headline and its rows are named after their model ("teacher", "student"); other rows
+    are named ``"student [torch-cuda]"``. Ratios compare each row with the reference model of
+    its own group. Accuracy is measured once per ONNX file, with ONNX Runtime on CPU.
+
+    Args:
+        models: role -> ``.onnx`` file, or a list of :class:`BenchTarget`.
+        cfg: the bench settings.
+        test_data: ``(uint8 NCHW images, labels)`` or None (no accuracy, no agreement).
+        reference: the model the ratios are computed against.
+        mean: fallback normalisation for files without preprocessing metadata.
+        std: likewise.
+
+    Returns:
+        :func:`compare`'s dict plus ``config``, ``machine``, ``versions``, ``groups`` (headline
+        first) and ``agreement`` (``{row: {other row: top-1 agreement}}`` for every pair with
+        predictions in the same group).
+    """
+    targets = [BenchTarget(role, Path(path), artifact_format(Path(path))) for role, path in models.items()] if isinstance(models, dict) else list(models)
+    rows, predictions, by_file = [], {}, {}
+    headline = _group(BACKENDS.get(cfg.backends[0]), _natural_format(cfg.backends[0]))
+    for backend_name in cfg.backends:
+        backend = BACKENDS.get(backend_name)
+        for target in (t for t in targets if backend_runs(backend, t.format)):
+            group = _group(backend, target.format)
+            label = target.model if group == headline else f"{target.model} [{group}]"
+            cached = by_file.get(target.path)  # accuracy does not depend on the backend: measure it once
+            data = None if cached is not None else test_data
+            row, found = _bench(target.path, cfg, data, label, mean, std, None, backend.name, target.format)
+            if cached is not None:
+                row.update({k: cached[0][k] for k in ("top1", "eval_samples") if k in cached[0]})
+                found = cached[1]
+            elif found is not None:
+                by_file[target.path] = (row, found)
+            row.update(model=target.model, group=group)
+            rows.append(row)
+            predictions[label] = found
+    result = compare(rows, reference)
+    for row in rows:
+        ref = reference_row(rows, row, reference)
+        ours, theirs = predictions.get(row["role"]), predictions.get(ref["role"]) if ref else None
+        if ref is not None and ref is not row and ours is not None and theirs is not None:
+            row["agreement_with_reference"] = result["ratios"][row["role"]]["agreement_with_reference"] = agreement(ours, theirs)
+    result["agreement"] = {
+        row["role"]: {
+            other["role"]: agreement(predictions[row["role"]], predictions[other["role"]])
+            for other in rows if other is not row and other.get("group") == row.get("group") and predictions.get(other["role"]) is not None
+        }
+        for row in rows if predictions.get(row["role"]) is not None
+    }
+    result["groups"] = list(dict.fromkeys([headline] + [row["group"] for row in rows]))
+    result.update(config=dataclasses.asdict(cfg), machine=machine_info(), versions=versions())
+    return result
+
+
+def _natural_format(backend_name: str) -> str:
+    """The format a backend's group is named for: of the formats its kind of file holds, the one
+    not built from another (ONNX, not FP16 ONNX), else the only one (the TensorRT engine)."""
+    artifact = BACKENDS.get(backend_name).artifact
+    if artifact == CHECKPOINT:
+        return CHECKPOINT
+    kinds = [FORMATS.get(name) for name in FORMATS.names() if FORMATS.get(name).artifact == artifact]
+    return next((f for f in kinds if f.build is None), kinds[0]).name
+
+
+def backend_runs(backend, fmt: str) -> bool:
+    """Whether ``backend`` measures artifacts of format ``fmt``: they are the same kind of file."""
+    return backend.artifact == (CHECKPOINT if fmt == CHECKPOINT else FORMATS.get(fmt).artifact)
+
+
+def _group(backend, fmt: str) -> str:
+    return backend.name if fmt == _natural_format(backend.name) else f"{backend.name}, {fmt}"

@@ -1,0 +1,290 @@
+"""Measuring one model: accuracy and predictions with ONNX Runtime, latency and memory through a
+backend, size, parameters and MACs from the file or the stage record."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from compress.bench_backends import BACKENDS
+from compress.config import BenchConfig
+from compress.cpu_features import cpu_features
+from compress.errors import CompressError, DataError, ExportError, ModelError
+from compress.exporters.onnx.export import META_MEAN, META_STD
+from compress.exporters.onnx.graph import read_onnx_info
+from compress.exporters.onnx.verify import open_session
+from compress.formats import FORMATS, format_of_file
+from compress.records import STAGE_RECORD, StageRecord
+
+TestData = tuple[np.ndarray, np.ndarray]
+
+
+def bench_model(
+    path: Path,
+    cfg: BenchConfig,
+    test_data: TestData | None,
+    *,
+    role: str,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    reference_predictions: np.ndarray | None = None,
+) -> dict:
+    """Benchmark one exported model; never raises for a broken model (its row says why).
+
+    Args:
+        path: the ``.onnx`` file.
+        cfg: the bench settings (backend, batch size, warm-up, iterations, budget, threads,
+            eval_samples).
+        test_data: ``(images, labels)``: uint8 (N, C, H, W) images and integer labels, for the
+            top-1 accuracy of the exported model; None skips accuracy.
+        role: the row's name ("teacher", "student", or a file stem).
+        mean: per-channel mean of [0, 1] pixels, used only when the file's metadata has no
+            ``compress.mean`` (the file is the authority on its own preprocessing).
+        std: per-channel std, likewise for ``compress.std``.
+        reference_predictions: top-1 predictions of the reference model on the same images;
+            when given, the row gets ``agreement_with_reference``.
+
+    Returns:
+        A row: ``role``, ``path``, ``status`` ("ok"/"error"), ``error``, ``file_bytes``,
+        ``params``, ``macs``, ``opset``, ``latency`` (one entry per batch size: 1 and
+        ``cfg.batch_size``), ``peak_rss_mb``, ``model_rss_mb``, ``runtime`` and, with test data,
+        ``top1`` (percent, like every training metric), ``eval_samples`` and maybe
+        ``agreement_with_reference``. Fields measured before a failure are kept.
+    """
+    row, _ = _bench(path, cfg, test_data, role, mean, std, reference_predictions)
+    return row
+
+
+def predict_onnx(
+    path: Path,
+    images: np.ndarray,
+    *,
+    mean: list[float],
+    std: list[float],
+    batch_size: int = 64,
+    threads: int = 0,
+) -> np.ndarray:
+    """Top-1 class of each image according to the exported model, through ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file.
+        images: uint8 (N, C, H, W) images.
+        mean: per-channel mean of pixels scaled to [0, 1].
+        std: per-channel standard deviation of pixels scaled to [0, 1].
+        batch_size: images per ``session.run`` (a file with a static batch axis gets exactly
+            its batch; the last chunk is padded).
+        threads: ONNX Runtime intra-op threads; 0 keeps its default.
+
+    Returns:
+        int64 array of N predicted classes.
+
+    Raises:
+        DataError: the images are not uint8 NCHW or mean/std do not match their channels.
+        ExportError: ONNX Runtime cannot load the file.
+    """
+    _channel_stats(images, mean, std)  # fail on bad shapes before loading the model
+    session = open_session(Path(path), threads=threads)
+    feed = session.get_inputs()[0]
+    dtype = np.float16 if feed.type == "tensor(float16)" else np.float32  # FP16 I/O files
+    static = feed.shape[0] if isinstance(feed.shape[0], int) else None  # a static batch runs only at its size
+    batch_size = static or batch_size
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        chunk = normalise_images(images[start : start + batch_size], mean, std).astype(dtype)
+        count = len(chunk)
+        if static and count < static:  # pad the last chunk with copies; their predictions are dropped
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, axis=0)])
+        logits = session.run(None, {feed.name: chunk})[0]
+        predictions.append(logits[:count].argmax(axis=1))
+    return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
+
+
+def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (N, C, H, W) -> the float32 input our exported models expect: (x / 255 - mean) / std."""
+    mean_c, std_c = _channel_stats(images, mean, std)
+    return ((images.astype(np.float32) / 255.0 - mean_c) / std_c).astype(np.float32)
+
+
+def normalisation(
+    metadata: dict[str, str], path: Path, mean: list[float] | None = None, std: list[float] | None = None
+) -> tuple[list[float], list[float]]:
+    """The mean/std to preprocess images for a file: its metadata first, else the caller's.
+
+    Args:
+        metadata: the file's ``metadata_props`` (``read_onnx_info(path)["metadata"]``).
+        path: the file, for the error message.
+        mean: fallback per-channel mean.
+        std: fallback per-channel std.
+
+    Returns:
+        ``(mean, std)`` as lists of floats.
+
+    Raises:
+        ExportError: neither the metadata nor the caller gives both, or the metadata is not a
+            comma-separated list of numbers.
+    """
+    if META_MEAN in metadata and META_STD in metadata:
+        return _floats(metadata, META_MEAN, path), _floats(metadata, META_STD, path)
+    if mean is not None and std is not None:
+        return [float(m) for m in mean], [float(s) for s in std]
+    raise ExportError(
+        f"{Path(path).name} has no {META_MEAN}/{META_STD} metadata to normalise images with; "
+        "export it with preprocessing_metadata(...) or pass mean= and std="
+    )
+
+
+def _bench(path, cfg, test_data, role, mean, std, reference_predictions, backend: str | None = None, fmt: str | None = None):
+    """(row, predictions or None): bench_model plus the predictions, kept out of the row."""
+    path = Path(path)
+    backend = BACKENDS.get(backend or cfg.backends[0])
+    fmt = fmt or artifact_format(path)
+    row: dict = {"role": role, "path": str(path), "status": "ok", "error": None, "backend": backend.name, "format": fmt}
+    errors: list[str] = []
+    predictions = None
+    try:
+        info = describe_artifact(path, fmt)
+        row.update({k: info.get(k) for k in ("file_bytes", "params", "macs", "opset", "input_shape")})
+        if fmt in ONNX_FORMATS:
+            row["int8_portable"] = int8_portable(path, info["metadata"])
+            if row["int8_portable"] is False and backend.name == "onnxruntime" and cpu_features().saturates_u8s8:
+                row["warning"] = saturation_warning(path)
+                print(f"warning: {row['warning']}", file=sys.stderr)
+        row.update(_latency_fields(path, backend, cfg, info.get("input_shape"), errors))
+        if test_data is not None and fmt in ONNX_FORMATS:
+            mean, std = normalisation(info["metadata"], path, mean, std)
+            fields, predictions = _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions)
+            row.update(fields)
+    except Exception as exc:
+        errors.append(_describe(exc))
+    if errors:
+        row.update(status="error", error="; ".join(errors))
+    return row, predictions
+
+
+CHECKPOINT = "checkpoint"  # a stage folder (or its stage.json): what the PyTorch backends measure
+
+
+ONNX_FORMATS = tuple(name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx")  # ONNX Runtime runs these; accuracy is measured on them
+
+
+def int8_portable(path: Path, metadata: dict[str, str]) -> bool | None:
+    """Whether an ONNX file's integer layers compute the same on x86 CPUs with and without VNNI
+    (:func:`compress.exporters.qdq.int8_portability`): from the verdict the export wrote into its
+    metadata, else from its weights. None for a file without integer layers."""
+    from compress.exporters.onnx.graph import load_onnx
+    from compress.exporters.qdq import int8_portability, portable_from_metadata
+
+    portable = portable_from_metadata(metadata)
+    if portable is not None:
+        return portable
+    report = int8_portability(load_onnx(path))
+    return report.portable if report.layers else None
+
+
+def saturation_warning(path: Path) -> str:
+    """The one line a user sees when a non-portable INT8 file is measured where it computes wrong sums."""
+    return (
+        f"{path.name} has full-range INT8 weights and this CPU ({cpu_features().summary()}) adds its products in "
+        "saturating 16-bit lanes: its accuracy and agreement here are wrong (re-export with quantize.weight_range: auto)"
+    )
+
+
+def artifact_format(path: Path) -> str:
+    """"checkpoint" (a stage folder or its record), else the export format its suffix names
+    (``.onnx`` when none does: ONNX Runtime then says what is wrong with the file)."""
+    if path.is_dir() or path.name == STAGE_RECORD:
+        return CHECKPOINT
+    fmt = format_of_file(path.name)
+    return fmt.name if fmt is not None else "onnx"
+
+
+def describe_artifact(path: Path, fmt: str) -> dict:
+    """Size, parameters and MACs of what a row measures: read from the ONNX graph, from a
+    stage's record for a checkpoint, and only the file size for an engine (opaque)."""
+    if fmt in ONNX_FORMATS:
+        return read_onnx_info(path)
+    if fmt == "checkpoint":
+        try:
+            record = StageRecord.read(path, expected="a finished stage holding a network")
+            weights = record.network_file()
+            return {"file_bytes": weights.stat().st_size, "params": record.metrics.get("params"), "macs": record.metrics.get("macs")}
+        except (ModelError, OSError) as exc:
+            raise ExportError(str(exc) if isinstance(exc, ModelError) else f"{path}: its weights file is missing") from None
+    if not path.is_file():
+        raise ExportError(f"{path}: no such engine file")
+    return {"file_bytes": path.stat().st_size}
+
+
+def _latency_fields(path: Path, backend, cfg: BenchConfig, input_shape, errors: list[str]) -> dict:
+    static = input_shape[0] if input_shape and isinstance(input_shape[0], int) else None
+    batch_sizes = [static] if static else sorted({1, cfg.batch_size})  # a static batch runs only at its size
+    measured = backend.measure(
+        path,
+        batch_sizes=batch_sizes,
+        warmup=cfg.warmup,
+        iterations=cfg.iterations,
+        time_budget_s=cfg.time_budget_s,
+        threads=cfg.threads,
+    )
+    if measured["status"] != "ok":
+        errors.append(f"latency: {measured['error']}")
+    memory_keys = ("peak_rss_mb", "model_rss_mb", "gpu_peak_mb")
+    skipped = {"status", "error", "batches", "baseline_rss_mb", *memory_keys}
+    return {
+        "latency": measured.get("batches", []),
+        **{key: measured.get(key) for key in memory_keys},
+        "runtime": {"backend": backend.name, **{k: v for k, v in measured.items() if k not in skipped}},
+    }
+
+
+def _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions) -> tuple[dict, np.ndarray]:
+    images, labels = test_data
+    n = len(images) if cfg.eval_samples is None else min(cfg.eval_samples, len(images))
+    predictions = predict_onnx(path, images[:n], mean=mean, std=std, batch_size=cfg.batch_size, threads=cfg.threads)
+    fields = {"top1": 100.0 * float(np.mean(predictions == np.asarray(labels[:n]))), "eval_samples": n}
+    if reference_predictions is not None:
+        fields["agreement_with_reference"] = agreement(predictions, reference_predictions)
+    return fields, predictions
+
+
+def agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of images on which two models predict the same top-1 class.
+
+    Args:
+        predictions: one model's classes.
+        reference: the other model's classes on the same images, in the same order.
+
+    Returns:
+        A fraction in [0, 1].
+
+    Raises:
+        DataError: the two were computed on different numbers of images.
+    """
+    if len(predictions) != len(reference) or len(predictions) == 0:
+        raise DataError(f"cannot compare predictions on {len(predictions)} and {len(reference)} images")
+    return float(np.mean(np.asarray(predictions) == np.asarray(reference)))
+
+
+def _channel_stats(images: np.ndarray, mean, std) -> tuple[np.ndarray, np.ndarray]:
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
+    channels = images.shape[1]
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
+    shape = (1, channels, 1, 1)
+    return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
+
+
+def _floats(metadata: dict[str, str], key: str, path: Path) -> list[float]:
+    try:
+        return [float(v) for v in metadata[key].split(",")]
+    except ValueError:
+        raise ExportError(f"{Path(path).name}: metadata {key}={metadata[key]!r} is not a comma-separated list of numbers") from None
+
+
+def _describe(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, CompressError) else f"{type(exc).__name__}: {text}"

@@ -1,0 +1,176 @@
+"""A bench result as people read it: the Markdown table with its machine line, and the
+``bench.json``/``bench.md`` pair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from compress.benchmark.ratios import _ok_batches, latency_entry, row_model
+from compress.cpu_features import CpuFeatures
+from compress.fileio import write_json_atomic, write_text_atomic
+
+
+def bench_table_markdown(result: dict) -> str:
+    """Markdown tables, one per backend group (headline first): metrics as rows; the reference,
+    then each model and its ratio, as columns.
+
+    Args:
+        result: :func:`compare`'s (or :func:`bench_models`') dict.
+
+    Returns:
+        The tables, plus one line on the machine when ``result`` has it.
+    """
+    groups = result.get("groups") or [None]
+    sections = []
+    for index, group in enumerate(groups):
+        rows = [row for row in result["rows"] if row.get("group") == group]
+        if not rows:
+            continue
+        table = _group_table(result, rows)
+        sections.append(table if index == 0 else f"### {group}\n\n{table}")
+    return "\n\n".join(sections) + _machine_note(result) + "\n"
+
+
+def _group_table(result: dict, rows: list[dict]) -> str:
+    """One group's table; columns are named after the model (the group is the table's heading)."""
+    reference = next((row["role"] for row in rows if row_model(row) == result["reference"]), result["reference"])
+    rows = sorted(rows, key=lambda row: row["role"] != reference)  # reference first
+    batch = max((b for row in rows for b in _ok_batches(row)), default=None)
+    name = {row["role"]: row_model(row) for row in rows}
+    header = ["Metric"]
+    for row in rows:
+        header.append(name[row["role"]])
+        if row["role"] != reference:
+            header.append(f"{name[row['role']]} vs {name.get(reference, reference)}")
+    lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    metrics = _metrics(batch, name.get(reference, reference))
+    if any(row.get("gpu_peak_mb") is not None for row in rows):
+        metrics.insert(-2, ("GPU peak memory (MiB)", lambda row: row.get("gpu_peak_mb"), "{:.1f}", None, None))
+    for label, value, fmt, ratio_key, ratio_fmt in metrics:
+        cells = [label]
+        for row in rows:
+            cells.append(_cell(value(row), fmt))
+            if row["role"] != reference:
+                ratio = result["ratios"].get(row["role"], {}).get(ratio_key) if ratio_key else None
+                cells.append(_cell(ratio, ratio_fmt) if ratio_key else "")
+        lines.append(_md_row(cells))
+    lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
+    noisy = [f"{name[row['role']]} (batch {e['batch_size']})" for row in rows for e in row.get("latency") or [] if e.get("noisy")]
+    note = f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a quiet machine." if noisy else ""
+    return "\n".join(lines) + note
+
+
+def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str, str | None, str | None]]:
+    """(label with unit, value getter, format, ratio key, ratio format) per table row.
+
+    A file with a static batch axis has no batch-1 or throughput-batch entry: its cells show
+    what it was measured at, marked ``(batch N)``.
+    """
+
+    def latency(stat: str) -> Callable:
+        return lambda row: _at(row, 1, lambda e: e.get("latency_ms", {}).get(stat), "{:.3f}")
+
+    def mean_std(row: dict) -> str | None:
+        def text(entry: dict) -> str | None:
+            stats = entry.get("latency_ms", {})
+            return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if "mean" in stats and "std" in stats else None
+
+        return _at(row, 1, text, "{}")
+
+    def scaled(key: str, factor: float) -> Callable:
+        return lambda row: None if row.get(key) is None else row[key] * factor
+
+    return [
+        ("File size (MiB)", scaled("file_bytes", 1 / 2**20), "{:.2f}", "size_reduction", "{:.2f}× smaller"),
+        ("Parameters (M)", scaled("params", 1e-6), "{:.3f}", "params_reduction", "{:.2f}× fewer"),
+        ("MACs, batch 1 (M)", scaled("macs", 1e-6), "{:.1f}", "macs_reduction", "{:.2f}× fewer"),
+        ("Latency p50, batch 1 (ms)", latency("p50"), "{:.3f}", "speedup_b1", "{:.2f}× faster"),
+        ("Latency p90, batch 1 (ms)", latency("p90"), "{:.3f}", None, None),
+        ("Latency p95, batch 1 (ms)", latency("p95"), "{:.3f}", None, None),
+        ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
+        ("Latency mean ± std, batch 1 (ms)", mean_std, "{}", None, None),
+        ("Latency CV, batch 1 (%)", lambda row: _at(row, 1, _cv_cell, "{}"), "{}", None, None),
+        (f"Throughput, batch {batch} (images/s)", lambda row: _at(row, batch, lambda e: e.get("throughput_ips"), "{:.1f}"), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
+        ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
+        ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
+        ("Top-1 accuracy (%)", scaled("top1", 1.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
+        (f"Top-1 agreement with {reference} (%)", scaled("agreement_with_reference", 100.0), "{:.2f}", None, None),
+    ]
+
+
+def _at(row: dict, batch_size: int | None, value: Callable[[dict], object], fmt: str):
+    """``value`` of the row's entry at ``batch_size``; for a row measured only at other batch
+    sizes (a static batch), that of its single measured batch, as text marked with it."""
+    entry = latency_entry(row, batch_size)
+    if entry is not None:
+        return value(entry)
+    measured = [e for e in row.get("latency") or [] if e.get("status") == "ok"]
+    if len(measured) != 1:
+        return None
+    found = value(measured[0])
+    return None if found is None else f"{fmt.format(found)} (batch {measured[0]['batch_size']})"
+
+
+def _cv_cell(entry: dict | None) -> str | None:
+    if not entry or entry.get("cv") is None:
+        return None
+    return f"{100 * entry['cv']:.1f}" + (" (noisy)" if entry.get("noisy") else "")
+
+
+def _status_cells(rows: list[dict], reference: str) -> list[str]:
+    cells = []
+    for row in rows:
+        cells.append("ok" if row["status"] == "ok" else f"error: {row['error']}")
+        if row["role"] != reference:
+            cells.append("")
+    return cells
+
+
+def _cell(value: float | str | None, fmt: str | None) -> str:
+    if isinstance(value, str):  # already formatted (a static-batch entry)
+        return value
+    return "—" if value is None or fmt is None else fmt.format(value)
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _machine_note(result: dict) -> str:
+    machine, runtime = result.get("machine"), result.get("versions", {})
+    if not machine:
+        return ""
+    threads = (result.get("config") or {}).get("threads")
+    thread_note = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ", default threads"
+    gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
+    torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
+    trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
+    features = _features_note(machine.get("cpu_features"))
+    return (
+        f"\n\nMeasured on {machine['cpu']} ({features}{machine['usable_cores']} usable cores{thread_note}){gpus}, "
+        f"{machine['platform']}, ONNX Runtime {runtime.get('onnxruntime', '?')}{torch_note}{trt_note}."
+    )
+
+
+def _features_note(features: dict | None) -> str:
+    if not features:
+        return ""
+    return CpuFeatures(features["arch"], tuple(features["flags"]), features["known"]).summary() + "; "
+
+
+def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:
+    """Write ``bench.json`` and ``bench.md`` into ``folder``, each atomically.
+
+    Args:
+        result: :func:`bench_models`' (or :func:`compare`'s) dict.
+        folder: destination; created if missing.
+
+    Returns:
+        ``(json_path, markdown_path)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = write_json_atomic(folder / "bench.json", result)
+    md_path = write_text_atomic(folder / "bench.md", bench_table_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,92 @@
+"""A folder with ``train.npz`` and ``test.npz`` (``x``: NCHW or NHWC uint8 images, ``y``: labels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from compress.config import DataConfig
+from compress.data.common import _check_labels, _existing_dir, _in_memory_bundle
+from compress.data.containers import DatasetBundle
+from compress.errors import DataError
+
+
+def load_npz(cfg: DataConfig) -> DatasetBundle:
+    """A folder with ``train.npz`` / ``test.npz`` (``x`` uint8 NHWC or NHW, ``y`` int labels).
+
+    Optional ``classes.txt`` names the classes, one per line; otherwise they are "0".."K-1"
+    with K = largest label + 1. Mean/std are computed from the train images.
+    """
+    folder = _existing_dir(cfg.path, "npz")
+    train, test = _read_npz(folder / "train.npz"), _read_npz(folder / "test.npz")
+    classes = _npz_classes(folder, train[1], test[1])
+    _check_labels(train[1], len(classes), str(folder / "train.npz"))
+    _check_labels(test[1], len(classes), str(folder / "test.npz"))
+    _check_same_size(train[0], test[0], folder)
+    return _in_memory_bundle(train, test, classes, cfg.image_size)
+
+
+def _read_npz(file: Path) -> tuple[Tensor, Tensor]:
+    if not file.is_file():
+        raise DataError(f"missing {file}: an npz dataset needs train.npz and test.npz (arrays x, y)")
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise DataError(f"{file}: expected arrays 'x' (images) and 'y' (labels), found {', '.join(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable npz file ({exc})") from None
+    return _npz_images(x, file), _npz_labels(y, len(x), file)
+
+
+def _npz_images(x: np.ndarray, file: Path) -> Tensor:
+    if x.dtype != np.uint8:
+        raise DataError(f"{file}: x must be uint8 pixels 0..255, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{file}: x must be NHWC with 1 or 3 channels, or NHW grey; got shape {x.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    return images.expand(-1, 3, -1, -1).contiguous()
+
+
+def _npz_labels(y: np.ndarray, count: int, file: Path) -> Tensor:
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (count,):
+        raise DataError(f"{file}: y must be {count} integer labels (shape ({count},)), got {y.dtype} {y.shape}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _npz_classes(folder: Path, *labels: Tensor) -> list[str]:
+    names_file = folder / "classes.txt"
+    if names_file.is_file():
+        names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not names:
+            raise DataError(f"{names_file}: expected one class name per line, found none")
+        return names
+    largest = max((int(y.max()) for y in labels if len(y)), default=-1)
+    return [str(k) for k in range(largest + 1)]
+
+
+def _check_same_size(train_x: Tensor, test_x: Tensor, folder: Path) -> None:
+    if len(train_x) and len(test_x) and train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(
+            f"{folder}: train and test images differ in shape ({tuple(train_x.shape[1:])} vs {tuple(test_x.shape[1:])})"
+        )
+
+
+def _read_unlabeled_npz(file: Path) -> np.ndarray:
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            if "x" not in arrays:
+                raise DataError(f"{file}: expected an array 'x' (unlabeled images), found {', '.join(arrays.files) or 'none'}")
+            x = arrays["x"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable npz file ({exc})") from None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+        raise DataError(f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey; got {x.dtype} {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{file}: x holds no images")
+    return x

@@ -1,0 +1,144 @@
+"""One network to one proven file: the ONNX export, its verification against PyTorch, the INT8
+portability proof, and the formats built from it (FP16 ONNX, TensorRT engines).
+
+The export stage, ``compress export`` and the library's :func:`compress.export` all call
+:func:`export_network`; nothing here knows about recipes or runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from compress.config import ExportConfig
+from compress.errors import ExportError
+from compress.exporters.onnx.export import export_onnx
+from compress.exporters.onnx.verify import verify_onnx
+from compress.formats import FORMATS
+from compress.records import QuantSpec
+
+QUANTIZED_EXPORTER = "torchscript"
+
+
+def export_network(
+    model, path: Path, cfg: ExportConfig, images: np.ndarray, metadata: dict, quantization: QuantSpec | None, *,
+    image_size: int, in_channels: int, warn: bool = True,
+) -> dict:
+    """One network to one proven ONNX file: FP32, or a QDQ graph for a quantized network.
+
+    A quantized network goes through the TorchScript exporter (``torch.export`` has no
+    fake-tensor kernels for the fake-quantize ops), gets its weights stored as INT8
+    initializers, is checked against its fake-quantized PyTorch model with the INT8 bounds
+    (ONNX Runtime's integer kernels round differently) and has its graph verified (Q/DQ nodes,
+    INT8 weights with zero point 0, the target's activation type, no FP32 convolution left after
+    ONNX Runtime's optimisation).
+
+    Args:
+        images: normalised check inputs (what the model takes), float32 NCHW.
+        quantization: how a fake-quantized model was quantized (None: a float model).
+        image_size, in_channels: the input the file declares.
+
+    Returns:
+        The verification record (see :func:`compress.exporters.onnx.verify_onnx`), with
+        ``"qdq"`` for a quantized network and ``"batch"`` (None: dynamic).
+    """
+    common = dict(image_size=image_size, in_channels=in_channels, opset=cfg.opset, batch=cfg.batch, simplify=cfg.simplify)
+    if quantization is None:
+        export_onnx(model, path, exporter=cfg.exporter, metadata=metadata, **common)
+        return verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement) | {"batch": cfg.batch}
+    from compress.exporters.qdq import check_qdq, store_int8_weights
+    from compress.quantization import kept_float_convs
+
+    metadata = metadata | {"compress.quantization": quantization.target, "compress.int8_weight_range": quantization.weight_range}
+    export_onnx(model, path, exporter=QUANTIZED_EXPORTER, metadata=metadata, transform=store_int8_weights, **common)
+    portability, exact = prove_portability(path, quantization.weight_range, quantization.target, warn=warn)
+    result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True, exact_int8=exact)
+    result["portability"] = portability
+    result["qdq"] = check_qdq(path, target=quantization.target, skip_count=kept_float_convs(model))
+    requantized = result["qdq"].get("skipped_but_quantized_by_onnxruntime")
+    if requantized and warn:
+        print(
+            f"warning: {requantized} layer(s) in quantize.skip sit between quantized layers; ONNX Runtime quantizes "
+            f"them anyway (per tensor) when it loads {path.name}. Only layers at the edges of the graph stay float.",
+            file=sys.stderr,
+        )
+    return result | {"batch": cfg.batch}
+
+
+def prove_portability(path: Path, weight_range: str, target: str, *, warn: bool) -> tuple[dict, bool]:
+    """Check an INT8 file against the overflow bound of x86 kernels without VNNI and write the
+    verdict into its metadata (:func:`compress.exporters.qdq.int8_portability`).
+
+    A file that is not portable cannot be verified with ONNX Runtime's default kernels on a CPU
+    that saturates it: there it is verified with the exact u8u8 kernels instead, which compute
+    what a VNNI CPU does, and a warning says so.
+
+    Returns:
+        ``(record for the export metrics, whether to verify with exact_int8)``.
+
+    Raises:
+        ExportError: a portable ``weight_range`` produced a file that is not portable.
+    """
+    from compress.cpu_features import cpu_features
+    from compress.exporters.onnx.export import add_metadata
+    from compress.exporters.onnx.graph import load_onnx
+    from compress.exporters.qdq import int8_portability
+    from compress.int8_kernels import WEIGHT_RANGES
+
+    report = int8_portability(load_onnx(path))
+    add_metadata(path, report.metadata())
+    if WEIGHT_RANGES[weight_range].portable and not report.portable:
+        raise ExportError(
+            f"{path.name}: weight_range {weight_range} should stay within the 16-bit lanes of CPUs without VNNI, "
+            f"but layer {report.worst_layer} pairs weights summing to {report.worst_pair_sum} (limit {report.limit})"
+        )
+    cpu = cpu_features()
+    exact = cpu.saturates_u8s8 and not report.portable
+    if exact and warn and target == "onnxruntime-cpu":
+        print(
+            f"warning: {path.name} has full-range INT8 weights (quantize.weight_range: {weight_range}), which this CPU "
+            f"({cpu.summary()}) saturates; it was verified with ONNX Runtime's exact u8u8 kernels and gives these answers "
+            "only on CPUs with VNNI (or ARM). Use weight_range: auto for a file that is right everywhere.",
+            file=sys.stderr,
+        )
+    verified_with = "u8u8 (session.x64quantprecision)" if exact else "u8s8"
+    return report.to_dict() | {"weight_range": weight_range, "cpu": cpu.summary(), "verified_with": verified_with}, exact
+
+
+def export_derived_formats(onnx_path: Path, model, cfg: ExportConfig, images: np.ndarray, quantization: QuantSpec | None, *, warn: bool, timing_cache: Path | None) -> dict[str, tuple[dict, Path | None]]:
+    """Every format of ``cfg.formats`` but ONNX, built from the proven ONNX file.
+
+    Returns:
+        ``{format: (outcome, file or None)}``; outcome is ``{"status": "ok", "file", ...the
+        verification}`` or ``{"status": "skipped", "reason"}`` (a float-only format for an INT8
+        model, TensorRT absent).
+    """
+    derived = {}
+    for name in cfg.formats:
+        fmt = FORMATS.get(name)
+        if fmt.build is None:  # ONNX itself: the file everything is built from
+            continue
+        target = onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + fmt.suffix)
+        reason = fmt.not_applicable(quantization)
+        if reason is None:
+            try:
+                outcome = fmt.builder(onnx_path, target, model, images, cfg, int8=quantization is not None, timing_cache=timing_cache)
+            except ExportError as exc:
+                if not _is_unavailable(exc):
+                    raise
+                reason = str(exc)
+        if reason is not None:
+            if warn and fmt.needs_gpu:
+                print(f"warning: no {fmt.title} for {onnx_path.name}: {reason}", file=sys.stderr)
+            derived[name] = ({"status": "skipped", "reason": reason}, None)
+        else:
+            derived[name] = ({"status": "ok", "file": target.name, **outcome}, target)
+    return derived
+
+
+def _is_unavailable(exc: ExportError) -> bool:
+    from compress.exporters.tensorrt import TensorRTUnavailable
+
+    return isinstance(exc, TensorRTUnavailable)

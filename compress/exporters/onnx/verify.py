@@ -1,0 +1,214 @@
+"""The proof that an exported file matches PyTorch: ONNX Runtime and PyTorch on the same images,
+within the tolerance of the file's precision, failing loudly when they disagree (STYLE habit 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from compress.errors import ExportError, first_line
+
+if TYPE_CHECKING:
+    import onnxruntime
+    from torch import nn
+from compress.exporters.onnx.export import _eval_on_cpu
+
+VERIFY_CHUNK = 64
+
+
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # ORT type -> numpy
+
+
+def verify_onnx(
+    path: Path, model: nn.Module, images: np.ndarray, *, tolerance: float, min_agreement: float, relative: bool = False,
+    exact_int8: bool = False,
+) -> dict:
+    """Prove an exported file reproduces the PyTorch model on real inputs (STYLE habit 6).
+
+    Both run on CPU: ONNX Runtime's CPUExecutionProvider and the model in float32, in eval mode
+    under ``no_grad`` (its mode and device are restored afterwards). ONNX Runtime is fed the
+    file's own input type (float32, or float16 for an FP16 file) and both outputs are compared in
+    float64. Images go in chunks of 64; a file with a static batch size B gets chunks of exactly
+    B images: only whole chunks are used, and fewer than B images are repeated to fill one.
+
+    Args:
+        path: the exported ``.onnx`` file.
+        model: the PyTorch model it was exported from.
+        images: float32 (N, C, H, W) batch, already normalised as the model expects.
+        tolerance: largest acceptable absolute difference of any logit, multiplied by the
+            largest |logit| of the PyTorch model when that exceeds 1 (:func:`allowed_abs_diff`).
+        min_agreement: smallest acceptable fraction of images with the same top-1 class.
+        relative: ``tolerance`` bounds the difference divided by the largest |logit| of the
+            PyTorch model instead (an INT8 graph's rounding error scales with its output range,
+            so an absolute bound would depend on how confident the model is).
+        exact_int8: run ONNX Runtime's exact u8u8 integer kernels (``session.x64quantprecision``)
+            instead of its u8s8 ones: what a VNNI CPU computes, proven on a CPU without VNNI
+            (see :func:`open_session`).
+
+    Returns:
+        ``{"max_abs_diff", "mean_abs_diff", "max_abs_logit", "max_rel_diff", "top1_agreement",
+        "samples", "tolerance", "relative", "min_agreement"}`` (``samples``: images compared,
+        repeats included); worth writing into the export artifact.
+
+    Raises:
+        ExportError: the file cannot be run, its input type is neither float32 nor float16, its
+            output shape differs from PyTorch's, or the difference/agreement is out of bounds
+            (the message states both numbers). In the last case the error's ``result`` attribute
+            holds the dict above.
+    """
+    path = Path(path)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ExportError(f"verify {path.name}: expected a non-empty (N, C, H, W) batch, got shape {images.shape}")
+    import torch
+
+    session = open_session(path, exact_int8=exact_int8)
+    chunks = _verify_chunks(images, session.get_inputs()[0].shape[0])
+    with _eval_on_cpu(model), torch.no_grad():
+        diffs = [_chunk_diff(session, model, chunk, path) for chunk in chunks]
+    max_abs_diff, max_abs_logit = max(d[0] for d in diffs), max(d[4] for d in diffs)
+    samples = sum(len(chunk) for chunk in chunks)
+    result = {
+        "max_abs_diff": max_abs_diff,
+        "mean_abs_diff": sum(d[1] for d in diffs) / sum(d[2] for d in diffs),
+        "max_abs_logit": max_abs_logit,
+        "max_rel_diff": max_abs_diff / max_abs_logit if max_abs_logit > 0 else max_abs_diff,
+        "top1_agreement": sum(d[3] for d in diffs) / samples,
+        "samples": samples,
+        "tolerance": tolerance,
+        "relative": relative,
+        "min_agreement": min_agreement,
+    }
+    _raise_if_out_of_bounds(result, path)
+    return result
+
+
+def open_session(path: Path, threads: int = 0, *, exact_int8: bool = False) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session for ``path``; any loading failure becomes one-line ExportError.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads; 0 keeps ONNX Runtime's default (one per physical core).
+        exact_int8: on x86 CPUs without VNNI, convert int8 weights to uint8 at load time
+            (``session.x64quantprecision``) so no product pair saturates: slower, but the
+            sums a VNNI CPU computes. No effect elsewhere.
+
+    Returns:
+        The session, with all graph optimisations enabled.
+
+    Raises:
+        ExportError: the file is missing or ONNX Runtime cannot load it.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    if exact_int8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"{path}: ONNX Runtime cannot load it: {first_line(exc)}") from exc
+
+
+def _verify_chunks(images: np.ndarray, batch: Any) -> list[np.ndarray]:
+    """VERIFY_CHUNK-sized chunks for a dynamic batch axis (``batch`` is its name or None); for a
+    static one, whole chunks of exactly ``batch`` images, repeating them if there are fewer."""
+    if not isinstance(batch, int) or batch < 1:
+        return [images[i : i + VERIFY_CHUNK] for i in range(0, len(images), VERIFY_CHUNK)]
+    if len(images) < batch:
+        images = np.resize(images, (batch, *images.shape[1:]))  # repeats the images cyclically
+    return [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
+
+
+def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, float, int, int, float]:
+    """(max |diff|, sum |diff|, number of logits, top-1 agreements, max |PyTorch logit|) of one
+    chunk; the model is already in eval mode on CPU under no_grad."""
+    import torch
+
+    feed = session.get_inputs()[0]
+    if feed.type not in _INPUT_DTYPES:
+        raise ExportError(f"{path.name}: cannot verify an input of type {feed.type} (float or float16 only)")
+    ours = session.run(None, {feed.name: chunk.astype(_INPUT_DTYPES[feed.type])})[0]
+    theirs = model(torch.from_numpy(chunk))
+    theirs = (theirs[0] if isinstance(theirs, (tuple, list)) else theirs).numpy()
+    if ours.shape != theirs.shape:
+        raise ExportError(f"{path.name}: ONNX output shape {ours.shape} differs from PyTorch's {theirs.shape}")
+    diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
+    agree = int((ours.argmax(axis=1) == theirs.argmax(axis=1)).sum())
+    return float(diff.max()), float(diff.sum()), diff.size, agree, float(np.abs(theirs).max())
+
+
+def compare_logits(ours: np.ndarray, theirs: np.ndarray, path: Path, *, tolerance: float, min_agreement: float, relative: bool) -> dict:
+    """The verification record of logits from another runtime (a TensorRT engine, a converted
+    file) against reference logits on the same inputs, with :func:`verify_onnx`'s keys and bounds.
+
+    Raises:
+        ExportError: different shapes, or out of bounds (the error's ``result`` holds the record).
+    """
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if ours.shape != theirs.shape:
+        raise ExportError(f"{Path(path).name}: output shape {ours.shape} differs from the reference's {theirs.shape}")
+    diff = np.abs(ours - theirs)
+    max_abs_logit = float(np.abs(theirs).max())
+    result = {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "max_abs_logit": max_abs_logit,
+        "max_rel_diff": float(diff.max()) / max_abs_logit if max_abs_logit > 0 else float(diff.max()),
+        "top1_agreement": float(np.mean(ours.argmax(axis=1) == theirs.argmax(axis=1))),
+        "samples": len(ours),
+        "tolerance": tolerance,
+        "relative": relative,
+        "min_agreement": min_agreement,
+    }
+    _raise_if_out_of_bounds(result, Path(path))
+    return result
+
+
+def allowed_abs_diff(result: dict) -> float:
+    """The absolute bound an FP32 check applies: ``tolerance`` for logits up to 1 in magnitude,
+    ``tolerance`` times the largest |logit| beyond (float rounding grows with the values: an
+    undertrained network with logits of 10^4 differs by 10^-2 between two correct runtimes)."""
+    return result["tolerance"] * max(1.0, result["max_abs_logit"])
+
+
+def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
+    bad_diff = result["max_rel_diff"] > result["tolerance"] if result["relative"] else result["max_abs_diff"] > allowed_abs_diff(result)
+    bad_agreement = result["top1_agreement"] < result["min_agreement"]
+    if bad_diff or bad_agreement:
+        error = ExportError(
+            f"{path.name} does not reproduce the PyTorch model on {result['samples']} images: "
+            f"max |diff| {_diff_text(result)}, "
+            f"top-1 agreement {result['top1_agreement']:.2%} (minimum {result['min_agreement']:.2%})"
+        )
+        error.result = result
+        raise error
+
+
+def _diff_text(result: dict) -> str:
+    if result["relative"]:
+        return (f"{result['max_abs_diff']:.3g} = {result['max_rel_diff']:.2%} of the largest logit "
+                f"{result['max_abs_logit']:.3g} (tolerance {result['tolerance']:.2%})")
+    if result["max_abs_logit"] > 1:
+        return (f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g} x the largest logit "
+                f"{result['max_abs_logit']:.3g} = {allowed_abs_diff(result):.3g})")
+    return f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})"
+
+
+def compare_onnx_files(candidate: Path, reference: Path, samples: int, *, tolerance: float, min_agreement: float) -> dict:
+    """Check a converted file against the file it came from on random normal inputs (no
+    PyTorch model or dataset at hand), relative to the largest |logit|, with top-1 agreement."""
+    sessions = [open_session(p) for p in (candidate, reference)]
+    shape = [d if isinstance(d, int) else None for d in sessions[1].get_inputs()[0].shape]
+    inputs = np.random.default_rng(0).standard_normal((shape[0] or min(samples, 64), *shape[1:]), dtype=np.float32)
+    outputs = []
+    for session in sessions:
+        feed = inputs.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else inputs
+        outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0])
+    result = compare_logits(outputs[0], outputs[1], candidate, tolerance=tolerance, min_agreement=min_agreement, relative=True)
+    return result | {"inputs": "random normal", "reference": reference.name}
