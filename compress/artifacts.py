@@ -90,14 +90,10 @@ def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
         return None
     if record.key != key:
         return None
-    files = {}
-    for role, entry in record.files.items():
-        path = run_dir / entry.path
-        if not path.resolve().is_relative_to(run_dir.resolve()):  # a tampered record pointing elsewhere: re-run
-            return None
-        if not path.is_file() or sha256_file(path) != entry.sha256:
-            return None
-        files[role] = path
+    try:  # every file inside the run folder and exactly as written; else (tampered, lost) re-run
+        files = {role: record.path(role) for role in record.files}
+    except ModelError:
+        return None
     return Artifact(
         stage=record.stage, kind=record.kind, files=files, metrics=record.metrics, role=record.role, network=record.network,
         key=key, seconds=record.seconds, skipped=True,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from compress.errors import StageError
-from compress.fileio import atomic_path
+from compress.fileio import save_torch
 
 FORMAT_VERSION = 1
 
@@ -43,8 +43,7 @@ def save_training_state(path: Path, key: str, *, epoch: int, model, extra_params
         "history": history,
     }
     try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, path)
     except OSError as exc:
         reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
         raise StageError(f"cannot write the training checkpoint {path}: {reason}; the previous checkpoint is kept") from None

@@ -53,6 +53,8 @@ def user_errors(fn):
                 traceback.print_exc()
             click.echo(f"error: {'' if distributed.is_main() else f'(process {distributed.rank()}) '}{error}", err=True)
             sys.exit(error.exit_code)
+        except EOFError as exc:  # click would print only "Aborted!" for it: a bug must keep its traceback
+            raise RuntimeError(f"unexpected end of input: {exc}") from exc
         except KeyboardInterrupt:
             if distributed.is_main():  # Ctrl-C reaches every process of a torchrun: one message
                 click.echo("interrupted: completed stages are kept; run the same command to resume", err=True)
@@ -97,10 +99,11 @@ def cli():
 @cli.command()
 @recipe_options
 @click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
+@click.option("--wait", is_flag=True, help="If another run is writing the same run folder, wait for it instead of refusing.")
 @click.option("--nproc", type=click.IntRange(min=1), metavar="N",
               help="Train data-parallel (DDP) in N processes on this machine: runs this command under torchrun --standalone --nproc_per_node=N.")
 @user_errors
-def run(recipe_path, data, epochs, subset, device, out, overrides, force, nproc):
+def run(recipe_path, data, epochs, subset, device, out, overrides, force, wait, nproc):
     """Run RECIPE's stages into <out>/<name>/, skipping stages already done."""
     from compress.pipeline import run as run_pipeline
     from compress.report import summary_table
@@ -112,7 +115,7 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force, nproc)
         distributed.per_process_batch(recipe.data.batch_size, nproc)
         sys.exit(distributed.launch(nproc, ["run", *_run_arguments(click.get_current_context().params)]))
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
-    artifacts = run_pipeline(recipe, force=force)
+    artifacts = run_pipeline(recipe, force=force, wait=wait)
     if not distributed.is_main():
         return
     click.echo(summary_table(artifacts))
@@ -136,7 +139,7 @@ def _run_arguments(params: dict) -> list[str]:
             args += [f"--{name}", str(params[name])]
     for override in params["overrides"]:
         args += ["--set", override]
-    return args + [f"--{flag}" for flag in ("force", "debug") if params.get(flag)]
+    return args + [f"--{flag}" for flag in ("force", "wait", "debug") if params.get(flag)]
 
 
 @cli.command()
@@ -150,7 +153,8 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
 
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
     click.echo(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip())
-    click.echo(f"ok: {recipe_path} is valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})", err=True)
+    data = f"; data at {recipe.data.path} is readable (its content is read when the run loads it)" if recipe.data.path else ""
+    click.echo(f"ok: {recipe_path} is valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)}){data}", err=True)
 
 
 def _backends() -> list[str]:
@@ -243,18 +247,23 @@ def _fraction(ctx, param, value: str) -> float:
               help="relative: latency as a ratio to the run's reference model (machine-independent); auto: relative when both results have it.")
 @click.option("--min-int8-agreement", callback=lambda ctx, param, value: None if value is None else _fraction(ctx, param, value),
               help="Floor on the INT8 student's top-1 agreement with its float version (99% or 0.99); needs no baseline.")
+@click.option("--allow-missing", is_flag=True, default=default(GatesConfig, "allow_missing"),
+              help="Accept gates the baseline cannot evaluate (metric absent or 0); by default they fail.")
 @user_errors
-def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency, min_int8_agreement):
+def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency, min_int8_agreement, allow_missing):
     """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline and floors; exit 1 on a regression."""
     from compress.errors import RecipeError
     from compress.gates import check as check_gates
-    from compress.gates import gates_table, load_bench_result
+    from compress.gates import different_networks, gates_table, load_bench_result
 
     if baseline is None and min_int8_agreement is None:
         raise RecipeError("nothing to check: give --baseline BASELINE and/or --min-int8-agreement")
     gates = GatesConfig(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase,
-                        latency=latency, min_int8_agreement=min_int8_agreement)
-    results = check_gates(load_bench_result(result), load_bench_result(baseline) if baseline else None, gates)
+                        latency=latency, min_int8_agreement=min_int8_agreement, allow_missing=allow_missing)
+    current, reference = load_bench_result(result), load_bench_result(baseline) if baseline else None
+    for warning in different_networks(current, reference) if reference is not None else []:
+        click.echo(warning, err=True)
+    results = check_gates(current, reference, gates)
     click.echo(gates_table(results), nl=False)
     sys.exit(0 if all(r.passed for r in results) else 1)
 

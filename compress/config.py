@@ -378,6 +378,7 @@ class GatesConfig:
     max_size_increase: float = 0.05
     latency: str = "auto"
     min_int8_agreement: float | None = None  # floor on the INT8 student's top-1 agreement with its float version
+    allow_missing: bool = False  # a gate the baseline cannot evaluate (metric absent or 0) is SKIPPED; it fails unless this is set
 
     @property
     def active(self) -> bool:

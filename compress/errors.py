@@ -33,7 +33,19 @@ class CompressError(Exception):
             super().__init__(last.removeprefix(prefix), *args)
             self.add_note(text)
         else:  # a user's value with a line break in it must not break the one-line contract
-            super().__init__(text.replace("\r", "\\r").replace("\n", "\\n") if isinstance(message, str) else message, *args)
+            super().__init__(_bounded(text.replace("\r", "\\r").replace("\n", "\\n")) if isinstance(message, str) else message, *args)
+
+
+MAX_MESSAGE = 600  # characters of one error line: a 5 MB value from a recipe is not echoed whole
+
+
+def _bounded(text: str) -> str:
+    """The message, its middle elided when it is longer than MAX_MESSAGE (the head names the
+    field, the tail usually says what is expected)."""
+    if len(text) <= MAX_MESSAGE:
+        return text
+    keep = (MAX_MESSAGE - 30) // 2
+    return f"{text[:keep]} ...[{len(text) - 2 * keep:,} characters]... {text[-keep:]}"
 
 
 class SettingError(CompressError):
@@ -65,7 +77,7 @@ class OutputError(CompressError):
     """An output could not be written: a full disk, a read-only or unwritable folder."""
 
 
-WRITE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted"}
+WRITE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EIO": "an I/O error while writing", "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted"}
 
 
 def output_error(exc: OSError) -> OutputError | None:

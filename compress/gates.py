@@ -15,7 +15,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,12 @@ from compress.errors import DataError
 
 @dataclass(frozen=True)
 class GateResult:
-    """One metric of one model: baseline, current value, the change and whether it is allowed."""
+    """One metric of one model: baseline, current value, the change and whether it is allowed.
+
+    ``status`` is PASS, FAIL, or SKIPPED when the gate could not be evaluated (the baseline
+    lacks the metric or records 0): a skipped gate fails the check unless
+    ``GatesConfig.allow_missing``, so nothing passes that was not checked.
+    """
 
     model: str
     metric: str
@@ -34,7 +42,12 @@ class GateResult:
     current: float | None
     change: str
     limit: str
-    passed: bool
+    status: str
+    allow_missing: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "PASS" or (self.status == "SKIPPED" and self.allow_missing)
 
 
 def load_bench_result(path: str | Path) -> dict:
@@ -56,7 +69,30 @@ def load_bench_result(path: str | Path) -> dict:
         raise DataError(f"{path}: not a JSON bench result ({type(exc).__name__})") from None
     if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not all(isinstance(r, dict) and "role" in r for r in result["rows"]):
         raise DataError(f"{path}: not a bench result (expected an object with a list of 'rows', as compress bench writes)")
+    for row in result["rows"]:
+        _check_numbers(row, path)
     return result
+
+
+def _check_numbers(row: dict, path: Path) -> None:
+    """Every number a gate reads must be a finite number or absent: a hand-edited ``"NaN"`` or
+    ``"fast"`` is a one-line error, not a crash or a silent pass."""
+    values = {"top1": row.get("top1"), "file_bytes": row.get("file_bytes")}
+    latency = row.get("latency")
+    if latency is not None and not isinstance(latency, list):
+        raise DataError(f"{path}: rows[{row['role']!r}].latency is not a list of batch entries")
+    for entry in latency or []:
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: rows[{row['role']!r}].latency holds {entry!r}, not a batch entry")
+        latency_ms = entry.get("latency_ms")
+        if latency_ms is not None and not isinstance(latency_ms, dict):
+            raise DataError(f"{path}: rows[{row['role']!r}].latency_ms is {latency_ms!r}, not a mapping of percentiles")
+        values[f"latency[batch {entry.get('batch_size')}].p50"] = (latency_ms or {}).get("p50")
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise DataError(f"{path}: rows[{row['role']!r}].{name} is {value!r}, not a finite non-negative number")
 
 
 def check(current: dict, baseline: dict | None, gates: GatesConfig) -> list[GateResult]:
@@ -81,8 +117,8 @@ def _int8_agreement(current: dict, floor: float) -> GateResult:
     value = (current.get("agreement") or {}).get("student", {}).get("student_fp32")
     limit = f">= {100 * floor:g}%"
     if value is None:
-        return GateResult("student", "INT8 agreement with student_fp32 (%)", None, None, "not measured (no INT8 student, or no test data)", limit, False)
-    return GateResult("student", "INT8 agreement with student_fp32 (%)", None, 100 * value, "", limit, value >= floor)
+        return GateResult("student", "INT8 agreement with student_fp32 (%)", None, None, "not measured (no INT8 student, or no test data)", limit, "FAIL")
+    return GateResult("student", "INT8 agreement with student_fp32 (%)", None, 100 * value, "", limit, _verdict(value >= floor))
 
 
 def _compare(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]:
@@ -93,24 +129,24 @@ def _compare(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResu
         model, row = base["role"], rows.get(base["role"])
         if row is None or row.get("status") != "ok":
             why = "missing" if row is None else f"error: {row.get('error')}"
-            results.append(GateResult(model, "status", None, None, why, "ok", False))
+            results.append(GateResult(model, "status", None, None, why, "ok", "FAIL"))
             continue
         results.append(_accuracy(model, base, row, gates))
         if not (relative and row_model(base) == current.get("reference")):  # the reference is the yardstick itself
             results.append(_latency(model, base, row, baseline, current, gates, relative))
         results.append(_growth(model, "file size (bytes)", base.get("file_bytes"), row.get("file_bytes"), gates.max_size_increase))
-    return results
+    return [dataclasses.replace(r, allow_missing=gates.allow_missing) for r in results]
 
 
 def _accuracy(model: str, base: dict, row: dict, gates: GatesConfig) -> GateResult:
     before, after = base.get("top1"), row.get("top1")
     limit = f">= -{gates.max_accuracy_drop:g} pts"
     if before is None:
-        return GateResult(model, "top-1 (%)", None, after, "not in baseline", limit, True)
+        return GateResult(model, "top-1 (%)", None, after, "not in baseline", limit, "SKIPPED")
     if after is None:
-        return GateResult(model, "top-1 (%)", before, None, "not measured", limit, False)
+        return GateResult(model, "top-1 (%)", before, None, "not measured", limit, "FAIL")
     drop = after - before
-    return GateResult(model, "top-1 (%)", before, after, f"{drop:+.2f} pts", limit, drop >= -gates.max_accuracy_drop)
+    return GateResult(model, "top-1 (%)", before, after, f"{drop:+.2f} pts", limit, _verdict(drop >= -gates.max_accuracy_drop))
 
 
 def _latency(model, base, row, baseline, current, gates, relative) -> GateResult:
@@ -125,12 +161,33 @@ def _latency(model, base, row, baseline, current, gates, relative) -> GateResult
 
 def _growth(model: str, metric: str, before: float | None, after: float | None, allowed: float) -> GateResult:
     limit = f"<= +{100 * allowed:g}%"
-    if before is None:
-        return GateResult(model, metric, None, after, "not in baseline", limit, True)
+    if before is None or before <= 0:  # nothing to grow from: the gate cannot be evaluated
+        return GateResult(model, metric, before, after, "not in baseline" if before is None else "baseline is 0", limit, "SKIPPED")
     if after is None:
-        return GateResult(model, metric, before, None, "not measured", limit, False)
-    growth = after / before - 1 if before else 0.0
-    return GateResult(model, metric, before, after, f"{100 * growth:+.1f}%", limit, growth <= allowed)
+        return GateResult(model, metric, before, None, "not measured", limit, "FAIL")
+    growth = after / before - 1
+    return GateResult(model, metric, before, after, f"{100 * growth:+.1f}%", limit, _verdict(growth <= allowed))
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def different_networks(current: dict, baseline: dict) -> list[str]:
+    """One warning per model whose network differs between the two results (parameters, MACs or
+    input shape): gating a different architecture or recipe against this baseline is allowed,
+    but should not go unnoticed."""
+    rows = {row["role"]: row for row in current["rows"]}
+    warnings = []
+    for base in baseline["rows"]:
+        row = rows.get(base["role"])
+        if row is None:
+            continue
+        changed = [key for key in ("params", "macs", "input_shape") if base.get(key) is not None and row.get(key) is not None and base[key] != row[key]]
+        if changed:
+            what = ", ".join(f"{key} {base[key]} -> {row[key]}" for key in changed)
+            warnings.append(f"warning: {base['role']} is a different network than in the baseline ({what}); is this the right baseline?")
+    return warnings
 
 
 def _relative_p50(row: dict, result: dict) -> float | None:
@@ -147,11 +204,13 @@ def gates_table(results: list[GateResult]) -> str:
     """Markdown: one line per gate with baseline, current, change, limit and PASS/FAIL."""
     lines = ["| model | metric | baseline | current | change | limit | result |", "|---|---|---:|---:|---:|---|---|"]
     for r in results:
-        lines.append(
-            f"| {r.model} | {r.metric} | {_number(r.baseline)} | {_number(r.current)} | {r.change} | {r.limit} | {'PASS' if r.passed else 'FAIL'} |"
-        )
+        shown = r.status if r.status != "SKIPPED" else ("SKIPPED (allowed)" if r.allow_missing else "SKIPPED (fails; --allow-missing to accept)")
+        lines.append(f"| {r.model} | {r.metric} | {_number(r.baseline)} | {_number(r.current)} | {r.change} | {r.limit} | {shown} |")
     failed = sum(not r.passed for r in results)
+    skipped = sum(r.status == "SKIPPED" for r in results)
     verdict = f"{failed} of {len(results)} gates failed" if failed else f"all {len(results)} gates passed"
+    if skipped:
+        verdict += f" ({skipped} could not be evaluated{', allowed' if all(r.allow_missing for r in results if r.status == 'SKIPPED') else ''})"
     return "\n".join(lines) + f"\n\n{verdict}\n"
 
 
@@ -170,6 +229,9 @@ def gate_run(gates: GatesConfig, run_dir: str | Path) -> list[GateResult]:
     from compress.fileio import write_text_atomic
 
     baseline = load_bench_result(gates.baseline) if gates.baseline is not None else None
-    results = check(load_bench_result(run_dir), baseline, gates)
+    current = load_bench_result(run_dir)
+    for warning in different_networks(current, baseline) if baseline is not None else []:
+        print(warning, file=sys.stderr)
+    results = check(current, baseline, gates)
     write_text_atomic(Path(run_dir) / "gates.md", gates_table(results))
     return results

@@ -8,6 +8,7 @@ everything after it, and nothing before it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
@@ -27,10 +28,11 @@ from compress.fileio import sha256_file, write_text_atomic
 from compress.recipe.checks import resolve_device
 from compress.recipe.serialise import recipe_to_dict
 from compress.report import write_report
+from compress.run_lock import run_lock
 from compress.stages import stage_function
 
 
-def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> dict[str, Artifact]:
+def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True, wait: bool = False) -> dict[str, Artifact]:
     """Run every stage of ``recipe``, then write the run report; return the artifacts by stage name.
 
     Under torchrun (``torchrun --nproc_per_node=N -m compress run RECIPE``) every process calls
@@ -42,17 +44,19 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True) -> d
         recipe: a validated recipe (``compress.load_recipe``).
         force: re-run stages even when their inputs are unchanged.
         show_progress: progress bars and per-epoch lines on stderr (rank 0's only).
+        wait: when another run holds the run folder, wait for it instead of refusing.
 
     Raises:
         CompressError: a stage failed for a reason the user can fix; earlier stages stay done.
     """
     with distributed.process_group(resolve_device(recipe.device)) as device:
         distributed.per_process_batch(recipe.data.batch_size)  # an uneven split fails before any stage
-        return run_stages(recipe, device, force=force, show_progress=show_progress and distributed.is_main())
+        run_dir = distributed.on_main(partial(prepare_run_dir, recipe))
+        with run_lock(run_dir, wait=wait) if distributed.is_main() else contextlib.nullcontext():
+            return run_stages(recipe, run_dir, device, force=force, show_progress=show_progress and distributed.is_main())
 
 
-def run_stages(recipe: Recipe, device: torch.device, *, force: bool, show_progress: bool) -> dict[str, Artifact]:
-    run_dir = prepare_run_dir(recipe)
+def run_stages(recipe: Recipe, run_dir: Path, device: torch.device, *, force: bool, show_progress: bool) -> dict[str, Artifact]:
     resolved = recipe_to_dict(recipe)
     text = yaml.safe_dump(resolved, sort_keys=False)
     distributed.on_main(partial(write_text_atomic, run_dir / "recipe.yaml", text))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ModelError
+from compress.fileio import sha256_file
 
 STAGE_RECORD = "stage.json"
 
@@ -101,8 +102,22 @@ class StageRecord:
         return self.folder.parent
 
     def path(self, role: str) -> Path:
-        """The absolute path of the file recorded for ``role``."""
-        return self.run_dir / self.files[role].path
+        """The absolute path of the file recorded for ``role``, proven to be that file.
+
+        Raises:
+            ModelError: the record points outside its run folder (directly, through ``..`` or a
+                link), or the file is missing or is not the one the stage wrote (sha256).
+        """
+        entry = self.files[role]
+        path = self.run_dir / entry.path
+        where = self.folder / STAGE_RECORD if self.folder else self.stage
+        if not path.resolve().is_relative_to(self.run_dir.resolve()):
+            raise ModelError(f"{where}: its {role} file {entry.path} lies outside the run folder; refusing to load it")
+        if not path.is_file():
+            raise ModelError(f"{where}: its {role} file {entry.path} is missing")
+        if sha256_file(path) != entry.sha256:
+            raise ModelError(f"{where}: its {role} file {entry.path} is not the file the stage wrote (sha256 differs); re-run the stage")
+        return path
 
     @property
     def image_size(self) -> int:
@@ -125,6 +140,7 @@ class StageRecord:
         if not isinstance(raw, dict):
             raise TypeError("not a JSON object")
         metrics = raw.get("metrics") or {}
+        _check_metrics(metrics)
         network = raw.get("network") or (metrics if "model" in metrics and "num_classes" in metrics else None)  # records before NetworkSpec
         return cls(
             stage=str(raw["stage"]), kind=str(raw.get("kind") or raw["stage"]), key=str(raw.get("key", "")), role=raw.get("role"),
@@ -149,7 +165,7 @@ class StageRecord:
         except OSError:
             raise ModelError(f"{record_path}: not {expected} (no such file)") from None
         except (ValueError, KeyError, TypeError) as exc:
-            what = f"no {exc} recorded" if isinstance(exc, KeyError) else "not a stage record"
+            what = f"no {exc} recorded" if isinstance(exc, KeyError) else str(exc) if str(exc).startswith("metric") else "not a stage record"
             raise ModelError(f"{record_path}: not {expected} ({what})") from None
 
     def network_file(self) -> Path:
@@ -161,3 +177,21 @@ class StageRecord:
         if self.network is None or "model" not in self.files:
             raise ModelError(f"{self.folder / STAGE_RECORD if self.folder else self.stage}: not a finished stage holding a network (no network recorded)")
         return self.path("model")
+
+
+PERCENT_METRICS = ("top1", "fp32_top1", "ptq_top1", "teacher_top1", "top1_before", "top1_at_start")
+COUNT_METRICS = ("params", "macs", "params_before", "macs_before", "teacher_params", "teacher_macs")
+
+
+def _check_metrics(metrics: Any) -> None:
+    """Numbers no stage can produce mean a hand-edited record: refuse it rather than report it."""
+    if not isinstance(metrics, dict):
+        raise TypeError("metrics is not a mapping")
+    for name in PERCENT_METRICS:
+        value = metrics.get(name)
+        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 100.0):
+            raise ValueError(f"metric {name} = {value!r} is not a percentage")
+    for name in COUNT_METRICS:
+        value = metrics.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise ValueError(f"metric {name} = {value!r} is not a count")

@@ -14,7 +14,7 @@ from torch import nn
 
 from compress import distributed
 from compress.errors import ModelError
-from compress.fileio import atomic_path
+from compress.fileio import save_torch
 
 _MAX_LISTED = 3  # problems named in a load_weights error before "+N more"
 
@@ -30,8 +30,7 @@ def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None =
     if not distributed.is_main():  # a distributed run: rank 0 writes, the other ranks take its artifact
         return path
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state if structure is None else {"structure": structure, "state_dict": state}, tmp)
+    save_torch(state if structure is None else {"structure": structure, "state_dict": state}, path)
     return path
 
 
@@ -100,7 +99,7 @@ def _torch_load(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
         text = str(exc)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"unsupported GLOBAL (\S+)", text)
         if refused:
             raise ModelError(
                 f"checkpoint {path} was refused: it would import {refused.group(1)} and only plain tensors are loaded "

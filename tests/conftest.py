@@ -1,6 +1,9 @@
 """Shared fixtures: where the real data lies, and small recipes that run in seconds."""
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,19 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(module, nn.Linear):
                 module.weight.mul_(10)
     return model.eval()
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m compress ARGS`` in a fresh process: exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> str:
+    """The error is one line, the last one, and nothing else on stderr but progress lines."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), stderr[-3000:]
+    assert all(re.fullmatch(r"\[\w+\] running", line) for line in lines[:-1]), stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1]
+    return lines[-1]

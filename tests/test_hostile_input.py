@@ -8,8 +8,6 @@ import dataclasses
 import io
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import assert_one_line_error
+from conftest import run_cli as compress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -38,21 +38,6 @@ from compress.recipe.load import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 DIGITS = {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 60, "test": 20}}
-
-
-def compress(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True)
-
-
-def assert_one_line_error(stderr: str, *needles: str) -> str:
-    """The error is one line, the last one, and nothing else on stderr but progress lines."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), stderr[-3000:]
-    assert all(re.fullmatch(r"\[\w+\] running", line) for line in lines[:-1]), stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[-1]
-    return lines[-1]
 
 
 def invoke(*args) -> tuple[int, str]:

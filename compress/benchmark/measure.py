@@ -131,7 +131,9 @@ def normalisation(
         return [float(m) for m in mean], [float(s) for s in std]
     raise ExportError(
         f"{Path(path).name} has no {META_MEAN}/{META_STD} metadata to normalise images with; "
-        "export it with preprocessing_metadata(...) or pass mean= and std="
+        "export it with compress (which writes them), add them to the file with "
+        "compress.exporters.onnx.export.add_metadata(path, preprocessing_metadata(mean, std, image_size, classes)), "
+        "or bench it from Python with compress.bench(..., mean=[...], std=[...])"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from torch import Tensor
 from compress.config import DataConfig
 from compress.data.common import _check_labels, _existing_dir, _in_memory_bundle
 from compress.data.containers import DatasetBundle
-from compress.errors import DataError
+from compress.errors import DataError, first_line
 
 
 def load_npz(cfg: DataConfig) -> DatasetBundle:
@@ -32,14 +34,38 @@ def load_npz(cfg: DataConfig) -> DatasetBundle:
 def _read_npz(file: Path) -> tuple[Tensor, Tensor]:
     if not file.is_file():
         raise DataError(f"missing {file}: an npz dataset needs train.npz and test.npz (arrays x, y)")
-    try:
-        with np.load(file, allow_pickle=False) as arrays:
-            if "x" not in arrays or "y" not in arrays:
-                raise DataError(f"{file}: expected arrays 'x' (images) and 'y' (labels), found {', '.join(arrays.files)}")
-            x, y = arrays["x"], arrays["y"]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{file}: not a readable npz file ({exc})") from None
+    x, y = _arrays(file, ("x", "y"), "arrays 'x' (images) and 'y' (labels)")
     return _npz_images(x, file), _npz_labels(y, len(x), file)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+
+
+def _arrays(file: Path, names: tuple[str, ...], wanted: str) -> list[np.ndarray]:
+    """The named arrays of an .npz file, never unpickling anything; a file that is empty, not a
+    zip archive, truncated or holding object arrays is one DataError saying so."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+    if head != _ZIP_MAGIC:
+        what = "the file is empty" if not head else "it is not a zip archive of .npy arrays"
+        raise DataError(f"{file}: not a valid numpy .npz archive ({what}); write it with numpy.savez")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            missing = [name for name in names if name not in archive]
+            if missing:
+                raise DataError(f"{file}: expected {wanted}, found {', '.join(archive.files) or 'no arrays'}")
+            return [archive[name] for name in names]
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise DataError(f"{file}: holds object arrays (pickled Python objects), which are never loaded; save numeric arrays") from None
+        raise DataError(f"{file}: not a valid numpy .npz archive ({first_line(exc)})") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{file}: not a valid numpy .npz archive, or truncated ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _npz_images(x: np.ndarray, file: Path) -> Tensor:
@@ -65,6 +91,9 @@ def _npz_classes(folder: Path, *labels: Tensor) -> list[str]:
         names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not names:
             raise DataError(f"{names_file}: expected one class name per line, found none")
+        largest = max((int(y.max()) for y in labels if len(y)), default=-1)
+        if largest >= len(names):
+            raise DataError(f"{names_file}: names {len(names)} classes, but the labels go up to {largest}; give one name per class, one per line")
         return names
     largest = max((int(y.max()) for y in labels if len(y)), default=-1)
     return [str(k) for k in range(largest + 1)]
@@ -78,13 +107,7 @@ def _check_same_size(train_x: Tensor, test_x: Tensor, folder: Path) -> None:
 
 
 def _read_unlabeled_npz(file: Path) -> np.ndarray:
-    try:
-        with np.load(file, allow_pickle=False) as arrays:
-            if "x" not in arrays:
-                raise DataError(f"{file}: expected an array 'x' (unlabeled images), found {', '.join(arrays.files) or 'none'}")
-            x = arrays["x"]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{file}: not a readable npz file ({exc})") from None
+    (x,) = _arrays(file, ("x",), "an array 'x' (unlabeled images)")
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
         raise DataError(f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey; got {x.dtype} {x.shape}")
     if len(x) == 0:

@@ -7,7 +7,11 @@ The export stage, ``compress export`` and the library's :func:`compress.export` 
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +20,45 @@ from compress.config import ExportConfig
 from compress.errors import ExportError
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.onnx.verify import verify_onnx
+from compress.fileio import write_text_atomic
 from compress.formats import FORMATS
 from compress.records import QuantSpec
 
 QUANTIZED_EXPORTER = "torchscript"
+FAILED_SUFFIX = ".failed-check"  # what a file that failed its proof is renamed to
+
+
+@contextmanager
+def proven(path: Path) -> Iterator[Path]:
+    """The name to write ``path`` under until its proof passes: the file appears at ``path``
+    (the deliverable a user benches and deploys) only when the block succeeds.
+
+    When the block raises an ExportError after writing (the file does not reproduce the model,
+    or is not the graph it should be), the file is kept for inspection as
+    ``<name>.failed-check`` with the reason in ``<name>.failed-check.txt``, and a ``path`` left
+    by an earlier run is removed: it belongs to other inputs. Interrupted, the pending file is
+    removed.
+    """
+    path = Path(path)
+    folder = path.parent / f".{path.name}.unverified"  # the same name in a hidden folder: messages name the file as it will be
+    pending, failed = folder / path.name, path.with_name(path.name + FAILED_SUFFIX)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield pending
+    except ExportError as exc:
+        if not pending.exists():  # nothing was written (a format that cannot be built here)
+            raise
+        os.replace(pending, failed)
+        write_text_atomic(failed.with_name(failed.name + ".txt"), f"{exc}\n")
+        path.unlink(missing_ok=True)
+        raise ExportError(f"{exc} (not written as {path.name}; the file that failed is kept as {failed.name})") from None
+    else:
+        os.replace(pending, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    failed.unlink(missing_ok=True)  # an earlier failure of this file is superseded
+    failed.with_name(failed.name + ".txt").unlink(missing_ok=True)
 
 
 def export_network(
@@ -40,10 +79,17 @@ def export_network(
         quantization: how a fake-quantized model was quantized (None: a float model).
         image_size, in_channels: the input the file declares.
 
+    The file appears at ``path`` only once its proof passed (see :func:`proven`).
+
     Returns:
         The verification record (see :func:`compress.exporters.onnx.verify_onnx`), with
         ``"qdq"`` for a quantized network and ``"batch"`` (None: dynamic).
     """
+    with proven(path) as pending:
+        return _export_and_verify(model, pending, cfg, images, metadata, quantization, image_size=image_size, in_channels=in_channels, warn=warn)
+
+
+def _export_and_verify(model, path: Path, cfg, images, metadata, quantization, *, image_size, in_channels, warn) -> dict:
     common = dict(image_size=image_size, in_channels=in_channels, opset=cfg.opset, batch=cfg.batch, simplify=cfg.simplify)
     if quantization is None:
         export_onnx(model, path, exporter=cfg.exporter, metadata=metadata, **common)
@@ -124,7 +170,8 @@ def export_derived_formats(onnx_path: Path, model, cfg: ExportConfig, images: np
         reason = fmt.not_applicable(quantization)
         if reason is None:
             try:
-                outcome = fmt.builder(onnx_path, target, model, images, cfg, int8=quantization is not None, timing_cache=timing_cache)
+                with proven(target) as pending:
+                    outcome = fmt.builder(onnx_path, pending, model, images, cfg, int8=quantization is not None, timing_cache=timing_cache)
             except ExportError as exc:
                 if not _is_unavailable(exc):
                     raise

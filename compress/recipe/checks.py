@@ -3,6 +3,7 @@ order that works, teachers that exist, files that are there, layers that the net
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,8 @@ def check_references(recipe: C.Recipe) -> None:
     check_layer_names(recipe)
     if recipe.data.path is not None and not _path_is(recipe.data.path, "exists", "data.path"):
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
+    if recipe.data.path is not None:
+        _check_readable(Path(recipe.data.path), "data.path")
     if recipe.teacher.checkpoint is not None and not _path_is(recipe.teacher.checkpoint, "is_file", "teacher.checkpoint"):
         raise RecipeError(f"teacher.checkpoint: no such file: {recipe.teacher.checkpoint}")
     if recipe.gates.baseline is not None and not _path_is(recipe.gates.baseline, "exists", "gates.baseline"):
@@ -163,3 +166,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"device: {name!r} asked for, but this torch build sees no CUDA device")
     return device
+
+
+def _check_readable(path: Path, field: str) -> None:
+    """A cheap look at the data before anything runs: the file, or the folder and every entry
+    directly in it, can be read. The readers check the content when the run loads it."""
+    try:
+        entries = list(path.iterdir()) if path.is_dir() else [path]
+    except OSError as exc:
+        raise RecipeError(f"{field}: cannot list {path}: {exc.strerror or exc}") from None
+    for entry in entries:
+        if not os.access(entry, os.R_OK | (os.X_OK if entry.is_dir() else 0)):
+            raise RecipeError(f"{field}: cannot read {entry} (permission denied)")

@@ -14,6 +14,7 @@ from compress.errors import RecipeError
 from compress.recipe.checks import _check_recipe, check_references
 from compress.recipe.convert import _build, _build_stages, _kind
 from compress.recipe.overrides import apply_override, apply_shorthands
+from compress.recipe.yamlio import YamlProblem, load_yaml
 
 
 def load_recipe(
@@ -55,7 +56,9 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
+    except YamlProblem as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -11,6 +11,7 @@ import yaml
 from compress import config as C
 from compress.errors import RecipeError
 from compress.recipe.convert import _did_you_mean, _kind, _stage_name_and_settings
+from compress.recipe.yamlio import YamlProblem, load_yaml
 
 
 def apply_shorthands(raw: dict, *, data=None, epochs=None, subset=None, device=None, out=None) -> dict:
@@ -41,7 +42,9 @@ def apply_override(raw: dict, item: str) -> dict:
     if not sep or not key.strip():
         raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. stages.distill.train.epochs=3")
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
+    except YamlProblem as exc:
+        raise RecipeError(f"--set {item!r}: {exc}") from None
     except (yaml.YAMLError, ValueError, RecursionError):
         raise RecipeError(f"--set {item!r}: the value is not valid YAML") from None
     return _set(raw, key.strip().split("."), value, item)

@@ -20,7 +20,7 @@ from compress.context import RunContext
 from compress.data.containers import DatasetBundle
 from compress.data.loaders import test_arrays
 from compress.errors import ExportError
-from compress.exporters.network import export_derived_formats, export_network
+from compress.exporters.network import export_derived_formats, export_network, proven
 from compress.exporters.onnx.export import preprocessing_metadata
 from compress.formats import FORMATS
 from compress.networks import StageNetwork
@@ -125,7 +125,8 @@ def export_file(source: str | Path, fmt: str, out: str | Path | None, cfg: Expor
         if fmt == "onnx":
             raise ExportError(f"{source} is already ONNX; ask for --format onnx-fp16 or tensorrt")
         target = Path(out) if out else source.with_name(source.name.removesuffix(".onnx") + suffix)
-        return target, FORMATS.get(fmt).converter(source, target, cfg)
+        with proven(target) as pending:
+            return target, FORMATS.get(fmt).converter(source, pending, cfg)
     from compress.networks import load_stage_network
 
     model, network = load_stage_network(source)

@@ -204,11 +204,20 @@ def compare_onnx_files(candidate: Path, reference: Path, samples: int, *, tolera
     """Check a converted file against the file it came from on random normal inputs (no
     PyTorch model or dataset at hand), relative to the largest |logit|, with top-1 agreement."""
     sessions = [open_session(p) for p in (candidate, reference)]
+    for path, session in zip((candidate, reference), sessions, strict=True):
+        count = len(session.get_inputs())
+        if count != 1:
+            raise ExportError(f"{path.name}: has {count} inputs; compress converts and checks single-input image classifiers")
     shape = [d if isinstance(d, int) else None for d in sessions[1].get_inputs()[0].shape]
+    if len(shape) != 4:
+        raise ExportError(f"{reference.name}: its input has shape {shape}; compress checks image classifiers (N, C, H, W)")
     inputs = np.random.default_rng(0).standard_normal((shape[0] or min(samples, 64), *shape[1:]), dtype=np.float32)
     outputs = []
-    for session in sessions:
+    for path, session in zip((candidate, reference), sessions, strict=True):
         feed = inputs.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else inputs
-        outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0])
+        try:
+            outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0])
+        except Exception as exc:  # onnxruntime's own error types: the file does not run on these inputs
+            raise ExportError(f"{path.name}: ONNX Runtime cannot run it on random (N, C, H, W) inputs: {first_line(exc)}") from None
     result = compare_logits(outputs[0], outputs[1], candidate, tolerance=tolerance, min_agreement=min_agreement, relative=True)
     return result | {"inputs": "random normal", "reference": reference.name}
