@@ -37,16 +37,33 @@ OTHER_LOSSES = {  # the best of the registry on earlier budgets (RESULTS.md, dis
     "hybrid": [{"name": "hybrid", "alpha": 0.5}, "ce"],
     "dkd": [{"name": "dkd"}],
 }
-TARGETS = {"teacher_top1": 90.0, "kd_over_ce": 0.5, "prune_macs_ratio": 2.0, "prune_drop": 1.0, "qat_drop": 0.5, "speedup": 10.0}
+TARGETS = {
+    "teacher_top1": 90.0,
+    "kd_over_ce": 0.5,
+    "prune_macs_ratio": 2.0,
+    "prune_drop": 1.0,
+    "qat_drop": 0.5,
+    "speedup": 10.0,
+}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="CIFAR-10 folder (cifar-10-batches-py, or train.npz/test.npz)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", required=True, help="CIFAR-10 folder (cifar-10-batches-py, or train.npz/test.npz)"
+    )
     parser.add_argument("--out", default=str(HERE.parent / "exported" / "cifar10_reference"))
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--methods", default="ce,kd,hybrid,dkd", help="kd = the recipe's distill loss; others from OTHER_LOSSES")
-    parser.add_argument("--epochs", type=int, help="override every training section (smoke tests only)")
+    parser.add_argument(
+        "--methods",
+        default="ce,kd,hybrid,dkd",
+        help="kd = the recipe's distill loss; others from OTHER_LOSSES",
+    )
+    parser.add_argument(
+        "--epochs", type=int, help="override every training section (smoke tests only)"
+    )
     parser.add_argument("--subset", help="N,M training/test images (smoke tests only)")
     parser.add_argument("--result", default=str(HERE / "results" / "cifar10_reference.json"))
     args = parser.parse_args()
@@ -58,7 +75,9 @@ def main() -> None:
     recipe_seconds = sum(stage_seconds(a) for a in artifacts.values())
     methods, control_seconds = {}, 0.0
     for method in args.methods.split(","):
-        runs = [control(args, recipe, artifacts, method, seed, subset) for seed in range(args.seeds)]
+        runs = [
+            control(args, recipe, artifacts, method, seed, subset) for seed in range(args.seeds)
+        ]
         methods[method] = [a.metrics["top1"] for a in runs]
         control_seconds += sum(stage_seconds(a) for a in runs if a is not artifacts["distill"])
         print(f"{method}: {methods[method]}", flush=True)
@@ -84,11 +103,16 @@ def control(args, recipe, artifacts, method: str, seed: int, subset):
     if method == "kd" and seed == recipe.seed:
         return artifacts["distill"]
     raw = yaml.safe_load(RECIPE.read_text())
-    distill = next(stage["distill"] for stage in raw["stages"] if isinstance(stage, dict) and "distill" in stage)
+    distill = next(
+        stage["distill"]
+        for stage in raw["stages"]
+        if isinstance(stage, dict) and "distill" in stage
+    )
     if method != "kd":
         distill["loss"] = OTHER_LOSSES[method]
     raw.update(
-        name=f"{recipe.name}-{method}-seed{seed}", seed=seed,
+        name=f"{recipe.name}-{method}-seed{seed}",
+        seed=seed,
         teacher=raw["teacher"] | {"checkpoint": str(artifacts["teacher"].files["model"])},
         stages=["teacher", {"distill": distill}],
     )
@@ -96,22 +120,55 @@ def control(args, recipe, artifacts, method: str, seed: int, subset):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return run(load_recipe(path, data=args.data, out=args.out, epochs=args.epochs, subset=subset))["distill"]
+    return run(load_recipe(path, data=args.data, out=args.out, epochs=args.epochs, subset=subset))[
+        "distill"
+    ]
 
 
-def summarise(recipe, artifacts, methods: dict, recipe_seconds: float, benchmark_seconds: float) -> dict:
-    teacher, distill, prune, quantize = (artifacts[name].metrics for name in ("teacher", "distill", "prune", "quantize"))
+def summarise(
+    recipe, artifacts, methods: dict, recipe_seconds: float, benchmark_seconds: float
+) -> dict:
+    teacher, distill, prune, quantize = (
+        artifacts[name].metrics for name in ("teacher", "distill", "prune", "quantize")
+    )
     bench = json.loads(artifacts["bench"].files["json"].read_text())
-    rows = {row["role"]: row for row in bench["rows"] if row.get("group", "onnxruntime") == bench["groups"][0]}
+    rows = {
+        row["role"]: row
+        for row in bench["rows"]
+        if row.get("group", "onnxruntime") == bench["groups"][0]
+    }
     machine = machine_info()
     return {
-        "machine": {"cpu": machine["cpu"], "cores": machine["cores"], "flags": list(machine["cpu_features"]["flags"])},
+        "machine": {
+            "cpu": machine["cpu"],
+            "cores": machine["cores"],
+            "flags": list(machine["cpu_features"]["flags"]),
+        },
         "recipe": RECIPE.name,
-        "teacher": {"model": artifacts["teacher"].network.model, "top1": teacher["top1"], "macs": teacher["macs"], "params": teacher["params"], "epochs": recipe.teacher.train.epochs},
-        "student": {"model": artifacts["distill"].network.model, "macs": distill["macs"], "params": distill["params"], "epochs": _distill_epochs(recipe)},
+        "teacher": {
+            "model": artifacts["teacher"].network.model,
+            "top1": teacher["top1"],
+            "macs": teacher["macs"],
+            "params": teacher["params"],
+            "epochs": recipe.teacher.train.epochs,
+        },
+        "student": {
+            "model": artifacts["distill"].network.model,
+            "macs": distill["macs"],
+            "params": distill["params"],
+            "epochs": _distill_epochs(recipe),
+        },
         "methods": methods,
-        "prune": {"macs_ratio": prune["macs_reduction"], "top1_before": distill["top1"], "top1_after": prune["top1"]},
-        "quantize": {"fp32_top1": quantize["fp32_top1"], "qat_top1": quantize["top1"], "ptq_top1": quantize["ptq_top1"]},
+        "prune": {
+            "macs_ratio": prune["macs_reduction"],
+            "top1_before": distill["top1"],
+            "top1_after": prune["top1"],
+        },
+        "quantize": {
+            "fp32_top1": quantize["fp32_top1"],
+            "qat_top1": quantize["top1"],
+            "ptq_top1": quantize["ptq_top1"],
+        },
         "bench": {
             "teacher_p50_ms_b1": p50_ms(rows["teacher"], 1),
             "student_p50_ms_b1": p50_ms(rows["student"], 1),
@@ -131,21 +188,36 @@ def _distill_epochs(recipe) -> int:
 def table(record: dict) -> str:
     methods = record["methods"]
     mean = {m: statistics.mean(v) for m, v in methods.items()}
-    lines = ["| method | top-1 per seed (%) | mean | ± half-range | vs CE (pts) |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| method | top-1 per seed (%) | mean | ± half-range | vs CE (pts) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for m, values in methods.items():
         vs_ce = f"{mean[m] - mean['ce']:+.2f}" if "ce" in mean else "—"
-        lines.append(f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean[m]:.2f} | {(max(values) - min(values)) / 2:.2f} | {vs_ce} |")
+        lines.append(
+            f"| {m} | {', '.join(f'{v:.2f}' for v in values)} | {mean[m]:.2f} | "
+            f"{(max(values) - min(values)) / 2:.2f} | {vs_ce} |"
+        )
     t, s, p, q, b = (record[k] for k in ("teacher", "student", "prune", "quantize", "bench"))
     lines += [
         "",
-        f"teacher {t['model']}: {t['top1']:.2f}% ({t['epochs']} epochs, {t['macs'] / 1e6:.1f}M MACs); student {s['model']} ({s['macs'] / 1e6:.1f}M MACs, {s['epochs']} epochs)",
-        f"prune: {p['macs_ratio']:.2f}x fewer MACs, {p['top1_before']:.2f}% -> {p['top1_after']:.2f}% ({p['top1_after'] - p['top1_before']:+.2f} pts)",
-        f"quantize: FP32 {q['fp32_top1']:.2f}%, PTQ {q['ptq_top1']:.2f}%, QAT {q['qat_top1']:.2f}% ({q['qat_top1'] - q['fp32_top1']:+.2f} pts)",
-        f"bench (INT8 student vs FP32 teacher, ONNX Runtime, 1 thread): {b['speedup_b1']:.2f}x at batch 1 ({b['teacher_p50_ms_b1']:.3f} vs "
-        f"{b['student_p50_ms_b1']:.3f} ms), {b['speedup_b64']:.2f}x at batch 64; ONNX top-1 teacher {b['teacher_onnx_top1']:.2f}%, student {b['student_onnx_top1']:.2f}%",
-        f"wall: recipe {record['wall_s']['recipe'] / 60:.1f} min, benchmark {record['wall_s']['benchmark'] / 60:.1f} min; {record['machine']['cpu']}",
+        f"teacher {t['model']}: {t['top1']:.2f}% ({t['epochs']} epochs, {t['macs'] / 1e6:.1f}M "
+        f"MACs); student {s['model']} ({s['macs'] / 1e6:.1f}M MACs, {s['epochs']} epochs)",
+        f"prune: {p['macs_ratio']:.2f}x fewer MACs, {p['top1_before']:.2f}% -> "
+        f"{p['top1_after']:.2f}% ({p['top1_after'] - p['top1_before']:+.2f} pts)",
+        f"quantize: FP32 {q['fp32_top1']:.2f}%, PTQ {q['ptq_top1']:.2f}%, QAT {q['qat_top1']:.2f}% "
+        f"({q['qat_top1'] - q['fp32_top1']:+.2f} pts)",
+        f"bench (INT8 student vs FP32 teacher, ONNX Runtime, 1 thread): {b['speedup_b1']:.2f}x at "
+        f"batch 1 ({b['teacher_p50_ms_b1']:.3f} vs {b['student_p50_ms_b1']:.3f} ms), "
+        f"{b['speedup_b64']:.2f}x at batch 64; ONNX top-1 teacher {b['teacher_onnx_top1']:.2f}%, "
+        f"student {b['student_onnx_top1']:.2f}%",
+        f"wall: recipe {record['wall_s']['recipe'] / 60:.1f} min, benchmark "
+        f"{record['wall_s']['benchmark'] / 60:.1f} min; {record['machine']['cpu']}",
         "",
-        "targets: " + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in targets_met(record).items()),
+        "targets: "
+        + ", ".join(
+            f"{name} {'met' if ok else 'MISSED'}" for name, ok in targets_met(record).items()
+        ),
     ]
     return "\n".join(lines)
 
@@ -155,10 +227,14 @@ def targets_met(record: dict) -> dict[str, bool]:
     p, q, b = record["prune"], record["quantize"], record["bench"]
     return {
         "teacher >= 90%": record["teacher"]["top1"] >= TARGETS["teacher_top1"],
-        "KD >= CE + 0.5": "kd" in mean and "ce" in mean and mean["kd"] >= mean["ce"] + TARGETS["kd_over_ce"],
-        "prune >= 2x at <= 1 pt": p["macs_ratio"] >= TARGETS["prune_macs_ratio"] and p["top1_before"] - p["top1_after"] <= TARGETS["prune_drop"],
+        "KD >= CE + 0.5": "kd" in mean
+        and "ce" in mean
+        and mean["kd"] >= mean["ce"] + TARGETS["kd_over_ce"],
+        "prune >= 2x at <= 1 pt": p["macs_ratio"] >= TARGETS["prune_macs_ratio"]
+        and p["top1_before"] - p["top1_after"] <= TARGETS["prune_drop"],
         "QAT <= 0.5 pt": q["fp32_top1"] - q["qat_top1"] <= TARGETS["qat_drop"],
-        ">= 10x b1 and b64": b["speedup_b1"] >= TARGETS["speedup"] and b["speedup_b64"] >= TARGETS["speedup"],
+        ">= 10x b1 and b64": b["speedup_b1"] >= TARGETS["speedup"]
+        and b["speedup_b64"] >= TARGETS["speedup"],
     }
 
 

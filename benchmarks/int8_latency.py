@@ -38,23 +38,46 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="a finished run folder (exported/<name>)")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=2000)
     parser.add_argument("--time-budget", type=float, default=20.0)
     args = parser.parse_args()
 
-    ctx = RunContext(load_recipe(args.run_dir / "recipe.yaml"), args.run_dir, torch.device("cpu"), show_progress=False)
-    cfg = BenchConfig(batch_size=64, warmup=20, iterations=300, time_budget_s=args.time_budget, eval_samples=args.eval_samples)
+    ctx = RunContext(
+        load_recipe(args.run_dir / "recipe.yaml"),
+        args.run_dir,
+        torch.device("cpu"),
+        show_progress=False,
+    )
+    cfg = BenchConfig(
+        batch_size=64,
+        warmup=20,
+        iterations=300,
+        time_budget_s=args.time_budget,
+        eval_samples=args.eval_samples,
+    )
     test_data = test_arrays(ctx.data, limit=args.eval_samples)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for stage, artifact in float_networks(args.run_dir).items():
             files = export_pair(ctx, stage, artifact, Path(folder), args.calibration_images)
             bench = bench_models(files, cfg, test_data, reference="fp32")
-            results[stage] = {"model": artifact.network.model, "rows": bench["rows"], "ratios": bench["ratios"]["int8"], "agreement": bench["agreement"]}
-    record = {"run": str(args.run_dir), "results": results, "machine": machine_info(), "versions": versions()}
+            results[stage] = {
+                "model": artifact.network.model,
+                "rows": bench["rows"],
+                "ratios": bench["ratios"]["int8"],
+                "agreement": bench["agreement"],
+            }
+    record = {
+        "run": str(args.run_dir),
+        "results": results,
+        "machine": machine_info(),
+        "versions": versions(),
+    }
     print(table(record))
     write_json_atomic(HERE / "results" / "int8_latency.json", record)
 
@@ -64,23 +87,49 @@ def float_networks(run_dir: Path) -> dict[str, Artifact]:
     networks = {}
     for record_path in sorted(run_dir.glob(f"*/{STAGE_RECORD}"), key=lambda p: p.stat().st_mtime):
         record = StageRecord.read(record_path)
-        if record.network is not None and "model" in record.files and "top1" in record.metrics and not record.network.quantized:
+        if (
+            record.network is not None
+            and "model" in record.files
+            and "top1" in record.metrics
+            and not record.network.quantized
+        ):
             files = {"model": record.path("model")}
-            networks[record.stage] = Artifact(record.stage, files=files, metrics=record.metrics, role=record.role, network=record.network)
+            networks[record.stage] = Artifact(
+                record.stage,
+                files=files,
+                metrics=record.metrics,
+                role=record.role,
+                network=record.network,
+            )
     return networks
 
 
-def export_pair(ctx: RunContext, stage: str, artifact: Artifact, folder: Path, images: int) -> dict[str, Path]:
+def export_pair(
+    ctx: RunContext, stage: str, artifact: Artifact, folder: Path, images: int
+) -> dict[str, Path]:
     model = load_network(ctx, artifact).cpu().eval()
     metadata = onnx_metadata(ctx.data, stage, artifact.network.model, ctx.recipe.name)
     size, channels = ctx.data.image_size, ctx.data.in_channels
-    fp32 = export_onnx(model, folder / f"{stage}_fp32.onnx", image_size=size, in_channels=channels, metadata=metadata)
+    fp32 = export_onnx(
+        model,
+        folder / f"{stage}_fp32.onnx",
+        image_size=size,
+        in_channels=channels,
+        metadata=metadata,
+    )
     qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=example_batch(ctx))
     train_loader, _ = ctx.loaders()
-    calibrate(qmodel, calibration_batches(ctx, train_loader, preprocess(ctx), images), method="percentile")
+    calibrate(
+        qmodel, calibration_batches(ctx, train_loader, preprocess(ctx), images), method="percentile"
+    )
     int8 = export_onnx(
-        qmodel.eval(), folder / f"{stage}_int8.onnx", image_size=size, in_channels=channels,
-        exporter="torchscript", metadata=metadata, transform=store_int8_weights,
+        qmodel.eval(),
+        folder / f"{stage}_int8.onnx",
+        image_size=size,
+        in_channels=channels,
+        exporter="torchscript",
+        metadata=metadata,
+        transform=store_int8_weights,
     )
     check_qdq(int8, target="onnxruntime-cpu")
     return {"fp32": fp32, "int8": int8}
@@ -88,7 +137,8 @@ def export_pair(ctx: RunContext, stage: str, artifact: Artifact, folder: Path, i
 
 def table(record: dict) -> str:
     lines = [
-        "| network | model | FP32 p50 b1 (ms) | INT8 p50 b1 (ms) | speed-up b1 | speed-up b64 | size | FP32 / INT8 top-1 (%) | agreement |",
+        "| network | model | FP32 p50 b1 (ms) | INT8 p50 b1 (ms) | speed-up b1 | speed-up b64 | "
+        "size | FP32 / INT8 top-1 (%) | agreement |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for stage, r in record["results"].items():
@@ -96,8 +146,10 @@ def table(record: dict) -> str:
         p50 = {role: p50_ms(row, 1) for role, row in rows.items()}
         ratios = r["ratios"]
         lines.append(
-            f"| {stage} | {r['model']} | {p50['fp32']:.3f} | {p50['int8']:.3f} | {ratios['speedup_b1']:.2f}x | {ratios['speedup_throughput']:.2f}x "
-            f"| {ratios['size_reduction']:.2f}x | {rows['fp32']['top1']:.2f} / {rows['int8']['top1']:.2f} | {100 * r['agreement']['int8']['fp32']:.1f}% |"
+            f"| {stage} | {r['model']} | {p50['fp32']:.3f} | {p50['int8']:.3f} | "
+            f"{ratios['speedup_b1']:.2f}x | {ratios['speedup_throughput']:.2f}x | "
+            f"{ratios['size_reduction']:.2f}x | {rows['fp32']['top1']:.2f} / "
+            f"{rows['int8']['top1']:.2f} | {100 * r['agreement']['int8']['fp32']:.1f}% |"
         )
     return "\n".join(lines)
 

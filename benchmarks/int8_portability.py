@@ -47,12 +47,26 @@ MODES = ("ptq", "qat")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, help="a finished run folder (exported/<name>)")
-    parser.add_argument("--network", help="the stage whose float network is quantized (default: the latest float student, else the teacher)")
-    parser.add_argument("--qat-epochs", type=int, help="QAT epochs (default: the run's quantize stage, else 1)")
-    parser.add_argument("--eval-samples", type=int, help="test images for top-1 (default: the whole test split)")
-    parser.add_argument("--time-budget", type=float, default=10.0, help="seconds of timing per file and batch size")
+    parser.add_argument(
+        "--network",
+        help=(
+            "the stage whose float network is quantized (default: the latest float student, else "
+            "the teacher)"
+        ),
+    )
+    parser.add_argument(
+        "--qat-epochs", type=int, help="QAT epochs (default: the run's quantize stage, else 1)"
+    )
+    parser.add_argument(
+        "--eval-samples", type=int, help="test images for top-1 (default: the whole test split)"
+    )
+    parser.add_argument(
+        "--time-budget", type=float, default=10.0, help="seconds of timing per file and batch size"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -61,9 +75,18 @@ def main() -> None:
     source = artifacts[args.network] if args.network else latest_float(artifacts)
     ctx = RunContext(recipe, args.run_dir, torch.device("cpu"), show_progress=False)
     ctx.artifacts = {name: a for name, a in artifacts.items() if not a.quantized}
-    ctx.artifacts["_source"] = dataclasses.replace(source, role="student")  # the network quantized, whatever it was
+    ctx.artifacts["_source"] = dataclasses.replace(
+        source, role="student"
+    )  # the network quantized, whatever it was
     base = quantize_settings(recipe, args.qat_epochs)
-    cfg = BenchConfig(batch_size=64, warmup=10, iterations=200, time_budget_s=args.time_budget, threads=1, eval_samples=args.eval_samples)
+    cfg = BenchConfig(
+        batch_size=64,
+        warmup=10,
+        iterations=200,
+        time_budget_s=args.time_budget,
+        threads=1,
+        eval_samples=args.eval_samples,
+    )
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         files = {"fp32": export_float(ctx, source, folder)}
@@ -73,8 +96,14 @@ def main() -> None:
                 label = f"{mode}-{name}"
                 settings = dataclasses.replace(base, mode=mode, weight_range=name)
                 runs[label], files[label] = quantize_and_export(ctx, settings, folder / label)
-                print(f"{label}: PyTorch top-1 {runs[label]['top1']:.2f}%, worst pair {runs[label]['portability']['worst_pair_sum']}", flush=True)
-        bench = bench_models(files, cfg, test_arrays(ctx.data, limit=args.eval_samples), reference="fp32")
+                print(
+                    f"{label}: PyTorch top-1 {runs[label]['top1']:.2f}%, worst pair "
+                    f"{runs[label]['portability']['worst_pair_sum']}",
+                    flush=True,
+                )
+        bench = bench_models(
+            files, cfg, test_arrays(ctx.data, limit=args.eval_samples), reference="fp32"
+        )
     record = summarise(args, recipe, source, runs, bench, time.perf_counter() - started)
     print(table(record))
     write_json_atomic(HERE / "results" / f"int8_portability-{args.run_dir.name}.json", record)
@@ -86,12 +115,18 @@ def completed_stages(run_dir: Path) -> dict[str, Artifact]:
     for path in sorted(run_dir.glob("*/stage.json"), key=lambda p: p.stat().st_mtime):
         record = json.loads(path.read_text())
         files = {key: run_dir / entry["path"] for key, entry in record.get("files", {}).items()}
-        artifacts[record["stage"]] = Artifact(record["stage"], files=files, metrics=record.get("metrics", {}), role=record.get("role"))
+        artifacts[record["stage"]] = Artifact(
+            record["stage"], files=files, metrics=record.get("metrics", {}), role=record.get("role")
+        )
     return artifacts
 
 
 def latest_float(artifacts: dict[str, Artifact]) -> Artifact:
-    networks = [a for a in artifacts.values() if "model" in a.files and "top1" in a.metrics and not a.quantized]
+    networks = [
+        a
+        for a in artifacts.values()
+        if "model" in a.files and "top1" in a.metrics and not a.quantized
+    ]
     students = [a for a in networks if a.role == "student"]
     return (students or networks)[-1]
 
@@ -99,9 +134,14 @@ def latest_float(artifacts: dict[str, Artifact]) -> Artifact:
 def quantize_settings(recipe, qat_epochs: int | None) -> QuantizeConfig:
     """The run's own quantize settings (or the defaults), with the KD loss when no distill stage
     gave one and ``qat_epochs`` if set."""
-    found = next((spec.config for spec in recipe.stages if isinstance(spec.config, QuantizeConfig)), QuantizeConfig())
+    found = next(
+        (spec.config for spec in recipe.stages if isinstance(spec.config, QuantizeConfig)),
+        QuantizeConfig(),
+    )
     loss = found.loss or (LossConfig("kd"),)
-    train = found.train if qat_epochs is None else dataclasses.replace(found.train, epochs=qat_epochs)
+    train = (
+        found.train if qat_epochs is None else dataclasses.replace(found.train, epochs=qat_epochs)
+    )
     return dataclasses.replace(found, loss=loss, train=train)
 
 
@@ -110,11 +150,21 @@ def export_float(ctx: RunContext, source: Artifact, folder: Path) -> Path:
     path = folder / "fp32.onnx"
     export_cfg = export_settings(ctx)
     images = normalised_test_images(ctx.data, export_cfg.check_samples)
-    export_network(model, path, export_cfg, images, onnx_metadata(ctx.data, "student_fp32", source.network.model, ctx.recipe.name), None, **input_of(ctx.data))
+    export_network(
+        model,
+        path,
+        export_cfg,
+        images,
+        onnx_metadata(ctx.data, "student_fp32", source.network.model, ctx.recipe.name),
+        None,
+        **input_of(ctx.data),
+    )
     return path
 
 
-def quantize_and_export(ctx: RunContext, settings: QuantizeConfig, folder: Path) -> tuple[dict, Path]:
+def quantize_and_export(
+    ctx: RunContext, settings: QuantizeConfig, folder: Path
+) -> tuple[dict, Path]:
     """The quantize stage with ``settings``, then the export stage's proof of the INT8 file."""
     ctx.stage_dir = folder
     artifact = quantize(settings, ctx)
@@ -123,9 +173,22 @@ def quantize_and_export(ctx: RunContext, settings: QuantizeConfig, folder: Path)
     images = normalised_test_images(ctx.data, export_cfg.check_samples)
     path = folder / "int8.onnx"
     metadata = onnx_metadata(ctx.data, "student", artifact.network.model, ctx.recipe.name)
-    proof = export_network(model, path, export_cfg, images, metadata, artifact.network.quantization, **input_of(ctx.data), warn=False)
+    proof = export_network(
+        model,
+        path,
+        export_cfg,
+        images,
+        metadata,
+        artifact.network.quantization,
+        **input_of(ctx.data),
+        warn=False,
+    )
     keys = ("fp32_top1", "ptq_top1", "top1", "agreement_with_fp32")
-    extra = {"portability": proof["portability"], "max_rel_diff": proof["max_rel_diff"], "weight_sqnr_db": weight_sqnr_db(model)}
+    extra = {
+        "portability": proof["portability"],
+        "max_rel_diff": proof["max_rel_diff"],
+        "weight_sqnr_db": weight_sqnr_db(model),
+    }
     return {key: artifact.metrics[key] for key in keys} | extra, path
 
 
@@ -146,7 +209,10 @@ def weight_sqnr_db(model: torch.nn.Module) -> float:
 def export_settings(ctx: RunContext):
     from compress.config import ExportConfig
 
-    return next((spec.config for spec in ctx.recipe.stages if isinstance(spec.config, ExportConfig)), ExportConfig())
+    return next(
+        (spec.config for spec in ctx.recipe.stages if isinstance(spec.config, ExportConfig)),
+        ExportConfig(),
+    )
 
 
 def summarise(args, recipe, source: Artifact, runs: dict, bench: dict, wall_s: float) -> dict:
@@ -166,10 +232,20 @@ def summarise(args, recipe, source: Artifact, runs: dict, bench: dict, wall_s: f
             "status": row["status"],
         }
     return {
-        "run": str(args.run_dir), "recipe": recipe.name, "network": source.stage, "model": source.network.model,
-        "fp32": {"onnx_top1": fp32.get("top1"), "p50_ms_b1": p50_ms(fp32, 1), "p50_ms_b64": p50_ms(fp32, 64)},
-        "results": results, "eval_samples": fp32.get("eval_samples"), "wall_s": round(wall_s, 1),
-        "machine": machine_info(), "versions": versions(),
+        "run": str(args.run_dir),
+        "recipe": recipe.name,
+        "network": source.stage,
+        "model": source.network.model,
+        "fp32": {
+            "onnx_top1": fp32.get("top1"),
+            "p50_ms_b1": p50_ms(fp32, 1),
+            "p50_ms_b64": p50_ms(fp32, 64),
+        },
+        "results": results,
+        "eval_samples": fp32.get("eval_samples"),
+        "wall_s": round(wall_s, 1),
+        "machine": machine_info(),
+        "versions": versions(),
     }
 
 
@@ -180,23 +256,31 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def table(record: dict) -> str:
     fp32 = record["fp32"]
     lines = [
-        f"{record['recipe']}: {record['network']} ({record['model']}), FP32 ONNX top-1 {fp32['onnx_top1']:.2f}%, "
-        f"p50 {fp32['p50_ms_b1']:.3f} ms (b1) / {fp32['p50_ms_b64']:.2f} ms (b64), {record['eval_samples']} test images",
+        f"{record['recipe']}: {record['network']} ({record['model']}), FP32 ONNX top-1 "
+        f"{fp32['onnx_top1']:.2f}%, p50 {fp32['p50_ms_b1']:.3f} ms (b1) / {fp32['p50_ms_b64']:.2f} "
+        f"ms (b64), {record['eval_samples']} test images",
         "",
-        "| mode | weight range | portable | worst pair (<= 128) | weight SQNR (dB) | PyTorch top-1 | ONNX top-1 | vs FP32 | agreement with FP32 | p50 b1 (ms) | p50 b64 (ms) | speed-up b1 | speed-up b64 |",
+        "| mode | weight range | portable | worst pair (<= 128) | weight SQNR (dB) | PyTorch top-1 "
+        "| ONNX top-1 | vs FP32 | agreement with FP32 | p50 b1 (ms) | p50 b64 (ms) | speed-up b1 | "
+        "speed-up b64 |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in record["results"].items():
         mode, name = label.split("-", 1)
         p = r["portability"]
         lines.append(
-            f"| {mode.upper()} | {name} | {'yes' if p['portable'] else 'no (VNNI only)'} | {p['worst_pair_sum']} | {r['weight_sqnr_db']:.1f} | {r['top1']:.2f} | "
-            f"{_num(r['onnx_top1'], '.2f')} | {_num(r['onnx_top1_delta'], '+.2f')} | {_num(_pct(r['agreement_with_fp32_onnx']), '.2f')}% | "
-            f"{_num(r['p50_ms_b1'], '.3f')} | {_num(r['p50_ms_b64'], '.2f')} | "
-            f"{_num(r['speedup_b1'], '.2f')}x | {_num(r['speedup_b64'], '.2f')}x |"
+            f"| {mode.upper()} | {name} | {'yes' if p['portable'] else 'no (VNNI only)'} | "
+            f"{p['worst_pair_sum']} | {r['weight_sqnr_db']:.1f} | {r['top1']:.2f} | "
+            f"{_num(r['onnx_top1'], '.2f')} | {_num(r['onnx_top1_delta'], '+.2f')} | "
+            f"{_num(_pct(r['agreement_with_fp32_onnx']), '.2f')}% | {_num(r['p50_ms_b1'], '.3f')} "
+            f"| {_num(r['p50_ms_b64'], '.2f')} | {_num(r['speedup_b1'], '.2f')}x | "
+            f"{_num(r['speedup_b64'], '.2f')}x |"
         )
     machine = record["machine"]
-    lines.append(f"\n{machine['cpu']}, {machine['usable_cores']} cores, flags: {' '.join(machine['cpu_features']['flags'])}")
+    lines.append(
+        f"\n{machine['cpu']}, {machine['usable_cores']} cores, flags: "
+        f"{' '.join(machine['cpu_features']['flags'])}"
+    )
     return "\n".join(lines)
 
 

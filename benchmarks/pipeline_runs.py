@@ -31,7 +31,9 @@ RUNS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", choices=sorted(RUNS))
     parser.add_argument("--data", help="dataset path for recipes that need one")
     parser.add_argument("--out", default=str(HERE.parent / "exported" / "benchmarks"))
@@ -48,40 +50,79 @@ def main() -> None:
 
 
 def summarise(name, recipe_file, overrides, artifacts, wall_s) -> dict:
-    """The run's numbers: PyTorch accuracy per model stage, and the bench rows of every ONNX file."""
+    """The run's numbers: PyTorch accuracy per model stage, and the bench rows of every ONNX
+    file."""
     bench = json.loads(artifacts["bench"].files["json"].read_text())
     rows = {row["role"]: row for row in bench["rows"]}
 
     stages = {
         stage: {key: a.metrics.get(key) for key in STAGE_KEYS if key in a.metrics}
-        for stage, a in artifacts.items() if "top1" in a.metrics
+        for stage, a in artifacts.items()
+        if "top1" in a.metrics
     }
     onnx = {
-        role: {"top1": row.get("top1"), "p50_b1_ms": p50_ms(row, 1), "file_bytes": row["file_bytes"], "params": row["params"], "macs": row["macs"]}
+        role: {
+            "top1": row.get("top1"),
+            "p50_b1_ms": p50_ms(row, 1),
+            "file_bytes": row["file_bytes"],
+            "params": row["params"],
+            "macs": row["macs"],
+        }
         for role, row in rows.items()
     }
     return {
-        "name": name, "recipe": recipe_file, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-        "stages": stages, "onnx": onnx, "test_samples": rows["student"]["eval_samples"],
-        "ratios": bench["ratios"], "headline": artifacts["bench"].metrics,
+        "name": name,
+        "recipe": recipe_file,
+        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+        "stages": stages,
+        "onnx": onnx,
+        "test_samples": rows["student"]["eval_samples"],
+        "ratios": bench["ratios"],
+        "headline": artifacts["bench"].metrics,
         "stage_seconds": {stage: round(a.seconds, 1) for stage, a in artifacts.items()},
-        "wall_s": round(wall_s, 1), "machine": machine_info(), "versions": versions(),
+        "wall_s": round(wall_s, 1),
+        "machine": machine_info(),
+        "versions": versions(),
     }
 
 
-STAGE_KEYS = ("top1", "params", "macs", "macs_reduction", "top1_delta", "fp32_top1", "ptq_top1", "agreement_with_fp32", "latency_ms_b1", "latency_ms_b1_before")
+STAGE_KEYS = (
+    "top1",
+    "params",
+    "macs",
+    "macs_reduction",
+    "top1_delta",
+    "fp32_top1",
+    "ptq_top1",
+    "agreement_with_fp32",
+    "latency_ms_b1",
+    "latency_ms_b1_before",
+)
 
 
 def table(r: dict) -> str:
     """One row per stage (PyTorch), then one per exported file (ONNX Runtime)."""
-    lines = [f"run {r['name']} ({r['recipe']}, overrides {r['overrides']}), wall {r['wall_s']:.0f}s", "",
-             "| stage | top-1 (%) | params (M) | MACs (M) |", "|---|---:|---:|---:|"]
+    lines = [
+        f"run {r['name']} ({r['recipe']}, overrides {r['overrides']}), wall {r['wall_s']:.0f}s",
+        "",
+        "| stage | top-1 (%) | params (M) | MACs (M) |",
+        "|---|---:|---:|---:|",
+    ]
     for stage, m in r["stages"].items():
-        lines.append(f"| {stage} | {m['top1']:.2f} | {m['params'] / 1e6:.3f} | {m['macs'] / 1e6:.1f} |")
-    lines += ["", "| ONNX file | top-1 (%) | p50 b1 (ms) | size (MiB) | speed-up b1 vs teacher |", "|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {stage} | {m['top1']:.2f} | {m['params'] / 1e6:.3f} | {m['macs'] / 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        "| ONNX file | top-1 (%) | p50 b1 (ms) | size (MiB) | speed-up b1 vs teacher |",
+        "|---|---:|---:|---:|---:|",
+    ]
     teacher_ms = r["onnx"]["teacher"]["p50_b1_ms"]
     for role, m in r["onnx"].items():
-        lines.append(f"| {role} | {m['top1']:.2f} | {m['p50_b1_ms']:.3f} | {m['file_bytes'] / 2**20:.2f} | {teacher_ms / m['p50_b1_ms']:.2f} |")
+        lines.append(
+            f"| {role} | {m['top1']:.2f} | {m['p50_b1_ms']:.3f} | {m['file_bytes'] / 2**20:.2f} | "
+            f"{teacher_ms / m['p50_b1_ms']:.2f} |"
+        )
     return "\n".join(lines)
 
 

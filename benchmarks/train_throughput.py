@@ -44,12 +44,16 @@ TEMPERATURE, ALPHA = 4.0, 0.9
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, default=20, help="training batches per timed pass")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "cifar10")
+    parser.add_argument(
+        "--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "cifar10"
+    )
     parser.add_argument("--teacher", default="torchvision:resnet18")
     parser.add_argument("--student", default="torchvision:mobilenet_v2")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "train_throughput.json")
@@ -58,14 +62,21 @@ def main() -> None:
     device = torch.device(args.device)
     images, labels, source = training_images(args.data, args.batches * args.batch_size)
     dataset = torch.utils.data.TensorDataset(images, labels)
-    train_cfg = TrainConfig(epochs=1, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+    train_cfg = TrainConfig(
+        epochs=1, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"
+    )
     teacher = frozen(build_model(args.teacher, num_classes=10, cifar_stem=True).to(device))
     runs = {"ours": [], "plain": []}
     for repeat in range(args.repeats + 1):  # the first round warms up both and is not recorded
         for name, measure in (("ours", time_ours), ("plain", time_plain)):
             torch.manual_seed(repeat)
             student = build_model(args.student, num_classes=10, cifar_stem=True).to(device)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=args.batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(0),
+            )
             seconds = measure(student, teacher, loader, train_cfg, device)
             if repeat > 0:
                 runs[name].append(len(dataset) / seconds)
@@ -81,7 +92,9 @@ def main() -> None:
         "machine": machine_info(),
         "versions": versions(),
     }
-    record["overhead"] = record["median_images_per_s"]["plain"] / record["median_images_per_s"]["ours"] - 1
+    record["overhead"] = (
+        record["median_images_per_s"]["plain"] / record["median_images_per_s"]["ours"] - 1
+    )
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, record)
@@ -92,9 +105,17 @@ def training_images(folder: Path, count: int) -> tuple[torch.Tensor, torch.Tenso
     if file.is_file():
         with np.load(file, allow_pickle=False) as data:
             x, y = data["x"][:count], data["y"][:count]
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y.astype(np.int64)), str(file)
+        return (
+            torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+            torch.from_numpy(y.astype(np.int64)),
+            str(file),
+        )
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator), torch.randint(0, 10, (count,), generator=generator), "random"
+    return (
+        torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 10, (count,), generator=generator),
+        "random",
+    )
 
 
 def time_ours(student, teacher, loader, cfg: TrainConfig, device: torch.device) -> float:
@@ -102,10 +123,22 @@ def time_ours(student, teacher, loader, cfg: TrainConfig, device: torch.device) 
     one_test_batch = [next(iter(loader))[:2]]
     with tempfile.TemporaryDirectory() as folder:
         ctx = RunContext(recipe=None, run_dir=Path(folder), device=device, show_progress=False)
-        loss = (LossConfig(name="kd"),)  # kd's defaults: temperature 4, alpha 0.9, as in the plain loop
+        loss = (
+            LossConfig(name="kd"),
+        )  # kd's defaults: temperature 4, alpha 0.9, as in the plain loop
         synchronize(device)
         start = time.perf_counter()
-        train_with_teacher(ctx, student, teacher, loss, cfg, MixConfig(), desc="ours", prep=prep, loaders=(loader, one_test_batch))
+        train_with_teacher(
+            ctx,
+            student,
+            teacher,
+            loss,
+            cfg,
+            MixConfig(),
+            desc="ours",
+            prep=prep,
+            loaders=(loader, one_test_batch),
+        )
         synchronize(device)
     return time.perf_counter() - start
 
@@ -113,9 +146,13 @@ def time_ours(student, teacher, loader, cfg: TrainConfig, device: torch.device) 
 def time_plain(student, teacher, loader, cfg: TrainConfig, device: torch.device) -> float:
     prep = Preprocess(MEAN, STD, augment=True).to(device)
     dtype = autocast_dtype(cfg, device)
-    memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+    memory_format = (
+        torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+    )
     student.to(memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     synchronize(device)
     start = time.perf_counter()
     for images, labels in loader:
@@ -126,7 +163,10 @@ def time_plain(student, teacher, loader, cfg: TrainConfig, device: torch.device)
             with torch.no_grad():
                 soft = F.softmax(teacher(inputs) / TEMPERATURE, dim=1)
             logits = student(inputs)
-            kd = F.kl_div(F.log_softmax(logits / TEMPERATURE, dim=1), soft, reduction="batchmean") * TEMPERATURE**2
+            kd = (
+                F.kl_div(F.log_softmax(logits / TEMPERATURE, dim=1), soft, reduction="batchmean")
+                * TEMPERATURE**2
+            )
             loss = ALPHA * kd + (1 - ALPHA) * F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,12 +183,15 @@ def synchronize(device: torch.device) -> None:
 def table(record: dict) -> str:
     med = record["median_images_per_s"]
     lines = [
-        f"Distill step, {record['teacher']} -> {record['student']}, batch {record['batch_size']} x {record['batches']}, {record['device']} ({record['data']})",
+        f"Distill step, {record['teacher']} -> {record['student']}, batch {record['batch_size']} x "
+        f"{record['batches']}, {record['device']} ({record['data']})",
         "",
         "| loop | images/s (median) | runs |",
         "|---|---:|---|",
-        f"| plain PyTorch (student + teacher forward) | {med['plain']:.1f} | {', '.join(f'{v:.1f}' for v in record['images_per_s']['plain'])} |",
-        f"| compress (train_with_teacher) | {med['ours']:.1f} | {', '.join(f'{v:.1f}' for v in record['images_per_s']['ours'])} |",
+        f"| plain PyTorch (student + teacher forward) | {med['plain']:.1f} | "
+        f"{', '.join(f'{v:.1f}' for v in record['images_per_s']['plain'])} |",
+        f"| compress (train_with_teacher) | {med['ours']:.1f} | "
+        f"{', '.join(f'{v:.1f}' for v in record['images_per_s']['ours'])} |",
         "",
         f"Our overhead: {100 * record['overhead']:+.1f}% (target <= 10%)",
     ]

@@ -2,12 +2,17 @@
 no recipe, run folder or stage involved.
 
     import compress
-    student = compress.distill(student, teacher, train_loader, losses=[compress.loss("kd", temperature=4)], epochs=30)
-    student = compress.prune(student, example_inputs, compress.PruneSpec(speedup=2.0), finetune=lambda m, step: ...)
+    student = compress.distill(student, teacher, train_loader,
+                               losses=[compress.loss("kd", temperature=4)], epochs=30)
+    student = compress.prune(student, example_inputs, compress.PruneSpec(speedup=2.0),
+                             finetune=lambda m, step: ...)
     qmodel = compress.quantize(student, calibration_batches)
-    qmodel = compress.distill(qmodel, teacher, train_loader, epochs=2, lr=1e-3)    # QAT is distillation of the INT8 graph
-    record = compress.export(qmodel, "student.onnx", check_inputs=images)       # verified, INT8 portability proven
-    result = compress.bench({"teacher": "teacher.onnx", "student": "student.onnx"}, data=(uint8_images, labels))
+    qmodel = compress.distill(qmodel, teacher, train_loader,
+                              epochs=2, lr=1e-3)    # QAT is distillation of the INT8 graph
+    record = compress.export(qmodel, "student.onnx",
+                             check_inputs=images)   # verified, INT8 portability proven
+    result = compress.bench({"teacher": "teacher.onnx", "student": "student.onnx"},
+                            data=(uint8_images, labels))
 
 Loaders yield ``(images, labels)`` batches of float tensors exactly as the network takes them
 (already normalised); the recipe's stages call the same functions underneath with their own
@@ -73,12 +78,24 @@ def distill(
     if teacher is None:
         needing = [term.name for term in terms if term.name != "ce"]
         if needing:
-            raise ValueError(f"distill: the loss terms {', '.join(needing)} need a teacher; pass one, or train with losses=[loss('ce')]")
-        teacher = nn.Identity()  # never called: cross-entropy alone skips the teacher's forward pass
+            raise ValueError(
+                f"distill: the loss terms {', '.join(needing)} need a teacher; pass one, or train "
+                "with losses=[loss('ce')]"
+            )
+        teacher = (
+            nn.Identity()
+        )  # never called: cross-entropy alone skips the teacher's forward pass
     logs = train_with_teacher(
-        student.to(device), frozen(teacher.to(device)), terms,
-        TrainConfig(epochs=epochs, **train), augment or MixConfig(),
-        loaders=(train_loader, test_loader), prep=_as_is, device=device, desc="distill", show_progress=show_progress,
+        student.to(device),
+        frozen(teacher.to(device)),
+        terms,
+        TrainConfig(epochs=epochs, **train),
+        augment or MixConfig(),
+        loaders=(train_loader, test_loader),
+        prep=_as_is,
+        device=device,
+        desc="distill",
+        show_progress=show_progress,
     )
     if history is not None:
         history.extend(logs)
@@ -160,7 +177,9 @@ def quantize(
         raise ValueError("quantize: calibration_data holds no batch")
     device = _device_of(model)
     batches = [b.to(device) for b in batches]
-    qmodel = prepare_quantized(model.eval(), target=target, skip=skip, example_inputs=batches[0], weight_range=weight_range)
+    qmodel = prepare_quantized(
+        model.eval(), target=target, skip=skip, example_inputs=batches[0], weight_range=weight_range
+    )
     calibrate(qmodel, batches, method=calibration, percentile=percentile)
     return qmodel.eval()
 
@@ -192,12 +211,22 @@ def export(
     """
     from compress.exporters.network import export_network
 
-    images = check_inputs.detach().cpu().numpy() if isinstance(check_inputs, torch.Tensor) else np.asarray(check_inputs)
+    images = (
+        check_inputs.detach().cpu().numpy()
+        if isinstance(check_inputs, torch.Tensor)
+        else np.asarray(check_inputs)
+    )
     images = images.astype(np.float32)
     quantization: QuantSpec | None = getattr(model, "quant_spec", None)
     return export_network(
-        model.cpu().eval(), Path(path), ExportConfig(**settings), images, dict(metadata or {}), quantization,
-        image_size=images.shape[-1], in_channels=images.shape[1],
+        model.cpu().eval(),
+        Path(path),
+        ExportConfig(**settings),
+        images,
+        dict(metadata or {}),
+        quantization,
+        image_size=images.shape[-1],
+        in_channels=images.shape[1],
     )
 
 
@@ -228,7 +257,14 @@ def bench(
     from compress.benchmark.compare import bench_models
 
     paths = {name: Path(path) for name, path in models.items()}
-    return bench_models(paths, BenchConfig(**settings), data, reference=reference or next(iter(paths)), mean=mean, std=std)
+    return bench_models(
+        paths,
+        BenchConfig(**settings),
+        data,
+        reference=reference or next(iter(paths)),
+        mean=mean,
+        std=std,
+    )
 
 
 def _as_is(images: torch.Tensor, train: bool) -> torch.Tensor:

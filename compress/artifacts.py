@@ -68,14 +68,27 @@ def versions() -> dict[str, str]:
     return {"compress": __version__, "torch": torch.__version__} | runtime_versions()
 
 
-def record_stage(folder: Path, run_dir: Path, artifact: Artifact, config: Any, recipe: dict) -> None:
+def record_stage(
+    folder: Path, run_dir: Path, artifact: Artifact, config: Any, recipe: dict
+) -> None:
     """Write ``metrics.json`` and, last, ``stage.json`` (the completion marker)."""
     write_json_atomic(folder / "metrics.json", artifact.metrics)
     record = StageRecord(
-        stage=artifact.stage, kind=artifact.kind, key=artifact.key, role=artifact.role,
-        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=artifact.seconds,
-        files={role: FileRecord(os.path.relpath(path, run_dir), sha256_file(path), path.stat().st_size) for role, path in artifact.files.items()},
-        metrics=artifact.metrics, network=artifact.network, config=config, recipe=recipe, versions=versions(),
+        stage=artifact.stage,
+        kind=artifact.kind,
+        key=artifact.key,
+        role=artifact.role,
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=artifact.seconds,
+        files={
+            role: FileRecord(os.path.relpath(path, run_dir), sha256_file(path), path.stat().st_size)
+            for role, path in artifact.files.items()
+        },
+        metrics=artifact.metrics,
+        network=artifact.network,
+        config=config,
+        recipe=recipe,
+        versions=versions(),
     )
     write_json_atomic(folder / STAGE_RECORD, record.to_json())
 
@@ -95,13 +108,18 @@ def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
     except ModelError:
         return None
     return Artifact(
-        stage=record.stage, kind=record.kind, files=files, metrics=record.metrics, role=record.role, network=record.network,
-        key=key, seconds=record.seconds, skipped=True,
+        stage=record.stage,
+        kind=record.kind,
+        files=files,
+        metrics=record.metrics,
+        role=record.role,
+        network=record.network,
+        key=key,
+        seconds=record.seconds,
+        skipped=True,
     )
 
 
 def invalidate(folder: Path) -> None:
     """Forget a stage's completion before re-running it, so a crash mid-way cannot look complete."""
     (folder / STAGE_RECORD).unlink(missing_ok=True)
-
-

@@ -68,7 +68,9 @@ def register_backend(backend: Backend) -> Backend:
         ``backend``.
     """
     if backend.artifact not in ARTIFACTS:
-        raise ValueError(f"backend {backend.name}: artifact must be one of {ARTIFACTS}, got {backend.artifact!r}")
+        raise ValueError(
+            f"backend {backend.name}: artifact must be one of {ARTIFACTS}, got {backend.artifact!r}"
+        )
     return BACKENDS.register(backend.name)(backend)
 
 
@@ -77,7 +79,10 @@ for _device in ("cpu", "cuda"):
     register_backend(
         Backend(
             name=f"onnxruntime{_suffix}",
-            description=f"ONNX Runtime, {'CPU' if _device == 'cpu' else 'CUDA'}ExecutionProvider, on the exported .onnx",
+            description=(
+                f"ONNX Runtime, {'CPU' if _device == 'cpu' else 'CUDA'}ExecutionProvider, on the "
+                "exported .onnx"
+            ),
             device=_device,
             artifact="onnx",
             entry="compress.backends.onnxruntime:measure",
@@ -88,7 +93,10 @@ for _device in ("cpu", "cuda"):
         register_backend(
             Backend(
                 name=f"torch{'-compile' if _compile else ''}{_suffix}",
-                description=f"PyTorch {'torch.compile' if _compile else 'eager'} on {_device.upper()}, on a stage's checkpoint (before export)",
+                description=(
+                    f"PyTorch {'torch.compile' if _compile else 'eager'} on {_device.upper()}, on "
+                    "a stage's checkpoint (before export)"
+                ),
                 device=_device,
                 artifact="checkpoint",
                 entry="compress.backends.torch:measure",
@@ -98,7 +106,9 @@ for _device in ("cpu", "cuda"):
 register_backend(
     Backend(
         name="tensorrt",
-        description="TensorRT engine built from the exported .onnx (needs the tensorrt extra and a GPU)",
+        description=(
+            "TensorRT engine built from the exported .onnx (needs the tensorrt extra and a GPU)"
+        ),
         device="cuda",
         artifact="engine",
         entry="compress.backends.tensorrt:measure",

@@ -27,7 +27,19 @@ from compress.fileio import save_torch
 FORMAT_VERSION = 1
 
 
-def save_training_state(path: Path, key: str, *, epoch: int, model, extra_params, optimizer, scheduler, scaler, loader_generator, history: list[dict]) -> None:
+def save_training_state(
+    path: Path,
+    key: str,
+    *,
+    epoch: int,
+    model,
+    extra_params,
+    optimizer,
+    scheduler,
+    scaler,
+    loader_generator,
+    history: list[dict],
+) -> None:
     """Write the state after ``epoch`` atomically; a full disk is a one-line StageError and the
     previous checkpoint stays intact."""
     state = {
@@ -45,8 +57,15 @@ def save_training_state(path: Path, key: str, *, epoch: int, model, extra_params
     try:
         save_torch(state, path)
     except OSError as exc:
-        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
-        raise StageError(f"cannot write the training checkpoint {path}: {reason}; the previous checkpoint is kept") from None
+        reason = (
+            "the disk is full"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else exc.strerror or str(exc)
+        )
+        raise StageError(
+            f"cannot write the training checkpoint {path}: {reason}; the previous checkpoint is "
+            "kept"
+        ) from None
 
 
 def load_training_state(path: Path, key: str) -> dict | None:
@@ -58,12 +77,18 @@ def load_training_state(path: Path, key: str) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # truncated, corrupt or hostile: never resumed
         return None
-    if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION or state.get("key") != key:
+    if (
+        not isinstance(state, dict)
+        or state.get("version") != FORMAT_VERSION
+        or state.get("key") != key
+    ):
         return None
     return state
 
 
-def restore_training_state(state: dict, *, model, extra_params, optimizer, scheduler, scaler, loader_generator) -> None:
+def restore_training_state(
+    state: dict, *, model, extra_params, optimizer, scheduler, scaler, loader_generator
+) -> None:
     """Put every part of a checkpoint back; a network that does not fit it raises StageError."""
     try:
         model.load_state_dict(state["model"])
@@ -73,7 +98,10 @@ def restore_training_state(state: dict, *, model, extra_params, optimizer, sched
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise StageError(f"the training checkpoint does not fit this network ({str(exc).splitlines()[0]}); delete it to start over") from None
+        raise StageError(
+            f"the training checkpoint does not fit this network ({str(exc).splitlines()[0]}); "
+            "delete it to start over"
+        ) from None
     set_rng_states(state["rng"], loader_generator)
 
 

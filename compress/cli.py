@@ -51,13 +51,22 @@ def user_errors(fn):
                 raise
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {'' if distributed.is_main() else f'(process {distributed.rank()}) '}{error}", err=True)
+            click.echo(
+                "error: "
+                f"{'' if distributed.is_main() else f'(process {distributed.rank()}) '}{error}",
+                err=True,
+            )
             sys.exit(error.exit_code)
-        except EOFError as exc:  # click would print only "Aborted!" for it: a bug must keep its traceback
+        except (
+            EOFError
+        ) as exc:  # click would print only "Aborted!" for it: a bug must keep its traceback
             raise RuntimeError(f"unexpected end of input: {exc}") from exc
         except KeyboardInterrupt:
             if distributed.is_main():  # Ctrl-C reaches every process of a torchrun: one message
-                click.echo("interrupted: completed stages are kept; run the same command to resume", err=True)
+                click.echo(
+                    "interrupted: completed stages are kept; run the same command to resume",
+                    err=True,
+                )
             sys.exit(130)
 
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
@@ -68,11 +77,19 @@ def recipe_options(fn):
     options = [
         click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False)),
         click.option("--data", help="Dataset path (overrides data.path)."),
-        click.option("--epochs", type=click.IntRange(min=0), help="Epochs of every training section."),
+        click.option(
+            "--epochs", type=click.IntRange(min=0), help="Epochs of every training section."
+        ),
         click.option("--subset", help="Use N training (and M test) images: N or N,M."),
         click.option("--device", help="auto, cpu, cuda or cuda:N (overrides device)."),
         click.option("--out", help="Output root folder (overrides out; default exported)."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override any recipe field; repeatable."),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY.PATH=VALUE",
+            help="Override any recipe field; repeatable.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -84,7 +101,15 @@ def _load(recipe_path, data, epochs, subset, device, out, overrides, *, warn: bo
     from compress.recipe.load import load_recipe
     from compress.recipe.overrides import parse_subset
 
-    recipe = load_recipe(recipe_path, list(overrides), data=data, epochs=epochs, subset=parse_subset(subset), device=device, out=out)
+    recipe = load_recipe(
+        recipe_path,
+        list(overrides),
+        data=data,
+        epochs=epochs,
+        subset=parse_subset(subset),
+        device=device,
+        out=out,
+    )
     for warning in recipe_warnings(recipe) if warn and distributed.is_main() else ():
         click.echo(f"warning: {warning}", err=True)
     return recipe
@@ -99,9 +124,20 @@ def cli():
 @cli.command()
 @recipe_options
 @click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
-@click.option("--wait", is_flag=True, help="If another run is writing the same run folder, wait for it instead of refusing.")
-@click.option("--nproc", type=click.IntRange(min=1), metavar="N",
-              help="Train data-parallel (DDP) in N processes on this machine: runs this command under torchrun --standalone --nproc_per_node=N.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="If another run is writing the same run folder, wait for it instead of refusing.",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help=(
+        "Train data-parallel (DDP) in N processes on this machine: runs this command under "
+        "torchrun --standalone --nproc_per_node=N."
+    ),
+)
 @user_errors
 def run(recipe_path, data, epochs, subset, device, out, overrides, force, wait, nproc):
     """Run RECIPE's stages into <out>/<name>/, skipping stages already done."""
@@ -110,10 +146,16 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force, wait, 
 
     if nproc is not None:
         if distributed.launched():
-            raise click.UsageError("--nproc starts torchrun; a process torchrun started runs without it")
-        recipe = _load(recipe_path, data, epochs, subset, device, out, overrides, warn=False)  # a bad recipe: one message, not one per process
+            raise click.UsageError(
+                "--nproc starts torchrun; a process torchrun started runs without it"
+            )
+        recipe = _load(
+            recipe_path, data, epochs, subset, device, out, overrides, warn=False
+        )  # a bad recipe: one message, not one per process
         distributed.per_process_batch(recipe.data.batch_size, nproc)
-        sys.exit(distributed.launch(nproc, ["run", *_run_arguments(click.get_current_context().params)]))
+        sys.exit(
+            distributed.launch(nproc, ["run", *_run_arguments(click.get_current_context().params)])
+        )
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
     artifacts = run_pipeline(recipe, force=force, wait=wait)
     if not distributed.is_main():
@@ -153,8 +195,16 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
 
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
     click.echo(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip())
-    data = f"; data at {recipe.data.path} is readable (its content is read when the run loads it)" if recipe.data.path else ""
-    click.echo(f"ok: {recipe_path} is valid ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)}){data}", err=True)
+    data = (
+        f"; data at {recipe.data.path} is readable (its content is read when the run loads it)"
+        if recipe.data.path
+        else ""
+    )
+    click.echo(
+        f"ok: {recipe_path} is valid ({len(recipe.stages)} stages: "
+        f"{', '.join(s.name for s in recipe.stages)}){data}",
+        err=True,
+    )
 
 
 def _backends() -> list[str]:
@@ -165,43 +215,163 @@ def _backends() -> list[str]:
 
 @cli.command()
 @click.argument("model", type=click.Path())
-@click.option("--against", type=click.Path(), help="A reference model (the teacher) to compare with.")
-@click.option("--backend", "backends", multiple=True, default=list(default(BenchConfig, "backends")), show_default=True, metavar="NAME",
-              help="Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] for .onnx, torch[-compile][-cuda] for a stage folder, tensorrt for .engine.")
-@click.option("--data", help="Test data for accuracy: a dataset folder (kind detected) or omitted for latency only.")
-@click.option("--data-kind", type=click.Choice(list(DATASET_KINDS)), help="Dataset kind when detection is not enough.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=default(BenchConfig, "batch_size"), show_default=True, help="Throughput batch size (batch 1 is always measured).")
-@click.option("--iterations", type=click.IntRange(min=1), default=default(BenchConfig, "iterations"), show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=default(BenchConfig, "warmup"), show_default=True)
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=default(BenchConfig, "time_budget_s"), show_default=True, help="Seconds per measurement at most.")
-@click.option("--threads", type=click.IntRange(min=0), default=default(BenchConfig, "threads"), help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--eval-samples", type=click.IntRange(min=1), help="Test images for accuracy (default: the whole split).")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for bench.json/bench.md (default: next to MODEL).")
+@click.option(
+    "--against", type=click.Path(), help="A reference model (the teacher) to compare with."
+)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    default=list(default(BenchConfig, "backends")),
+    show_default=True,
+    metavar="NAME",
+    help=(
+        "Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] for .onnx, "
+        "torch[-compile][-cuda] for a stage folder, tensorrt for .engine."
+    ),
+)
+@click.option(
+    "--data",
+    help="Test data for accuracy: a dataset folder (kind detected) or omitted for latency only.",
+)
+@click.option(
+    "--data-kind",
+    type=click.Choice(list(DATASET_KINDS)),
+    help="Dataset kind when detection is not enough.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=default(BenchConfig, "batch_size"),
+    show_default=True,
+    help="Throughput batch size (batch 1 is always measured).",
+)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=1),
+    default=default(BenchConfig, "iterations"),
+    show_default=True,
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=default(BenchConfig, "warmup"),
+    show_default=True,
+)
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=default(BenchConfig, "time_budget_s"),
+    show_default=True,
+    help="Seconds per measurement at most.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=default(BenchConfig, "threads"),
+    help="ONNX Runtime intra-op threads (0: its default).",
+)
+@click.option(
+    "--eval-samples",
+    type=click.IntRange(min=1),
+    help="Test images for accuracy (default: the whole split).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Folder for bench.json/bench.md (default: next to MODEL).",
+)
 @user_errors
-def bench(model, against, backends, data, data_kind, batch_size, iterations, warmup, time_budget, threads, eval_samples, out):
-    """Benchmark MODEL (an .onnx, a TensorRT .engine or a run's stage folder), and --against OTHER side by side."""
+def bench(
+    model,
+    against,
+    backends,
+    data,
+    data_kind,
+    batch_size,
+    iterations,
+    warmup,
+    time_budget,
+    threads,
+    eval_samples,
+    out,
+):
+    """Benchmark MODEL (an .onnx, a TensorRT .engine or a run's stage folder), and --against OTHER
+    side by side."""
     from compress.stages.bench import bench_files
 
-    cfg = BenchConfig(backends=tuple(backends), batch_size=batch_size, iterations=iterations, warmup=warmup, time_budget_s=time_budget, threads=threads, eval_samples=eval_samples)
-    result, table_path = bench_files(model, against=against, data=data, data_kind=data_kind, cfg=cfg, out=out)
+    cfg = BenchConfig(
+        backends=tuple(backends),
+        batch_size=batch_size,
+        iterations=iterations,
+        warmup=warmup,
+        time_budget_s=time_budget,
+        threads=threads,
+        eval_samples=eval_samples,
+    )
+    result, table_path = bench_files(
+        model, against=against, data=data, data_kind=data_kind, cfg=cfg, out=out
+    )
     click.echo(table_path.read_text())
     click.echo(f"written: {table_path} and {table_path.with_suffix('.json')}", err=True)
 
 
 @cli.command(name="export")
 @click.argument("source", type=click.Path())
-@click.option("--format", "fmt", required=True, help="onnx (from a stage folder), onnx-fp16 or tensorrt (from a stage folder or an .onnx); `compress list formats`.")
-@click.option("--out", type=click.Path(dir_okay=False), help="The file to write (default: next to SOURCE).")
-@click.option("--opset", type=click.IntRange(7, 23), default=default(ExportConfig, "opset"), show_default=True)
-@click.option("--exporter", type=click.Choice(EXPORTERS), default=default(ExportConfig, "exporter"), show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), help="A static batch size (default: a dynamic batch axis).")
-@click.option("--simplify", is_flag=True, help="Simplify the graph with onnxslim (verified not to change outputs).")
-@click.option("--data", help="Dataset for the metadata and check images (default: the data of the recipe that made the stage).")
-@click.option("--engine-fp16/--no-engine-fp16", default=default(ExportConfig, "engine_fp16"), show_default=True, help="TensorRT: allow FP16 kernels.")
-@click.option("--engine-batch", default=",".join(map(str, default(ExportConfig, "engine_batch"))), show_default=True, help="TensorRT optimisation profile: min,opt,max batch.")
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    help=(
+        "onnx (from a stage folder), onnx-fp16 or tensorrt (from a stage folder or an .onnx); "
+        "`compress list formats`."
+    ),
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False), help="The file to write (default: next to SOURCE)."
+)
+@click.option(
+    "--opset", type=click.IntRange(7, 23), default=default(ExportConfig, "opset"), show_default=True
+)
+@click.option(
+    "--exporter",
+    type=click.Choice(EXPORTERS),
+    default=default(ExportConfig, "exporter"),
+    show_default=True,
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    help="A static batch size (default: a dynamic batch axis).",
+)
+@click.option(
+    "--simplify",
+    is_flag=True,
+    help="Simplify the graph with onnxslim (verified not to change outputs).",
+)
+@click.option(
+    "--data",
+    help=(
+        "Dataset for the metadata and check images (default: the data of the recipe that made the "
+        "stage)."
+    ),
+)
+@click.option(
+    "--engine-fp16/--no-engine-fp16",
+    default=default(ExportConfig, "engine_fp16"),
+    show_default=True,
+    help="TensorRT: allow FP16 kernels.",
+)
+@click.option(
+    "--engine-batch",
+    default=",".join(map(str, default(ExportConfig, "engine_batch"))),
+    show_default=True,
+    help="TensorRT optimisation profile: min,opt,max batch.",
+)
 @user_errors
 def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp16, engine_batch):
-    """Export SOURCE (a run's stage folder, or an .onnx file) to one format, verified, outside a run."""
+    """Export SOURCE (a run's stage folder, or an .onnx file) to one format, verified, outside a
+    run."""
     import json
 
     from compress.stages.export import export_file
@@ -209,8 +379,18 @@ def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp1
     try:
         profile = tuple(int(b) for b in engine_batch.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected three integers like 1,32,64, got {engine_batch!r}", param_hint="--engine-batch") from None
-    cfg = ExportConfig(opset=opset, exporter=exporter, batch=batch, simplify=simplify, engine_fp16=engine_fp16, engine_batch=profile)
+        raise click.BadParameter(
+            f"expected three integers like 1,32,64, got {engine_batch!r}",
+            param_hint="--engine-batch",
+        ) from None
+    cfg = ExportConfig(
+        opset=opset,
+        exporter=exporter,
+        batch=batch,
+        simplify=simplify,
+        engine_fp16=engine_fp16,
+        engine_batch=profile,
+    )
     path, record = export_file(source, fmt, out, cfg, data=data)
     click.echo(json.dumps(record, indent=2, default=str))
     click.echo(f"written: {path}", err=True)
@@ -234,33 +414,92 @@ def _fraction(ctx, param, value: str) -> float:
     try:
         return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise click.BadParameter(f"expected a percentage like 10% or a fraction like 0.1, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected a percentage like 10% or a fraction like 0.1, got {value!r}"
+        ) from None
 
 
 @cli.command()
 @click.argument("result", type=click.Path())
-@click.option("--baseline", type=click.Path(), help="The known-good bench.json (or its bench/ or run folder).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=default(GatesConfig, "max_accuracy_drop"), show_default=True, help="Top-1 points a model may lose.")
-@click.option("--max-latency-increase", default=percent(default(GatesConfig, "max_latency_increase")), show_default=True, callback=_fraction, help="Batch-1 p50 growth allowed (10% or 0.1).")
-@click.option("--max-size-increase", default=percent(default(GatesConfig, "max_size_increase")), show_default=True, callback=_fraction, help="File size growth allowed.")
-@click.option("--latency", type=click.Choice(GATE_LATENCY_MODES), default=default(GatesConfig, "latency"), show_default=True,
-              help="relative: latency as a ratio to the run's reference model (machine-independent); auto: relative when both results have it.")
-@click.option("--min-int8-agreement", callback=lambda ctx, param, value: None if value is None else _fraction(ctx, param, value),
-              help="Floor on the INT8 student's top-1 agreement with its float version (99% or 0.99); needs no baseline.")
-@click.option("--allow-missing", is_flag=True, default=default(GatesConfig, "allow_missing"),
-              help="Accept gates the baseline cannot evaluate (metric absent or 0); by default they fail.")
+@click.option(
+    "--baseline", type=click.Path(), help="The known-good bench.json (or its bench/ or run folder)."
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(min=0),
+    default=default(GatesConfig, "max_accuracy_drop"),
+    show_default=True,
+    help="Top-1 points a model may lose.",
+)
+@click.option(
+    "--max-latency-increase",
+    default=percent(default(GatesConfig, "max_latency_increase")),
+    show_default=True,
+    callback=_fraction,
+    help="Batch-1 p50 growth allowed (10% or 0.1).",
+)
+@click.option(
+    "--max-size-increase",
+    default=percent(default(GatesConfig, "max_size_increase")),
+    show_default=True,
+    callback=_fraction,
+    help="File size growth allowed.",
+)
+@click.option(
+    "--latency",
+    type=click.Choice(GATE_LATENCY_MODES),
+    default=default(GatesConfig, "latency"),
+    show_default=True,
+    help=(
+        "relative: latency as a ratio to the run's reference model (machine-independent); auto: "
+        "relative when both results have it."
+    ),
+)
+@click.option(
+    "--min-int8-agreement",
+    callback=lambda ctx, param, value: None if value is None else _fraction(ctx, param, value),
+    help=(
+        "Floor on the INT8 student's top-1 agreement with its float version (99% or 0.99); needs "
+        "no baseline."
+    ),
+)
+@click.option(
+    "--allow-missing",
+    is_flag=True,
+    default=default(GatesConfig, "allow_missing"),
+    help="Accept gates the baseline cannot evaluate (metric absent or 0); by default they fail.",
+)
 @user_errors
-def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_increase, latency, min_int8_agreement, allow_missing):
-    """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline and floors; exit 1 on a regression."""
+def check(
+    result,
+    baseline,
+    max_accuracy_drop,
+    max_latency_increase,
+    max_size_increase,
+    latency,
+    min_int8_agreement,
+    allow_missing,
+):
+    """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline and floors;
+    exit 1 on a regression."""
     from compress.errors import RecipeError
     from compress.gates import check as check_gates
     from compress.gates import different_networks, gates_table, load_bench_result
 
     if baseline is None and min_int8_agreement is None:
         raise RecipeError("nothing to check: give --baseline BASELINE and/or --min-int8-agreement")
-    gates = GatesConfig(max_accuracy_drop=max_accuracy_drop, max_latency_increase=max_latency_increase, max_size_increase=max_size_increase,
-                        latency=latency, min_int8_agreement=min_int8_agreement, allow_missing=allow_missing)
-    current, reference = load_bench_result(result), load_bench_result(baseline) if baseline else None
+    gates = GatesConfig(
+        max_accuracy_drop=max_accuracy_drop,
+        max_latency_increase=max_latency_increase,
+        max_size_increase=max_size_increase,
+        latency=latency,
+        min_int8_agreement=min_int8_agreement,
+        allow_missing=allow_missing,
+    )
+    current, reference = (
+        load_bench_result(result),
+        load_bench_result(baseline) if baseline else None,
+    )
     for warning in different_networks(current, reference) if reference is not None else []:
         click.echo(warning, err=True)
     results = check_gates(current, reference, gates)
@@ -269,9 +508,25 @@ def check(result, baseline, max_accuracy_drop, max_latency_increase, max_size_in
 
 
 @cli.command(name="list")
-@click.argument("what", type=click.Choice(["stages", "losses", "criteria", "models", "datasets", "formats", "backends", "weight-ranges"]), required=False)
+@click.argument(
+    "what",
+    type=click.Choice(
+        [
+            "stages",
+            "losses",
+            "criteria",
+            "models",
+            "datasets",
+            "formats",
+            "backends",
+            "weight-ranges",
+        ]
+    ),
+    required=False,
+)
 def list_(what):
-    """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export formats, bench backends, INT8 weight ranges)."""
+    """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export
+    formats, bench backends, INT8 weight ranges)."""
     from compress.bench_backends import BACKENDS
     from compress.config import STAGE_KINDS
     from compress.formats import FORMATS
@@ -279,12 +534,26 @@ def list_(what):
     from compress.losses import LOSSES
     from compress.models import model_names
 
-    formats = [f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}" for f in map(FORMATS.get, FORMATS.names())]
-    backends = [f"{b.name:<19} {b.artifact:<10} {b.description}" for b in map(BACKENDS.get, BACKENDS.names())]
-    ranges = [f"{r.name:<12} {'portable' if r.portable else 'VNNI only'}  {r.summary}" for r in WEIGHT_RANGES.values()]
+    formats = [
+        f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}"
+        for f in map(FORMATS.get, FORMATS.names())
+    ]
+    backends = [
+        f"{b.name:<19} {b.artifact:<10} {b.description}"
+        for b in map(BACKENDS.get, BACKENDS.names())
+    ]
+    ranges = [
+        f"{r.name:<12} {'portable' if r.portable else 'VNNI only'}  {r.summary}"
+        for r in WEIGHT_RANGES.values()
+    ]
     tables = {
-        "stages": list(STAGE_KINDS), "losses": LOSSES.names(), "criteria": list(PRUNING_CRITERIA), "models": model_names(),
-        "datasets": list(DATASET_KINDS), "formats": formats, "backends": backends,
+        "stages": list(STAGE_KINDS),
+        "losses": LOSSES.names(),
+        "criteria": list(PRUNING_CRITERIA),
+        "models": model_names(),
+        "datasets": list(DATASET_KINDS),
+        "formats": formats,
+        "backends": backends,
         "weight-ranges": ranges,
     }
     for name in [what] if what else tables:

@@ -13,7 +13,9 @@ from typing import Any
 from compress.errors import RecipeError
 from compress.loss_params import LOSSES
 
-UNLABELED = -1  # label value of an image from the unlabeled pool (datasets, losses and the loop agree on it)
+UNLABELED = (
+    -1
+)  # label value of an image from the unlabeled pool (datasets, losses and the loop agree on it)
 
 # Dataset kind -> the reader that loads it, ``(DataConfig) -> DatasetBundle`` (imported on use).
 DATASET_KINDS: dict[str, str] = {
@@ -40,18 +42,26 @@ class SubsetConfig:
     def __post_init__(self):
         for name in ("train", "test"):
             value = getattr(self, name)
-            _check(value is None or value > 0, f"{name}: expected a positive integer or null, got {value}")
+            _check(
+                value is None or value > 0,
+                f"{name}: expected a positive integer or null, got {value}",
+            )
 
 
 @dataclass(frozen=True)
 class UnlabeledConfig:
     """Extra images without labels; only the teacher-driven loss terms apply to them."""
 
-    path: str | None = None  # a .npz with `x` (uint8 NHWC) or a folder of images (searched recursively)
+    path: str | None = (
+        None  # a .npz with `x` (uint8 NHWC) or a folder of images (searched recursively)
+    )
     limit: int | None = None  # use at most this many (a seeded random selection)
 
     def __post_init__(self):
-        _check(self.limit is None or self.limit > 0, f"limit: expected a positive integer or null, got {self.limit}")
+        _check(
+            self.limit is None or self.limit > 0,
+            f"limit: expected a positive integer or null, got {self.limit}",
+        )
 
 
 @dataclass(frozen=True)
@@ -67,11 +77,22 @@ class DataConfig:
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
     def __post_init__(self):
-        _check(self.kind in DATASET_KINDS, f"kind: expected one of {', '.join(DATASET_KINDS)}, got {self.kind!r}")
-        _check(self.kind == "digits" or self.path is not None, f"path: dataset kind {self.kind!r} needs a path (or pass --data PATH)")
+        _check(
+            self.kind in DATASET_KINDS,
+            f"kind: expected one of {', '.join(DATASET_KINDS)}, got {self.kind!r}",
+        )
+        _check(
+            self.kind == "digits" or self.path is not None,
+            f"path: dataset kind {self.kind!r} needs a path (or pass --data PATH)",
+        )
         _check(8 <= self.image_size <= 1024, f"image_size: expected 8..1024, got {self.image_size}")
-        _check(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
-        _check(self.eval_batch_size > 0, f"eval_batch_size: expected a positive integer, got {self.eval_batch_size}")
+        _check(
+            self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}"
+        )
+        _check(
+            self.eval_batch_size > 0,
+            f"eval_batch_size: expected a positive integer, got {self.eval_batch_size}",
+        )
         _check(self.workers >= 0, f"workers: expected >= 0, got {self.workers}")
 
 
@@ -92,21 +113,39 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: int = 0
-    label_smoothing: float = 0.0  # teacher only; hurts distillation (Muller et al. 2019), so off by default
+    label_smoothing: float = (
+        0.0  # teacher only; hurts distillation (Muller et al. 2019), so off by default
+    )
     precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it, else fp32
     channels_last: bool | None = None  # None: on for CUDA
-    compile: bool = False  # torch.compile the training step (worth it on CUDA; compiling costs seconds to minutes)
+    # torch.compile the training step (worth it on CUDA; compiling costs seconds to minutes)
+    compile: bool = False
 
     def __post_init__(self):
         _check(self.epochs >= 0, f"epochs: expected >= 0, got {self.epochs}")
-        _check(self.optimizer in OPTIMIZERS, f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _check(self.schedule in SCHEDULES, f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _check(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        _check(
+            self.schedule in SCHEDULES,
+            f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+        )
         _check(self.lr > 0, f"lr: expected > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
-        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"warmup_epochs: expected 0..epochs ({self.epochs}), got {self.warmup_epochs}")
-        _check(0 <= self.label_smoothing < 1, f"label_smoothing: expected 0 <= value < 1, got {self.label_smoothing}")
-        _check(self.precision in PRECISIONS, f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(
+            0 <= self.warmup_epochs <= max(self.epochs, 0),
+            f"warmup_epochs: expected 0..epochs ({self.epochs}), got {self.warmup_epochs}",
+        )
+        _check(
+            0 <= self.label_smoothing < 1,
+            f"label_smoothing: expected 0 <= value < 1, got {self.label_smoothing}",
+        )
+        _check(
+            self.precision in PRECISIONS,
+            f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -154,8 +193,14 @@ class MixConfig:
     cutout: int = 0
 
     def __post_init__(self):
-        _check(self.mixup_alpha >= 0, f"mixup_alpha: expected >= 0 (0 disables), got {self.mixup_alpha}")
-        _check(self.cutmix_alpha >= 0, f"cutmix_alpha: expected >= 0 (0 disables), got {self.cutmix_alpha}")
+        _check(
+            self.mixup_alpha >= 0,
+            f"mixup_alpha: expected >= 0 (0 disables), got {self.mixup_alpha}",
+        )
+        _check(
+            self.cutmix_alpha >= 0,
+            f"cutmix_alpha: expected >= 0 (0 disables), got {self.cutmix_alpha}",
+        )
         _check(0 <= self.prob <= 1, f"prob: expected 0..1, got {self.prob}")
         _check(self.cutout >= 0, f"cutout: expected >= 0 pixels (0 disables), got {self.cutout}")
 
@@ -172,10 +217,16 @@ class DistillConfig:
     loss: tuple[LossConfig, ...] = field(default_factory=lambda: (LossConfig(),))
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: MixConfig = field(default_factory=MixConfig)
-    teacher: str = "teacher"  # the stage whose model teaches: "teacher" or an earlier distill stage's name
+    teacher: str = (
+        "teacher"  # the stage whose model teaches: "teacher" or an earlier distill stage's name
+    )
     student: StudentConfig | None = None  # None: the recipe's student section
-    init_from_teacher: bool = False  # copy every teacher tensor whose name and shape fit the student
-    cache_teacher_logits: bool = False  # compute the teacher once per image; needs deterministic inputs
+    init_from_teacher: bool = (
+        False  # copy every teacher tensor whose name and shape fit the student
+    )
+    cache_teacher_logits: bool = (
+        False  # compute the teacher once per image; needs deterministic inputs
+    )
 
     def __post_init__(self):
         _check(len(self.loss) > 0, "loss: expected at least one loss term")
@@ -208,19 +259,43 @@ class PruneSpec:
     global_ranking: bool = False  # rank channels across layers instead of the same ratio per layer
     round_to: int = 8  # kept channels are a multiple of this (hardware-friendly widths)
     max_layer_ratio: float = 0.9  # no layer group loses more than this fraction of channels
-    ignore: tuple[str, ...] = ()  # module names or fnmatch patterns never pruned (the classifier never is)
+    ignore: tuple[
+        str, ...
+    ] = ()  # module names or fnmatch patterns never pruned (the classifier never is)
 
     def __post_init__(self):
-        _check(self.criterion in PRUNING_CRITERIA, f"criterion: expected one of {', '.join(PRUNING_CRITERIA)}, got {self.criterion!r}")
+        _check(
+            self.criterion in PRUNING_CRITERIA,
+            f"criterion: expected one of {', '.join(PRUNING_CRITERIA)}, got {self.criterion!r}",
+        )
         _check(self.norm in (1, 2), f"norm: expected 1 or 2, got {self.norm}")
-        given = [name for name in ("speedup", "target_macs", "pruning_ratio") if getattr(self, name) is not None]
+        given = [
+            name
+            for name in ("speedup", "target_macs", "pruning_ratio")
+            if getattr(self, name) is not None
+        ]
         if len(given) > 1:
-            raise RecipeError(f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio (got {', '.join(given)})")
-        _check(self.speedup is None or self.speedup > 1, f"speedup: expected a MACs reduction ratio > 1, got {self.speedup}")
-        _check(self.target_macs is None or self.target_macs > 0, f"target_macs: expected a positive integer, got {self.target_macs}")
-        _check(self.pruning_ratio is None or 0 < self.pruning_ratio < 1, f"pruning_ratio: expected 0 < ratio < 1, got {self.pruning_ratio}")
+            raise RecipeError(
+                f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio (got "
+                f"{', '.join(given)})"
+            )
+        _check(
+            self.speedup is None or self.speedup > 1,
+            f"speedup: expected a MACs reduction ratio > 1, got {self.speedup}",
+        )
+        _check(
+            self.target_macs is None or self.target_macs > 0,
+            f"target_macs: expected a positive integer, got {self.target_macs}",
+        )
+        _check(
+            self.pruning_ratio is None or 0 < self.pruning_ratio < 1,
+            f"pruning_ratio: expected 0 < ratio < 1, got {self.pruning_ratio}",
+        )
         _check(self.round_to >= 1, f"round_to: expected >= 1, got {self.round_to}")
-        _check(0 < self.max_layer_ratio < 1, f"max_layer_ratio: expected 0 < ratio < 1, got {self.max_layer_ratio}")
+        _check(
+            0 < self.max_layer_ratio < 1,
+            f"max_layer_ratio: expected 0 < ratio < 1, got {self.max_layer_ratio}",
+        )
 
 
 @dataclass(frozen=True)
@@ -237,7 +312,10 @@ class PruneConfig(PruneSpec):
     def __post_init__(self):
         super().__post_init__()
         _check(self.steps >= 1, f"steps: expected >= 1, got {self.steps}")
-        _check(self.loss is None or len(self.loss) > 0, "loss: expected at least one loss term, or null for the distill stage's loss")
+        _check(
+            self.loss is None or len(self.loss) > 0,
+            "loss: expected at least one loss term, or null for the distill stage's loss",
+        )
 
 
 QUANT_MODES = ("qat", "ptq")
@@ -264,21 +342,46 @@ class QuantizeConfig:
     calibration_images: int = 512
     skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32
     weight_range: str = "auto"
-    loss: tuple[LossConfig, ...] | None = None  # None: the logit terms of the latest distill stage's loss
+    loss: tuple[LossConfig, ...] | None = (
+        None  # None: the logit terms of the latest distill stage's loss
+    )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
     augment: MixConfig = field(default_factory=MixConfig)
     teacher: str = "teacher"
 
     def __post_init__(self):
-        _check(self.mode in QUANT_MODES, f"mode: expected one of {', '.join(QUANT_MODES)}, got {self.mode!r}")
-        _check(self.target in QUANT_TARGETS, f"target: expected one of {', '.join(QUANT_TARGETS)}, got {self.target!r}")
-        _check(self.calibration in CALIBRATION_METHODS, f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got {self.calibration!r}")
-        _check(50 < self.percentile <= 100, f"percentile: expected 50 < p <= 100, got {self.percentile}")
-        _check(self.calibration_images > 0, f"calibration_images: expected > 0, got {self.calibration_images}")
+        _check(
+            self.mode in QUANT_MODES,
+            f"mode: expected one of {', '.join(QUANT_MODES)}, got {self.mode!r}",
+        )
+        _check(
+            self.target in QUANT_TARGETS,
+            f"target: expected one of {', '.join(QUANT_TARGETS)}, got {self.target!r}",
+        )
+        _check(
+            self.calibration in CALIBRATION_METHODS,
+            f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got "
+            f"{self.calibration!r}",
+        )
+        _check(
+            50 < self.percentile <= 100,
+            f"percentile: expected 50 < p <= 100, got {self.percentile}",
+        )
+        _check(
+            self.calibration_images > 0,
+            f"calibration_images: expected > 0, got {self.calibration_images}",
+        )
         from compress.int8_kernels import WEIGHT_RANGES
 
-        _check(self.weight_range == "auto" or self.weight_range in WEIGHT_RANGES, f"weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got {self.weight_range!r}")
-        _check(self.loss is None or len(self.loss) > 0, "loss: expected at least one loss term, or null for the distill stage's loss")
+        _check(
+            self.weight_range == "auto" or self.weight_range in WEIGHT_RANGES,
+            f"weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got "
+            f"{self.weight_range!r}",
+        )
+        _check(
+            self.loss is None or len(self.loss) > 0,
+            "loss: expected at least one loss term, or null for the distill stage's loss",
+        )
 
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -300,33 +403,69 @@ class ExportConfig:
     batch: int | None = None
     tolerance: float = 1e-3
     min_agreement: float = 0.99
-    int8_tolerance: float = 0.2  # quantized student vs its fake-quantized model: max |diff| / max |logit|
+    int8_tolerance: float = (
+        0.2  # quantized student vs its fake-quantized model: max |diff| / max |logit|
+    )
     int8_min_agreement: float = 0.95
-    fp16_tolerance: float = 0.02  # FP16 file vs the FP32 model: max |diff| / max |logit| (measured: exporters/fp16.py)
+    fp16_tolerance: float = (
+        0.02  # FP16 file vs the FP32 model: max |diff| / max |logit| (measured: exporters/fp16.py)
+    )
     fp16_min_agreement: float = 0.98
     check_samples: int = 256
-    simplify: bool = False  # onnxslim graph simplification, verified against PyTorch like any export
+    simplify: bool = (
+        False  # onnxslim graph simplification, verified against PyTorch like any export
+    )
     engine_fp16: bool = True  # TensorRT may pick FP16 kernels for float layers
-    engine_batch: tuple[int, int, int] = (1, 32, 64)  # TensorRT optimisation profile: min, opt, max batch
+    engine_batch: tuple[int, int, int] = (
+        1,
+        32,
+        64,
+    )  # TensorRT optimisation profile: min, opt, max batch
     engine_workspace_mib: int = 2048
 
     def __post_init__(self):
         from compress.formats import FORMATS
 
         _check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")
-        _check(self.exporter in EXPORTERS, f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}")
+        _check(
+            self.exporter in EXPORTERS,
+            f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}",
+        )
         unknown = [f for f in self.formats if f not in FORMATS.names()]
-        _check(not unknown, f"formats: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(FORMATS.names())}")
-        _check("onnx" in self.formats, "formats: must include onnx (every other format is built from the ONNX file)")
-        _check(len(set(self.formats)) == len(self.formats), f"formats: listed twice in {list(self.formats)}")
-        _check(self.batch is None or self.batch > 0, f"batch: expected a positive integer or null (dynamic), got {self.batch}")
+        _check(
+            not unknown,
+            f"formats: unknown {', '.join(map(repr, unknown))}; expected some of "
+            f"{', '.join(FORMATS.names())}",
+        )
+        _check(
+            "onnx" in self.formats,
+            "formats: must include onnx (every other format is built from the ONNX file)",
+        )
+        _check(
+            len(set(self.formats)) == len(self.formats),
+            f"formats: listed twice in {list(self.formats)}",
+        )
+        _check(
+            self.batch is None or self.batch > 0,
+            f"batch: expected a positive integer or null (dynamic), got {self.batch}",
+        )
         for name in ("tolerance", "int8_tolerance", "fp16_tolerance"):
             _check(getattr(self, name) > 0, f"{name}: expected > 0, got {getattr(self, name)}")
         for name in ("min_agreement", "int8_min_agreement", "fp16_min_agreement"):
-            _check(0 <= getattr(self, name) <= 1, f"{name}: expected 0..1, got {getattr(self, name)}")
+            _check(
+                0 <= getattr(self, name) <= 1, f"{name}: expected 0..1, got {getattr(self, name)}"
+            )
         _check(self.check_samples > 0, f"check_samples: expected > 0, got {self.check_samples}")
-        _check(len(self.engine_batch) == 3 and 1 <= self.engine_batch[0] <= self.engine_batch[1] <= self.engine_batch[2], f"engine_batch: expected [min, opt, max] with 1 <= min <= opt <= max, got {list(self.engine_batch)}")
-        _check(self.engine_workspace_mib > 0, f"engine_workspace_mib: expected > 0, got {self.engine_workspace_mib}")
+        _check(
+            len(self.engine_batch) == 3
+            and 1 <= self.engine_batch[0] <= self.engine_batch[1] <= self.engine_batch[2],
+            "engine_batch: expected [min, opt, max] with 1 <= min <= opt <= max, got "
+            f"{list(self.engine_batch)}",
+        )
+        _check(
+            self.engine_workspace_mib > 0,
+            f"engine_workspace_mib: expected > 0, got {self.engine_workspace_mib}",
+        )
 
 
 @dataclass(frozen=True)
@@ -350,14 +489,27 @@ class BenchConfig:
 
         unknown = [b for b in self.backends if b not in BACKENDS.names()]
         _check(bool(self.backends), "backends: expected at least one backend")
-        _check(not unknown, f"backends: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(BACKENDS.names())}")
-        _check(len(set(self.backends)) == len(self.backends), f"backends: listed twice in {list(self.backends)}")
+        _check(
+            not unknown,
+            f"backends: unknown {', '.join(map(repr, unknown))}; expected some of "
+            f"{', '.join(BACKENDS.names())}",
+        )
+        _check(
+            len(set(self.backends)) == len(self.backends),
+            f"backends: listed twice in {list(self.backends)}",
+        )
         _check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
         _check(self.warmup >= 0, f"warmup: expected >= 0, got {self.warmup}")
         _check(self.iterations > 0, f"iterations: expected > 0, got {self.iterations}")
-        _check(self.time_budget_s is None or self.time_budget_s > 0, f"time_budget_s: expected > 0 or null, got {self.time_budget_s}")
+        _check(
+            self.time_budget_s is None or self.time_budget_s > 0,
+            f"time_budget_s: expected > 0 or null, got {self.time_budget_s}",
+        )
         _check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
-        _check(self.eval_samples is None or self.eval_samples > 0, f"eval_samples: expected > 0 or null, got {self.eval_samples}")
+        _check(
+            self.eval_samples is None or self.eval_samples > 0,
+            f"eval_samples: expected > 0 or null, got {self.eval_samples}",
+        )
 
 
 GATE_LATENCY_MODES = ("auto", "relative", "absolute")
@@ -372,13 +524,19 @@ class GatesConfig:
     (the teacher), ``absolute`` in milliseconds, ``auto`` relative when both results have it.
     """
 
-    baseline: str | None = None  # a bench.json, its bench/ folder or a run folder; null: no comparison
+    baseline: str | None = (
+        None  # a bench.json, its bench/ folder or a run folder; null: no comparison
+    )
     max_accuracy_drop: float = 0.5  # top-1 points
     max_latency_increase: float = 0.10
     max_size_increase: float = 0.05
     latency: str = "auto"
-    min_int8_agreement: float | None = None  # floor on the INT8 student's top-1 agreement with its float version
-    allow_missing: bool = False  # a gate the baseline cannot evaluate (metric absent or 0) is SKIPPED; it fails unless this is set
+    min_int8_agreement: float | None = (
+        None  # floor on the INT8 student's top-1 agreement with its float version
+    )
+    # a gate the baseline cannot evaluate (metric absent or 0) is SKIPPED;
+    # it fails unless this is set
+    allow_missing: bool = False
 
     @property
     def active(self) -> bool:
@@ -386,8 +544,14 @@ class GatesConfig:
         return self.baseline is not None or self.min_int8_agreement is not None
 
     def __post_init__(self):
-        _check(self.min_int8_agreement is None or 0 <= self.min_int8_agreement <= 1, f"min_int8_agreement: expected 0..1 or null, got {self.min_int8_agreement}")
-        _check(self.latency in GATE_LATENCY_MODES, f"latency: expected one of {', '.join(GATE_LATENCY_MODES)}, got {self.latency!r}")
+        _check(
+            self.min_int8_agreement is None or 0 <= self.min_int8_agreement <= 1,
+            f"min_int8_agreement: expected 0..1 or null, got {self.min_int8_agreement}",
+        )
+        _check(
+            self.latency in GATE_LATENCY_MODES,
+            f"latency: expected one of {', '.join(GATE_LATENCY_MODES)}, got {self.latency!r}",
+        )
         for name in ("max_accuracy_drop", "max_latency_increase", "max_size_increase"):
             _check(getattr(self, name) >= 0, f"{name}: expected >= 0, got {getattr(self, name)}")
 
@@ -448,11 +612,43 @@ class StageKind:
     rank0_only: bool = False
 
 
-STAGE_KINDS: dict[str, StageKind] = {kind.name: kind for kind in (
-    StageKind("teacher", TeacherStageConfig, "compress.stages.teacher:teacher", network=True),
-    StageKind("distill", DistillConfig, "compress.stages.distill:distill", needs=("teacher",), network=True, teaches=True),
-    StageKind("prune", PruneConfig, "compress.stages.prune:prune", needs=("teacher", "distill"), network=True, teaches=True),
-    StageKind("quantize", QuantizeConfig, "compress.stages.quantize:quantize", needs=("teacher", "distill"), network=True, teaches=True),
-    StageKind("export", ExportConfig, "compress.stages.export:export", needs=("teacher",), rank0_only=True),
-    StageKind("bench", BenchConfig, "compress.stages.bench:bench", needs=("export",), rank0_only=True),
-)}
+STAGE_KINDS: dict[str, StageKind] = {
+    kind.name: kind
+    for kind in (
+        StageKind("teacher", TeacherStageConfig, "compress.stages.teacher:teacher", network=True),
+        StageKind(
+            "distill",
+            DistillConfig,
+            "compress.stages.distill:distill",
+            needs=("teacher",),
+            network=True,
+            teaches=True,
+        ),
+        StageKind(
+            "prune",
+            PruneConfig,
+            "compress.stages.prune:prune",
+            needs=("teacher", "distill"),
+            network=True,
+            teaches=True,
+        ),
+        StageKind(
+            "quantize",
+            QuantizeConfig,
+            "compress.stages.quantize:quantize",
+            needs=("teacher", "distill"),
+            network=True,
+            teaches=True,
+        ),
+        StageKind(
+            "export",
+            ExportConfig,
+            "compress.stages.export:export",
+            needs=("teacher",),
+            rank0_only=True,
+        ),
+        StageKind(
+            "bench", BenchConfig, "compress.stages.bench:bench", needs=("export",), rank0_only=True
+        ),
+    )
+}

@@ -26,7 +26,8 @@ class RunContext:
 
     @cached_property
     def data(self):
-        """The recipe's dataset, loaded on first use (a run whose stages all skip never loads it)."""
+        """The recipe's dataset, loaded on first use (a run whose stages all skip never loads
+        it)."""
         from compress.data.load import load_dataset
 
         return load_dataset(self.recipe.data, seed=self.recipe.seed)
@@ -34,7 +35,12 @@ class RunContext:
     def loaders(self):
         from compress.data.loaders import make_loaders
 
-        return make_loaders(self.data, self.recipe.data, seed=self.recipe.seed, pin_memory=self.device.type == "cuda")
+        return make_loaders(
+            self.data,
+            self.recipe.data,
+            seed=self.recipe.seed,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def latest(self, role: str) -> Artifact:
         """The most recent artifact whose model plays ``role`` ("teacher" or "student")."""
@@ -50,12 +56,20 @@ class RunContext:
 
         if self.stage_dir is None:
             return {}
-        return {"checkpoint": self.stage_path(checkpoint_name(desc)), "checkpoint_key": f"{self.stage_key}:{desc}"}
+        return {
+            "checkpoint": self.stage_path(checkpoint_name(desc)),
+            "checkpoint_key": f"{self.stage_key}:{desc}",
+        }
 
     def training(self, desc: str) -> dict:
         """The keyword arguments every training call of the running stage takes: the run's
         device and progress setting, and the checkpoint of the training run ``desc``."""
-        return {"device": self.device, "show_progress": self.show_progress, "desc": desc, **self.checkpointing(desc)}
+        return {
+            "device": self.device,
+            "show_progress": self.show_progress,
+            "desc": desc,
+            **self.checkpointing(desc),
+        }
 
     def stage_path(self, name: str) -> Path:
         assert self.stage_dir is not None

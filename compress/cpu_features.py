@@ -14,14 +14,30 @@ from dataclasses import asdict, dataclass
 
 # The flags worth recording, by the names Linux gives them.
 X86_FLAGS = (
-    "sse4_1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16",
+    "sse4_1",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_int8",
+    "amx_bf16",
 )
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
 # macOS sysctl names -> the Linux flag names above
-_MACOS_ARM = {"hw.optional.arm.FEAT_DotProd": "asimddp", "hw.optional.arm.FEAT_I8MM": "i8mm", "hw.optional.arm.FEAT_BF16": "bf16"}
+_MACOS_ARM = {
+    "hw.optional.arm.FEAT_DotProd": "asimddp",
+    "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_BF16": "bf16",
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,9 @@ class CpuFeatures:
         if not self.known:
             return f"{self.arch}, flags unknown"
         if self.x86:
-            simd = "AVX-512" if "avx512f" in self.flags else "AVX2" if "avx2" in self.flags else "SSE"
+            simd = (
+                "AVX-512" if "avx512f" in self.flags else "AVX2" if "avx2" in self.flags else "SSE"
+            )
             return f"{self.arch}, {simd}, {'VNNI' if self.vnni else 'no VNNI'}"
         return f"{self.arch}, {'dot-product' if 'asimddp' in self.flags else 'no dot-product'}"
 
@@ -65,7 +83,13 @@ class CpuFeatures:
 def cpu_features() -> CpuFeatures:
     """This machine's :class:`CpuFeatures` (cached)."""
     arch = platform.machine() or "unknown"
-    flags = _linux_flags() if platform.system() == "Linux" else _macos_flags() if platform.system() == "Darwin" else None
+    flags = (
+        _linux_flags()
+        if platform.system() == "Linux"
+        else _macos_flags()
+        if platform.system() == "Darwin"
+        else None
+    )
     if flags is None:
         return CpuFeatures(arch, (), known=False)
     wanted = X86_FLAGS if arch.lower() in _X86_MACHINES else ARM_FLAGS
@@ -86,7 +110,9 @@ def _linux_flags() -> set[str] | None:
 
 def _macos_flags() -> set[str] | None:
     try:
-        out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["sysctl", "-a"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     flags = set()

@@ -31,7 +31,8 @@ from compress.errors import RecipeError
 
 T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-WAIT_FOR_RANK0_HOURS = 6  # how long the other ranks wait for rank 0's export and bench (a failed rank 0 ends them at once)
+# how long the other ranks wait for rank 0's export and bench (a failed rank 0 ends them at once)
+WAIT_FOR_RANK0_HOURS = 6
 _wait_group = None  # a gloo group with that timeout: waiting blocks on a socket, never on a GPU
 
 
@@ -57,7 +58,8 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank: the group's, else torchrun's ``RANK`` (before or after the group), else 0."""
+    """This process's rank: the group's, else torchrun's ``RANK`` (before or after the group),
+    else 0."""
     dist = _dist()
     return dist.get_rank() if dist is not None else int(os.environ.get("RANK", "0") or 0)
 
@@ -90,7 +92,10 @@ def process_group(device) -> Iterator:
     device = rank_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         _wait_group = dist.new_group(backend="gloo", timeout=timedelta(hours=WAIT_FOR_RANK0_HOURS))
         yield device
@@ -100,7 +105,8 @@ def process_group(device) -> Iterator:
 
 
 def rank_device(device):
-    """The device of this torchrun rank: ``cuda:LOCAL_RANK`` for a CUDA run, ``device`` otherwise."""
+    """The device of this torchrun rank: ``cuda:LOCAL_RANK`` for a CUDA run, ``device``
+    otherwise."""
     import torch
 
     if device.type != "cuda":
@@ -108,10 +114,16 @@ def rank_device(device):
     size, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device.index is not None:
         if size > 1:
-            raise RecipeError(f"device: {device} would put all {size} processes on one GPU; use cuda or auto (each process takes the GPU of its LOCAL_RANK)")
+            raise RecipeError(
+                f"device: {device} would put all {size} processes on one GPU; use cuda or auto "
+                "(each process takes the GPU of its LOCAL_RANK)"
+            )
         return device
     if local >= torch.cuda.device_count():
-        raise RecipeError(f"device: process {local} of this node has no GPU ({torch.cuda.device_count()} visible); start at most that many processes per node")
+        raise RecipeError(
+            f"device: process {local} of this node has no GPU ({torch.cuda.device_count()} "
+            "visible); start at most that many processes per node"
+        )
     return torch.device("cuda", local)
 
 
@@ -123,7 +135,10 @@ def per_process_batch(batch_size: int, processes: int | None = None) -> int:
     """
     processes = world_size() if processes is None else processes
     if batch_size % processes:
-        raise RecipeError(f"data.batch_size: {batch_size} does not split evenly over {processes} processes; use a multiple of {processes} (it is the global batch)")
+        raise RecipeError(
+            f"data.batch_size: {batch_size} does not split evenly over {processes} processes; use "
+            f"a multiple of {processes} (it is the global batch)"
+        )
     return batch_size // processes
 
 
@@ -198,9 +213,16 @@ def data_parallel(module, device):
 
     from torch.nn.parallel import DistributedDataParallel
 
-    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers; older releases know the first only
-    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None, **{name: False})
+    # torch 2.13 renamed broadcast_buffers to forward_sync_buffers;
+    # older releases know the first only
+    name = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
+    return DistributedDataParallel(
+        module, device_ids=[device] if device.type == "cuda" else None, **{name: False}
+    )
 
 
 def launch(nproc: int, args: list[str]) -> int:
@@ -220,16 +242,30 @@ def launch(nproc: int, args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun would give each process 1 thread: share the cores instead
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if (
+        "OMP_NUM_THREADS" not in os.environ
+    ):  # torchrun would give each process 1 thread: share the cores instead
+        cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "compress", *args]))
     except ChildFailedError as exc:
-        failed = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode in (1, -15), item[1].timestamp))  # SIGTERM: stopped by torchrun
+        failed = sorted(
+            exc.failures.items(), key=lambda item: (item[1].exitcode in (1, -15), item[1].timestamp)
+        )  # SIGTERM: stopped by torchrun
         failed_rank, failure = failed[0]
-        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # killed by a signal: 128 + signal
-        print(f"error: process {failed_rank} of {nproc} exited with code {code}; the others were stopped (see its message above)", file=sys.stderr)
+        code = (
+            failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        )  # killed by a signal: 128 + signal
+        print(
+            f"error: process {failed_rank} of {nproc} exited with code {code}; the others were "
+            "stopped (see its message above)",
+            file=sys.stderr,
+        )
         return code
     except SignalException as exc:
         return 128 + int(exc.sigval)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-_WORKER_MARK = "\nOriginal Traceback"  # torch's DataLoader re-raises a worker's error with this text
+_WORKER_MARK = (
+    "\nOriginal Traceback"  # torch's DataLoader re-raises a worker's error with this text
+)
 
 
 class CompressError(Exception):
@@ -33,7 +35,12 @@ class CompressError(Exception):
             super().__init__(last.removeprefix(prefix), *args)
             self.add_note(text)
         else:  # a user's value with a line break in it must not break the one-line contract
-            super().__init__(_bounded(text.replace("\r", "\\r").replace("\n", "\\n")) if isinstance(message, str) else message, *args)
+            super().__init__(
+                _bounded(text.replace("\r", "\\r").replace("\n", "\\n"))
+                if isinstance(message, str)
+                else message,
+                *args,
+            )
 
 
 MAX_MESSAGE = 600  # characters of one error line: a 5 MB value from a recipe is not echoed whole
@@ -77,7 +84,14 @@ class OutputError(CompressError):
     """An output could not be written: a full disk, a read-only or unwritable folder."""
 
 
-WRITE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EIO": "an I/O error while writing", "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted"}
+WRITE_ERRNOS = {
+    "ENOSPC": "the disk is full",
+    "EDQUOT": "the disk quota is exceeded",
+    "EIO": "an I/O error while writing",
+    "EROFS": "the file system is read-only",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+}
 
 
 def output_error(exc: OSError) -> OutputError | None:
@@ -89,7 +103,10 @@ def output_error(exc: OSError) -> OutputError | None:
     if name not in WRITE_ERRNOS:
         return None
     where = f" {exc.filename}" if exc.filename else ""
-    return OutputError(f"cannot write{where}: {WRITE_ERRNOS[name]} (files written before are intact; free space or fix the folder, then run the same command to resume)")
+    return OutputError(
+        f"cannot write{where}: {WRITE_ERRNOS[name]} (files written before are intact; free space "
+        "or fix the folder, then run the same command to resume)"
+    )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

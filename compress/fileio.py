@@ -85,7 +85,12 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-_TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
+_TORCH_WRITE_FAILURES = (
+    "inline_container",
+    "PytorchStreamWriter",
+    "file write failed",
+    "unexpected pos",
+)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -4,12 +4,13 @@ Each :class:`ExportFormat` says what file it makes, which bench backends run it,
 a GPU, which networks it applies to and which function builds it. Builders are named as
 ``"module:function"`` and imported only when used, so listing the formats (``compress --help``,
 a recipe check) never imports torch or TensorRT. A new format is one more ``register_format``
-call below plus its module in :mod:`compress.exporters`; the recipe's ``export.formats``, ``compress export --format``, the
-export stage and the bench all read this table.
+call below plus its module in :mod:`compress.exporters`; the recipe's ``export.formats``,
+``compress export --format``, the export stage and the bench all read this table.
 
 Example:
     >>> fmt = FORMATS.get("onnx-fp16")
-    >>> record = fmt.builder(run / "student.onnx", run / f"student{fmt.suffix}", model, images, ExportConfig(), int8=False)
+    >>> record = fmt.builder(run / "student.onnx", run / f"student{fmt.suffix}", model, images,
+                             ExportConfig(), int8=False)
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class ExportFormat:
     @property
     def builder(self) -> Callable[..., dict]:
         """The build function, imported on first use."""
-        return _resolve(self.build, f"{self.name} is the base format; it is exported, not built from ONNX")
+        return _resolve(
+            self.build, f"{self.name} is the base format; it is exported, not built from ONNX"
+        )
 
     @property
     def converter(self) -> Callable[..., dict]:
@@ -78,7 +81,10 @@ class ExportFormat:
         if self.float_only:
             return f"an INT8 model: an {self.title} holds a float model"
         if self.int8_target is not None and quantization.target != self.int8_target:
-            return f"quantized for {quantization.target}; an INT8 {self.title} needs quantize.target: {self.int8_target}"
+            return (
+                f"quantized for {quantization.target}; an INT8 {self.title} needs quantize.target: "
+                f"{self.int8_target}"
+            )
         return None
 
     def names_file(self, filename: str) -> bool:
@@ -109,7 +115,9 @@ def register_format(fmt: ExportFormat) -> ExportFormat:
 def format_of_file(filename: str) -> ExportFormat | None:
     """The format whose suffix names this file (the longest matching suffix wins:
     ``a.fp16.onnx`` is ``onnx-fp16``, not ``onnx``); None for an unknown suffix."""
-    matches = [FORMATS.get(name) for name in FORMATS.names() if FORMATS.get(name).names_file(filename)]
+    matches = [
+        FORMATS.get(name) for name in FORMATS.names() if FORMATS.get(name).names_file(filename)
+    ]
     return max(matches, key=lambda f: len(f.suffix), default=None)
 
 
@@ -119,7 +127,10 @@ register_format(
         title="ONNX file",
         suffix=".onnx",
         needs_gpu=False,
-        options_doc="opset=18, exporter='dynamo'|'torchscript', batch=None (dynamic) or N, simplify; verified against PyTorch",
+        options_doc=(
+            "opset=18, exporter='dynamo'|'torchscript', batch=None (dynamic) or N, simplify; "
+            "verified against PyTorch"
+        ),
         artifact="onnx",
     )
 )
@@ -130,7 +141,9 @@ register_format(
         title="FP16 ONNX file",
         suffix=".fp16.onnx",
         needs_gpu=False,  # converted and verified on CPU; fast only on a GPU runtime
-        options_doc="from the exported float .onnx, FP16 weights and I/O; verified with fp16_tolerance",
+        options_doc=(
+            "from the exported float .onnx, FP16 weights and I/O; verified with fp16_tolerance"
+        ),
         artifact="onnx",
         build="compress.exporters.fp16:build_from_onnx",
         convert="compress.exporters.fp16:convert_onnx",
@@ -144,7 +157,10 @@ register_format(
         title="TensorRT engine",
         suffix=".engine",
         needs_gpu=True,
-        options_doc="from the exported .onnx: engine_fp16, INT8 from a QDQ file, engine_batch (min, opt, max), engine_workspace_mib",
+        options_doc=(
+            "from the exported .onnx: engine_fp16, INT8 from a QDQ file, engine_batch (min, opt, "
+            "max), engine_workspace_mib"
+        ),
         artifact="engine",
         build="compress.exporters.tensorrt:build_from_onnx",
         convert="compress.exporters.tensorrt:convert_onnx",

@@ -9,7 +9,8 @@ its teacher is a regression on any machine.
 
 Example::
 
-    results = check(load_bench_result("exported/run/bench"), load_bench_result("baseline.json"), GatesConfig())
+    results = check(load_bench_result("exported/run/bench"), load_bench_result("baseline.json"),
+                    GatesConfig())
     print(gates_table(results)); sys.exit(0 if all(r.passed for r in results) else 1)
 """
 
@@ -62,13 +63,23 @@ def load_bench_result(path: str | Path) -> dict:
             path = candidate
             break
     else:
-        raise DataError(f"{path}: no bench result here (expected bench.json, its bench/ folder or the run folder)")
+        raise DataError(
+            f"{path}: no bench result here (expected bench.json, its bench/ folder or the run "
+            "folder)"
+        )
     try:
         result = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not a JSON bench result ({type(exc).__name__})") from None
-    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or not all(isinstance(r, dict) and "role" in r for r in result["rows"]):
-        raise DataError(f"{path}: not a bench result (expected an object with a list of 'rows', as compress bench writes)")
+    if (
+        not isinstance(result, dict)
+        or not isinstance(result.get("rows"), list)
+        or not all(isinstance(r, dict) and "role" in r for r in result["rows"])
+    ):
+        raise DataError(
+            f"{path}: not a bench result (expected an object with a list of 'rows', as compress "
+            "bench writes)"
+        )
     for row in result["rows"]:
         _check_numbers(row, path)
     return result
@@ -83,16 +94,29 @@ def _check_numbers(row: dict, path: Path) -> None:
         raise DataError(f"{path}: rows[{row['role']!r}].latency is not a list of batch entries")
     for entry in latency or []:
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: rows[{row['role']!r}].latency holds {entry!r}, not a batch entry")
+            raise DataError(
+                f"{path}: rows[{row['role']!r}].latency holds {entry!r}, not a batch entry"
+            )
         latency_ms = entry.get("latency_ms")
         if latency_ms is not None and not isinstance(latency_ms, dict):
-            raise DataError(f"{path}: rows[{row['role']!r}].latency_ms is {latency_ms!r}, not a mapping of percentiles")
+            raise DataError(
+                f"{path}: rows[{row['role']!r}].latency_ms is {latency_ms!r}, not a mapping of "
+                "percentiles"
+            )
         values[f"latency[batch {entry.get('batch_size')}].p50"] = (latency_ms or {}).get("p50")
     for name, value in values.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise DataError(f"{path}: rows[{row['role']!r}].{name} is {value!r}, not a finite non-negative number")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise DataError(
+                f"{path}: rows[{row['role']!r}].{name} is {value!r}, not a finite non-negative "
+                "number"
+            )
 
 
 def check(current: dict, baseline: dict | None, gates: GatesConfig) -> list[GateResult]:
@@ -117,12 +141,30 @@ def _int8_agreement(current: dict, floor: float) -> GateResult:
     value = (current.get("agreement") or {}).get("student", {}).get("student_fp32")
     limit = f">= {100 * floor:g}%"
     if value is None:
-        return GateResult("student", "INT8 agreement with student_fp32 (%)", None, None, "not measured (no INT8 student, or no test data)", limit, "FAIL")
-    return GateResult("student", "INT8 agreement with student_fp32 (%)", None, 100 * value, "", limit, _verdict(value >= floor))
+        return GateResult(
+            "student",
+            "INT8 agreement with student_fp32 (%)",
+            None,
+            None,
+            "not measured (no INT8 student, or no test data)",
+            limit,
+            "FAIL",
+        )
+    return GateResult(
+        "student",
+        "INT8 agreement with student_fp32 (%)",
+        None,
+        100 * value,
+        "",
+        limit,
+        _verdict(value >= floor),
+    )
 
 
 def _compare(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]:
-    relative = gates.latency == "relative" or (gates.latency == "auto" and _has_reference(current) and _has_reference(baseline))
+    relative = gates.latency == "relative" or (
+        gates.latency == "auto" and _has_reference(current) and _has_reference(baseline)
+    )
     rows = {row["role"]: row for row in current["rows"]}
     results = []
     for base in baseline["rows"]:
@@ -132,9 +174,19 @@ def _compare(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResu
             results.append(GateResult(model, "status", None, None, why, "ok", "FAIL"))
             continue
         results.append(_accuracy(model, base, row, gates))
-        if not (relative and row_model(base) == current.get("reference")):  # the reference is the yardstick itself
+        if not (
+            relative and row_model(base) == current.get("reference")
+        ):  # the reference is the yardstick itself
             results.append(_latency(model, base, row, baseline, current, gates, relative))
-        results.append(_growth(model, "file size (bytes)", base.get("file_bytes"), row.get("file_bytes"), gates.max_size_increase))
+        results.append(
+            _growth(
+                model,
+                "file size (bytes)",
+                base.get("file_bytes"),
+                row.get("file_bytes"),
+                gates.max_size_increase,
+            )
+        )
     return [dataclasses.replace(r, allow_missing=gates.allow_missing) for r in results]
 
 
@@ -146,7 +198,15 @@ def _accuracy(model: str, base: dict, row: dict, gates: GatesConfig) -> GateResu
     if after is None:
         return GateResult(model, "top-1 (%)", before, None, "not measured", limit, "FAIL")
     drop = after - before
-    return GateResult(model, "top-1 (%)", before, after, f"{drop:+.2f} pts", limit, _verdict(drop >= -gates.max_accuracy_drop))
+    return GateResult(
+        model,
+        "top-1 (%)",
+        before,
+        after,
+        f"{drop:+.2f} pts",
+        limit,
+        _verdict(drop >= -gates.max_accuracy_drop),
+    )
 
 
 def _latency(model, base, row, baseline, current, gates, relative) -> GateResult:
@@ -159,14 +219,26 @@ def _latency(model, base, row, baseline, current, gates, relative) -> GateResult
     return _growth(model, metric, before, after, gates.max_latency_increase)
 
 
-def _growth(model: str, metric: str, before: float | None, after: float | None, allowed: float) -> GateResult:
+def _growth(
+    model: str, metric: str, before: float | None, after: float | None, allowed: float
+) -> GateResult:
     limit = f"<= +{100 * allowed:g}%"
     if before is None or before <= 0:  # nothing to grow from: the gate cannot be evaluated
-        return GateResult(model, metric, before, after, "not in baseline" if before is None else "baseline is 0", limit, "SKIPPED")
+        return GateResult(
+            model,
+            metric,
+            before,
+            after,
+            "not in baseline" if before is None else "baseline is 0",
+            limit,
+            "SKIPPED",
+        )
     if after is None:
         return GateResult(model, metric, before, None, "not measured", limit, "FAIL")
     growth = after / before - 1
-    return GateResult(model, metric, before, after, f"{100 * growth:+.1f}%", limit, _verdict(growth <= allowed))
+    return GateResult(
+        model, metric, before, after, f"{100 * growth:+.1f}%", limit, _verdict(growth <= allowed)
+    )
 
 
 def _verdict(ok: bool) -> str:
@@ -183,34 +255,72 @@ def different_networks(current: dict, baseline: dict) -> list[str]:
         row = rows.get(base["role"])
         if row is None:
             continue
-        changed = [key for key in ("params", "macs", "input_shape") if base.get(key) is not None and row.get(key) is not None and base[key] != row[key]]
+        changed = [
+            key
+            for key in ("params", "macs", "input_shape")
+            if base.get(key) is not None and row.get(key) is not None and base[key] != row[key]
+        ]
         if changed:
             what = ", ".join(f"{key} {base[key]} -> {row[key]}" for key in changed)
-            warnings.append(f"warning: {base['role']} is a different network than in the baseline ({what}); is this the right baseline?")
+            warnings.append(
+                f"warning: {base['role']} is a different network than in the baseline ({what}); is "
+                "this the right baseline?"
+            )
     return warnings
 
 
 def _relative_p50(row: dict, result: dict) -> float | None:
-    """Batch-1 p50 of a row over that of the reference model measured the same way (same backend)."""
-    ours, theirs = p50_ms(row, 1), p50_ms(reference_row(result["rows"], row, result.get("reference")), 1)
+    """Batch-1 p50 of a row over that of the reference model measured the same way (same
+    backend)."""
+    ours, theirs = (
+        p50_ms(row, 1),
+        p50_ms(reference_row(result["rows"], row, result.get("reference")), 1),
+    )
     return ours / theirs if ours and theirs else None
 
 
 def _has_reference(result: dict) -> bool:
-    return any(p50_ms(row, 1) is not None for row in result["rows"] if row_model(row) == result.get("reference"))
+    return any(
+        p50_ms(row, 1) is not None
+        for row in result["rows"]
+        if row_model(row) == result.get("reference")
+    )
 
 
 def gates_table(results: list[GateResult]) -> str:
     """Markdown: one line per gate with baseline, current, change, limit and PASS/FAIL."""
-    lines = ["| model | metric | baseline | current | change | limit | result |", "|---|---|---:|---:|---:|---|---|"]
+    lines = [
+        "| model | metric | baseline | current | change | limit | result |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
     for r in results:
-        shown = r.status if r.status != "SKIPPED" else ("SKIPPED (allowed)" if r.allow_missing else "SKIPPED (fails; --allow-missing to accept)")
-        lines.append(f"| {r.model} | {r.metric} | {_number(r.baseline)} | {_number(r.current)} | {r.change} | {r.limit} | {shown} |")
+        shown = (
+            r.status
+            if r.status != "SKIPPED"
+            else (
+                "SKIPPED (allowed)"
+                if r.allow_missing
+                else "SKIPPED (fails; --allow-missing to accept)"
+            )
+        )
+        lines.append(
+            f"| {r.model} | {r.metric} | {_number(r.baseline)} | {_number(r.current)} | {r.change} "
+            f"| {r.limit} | {shown} |"
+        )
     failed = sum(not r.passed for r in results)
     skipped = sum(r.status == "SKIPPED" for r in results)
-    verdict = f"{failed} of {len(results)} gates failed" if failed else f"all {len(results)} gates passed"
+    verdict = (
+        f"{failed} of {len(results)} gates failed" if failed else f"all {len(results)} gates passed"
+    )
     if skipped:
-        verdict += f" ({skipped} could not be evaluated{', allowed' if all(r.allow_missing for r in results if r.status == 'SKIPPED') else ''})"
+        verdict += (
+            f" ({skipped} could not be evaluated"
+            f"""{
+                ", allowed"
+                if all(r.allow_missing for r in results if r.status == "SKIPPED")
+                else ""
+            })"""
+        )
     return "\n".join(lines) + f"\n\n{verdict}\n"
 
 

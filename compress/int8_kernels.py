@@ -38,7 +38,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-U8_MAX = 255  # the largest uint8 activation the kernels multiply (zero points are applied afterwards)
+U8_MAX = (
+    255  # the largest uint8 activation the kernels multiply (zero points are applied afterwards)
+)
 INT16_MIN, INT16_MAX = -32768, 32767
 PAIR_LIMIT = INT16_MAX // U8_MAX  # 128: a weight pair whose |sum| stays within this never saturates
 INT8_QMAX = 127
@@ -100,7 +102,8 @@ def _amax(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_amax(weight: torch.Tensor) -> torch.Tensor:
-    """Per channel, the larger of (two largest positive weights) and (two most negative, negated)."""
+    """Per channel, the larger of (two largest positive weights) and (two most negative,
+    negated)."""
     import torch
 
     flat = weight.detach().flatten(1)
@@ -157,10 +160,28 @@ class WeightRange:
 WEIGHT_RANGES: dict[str, WeightRange] = {
     r.name: r
     for r in (
-        WeightRange("pair-limit", True, "per channel, the two largest same-signed weights add up to <= 128; depthwise layers 8-bit", _pair_limit),
-        WeightRange("7bit-where-needed", True, "7-bit weights (|q| <= 63) in layers whose 8-bit weights could overflow; others 8-bit", _seven_bit_where_needed),
-        WeightRange("7bit", True, "7-bit weights everywhere (ONNX Runtime's reduce_range)", _seven_bit),
-        WeightRange("full", False, "8-bit weights everywhere: exact only on CPUs with VNNI (and ARM, GPUs)", _full),
+        WeightRange(
+            "pair-limit",
+            True,
+            "per channel, the two largest same-signed weights add up to <= 128; depthwise layers "
+            "8-bit",
+            _pair_limit,
+        ),
+        WeightRange(
+            "7bit-where-needed",
+            True,
+            "7-bit weights (|q| <= 63) in layers whose 8-bit weights could overflow; others 8-bit",
+            _seven_bit_where_needed,
+        ),
+        WeightRange(
+            "7bit", True, "7-bit weights everywhere (ONNX Runtime's reduce_range)", _seven_bit
+        ),
+        WeightRange(
+            "full",
+            False,
+            "8-bit weights everywhere: exact only on CPUs with VNNI (and ARM, GPUs)",
+            _full,
+        ),
     )
 }
 PORTABLE_DEFAULT = "pair-limit"  # the most precise portable scheme (benchmarks/int8_portability.py)

@@ -17,14 +17,14 @@ from compress.registry import Registry
 
 @dataclass(frozen=True)
 class LayerPair:
-    """A teacher module and the student module it teaches (names as in ``model.named_modules()``)."""
+    """A teacher module and the student module it teaches (names as in
+    ``model.named_modules()``)."""
 
     teacher: str
     student: str
 
 
 _PAIRS_MESSAGE = "pairs: expected at least one {teacher: ..., student: ...} layer pair"
-
 
 
 def _check_pairs(pairs: tuple[LayerPair, ...]) -> None:
@@ -35,16 +35,15 @@ def _check_pairs(pairs: tuple[LayerPair, ...]) -> None:
             raise RecipeError(f"{_PAIRS_MESSAGE}, got {pair!r}")
 
 
-
 @dataclass(frozen=True)
 class CEParams:
     """Cross-entropy has no parameters."""
 
 
-
 @dataclass(frozen=True)
 class KDParams:
-    """``temperature`` > 0; ``alpha`` in 0..1; ``beta`` >= 0 or None (then the CE weight is 1 - alpha)."""
+    """``temperature`` > 0; ``alpha`` in 0..1; ``beta`` >= 0 or None (then the CE weight is
+    1 - alpha)."""
 
     temperature: float = 4.0
     alpha: float = 0.9
@@ -58,14 +57,14 @@ class KDParams:
         if self.beta is not None and not self.beta >= 0:
             raise RecipeError(f"beta: expected >= 0 or null, got {self.beta}")
         if self.beta is not None and not self.alpha + self.beta > 0:
-            raise RecipeError(f"beta: expected alpha + beta > 0, got alpha={self.alpha}, beta={self.beta}")
-
+            raise RecipeError(
+                f"beta: expected alpha + beta > 0, got alpha={self.alpha}, beta={self.beta}"
+            )
 
 
 @dataclass(frozen=True)
 class LogitMSEParams:
     """Logit regression has no parameters."""
-
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,10 @@ class HybridParams:
             raise RecipeError(f"temperature: expected > 0, got {self.temperature}")
 
 
-
 @dataclass(frozen=True)
 class DKDParams:
-    """``alpha``, ``beta``, ``ce_weight`` >= 0; ``temperature`` > 0; ``warmup_epochs`` >= 0 (0: none)."""
+    """``alpha``, ``beta``, ``ce_weight`` >= 0; ``temperature`` > 0; ``warmup_epochs`` >= 0
+    (0: none)."""
 
     alpha: float = 1.0
     beta: float = 8.0
@@ -101,7 +100,6 @@ class DKDParams:
             raise RecipeError(f"temperature: expected > 0, got {self.temperature}")
 
 
-
 @dataclass(frozen=True)
 class FitNetParams:
     """``pairs``: at least one ``{teacher, student}`` layer pair."""
@@ -110,7 +108,6 @@ class FitNetParams:
 
     def __post_init__(self):
         _check_pairs(self.pairs)
-
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,11 @@ def _gpus() -> list[dict]:
 
     if shutil.which("nvidia-smi") is None:
         return []
-    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"]
+    query = [
+        "nvidia-smi",
+        "--query-gpu=name,driver_version,memory.total",
+        "--format=csv,noheader,nounits",
+    ]
     try:
         out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
@@ -64,7 +68,13 @@ def _gpus() -> list[dict]:
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 3:
-            gpus.append({"name": parts[0], "driver": parts[1], "memory_mib": float(parts[2]) if parts[2].replace(".", "").isdigit() else None})
+            gpus.append(
+                {
+                    "name": parts[0],
+                    "driver": parts[1],
+                    "memory_mib": float(parts[2]) if parts[2].replace(".", "").isdigit() else None,
+                }
+            )
     return gpus
 
 

@@ -1,8 +1,8 @@
 """Model zoo: torchvision classifiers and the CIFAR ResNets, built by name, never pretrained.
 
 Names are ``torchvision:<name>`` (any classification model torchvision knows) and
-``cifar:resnet8/14/20/32/44/56/110``. Weights are always random (``weights=None``): this machine has no
-internet, and a recipe that silently downloads would not be reproducible. Checkpoints are loaded
+``cifar:resnet8/14/20/32/44/56/110``. Weights are always random (``weights=None``): this machine has
+no internet, and a recipe that silently downloads would not be reproducible. Checkpoints are loaded
 with :func:`load_weights`, which only accepts plain tensors.
 
 Example:
@@ -72,7 +72,9 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
-            raise ModelError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+            raise ModelError(
+                f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110), got {depth}"
+            )
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -147,7 +149,9 @@ def module_names(name: str) -> tuple[str, ...]:
     return tuple(n for n, _ in build_model(name, num_classes=10).named_modules() if n)
 
 
-def build_model(name: str, num_classes: int, cifar_stem: bool = False, in_channels: int = 3) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, cifar_stem: bool = False, in_channels: int = 3
+) -> nn.Module:
     """Build a randomly initialised classifier by name.
 
     Args:
@@ -273,5 +277,7 @@ def count_params_macs(model: nn.Module, image_size: int, in_channels: int = 3) -
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     target = model if on_cpu else copy.deepcopy(model).cpu()
     with evaluating(target):
-        macs, params = tp.utils.count_ops_and_params(target, torch.zeros(1, in_channels, image_size, image_size))
+        macs, params = tp.utils.count_ops_and_params(
+            target, torch.zeros(1, in_channels, image_size, image_size)
+        )
     return int(params), int(macs)

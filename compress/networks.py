@@ -15,24 +15,37 @@ from compress.records import NetworkSpec, QuantSpec, StageRecord
 from compress.weights import load_weights, read_state_dict
 
 
-def rebuild_network(spec: NetworkSpec, weights: Path, *, in_channels: int, image_size: int) -> torch.nn.Module:
+def rebuild_network(
+    spec: NetworkSpec, weights: Path, *, in_channels: int, image_size: int
+) -> torch.nn.Module:
     """A stage's network from its spec and weights, on CPU."""
-    model = build_model(spec.model, num_classes=spec.num_classes, cifar_stem=spec.cifar_stem, in_channels=in_channels).eval()
+    model = build_model(
+        spec.model,
+        num_classes=spec.num_classes,
+        cifar_stem=spec.cifar_stem,
+        in_channels=in_channels,
+    ).eval()
     prepare = None
     if spec.quantization is not None:
-        prepare = _quantized_graph(spec.quantization, torch.zeros(2, in_channels, image_size, image_size))
+        prepare = _quantized_graph(
+            spec.quantization, torch.zeros(2, in_channels, image_size, image_size)
+        )
     return load_weights(model, weights, prepare=prepare).eval()
-
 
 
 def _quantized_graph(quantization: QuantSpec, example: torch.Tensor):
     from compress.quantization import prepare_quantized
 
     def prepare(model):
-        return prepare_quantized(model.eval(), target=quantization.target, skip=quantization.skip, example_inputs=example, weight_range=quantization.weight_range)
+        return prepare_quantized(
+            model.eval(),
+            target=quantization.target,
+            skip=quantization.skip,
+            example_inputs=example,
+            weight_range=quantization.weight_range,
+        )
 
     return prepare
-
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,6 @@ class StageNetwork:
     image_size: int
     in_channels: int
     record: StageRecord
-
 
 
 def load_stage_network(folder: str | Path) -> tuple[torch.nn.Module, StageNetwork]:
@@ -74,7 +86,6 @@ def load_stage_network(folder: str | Path) -> tuple[torch.nn.Module, StageNetwor
     in_channels = _input_channels(weights)
     model = rebuild_network(record.network, weights, in_channels=in_channels, image_size=image_size)
     return model, StageNetwork(record.stage, record.network, image_size, in_channels, record)
-
 
 
 def _input_channels(weights: Path) -> int:

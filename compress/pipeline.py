@@ -32,7 +32,9 @@ from compress.run_lock import run_lock
 from compress.stages import stage_function
 
 
-def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True, wait: bool = False) -> dict[str, Artifact]:
+def run(
+    recipe: Recipe, *, force: bool = False, show_progress: bool = True, wait: bool = False
+) -> dict[str, Artifact]:
     """Run every stage of ``recipe``, then write the run report; return the artifacts by stage name.
 
     Under torchrun (``torchrun --nproc_per_node=N -m compress run RECIPE``) every process calls
@@ -50,13 +52,23 @@ def run(recipe: Recipe, *, force: bool = False, show_progress: bool = True, wait
         CompressError: a stage failed for a reason the user can fix; earlier stages stay done.
     """
     with distributed.process_group(resolve_device(recipe.device)) as device:
-        distributed.per_process_batch(recipe.data.batch_size)  # an uneven split fails before any stage
+        distributed.per_process_batch(
+            recipe.data.batch_size
+        )  # an uneven split fails before any stage
         run_dir = distributed.on_main(partial(prepare_run_dir, recipe))
         with run_lock(run_dir, wait=wait) if distributed.is_main() else contextlib.nullcontext():
-            return run_stages(recipe, run_dir, device, force=force, show_progress=show_progress and distributed.is_main())
+            return run_stages(
+                recipe,
+                run_dir,
+                device,
+                force=force,
+                show_progress=show_progress and distributed.is_main(),
+            )
 
 
-def run_stages(recipe: Recipe, run_dir: Path, device: torch.device, *, force: bool, show_progress: bool) -> dict[str, Artifact]:
+def run_stages(
+    recipe: Recipe, run_dir: Path, device: torch.device, *, force: bool, show_progress: bool
+) -> dict[str, Artifact]:
     resolved = recipe_to_dict(recipe)
     text = yaml.safe_dump(resolved, sort_keys=False)
     distributed.on_main(partial(write_text_atomic, run_dir / "recipe.yaml", text))
@@ -67,11 +79,20 @@ def run_stages(recipe: Recipe, run_dir: Path, device: torch.device, *, force: bo
         stage_config = resolved["stages"][index][spec.kind]
         key = input_key(key, spec.kind, spec.name, stage_config)
         folder = run_dir / spec.name
-        artifact = None if force else distributed.on_main(partial(load_completed, folder, run_dir, key))
-        if artifact is None:  # rank 0 prepares the folder, every rank (or rank 0 alone) runs the stage, rank 0 records it
+        artifact = (
+            None if force else distributed.on_main(partial(load_completed, folder, run_dir, key))
+        )
+        # rank 0 prepares the folder, every rank (or rank 0 alone) runs the stage, rank 0 records it
+        if artifact is None:
             distributed.on_main(partial(start_stage, folder, force))
-            artifact = run_stage(spec, ctx, folder, key, index) if distributed.is_main() or not STAGE_KINDS[spec.kind].rank0_only else None
-            artifact = distributed.on_main(partial(finish_stage, folder, run_dir, artifact, stage_config, resolved))
+            artifact = (
+                run_stage(spec, ctx, folder, key, index)
+                if distributed.is_main() or not STAGE_KINDS[spec.kind].rank0_only
+                else None
+            )
+            artifact = distributed.on_main(
+                partial(finish_stage, folder, run_dir, artifact, stage_config, resolved)
+            )
         ctx.artifacts[spec.name] = artifact
         if show_progress:
             print(stage_line(artifact), file=sys.stderr)
@@ -90,7 +111,10 @@ def check_shared(path: Path, text: str) -> None:
     except OSError:
         seen = None
     if seen != text:
-        raise StageError(f"out: process {distributed.rank()} does not see {path} as rank 0 wrote it; with several machines, put the output folder on a filesystem all of them share")
+        raise StageError(
+            f"out: process {distributed.rank()} does not see {path} as rank 0 wrote it; with "
+            "several machines, put the output folder on a filesystem all of them share"
+        )
 
 
 def start_stage(folder: Path, force: bool) -> None:
@@ -102,7 +126,9 @@ def start_stage(folder: Path, force: bool) -> None:
         remove_checkpoints(folder)
 
 
-def finish_stage(folder: Path, run_dir: Path, artifact: Artifact, stage_config: dict, resolved: dict) -> Artifact:
+def finish_stage(
+    folder: Path, run_dir: Path, artifact: Artifact, stage_config: dict, resolved: dict
+) -> Artifact:
     record_stage(folder, run_dir, artifact, stage_config, resolved)
     remove_checkpoints(folder)  # the stage is complete: its epoch checkpoints are spent
     return artifact
@@ -111,7 +137,9 @@ def finish_stage(folder: Path, run_dir: Path, artifact: Artifact, stage_config: 
 def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Artifact:
     folder.mkdir(parents=True, exist_ok=True)
     ctx.stage_dir, ctx.stage_key = folder, key
-    seed_everything(ctx.recipe.seed + index)  # a stage's result must not depend on which earlier stages were skipped
+    seed_everything(
+        ctx.recipe.seed + index
+    )  # a stage's result must not depend on which earlier stages were skipped
     if ctx.show_progress:
         print(f"[{spec.name}] running", file=sys.stderr)
     started = time.perf_counter()
@@ -128,11 +156,15 @@ def remove_checkpoints(folder: Path) -> None:
 
 
 def shared_inputs(recipe: Recipe, resolved: dict) -> dict:
-    """What every stage's result depends on besides its own section (device and workers excluded)."""
+    """What every stage's result depends on besides its own section (device and workers
+    excluded)."""
     data = {k: v for k, v in resolved["data"].items() if k != "workers"}
     checkpoint = recipe.teacher.checkpoint
     return {
-        "seed": recipe.seed, "data": data, "teacher": resolved["teacher"], "student": resolved["student"],
+        "seed": recipe.seed,
+        "data": data,
+        "teacher": resolved["teacher"],
+        "student": resolved["student"],
         "teacher_checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else None,
     }
 
@@ -149,7 +181,9 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     for spec in recipe.stages:  # a stage folder that is a link elsewhere would be written through
         folder = run_dir / spec.name
         if folder.resolve().parent != run_dir.resolve():
-            raise StageError(f"{folder} links to {folder.resolve()}, outside the run folder; remove the link")
+            raise StageError(
+                f"{folder} links to {folder.resolve()}, outside the run folder; remove the link"
+            )
     return run_dir
 
 

@@ -41,6 +41,7 @@ GradientFn = Callable[[nn.Module], None]
 
 # --- importance criteria -----------------------------------------------------------------------
 
+
 def magnitude_importance(cfg: PruneSpec):
     """Group Lp norm of every weight a channel touches (Li et al. 2017, grouped as in DepGraph)."""
     return tp.importance.GroupMagnitudeImportance(p=cfg.norm)
@@ -89,15 +90,28 @@ class ChannelPruner:
         StageError: ``pruning_ratio`` exceeds ``max_layer_ratio``.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, cfg: PruneSpec, *, num_classes: int, rounds: int = 1):
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        cfg: PruneSpec,
+        *,
+        num_classes: int,
+        rounds: int = 1,
+    ):
         self.model, self.example, self.cfg = model, example_inputs, cfg
         self.by_ratio = cfg.pruning_ratio is not None
         if self.by_ratio and cfg.pruning_ratio > cfg.max_layer_ratio:
-            raise StageError(f"pruning_ratio: {cfg.pruning_ratio} removes more than max_layer_ratio ({cfg.max_layer_ratio}) of each layer; lower it or raise max_layer_ratio")
+            raise StageError(
+                f"pruning_ratio: {cfg.pruning_ratio} removes more than max_layer_ratio "
+                f"({cfg.max_layer_ratio}) of each layer; lower it or raise max_layer_ratio"
+            )
         ignored = classifier_layers(model, num_classes) + matching_modules(model, cfg.ignore)
         with evaluating(model):
             self._pruner = tp.pruner.BasePruner(
-                model, example_inputs, load_entry(PRUNING_CRITERIA[cfg.criterion])(cfg),
+                model,
+                example_inputs,
+                load_entry(PRUNING_CRITERIA[cfg.criterion])(cfg),
                 global_pruning=cfg.global_ranking,
                 pruning_ratio=cfg.pruning_ratio if self.by_ratio else cfg.max_layer_ratio,
                 max_pruning_ratio=cfg.max_layer_ratio,
@@ -107,7 +121,8 @@ class ChannelPruner:
             )
 
     def prune(self, target_macs: int | None = None, gradient_fn: GradientFn | None = None) -> dict:
-        """One round: the next step of ``pruning_ratio``, or small steps until MACs <= ``target_macs``.
+        """One round: the next step of ``pruning_ratio``, or small steps until
+        MACs <= ``target_macs``.
 
         Args:
             target_macs: MACs of one image to reach; None with ``pruning_ratio``.
@@ -130,8 +145,9 @@ class ChannelPruner:
         while target_macs is not None and macs > target_macs:
             if self._pruner.current_step >= self._pruner.iterative_steps:
                 raise StageError(
-                    f"prune: cannot reach {target_macs:,} MACs within max_layer_ratio {self.cfg.max_layer_ratio} "
-                    f"(stopped at {macs:,}); raise max_layer_ratio, lower the target or ignore fewer layers"
+                    f"prune: cannot reach {target_macs:,} MACs within max_layer_ratio "
+                    f"{self.cfg.max_layer_ratio} (stopped at {macs:,}); raise max_layer_ratio, "
+                    "lower the target or ignore fewer layers"
                 )
             self._step(gradient_fn)
             params, macs = self._count()
@@ -151,8 +167,13 @@ class ChannelPruner:
 
 
 def prune_network(
-    model: nn.Module, example_inputs: torch.Tensor, cfg: PruneSpec, *,
-    num_classes: int, target_macs: int | None = None, gradient_fn: GradientFn | None = None,
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    cfg: PruneSpec,
+    *,
+    num_classes: int,
+    target_macs: int | None = None,
+    gradient_fn: GradientFn | None = None,
 ) -> dict:
     """Prune ``model`` in place, in one round (see :class:`ChannelPruner` for the arguments).
 
@@ -164,7 +185,8 @@ def prune_network(
 
 
 def target_macs(spec: PruneSpec, macs: int) -> int | None:
-    """The MACs to reach: ``target_macs``, else ``macs / speedup`` (2.0 by default); None with a ratio."""
+    """The MACs to reach: ``target_macs``, else ``macs / speedup`` (2.0 by default); None with a
+    ratio."""
     if spec.pruning_ratio is not None:
         return None
     if spec.target_macs is not None:
@@ -183,21 +205,25 @@ def step_targets(spec: PruneSpec, macs: int, steps: int) -> list[int | None]:
     if target is None:
         return [None] * steps
     if target >= macs:
-        raise StageError(f"target_macs: {target:,} is not below the network's {macs:,} MACs; nothing to prune")
+        raise StageError(
+            f"target_macs: {target:,} is not below the network's {macs:,} MACs; nothing to prune"
+        )
     return [round(macs * (target / macs) ** (k / steps)) for k in range(1, steps + 1)]
 
 
 def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
     """Every Linear/Conv producing ``num_classes`` outputs: pruning those would change the task."""
     return [
-        m for m in model.modules()
+        m
+        for m in model.modules()
         if (isinstance(m, nn.Linear) and m.out_features == num_classes)
         or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)
     ]
 
 
 def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
-    """Modules whose name matches any fnmatch pattern; a pattern matching nothing is a recipe error."""
+    """Modules whose name matches any fnmatch pattern; a pattern matching nothing is a recipe
+    error."""
     names = [name for name, _ in model.named_modules() if name]
     found: list[nn.Module] = []
     for pattern in patterns:

@@ -1,4 +1,5 @@
-"""INT8 fake quantization of a CNN: BatchNorm folded, quantizers placed where integer kernels need them.
+"""INT8 fake quantization of a CNN: BatchNorm folded, quantizers placed where integer kernels need
+them.
 
 :func:`prepare_quantized` turns a float network into a ``torch.fx`` graph whose convolutions and
 linear layers compute with INT8-rounded weights (symmetric, per output channel, zero point 0)
@@ -41,7 +42,10 @@ from compress.errors import SettingError, StageError
 from compress.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.records import QuantSpec
 
-WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # every weight range has scale >= max|w| / 127: -128 is never produced
+WEIGHT_QMIN, WEIGHT_QMAX = (
+    -128,
+    127,
+)  # every weight range has scale >= max|w| / 127: -128 is never produced
 HISTOGRAM_BINS = 2048
 MSE_CANDIDATES = 100  # clipping ranges tried by the mse calibration: 1%..100% of the observed range
 _MIN_SCALE = 1e-8
@@ -72,10 +76,16 @@ class WeightQuant:
 
     def _init_weight_quant(self, weight_range: str) -> None:
         self.weight_range = weight_range
-        self.depthwise = isinstance(self, nn.Conv2d) and is_depthwise(self.in_channels, self.out_channels, self.groups)
+        self.depthwise = isinstance(self, nn.Conv2d) and is_depthwise(
+            self.in_channels, self.out_channels, self.groups
+        )
         channels = self.weight.shape[0]
         self.register_buffer("weight_scale", torch.ones(channels, device=self.weight.device))
-        self.register_buffer("weight_zero_point", torch.zeros(channels, dtype=torch.int32, device=self.weight.device), persistent=False)
+        self.register_buffer(
+            "weight_zero_point",
+            torch.zeros(channels, dtype=torch.int32, device=self.weight.device),
+            persistent=False,
+        )
         self.refresh_weight_scale()
 
     @torch.no_grad()
@@ -130,7 +140,9 @@ class ActQuant(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale, self.zero_point, self.quant_min, self.quant_max
+        )
 
     def extra_repr(self) -> str:
         kind = "int8 symmetric" if self.signed else "uint8"
@@ -141,7 +153,12 @@ class ActQuant(nn.Module):
 
 
 def prepare_quantized(
-    model: nn.Module, *, target: str, skip: Sequence[str] = (), example_inputs: torch.Tensor, weight_range: str = "auto"
+    model: nn.Module,
+    *,
+    target: str,
+    skip: Sequence[str] = (),
+    example_inputs: torch.Tensor,
+    weight_range: str = "auto",
 ) -> fx.GraphModule:
     """The fake-quantized copy of ``model``: BatchNorm folded, weights and activations INT8.
 
@@ -168,21 +185,29 @@ def prepare_quantized(
         :class:`~compress.records.QuantSpec` it is rebuilt and exported with.
 
     Raises:
-        SettingError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is unknown.
+        SettingError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is
+            unknown.
         StageError: ``torch.fx`` cannot trace the model.
     """
     if target not in QUANT_TARGETS:
-        raise SettingError(f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}")
+        raise SettingError(
+            f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}"
+        )
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:
-        raise SettingError(f"quantize weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got {weight_range!r}")
+        raise SettingError(
+            f"quantize weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got "
+            f"{weight_range!r}"
+        )
     skipped = skipped_layers(model, skip)
     graph_module = fold_batchnorm(model)
     quantized = _swap_layers(graph_module, skipped, weight_range)
     _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
-    graph_module.quant_spec = QuantSpec(target, tuple(skip), weight_range)  # what export and reloading need
+    graph_module.quant_spec = QuantSpec(
+        target, tuple(skip), weight_range
+    )  # what export and reloading need
     graph_module.eval()
     with torch.no_grad():
         graph_module(example_inputs)
@@ -190,7 +215,8 @@ def prepare_quantized(
 
 
 def skipped_layers(model: nn.Module, patterns: Sequence[str]) -> set[str]:
-    """Names of the convs/linears that ``patterns`` keep FP32 (a matched container covers its children).
+    """Names of the convs/linears that ``patterns`` keep FP32 (a matched container covers its
+    children).
 
     Raises:
         SettingError: a pattern matches no module name.
@@ -198,18 +224,28 @@ def skipped_layers(model: nn.Module, patterns: Sequence[str]) -> set[str]:
     names = [name for name, _ in model.named_modules() if name]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise SettingError(f"quantize skip: {pattern!r} matches no module of {getattr(model, 'compress_name', type(model).__name__)}")
+            raise SettingError(
+                f"quantize skip: {pattern!r} matches no module of "
+                f"{getattr(model, 'compress_name', type(model).__name__)}"
+            )
 
     def covered(name: str) -> bool:
         parts = name.split(".")
         prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-        return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
+        return any(
+            fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns
+        )
 
-    return {name for name, module in model.named_modules() if isinstance(module, nn.Conv2d | nn.Linear) and covered(name)}
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear) and covered(name)
+    }
 
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
-    """A traced copy of ``model`` (eval mode) with every conv -> BatchNorm pair folded into one conv.
+    """A traced copy of ``model`` (eval mode) with every conv -> BatchNorm pair folded into one
+    conv.
 
     Folding first means the INT8 weights are the ones the exported graph runs, and that the
     integer kernels see no separate BatchNorm. Convs keep their original names.
@@ -220,7 +256,9 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
         name = getattr(model, "compress_name", type(model).__name__)
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise StageError(f"{name} cannot be traced by torch.fx for quantization: {type(exc).__name__}: {first}") from exc
+        raise StageError(
+            f"{name} cannot be traced by torch.fx for quantization: {type(exc).__name__}: {first}"
+        ) from exc
 
 
 def kept_float_convs(model: nn.Module) -> int:
@@ -248,12 +286,21 @@ def _swap_layers(graph_module: fx.GraphModule, skipped: set[str], weight_range: 
 
 
 def _twin(module: nn.Conv2d | nn.Linear, weight_range: str) -> QuantConv2d | QuantLinear:
-    """The weight-quantized layer with the same hyper-parameters, sharing ``module``'s parameters."""
+    """The weight-quantized layer with the same hyper-parameters, sharing ``module``'s
+    parameters."""
     device, bias = module.weight.device, module.bias is not None
     if isinstance(module, nn.Conv2d):
         new = QuantConv2d(
-            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=module.groups, bias=bias, padding_mode=module.padding_mode, device=device,
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=bias,
+            padding_mode=module.padding_mode,
+            device=device,
         )
     else:
         new = QuantLinear(module.in_features, module.out_features, bias=bias, device=device)
@@ -263,7 +310,8 @@ def _twin(module: nn.Conv2d | nn.Linear, weight_range: str) -> QuantConv2d | Qua
 
 
 def _place_quantizers(graph_module: fx.GraphModule, quantized: set[str], signed: bool) -> None:
-    """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module docstring)."""
+    """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module
+    docstring)."""
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     points: list[fx.Node] = []
@@ -305,7 +353,8 @@ def _insert_after(graph: fx.Graph, node: fx.Node, quantizer: str) -> fx.Node:
 
 
 def _after_activation(node: fx.Node, modules: dict) -> fx.Node:
-    """The ReLU/ReLU6 that is the only user of ``node``, else ``node``: where its output is quantized."""
+    """The ReLU/ReLU6 that is the only user of ``node``, else ``node``: where its output is
+    quantized."""
     users = list(node.users)
     if len(users) != 1:
         return node
@@ -368,7 +417,9 @@ class _Observer:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, method: str, percentile: float = 99.99) -> dict:
+def calibrate(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, method: str, percentile: float = 99.99
+) -> dict:
     """Set every activation quantizer's scale and zero point from real batches.
 
     The model runs in eval mode without gradients, its activation quantizers passing float
@@ -394,7 +445,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, method: str,
         ValueError: unknown method, or no batch given.
     """
     if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+        raise ValueError(
+            f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got {method!r}"
+        )
     batches = list(batches)
     if not batches:
         raise ValueError("calibration needs at least one batch")
@@ -449,13 +502,21 @@ def _percentile_range(quantizer, centers, counts, percentile, low, high) -> tupl
     width = (centers[1] - centers[0]).item()
 
     def value_at(fraction: float) -> float:
-        index = int(torch.searchsorted(cdf, torch.tensor([fraction], dtype=torch.float64)).clamp_max(len(cdf) - 1))
+        index = int(
+            torch.searchsorted(cdf, torch.tensor([fraction], dtype=torch.float64)).clamp_max(
+                len(cdf) - 1
+            )
+        )
         return centers[index].item() + width / 2
 
     if quantizer.signed:
         amax = min(value_at(percentile / 100), high)
         return -amax, amax
-    lower = centers[0].item() - width / 2 if percentile == 100 else value_at(1 - percentile / 100) - width
+    lower = (
+        centers[0].item() - width / 2
+        if percentile == 100
+        else value_at(1 - percentile / 100) - width
+    )
     return max(min(lower, 0.0), low), min(max(value_at(percentile / 100), 0.0), high)
 
 
@@ -464,7 +525,9 @@ def _mse_range(quantizer, centers, counts, low, high) -> tuple[float, float]:
     for step in range(1, MSE_CANDIDATES + 1):
         fraction = step / MSE_CANDIDATES
         scale, zero_point = _qparams(quantizer, low * fraction, high * fraction)
-        q = torch.clamp(torch.round(centers / scale) + zero_point, quantizer.quant_min, quantizer.quant_max)
+        q = torch.clamp(
+            torch.round(centers / scale) + zero_point, quantizer.quant_min, quantizer.quant_max
+        )
         error = (counts * (centers - (q - zero_point) * scale) ** 2).sum().item()
         if error < best_error:
             best, best_error = (low * fraction, high * fraction), error

@@ -31,7 +31,11 @@ class QuantSpec:
 
     @classmethod
     def from_json(cls, raw: dict) -> QuantSpec:
-        return cls(target=raw["target"], skip=tuple(raw.get("skip", ())), weight_range=raw.get("weight_range", "full"))
+        return cls(
+            target=raw["target"],
+            skip=tuple(raw.get("skip", ())),
+            weight_range=raw.get("weight_range", "full"),
+        )
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ class NetworkSpec:
     def from_json(cls, raw: dict) -> NetworkSpec:
         quantization = raw.get("quantization")
         return cls(
-            model=raw["model"], num_classes=int(raw["num_classes"]), cifar_stem=bool(raw.get("cifar_stem", False)),
+            model=raw["model"],
+            num_classes=int(raw["num_classes"]),
+            cifar_stem=bool(raw.get("cifar_stem", False)),
             quantization=QuantSpec.from_json(quantization) if quantization else None,
         )
 
@@ -112,11 +118,17 @@ class StageRecord:
         path = self.run_dir / entry.path
         where = self.folder / STAGE_RECORD if self.folder else self.stage
         if not path.resolve().is_relative_to(self.run_dir.resolve()):
-            raise ModelError(f"{where}: its {role} file {entry.path} lies outside the run folder; refusing to load it")
+            raise ModelError(
+                f"{where}: its {role} file {entry.path} lies outside the run folder; refusing to "
+                "load it"
+            )
         if not path.is_file():
             raise ModelError(f"{where}: its {role} file {entry.path} is missing")
         if sha256_file(path) != entry.sha256:
-            raise ModelError(f"{where}: its {role} file {entry.path} is not the file the stage wrote (sha256 differs); re-run the stage")
+            raise ModelError(
+                f"{where}: its {role} file {entry.path} is not the file the stage wrote (sha256 "
+                "differs); re-run the stage"
+            )
         return path
 
     @property
@@ -126,9 +138,17 @@ class StageRecord:
 
     def to_json(self) -> dict:
         raw = {
-            "stage": self.stage, "kind": self.kind, "key": self.key, "role": self.role, "finished": self.finished,
-            "seconds": round(self.seconds, 3), "files": {role: asdict(entry) for role, entry in self.files.items()},
-            "metrics": self.metrics, "config": self.config, "recipe": self.recipe, "versions": self.versions,
+            "stage": self.stage,
+            "kind": self.kind,
+            "key": self.key,
+            "role": self.role,
+            "finished": self.finished,
+            "seconds": round(self.seconds, 3),
+            "files": {role: asdict(entry) for role, entry in self.files.items()},
+            "metrics": self.metrics,
+            "config": self.config,
+            "recipe": self.recipe,
+            "versions": self.versions,
         }
         if self.network is not None:
             raw["network"] = self.network.to_json()
@@ -136,18 +156,32 @@ class StageRecord:
 
     @classmethod
     def from_json(cls, raw: dict, folder: Path | None = None) -> StageRecord:
-        """Raises KeyError, TypeError or ValueError on a malformed record (:meth:`read` words them)."""
+        """Raises KeyError, TypeError or ValueError on a malformed record (:meth:`read` words
+        them)."""
         if not isinstance(raw, dict):
             raise TypeError("not a JSON object")
         metrics = raw.get("metrics") or {}
         _check_metrics(metrics)
-        network = raw.get("network") or (metrics if "model" in metrics and "num_classes" in metrics else None)  # records before NetworkSpec
+        network = raw.get("network") or (
+            metrics if "model" in metrics and "num_classes" in metrics else None
+        )  # records before NetworkSpec
         return cls(
-            stage=str(raw["stage"]), kind=str(raw.get("kind") or raw["stage"]), key=str(raw.get("key", "")), role=raw.get("role"),
-            finished=str(raw.get("finished", "")), seconds=float(raw.get("seconds", 0.0)),
-            files={role: FileRecord(str(e["path"]), str(e["sha256"]), int(e.get("bytes", 0))) for role, e in (raw.get("files") or {}).items()},
-            metrics=metrics, network=NetworkSpec.from_json(network) if network else None,
-            config=raw.get("config"), recipe=raw.get("recipe") or {}, versions=raw.get("versions") or {}, folder=folder,
+            stage=str(raw["stage"]),
+            kind=str(raw.get("kind") or raw["stage"]),
+            key=str(raw.get("key", "")),
+            role=raw.get("role"),
+            finished=str(raw.get("finished", "")),
+            seconds=float(raw.get("seconds", 0.0)),
+            files={
+                role: FileRecord(str(e["path"]), str(e["sha256"]), int(e.get("bytes", 0)))
+                for role, e in (raw.get("files") or {}).items()
+            },
+            metrics=metrics,
+            network=NetworkSpec.from_json(network) if network else None,
+            config=raw.get("config"),
+            recipe=raw.get("recipe") or {},
+            versions=raw.get("versions") or {},
+            folder=folder,
         )
 
     @classmethod
@@ -165,7 +199,13 @@ class StageRecord:
         except OSError:
             raise ModelError(f"{record_path}: not {expected} (no such file)") from None
         except (ValueError, KeyError, TypeError) as exc:
-            what = f"no {exc} recorded" if isinstance(exc, KeyError) else str(exc) if str(exc).startswith("metric") else "not a stage record"
+            what = (
+                f"no {exc} recorded"
+                if isinstance(exc, KeyError)
+                else str(exc)
+                if str(exc).startswith("metric")
+                else "not a stage record"
+            )
             raise ModelError(f"{record_path}: not {expected} ({what})") from None
 
     def network_file(self) -> Path:
@@ -175,7 +215,10 @@ class StageRecord:
             ModelError: the stage holds no network (an export or bench stage, say).
         """
         if self.network is None or "model" not in self.files:
-            raise ModelError(f"{self.folder / STAGE_RECORD if self.folder else self.stage}: not a finished stage holding a network (no network recorded)")
+            raise ModelError(
+                f"{self.folder / STAGE_RECORD if self.folder else self.stage}: not a finished "
+                "stage holding a network (no network recorded)"
+            )
         return self.path("model")
 
 
@@ -189,9 +232,13 @@ def _check_metrics(metrics: Any) -> None:
         raise TypeError("metrics is not a mapping")
     for name in PERCENT_METRICS:
         value = metrics.get(name)
-        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 100.0):
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 100.0
+        ):
             raise ValueError(f"metric {name} = {value!r} is not a percentage")
     for name in COUNT_METRICS:
         value = metrics.get(name)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
             raise ValueError(f"metric {name} = {value!r} is not a count")

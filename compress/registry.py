@@ -47,7 +47,11 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(str(name), self.names(), n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         names = self.names()
-        known = ", ".join(names) if len(names) <= 12 else f"{len(names)} names, listed by `compress list`"
+        known = (
+            ", ".join(names)
+            if len(names) <= 12
+            else f"{len(names)} names, listed by `compress list`"
+        )
         return f"unknown {self.kind} {name!r}{hint}; known: {known}"
 
     def names(self) -> list[str]:

@@ -26,17 +26,23 @@ def summary_table(artifacts: dict[str, Artifact]) -> str:
 def headline(artifact: Artifact) -> str:
     m = artifact.metrics
     if artifact.kind in ("teacher", "distill", "prune", "quantize"):
-        text = f"top-1 {m['top1']:.2f}%, {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e6:.1f}M MACs"
+        text = (
+            f"top-1 {m['top1']:.2f}%, {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e6:.1f}M MACs"
+        )
         if artifact.kind == "distill" and m.get("teacher_top1") is not None:
             text += f" (teacher {m['teacher_top1']:.2f}%)"
         if artifact.kind == "prune":
             text += f" ({m['macs_reduction']:.2f}x fewer MACs, {m['top1_delta']:+.2f} pts)"
         if artifact.kind == "quantize":
-            text += f" (INT8 {m['quantization']['mode']}, {m['top1_delta']:+.2f} pts vs FP32, PTQ {m['ptq_top1']:.2f}%)"
+            text += (
+                f" (INT8 {m['quantization']['mode']}, {m['top1_delta']:+.2f} pts vs FP32, PTQ "
+                f"{m['ptq_top1']:.2f}%)"
+            )
         return text
     if artifact.kind == "export":
         return ", ".join(
-            f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement {100 * check['top1_agreement']:.1f}%{_portability_note(check)}"
+            f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement "
+            f"{100 * check['top1_agreement']:.1f}%{_portability_note(check)}"
             for role, check in m.items()
         )
     if artifact.kind == "bench":
@@ -49,13 +55,23 @@ def _portability_note(check: dict) -> str:
     portability = check.get("portability")
     if not portability:
         return ""
-    return " (INT8, exact on every CPU)" if portability["portable"] else " (INT8, exact only on CPUs with VNNI)"
+    return (
+        " (INT8, exact on every CPU)"
+        if portability["portable"]
+        else " (INT8, exact only on CPUs with VNNI)"
+    )
 
 
 def bench_headline(m: dict) -> str:
     if m.get("student_status") != "ok" or m.get("teacher_status") != "ok":
-        return f"teacher {m.get('teacher_status')}, student {m.get('student_status')} (see bench.md)"
-    parts = [f"student {m['speedup_b1']:.2f}x faster at batch 1", f"{m['speedup_throughput']:.2f}x throughput", f"{m['size_reduction']:.2f}x smaller"]
+        return (
+            f"teacher {m.get('teacher_status')}, student {m.get('student_status')} (see bench.md)"
+        )
+    parts = [
+        f"student {m['speedup_b1']:.2f}x faster at batch 1",
+        f"{m['speedup_throughput']:.2f}x throughput",
+        f"{m['size_reduction']:.2f}x smaller",
+    ]
     if m.get("accuracy_delta") is not None:
         parts.append(f"top-1 {m['accuracy_delta']:+.2f} pts")
     if m.get("int8_speedup_b1") is not None:
@@ -67,7 +83,8 @@ def bench_headline(m: dict) -> str:
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into a run folder, from its artifacts.
+    """Write ``report.json``, ``report.md`` and ``report.png`` into a run folder, from its
+    artifacts.
 
     Every network the run produced (teacher, distilled, pruned, quantized students) gets one
     entry: its PyTorch accuracy, parameters and MACs from its stage record, and, for the files
@@ -104,15 +121,27 @@ def build_report(run_dir: Path) -> dict:
         metrics = record.metrics
         if "top1" not in metrics or "params" not in metrics:
             continue
-        models.append({
-            "name": record.stage, "kind": record.kind, "model": record.network.model if record.network else None,
-            "top1": metrics["top1"], "params": metrics["params"], "macs": metrics.get("macs"),
-            "quantized": bool(record.network and record.network.quantized), "onnx": bench.get(record.stage),
-        })
+        models.append(
+            {
+                "name": record.stage,
+                "kind": record.kind,
+                "model": record.network.model if record.network else None,
+                "top1": metrics["top1"],
+                "params": metrics["params"],
+                "macs": metrics.get("macs"),
+                "quantized": bool(record.network and record.network.quantized),
+                "onnx": bench.get(record.stage),
+            }
+        )
     teacher = next((m for m in models if m["kind"] == "teacher"), None)
     for entry in models:
         entry["vs_teacher"] = _ratios(entry, teacher)
-    return {"run": run_dir.name, "models": models, "pareto": pareto_front(models), "more": _other_measurements(run_dir)}
+    return {
+        "run": run_dir.name,
+        "models": models,
+        "pareto": pareto_front(models),
+        "more": _other_measurements(run_dir),
+    }
 
 
 def _other_measurements(run_dir: Path) -> list[dict]:
@@ -127,13 +156,25 @@ def _other_measurements(run_dir: Path) -> list[dict]:
     for row in result.get("rows", []):
         if not groups or row.get("group") in (None, groups[0]):
             continue
-        widest = max((b for b in row.get("latency") or [] if b.get("status") == "ok"), key=lambda b: b["batch_size"], default=None)
-        more.append({
-            "model": row.get("model", row["role"]), "group": row["group"], "status": row.get("status"), "error": row.get("error"),
-            "file": Path(row.get("path", "")).name, "top1": row.get("top1"), "file_bytes": row.get("file_bytes"),
-            "p50_b1_ms": p50_ms(row, 1), "throughput_ips": widest["throughput_ips"] if widest else None,
-            "speedup_b1": (result.get("ratios", {}).get(row["role"]) or {}).get("speedup_b1"),
-        })
+        widest = max(
+            (b for b in row.get("latency") or [] if b.get("status") == "ok"),
+            key=lambda b: b["batch_size"],
+            default=None,
+        )
+        more.append(
+            {
+                "model": row.get("model", row["role"]),
+                "group": row["group"],
+                "status": row.get("status"),
+                "error": row.get("error"),
+                "file": Path(row.get("path", "")).name,
+                "top1": row.get("top1"),
+                "file_bytes": row.get("file_bytes"),
+                "p50_b1_ms": p50_ms(row, 1),
+                "throughput_ips": widest["throughput_ips"] if widest else None,
+                "speedup_b1": (result.get("ratios", {}).get(row["role"]) or {}).get("speedup_b1"),
+            }
+        )
     return more
 
 
@@ -172,9 +213,15 @@ def _bench_rows(run_dir: Path, records: list[StageRecord]) -> dict[str, dict]:
         row, stage = rows.get(role), _exported_stage(role, check, records)
         if stage is None or row is None or row.get("status") != "ok":
             continue
-        widest = max((b for b in row.get("latency", []) if b.get("status") == "ok"), key=lambda b: b["batch_size"], default=None)
+        widest = max(
+            (b for b in row.get("latency", []) if b.get("status") == "ok"),
+            key=lambda b: b["batch_size"],
+            default=None,
+        )
         measured[stage] = {
-            "file": f"{role}.onnx", "top1": row.get("top1"), "file_bytes": row.get("file_bytes"),
+            "file": f"{role}.onnx",
+            "top1": row.get("top1"),
+            "file_bytes": row.get("file_bytes"),
             "p50_b1_ms": p50_ms(row, 1),
             "throughput_ips": widest["throughput_ips"] if widest else None,
             "throughput_batch": widest["batch_size"] if widest else None,
@@ -215,36 +262,68 @@ def _ratios(entry: dict, teacher: dict | None) -> dict:
 def pareto_front(models: list[dict]) -> list[str]:
     """Names of the benchmarked models that no other is both at least as fast and as accurate as
     (and strictly better in one), fastest first."""
-    points = [(m["onnx"]["p50_b1_ms"], m["onnx"]["top1"], m["name"]) for m in models
-              if m.get("onnx") and m["onnx"].get("p50_b1_ms") is not None and m["onnx"].get("top1") is not None]
+    points = [
+        (m["onnx"]["p50_b1_ms"], m["onnx"]["top1"], m["name"])
+        for m in models
+        if m.get("onnx")
+        and m["onnx"].get("p50_b1_ms") is not None
+        and m["onnx"].get("top1") is not None
+    ]
     front = [
-        (ms, top1, name) for ms, top1, name in points
-        if not any(o_ms <= ms and o_top1 >= top1 and (o_ms < ms or o_top1 > top1) for o_ms, o_top1, _ in points)
+        (ms, top1, name)
+        for ms, top1, name in points
+        if not any(
+            o_ms <= ms and o_top1 >= top1 and (o_ms < ms or o_top1 > top1)
+            for o_ms, o_top1, _ in points
+        )
     ]
     return [name for _, _, name in sorted(front)]
 
 
 def report_markdown(report: dict) -> str:
     lines = [
-        f"# Run `{report['run']}`", "",
-        "| model | network | top-1 (PyTorch) | params (M) | MACs (M) | ONNX file | top-1 (ONNX) | p50 batch 1 (ms) | throughput (img/s) | size (MiB) | vs teacher |",
+        f"# Run `{report['run']}`",
+        "",
+        "| model | network | top-1 (PyTorch) | params (M) | MACs (M) | ONNX file | top-1 (ONNX) | "
+        "p50 batch 1 (ms) | throughput (img/s) | size (MiB) | vs teacher |",
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for m in report["models"]:
         onnx, ratios = m.get("onnx") or {}, m.get("vs_teacher") or {}
-        parts = [("speedup_b1", "{:.2f}x faster"), ("size_reduction", "{:.2f}x smaller"), ("macs_reduction", "{:.2f}x fewer MACs"), ("top1_delta", "{:+.2f} pts")]
-        versus = ", ".join(fmt.format(ratios[key]) for key, fmt in parts if ratios.get(key) is not None) if m["kind"] != "teacher" else ""
-        name = m["name"] + (" (INT8)" if m["quantized"] else "") + (" ★" if m["name"] in report["pareto"] else "")
-        lines.append(
-            f"| {name} | {m['model']} | {m['top1']:.2f} | {m['params'] / 1e6:.3f} | {_fmt(m['macs'], '{:.1f}', 1e-6)} "
-            f"| {onnx.get('file', '—')} | {_fmt(onnx.get('top1'), '{:.2f}')} | {_fmt(onnx.get('p50_b1_ms'), '{:.3f}')} "
-            f"| {_fmt(onnx.get('throughput_ips'), '{:.0f}')} | {_fmt(onnx.get('file_bytes'), '{:.2f}', 2**-20)} | {versus or '—'} |"
+        parts = [
+            ("speedup_b1", "{:.2f}x faster"),
+            ("size_reduction", "{:.2f}x smaller"),
+            ("macs_reduction", "{:.2f}x fewer MACs"),
+            ("top1_delta", "{:+.2f} pts"),
+        ]
+        versus = (
+            ", ".join(fmt.format(ratios[key]) for key, fmt in parts if ratios.get(key) is not None)
+            if m["kind"] != "teacher"
+            else ""
         )
-    lines += ["", "★ on the Pareto front of accuracy vs batch-1 latency (exported files, ONNX Runtime)."]
+        name = (
+            m["name"]
+            + (" (INT8)" if m["quantized"] else "")
+            + (" ★" if m["name"] in report["pareto"] else "")
+        )
+        lines.append(
+            f"| {name} | {m['model']} | {m['top1']:.2f} | {m['params'] / 1e6:.3f} | "
+            f"{_fmt(m['macs'], '{:.1f}', 1e-6)} | {onnx.get('file', '—')} | "
+            f"{_fmt(onnx.get('top1'), '{:.2f}')} | {_fmt(onnx.get('p50_b1_ms'), '{:.3f}')} | "
+            f"{_fmt(onnx.get('throughput_ips'), '{:.0f}')} | "
+            f"{_fmt(onnx.get('file_bytes'), '{:.2f}', 2**-20)} | {versus or '—'} |"
+        )
+    lines += [
+        "",
+        "★ on the Pareto front of accuracy vs batch-1 latency (exported files, ONNX Runtime).",
+    ]
     if report.get("more"):
         lines += [
-            "", "## Other formats and backends", "",
-            "| model | measured on | file | top-1 | p50 batch 1 (ms) | throughput (img/s) | size (MiB) | vs teacher alike |",
+            "",
+            "## Other formats and backends",
+            "",
+            "| model | measured on | file | top-1 | p50 batch 1 (ms) | throughput (img/s) | size "
+            "(MiB) | vs teacher alike |",
             "|---|---|---|---:|---:|---:|---:|---|",
         ]
         for m in report["more"]:
@@ -252,8 +331,9 @@ def report_markdown(report: dict) -> str:
             if m["status"] != "ok":
                 speed = f"error: {m['error']}"
             lines.append(
-                f"| {m['model']} | {m['group']} | {m['file']} | {_fmt(m['top1'], '{:.2f}')} | {_fmt(m['p50_b1_ms'], '{:.3f}')} "
-                f"| {_fmt(m['throughput_ips'], '{:.0f}')} | {_fmt(m['file_bytes'], '{:.2f}', 2**-20)} | {speed} |"
+                f"| {m['model']} | {m['group']} | {m['file']} | {_fmt(m['top1'], '{:.2f}')} | "
+                f"{_fmt(m['p50_b1_ms'], '{:.3f}')} | {_fmt(m['throughput_ips'], '{:.0f}')} | "
+                f"{_fmt(m['file_bytes'], '{:.2f}', 2**-20)} | {speed} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -269,17 +349,39 @@ def pareto_plot(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in report["models"] if m.get("onnx") and m["onnx"].get("p50_b1_ms") and m["onnx"].get("top1") is not None]
+    models = [
+        m
+        for m in report["models"]
+        if m.get("onnx") and m["onnx"].get("p50_b1_ms") and m["onnx"].get("top1") is not None
+    ]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for m in models:
         on_front = m["name"] in report["pareto"]
-        ax.scatter(m["onnx"]["p50_b1_ms"], m["onnx"]["top1"], s=60, zorder=3,
-                   color="tab:red" if on_front else "tab:gray", marker="*" if on_front else "o")
-        ax.annotate(m["name"] + (" INT8" if m["quantized"] else ""), (m["onnx"]["p50_b1_ms"], m["onnx"]["top1"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter(
+            m["onnx"]["p50_b1_ms"],
+            m["onnx"]["top1"],
+            s=60,
+            zorder=3,
+            color="tab:red" if on_front else "tab:gray",
+            marker="*" if on_front else "o",
+        )
+        ax.annotate(
+            m["name"] + (" INT8" if m["quantized"] else ""),
+            (m["onnx"]["p50_b1_ms"], m["onnx"]["top1"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
     front = [next(m for m in models if m["name"] == name) for name in report["pareto"]]
     if len(front) > 1:
-        ax.plot([m["onnx"]["p50_b1_ms"] for m in front], [m["onnx"]["top1"] for m in front], color="tab:red", lw=1, zorder=2, label="Pareto front")
+        ax.plot(
+            [m["onnx"]["p50_b1_ms"] for m in front],
+            [m["onnx"]["top1"] for m in front],
+            color="tab:red",
+            lw=1,
+            zorder=2,
+            label="Pareto front",
+        )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("latency p50, batch 1 (ms, log scale)")

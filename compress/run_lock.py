@@ -41,16 +41,23 @@ def run_lock(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
     except Timeout:
         if not wait:
             raise StageError(
-                f"{run_dir} is in use by another run ({holder(run_dir)}); wait for it, run again with --wait to queue "
-                "behind it, or give another --out"
+                f"{run_dir} is in use by another run ({holder(run_dir)}); wait for it, run again "
+                "with --wait to queue behind it, or give another --out"
             ) from None
-        print(f"waiting for {run_dir}, in use by {holder(run_dir)} ...", file=sys.stderr, flush=True)
+        print(
+            f"waiting for {run_dir}, in use by {holder(run_dir)} ...", file=sys.stderr, flush=True
+        )
         lock.acquire()
     try:
-        write_json_atomic(run_dir / HOLDER_NAME, {
-            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(sys.argv)[:500],
-        })
+        write_json_atomic(
+            run_dir / HOLDER_NAME,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv)[:500],
+            },
+        )
         yield
     finally:
         (run_dir / HOLDER_NAME).unlink(missing_ok=True)

@@ -78,8 +78,14 @@ def train_with_teacher(
                     teacher_logits = teacher(mixed.images) if loss_fn.needs_teacher else None
             student_logits = student(mixed.images)
             return DistillBatch(
-                student_logits, teacher_logits, mixed.labels, dict(student_features.outputs), dict(teacher_features.outputs),
-                mixed.mixed_labels, mixed.lam, epoch,
+                student_logits,
+                teacher_logits,
+                mixed.labels,
+                dict(student_features.outputs),
+                dict(teacher_features.outputs),
+                mixed.mixed_labels,
+                mixed.lam,
+                epoch,
             )
 
         def step_loss(images, labels, epoch, indices=None):
@@ -91,8 +97,18 @@ def train_with_teacher(
         setup_loss(loss_fn, forward, train_loader, prep, device)
         loss_fn.to(device)
         return fit(
-            student, train_loader, test_loader, step_loss, train, preprocess=prep, device=device, desc=desc,
-            extra_params=tuple(loss_fn.parameters()), show_progress=show_progress, checkpoint=checkpoint, checkpoint_key=checkpoint_key,
+            student,
+            train_loader,
+            test_loader,
+            step_loss,
+            train,
+            preprocess=prep,
+            device=device,
+            desc=desc,
+            extra_params=tuple(loss_fn.parameters()),
+            show_progress=show_progress,
+            checkpoint=checkpoint,
+            checkpoint_key=checkpoint_key,
         )
 
 

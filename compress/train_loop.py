@@ -25,7 +25,9 @@ from compress.checkpoint import load_training_state, restore_training_state, sav
 from compress.config import TrainConfig
 from compress.errors import StageError
 
-StepLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (images, labels, epoch, *batch extras)
+StepLoss = Callable[
+    ..., tuple[torch.Tensor, torch.Tensor]
+]  # (images, labels, epoch, *batch extras)
 
 
 @dataclass
@@ -36,23 +38,34 @@ class EpochLog:
     test_loss: float
     test_top1: float
     lr: float
-    seconds: float = 0.0  # wall time of the epoch, its evaluation included; 0.0 in checkpoints older than this field
+    # wall time of the epoch, its evaluation included; 0.0 in checkpoints older than this field
+    seconds: float = 0.0
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedule: linear warm-up, then cosine to zero, step decay (x0.1 at 50% and 75%),
     constant, or one-cycle (Smith & Topin 2019; torch's OneCycleLR, warm-up = its rising phase)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         rising = warmup / total if warmup else 0.3
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(max(rising, 0.01), 0.99))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(max(rising, 0.01), 0.99)
+        )
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -91,7 +104,11 @@ def evaluate(model: torch.nn.Module, loader, preprocess, device: torch.device) -
         correct += (logits.argmax(1) == labels).sum().item()
         total += labels.numel()
     model.train(was_training)
-    return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+    return {
+        "top1": 100.0 * correct / max(total, 1),
+        "loss": loss_sum / max(total, 1),
+        "samples": total,
+    }
 
 
 def fit(
@@ -144,37 +161,89 @@ def fit(
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
-    memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+    memory_format = (
+        torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
+    )
     model.to(memory_format=memory_format)
-    parts = dict(model=model, extra_params=tuple(extra_params), optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader_generator=getattr(train_loader, "generator", None))
+    parts = dict(
+        model=model,
+        extra_params=tuple(extra_params),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loader_generator=getattr(train_loader, "generator", None),
+    )
     history = _resume(checkpoint, checkpoint_key, parts, desc, cfg.epochs, show_progress)
     train_step = training_step(model, extra_params, step_loss, device, compile=cfg.compile)
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)  # a new shuffle per epoch, the same on every rank (and after a resume)
+            sampler.set_epoch(
+                epoch
+            )  # a new shuffle per epoch, the same on every rank (and after a resume)
         started = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"{desc} {epoch}/{cfg.epochs}", leave=False, disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
+        bar = tqdm(
+            train_loader,
+            desc=f"{desc} {epoch}/{cfg.epochs}",
+            leave=False,
+            disable=not (show_progress and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
         try:
-            sums = _train_epoch(train_step, bar, epoch, cfg, parts, preprocess, device, memory_format)
+            sums = _train_epoch(
+                train_step, bar, epoch, cfg, parts, preprocess, device, memory_format
+            )
         except _Diverged as diverged:
-            raise StageError(_divergence(desc, *diverged.args, epoch, scheduler, checkpoint if epoch > 1 else None)) from None
+            raise StageError(
+                _divergence(
+                    desc, *diverged.args, epoch, scheduler, checkpoint if epoch > 1 else None
+                )
+            ) from None
         loss_total, correct_total, labeled_total, seen_total = epoch_totals(*sums)
-        distributed.sync_buffers(model)  # every rank now holds the same network: the same test numbers
-        test = evaluate(model, test_loader, preprocess, device) if test_loader is not None else _NOT_EVALUATED
-        log = EpochLog(epoch, loss_total / max(seen_total, 1), 100 * correct_total / max(labeled_total, 1), test["loss"], test["top1"], scheduler.get_last_lr()[0], time.perf_counter() - started)
+        distributed.sync_buffers(
+            model
+        )  # every rank now holds the same network: the same test numbers
+        test = (
+            evaluate(model, test_loader, preprocess, device)
+            if test_loader is not None
+            else _NOT_EVALUATED
+        )
+        log = EpochLog(
+            epoch,
+            loss_total / max(seen_total, 1),
+            100 * correct_total / max(labeled_total, 1),
+            test["loss"],
+            test["top1"],
+            scheduler.get_last_lr()[0],
+            time.perf_counter() - started,
+        )
         history.append(log)
         if show_progress:
-            print(f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train {log.train_top1:.2f}%  test {log.test_top1:.2f}%  ({log.seconds:.0f}s)", file=sys.stderr)
+            print(
+                f"  {desc} epoch {epoch}/{cfg.epochs}: loss {log.train_loss:.4f}  train "
+                f"{log.train_top1:.2f}%  test {log.test_top1:.2f}%  ({log.seconds:.0f}s)",
+                file=sys.stderr,
+            )
         if checkpoint is not None and distributed.is_main():
-            save_training_state(checkpoint, checkpoint_key, epoch=epoch, history=[dataclasses.asdict(h) for h in history], **parts)
+            save_training_state(
+                checkpoint,
+                checkpoint_key,
+                epoch=epoch,
+                history=[dataclasses.asdict(h) for h in history],
+                **parts,
+            )
     model.to(memory_format=torch.contiguous_format)
     return history
 
 
-_NOT_EVALUATED = {"loss": float("nan"), "top1": float("nan")}  # fit without a test loader (the library API)
+_NOT_EVALUATED = {
+    "loss": float("nan"),
+    "top1": float("nan"),
+}  # fit without a test loader (the library API)
 
-SYNC_EVERY = 10  # on a GPU the loop reads device values (progress, the NaN check) every this many steps
+SYNC_EVERY = (
+    10  # on a GPU the loop reads device values (progress, the NaN check) every this many steps
+)
 
 
 def checks_every(device: torch.device) -> int:
@@ -187,7 +256,9 @@ class _Diverged(Exception):
     """(loss, terms, step) of the first non-finite loss of an epoch."""
 
 
-def _resume(checkpoint: Path | None, key: str, parts: dict, desc: str, epochs: int, show_progress: bool) -> list[EpochLog]:
+def _resume(
+    checkpoint: Path | None, key: str, parts: dict, desc: str, epochs: int, show_progress: bool
+) -> list[EpochLog]:
     """The history so far: restored from the checkpoint (weights, optimiser, RNG, ...) when it
     belongs to ``key``, else empty. Every rank loads the same file: they all continue from
     rank 0's state."""
@@ -196,11 +267,16 @@ def _resume(checkpoint: Path | None, key: str, parts: dict, desc: str, epochs: i
         return []
     restore_training_state(state, **parts)
     if show_progress:
-        print(f"  {desc}: resumed after epoch {state['epoch']}/{epochs} from {checkpoint.name}", file=sys.stderr)
+        print(
+            f"  {desc}: resumed after epoch {state['epoch']}/{epochs} from {checkpoint.name}",
+            file=sys.stderr,
+        )
     return [EpochLog(**entry) for entry in state["history"]]
 
 
-def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, preprocess, device, memory_format):
+def _train_epoch(
+    train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, preprocess, device, memory_format
+):
     """One pass over the training data; returns this rank's (loss sum, correct, labeled, seen)."""
     optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
     dtype = autocast_dtype(cfg, device)
@@ -209,14 +285,18 @@ def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, pre
     correct = torch.zeros((), device=device, dtype=torch.long)
     labeled = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # step of the first non-finite loss
+    first_bad = torch.full(
+        (), -1, device=device, dtype=torch.long
+    )  # step of the first non-finite loss
     check_every = checks_every(device)
     for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         extras = [extra.to(device, non_blocking=True) for extra in extras]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, logits, *terms = train_step(preprocess(images, train=True), labels, epoch, *extras)
+            loss, logits, *terms = train_step(
+                preprocess(images, train=True), labels, epoch, *extras
+            )
         first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step, first_bad)
         if step % check_every == 0 and first_bad.item() >= 0:
             raise _Diverged(loss, terms, int(first_bad))
@@ -227,11 +307,16 @@ def _train_epoch(train_step, bar, epoch: int, cfg: TrainConfig, parts: dict, pre
         scheduler.step()
         loss_sum += loss.detach() * labels.numel()
         known = labels >= 0  # images from the unlabeled pool have no accuracy
-        correct += ((logits.detach().argmax(1) == labels) & known).sum()  # no boolean indexing: no host sync
+        correct += (
+            (logits.detach().argmax(1) == labels) & known
+        ).sum()  # no boolean indexing: no host sync
         seen += labels.numel()
         labeled += known.sum()
         if step % SYNC_EVERY == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%")
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.3f}",
+                acc=f"{100 * correct.item() / max(labeled.item(), 1):.1f}%",
+            )
     if first_bad.item() >= 0:  # a non-finite loss after the last check
         raise _Diverged(loss, terms, int(first_bad))
     return loss_sum, correct, labeled, seen
@@ -252,7 +337,14 @@ class TrainStep(nn.Module):
         return self.step_loss(images, labels, epoch, *extras)
 
 
-def training_step(model: nn.Module, extra_params, step_loss: StepLoss, device: torch.device, *, compile: bool = False) -> StepLoss:
+def training_step(
+    model: nn.Module,
+    extra_params,
+    step_loss: StepLoss,
+    device: torch.device,
+    *,
+    compile: bool = False,
+) -> StepLoss:
     """What ``fit`` calls each step: ``step_loss`` itself in a single process, else the step
     wrapped in ``DistributedDataParallel`` (under torchrun) and/or ``torch.compile``."""
     if not (distributed.active() or compile):
@@ -261,17 +353,30 @@ def training_step(model: nn.Module, extra_params, step_loss: StepLoss, device: t
     return torch.compile(step) if compile else step
 
 
-def epoch_totals(loss_sum: torch.Tensor, correct: torch.Tensor, labeled: torch.Tensor, seen: int) -> list[float]:
+def epoch_totals(
+    loss_sum: torch.Tensor, correct: torch.Tensor, labeled: torch.Tensor, seen: int
+) -> list[float]:
     """The epoch's loss sum, correct, labeled and seen counts over all ranks (this rank's alone
     without a process group)."""
-    totals = torch.stack([loss_sum.double(), correct.double(), labeled.double(), torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+    totals = torch.stack(
+        [
+            loss_sum.double(),
+            correct.double(),
+            labeled.double(),
+            torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
+        ]
+    )
     return distributed.all_reduce_sum(totals).tolist()
 
 
 def _divergence(desc, loss, terms, step, epoch, scheduler, checkpoint) -> str:
     named = terms[0] if terms and isinstance(terms[0], dict) else {}
     values = ", ".join(f"{name}={float(value):.4g}" for name, value in named.items())
-    kept = f"; the checkpoint of epoch {epoch - 1} is kept ({checkpoint})" if checkpoint is not None else ""
+    kept = (
+        f"; the checkpoint of epoch {epoch - 1} is kept ({checkpoint})"
+        if checkpoint is not None
+        else ""
+    )
     return (
         f"{desc}: loss became {loss.item()} at epoch {epoch}, step {step}"
         + (f" (terms: {values})" if values else "")

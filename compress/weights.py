@@ -27,14 +27,18 @@ def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None =
     run only rank 0 writes (every rank gets the path).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not distributed.is_main():  # a distributed run: rank 0 writes, the other ranks take its artifact
+    if (
+        not distributed.is_main()
+    ):  # a distributed run: rank 0 writes, the other ranks take its artifact
         return path
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_torch(state if structure is None else {"structure": structure, "state_dict": state}, path)
     return path
 
 
-def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+def load_weights(
+    model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Module], nn.Module] | None = None
+) -> nn.Module:
     """Load a checkpoint into ``model`` strictly, accepting plain tensors only.
 
     ``torch.load(..., weights_only=True)`` refuses pickles that would run code, so a checkpoint
@@ -64,7 +68,10 @@ def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Mo
     structure = checkpoint.get("structure") if isinstance(checkpoint, dict) else None
     if structure is not None:
         if not isinstance(structure, dict):
-            raise ModelError(f"checkpoint {path}: 'structure' must map layer names to their widths, got {type(structure).__name__}")
+            raise ModelError(
+                f"checkpoint {path}: 'structure' must map layer names to their widths, got "
+                f"{type(structure).__name__}"
+            )
         apply_structure(model, structure)
     if prepare is not None:
         model = prepare(model)
@@ -78,7 +85,8 @@ def load_weights(model: nn.Module, path: str | Path, *, prepare: Callable[[nn.Mo
 
 
 def read_checkpoint(path: str | Path) -> object:
-    """A checkpoint file as saved (``weights_only=True``); one-line ModelError when it cannot be read."""
+    """A checkpoint file as saved (``weights_only=True``); one-line ModelError when it cannot be
+    read."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
@@ -92,23 +100,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _torch_load(path: Path) -> object:
     if path.stat().st_size == 0:
-        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint: the file is empty (0 bytes)")
+        raise ModelError(
+            f"checkpoint {path} is not a PyTorch checkpoint: the file is empty (0 bytes)"
+        )
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+        with (
+            warnings.catch_warnings()
+        ):  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
         text = str(exc)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"unsupported GLOBAL (\S+)", text)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(
+            r"unsupported GLOBAL (\S+)", text
+        )
         if refused:
             raise ModelError(
-                f"checkpoint {path} was refused: it would import {refused.group(1)} and only plain tensors are loaded "
-                "(weights_only=True); if you trust the file, re-save it with torch.save(model.state_dict(), path)"
+                f"checkpoint {path} was refused: it would import {refused.group(1)} and only plain "
+                "tensors are loaded (weights_only=True); if you trust the file, re-save it with "
+                "torch.save(model.state_dict(), path)"
             ) from None
         unreadable = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text)
         reason = unreadable.group(1).strip() if unreadable else _first_sentence(text)
         reason = type(exc).__name__ + (f": {reason}" if reason else "")
-        raise ModelError(f"checkpoint {path} is not a PyTorch checkpoint, or is truncated or corrupt (torch.load: {reason})") from None
+        raise ModelError(
+            f"checkpoint {path} is not a PyTorch checkpoint, or is truncated or corrupt "
+            f"(torch.load: {reason})"
+        ) from None
 
 
 def _first_sentence(text: str) -> str:
@@ -122,7 +140,11 @@ def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
         raise ModelError(
             f"checkpoint {path} holds no state_dict (expected a dict of tensors, "
             f"or one under 'state_dict' or 'model'; got {type(obj).__name__})"
@@ -198,12 +220,29 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
         module = _module(model, name)
         fields = _FIELDS.get(type(module))
         if fields is None:
-            raise ModelError(f"pruned structure: {name!r} is a {type(module).__name__}, not a layer whose width is stored")
-        if not isinstance(widths, dict) or set(widths) != set(fields) or not all(_positive_int(v) for v in widths.values()):
-            raise ModelError(f"pruned structure: {name!r} must give positive integers {', '.join(fields)}, got {widths!r}")
-        grown = [f for f in fields if f != "groups" and widths[f] > getattr(module, f)]  # groups divide a width
-        if grown:  # pruning only removes channels: a wider layer is a corrupt or hostile file (and could exhaust memory)
-            raise ModelError(f"pruned structure: {name!r} {grown[0]} {widths[grown[0]]} is wider than the unpruned layer's {getattr(module, grown[0])}")
+            raise ModelError(
+                f"pruned structure: {name!r} is a {type(module).__name__}, not a layer whose width "
+                "is stored"
+            )
+        if (
+            not isinstance(widths, dict)
+            or set(widths) != set(fields)
+            or not all(_positive_int(v) for v in widths.values())
+        ):
+            raise ModelError(
+                f"pruned structure: {name!r} must give positive integers {', '.join(fields)}, got "
+                f"{widths!r}"
+            )
+        grown = [
+            f for f in fields if f != "groups" and widths[f] > getattr(module, f)
+        ]  # groups divide a width
+        # pruning only removes channels: a wider layer is a corrupt or hostile file (and could
+        # exhaust memory)
+        if grown:
+            raise ModelError(
+                f"pruned structure: {name!r} {grown[0]} {widths[grown[0]]} is wider than the "
+                f"unpruned layer's {getattr(module, grown[0])}"
+            )
         _resize(module, name, **widths)
     return model
 
@@ -215,7 +254,10 @@ def _module(model: nn.Module, name: object) -> nn.Module:
         except AttributeError:
             pass
     label = getattr(model, "compress_name", type(model).__name__)
-    raise ModelError(f"pruned structure names {name!r}, which {label} does not have (a checkpoint of another architecture?)")
+    raise ModelError(
+        f"pruned structure names {name!r}, which {label} does not have (a checkpoint of another "
+        "architecture?)"
+    )
 
 
 def _positive_int(value: object) -> bool:
@@ -226,7 +268,10 @@ def _resize(module: nn.Module, name: str, **widths: int) -> None:
     if isinstance(module, nn.Conv2d):
         cin, cout, groups = widths["in_channels"], widths["out_channels"], widths["groups"]
         if cin % groups or cout % groups:
-            raise ModelError(f"pruned structure: {name!r} has {cin} in / {cout} out channels, not divisible by groups={groups}")
+            raise ModelError(
+                f"pruned structure: {name!r} has {cin} in / {cout} out channels, not divisible by "
+                f"groups={groups}"
+            )
         module.in_channels, module.out_channels, module.groups = cin, cout, groups
         _replace(module, "weight", (cout, cin // groups, *module.kernel_size))
         _replace(module, "bias", (cout,))

@@ -25,7 +25,10 @@ def tiny_data_section() -> str:
     folder = cifar10_folder()
     if folder is None:
         return "data: {kind: digits, image_size: 16, batch_size: 64, augment: false}"
-    return f"data: {{kind: cifar10, path: '{folder}', image_size: 16, batch_size: 64, subset: {{train: 1000, test: 300}}}}"
+    return (
+        f"data: {{kind: cifar10, path: '{folder}', image_size: 16, batch_size: 64, subset: "
+        "{train: 1000, test: 300}}"
+    )
 
 
 # A cifar:resnet20 teacher on 600 digits at 8x8: seconds to train, > 60% top-1. The distill,
@@ -33,8 +36,17 @@ def tiny_data_section() -> str:
 DIGITS_BASE = {
     "name": "digits_teacher",
     "seed": 0,
-    "data": {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 600, "test": 200}},
-    "teacher": {"model": "cifar:resnet20", "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
+    "data": {
+        "kind": "digits",
+        "image_size": 8,
+        "batch_size": 32,
+        "augment": False,
+        "subset": {"train": 600, "test": 200},
+    },
+    "teacher": {
+        "model": "cifar:resnet20",
+        "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},
+    },
     "student": {"model": "cifar:resnet20"},
     "stages": ["teacher"],
 }
@@ -83,7 +95,9 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """``python -m compress ARGS`` in a fresh process: exit code, stdout and stderr."""
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def assert_one_line_error(stderr: str, *needles: str) -> str:

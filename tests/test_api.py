@@ -16,7 +16,11 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def readme_example() -> str:
     text = README.read_text()
-    block = re.search(r"<!-- library-example: begin -->\n```python\n(.*?)```\n<!-- library-example: end -->", text, re.S)
+    block = re.search(
+        r"<!-- library-example: begin -->\n```python\n(.*?)```\n<!-- library-example: end -->",
+        text,
+        re.S,
+    )
     assert block, "README.md lost its library example"
     return block.group(1)
 
@@ -26,7 +30,9 @@ def test_the_readme_library_example_runs_end_to_end(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "readme_example"}
     exec(compile(readme_example(), str(README), "exec"), scope)  # noqa: S102  (our own README)
-    teacher, student, qmodel, history, result = (scope[k] for k in ("teacher", "student", "qmodel", "history", "result"))
+    teacher, student, qmodel, history, result = (
+        scope[k] for k in ("teacher", "student", "qmodel", "history", "result")
+    )
 
     # distillation taught the student: it learned far beyond chance and ends near its teacher
     assert history[0].test_top1 < history[-1].test_top1 and history[-1].test_top1 > 85.0
@@ -35,9 +41,15 @@ def test_the_readme_library_example_runs_end_to_end(tmp_path, monkeypatch, capsy
     assert macs_teacher / count_params_macs(student, 8, 1)[1] >= 1.8
     # the INT8 file is a QDQ graph, verified against PyTorch, with weights exact on every x86 CPU
     record = scope["student_file"]
-    assert record["qdq"]["qlinear_conv"] + record["qdq"].get("qlinear_matmul", 0) >= 2 and record["qdq"]["fp32_conv"] == 0
+    assert (
+        record["qdq"]["qlinear_conv"] + record["qdq"].get("qlinear_matmul", 0) >= 2
+        and record["qdq"]["fp32_conv"] == 0
+    )
     assert record["portability"]["portable"] and record["top1_agreement"] >= 0.95
-    assert qmodel.quant_spec.target == "onnxruntime-cpu" and qmodel.quant_spec.weight_range == "pair-limit"
+    assert (
+        qmodel.quant_spec.target == "onnxruntime-cpu"
+        and qmodel.quant_spec.weight_range == "pair-limit"
+    )
     # the bench measured both files on the held-out digits, and the INT8 student stayed accurate
     rows = {row["role"]: row for row in result["rows"]}
     assert rows["teacher"]["top1"] > 90.0 and rows["student"]["top1"] > 85.0

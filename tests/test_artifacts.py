@@ -17,7 +17,9 @@ def completed_stage(tmp_path):
     folder = run_dir / "distill"
     model = torch.nn.Linear(3, 2)
     path = save_weights(model, folder / "model.pt")
-    artifact = Artifact("distill", files={"model": path}, metrics={"top1": 50.0}, role="student", key="abc")
+    artifact = Artifact(
+        "distill", files={"model": path}, metrics={"top1": 50.0}, role="student", key="abc"
+    )
     record_stage(folder, run_dir, artifact, config={"epochs": 1}, recipe={"name": "run"})
     return run_dir, folder, path
 
@@ -26,9 +28,15 @@ def test_complete_stage_is_found_with_its_files_and_metrics(tmp_path):
     run_dir, folder, path = completed_stage(tmp_path)
     found = load_completed(folder, run_dir, "abc")
     assert found is not None and found.skipped
-    assert found.files == {"model": path} and found.metrics == {"top1": 50.0} and found.role == "student"
+    assert (
+        found.files == {"model": path}
+        and found.metrics == {"top1": 50.0}
+        and found.role == "student"
+    )
     record = json.loads((folder / "stage.json").read_text())
-    assert record["files"]["model"]["path"] == "distill/model.pt"  # relative: the run folder can move
+    assert (
+        record["files"]["model"]["path"] == "distill/model.pt"
+    )  # relative: the run folder can move
 
 
 def test_changed_inputs_or_tampered_files_mean_not_complete(tmp_path):
@@ -64,9 +72,27 @@ def test_saved_weights_reload_with_weights_only(tmp_path):
 
 def test_network_spec_round_trips_through_the_stage_record(tmp_path):
     run_dir, folder = tmp_path / "run", tmp_path / "run" / "quantize"
-    spec = NetworkSpec("cifar:resnet8", num_classes=10, cifar_stem=True, quantization=QuantSpec("onnxruntime-cpu", ("fc",), "pair-limit"))
+    spec = NetworkSpec(
+        "cifar:resnet8",
+        num_classes=10,
+        cifar_stem=True,
+        quantization=QuantSpec("onnxruntime-cpu", ("fc",), "pair-limit"),
+    )
     path = save_weights(torch.nn.Linear(3, 2), folder / "model.pt")
-    record_stage(folder, run_dir, Artifact("quantize", files={"model": path}, metrics={"top1": 80.0}, role="student", network=spec, key="k"), {}, {"data": {"image_size": 32}})
+    record_stage(
+        folder,
+        run_dir,
+        Artifact(
+            "quantize",
+            files={"model": path},
+            metrics={"top1": 80.0},
+            role="student",
+            network=spec,
+            key="k",
+        ),
+        {},
+        {"data": {"image_size": 32}},
+    )
     record = StageRecord.read(folder)
     assert record.network == spec and record.metrics == {"top1": 80.0} and record.image_size == 32
     assert record.network_file() == path and record.run_dir == run_dir
@@ -79,15 +105,27 @@ def test_records_written_before_network_specs_still_load(tmp_path):
     run_dir, folder, path = completed_stage(tmp_path)
     raw = json.loads((folder / "stage.json").read_text())
     raw.pop("network", None)
-    raw["metrics"] |= {"model": "cifar:resnet20", "cifar_stem": True, "num_classes": 10, "quantization": {"mode": "qat", "target": "onnxruntime-cpu", "skip": []}}
+    raw["metrics"] |= {
+        "model": "cifar:resnet20",
+        "cifar_stem": True,
+        "num_classes": 10,
+        "quantization": {"mode": "qat", "target": "onnxruntime-cpu", "skip": []},
+    }
     (folder / "stage.json").write_text(json.dumps(raw))
     found = load_completed(folder, run_dir, "abc")
-    assert found.network == NetworkSpec("cifar:resnet20", num_classes=10, cifar_stem=True, quantization=QuantSpec("onnxruntime-cpu", (), "full"))
+    assert found.network == NetworkSpec(
+        "cifar:resnet20",
+        num_classes=10,
+        cifar_stem=True,
+        quantization=QuantSpec("onnxruntime-cpu", (), "full"),
+    )
 
 
 def test_a_record_that_is_not_one_names_the_file(tmp_path):
     (tmp_path / "stage.json").write_text('{"metrics": {}}')
-    with pytest.raises(ModelError, match=r"stage\.json: not a finished stage \(no 'stage' recorded\)"):
+    with pytest.raises(
+        ModelError, match=r"stage\.json: not a finished stage \(no 'stage' recorded\)"
+    ):
         StageRecord.read(tmp_path)
     with pytest.raises(ModelError, match="no such file"):
         StageRecord.read(tmp_path / "elsewhere")

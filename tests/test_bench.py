@@ -49,7 +49,13 @@ def models(tmp_path_factory):
     metadata = preprocessing_metadata(MEAN, STD, SIZE, 10)
     paths = {}
     for role, width, seed in (("teacher", 64, 0), ("student", 8, 1)):
-        paths[role] = export_onnx(cnn(width, seed), folder / f"{role}.onnx", image_size=SIZE, exporter="torchscript", metadata=metadata)
+        paths[role] = export_onnx(
+            cnn(width, seed),
+            folder / f"{role}.onnx",
+            image_size=SIZE,
+            exporter="torchscript",
+            metadata=metadata,
+        )
     return paths
 
 
@@ -61,7 +67,9 @@ def test_data():
 
 def manual_predictions(path, images) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = (images.astype(np.float32) / 255 - np.array(MEAN, np.float32)[:, None, None]) / np.array(STD, np.float32)[:, None, None]
+    x = (images.astype(np.float32) / 255 - np.array(MEAN, np.float32)[:, None, None]) / np.array(
+        STD, np.float32
+    )[:, None, None]
     return session.run(None, {"input": x.astype(np.float32)})[0].argmax(axis=1)
 
 
@@ -76,9 +84,15 @@ def test_rows_have_every_field_and_sane_numbers(models):
         for entry in row["latency"]:
             lat = entry["latency_ms"]
             assert entry["status"] == "ok" and 5 <= entry["runs"] <= CFG.iterations
-            assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
-            assert entry["cv"] == pytest.approx(lat["std"] / lat["mean"]) and entry["noisy"] == (entry["cv"] > 0.10)
-            assert entry["throughput_ips"] == pytest.approx(entry["batch_size"] * entry["runs"] / entry["total_s"])
+            assert (
+                0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+            )
+            assert entry["cv"] == pytest.approx(lat["std"] / lat["mean"]) and entry["noisy"] == (
+                entry["cv"] > 0.10
+            )
+            assert entry["throughput_ips"] == pytest.approx(
+                entry["batch_size"] * entry["runs"] / entry["total_s"]
+            )
         assert row["peak_rss_mb"] > 0 and row["model_rss_mb"] >= 0
         assert row["runtime"]["providers"] == ["CPUExecutionProvider"]
         assert row["runtime"]["threads"] == 1 and row["runtime"]["onnxruntime"] == ort.__version__
@@ -106,7 +120,9 @@ def test_missing_normalisation_is_a_row_error_unless_given(tmp_path, test_data):
     assert row["latency"][0]["status"] == "ok"  # what was measured before the failure is kept
     row = bench_model(path, cfg, test_data, role="bare", mean=MEAN, std=STD)
     assert row["status"] == "ok"
-    assert row["top1"] == pytest.approx(100 * float(np.mean(manual_predictions(path, test_data[0]) == test_data[1])))
+    assert row["top1"] == pytest.approx(
+        100 * float(np.mean(manual_predictions(path, test_data[0]) == test_data[1]))
+    )
 
 
 def test_corrupt_model_is_an_error_row_and_others_go_on(tmp_path, models, test_data):
@@ -115,7 +131,11 @@ def test_corrupt_model_is_an_error_row_and_others_go_on(tmp_path, models, test_d
     cfg = BenchConfig(batch_size=4, warmup=0, iterations=5, time_budget_s=0.1)
     result = bench_models({"teacher": corrupt, "student": models["student"]}, cfg, test_data)
     teacher, student = result["rows"]
-    assert teacher["status"] == "error" and "corrupt.onnx" in teacher["error"] and "\n" not in teacher["error"]
+    assert (
+        teacher["status"] == "error"
+        and "corrupt.onnx" in teacher["error"]
+        and "\n" not in teacher["error"]
+    )
     assert student["status"] == "ok" and student["top1"] is not None
     assert all(v is None for k, v in result["ratios"]["student"].items())
     table = bench_table_markdown(result)
@@ -129,7 +149,9 @@ def test_bench_models_agreement_and_context(models, test_data):
     ratios = result["ratios"]["student"]
     assert ratios["agreement_with_reference"] == float(np.mean(teacher == student))
     rows = {row["role"]: row for row in result["rows"]}
-    assert ratios["accuracy_delta"] == pytest.approx(rows["student"]["top1"] - rows["teacher"]["top1"])
+    assert ratios["accuracy_delta"] == pytest.approx(
+        rows["student"]["top1"] - rows["teacher"]["top1"]
+    )
     assert ratios["params_reduction"] > 1 and ratios["throughput_batch_size"] == 8
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     assert {"python", "onnxruntime", "onnx", "numpy", "torch"} <= set(result["versions"])
@@ -141,7 +163,9 @@ def test_bench_models_agreement_and_context(models, test_data):
 
 
 def test_worker_crash_is_an_error_row(monkeypatch, models):
-    monkeypatch.setattr(child, "worker_command", lambda module: [sys.executable, "-c", "import os; os._exit(3)"])
+    monkeypatch.setattr(
+        child, "worker_command", lambda module: [sys.executable, "-c", "import os; os._exit(3)"]
+    )
     row = bench_model(models["student"], CFG, None, role="student")
     assert row["status"] == "error" and "exit code 3" in row["error"]
     assert row["params"] > 0 and row["latency"] == []
@@ -150,27 +174,52 @@ def test_worker_crash_is_an_error_row(monkeypatch, models):
 def test_worker_killed_by_signal(monkeypatch, models):
     kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     monkeypatch.setattr(child, "worker_command", lambda module: [sys.executable, "-c", kill])
-    result = BACKENDS.get("onnxruntime").measure(models["student"], batch_sizes=[1], warmup=0, iterations=5, time_budget_s=None, threads=0)
-    assert result == {"status": "error", "error": "the measuring process was killed by SIGKILL (out of memory?)"}
+    result = BACKENDS.get("onnxruntime").measure(
+        models["student"], batch_sizes=[1], warmup=0, iterations=5, time_budget_s=None, threads=0
+    )
+    assert result == {
+        "status": "error",
+        "error": "the measuring process was killed by SIGKILL (out of memory?)",
+    }
 
 
 def test_peak_memory_is_the_workers_own(models):
     # ru_maxrss would carry this process's peak over fork + exec into the worker.
     ballast = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
-    result = BACKENDS.get("onnxruntime").measure(models["student"], batch_sizes=[1], warmup=0, iterations=5, time_budget_s=None, threads=1)
+    result = BACKENDS.get("onnxruntime").measure(
+        models["student"], batch_sizes=[1], warmup=0, iterations=5, time_budget_s=None, threads=1
+    )
     assert ballast[-1] == 1.0
     assert 0 < result["baseline_rss_mb"] < result["peak_rss_mb"] < 300
-    assert result["model_rss_mb"] == pytest.approx(result["peak_rss_mb"] - result["baseline_rss_mb"])
+    assert result["model_rss_mb"] == pytest.approx(
+        result["peak_rss_mb"] - result["baseline_rss_mb"]
+    )
 
 
 def test_worker_stays_import_light():
-    code = "import sys, compress.backends._ort_worker; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'torchvision'}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child.child_env(), check=True)
+    code = (
+        "import sys, compress.backends._ort_worker; print(sorted({m.split('.')[0] for m in "
+        "sys.modules} & {'torch', 'onnx', 'torchvision'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=child.child_env(),
+        check=True,
+    )
     assert out.stdout.strip() == "[]"
 
 
 def test_time_budget_stops_early_after_five_runs(models):
-    result = BACKENDS.get("onnxruntime").measure(models["teacher"], batch_sizes=[1], warmup=0, iterations=10_000, time_budget_s=0.05, threads=1)
+    result = BACKENDS.get("onnxruntime").measure(
+        models["teacher"],
+        batch_sizes=[1],
+        warmup=0,
+        iterations=10_000,
+        time_budget_s=0.05,
+        threads=1,
+    )
     assert result["status"] == "ok" and 5 <= result["batches"][0]["runs"] < 10_000
 
 
@@ -191,8 +240,18 @@ def synthetic_row(role, p50, throughput, file_bytes, params, macs, top1, agreeme
         "params": params,
         "macs": macs,
         "latency": [
-            {"batch_size": 1, "status": "ok", "latency_ms": {"p50": p50, "p90": p50 * 2, "p99": p50 * 3}, "throughput_ips": 1000 / p50},
-            {"batch_size": 64, "status": "ok", "latency_ms": {"p50": 64000 / throughput}, "throughput_ips": throughput},
+            {
+                "batch_size": 1,
+                "status": "ok",
+                "latency_ms": {"p50": p50, "p90": p50 * 2, "p99": p50 * 3},
+                "throughput_ips": 1000 / p50,
+            },
+            {
+                "batch_size": 64,
+                "status": "ok",
+                "latency_ms": {"p50": 64000 / throughput},
+                "throughput_ips": throughput,
+            },
         ],
         "peak_rss_mb": 100.0,
         "model_rss_mb": 20.0,
@@ -204,7 +263,9 @@ def synthetic_row(role, p50, throughput, file_bytes, params, macs, top1, agreeme
 def test_compare_ratios_exact():
     rows = [
         synthetic_row("teacher", 8.0, 400.0, 4_000_000, 2_000_000, 600_000_000, 90.0),
-        synthetic_row("student", 2.0, 1600.0, 1_000_000, 500_000, 100_000_000, 87.5, agreement=0.95),
+        synthetic_row(
+            "student", 2.0, 1600.0, 1_000_000, 500_000, 100_000_000, 87.5, agreement=0.95
+        ),
     ]
     result = compare(rows)
     assert result["reference"] == "teacher" and result["rows"] is rows
@@ -237,7 +298,10 @@ def test_markdown_table():
     ]
     table = bench_table_markdown(compare(rows))
     lines = table.splitlines()
-    assert lines[0] == "| Metric | teacher | student | student vs teacher | pruned | pruned vs teacher |"
+    assert (
+        lines[0]
+        == "| Metric | teacher | student | student vs teacher | pruned | pruned vs teacher |"
+    )
     assert "| Status | ok | ok |  | error: model \\| broke |  |" in lines
     assert "| File size (MiB) | 4.00 | 1.00 | 4.00× smaller | — | — |" in lines
     assert "| Latency p50, batch 1 (ms) | 8.000 | 2.000 | 4.00× faster | — | — |" in lines
@@ -247,7 +311,12 @@ def test_markdown_table():
 
 
 def test_write_bench_is_atomic_json_and_markdown(tmp_path, models):
-    result = compare([synthetic_row("teacher", 8.0, 400.0, 4, 2, 6, 90.0), synthetic_row("student", 2.0, 1600.0, 1, 1, 1, 80.0)])
+    result = compare(
+        [
+            synthetic_row("teacher", 8.0, 400.0, 4, 2, 6, 90.0),
+            synthetic_row("student", 2.0, 1600.0, 1, 1, 1, 80.0),
+        ]
+    )
     json_path, md_path = write_bench(result, tmp_path / "bench")
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
     assert md_path.read_text() == bench_table_markdown(result)
@@ -274,11 +343,25 @@ def test_noisy_timings_are_flagged_in_the_table():
     assert "teacher (batch" not in table.split("Noisy timings")[1]
 
 
-def test_a_static_batch_file_is_measured_at_its_batch_and_marked_in_the_table(tmp_path, models, test_data):
-    static = export_onnx(cnn(8, 1), tmp_path / "static.onnx", image_size=SIZE, exporter="torchscript", batch=4,
-                         metadata=preprocessing_metadata(MEAN, STD, SIZE, 10))
+def test_a_static_batch_file_is_measured_at_its_batch_and_marked_in_the_table(
+    tmp_path, models, test_data
+):
+    static = export_onnx(
+        cnn(8, 1),
+        tmp_path / "static.onnx",
+        image_size=SIZE,
+        exporter="torchscript",
+        batch=4,
+        metadata=preprocessing_metadata(MEAN, STD, SIZE, 10),
+    )
     result = bench_models({"teacher": models["teacher"], "static": static}, CFG, test_data)
     row = next(r for r in result["rows"] if r["role"] == "static")
-    assert row["status"] == "ok" and [e["batch_size"] for e in row["latency"]] == [4] and row["input_shape"][0] == 4
-    assert row["top1"] is not None and result["ratios"]["static"]["speedup_b1"] is None  # no batch-1 number to compare
+    assert (
+        row["status"] == "ok"
+        and [e["batch_size"] for e in row["latency"]] == [4]
+        and row["input_shape"][0] == 4
+    )
+    assert (
+        row["top1"] is not None and result["ratios"]["static"]["speedup_b1"] is None
+    )  # no batch-1 number to compare
     assert " (batch 4) |" in bench_table_markdown(result)

@@ -37,13 +37,16 @@ stages:
       calibration_images: 256
       train: {{epochs: 1, optimizer: adamw, lr: 0.0001, weight_decay: 0.0}}
   - export: {{check_samples: 200, formats: [onnx, onnx-fp16, tensorrt]}}
-  - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16, backends: [onnxruntime, torch]}}
+  - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16, \
+backends: [onnxruntime, torch]}}
 """
 STAGES = ["teacher", "distill", "prune", "quantize", "export", "bench"]
 
 
 def compress(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,9 @@ def test_pruned_student_has_half_the_macs_and_reloads_safely(finished_run):
     assert prune["macs_reduction"] == pytest.approx(distill["macs"] / prune["macs"])
     assert 1.8 <= prune["macs_reduction"] <= 2.2, prune
     assert prune["params"] < distill["params"]
-    assert prune["top1"] > 80, prune  # digits: still far above chance (10%) after losing half its MACs
+    assert prune["top1"] > 80, (
+        prune
+    )  # digits: still far above chance (10%) after losing half its MACs
     checkpoint = torch.load(run_dir / "prune" / "model.pt", weights_only=True)
     assert set(checkpoint) == {"structure", "state_dict"}
 
@@ -92,15 +97,34 @@ def test_int8_onnx_is_int8_and_matches_its_pytorch_model(finished_run):
     qdq = export["student"]["qdq"]
     assert qdq["fp32_conv"] == 0 and qdq["qlinear_conv"] > 0, qdq
     model = onnx.load(run_dir / "student.onnx")
-    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
-    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]
+    int8 = [
+        t
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4
+    ]
+    floats = [
+        t
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4
+    ]
     assert int8 and not floats, "every conv weight must be stored as INT8"
-    uint8_zero_points = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    uint8_zero_points = [
+        t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+    ]
     assert uint8_zero_points, "onnxruntime-cpu activations are uint8"
-    portability = export["student"]["portability"]  # the default weight range computes the same on every CPU
-    assert portability["portable"] and portability["weight_range"] == "pair-limit" and portability["worst_pair_sum"] <= 128
+    portability = export["student"][
+        "portability"
+    ]  # the default weight range computes the same on every CPU
+    assert (
+        portability["portable"]
+        and portability["weight_range"] == "pair-limit"
+        and portability["worst_pair_sum"] <= 128
+    )
     metadata = {p.key: p.value for p in model.metadata_props}
-    assert metadata["compress.int8_portable"] == "true" and metadata["compress.int8_weight_range"] == "pair-limit"
+    assert (
+        metadata["compress.int8_portable"] == "true"
+        and metadata["compress.int8_weight_range"] == "pair-limit"
+    )
 
 
 def test_bench_compares_teacher_float_and_int8_students(finished_run):
@@ -117,7 +141,9 @@ def test_bench_compares_teacher_float_and_int8_students(finished_run):
     assert rows["student"]["top1"] == pytest.approx(metrics(run_dir, "quantize")["top1"], abs=2.0)
     headline = metrics(run_dir, "bench")
     assert headline["int8_speedup_b1"] > 0 and headline["int8_size_reduction"] > 3
-    assert headline["int8_agreement_with_fp32"] == bench["agreement"]["student"]["student_fp32"] >= 0.9
+    assert (
+        headline["int8_agreement_with_fp32"] == bench["agreement"]["student"]["student_fp32"] >= 0.9
+    )
     assert "| Metric | teacher | student_fp32 |" in result.stdout
 
 
@@ -134,17 +160,32 @@ def test_report_lists_every_model_with_its_exported_numbers_and_regenerates(fini
     report = json.loads((run_dir / "report.json").read_text())
     models = {m["name"]: m for m in report["models"]}
     assert list(models) == ["teacher", "distill", "prune", "quantize"]
-    assert models["prune"]["onnx"]["file"] == "student_fp32.onnx" and models["quantize"]["onnx"]["file"] == "student.onnx"
+    assert (
+        models["prune"]["onnx"]["file"] == "student_fp32.onnx"
+        and models["quantize"]["onnx"]["file"] == "student.onnx"
+    )
     assert models["distill"]["onnx"] is None and models["quantize"]["quantized"]
-    bench = {row["role"]: row for row in json.loads((run_dir / "bench" / "bench.json").read_text())["rows"]}
+    bench = {
+        row["role"]: row
+        for row in json.loads((run_dir / "bench" / "bench.json").read_text())["rows"]
+    }
     assert models["quantize"]["onnx"]["top1"] == bench["student"]["top1"]
-    assert models["prune"]["vs_teacher"]["macs_reduction"] == pytest.approx(models["teacher"]["macs"] / models["prune"]["macs"])
+    assert models["prune"]["vs_teacher"]["macs_reduction"] == pytest.approx(
+        models["teacher"]["macs"] / models["prune"]["macs"]
+    )
     assert report["pareto"] and set(report["pareto"]) <= {"teacher", "prune", "quantize"}
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| quantize (INT8)" in (run_dir / "report.md").read_text()
     more = {(m["model"], m["group"]): m for m in report["more"]}
-    assert {("student", "torch"), ("teacher", "onnxruntime, onnx-fp16"), ("student_fp32", "onnxruntime, onnx-fp16")} <= set(more)
-    assert more[("student", "torch")]["file"] == "quantize" and "## Other formats and backends" in (run_dir / "report.md").read_text()
+    assert {
+        ("student", "torch"),
+        ("teacher", "onnxruntime, onnx-fp16"),
+        ("student_fp32", "onnxruntime, onnx-fp16"),
+    } <= set(more)
+    assert (
+        more[("student", "torch")]["file"] == "quantize"
+        and "## Other formats and backends" in (run_dir / "report.md").read_text()
+    )
     again = compress("report", run_dir)
     assert again.returncode == 0 and json.loads((run_dir / "report.json").read_text()) == report
 
@@ -155,7 +196,13 @@ def test_pareto_front_keeps_only_undominated_models():
     def model(name, ms, top1):
         return {"name": name, "onnx": {"p50_b1_ms": ms, "top1": top1}}
 
-    models = [model("teacher", 3.0, 95.0), model("fast", 0.3, 90.0), model("dominated", 0.5, 89.0), model("middle", 1.0, 93.0), model("unmeasured", None, 99.0)]
+    models = [
+        model("teacher", 3.0, 95.0),
+        model("fast", 0.3, 90.0),
+        model("dominated", 0.5, 89.0),
+        model("middle", 1.0, 93.0),
+        model("unmeasured", None, 99.0),
+    ]
     assert pareto_front(models) == ["fast", "middle", "teacher"]
 
 
@@ -174,8 +221,13 @@ def test_fp16_files_are_verified_and_engines_skipped_without_tensorrt(finished_r
         assert fp16["max_rel_diff"] <= fp16["tolerance"] and fp16["top1_agreement"] >= 0.98
         model = onnx.load(run_dir / fp16["file"])
         assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-        assert (run_dir / fp16["file"]).stat().st_size < 0.6 * (run_dir / f"{role}.onnx").stat().st_size
-    assert export["student"]["formats"]["onnx-fp16"] == {"status": "skipped", "reason": "an INT8 model: an FP16 ONNX file holds a float model"}
+        assert (run_dir / fp16["file"]).stat().st_size < 0.6 * (
+            run_dir / f"{role}.onnx"
+        ).stat().st_size
+    assert export["student"]["formats"]["onnx-fp16"] == {
+        "status": "skipped",
+        "reason": "an INT8 model: an FP16 ONNX file holds a float model",
+    }
     if not tensorrt_installed():
         engine = export["teacher"]["formats"]["tensorrt"]
         assert engine["status"] == "skipped" and "tensorrt" in engine["reason"]
@@ -188,42 +240,90 @@ def test_every_backend_gets_its_own_table_compared_within_it(finished_run):
     bench = json.loads((run_dir / "bench" / "bench.json").read_text())
     assert bench["groups"] == ["onnxruntime", "onnxruntime, onnx-fp16", "torch"]
     rows = {row["role"]: row for row in bench["rows"]}
-    assert {"teacher [torch]", "student_fp32 [torch]", "student [torch]", "teacher [onnxruntime, onnx-fp16]"} <= set(rows)
-    assert all(row["status"] == "ok" for row in rows.values()), {r: row["error"] for r, row in rows.items() if row["error"]}
+    assert {
+        "teacher [torch]",
+        "student_fp32 [torch]",
+        "student [torch]",
+        "teacher [onnxruntime, onnx-fp16]",
+    } <= set(rows)
+    assert all(row["status"] == "ok" for row in rows.values()), {
+        r: row["error"] for r, row in rows.items() if row["error"]
+    }
     torch_student = bench["ratios"]["student_fp32 [torch]"]
     assert torch_student["speedup_b1"] == pytest.approx(
-        rows["teacher [torch]"]["latency"][0]["latency_ms"]["p50"] / rows["student_fp32 [torch]"]["latency"][0]["latency_ms"]["p50"]
+        rows["teacher [torch]"]["latency"][0]["latency_ms"]["p50"]
+        / rows["student_fp32 [torch]"]["latency"][0]["latency_ms"]["p50"]
     )
-    assert rows["student_fp32 [torch]"]["macs"] == metrics(run_dir, "prune")["macs"] and "top1" not in rows["student_fp32 [torch]"]
+    assert (
+        rows["student_fp32 [torch]"]["macs"] == metrics(run_dir, "prune")["macs"]
+        and "top1" not in rows["student_fp32 [torch]"]
+    )
     fp16, fp32 = rows["teacher [onnxruntime, onnx-fp16]"], rows["teacher"]
     assert abs(fp16["top1"] - fp32["top1"]) <= 1.0 and fp16["file_bytes"] < 0.6 * fp32["file_bytes"]
     torch_table = result.stdout.split("### torch\n")[1]
-    assert torch_table.startswith("\n| Metric | teacher | student_fp32 | student_fp32 vs teacher | student | student vs teacher |")
+    assert torch_table.startswith(
+        "\n| Metric | teacher | student_fp32 | student_fp32 vs teacher | student | student vs "
+        "teacher |"
+    )
 
 
 def test_compress_export_outside_a_run(finished_run, tmp_path):
     _, run_dir, _ = finished_run
-    done = compress("export", run_dir / "prune", "--format", "onnx", "--batch", "4", "--out", tmp_path / "pruned.onnx")
+    done = compress(
+        "export",
+        run_dir / "prune",
+        "--format",
+        "onnx",
+        "--batch",
+        "4",
+        "--out",
+        tmp_path / "pruned.onnx",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout)
     assert record["max_abs_diff"] <= 1e-3 and record["batch"] == 4
     dims = onnx.load(tmp_path / "pruned.onnx").graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 4
-    from_stage = compress("export", run_dir / "prune", "--format", "onnx-fp16", "--out", tmp_path / "fp16" / "pruned16.onnx")
+    from_stage = compress(
+        "export",
+        run_dir / "prune",
+        "--format",
+        "onnx-fp16",
+        "--out",
+        tmp_path / "fp16" / "pruned16.onnx",
+    )
     assert from_stage.returncode == 0, from_stage.stderr[-2000:]
-    assert [p.name for p in (tmp_path / "fp16").iterdir()] == ["pruned16.onnx"]  # the FP32 file it came from is not left behind
+    assert [p.name for p in (tmp_path / "fp16").iterdir()] == [
+        "pruned16.onnx"
+    ]  # the FP32 file it came from is not left behind
     assert json.loads(from_stage.stdout)["onnx-fp16"]["max_rel_diff"] <= 0.02
-    half = compress("export", run_dir / "teacher.onnx", "--format", "onnx-fp16", "--out", tmp_path / "teacher16.onnx")
+    half = compress(
+        "export",
+        run_dir / "teacher.onnx",
+        "--format",
+        "onnx-fp16",
+        "--out",
+        tmp_path / "teacher16.onnx",
+    )
     assert half.returncode == 0, half.stderr[-2000:]
     assert json.loads(half.stdout)["max_rel_diff"] <= 0.02
     for args, message in [
         ((run_dir / "bench", "--format", "onnx"), "not a finished stage holding a network"),
         ((run_dir / "teacher.onnx", "--format", "onnx"), "is already ONNX"),
         ((run_dir / "teacher.onnx", "--format", "tflite"), "unknown export format 'tflite'"),
-        ((run_dir / "quantize", "--format", "onnx-fp16"), "an INT8 model: an FP16 ONNX file holds a float model"),
-    ] + ([] if tensorrt_installed() else [((run_dir / "teacher.onnx", "--format", "tensorrt"), "pip install -e '.[tensorrt]'")]):
+        (
+            (run_dir / "quantize", "--format", "onnx-fp16"),
+            "an INT8 model: an FP16 ONNX file holds a float model",
+        ),
+    ] + (
+        []
+        if tensorrt_installed()
+        else [((run_dir / "teacher.onnx", "--format", "tensorrt"), "pip install -e '.[tensorrt]'")]
+    ):
         failed = compress("export", *args)
-        assert failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+        assert (
+            failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
+        ), failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1
 
 
@@ -231,10 +331,25 @@ def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp
     _, run_dir, _ = finished_run
     wrong = compress("bench", run_dir / "prune")
     assert wrong.returncode == 2 and "use --backend torch" in wrong.stderr
-    done = compress("bench", run_dir / "prune", "--against", run_dir / "teacher", "--backend", "torch", "--iterations", "10", "--time-budget", "1", "--out", tmp_path)
+    done = compress(
+        "bench",
+        run_dir / "prune",
+        "--against",
+        run_dir / "teacher",
+        "--backend",
+        "torch",
+        "--iterations",
+        "10",
+        "--time-budget",
+        "1",
+        "--out",
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     bench = json.loads((tmp_path / "bench.json").read_text())
-    assert [row["role"] for row in bench["rows"]] == ["prune", "teacher"] and bench["ratios"]["prune"]["speedup_b1"] > 0
+    assert [row["role"] for row in bench["rows"]] == ["prune", "teacher"] and bench["ratios"][
+        "prune"
+    ]["speedup_b1"] > 0
 
 
 def test_int8_agreement_floor_on_a_real_run(finished_run):
@@ -242,7 +357,9 @@ def test_int8_agreement_floor_on_a_real_run(finished_run):
     from compress.gates import gate_run
 
     _, run_dir, _ = finished_run
-    agreement = json.loads((run_dir / "bench" / "bench.json").read_text())["agreement"]["student"]["student_fp32"]
+    agreement = json.loads((run_dir / "bench" / "bench.json").read_text())["agreement"]["student"][
+        "student_fp32"
+    ]
     [passed] = gate_run(GatesConfig(min_int8_agreement=agreement), run_dir)
     [failed] = gate_run(GatesConfig(min_int8_agreement=min(1.0, agreement + 0.001)), run_dir)
     assert passed.passed and passed.current == pytest.approx(100 * agreement)

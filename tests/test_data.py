@@ -68,7 +68,9 @@ def test_digits_split_is_deterministic_and_a_partition():
 
     a = load_dataset(DataConfig(kind="digits", image_size=8), seed=0)
     b = load_dataset(DataConfig(kind="digits", image_size=8), seed=123)  # recipe seed: no effect
-    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.train.targets, b.train.targets)
+    assert torch.equal(a.test.images, b.test.images) and torch.equal(
+        a.train.targets, b.train.targets
+    )
     # At image_size 8 there is no resize: train + test must be exactly the 1,797 images.
     everything = np.rint(load_digits().images * (255 / 16)).astype(np.uint8)
     expected = Counter(np.repeat(img[None], 3, 0).tobytes() for img in everything)
@@ -78,7 +80,9 @@ def test_digits_split_is_deterministic_and_a_partition():
 # --- npz ---------------------------------------------------------------------------------------
 
 
-def _write_npz(folder: Path, train_x, train_y, test_x, test_y, classes: list[str] | None = None) -> Path:
+def _write_npz(
+    folder: Path, train_x, train_y, test_x, test_y, classes: list[str] | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "train.npz", x=train_x, y=train_y)
     np.savez(folder / "test.npz", x=test_x, y=test_y)
@@ -108,7 +112,10 @@ def test_npz_loads_nhwc_and_computes_stats(tmp_path):
 
 def test_npz_grey_classes_file_and_resize(tmp_path):
     rng = np.random.default_rng(1)
-    train, test = _random_split(rng, 8, channels=0, classes=2), _random_split(rng, 4, channels=0, classes=2)
+    train, test = (
+        _random_split(rng, 8, channels=0, classes=2),
+        _random_split(rng, 4, channels=0, classes=2),
+    )
     folder = _write_npz(tmp_path / "d", *train, *test, classes=["cat", "dog", "emu"])
     bundle = load_dataset(DataConfig(kind="npz", path=str(folder), image_size=20))
     assert bundle.classes == ("cat", "dog", "emu") and bundle.num_classes == 3
@@ -137,7 +144,9 @@ def test_npz_malformed_arrays_raise_data_error(tmp_path, change, message):
 
 def test_npz_label_outside_classes_file_raises(tmp_path):
     rng = np.random.default_rng(3)
-    folder = _write_npz(tmp_path / "d", *_random_split(rng, 6), *_random_split(rng, 3), classes=["a", "b"])
+    folder = _write_npz(
+        tmp_path / "d", *_random_split(rng, 6), *_random_split(rng, 3), classes=["a", "b"]
+    )
     with pytest.raises(DataError, match="train.npz: labels must be in 0..1"):
         load_dataset(DataConfig(kind="npz", path=str(folder)))
 
@@ -167,7 +176,11 @@ def _pickle(path: Path, obj) -> None:
 
 def _cifar_batch(rng, n, label_key, classes):
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    return {b"batch_label": b"fake", label_key: [int(k) for k in rng.integers(0, classes, n)], b"data": data}
+    return {
+        b"batch_label": b"fake",
+        label_key: [int(k) for k in rng.integers(0, classes, n)],
+        b"data": data,
+    }
 
 
 def _fake_cifar10(root: Path, rng) -> tuple[Path, list[dict]]:
@@ -177,7 +190,18 @@ def _fake_cifar10(root: Path, rng) -> tuple[Path, list[dict]]:
     for i, batch in enumerate(batches, start=1):
         _pickle(folder / f"data_batch_{i}", batch)
     _pickle(folder / "test_batch", _cifar_batch(rng, 3, b"labels", 10))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
     _pickle(folder / "batches.meta", {b"label_names": names, b"num_vis": 3072})
     return folder, batches
 
@@ -200,7 +224,9 @@ def test_cifar10_python_format_resizes_and_checks(tmp_path):
     bundle = load_dataset(DataConfig(kind="cifar10", path=str(folder), image_size=16))
     assert bundle.train[0][0].shape == (3, 16, 16)
     _pickle(folder / "data_batch_3", {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
-    with pytest.raises(DataError, match=r"data_batch_3: b'data' must be uint8 of shape \(N, 3072\)"):
+    with pytest.raises(
+        DataError, match=r"data_batch_3: b'data' must be uint8 of shape \(N, 3072\)"
+    ):
         load_dataset(DataConfig(kind="cifar10", path=str(folder)))
     (folder / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="data_batch_3: not a CIFAR python-format batch"):
@@ -228,7 +254,11 @@ def test_cifar100_python_format_uses_fine_labels(tmp_path):
 
 def test_cifar10_accepts_an_npz_folder(tmp_path):
     rng = np.random.default_rng(8)
-    folder = _write_npz(tmp_path / "c", *_random_split(rng, 10, size=32, classes=10), *_random_split(rng, 10, size=32, classes=10))
+    folder = _write_npz(
+        tmp_path / "c",
+        *_random_split(rng, 10, size=32, classes=10),
+        *_random_split(rng, 10, size=32, classes=10),
+    )
     bundle = load_dataset(DataConfig(kind="cifar10", path=str(folder)))
     assert (len(bundle.train), bundle.num_classes) == (10, 10)
 
@@ -236,7 +266,9 @@ def test_cifar10_accepts_an_npz_folder(tmp_path):
 # --- ImageFolder -------------------------------------------------------------------------------
 
 
-def _write_png(path: Path, size: tuple[int, int], color: tuple[int, int, int], mode: str = "RGB") -> None:
+def _write_png(
+    path: Path, size: tuple[int, int], color: tuple[int, int, int], mode: str = "RGB"
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).convert(mode).save(path)
 
@@ -245,7 +277,12 @@ def _image_tree(root: Path, test_name: str = "val") -> Path:
     for split, count in (("train", 3), (test_name, 1)):
         for k, cls in enumerate(("ant", "bee")):
             for i in range(count):
-                _write_png(root / split / cls / f"{i}.png", (40, 20), (200 * k, 50, 10 * i), mode="L" if i == 2 else "RGB")
+                _write_png(
+                    root / split / cls / f"{i}.png",
+                    (40, 20),
+                    (200 * k, 50, 10 * i),
+                    mode="L" if i == 2 else "RGB",
+                )
     return root
 
 
@@ -269,14 +306,18 @@ def test_imagefolder_loads_in_worker_processes(tmp_path):
     cfg = DataConfig(kind="imagefolder", path=str(root), image_size=8, batch_size=4, workers=1)
     _, test = make_loaders(load_dataset(cfg), cfg, seed=0)
     images, labels = next(iter(test))
-    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 1]
+    assert (
+        images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 1]
+    )
 
 
 def test_imagefolder_corrupt_file_names_it_before_training(tmp_path):
     root = _image_tree(tmp_path / "imgs")
     bad = root / "train" / "ant" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(DataError, match=re.escape(f"1 of 9 image files cannot be read (first: {bad}: ")):
+    with pytest.raises(
+        DataError, match=re.escape(f"1 of 9 image files cannot be read (first: {bad}: ")
+    ):
         load_dataset(DataConfig(kind="imagefolder", path=str(root)))
 
 
@@ -286,7 +327,9 @@ def test_imagefolder_file_deleted_during_a_run_is_named(tmp_path):
     train, _ = make_loaders(load_dataset(cfg), cfg, seed=0)
     gone = root / "train" / "bee" / "1.png"
     gone.unlink()  # e.g. the dataset folder was cleaned up while training
-    with pytest.raises(DataError, match=re.escape(f"cannot decode image {gone}: ") + ".*No such file"):
+    with pytest.raises(
+        DataError, match=re.escape(f"cannot decode image {gone}: ") + ".*No such file"
+    ):
         for _ in train:
             pass
 
@@ -321,12 +364,18 @@ def _real_cifar10() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 
 
-@pytest.mark.skipif(not (_real_cifar10() / "train.npz").is_file(), reason="real CIFAR-10 copy not present")
+@pytest.mark.skipif(
+    not (_real_cifar10() / "train.npz").is_file(), reason="real CIFAR-10 copy not present"
+)
 def test_real_cifar10_subset():
-    cfg = DataConfig(kind="cifar10", path=str(_real_cifar10()), subset=SubsetConfig(train=500, test=200))
+    cfg = DataConfig(
+        kind="cifar10", path=str(_real_cifar10()), subset=SubsetConfig(train=500, test=200)
+    )
     bundle = load_dataset(cfg, seed=0)
     assert bundle.classes[0] == "airplane" and bundle.classes[9] == "truck"
-    assert np.allclose(bundle.mean, CIFAR10_MEAN, atol=2e-4) and np.allclose(bundle.std, CIFAR10_STD, atol=2e-4)
+    assert np.allclose(bundle.mean, CIFAR10_MEAN, atol=2e-4) and np.allclose(
+        bundle.std, CIFAR10_STD, atol=2e-4
+    )
     assert Counter(_labels(bundle.train)) == {k: 50 for k in range(10)}
     assert Counter(_labels(bundle.test)) == {k: 20 for k in range(10)}
     images, labels = test_arrays(bundle, limit=50)
@@ -356,8 +405,13 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 def test_preprocess_eval_only_normalises():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    for prep, train in ((Preprocess(MEAN, STD, augment=True), False), (Preprocess(MEAN, STD, augment=False), True)):
+    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        STD
+    ).view(1, 3, 1, 1)
+    for prep, train in (
+        (Preprocess(MEAN, STD, augment=True), False),
+        (Preprocess(MEAN, STD, augment=False), True),
+    ):
         out = prep(images, train=train)
         assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-6)
 
@@ -365,7 +419,9 @@ def test_preprocess_eval_only_normalises():
 def _all_crops_and_flips(image: torch.Tensor, pad: int) -> torch.Tensor:
     _, h, w = image.shape
     padded = torch.nn.functional.pad(image, (pad,) * 4)
-    crops = [padded[:, i : i + h, j : j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+    crops = [
+        padded[:, i : i + h, j : j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)
+    ]
     return torch.stack(crops + [c.flip(-1) for c in crops])
 
 
@@ -377,7 +433,9 @@ def test_preprocess_augments_each_image_independently():
     out = prep(batch, train=True)
     assert out.shape == batch.shape and out.dtype == torch.float32
     candidates = prep(_all_crops_and_flips(image, pad=2), train=False)
-    matches = [int(torch.isclose(o, candidates, atol=1e-6).flatten(1).all(1).nonzero()[0]) for o in out]
+    matches = [
+        int(torch.isclose(o, candidates, atol=1e-6).flatten(1).all(1).nonzero()[0]) for o in out
+    ]
     assert len(set(matches)) > 10  # per-image offsets and flips, not one for the whole batch
     assert {m >= len(candidates) // 2 for m in matches} == {True, False}  # some flipped, some not
     assert not torch.allclose(out, prep(batch, train=False))
@@ -395,12 +453,20 @@ def _labeled_npz(tmp_path: Path) -> Path:
 
 
 def _with_pool(folder: Path, pool: Path, limit: int | None = None, **kwargs) -> DataConfig:
-    return DataConfig(kind="npz", path=str(folder), image_size=12, unlabeled=UnlabeledConfig(str(pool), limit), **kwargs)
+    return DataConfig(
+        kind="npz",
+        path=str(folder),
+        image_size=12,
+        unlabeled=UnlabeledConfig(str(pool), limit),
+        **kwargs,
+    )
 
 
 def test_unlabeled_npz_is_appended_with_label_minus_one(tmp_path):
     folder = _labeled_npz(tmp_path)
-    pool_x = np.random.default_rng(6).integers(0, 256, (7, 24, 24), dtype=np.uint8)  # NHW grey, resized
+    pool_x = np.random.default_rng(6).integers(
+        0, 256, (7, 24, 24), dtype=np.uint8
+    )  # NHW grey, resized
     np.savez(tmp_path / "pool.npz", x=pool_x)
     plain = load_dataset(DataConfig(kind="npz", path=str(folder), image_size=12))
     bundle = load_dataset(_with_pool(folder, tmp_path / "pool.npz"))
@@ -408,14 +474,25 @@ def test_unlabeled_npz_is_appended_with_label_minus_one(tmp_path):
     assert _labels(bundle.train) == _labels(plain.train) + [UNLABELED] * 7 and UNLABELED == -1
     assert torch.equal(bundle.train[3][0], plain.train[3][0])
     image = bundle.train[12][0]
-    assert image.shape == (3, 12, 12) and image.dtype == torch.uint8 and torch.equal(image[0], image[2])
-    assert _image_bytes(bundle.test) == _image_bytes(plain.test) and _labels(bundle.test) == _labels(plain.test)
-    assert (bundle.mean, bundle.num_classes) == (plain.mean, plain.num_classes)  # stats from labeled train
+    assert (
+        image.shape == (3, 12, 12)
+        and image.dtype == torch.uint8
+        and torch.equal(image[0], image[2])
+    )
+    assert _image_bytes(bundle.test) == _image_bytes(plain.test) and _labels(
+        bundle.test
+    ) == _labels(plain.test)
+    assert (bundle.mean, bundle.num_classes) == (
+        plain.mean,
+        plain.num_classes,
+    )  # stats from labeled train
 
 
 def test_unlabeled_limit_is_seeded(tmp_path):
     folder = _labeled_npz(tmp_path)
-    pool_x = np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(12, 1).repeat(12, 2).repeat(3, 3)
+    pool_x = (
+        np.arange(20, dtype=np.uint8)[:, None, None, None].repeat(12, 1).repeat(12, 2).repeat(3, 3)
+    )
     np.savez(tmp_path / "pool.npz", x=pool_x, y=np.zeros(20))  # extra arrays are ignored
     cfg = _with_pool(folder, tmp_path / "pool.npz", limit=5)
     a, b, c = (load_dataset(cfg, seed=s) for s in (1, 1, 2))
@@ -448,7 +525,10 @@ def test_unlabeled_folder_is_searched_recursively(tmp_path):
 def test_subset_applies_to_labeled_part_only(tmp_path):
     np.savez(tmp_path / "pool.npz", x=np.zeros((9, 8, 8, 3), dtype=np.uint8))
     cfg = DataConfig(
-        kind="digits", image_size=16, subset=SubsetConfig(train=40), unlabeled=UnlabeledConfig(str(tmp_path / "pool.npz"))
+        kind="digits",
+        image_size=16,
+        subset=SubsetConfig(train=40),
+        unlabeled=UnlabeledConfig(str(tmp_path / "pool.npz")),
     )
     bundle = load_dataset(cfg, seed=3)
     labels = _labels(bundle.train)
@@ -467,9 +547,12 @@ def test_unlabeled_bad_inputs_name_the_path(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     for name, message in (
         ("missing.npz", "does not exist"), ("float.npz", "uint8"), ("flat.npz", "NHWC"),
-        ("noimages.npz", "expected an array 'x'"), ("empty", "no image files"), ("file.txt", "not a .npz"),
+        ("noimages.npz", "expected an array 'x'"), ("empty", "no image files"),
+        ("file.txt", "not a .npz"),
     ):  # fmt: skip
-        with pytest.raises(DataError, match=re.escape(str(tmp_path / name)) + ".*" + re.escape(message)):
+        with pytest.raises(
+            DataError, match=re.escape(str(tmp_path / name)) + ".*" + re.escape(message)
+        ):
             load_dataset(_with_pool(folder, tmp_path / name))
 
 
@@ -478,5 +561,7 @@ def test_unlabeled_undecodable_file_names_it(tmp_path):
     pool.mkdir()
     bad = pool / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 garbage")
-    with pytest.raises(DataError, match=re.escape(f"1 of 1 image files cannot be read (first: {bad}: ")):
+    with pytest.raises(
+        DataError, match=re.escape(f"1 of 1 image files cannot be read (first: {bad}: ")
+    ):
         load_dataset(_with_pool(_labeled_npz(tmp_path), pool))

@@ -34,12 +34,16 @@ def distill_recipe(name, checkpoint, loss, **distill):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_improves_the_student_and_saves_a_plain_student(tmp_path, digits_teacher, method):
+def test_every_method_improves_the_student_and_saves_a_plain_student(
+    tmp_path, digits_teacher, method
+):
     artifacts = run_recipe(tmp_path, distill_recipe(method, digits_teacher, METHODS[method]))
     metrics = artifacts["distill"].metrics
     assert metrics["top1"] > metrics["top1_at_start"] + 25, metrics
     saved = torch.load(artifacts["distill"].files["model"], weights_only=True)
-    assert set(saved) == set(build_model("cifar:resnet20", num_classes=10, cifar_stem=True).state_dict())
+    assert set(saved) == set(
+        build_model("cifar:resnet20", num_classes=10, cifar_stem=True).state_dict()
+    )
 
 
 def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, digits_teacher, monkeypatch):
@@ -58,8 +62,12 @@ def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, digits_teacher,
             seen["teacher"] = None
 
     real_frozen, real_build = stage.frozen, stage.build_network
-    monkeypatch.setattr(stage, "frozen", lambda m: real_frozen(m).register_forward_pre_hook(watch_teacher) and m)
-    monkeypatch.setattr(stage, "build_network", lambda ctx, arch: _hooked(real_build(ctx, arch), watch_student))
+    monkeypatch.setattr(
+        stage, "frozen", lambda m: real_frozen(m).register_forward_pre_hook(watch_teacher) and m
+    )
+    monkeypatch.setattr(
+        stage, "build_network", lambda ctx, arch: _hooked(real_build(ctx, arch), watch_student)
+    )
     real_mix = teaching.BatchMix
 
     class CountingMix(real_mix):
@@ -69,10 +77,17 @@ def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, digits_teacher,
             return out
 
     monkeypatch.setattr(teaching, "BatchMix", CountingMix)
-    recipe = distill_recipe("mix", digits_teacher, ["kd"], augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "cutout": 2})
+    recipe = distill_recipe(
+        "mix",
+        digits_teacher,
+        ["kd"],
+        augment={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "cutout": 2},
+    )
     recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
     run_recipe(tmp_path, recipe)
-    assert seen["matches"] >= 19 and seen["mixed"] >= 19  # every training step (600 / 32) was mixed and matched
+    assert (
+        seen["matches"] >= 19 and seen["mixed"] >= 19
+    )  # every training step (600 / 32) was mixed and matched
 
 
 def _hooked(model, hook):
@@ -86,14 +101,33 @@ def test_multi_stage_teacher_assistant_student_and_born_again(tmp_path, digits_t
         "teacher": BASE["teacher"] | {"checkpoint": digits_teacher},
         "stages": [
             "teacher",
-            {"distill": {"name": "born_again", "student": {"model": "cifar:resnet20"}, "init_from_teacher": True, "loss": "kd", "train": TRAIN | {"epochs": 1}}},
-            {"distill": {"teacher": "born_again", "student": {"model": "cifar:resnet20"}, "loss": "kd", "train": TRAIN}},
+            {
+                "distill": {
+                    "name": "born_again",
+                    "student": {"model": "cifar:resnet20"},
+                    "init_from_teacher": True,
+                    "loss": "kd",
+                    "train": TRAIN | {"epochs": 1},
+                }
+            },
+            {
+                "distill": {
+                    "teacher": "born_again",
+                    "student": {"model": "cifar:resnet20"},
+                    "loss": "kd",
+                    "train": TRAIN,
+                }
+            },
         ],
     }
     artifacts = run_recipe(tmp_path, raw)
     born_again = artifacts["born_again"].metrics
-    assert born_again["init_from_teacher_tensors"] == len(build_model("cifar:resnet20", num_classes=10).state_dict())
-    assert born_again["top1_at_start"] == pytest.approx(artifacts["teacher"].metrics["top1"])  # starts as the teacher
+    assert born_again["init_from_teacher_tensors"] == len(
+        build_model("cifar:resnet20", num_classes=10).state_dict()
+    )
+    assert born_again["top1_at_start"] == pytest.approx(
+        artifacts["teacher"].metrics["top1"]
+    )  # starts as the teacher
     assert artifacts["distill"].metrics["teacher_stage"] == "born_again"
     assert artifacts["distill"].metrics["teacher_top1"] == born_again["top1"]
     assert (tmp_path / "out" / "chain" / "born_again" / "model.pt").is_file()
@@ -114,10 +148,18 @@ def test_unlabeled_pool_gets_only_teacher_terms(tmp_path, digits_teacher):
 def test_cached_teacher_logits_give_the_same_student(tmp_path, digits_teacher):
     runs = {}
     for cached in (False, True):
-        recipe = distill_recipe(f"cache-{cached}", digits_teacher, [{"name": "kd", "alpha": 0.9}], cache_teacher_logits=cached)
+        recipe = distill_recipe(
+            f"cache-{cached}",
+            digits_teacher,
+            [{"name": "kd", "alpha": 0.9}],
+            cache_teacher_logits=cached,
+        )
         recipe["stages"][1]["distill"]["train"] = TRAIN | {"epochs": 1}
         runs[cached] = run_recipe(tmp_path, recipe)["distill"]
-    assert runs[True].metrics["cached_teacher_logits"] and not runs[False].metrics["cached_teacher_logits"]
+    assert (
+        runs[True].metrics["cached_teacher_logits"]
+        and not runs[False].metrics["cached_teacher_logits"]
+    )
     uncached = torch.load(runs[False].files["model"], weights_only=True)
     cached = torch.load(runs[True].files["model"], weights_only=True)
     for name, tensor in uncached.items():
@@ -127,9 +169,14 @@ def test_cached_teacher_logits_give_the_same_student(tmp_path, digits_teacher):
 def test_caching_is_refused_when_teacher_inputs_change(tmp_path):
     from compress.errors import RecipeError
 
-    recipe = distill_recipe("refused", None, ["kd"], cache_teacher_logits=True, augment={"mixup_alpha": 0.2})
+    recipe = distill_recipe(
+        "refused", None, ["kd"], cache_teacher_logits=True, augment={"mixup_alpha": 0.2}
+    )
     del recipe["teacher"]["checkpoint"]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(RecipeError, match="cache_teacher_logits: needs identical teacher inputs every epoch, but augment mixes"):
+    with pytest.raises(
+        RecipeError,
+        match="cache_teacher_logits: needs identical teacher inputs every epoch, but augment mixes",
+    ):
         load_recipe(path)

@@ -55,7 +55,9 @@ def exported(tmp_path_factory):
     for name, build in MODELS.items():
         model = build()
         for exporter in EXPORTERS:
-            path = export_onnx(model, folder / f"{name}_{exporter}.onnx", image_size=SIZE, exporter=exporter)
+            path = export_onnx(
+                model, folder / f"{name}_{exporter}.onnx", image_size=SIZE, exporter=exporter
+            )
             out[name, exporter] = (model, path)
     return out
 
@@ -80,14 +82,18 @@ def ort_logits(path, images: np.ndarray) -> np.ndarray:
 def test_onnx_matches_torch_with_dynamic_batch(exported, name, exporter):
     model, path = exported[name, exporter]
     for batch in (1, 5):
-        images = np.random.default_rng(batch).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
+        images = np.random.default_rng(batch).standard_normal(
+            (batch, 3, SIZE, SIZE), dtype=np.float32
+        )
         with torch.no_grad():
             expected = model(torch.from_numpy(images)).numpy()
         got = ort_logits(path, images)
         assert got.shape == (batch, 10)
         assert np.abs(got - expected).max() < 1e-4
     graph = onnx.load(path).graph
-    assert [v.name for v in graph.input] == ["input"] and [v.name for v in graph.output] == ["logits"]
+    assert [v.name for v in graph.input] == ["input"] and [v.name for v in graph.output] == [
+        "logits"
+    ]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert not graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # dynamic batch
 
@@ -97,18 +103,24 @@ def test_export_is_one_self_contained_file(exported, exporter):
     _, path = exported["mobilenet_v2", exporter]
     model = onnx.load(path, load_external_data=False)
     assert all(init.data_location == onnx.TensorProto.DEFAULT for init in model.graph.initializer)
-    assert sorted(os.listdir(path.parent)) == sorted(f"{n}_{e}.onnx" for n in MODELS for e in EXPORTERS)
+    assert sorted(os.listdir(path.parent)) == sorted(
+        f"{n}_{e}.onnx" for n in MODELS for e in EXPORTERS
+    )
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_metadata_round_trip(tmp_path, exporter):
     metadata = preprocessing_metadata([0.5, 0.25, 0.125], [0.2, 0.3, 0.4], SIZE, ["cat", "dog"])
     metadata["note"] = "any string, even with, commas"
-    path = export_onnx(small_cnn(), tmp_path / "m.onnx", image_size=SIZE, exporter=exporter, metadata=metadata)
+    path = export_onnx(
+        small_cnn(), tmp_path / "m.onnx", image_size=SIZE, exporter=exporter, metadata=metadata
+    )
     assert read_onnx_info(path)["metadata"] == metadata
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map == metadata
-    assert metadata["compress.mean"] == "0.5,0.25,0.125" and metadata["compress.classes"] == "cat,dog"
+    assert (
+        metadata["compress.mean"] == "0.5,0.25,0.125" and metadata["compress.classes"] == "cat,dog"
+    )
 
 
 def test_export_leaves_model_as_it_came(tmp_path):
@@ -178,12 +190,20 @@ def test_formats_table():
     with pytest.raises(ExportError, match="base format"):
         onnx_fmt.builder  # noqa: B018  (ONNX is exported, every other format is built from it)
     assert (fp16.builder, fp16.converter, fp16.artifact) == (build_from_onnx, convert_onnx, "onnx")
-    assert [format_of_file(n).name for n in ("m.onnx", "m.fp16.onnx", "m.engine", "m.plan")] == ["onnx", "onnx-fp16", "tensorrt", "tensorrt"]
+    assert [format_of_file(n).name for n in ("m.onnx", "m.fp16.onnx", "m.engine", "m.plan")] == [
+        "onnx",
+        "onnx-fp16",
+        "tensorrt",
+        "tensorrt",
+    ]
     assert format_of_file("m.bin") is None
     int8 = QuantSpec("onnxruntime-cpu")
     assert onnx_fmt.not_applicable(int8) is None and fp16.not_applicable(None) is None
     assert fp16.not_applicable(int8) == "an INT8 model: an FP16 ONNX file holds a float model"
-    assert FORMATS.get("tensorrt").not_applicable(int8) == "quantized for onnxruntime-cpu; an INT8 TensorRT engine needs quantize.target: tensorrt"
+    assert (
+        FORMATS.get("tensorrt").not_applicable(int8)
+        == "quantized for onnxruntime-cpu; an INT8 TensorRT engine needs quantize.target: tensorrt"
+    )
     assert FORMATS.get("tensorrt").not_applicable(QuantSpec("tensorrt")) is None
     with pytest.raises(ExportError, match="known: onnx"):
         FORMATS.get("tensorrt-int4")
@@ -196,7 +216,9 @@ def test_formats_table():
 @pytest.mark.parametrize("batch", [1, 3])  # 1: the size torch.export would specialise anyway
 def test_static_batch_is_fixed_in_the_graph_and_runs(exported, tmp_path, exporter, batch):
     model, dynamic = exported["mobilenet_v2", exporter]
-    path = export_onnx(model, tmp_path / "static.onnx", image_size=SIZE, exporter=exporter, batch=batch)
+    path = export_onnx(
+        model, tmp_path / "static.onnx", image_size=SIZE, exporter=exporter, batch=batch
+    )
     graph = onnx.load(path).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_value == batch
@@ -241,9 +263,13 @@ def test_static_batch_must_be_a_positive_int(tmp_path, batch):
 
 def test_verify_passes_and_reports(exported):
     model, path = exported["mobilenet_v2", "dynamo"]
-    images = np.random.default_rng(0).standard_normal((70, 3, SIZE, SIZE), dtype=np.float32)  # 2 chunks
+    images = np.random.default_rng(0).standard_normal(
+        (70, 3, SIZE, SIZE), dtype=np.float32
+    )  # 2 chunks
     result = verify_onnx(path, model, images, tolerance=1e-4, min_agreement=1.0)
-    assert result["samples"] == 70 and result["top1_agreement"] == 1.0 and result["tolerance"] == 1e-4
+    assert (
+        result["samples"] == 70 and result["top1_agreement"] == 1.0 and result["tolerance"] == 1e-4
+    )
     assert 0 <= result["mean_abs_diff"] <= result["max_abs_diff"] < 1e-4
 
 
@@ -274,7 +300,9 @@ def test_fp32_tolerance_scales_with_huge_logits(exported, tmp_path):
     path = export_onnx(loud, tmp_path / "loud.onnx", image_size=SIZE, exporter="torchscript")
     images = np.random.default_rng(0).standard_normal((20, 3, SIZE, SIZE), dtype=np.float32)
     result = verify_onnx(path, loud, images, tolerance=1e-6, min_agreement=1.0)
-    assert result["max_abs_logit"] > 1e3 and result["max_abs_diff"] <= 1e-6 * result["max_abs_logit"]
+    assert (
+        result["max_abs_logit"] > 1e3 and result["max_abs_diff"] <= 1e-6 * result["max_abs_logit"]
+    )
     with torch.no_grad():
         loud[-1].weight.add_(0.05 * 3e4 * torch.randn_like(loud[-1].weight))
     with pytest.raises(ExportError, match="x the largest logit"):
@@ -321,7 +349,9 @@ def test_info_params_with_batchnorm_folded(exported, exporter):
 
 def _tp_counts(model: nn.Module) -> tuple[float, float]:
     """torch_pruning's total ops, and its ops of Conv2d/Linear layers alone."""
-    total, _, layer_ops, _ = tp.utils.count_ops_and_params(model, torch.randn(1, 3, SIZE, SIZE), layer_wise=True)
+    total, _, layer_ops, _ = tp.utils.count_ops_and_params(
+        model, torch.randn(1, 3, SIZE, SIZE), layer_wise=True
+    )
     conv_linear = sum(v or 0 for m, v in layer_ops.items() if isinstance(m, (nn.Conv2d, nn.Linear)))
     return total, conv_linear
 
@@ -366,7 +396,12 @@ class _MatMul(nn.Module):
 
 @pytest.mark.parametrize(
     ("name", "content"),
-    [("random.onnx", os.urandom(2048)), ("empty.onnx", b""), ("notes.txt", b"not a model\n"), ("missing.onnx", None)],
+    [
+        ("random.onnx", os.urandom(2048)),
+        ("empty.onnx", b""),
+        ("notes.txt", b"not a model\n"),
+        ("missing.onnx", None),
+    ],
 )
 def test_info_rejects_broken_files(tmp_path, name, content):
     path = tmp_path / name
@@ -380,8 +415,12 @@ def test_info_rejects_broken_files(tmp_path, name, content):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_simplified_export_still_matches_torch(tmp_path, exported, exporter):
     model, plain = exported["mobilenet_v2", exporter]
-    slim = export_onnx(model, tmp_path / "slim.onnx", image_size=SIZE, exporter=exporter, simplify=True)
+    slim = export_onnx(
+        model, tmp_path / "slim.onnx", image_size=SIZE, exporter=exporter, simplify=True
+    )
     assert len(onnx.load(slim).graph.node) <= len(onnx.load(plain).graph.node)
     images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE), dtype=np.float32)
-    assert verify_onnx(slim, model, images, tolerance=1e-4, min_agreement=1.0)["max_abs_diff"] <= 1e-4
+    assert (
+        verify_onnx(slim, model, images, tolerance=1e-4, min_agreement=1.0)["max_abs_diff"] <= 1e-4
+    )
     assert read_onnx_info(slim)["metadata"] == read_onnx_info(plain)["metadata"]

@@ -39,13 +39,32 @@ from compress.errors import (
 )
 from compress.records import StageRecord
 
-DIGITS = {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 64, "test": 32}}
+DIGITS = {
+    "kind": "digits",
+    "image_size": 8,
+    "batch_size": 32,
+    "augment": False,
+    "subset": {"train": 64, "test": 32},
+}
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def digits_recipe(folder: Path, name: str = "faults", epochs: int = 1, stages=("teacher",), model: str = "cifar:resnet8", **more) -> Path:
-    raw = {"name": name, "data": DIGITS, "teacher": {"model": model, "train": {"epochs": epochs}},
-           "student": {"model": "cifar:resnet8"}, "stages": list(stages), "out": str(folder / "out")} | more
+def digits_recipe(
+    folder: Path,
+    name: str = "faults",
+    epochs: int = 1,
+    stages=("teacher",),
+    model: str = "cifar:resnet8",
+    **more,
+) -> Path:
+    raw = {
+        "name": name,
+        "data": DIGITS,
+        "teacher": {"model": model, "train": {"epochs": epochs}},
+        "student": {"model": "cifar:resnet8"},
+        "stages": list(stages),
+        "out": str(folder / "out"),
+    } | more
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -65,18 +84,28 @@ def test_torch_save_on_a_full_disk_is_an_oserror_and_the_old_file_survives(tmp_p
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10 << 20, 10 << 20, 0))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10 << 20, 10 << 20, 0)
+    )
     with pytest.raises(OSError) as info:
         save_weights(nn.Linear(2, 2), path)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
-    assert "the disk is full" in str(output_error(info.value)) and str(path) in str(output_error(info.value))
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.pt"]  # no temporary file left
+    assert "the disk is full" in str(output_error(info.value)) and str(path) in str(
+        output_error(info.value)
+    )
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [
+        "model.pt"
+    ]  # no temporary file left
 
 
 def test_other_torch_save_errors_are_not_mistaken_for_a_full_disk(tmp_path, monkeypatch):
     from compress.weights import save_weights
 
-    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("cannot pickle 'generator' object")))
+    monkeypatch.setattr(
+        torch,
+        "save",
+        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("cannot pickle 'generator' object")),
+    )
     with pytest.raises(RuntimeError, match="cannot pickle"):
         save_weights(nn.Linear(2, 2), tmp_path / "model.pt")
 
@@ -86,15 +115,25 @@ def full_disk(tmp_path):
     """A 2 MiB tmpfs (needs root and a kernel that lets this container mount one)."""
     mount = tmp_path / "full"
     mount.mkdir()
-    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root); the fault-injection tests above cover the code path")
+    if (
+        not IS_ROOT
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip(
+            "cannot mount a small tmpfs here (needs root); the fault-injection tests above cover "
+            "the code path"
+        )
     yield mount
     subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 @pytest.mark.slow
 def test_a_run_on_a_full_disk_ends_in_one_line_and_resumes_elsewhere(tmp_path, full_disk):
-    recipe = digits_recipe(tmp_path, epochs=1, model="cifar:resnet56")  # 3.4 MB of weights: more than the disk holds
+    recipe = digits_recipe(
+        tmp_path, epochs=1, model="cifar:resnet56"
+    )  # 3.4 MB of weights: more than the disk holds
     result = run_cli("run", recipe, "--out", full_disk)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -117,7 +156,9 @@ with run_lock(Path(sys.argv[1])):
 
 def _holder(run_dir: Path) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -128,7 +169,9 @@ def test_a_second_run_into_the_same_folder_refuses_naming_the_holder(tmp_path):
     run_dir = tmp_path / "out" / "faults"
     holder = _holder(run_dir)
     try:
-        with pytest.raises(StageError, match=rf"in use by another run \(pid {holder.pid} on .+ since \d{{4}}-") as info:
+        with pytest.raises(
+            StageError, match=rf"in use by another run \(pid {holder.pid} on .+ since \d{{4}}-"
+        ) as info:
             with run_lock(run_dir):
                 pass
         assert "--wait" in str(info.value)
@@ -153,7 +196,9 @@ def test_a_killed_holder_leaves_no_stale_lock_and_wait_queues(tmp_path):
         pass
     holder = _holder(run_dir)
     started = time.monotonic()
-    subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(1.5); os.kill({holder.pid}, 9)"])
+    subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; time.sleep(1.5); os.kill({holder.pid}, 9)"]
+    )
     with run_lock(run_dir, wait=True):  # blocks until the holder is gone
         assert time.monotonic() - started > 1.0
     holder.wait()
@@ -162,15 +207,20 @@ def test_a_killed_holder_leaves_no_stale_lock_and_wait_queues(tmp_path):
 # --- hostile YAML --------------------------------------------------------------------------------
 
 
-LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)).replace("*l0", '"lol"')
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)).replace(
+    "*l0", '"lol"'
+)
 
 
 @pytest.mark.parametrize("field", ["name", "data.unlabeled.path", "stages"])
 def test_billion_laughs_is_refused_before_it_expands(tmp_path, field):
     from compress.recipe.load import load_recipe
 
-    tail = {"name": "name: *l8\nstages: [teacher]\n", "data.unlabeled.path": "name: x\ndata: {unlabeled: {path: *l8}}\nstages: [teacher]\n",
-            "stages": "name: x\nstages: *l8\n"}[field]
+    tail = {
+        "name": "name: *l8\nstages: [teacher]\n",
+        "data.unlabeled.path": "name: x\ndata: {unlabeled: {path: *l8}}\nstages: [teacher]\n",
+        "stages": "name: x\nstages: *l8\n",
+    }[field]
     path = tmp_path / "laughs.yaml"
     path.write_text(LAUGHS + tail)
     started = time.monotonic()
@@ -186,13 +236,19 @@ def test_a_recursive_alias_and_a_key_given_twice_are_refused(tmp_path):
 
     path = tmp_path / "r.yaml"
     path.write_text("name: x\nseed: 1\nstages: [teacher]\nseed: 2\n")
-    with pytest.raises(RecipeError, match=r"the key 'seed' is given twice in one mapping \(lines 2 and 4\)"):
+    with pytest.raises(
+        RecipeError, match=r"the key 'seed' is given twice in one mapping \(lines 2 and 4\)"
+    ):
         load_recipe(path)
     path.write_text("name: x\nstages: &s [teacher, *s]\n")
     with pytest.raises(RecipeError, match="alias refers to a value that contains it"):
         load_recipe(path)
-    path.write_text("base: &b {epochs: 1}\nname: x\nteacher: {train: {<<: *b, lr: 0.1}}\nstages: [teacher]\n")
-    with pytest.raises(RecipeError, match="base: unknown field"):  # merge keys still work; the unknown key is caught as before
+    path.write_text(
+        "base: &b {epochs: 1}\nname: x\nteacher: {train: {<<: *b, lr: 0.1}}\nstages: [teacher]\n"
+    )
+    with pytest.raises(
+        RecipeError, match="base: unknown field"
+    ):  # merge keys still work; the unknown key is caught as before
         load_recipe(path)
 
 
@@ -220,11 +276,14 @@ def _npz_folder(tmp_path: Path, train: bytes | None = None, classes: str | None 
     return folder
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"", "not a valid numpy .npz archive (the file is empty)"),
-    (os.urandom(400), "not a valid numpy .npz archive (it is not a zip archive"),
-    (b"PK\x03\x04" + os.urandom(400), "not a valid numpy .npz archive, or truncated"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a valid numpy .npz archive (the file is empty)"),
+        (os.urandom(400), "not a valid numpy .npz archive (it is not a zip archive"),
+        (b"PK\x03\x04" + os.urandom(400), "not a valid numpy .npz archive, or truncated"),
+    ],
+)
 def test_a_corrupt_npz_is_one_line_that_never_suggests_unpickling(tmp_path, content, message):
     from compress.data.npz import load_npz
 
@@ -236,7 +295,9 @@ def test_a_corrupt_npz_is_one_line_that_never_suggests_unpickling(tmp_path, cont
 
 def test_a_zero_byte_npz_through_the_cli_is_an_error_line_not_aborted(tmp_path):
     folder = _npz_folder(tmp_path, train=b"")
-    recipe = digits_recipe(tmp_path, data={"kind": "npz", "path": str(folder), "image_size": 8, "batch_size": 4})
+    recipe = digits_recipe(
+        tmp_path, data={"kind": "npz", "path": str(folder), "image_size": 8, "batch_size": 4}
+    )
     result = run_cli("run", recipe, "--debug")
     assert result.returncode == 2 and "Aborted!" not in result.stderr
     assert "not a valid numpy .npz archive (the file is empty)" in result.stderr
@@ -246,7 +307,9 @@ def test_classes_txt_with_too_few_names_is_blamed_not_the_labels(tmp_path):
     from compress.data.npz import load_npz
 
     folder = _npz_folder(tmp_path, classes="a\nb\n")
-    with pytest.raises(DataError, match=r"classes\.txt: names 2 classes, but the labels go up to 2"):
+    with pytest.raises(
+        DataError, match=r"classes\.txt: names 2 classes, but the labels go up to 2"
+    ):
         load_npz(DataConfig(kind="npz", path=str(folder), image_size=8))
 
 
@@ -259,7 +322,13 @@ def test_object_arrays_are_never_unpickled(tmp_path):
         load_npz(DataConfig(kind="npz", path=str(folder), image_size=8))
 
 
-@settings(max_examples=60, deadline=2000, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=2000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.one_of(st.binary(max_size=2000), st.integers(0, 99).map(lambda cut: ("cut", cut))))
 def test_fuzzed_npz_files_raise_one_data_error(tmp_path, case):
     from compress.data.npz import load_npz
@@ -274,16 +343,32 @@ def test_fuzzed_npz_files_raise_one_data_error(tmp_path, case):
 
 
 def _onnx_bytes() -> bytes:
-    w = helper.make_tensor("W", TensorProto.FLOAT, [3 * 8 * 8, 10], np.random.default_rng(0).standard_normal(1920).astype(np.float32))
+    w = helper.make_tensor(
+        "W",
+        TensorProto.FLOAT,
+        [3 * 8 * 8, 10],
+        np.random.default_rng(0).standard_normal(1920).astype(np.float32),
+    )
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["logits"])],
-        "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [w],
+        [
+            helper.make_node("Flatten", ["input"], ["f"]),
+            helper.make_node("MatMul", ["f", "W"], ["logits"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [w],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-@settings(max_examples=60, deadline=5000, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=5000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.one_of(st.binary(max_size=3000), st.integers(0, 99).map(lambda cut: ("cut", cut))))
 def test_fuzzed_onnx_files_raise_one_export_error(tmp_path, case):
     from compress.benchmark.measure import describe_artifact
@@ -330,7 +415,10 @@ def _tampered_copy(stage: Path, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize("how", ["path", "symlink"])
 def test_export_and_bench_refuse_records_pointing_outside_the_run(finished_stage, tmp_path, how):
     stage = _tampered_copy(finished_stage, tmp_path, how)
-    for args in (("export", stage, "--format", "onnx"), ("bench", stage, "--backend", "torch", "--iterations", "5")):
+    for args in (
+        ("export", stage, "--format", "onnx"),
+        ("bench", stage, "--backend", "torch", "--iterations", "5"),
+    ):
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stdout[-500:])
         assert_one_line_error(result.stderr, "lies outside the run folder; refusing to load it")
@@ -343,7 +431,14 @@ def test_impossible_metrics_in_a_record_are_refused(finished_stage, tmp_path):
         StageRecord.read(stage)
     from compress.artifacts import load_completed
 
-    assert load_completed(stage, stage.parent, StageRecord.from_json(json.loads((finished_stage / "stage.json").read_text())).key) is None
+    assert (
+        load_completed(
+            stage,
+            stage.parent,
+            StageRecord.from_json(json.loads((finished_stage / "stage.json").read_text())).key,
+        )
+        is None
+    )
 
 
 # --- gates that cannot be evaluated --------------------------------------------------------------
@@ -351,8 +446,24 @@ def test_impossible_metrics_in_a_record_are_refused(finished_stage, tmp_path):
 
 def _bench_result(path: Path, **student) -> Path:
     rows = [
-        {"role": "teacher", "status": "ok", "top1": 90.0, "file_bytes": 1000, "params": 100, "macs": 1000, "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 2.0}}]},
-        {"role": "student", "status": "ok", "top1": 85.0, "file_bytes": 100, "params": 10, "macs": 100, "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5}}]},
+        {
+            "role": "teacher",
+            "status": "ok",
+            "top1": 90.0,
+            "file_bytes": 1000,
+            "params": 100,
+            "macs": 1000,
+            "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 2.0}}],
+        },
+        {
+            "role": "student",
+            "status": "ok",
+            "top1": 85.0,
+            "file_bytes": 100,
+            "params": 10,
+            "macs": 100,
+            "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5}}],
+        },
     ]
     rows[1] |= student
     path.write_text(json.dumps({"rows": rows, "reference": "teacher"}))
@@ -363,7 +474,11 @@ def test_a_gate_the_baseline_cannot_evaluate_fails_unless_allowed(tmp_path):
     current = _bench_result(tmp_path / "current.json")
     baseline = _bench_result(tmp_path / "baseline.json", top1=None)
     result = run_cli("check", current, "--baseline", baseline)
-    assert result.returncode == 1 and "SKIPPED (fails; --allow-missing to accept)" in result.stdout and "could not be evaluated" in result.stdout
+    assert (
+        result.returncode == 1
+        and "SKIPPED (fails; --allow-missing to accept)" in result.stdout
+        and "could not be evaluated" in result.stdout
+    )
     assert run_cli("check", current, "--baseline", baseline, "--allow-missing").returncode == 0
     zero = _bench_result(tmp_path / "zero.json", file_bytes=0)
     result = run_cli("check", current, "--baseline", zero)
@@ -374,13 +489,18 @@ def test_a_string_where_a_number_belongs_is_one_line(tmp_path):
     current = _bench_result(tmp_path / "current.json", top1="NaN")
     result = run_cli("check", current, "--baseline", _bench_result(tmp_path / "baseline.json"))
     assert result.returncode == 2
-    assert_one_line_error(result.stderr, "rows['student'].top1 is 'NaN', not a finite non-negative number")
+    assert_one_line_error(
+        result.stderr, "rows['student'].top1 is 'NaN', not a finite non-negative number"
+    )
 
 
 def test_gating_another_network_warns(tmp_path):
     current = _bench_result(tmp_path / "current.json", params=20, macs=250)
     result = run_cli("check", current, "--baseline", _bench_result(tmp_path / "baseline.json"))
-    assert "warning: student is a different network than in the baseline (params 10 -> 20, macs 100 -> 250)" in result.stderr
+    assert (
+        "warning: student is a different network than in the baseline "
+        "(params 10 -> 20, macs 100 -> 250)" in result.stderr
+    )
 
 
 # --- files that fail their proof -----------------------------------------------------------------
@@ -400,26 +520,44 @@ def test_a_file_that_fails_its_check_never_sits_at_the_deliverable_path(tmp_path
 
     images = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     path = tmp_path / "student.onnx"
-    network.export_network(_Tiny().eval(), path, ExportConfig(), images, {}, None, image_size=8, in_channels=3)
+    network.export_network(
+        _Tiny().eval(), path, ExportConfig(), images, {}, None, image_size=8, in_channels=3
+    )
     assert path.is_file()  # a verified file from an earlier run...
 
     def wrong(path, *args, **kwargs):
         raise ExportError(f"{path.name} does not reproduce the PyTorch model on 8 images")
 
     monkeypatch.setattr(network, "verify_onnx", wrong)
-    with pytest.raises(ExportError, match=r"student\.onnx does not reproduce .* \(not written as student\.onnx; the file that failed is kept as student\.onnx\.failed-check\)"):
-        network.export_network(_Tiny().eval(), path, ExportConfig(), images, {}, None, image_size=8, in_channels=3)
+    with pytest.raises(
+        ExportError,
+        match=(
+            r"student\.onnx does not reproduce .* \(not written as student\.onnx; the file that "
+            r"failed is kept as student\.onnx\.failed-check\)"
+        ),
+    ):
+        network.export_network(
+            _Tiny().eval(), path, ExportConfig(), images, {}, None, image_size=8, in_channels=3
+        )
     assert not path.exists()  # ...is gone: it belonged to other inputs
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx.failed-check", "student.onnx.failed-check.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "student.onnx.failed-check",
+        "student.onnx.failed-check.txt",
+    ]
     assert "does not reproduce" in (tmp_path / "student.onnx.failed-check.txt").read_text()
     monkeypatch.undo()
-    network.export_network(_Tiny().eval(), path, ExportConfig(), images, {}, None, image_size=8, in_channels=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]  # a passing export supersedes the failure
+    network.export_network(
+        _Tiny().eval(), path, ExportConfig(), images, {}, None, image_size=8, in_channels=3
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "student.onnx"
+    ]  # a passing export supersedes the failure
 
 
 def test_converting_a_two_input_onnx_is_one_line_and_leaves_no_file(tmp_path):
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["logits"])], "g",
+        [helper.make_node("Add", ["a", "b"], ["logits"])],
+        "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8, 8]) for n in ("a", "b")],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])],
     )
@@ -427,8 +565,14 @@ def test_converting_a_two_input_onnx_is_one_line_and_leaves_no_file(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
     result = run_cli("export", source, "--format", "onnx-fp16")
     assert result.returncode == 2
-    assert_one_line_error(result.stderr, "has 2 inputs; compress converts and checks single-input image classifiers")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.fp16.onnx.failed-check", "two.fp16.onnx.failed-check.txt", "two.onnx"]
+    assert_one_line_error(
+        result.stderr, "has 2 inputs; compress converts and checks single-input image classifiers"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "two.fp16.onnx.failed-check",
+        "two.fp16.onnx.failed-check.txt",
+        "two.onnx",
+    ]
 
 
 # --- smaller ones --------------------------------------------------------------------------------
@@ -442,7 +586,9 @@ def test_a_malicious_checkpoint_message_names_what_it_would_import(tmp_path):
             return os.system, (f"touch {tmp_path / 'pwned'}",)
 
     torch.save({"conv1.weight": Payload()}, tmp_path / "model.pt")
-    with pytest.raises(ModelError, match=r"it would import (posix|nt)\.system and only plain tensors are loaded"):
+    with pytest.raises(
+        ModelError, match=r"it would import (posix|nt)\.system and only plain tensors are loaded"
+    ):
         read_checkpoint(tmp_path / "model.pt")
     assert not (tmp_path / "pwned").exists()
 
@@ -452,7 +598,10 @@ def test_validate_refuses_an_unreadable_data_folder(tmp_path):
     folder = _npz_folder(tmp_path)
     os.chmod(folder / "train.npz", 0)
     try:
-        result = run_cli("validate", digits_recipe(tmp_path, data={"kind": "npz", "path": str(folder), "image_size": 8}))
+        result = run_cli(
+            "validate",
+            digits_recipe(tmp_path, data={"kind": "npz", "path": str(folder), "image_size": 8}),
+        )
         assert result.returncode == 2
         assert_one_line_error(result.stderr, "data.path: cannot read")
     finally:
@@ -461,8 +610,14 @@ def test_validate_refuses_an_unreadable_data_folder(tmp_path):
 
 def test_validate_says_what_it_checked_of_the_data(tmp_path):
     folder = _npz_folder(tmp_path)
-    result = run_cli("validate", digits_recipe(tmp_path, data={"kind": "npz", "path": str(folder), "image_size": 8}))
-    assert result.returncode == 0 and "is readable (its content is read when the run loads it)" in result.stderr
+    result = run_cli(
+        "validate",
+        digits_recipe(tmp_path, data={"kind": "npz", "path": str(folder), "image_size": 8}),
+    )
+    assert (
+        result.returncode == 0
+        and "is readable (its content is read when the run loads it)" in result.stderr
+    )
 
 
 def test_output_error_covers_an_io_error(tmp_path):

@@ -43,7 +43,9 @@ def trained(digits, tmp_path_factory):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(3):
         for i in range(0, len(x), 32):
-            loss = nn.functional.cross_entropy(model(torch.from_numpy(x[i : i + 32])), torch.from_numpy(y[i : i + 32]))
+            loss = nn.functional.cross_entropy(
+                model(torch.from_numpy(x[i : i + 32])), torch.from_numpy(y[i : i + 32])
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -74,14 +76,20 @@ def io_types(path) -> tuple[int, int]:
 
 def float_initializer_types(path) -> set[int]:
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
-    return {init.data_type for init in onnx.load(path).graph.initializer if init.data_type in floats and init.dims}
+    return {
+        init.data_type
+        for init in onnx.load(path).graph.initializer
+        if init.data_type in floats and init.dims
+    }
 
 
 # --- the converted file ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("keep_io_types", "io"), [(False, TensorProto.FLOAT16), (True, TensorProto.FLOAT)], ids=["fp16-io", "fp32-io"]
+    ("keep_io_types", "io"),
+    [(False, TensorProto.FLOAT16), (True, TensorProto.FLOAT)],
+    ids=["fp16-io", "fp32-io"],
 )
 def test_weights_are_fp16_and_io_as_asked(trained, tmp_path, keep_io_types, io):
     _, fp32 = trained
@@ -89,7 +97,9 @@ def test_weights_are_fp16_and_io_as_asked(trained, tmp_path, keep_io_types, io):
     assert float_initializer_types(fp32) == {TensorProto.FLOAT}
     assert float_initializer_types(fp16) == {TensorProto.FLOAT16}
     assert io_types(fp16) == (io, io)
-    onnx.checker.check_model(onnx.load(fp16))  # with FP32 IO the converter's casts needed re-sorting
+    onnx.checker.check_model(
+        onnx.load(fp16)
+    )  # with FP32 IO the converter's casts needed re-sorting
     assert 0.45 < fp16.stat().st_size / fp32.stat().st_size < 0.55
 
 
@@ -97,18 +107,24 @@ def test_keeps_the_dynamic_batch_and_names(trained, tmp_path):
     _, fp32 = trained
     fp16 = convert_to_fp16(fp32, tmp_path / "m.fp16.onnx")
     session = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["logits"]
+    assert [i.name for i in session.get_inputs()] == ["input"] and [
+        o.name for o in session.get_outputs()
+    ] == ["logits"]
     for batch in (1, 3):
         out = session.run(None, {"input": np.zeros((batch, 3, SIZE, SIZE), np.float16)})[0]
         assert out.shape == (batch, 10) and out.dtype == np.float16
     before, after = read_onnx_info(fp32), read_onnx_info(fp16)
-    assert {k: after[k] for k in ("input_shape", "params", "macs")} == {k: before[k] for k in ("input_shape", "params", "macs")}
+    assert {k: after[k] for k in ("input_shape", "params", "macs")} == {
+        k: before[k] for k in ("input_shape", "params", "macs")
+    }
 
 
 def test_metadata_is_kept_and_precision_added(trained, tmp_path):
     _, fp32 = trained
     before = read_onnx_info(fp32)["metadata"]
-    fp16 = convert_to_fp16(fp32, tmp_path / "m.fp16.onnx", metadata={"note": "x", "compress.precision": "fp32"})
+    fp16 = convert_to_fp16(
+        fp32, tmp_path / "m.fp16.onnx", metadata={"note": "x", "compress.precision": "fp32"}
+    )
     assert read_onnx_info(fp16)["metadata"] == before | {"note": "x", "compress.precision": "fp16"}
     assert "compress.precision" not in read_onnx_info(fp32)["metadata"]  # the source is untouched
 
@@ -121,7 +137,14 @@ def test_trained_model_matches_torch_within_fp16_bounds(trained, digits, tmp_pat
     model, fp32 = trained
     images = digits[2][:200]
     fp16 = convert_to_fp16(fp32, tmp_path / "m.fp16.onnx", keep_io_types=keep_io_types)
-    result = verify_onnx(fp16, model, images, tolerance=FP16_TOLERANCE, min_agreement=FP16_MIN_AGREEMENT, relative=True)
+    result = verify_onnx(
+        fp16,
+        model,
+        images,
+        tolerance=FP16_TOLERANCE,
+        min_agreement=FP16_MIN_AGREEMENT,
+        relative=True,
+    )
     exact = verify_onnx(fp32, model, images, tolerance=1e-4, min_agreement=1.0, relative=True)
     assert result["samples"] == 200 and result["top1_agreement"] >= FP16_MIN_AGREEMENT
     # Really half precision (far from FP32's error), yet well inside the bound.
@@ -131,9 +154,18 @@ def test_trained_model_matches_torch_within_fp16_bounds(trained, digits, tmp_pat
 def test_mobilenet_matches_torch_within_fp16_bounds(mobilenet, digits, tmp_path):
     model, fp32 = mobilenet
     fp16 = convert_to_fp16(fp32, tmp_path / "m.fp16.onnx")
-    result = verify_onnx(fp16, model, digits[2][:64], tolerance=FP16_TOLERANCE, min_agreement=FP16_MIN_AGREEMENT, relative=True)
+    result = verify_onnx(
+        fp16,
+        model,
+        digits[2][:64],
+        tolerance=FP16_TOLERANCE,
+        min_agreement=FP16_MIN_AGREEMENT,
+        relative=True,
+    )
     assert 0 < result["max_rel_diff"] < FP16_TOLERANCE / 4
-    with pytest.raises(ExportError, match="does not reproduce"):  # the bound is tight enough to catch FP16 itself
+    with pytest.raises(
+        ExportError, match="does not reproduce"
+    ):  # the bound is tight enough to catch FP16 itself
         verify_onnx(fp16, model, digits[2][:64], tolerance=1e-5, min_agreement=0.0, relative=True)
 
 
@@ -143,7 +175,14 @@ def test_static_batch_survives_conversion(trained, digits, tmp_path, exporter):
     fp32 = export_onnx(model, tmp_path / "static.onnx", image_size=SIZE, exporter=exporter, batch=4)
     fp16 = convert_to_fp16(fp32, tmp_path / "static.fp16.onnx")
     assert read_onnx_info(fp16)["input_shape"] == [4, 3, SIZE, SIZE]
-    result = verify_onnx(fp16, model, digits[2][:10], tolerance=FP16_TOLERANCE, min_agreement=FP16_MIN_AGREEMENT, relative=True)
+    result = verify_onnx(
+        fp16,
+        model,
+        digits[2][:10],
+        tolerance=FP16_TOLERANCE,
+        min_agreement=FP16_MIN_AGREEMENT,
+        relative=True,
+    )
     assert result["samples"] == 8  # whole batches of 4 only
     session = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="(?i)dimension|shape"):
@@ -164,7 +203,10 @@ def qdq_file(path) -> str:
         "qdq",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 10])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("zero", TensorProto.INT8, [], [0])],
+        initializer=[
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1]),
+            helper.make_tensor("zero", TensorProto.INT8, [], [0]),
+        ],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     return path
@@ -172,7 +214,9 @@ def qdq_file(path) -> str:
 
 def test_refuses_an_int8_qdq_file(tmp_path):
     path = qdq_file(tmp_path / "int8.onnx")
-    with pytest.raises(ExportError, match=r"int8\.onnx: cannot convert to FP16: it is an INT8 \(QDQ\) model") as info:
+    with pytest.raises(
+        ExportError, match=r"int8\.onnx: cannot convert to FP16: it is an INT8 \(QDQ\) model"
+    ) as info:
         convert_to_fp16(path, tmp_path / "out.onnx")
     assert "\n" not in str(info.value) and "QuantizeLinear" in str(info.value)
     assert not (tmp_path / "out.onnx").exists()
@@ -180,7 +224,10 @@ def test_refuses_an_int8_qdq_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("keep_io_types", "reason"),
-    [(False, r"it is already FP16 \(FLOAT16 input\)"), (True, r"it is already FP16 \(FLOAT16 weights")],
+    [
+        (False, r"it is already FP16 \(FLOAT16 input\)"),
+        (True, r"it is already FP16 \(FLOAT16 weights"),
+    ],
 )
 def test_refuses_an_fp16_file(trained, tmp_path, keep_io_types, reason):
     _, fp32 = trained
@@ -190,7 +237,9 @@ def test_refuses_an_fp16_file(trained, tmp_path, keep_io_types, reason):
     assert not (tmp_path / "twice.onnx").exists()
 
 
-@pytest.mark.parametrize(("name", "content"), [("text.onnx", b"not a model"), ("missing.onnx", None)])
+@pytest.mark.parametrize(
+    ("name", "content"), [("text.onnx", b"not a model"), ("missing.onnx", None)]
+)
 def test_refuses_a_file_that_is_not_onnx(tmp_path, name, content):
     path = tmp_path / name
     if content is not None:
@@ -205,4 +254,7 @@ def test_recipe_defaults_are_the_measured_bounds():
     from compress.config import ExportConfig
     from compress.exporters.fp16 import FP16_MIN_AGREEMENT, FP16_TOLERANCE
 
-    assert (ExportConfig().fp16_tolerance, ExportConfig().fp16_min_agreement) == (FP16_TOLERANCE, FP16_MIN_AGREEMENT)
+    assert (ExportConfig().fp16_tolerance, ExportConfig().fp16_min_agreement) == (
+        FP16_TOLERANCE,
+        FP16_MIN_AGREEMENT,
+    )

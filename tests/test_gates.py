@@ -14,20 +14,43 @@ from compress.gates import check, load_bench_result
 
 
 def row(role, top1, p50_ms, size):
-    latency = [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": p50_ms}}, {"batch_size": 64, "status": "ok", "latency_ms": {"p50": 20 * p50_ms}}]
-    return {"role": role, "status": "ok", "error": None, "top1": top1, "file_bytes": size, "latency": latency}
+    latency = [
+        {"batch_size": 1, "status": "ok", "latency_ms": {"p50": p50_ms}},
+        {"batch_size": 64, "status": "ok", "latency_ms": {"p50": 20 * p50_ms}},
+    ]
+    return {
+        "role": role,
+        "status": "ok",
+        "error": None,
+        "top1": top1,
+        "file_bytes": size,
+        "latency": latency,
+    }
 
 
 BASELINE = {
     "reference": "teacher",
-    "rows": [row("teacher", 95.0, 3.0, 40_000_000), row("student_fp32", 93.0, 0.6, 4_000_000), row("student", 92.8, 0.3, 1_000_000)],
+    "rows": [
+        row("teacher", 95.0, 3.0, 40_000_000),
+        row("student_fp32", 93.0, 0.6, 4_000_000),
+        row("student", 92.8, 0.3, 1_000_000),
+    ],
 }
 
 
 def run_check(tmp_path, current, *options):
     (tmp_path / "baseline.json").write_text(json.dumps(BASELINE))
     (tmp_path / "current.json").write_text(json.dumps(current))
-    return CliRunner().invoke(cli, ["check", str(tmp_path / "current.json"), "--baseline", str(tmp_path / "baseline.json"), *options])
+    return CliRunner().invoke(
+        cli,
+        [
+            "check",
+            str(tmp_path / "current.json"),
+            "--baseline",
+            str(tmp_path / "baseline.json"),
+            *options,
+        ],
+    )
 
 
 def planted(role, **changes):
@@ -51,9 +74,18 @@ def test_equal_results_pass(tmp_path):
     ("current", "failing"),
     [
         (planted("student", top1=92.1), "| student | top-1 (%) | 92.8 | 92.1 | -0.70 pts"),
-        (planted("student", p50_ms=0.36), "| student | p50 batch 1 / teacher's | 0.1 | 0.12 | +20.0%"),
-        (planted("student_fp32", file_bytes=4_400_000), "| student_fp32 | file size (bytes) | 4,000,000 | 4,400,000 | +10.0%"),
-        (planted("student", status="error", error="latency: worker crashed"), "| student | status | — | — | error: latency: worker crashed"),
+        (
+            planted("student", p50_ms=0.36),
+            "| student | p50 batch 1 / teacher's | 0.1 | 0.12 | +20.0%",
+        ),
+        (
+            planted("student_fp32", file_bytes=4_400_000),
+            "| student_fp32 | file size (bytes) | 4,000,000 | 4,400,000 | +10.0%",
+        ),
+        (
+            planted("student", status="error", error="latency: worker crashed"),
+            "| student | status | — | — | error: latency: worker crashed",
+        ),
     ],
 )
 def test_each_planted_regression_fails_with_exit_1(tmp_path, current, failing):
@@ -81,8 +113,18 @@ def test_a_slower_machine_is_no_regression_in_relative_mode_but_is_in_absolute(t
 def test_tolerances_from_the_command_line(tmp_path):
     current = planted("student", top1=92.1, p50_ms=0.36)
     assert run_check(tmp_path, current).exit_code == 1
-    assert run_check(tmp_path, current, "--max-accuracy-drop", "1", "--max-latency-increase", "25%").exit_code == 0
-    assert run_check(tmp_path, current, "--max-accuracy-drop", "1", "--max-latency-increase", "0.25").exit_code == 0
+    assert (
+        run_check(
+            tmp_path, current, "--max-accuracy-drop", "1", "--max-latency-increase", "25%"
+        ).exit_code
+        == 0
+    )
+    assert (
+        run_check(
+            tmp_path, current, "--max-accuracy-drop", "1", "--max-latency-increase", "0.25"
+        ).exit_code
+        == 0
+    )
     bad = run_check(tmp_path, current, "--max-latency-increase", "ten")
     assert bad.exit_code == 2 and "expected a percentage" in bad.output
 
@@ -99,13 +141,21 @@ def test_a_file_that_is_not_a_bench_result_is_a_clear_error(tmp_path, content):
     with pytest.raises(DataError, match="bench.json"):
         load_bench_result(path)
     result = CliRunner().invoke(cli, ["check", str(path), "--baseline", str(path)])
-    assert result.exit_code == 2 and result.output.startswith("error: ") and "Traceback" not in result.output
+    assert (
+        result.exit_code == 2
+        and result.output.startswith("error: ")
+        and "Traceback" not in result.output
+    )
 
 
 def test_run_folder_and_bench_folder_are_accepted(tmp_path):
     (tmp_path / "run" / "bench").mkdir(parents=True)
     (tmp_path / "run" / "bench" / "bench.json").write_text(json.dumps(BASELINE))
-    assert load_bench_result(tmp_path / "run") == load_bench_result(tmp_path / "run" / "bench") == BASELINE
+    assert (
+        load_bench_result(tmp_path / "run")
+        == load_bench_result(tmp_path / "run" / "bench")
+        == BASELINE
+    )
 
 
 @pytest.mark.parametrize(("agreement", "code"), [(0.995, 0), (0.985, 1), (None, 1)])
@@ -114,10 +164,19 @@ def test_int8_agreement_floor_needs_no_baseline(tmp_path, agreement, code):
     if agreement is not None:
         current["agreement"] = {"student": {"student_fp32": agreement, "teacher": 0.9}}
     (tmp_path / "current.json").write_text(json.dumps(current))
-    result = CliRunner().invoke(cli, ["check", str(tmp_path / "current.json"), "--min-int8-agreement", "99%"])
+    result = CliRunner().invoke(
+        cli, ["check", str(tmp_path / "current.json"), "--min-int8-agreement", "99%"]
+    )
     assert result.exit_code == code, result.output
-    expected = f"| {100 * agreement:.4g} |  | >= 99% | {'PASS' if code == 0 else 'FAIL'} |" if agreement else "not measured"
-    assert "| student | INT8 agreement with student_fp32 (%) |" in result.output and expected in result.output
+    expected = (
+        f"| {100 * agreement:.4g} |  | >= 99% | {'PASS' if code == 0 else 'FAIL'} |"
+        if agreement
+        else "not measured"
+    )
+    assert (
+        "| student | INT8 agreement with student_fp32 (%) |" in result.output
+        and expected in result.output
+    )
 
 
 def test_check_with_nothing_to_check_is_a_usage_error(tmp_path):
@@ -127,4 +186,8 @@ def test_check_with_nothing_to_check_is_a_usage_error(tmp_path):
 
 
 def test_recipe_floor_alone_turns_the_gates_on():
-    assert not GatesConfig().active and GatesConfig(min_int8_agreement=0.99).active and GatesConfig(baseline="b.json").active
+    assert (
+        not GatesConfig().active
+        and GatesConfig(min_int8_agreement=0.99).active
+        and GatesConfig(baseline="b.json").active
+    )

@@ -17,7 +17,10 @@ from compress.data.augment import Preprocess
 from compress.errors import StageError
 from compress.train_loop import fit
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 CUDA = torch.device("cuda")
 
 
@@ -49,13 +52,26 @@ def tiny_problem():
     images = torch.randint(0, 256, (256, 3, 16, 16), dtype=torch.uint8, generator=generator)
     labels = (images.float().mean(dim=(1, 2, 3)) > 127.5).long()
     data = torch.utils.data.TensorDataset(images, labels)
-    train = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0), pin_memory=True)
+    train = torch.utils.data.DataLoader(
+        data,
+        batch_size=32,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        pin_memory=True,
+    )
     return train, torch.utils.data.DataLoader(data, batch_size=64)
 
 
 def conv_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2)).to(CUDA)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 2),
+    ).to(CUDA)
 
 
 def train(model, step_loss=None, epochs=3, checkpoint=None):
@@ -67,8 +83,19 @@ def train(model, step_loss=None, epochs=3, checkpoint=None):
         return F.cross_entropy(logits, labels), logits
 
     cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=0.01, weight_decay=0.0)
-    return fit(model, train_loader, test_loader, step_loss or loss, cfg, preprocess=prep, device=CUDA, desc="gpu",
-               show_progress=False, checkpoint=checkpoint, checkpoint_key="k")
+    return fit(
+        model,
+        train_loader,
+        test_loader,
+        step_loss or loss,
+        cfg,
+        preprocess=prep,
+        device=CUDA,
+        desc="gpu",
+        show_progress=False,
+        checkpoint=checkpoint,
+        checkpoint_key="k",
+    )
 
 
 def test_training_on_cuda_learns_with_bf16_autocast_and_channels_last():
@@ -104,5 +131,9 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(model, crash_in_epoch_3, epochs=3, checkpoint=tmp_path / "c.ckpt")
     resumed = train(conv_net(), epochs=3, checkpoint=tmp_path / "c.ckpt")
-    assert [h.train_loss for h in resumed[:2]] == pytest.approx([h.train_loss for h in reference[:2]], rel=1e-3)
-    assert resumed[2].train_loss == pytest.approx(reference[2].train_loss, rel=1e-2)  # cuDNN may be nondeterministic
+    assert [h.train_loss for h in resumed[:2]] == pytest.approx(
+        [h.train_loss for h in reference[:2]], rel=1e-3
+    )
+    assert resumed[2].train_loss == pytest.approx(
+        reference[2].train_loss, rel=1e-2
+    )  # cuDNN may be nondeterministic

@@ -30,5 +30,8 @@ def test_hooks_are_removed_when_training_fails():
 
 
 def test_unknown_layer_is_a_clear_error():
-    with pytest.raises(StageError, match="no layer 'layer9'"), FeatureHooks(build_model("cifar:resnet20", num_classes=10), ["layer9"]):
+    with (
+        pytest.raises(StageError, match="no layer 'layer9'"),
+        FeatureHooks(build_model("cifar:resnet20", num_classes=10), ["layer9"]),
+    ):
         pass

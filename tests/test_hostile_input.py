@@ -37,7 +37,13 @@ from compress.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-DIGITS = {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 60, "test": 20}}
+DIGITS = {
+    "kind": "digits",
+    "image_size": 8,
+    "batch_size": 32,
+    "augment": False,
+    "subset": {"train": 60, "test": 20},
+}
 
 
 def invoke(*args) -> tuple[int, str]:
@@ -48,11 +54,22 @@ def invoke(*args) -> tuple[int, str]:
     return result.exit_code, result.stderr
 
 
-def teacher_recipe(folder: Path, checkpoint: Path | None = None, data: dict | None = None, model: str = "cifar:resnet20") -> Path:
+def teacher_recipe(
+    folder: Path,
+    checkpoint: Path | None = None,
+    data: dict | None = None,
+    model: str = "cifar:resnet20",
+) -> Path:
     teacher = {"model": model, "train": {"epochs": 1}}
     if checkpoint is not None:
         teacher["checkpoint"] = str(checkpoint)
-    raw = {"name": "hostile", "data": data or DIGITS, "teacher": teacher, "stages": ["teacher"], "out": str(folder / "out")}
+    raw = {
+        "name": "hostile",
+        "data": data or DIGITS,
+        "teacher": teacher,
+        "stages": ["teacher"],
+        "out": str(folder / "out"),
+    }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -86,7 +103,9 @@ def test_malicious_teacher_checkpoint_is_refused_by_the_cli(tmp_path):
     torch.save({"fc.weight": Planted(marker)}, checkpoint)
     result = compress("run", teacher_recipe(tmp_path, checkpoint))
     assert result.returncode == 2
-    assert_one_line_error(result.stderr, f"checkpoint {checkpoint} was refused: it would import exec")
+    assert_one_line_error(
+        result.stderr, f"checkpoint {checkpoint} was refused: it would import exec"
+    )
     assert not marker.exists()
 
 
@@ -109,14 +128,23 @@ def test_malicious_cifar_batch_is_refused(tmp_path):
     folder.mkdir()
     for name in ("data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
         (folder / name).write_bytes(pickle.dumps(_cifar_batch(4), protocol=2))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{k}".encode() for k in range(10)]}))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [f"c{k}".encode() for k in range(10)]})
+    )
     marker = tmp_path / "PWNED"
     batch = _cifar_batch(4) | {b"labels": Planted(marker)}
     (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
-    with pytest.raises(DataError, match=re.escape(f"{folder / 'data_batch_1'}: refused: unpickling it would import builtins.exec")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{folder / 'data_batch_1'}: refused: unpickling it would import builtins.exec"
+        ),
+    ):
         load_dataset(DataConfig(kind="cifar10", path=str(folder)))
     assert not marker.exists()
-    (folder / "data_batch_1").write_bytes(pickle.dumps(_cifar_batch(4), protocol=5))  # numpy 2's buffer form is allowed
+    (folder / "data_batch_1").write_bytes(
+        pickle.dumps(_cifar_batch(4), protocol=5)
+    )  # numpy 2's buffer form is allowed
     assert len(load_dataset(DataConfig(kind="cifar10", path=str(folder))).train) == 20
 
 
@@ -136,12 +164,21 @@ def _truncated(fraction: float):
 
 BROKEN_CHECKPOINTS = {
     "empty": (lambda real: b"", "is not a PyTorch checkpoint: the file is empty"),
-    "random-bytes": (lambda real: np.random.default_rng(0).bytes(4096), "is not a PyTorch checkpoint, or is truncated or corrupt"),
-    "cut-at-16-bytes": (lambda real: real[:16], "is not a PyTorch checkpoint, or is truncated or corrupt"),
+    "random-bytes": (
+        lambda real: np.random.default_rng(0).bytes(4096),
+        "is not a PyTorch checkpoint, or is truncated or corrupt",
+    ),
+    "cut-at-16-bytes": (
+        lambda real: real[:16],
+        "is not a PyTorch checkpoint, or is truncated or corrupt",
+    ),
     "cut-at-1-percent": (_truncated(0.01), "truncated or corrupt"),
     "cut-at-half": (_truncated(0.5), "truncated or corrupt"),
     "cut-10-bytes-short": (lambda real: real[:-10], "truncated or corrupt"),
-    "plain-pickle": (lambda real: pickle.dumps({"fc.weight": [1.0, 2.0]}), "is not a PyTorch checkpoint"),
+    "plain-pickle": (
+        lambda real: pickle.dumps({"fc.weight": [1.0, 2.0]}),
+        "is not a PyTorch checkpoint",
+    ),
 }
 
 
@@ -153,7 +190,9 @@ def test_broken_teacher_checkpoint_is_one_clear_line(tmp_path, real_checkpoint, 
     code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint))
     assert code == 2
     line = assert_one_line_error(stderr, f"checkpoint {checkpoint} ", message)
-    assert "internal miniz error" not in line  # torch's advice paragraph is cut to its first sentence
+    assert (
+        "internal miniz error" not in line
+    )  # torch's advice paragraph is cut to its first sentence
 
 
 def test_checkpoint_of_another_architecture_names_the_mismatch(tmp_path):
@@ -161,7 +200,11 @@ def test_checkpoint_of_another_architecture_names_the_mismatch(tmp_path):
     torch.save(build_model("cifar:resnet32", 10).state_dict(), checkpoint)
     code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint))
     assert code == 2
-    assert_one_line_error(stderr, f"checkpoint {checkpoint} does not fit cifar:resnet20", "unexpected keys layer1.3.conv1.weight")
+    assert_one_line_error(
+        stderr,
+        f"checkpoint {checkpoint} does not fit cifar:resnet20",
+        "unexpected keys layer1.3.conv1.weight",
+    )
 
 
 @pytest.mark.parametrize("model", ["cifar:resnet20", "torchvision:mobilenet_v2"])
@@ -170,7 +213,9 @@ def test_teacher_checkpoint_with_other_classes_than_the_data(tmp_path, model):
     torch.save(build_model(model, 100, cifar_stem=True).state_dict(), checkpoint)
     code, stderr = invoke("run", teacher_recipe(tmp_path, checkpoint, model=model))
     assert code == 2
-    assert_one_line_error(stderr, f"teacher checkpoint {checkpoint} has 100 classes, the data has 10 (digits)")
+    assert_one_line_error(
+        stderr, f"teacher checkpoint {checkpoint} has 100 classes, the data has 10 (digits)"
+    )
 
 
 # --- code-executing YAML -------------------------------------------------------------------------
@@ -205,7 +250,23 @@ def test_yaml_tags_never_execute(tmp_path, tag):
 
 # --- names and paths that would escape the output folder -----------------------------------------
 
-BAD_RUN_NAMES = ["../escape", "..", ".", "/abs/path", "a/b", "a\\b", "", "   ", "a\0b", "run\n", "\nrun", ".hidden", "-rf", "ünïcode", "a" * 101]
+BAD_RUN_NAMES = [
+    "../escape",
+    "..",
+    ".",
+    "/abs/path",
+    "a/b",
+    "a\\b",
+    "",
+    "   ",
+    "a\0b",
+    "run\n",
+    "\nrun",
+    ".hidden",
+    "-rf",
+    "ünïcode",
+    "a" * 101,
+]
 
 
 @pytest.mark.parametrize("name", BAD_RUN_NAMES, ids=[repr(n)[:16] for n in BAD_RUN_NAMES])
@@ -214,25 +275,51 @@ def test_run_names_that_are_not_one_plain_folder_are_refused(tmp_path, name):
     path.write_text(yaml.safe_dump({"name": name, "data": DIGITS, "stages": ["teacher"]}))
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    assert str(info.value).startswith("name: expected letters, digits") and "\n" not in str(info.value)
+    assert str(info.value).startswith("name: expected letters, digits") and "\n" not in str(
+        info.value
+    )
 
 
-BAD_STAGE_NAMES = ["../x", "a/b", "..", "", "recipe.yaml", "student.onnx", "x\n", ".git", 5, None, ["a"]]
+BAD_STAGE_NAMES = [
+    "../x",
+    "a/b",
+    "..",
+    "",
+    "recipe.yaml",
+    "student.onnx",
+    "x\n",
+    ".git",
+    5,
+    None,
+    ["a"],
+]
 
 
 @pytest.mark.parametrize("name", BAD_STAGE_NAMES, ids=[repr(n)[:16] for n in BAD_STAGE_NAMES])
 def test_stage_names_that_are_not_one_plain_folder_are_refused(tmp_path, name):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "ok", "data": DIGITS, "stages": ["teacher", {"export": {"name": name}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "ok", "data": DIGITS, "stages": ["teacher", {"export": {"name": name}}]}
+        )
+    )
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    assert str(info.value).startswith("stages[1].export.name: expected letters, digits, '_' or '-'") and "\n" not in str(info.value)
+    assert str(info.value).startswith(
+        "stages[1].export.name: expected letters, digits, '_' or '-'"
+    ) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("field", ["out", "data.path", "teacher.checkpoint", "gates.baseline"])
-@pytest.mark.parametrize("value", ["", "  ", "dir\0name", "x" * 5000], ids=["empty", "blank", "nul", "too-long"])
+@pytest.mark.parametrize(
+    "value", ["", "  ", "dir\0name", "x" * 5000], ids=["empty", "blank", "nul", "too-long"]
+)
 def test_unusable_paths_are_recipe_errors(tmp_path, field, value):
-    raw = {"name": "ok", "data": {"kind": "npz", "path": str(tmp_path)}, "stages": ["teacher", "export", "bench"]}
+    raw = {
+        "name": "ok",
+        "data": {"kind": "npz", "path": str(tmp_path)},
+        "stages": ["teacher", "export", "bench"],
+    }
     section, _, key = field.rpartition(".")
     (raw.setdefault(section, {}) if section else raw)[key] = value
     path = tmp_path / "recipe.yaml"
@@ -257,7 +344,12 @@ def test_run_and_stage_folders_linked_outside_are_refused(tmp_path):
     (out / "run").unlink()
     (out / "run").mkdir()
     (out / "run" / "distill").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(StageError, match=re.escape(f"{out / 'run' / 'distill'} links to {outside.resolve()}, outside the run folder")):
+    with pytest.raises(
+        StageError,
+        match=re.escape(
+            f"{out / 'run' / 'distill'} links to {outside.resolve()}, outside the run folder"
+        ),
+    ):
         prepare_run_dir(recipe)
     assert not any(outside.iterdir())
 
@@ -280,25 +372,58 @@ def _fuzz_base() -> dict:
 
 
 # Real field names as well as random text, so an added key is sometimes a known one in a new place.
-_CLASSES = (C.Recipe, C.DataConfig, C.SubsetConfig, C.UnlabeledConfig, C.TrainConfig, C.TeacherConfig, C.GatesConfig, C.MixConfig)
-FIELD_NAMES = sorted({f.name for cls in _CLASSES + tuple(kind.config for kind in C.STAGE_KINDS.values()) for f in dataclasses.fields(cls)})
+_CLASSES = (
+    C.Recipe,
+    C.DataConfig,
+    C.SubsetConfig,
+    C.UnlabeledConfig,
+    C.TrainConfig,
+    C.TeacherConfig,
+    C.GatesConfig,
+    C.MixConfig,
+)
+FIELD_NAMES = sorted(
+    {
+        f.name
+        for cls in _CLASSES + tuple(kind.config for kind in C.STAGE_KINDS.values())
+        for f in dataclasses.fields(cls)
+    }
+)
 
 
 def _nodes(node, prefix=()):
     """Every (path, container) in the recipe: where a key can be dropped, replaced or added."""
     yield prefix, node
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    children = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
     for key, value in children:
         yield from _nodes(value, prefix + (key,))
 
 
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12) | st.sampled_from(["\n", "a\r\nb", "\t", "\x00", "\u202e", ""])
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12) | st.sampled_from(
+    ["\n", "a\r\nb", "\t", "\x00", "\u202e", ""]
+)
 _scalars = st.one_of(
-    st.none(), st.booleans(), _text, st.sampled_from(["", " ", "../..", "/etc/passwd", "a\0b", "ünï", "cpu", "kd", "teacher", "5e-4"]),
-    st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, 10**40]),
+    st.none(),
+    st.booleans(),
+    _text,
+    st.sampled_from(
+        ["", " ", "../..", "/etc/passwd", "a\0b", "ünï", "cpu", "kd", "teacher", "5e-4"]
+    ),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 1, 2**31, 2**63, 10**40]),
     st.floats(allow_nan=True, allow_infinity=True),
 )
-_garbage = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)), max_leaves=6)
+_garbage = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)),
+    max_leaves=6,
+)
 PLACES = [path for path, _ in _nodes(_fuzz_base())]
 
 
@@ -327,11 +452,19 @@ def mutated_recipes(draw) -> dict:
             node[draw(st.one_of(_text, st.sampled_from(FIELD_NAMES)))] = draw(_garbage)
         elif op == "rename" and isinstance(parent, dict):
             key = path[-1]
-            parent[draw(st.sampled_from([key[:-1], key + "s", key.upper(), key + " "]))] = parent.pop(key)
+            parent[draw(st.sampled_from([key[:-1], key + "s", key.upper(), key + " "]))] = (
+                parent.pop(key)
+            )
     return raw
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(mutated_recipes())
 def test_fuzzed_recipes_load_or_raise_one_line_recipe_error(tmp_path, raw):
     path = tmp_path / "recipe.yaml"
@@ -350,9 +483,15 @@ def test_fuzzed_recipes_load_or_raise_one_line_recipe_error(tmp_path, raw):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("name: x\nseed: " + "9" * 5000 + "\n", "a value cannot be read (Exceeds the limit (4300 digits)"),
+        (
+            "name: x\nseed: " + "9" * 5000 + "\n",
+            "a value cannot be read (Exceeds the limit (4300 digits)",
+        ),
         ("name: " + "[" * 5000 + "]" * 5000 + "\n", "it is nested too deeply"),
-        ("name: x\nseed: 4294967296\nstages: [teacher]\n", "seed: expected 0..4294967295, got 4294967296"),
+        (
+            "name: x\nseed: 4294967296\nstages: [teacher]\n",
+            "seed: expected 0..4294967295, got 4294967296",
+        ),
         ("name: x\nseed: -1\nstages: [teacher]\n", "seed: expected 0..4294967295, got -1"),
         ('name: x\ndata: {"\\n": 1}\n', "data.'\\n': unknown field"),
         (b"\xff\xfe\x00garbage", "not a text file"),
@@ -371,7 +510,10 @@ def test_pathological_yaml(tmp_path, text, message):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("name: !!python/object/apply:os.system ['touch {marker}']\nstages: [teacher]\n", "not valid YAML"),
+        (
+            "name: !!python/object/apply:os.system ['touch {marker}']\nstages: [teacher]\n",
+            "not valid YAML",
+        ),
         ("name: ../../etc\nstages: [teacher]\n", "name: expected letters, digits"),
     ],
     ids=["python-tag", "escaping-name"],
@@ -392,8 +534,13 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     path.write_text("name: ../../etc\nstages: [teacher]\n")
     result = compress("validate", path, "--debug")
     assert result.returncode == 2
-    assert "Traceback (most recent call last)" in result.stderr and "compress.errors.RecipeError: name:" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: name: expected letters, digits")
+    assert (
+        "Traceback (most recent call last)" in result.stderr
+        and "compress.errors.RecipeError: name:" in result.stderr
+    )
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("error: name: expected letters, digits")
+    )
 
 
 # --- bad images in an ImageFolder ----------------------------------------------------------------
@@ -406,7 +553,9 @@ def _png(path: Path, color=(10, 20, 30), size=(12, 12)) -> None:
 
 def _jpeg_bytes(size: int = 128) -> bytes:
     buffer = io.BytesIO()
-    Image.frombytes("RGB", (size, size), np.random.default_rng(0).bytes(size * size * 3)).save(buffer, "JPEG")
+    Image.frombytes("RGB", (size, size), np.random.default_rng(0).bytes(size * size * 3)).save(
+        buffer, "JPEG"
+    )
     return buffer.getvalue()
 
 
@@ -426,14 +575,19 @@ def test_bad_image_files_fail_at_load_naming_the_first_and_the_count(tmp_path):
     with pytest.raises(DataError) as info:
         load_dataset(DataConfig(kind="imagefolder", path=str(root), image_size=8))
     first = root / "train" / "ant" / "a_empty.png"
-    assert str(info.value) == f"3 of 11 image files cannot be read (first: {first}: empty file); fix or remove them"
+    assert (
+        str(info.value)
+        == f"3 of 11 image files cannot be read (first: {first}: empty file); fix or remove them"
+    )
 
 
 def test_files_that_are_not_images_by_name_are_ignored(tmp_path):
     root = _tree(tmp_path / "imgs")
     (root / "train" / "ant" / "notes.txt").write_text("not an image")
     (root / "train" / "ant" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-    (root / "train" / "bee" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata beside a copy
+    (root / "train" / "bee" / "._0.png").write_bytes(
+        b"\x00\x05\x16\x07 AppleDouble"
+    )  # macOS metadata beside a copy
     _png(root / "train" / ".ipynb_checkpoints" / "0.png")  # not a class
     bundle = load_dataset(DataConfig(kind="imagefolder", path=str(root), image_size=8))
     assert bundle.classes == ("ant", "bee") and len(bundle.train) == 6
@@ -442,9 +596,16 @@ def test_files_that_are_not_images_by_name_are_ignored(tmp_path):
 def test_only_the_files_a_split_uses_are_checked(tmp_path):
     _png(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"")
-    files = ImageFileDataset([str(tmp_path / "good.png"), str(tmp_path / "bad.png")], label=0, image_size=8)
+    files = ImageFileDataset(
+        [str(tmp_path / "good.png"), str(tmp_path / "bad.png")], label=0, image_size=8
+    )
     check_image_files(Subset(files, [0]))  # a subset without the bad file (e.g. --subset) is fine
-    with pytest.raises(DataError, match=re.escape(f"1 of 2 image files cannot be read (first: {tmp_path / 'bad.png'}: empty file)")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"1 of 2 image files cannot be read (first: {tmp_path / 'bad.png'}: empty file)"
+        ),
+    ):
         check_image_files(files)
 
 
@@ -458,18 +619,28 @@ def _tree_with_truncated_body(root: Path) -> Path:
 
 def test_truncated_image_in_a_worker_is_one_line_naming_it(tmp_path):
     bad = _tree_with_truncated_body(tmp_path / "imgs")
-    cfg = DataConfig(kind="imagefolder", path=str(tmp_path / "imgs"), image_size=8, batch_size=16, workers=1)
+    cfg = DataConfig(
+        kind="imagefolder", path=str(tmp_path / "imgs"), image_size=8, batch_size=16, workers=1
+    )
     train, _ = make_loaders(load_dataset(cfg), cfg, seed=0)
     with pytest.raises(DataError) as info:
         next(iter(train))
-    assert str(info.value).startswith(f"cannot decode image {bad}: image file is truncated") and "\n" not in str(info.value)
+    assert str(info.value).startswith(
+        f"cannot decode image {bad}: image file is truncated"
+    ) and "\n" not in str(info.value)
     assert any("Original Traceback" in note for note in info.value.__notes__)  # what --debug shows
 
 
 @pytest.mark.slow
 def test_truncated_image_mid_epoch_is_one_line_through_the_cli(tmp_path):
     bad = _tree_with_truncated_body(tmp_path / "imgs")
-    data = {"kind": "imagefolder", "path": str(tmp_path / "imgs"), "image_size": 8, "batch_size": 4, "workers": 1}
+    data = {
+        "kind": "imagefolder",
+        "path": str(tmp_path / "imgs"),
+        "image_size": 8,
+        "batch_size": 4,
+        "workers": 1,
+    }
     result = compress("run", teacher_recipe(tmp_path, data=data))
     assert result.returncode == 2
     assert_one_line_error(result.stderr, f"cannot decode image {bad}: image file is truncated")
@@ -480,7 +651,10 @@ def test_truncated_image_mid_epoch_is_one_line_through_the_cli(tmp_path):
 
 def _onnx_model(weight_name: str = "W") -> onnx.ModelProto:
     weight = helper.make_tensor("W", TensorProto.FLOAT, [10, 48], np.ones(480, np.float32))
-    nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1), helper.make_node("Gemm", ["flat", weight_name], ["logits"], transB=1)]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", weight_name], ["logits"], transB=1),
+    ]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [weight],
@@ -529,7 +703,9 @@ def test_onnx_whose_external_data_points_outside_is_refused(tmp_path):
 def test_fuzz_places_reach_every_section():
     """The mutation places cover the whole quickstart, so fuzzing reaches every stage's settings."""
     assert {path[0] for path in PLACES if path} == set(_fuzz_base()) >= set(_quickstart())
-    assert {path[:2] for path in PLACES if len(path) >= 2 and path[0] == "stages"} == {("stages", i) for i in range(6)}
+    assert {path[:2] for path in PLACES if len(path) >= 2 and path[0] == "stages"} == {
+        ("stages", i) for i in range(6)
+    }
 
 
 # --- tampered artifacts ---------------------------------------------------------------------
@@ -541,9 +717,19 @@ def test_pruned_structure_wider_than_the_network_is_refused_before_allocating(tm
 
     model = build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True)
     hostile = tmp_path / "pruned.pt"
-    torch.save({"structure": {"features.0.0": {"in_channels": 3, "out_channels": 10**12, "groups": 1}}, "state_dict": model.state_dict()}, hostile)
-    with pytest.raises(ModelError, match="out_channels 1000000000000 is wider than the unpruned layer's 32"):
-        load_weights(build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True), hostile)
+    torch.save(
+        {
+            "structure": {"features.0.0": {"in_channels": 3, "out_channels": 10**12, "groups": 1}},
+            "state_dict": model.state_dict(),
+        },
+        hostile,
+    )
+    with pytest.raises(
+        ModelError, match="out_channels 1000000000000 is wider than the unpruned layer's 32"
+    ):
+        load_weights(
+            build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True), hostile
+        )
 
 
 def test_stage_record_pointing_outside_the_run_is_not_trusted(tmp_path):
@@ -555,7 +741,9 @@ def test_stage_record_pointing_outside_the_run_is_not_trusted(tmp_path):
     run_dir, outside = tmp_path / "run", tmp_path / "secret.bin"
     (run_dir / "stage").mkdir(parents=True)
     weights = write_bytes_atomic(run_dir / "stage" / "model.pt", b"weights")
-    record_stage(run_dir / "stage", run_dir, Artifact("stage", files={"model": weights}, key="k"), {}, {})
+    record_stage(
+        run_dir / "stage", run_dir, Artifact("stage", files={"model": weights}, key="k"), {}, {}
+    )
     assert load_completed(run_dir / "stage", run_dir, "k") is not None
     outside.write_bytes(b"weights")
     record = json.loads((run_dir / "stage" / "stage.json").read_text())

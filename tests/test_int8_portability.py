@@ -47,9 +47,14 @@ PORTABLE = [name for name, r in WEIGHT_RANGES.items() if r.portable]
 def test_the_non_vnni_kernel_saturates_exactly_where_the_bound_says():
     weights = np.array([[127, 2], [127, 1], [-64, -64], [-65, -64]], dtype=np.int8).T  # (K=2, N=4)
     activations = np.full((1, 2), U8_MAX, dtype=np.uint8)
-    exact, emulated = exact_product(activations, weights), emulate_pairwise_int16(activations, weights)
+    exact, emulated = (
+        exact_product(activations, weights),
+        emulate_pairwise_int16(activations, weights),
+    )
     assert exact.tolist() == [[32895, 32640, -32640, -32895]]
-    assert emulated.tolist() == [[32767, 32640, -32640, -32768]]  # 129 and -129 saturate, 128 does not
+    assert emulated.tolist() == [
+        [32767, 32640, -32640, -32768]
+    ]  # 129 and -129 saturate, 128 does not
     assert worst_pair_sums(weights, axis=1).tolist() == [129, 128, 128, 129]
 
 
@@ -67,7 +72,9 @@ def test_weights_within_the_bound_are_exact_in_every_packing_order_and_for_every
     within = worst_pair_sums(weights, axis=1) <= PAIR_LIMIT
     order = rng.permutation(k)
     w = weights[order]
-    worst = np.concatenate([(w > 0).T, (w < 0).T]).astype(np.int64) * U8_MAX  # per channel, the largest pair sums
+    worst = (
+        np.concatenate([(w > 0).T, (w < 0).T]).astype(np.int64) * U8_MAX
+    )  # per channel, the largest pair sums
     random = rng.integers(0, 256, size=(8, k))
     for a in (worst, random):
         same = emulate_pairwise_int16(a, w) == exact_product(a, w)
@@ -75,10 +82,17 @@ def test_weights_within_the_bound_are_exact_in_every_packing_order_and_for_every
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 64), name=st.sampled_from(PORTABLE), depthwise=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    k=st.integers(1, 64),
+    name=st.sampled_from(PORTABLE),
+    depthwise=st.booleans(),
+)
 def test_portable_weight_ranges_keep_every_pair_within_the_bound(seed, k, name, depthwise):
     rng = np.random.default_rng(seed)
-    weight = torch.from_numpy(rng.standard_normal((5, k)) * rng.uniform(0.01, 3, size=(5, 1))).float()
+    weight = torch.from_numpy(
+        rng.standard_normal((5, k)) * rng.uniform(0.01, 3, size=(5, 1))
+    ).float()
     weight[0, 0] = 4 * weight[0].abs().max()  # one dominant weight
     scale = WEIGHT_RANGES[name].scale(weight, depthwise)
     q = torch.round(weight / scale[:, None]).numpy()
@@ -87,7 +101,9 @@ def test_portable_weight_ranges_keep_every_pair_within_the_bound(seed, k, name, 
         assert worst_pair_sums(q).max() <= PAIR_LIMIT
     full = WEIGHT_RANGES["full"].scale(weight, depthwise)
     seven_bit = WEIGHT_RANGES["7bit"].scale(weight, depthwise)
-    assert (full <= scale + 1e-12).all() and (scale <= seven_bit + 1e-12).all()  # never coarser than 7-bit
+    assert (full <= scale + 1e-12).all() and (
+        scale <= seven_bit + 1e-12
+    ).all()  # never coarser than 7-bit
 
 
 def test_auto_is_portable_on_cpu_and_full_range_for_tensorrt():
@@ -109,12 +125,25 @@ def exported(digits_teacher, tmp_path_factory):
     digits = load_digits()
     pixels = torch.from_numpy(digits.images[:256] / 16.0).float()[:, None].expand(-1, 3, -1, -1)
     images = ((pixels - 0.5) / 0.25).contiguous()
-    model = load_weights(build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval(), digits_teacher).eval()
+    model = load_weights(
+        build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval(), digits_teacher
+    ).eval()
     files = {}
     for name in ("full", "pair-limit"):
-        qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2], weight_range=name)
+        qmodel = prepare_quantized(
+            model, target="onnxruntime-cpu", example_inputs=images[:2], weight_range=name
+        )
         calibrate(qmodel, [images[:128]], method="minmax")
-        files[name] = (qmodel.eval(), export_onnx(qmodel, folder / f"{name}.onnx", image_size=SIZE, exporter="torchscript", transform=store_int8_weights))
+        files[name] = (
+            qmodel.eval(),
+            export_onnx(
+                qmodel,
+                folder / f"{name}.onnx",
+                image_size=SIZE,
+                exporter="torchscript",
+                transform=store_int8_weights,
+            ),
+        )
     return files, images.numpy()
 
 
@@ -122,7 +151,9 @@ def layer_operands(path, images, layer):
     """(u8 activations im2col'd in the two packing orders, int8 weights as (K, N) in each) of one
     Conv of a QDQ file, the activations computed by ONNX Runtime on real images."""
     model = onnx.load(path)
-    node = next(n for n in model.graph.node if n.op_type == "Conv" and (n.name or n.output[0]) == layer)
+    node = next(
+        n for n in model.graph.node if n.op_type == "Conv" and (n.name or n.output[0]) == layer
+    )
     producers = {out: n for n in model.graph.node for out in n.output}
     activation_dq, weight_dq = producers[node.input[0]], producers[node.input[1]]
     u8_name = activation_dq.input[0]
@@ -134,27 +165,38 @@ def layer_operands(path, images, layer):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     u8 = session.run([u8_name], {"input": images})[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     pads, strides = attrs.get("pads", [0, 0, 0, 0]), attrs.get("strides", [1, 1])
-    padded = F.pad(torch.from_numpy(u8).double(), (pads[1], pads[3], pads[0], pads[2]), value=zero_point)
+    padded = F.pad(
+        torch.from_numpy(u8).double(), (pads[1], pads[3], pads[0], pads[2]), value=zero_point
+    )
     kh, kw = weight.shape[2:]
-    cols = F.unfold(padded, (kh, kw), stride=strides)  # (N, C*kh*kw, L), reduction order (c, kh, kw)
+    cols = F.unfold(
+        padded, (kh, kw), stride=strides
+    )  # (N, C*kh*kw, L), reduction order (c, kh, kw)
     channels = weight.shape[1]
     chw = cols.transpose(1, 2).reshape(-1, channels * kh * kw).long().numpy()
-    hwc = chw.reshape(-1, channels, kh * kw).transpose(0, 2, 1).reshape(len(chw), -1)  # (kh, kw, c): NHWC kernels
+    hwc = (
+        chw.reshape(-1, channels, kh * kw).transpose(0, 2, 1).reshape(len(chw), -1)
+    )  # (kh, kw, c): NHWC kernels
     w_chw = weight.reshape(len(weight), -1).T
     w_hwc = weight.transpose(0, 2, 3, 1).reshape(len(weight), -1).T
     return [(chw, w_chw), (hwc, w_hwc)]
 
 
 def worst_case(w: np.ndarray) -> np.ndarray:
-    """Per output channel, the activations that drive its positive and its negative pairs to the limit."""
+    """Per output channel, the activations that drive its positive and its negative pairs to the
+    limit."""
     return np.concatenate([(w > 0).T, (w < 0).T]).astype(np.int64) * U8_MAX
 
 
-def test_full_range_weights_give_wrong_sums_on_the_emulated_kernel_and_portable_ones_do_not(exported):
+def test_full_range_weights_give_wrong_sums_on_the_emulated_kernel_and_portable_ones_do_not(
+    exported,
+):
     files, images = exported
     for name, (_, path) in files.items():
         report = int8_portability(onnx.load(path))
@@ -165,7 +207,9 @@ def test_full_range_weights_give_wrong_sums_on_the_emulated_kernel_and_portable_
             real = emulate_pairwise_int16(a, w) == exact_product(a, w)
             if name == "full":
                 assert not report.portable and report.worst_pair_sum > PAIR_LIMIT
-                assert wrong.any(), "full-range weights must saturate the 16-bit lanes for some input"
+                assert wrong.any(), (
+                    "full-range weights must saturate the 16-bit lanes for some input"
+                )
             else:
                 assert report.portable and report.layers_at_risk == 0
                 assert not wrong.any() and real.all()
@@ -173,7 +217,9 @@ def test_full_range_weights_give_wrong_sums_on_the_emulated_kernel_and_portable_
 
 def test_portability_is_checked_on_every_integer_layer(exported):
     files, _ = exported
-    full, portable = (int8_portability(onnx.load(files[name][1])) for name in ("full", "pair-limit"))
+    full, portable = (
+        int8_portability(onnx.load(files[name][1])) for name in ("full", "pair-limit")
+    )
     assert full.layers == portable.layers == 22 == full.paired_layers  # 21 convs + the classifier
     assert full.layers_at_risk == 22 and full.worst_lane > 32767
     assert portable.worst_pair_sum <= PAIR_LIMIT and portable.worst_lane <= 32767
@@ -182,7 +228,12 @@ def test_portability_is_checked_on_every_integer_layer(exported):
 def test_depthwise_convolutions_are_exempt_and_counted():
     torch.manual_seed(0)
     model = build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True).eval()
-    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=torch.randn(2, 3, 16, 16), weight_range="pair-limit")
+    qmodel = prepare_quantized(
+        model,
+        target="onnxruntime-cpu",
+        example_inputs=torch.randn(2, 3, 16, 16),
+        weight_range="pair-limit",
+    )
     calibrate(qmodel, [torch.randn(4, 3, 16, 16)], method="minmax")
     proto = onnx.load_model_from_string(_exported_bytes(qmodel))
     report = int8_portability(proto)
@@ -199,11 +250,19 @@ def _exported_bytes(qmodel) -> bytes:
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(qmodel.eval(), Path(folder) / "m.onnx", image_size=16, exporter="torchscript", transform=store_int8_weights)
+        path = export_onnx(
+            qmodel.eval(),
+            Path(folder) / "m.onnx",
+            image_size=16,
+            exporter="torchscript",
+            transform=store_int8_weights,
+        )
         return path.read_bytes()
 
 
-def test_full_range_file_is_verified_with_the_exact_kernels_where_the_cpu_saturates(exported, monkeypatch, tmp_path, capsys):
+def test_full_range_file_is_verified_with_the_exact_kernels_where_the_cpu_saturates(
+    exported, monkeypatch, tmp_path, capsys
+):
     """On any CPU: ONNX Runtime's exact u8u8 kernels (what a VNNI CPU computes) reproduce the
     fake-quantized model; on a CPU said to lack VNNI, the export verifies that way and warns."""
     import compress.cpu_features as features
@@ -218,7 +277,9 @@ def test_full_range_file_is_verified_with_the_exact_kernels_where_the_cpu_satura
     assert (exact.argmax(1) == theirs.argmax(1)).mean() >= 0.95
 
     avx2 = CpuFeatures("x86_64", ("avx", "avx2", "fma"), known=True)
-    monkeypatch.setattr(features, "cpu_features", lambda: avx2)  # prove_portability reads it when called
+    monkeypatch.setattr(
+        features, "cpu_features", lambda: avx2
+    )  # prove_portability reads it when called
     copy = tmp_path / "full.onnx"
     copy.write_bytes(path.read_bytes())
     record, use_exact = prove_portability(copy, "full", "onnxruntime-cpu", warn=True)
@@ -245,8 +306,16 @@ def test_a_portable_range_that_yields_a_non_portable_file_is_refused(exported, t
     ("features", "saturates", "summary"),
     [
         (CpuFeatures("x86_64", ("avx2",), True), True, "x86_64, AVX2, no VNNI"),
-        (CpuFeatures("x86_64", ("avx2", "avx512f", "avx512bw"), True), True, "x86_64, AVX-512, no VNNI"),
-        (CpuFeatures("x86_64", ("avx2", "avx512f", "avx512_vnni"), True), False, "x86_64, AVX-512, VNNI"),
+        (
+            CpuFeatures("x86_64", ("avx2", "avx512f", "avx512bw"), True),
+            True,
+            "x86_64, AVX-512, no VNNI",
+        ),
+        (
+            CpuFeatures("x86_64", ("avx2", "avx512f", "avx512_vnni"), True),
+            False,
+            "x86_64, AVX-512, VNNI",
+        ),
         (CpuFeatures("x86_64", ("avx2", "avx_vnni"), True), False, "x86_64, AVX2, VNNI"),
         (CpuFeatures("aarch64", ("asimd", "asimddp"), True), False, "aarch64, dot-product"),
         (CpuFeatures("x86_64", (), False), False, "x86_64, flags unknown"),
@@ -263,20 +332,36 @@ def test_this_cpus_features_are_read():
     assert found.to_dict()["saturates_u8s8"] == found.saturates_u8s8
 
 
-def test_bench_records_the_cpu_and_warns_when_a_full_range_file_would_saturate(exported, monkeypatch, capsys):
+def test_bench_records_the_cpu_and_warns_when_a_full_range_file_would_saturate(
+    exported, monkeypatch, capsys
+):
     import compress.benchmark.measure as benchmark
 
     files, images = exported
     path = files["full"][1]
     cfg = BenchConfig(batch_size=8, warmup=1, iterations=5, time_budget_s=0.3, threads=1)
     result = bench_models({"student": path}, cfg, None, mean=[0.5] * 3, std=[0.25] * 3)
-    assert result["machine"]["cpu_features"]["arch"] and "saturates_u8s8" in result["machine"]["cpu_features"]
-    assert result["rows"][0]["int8_portable"] is False  # from the weights: this file has no verdict in its metadata
+    assert (
+        result["machine"]["cpu_features"]["arch"]
+        and "saturates_u8s8" in result["machine"]["cpu_features"]
+    )
+    assert (
+        result["rows"][0]["int8_portable"] is False
+    )  # from the weights: this file has no verdict in its metadata
     avx2 = CpuFeatures("x86_64", ("avx2",), True)
     monkeypatch.setattr(benchmark, "cpu_features", lambda: avx2)
-    warned = bench_models({"student": path, "portable": files["pair-limit"][1]}, cfg, None, mean=[0.5] * 3, std=[0.25] * 3)
+    warned = bench_models(
+        {"student": path, "portable": files["pair-limit"][1]},
+        cfg,
+        None,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+    )
     rows = {row["role"]: row for row in warned["rows"]}
-    assert "saturating 16-bit lanes" in rows["student"]["warning"] and "warning" not in rows["portable"]
+    assert (
+        "saturating 16-bit lanes" in rows["student"]["warning"]
+        and "warning" not in rows["portable"]
+    )
     assert capsys.readouterr().err.count("warning:") == 1
 
 
@@ -297,7 +382,12 @@ def test_compress_list_shows_the_weight_ranges_and_which_are_portable():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "compress", "list", "weight-ranges"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "compress", "list", "weight-ranges"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert set(lines) == set(WEIGHT_RANGES)
     assert all(("portable" in lines[name]) == r.portable for name, r in WEIGHT_RANGES.items())

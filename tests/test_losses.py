@@ -22,21 +22,28 @@ LN3 = math.log(3)
 
 
 def batch_of(student, teacher, labels, **kwargs):
-    return DistillBatch(torch.as_tensor(student, dtype=torch.float32), torch.as_tensor(teacher, dtype=torch.float32), torch.as_tensor(labels), **kwargs)
+    return DistillBatch(
+        torch.as_tensor(student, dtype=torch.float32),
+        torch.as_tensor(teacher, dtype=torch.float32),
+        torch.as_tensor(labels),
+        **kwargs,
+    )
 
 
 def two_class_kl(temperature):
-    """KL(softmax([ln3, 0] / T) || [1/2, 1/2]) by hand: teacher soft targets [r/(r+1), 1/(r+1)], r = 3^(1/T)."""
+    """KL(softmax([ln3, 0] / T) || [1/2, 1/2]) by hand: teacher soft targets [r/(r+1), 1/(r+1)],
+    r = 3^(1/T)."""
     r = 3 ** (1 / temperature)
     return sum(p * math.log(p / 0.5) for p in (r / (r + 1), 1 / (r + 1)))
 
 
-# ----------------------------------------------------------------------------- kd
+# ---------------------------------------------------------------------------- kd
 
 
 def test_kd_matches_hand_computed_value_with_t_squared_scaling():
     # Two classes, student logits [0, 0] (p_s = [1/2, 1/2]), teacher logits [ln 3, 0], label 0.
-    # At T = 2 the teacher's soft targets are softmax([ln3 / 2, 0]) = [r/(r+1), 1/(r+1)], r = sqrt(3).
+    # At T = 2 the teacher's soft targets are softmax([ln3 / 2, 0]) = [r/(r+1), 1/(r+1)],
+    # r = sqrt(3).
     r = math.sqrt(3)
     p_t = [r / (r + 1), 1 / (r + 1)]
     kl = sum(p * math.log(p / 0.5) for p in p_t)
@@ -44,14 +51,18 @@ def test_kd_matches_hand_computed_value_with_t_squared_scaling():
     expected = 0.9 * (2**2) * kl + 0.1 * ce  # alpha * T^2 * KL + (1 - alpha) * CE
     assert expected == pytest.approx(0.200132, abs=1e-5)
 
-    out = build_loss("kd", KDParams(temperature=2.0, alpha=0.9))(batch_of([[0.0, 0.0]], [[LN3, 0.0]], [0]))
+    out = build_loss("kd", KDParams(temperature=2.0, alpha=0.9))(
+        batch_of([[0.0, 0.0]], [[LN3, 0.0]], [0])
+    )
     assert out.total.item() == pytest.approx(expected, rel=1e-5)
     assert out.terms["kd"].item() == pytest.approx(4 * kl, rel=1e-5)
     assert out.terms["ce"].item() == pytest.approx(ce, rel=1e-6)
 
 
 def test_kd_beta_normalises_the_two_weights():
-    out = build_loss("kd", KDParams(temperature=2.0, alpha=0.9, beta=0.3))(batch_of([[0.0, 0.0]], [[LN3, 0.0]], [0]))
+    out = build_loss("kd", KDParams(temperature=2.0, alpha=0.9, beta=0.3))(
+        batch_of([[0.0, 0.0]], [[LN3, 0.0]], [0])
+    )
     expected = (0.9 * 4 * two_class_kl(2.0) + 0.3 * math.log(2)) / (0.9 + 0.3)
     assert out.total.item() == pytest.approx(expected, rel=1e-5)
 
@@ -60,11 +71,15 @@ def test_kd_soft_term_scales_with_t_squared_and_is_batch_mean():
     torch.manual_seed(0)
     s, t = torch.randn(8, 10), torch.randn(8, 10)
     for temperature in (1.0, 4.0):
-        out = build_loss("kd", KDParams(temperature=temperature, alpha=1.0))(DistillBatch(s, t, torch.randint(0, 10, (8,))))
+        out = build_loss("kd", KDParams(temperature=temperature, alpha=1.0))(
+            DistillBatch(s, t, torch.randint(0, 10, (8,)))
+        )
         p_t = torch.softmax(t / temperature, 1)
         log_p_s = torch.log_softmax(s / temperature, 1)
         kl_per_sample = (p_t * (p_t.log() - log_p_s)).sum(1)
-        assert out.total.item() == pytest.approx(temperature**2 * kl_per_sample.mean().item(), rel=1e-5)
+        assert out.total.item() == pytest.approx(
+            temperature**2 * kl_per_sample.mean().item(), rel=1e-5
+        )
         assert soft_kl(s, t, temperature).item() == pytest.approx(out.total.item(), rel=1e-6)
 
 
@@ -76,26 +91,32 @@ def test_kd_alpha_zero_is_plain_cross_entropy():
 
 def test_kd_identical_logits_have_zero_soft_term():
     logits = torch.randn(3, 7)
-    out = build_loss("kd", KDParams(alpha=1.0))(DistillBatch(logits, logits.clone(), torch.tensor([0, 1, 2])))
+    out = build_loss("kd", KDParams(alpha=1.0))(
+        DistillBatch(logits, logits.clone(), torch.tensor([0, 1, 2]))
+    )
     assert out.total.item() == pytest.approx(0.0, abs=1e-6)
 
 
-# ----------------------------------------------------------------------------- logit_mse, hybrid
+# ---------------------------------------------------------------------------- logit_mse, hybrid
 
 
 def test_logit_mse_is_the_mean_over_all_elements():
-    out = build_loss("logit_mse", LOSSES.get("logit_mse").params())(batch_of([[1.0, 2.0], [3.0, 4.0]], [[0.0, 2.0], [3.0, 6.0]], [0, 1]))
+    out = build_loss("logit_mse", LOSSES.get("logit_mse").params())(
+        batch_of([[1.0, 2.0], [3.0, 4.0]], [[0.0, 2.0], [3.0, 6.0]], [0, 1])
+    )
     assert out.total.item() == pytest.approx((1 + 0 + 0 + 4) / 4)
 
 
 def test_hybrid_blends_mse_and_t_squared_kl_without_cross_entropy():
-    out = build_loss("hybrid", HybridParams(alpha=0.25, temperature=2.0))(batch_of([[0.0, 0.0]], [[LN3, 0.0]], [1]))
+    out = build_loss("hybrid", HybridParams(alpha=0.25, temperature=2.0))(
+        batch_of([[0.0, 0.0]], [[LN3, 0.0]], [1])
+    )
     mse = LN3**2 / 2
     assert out.total.item() == pytest.approx(0.75 * mse + 0.25 * 4 * two_class_kl(2.0), rel=1e-5)
     assert out.terms["mse"].item() == pytest.approx(mse, rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- dkd
+# ---------------------------------------------------------------------------- dkd
 
 
 def softmax(xs):
@@ -123,11 +144,15 @@ def test_dkd_terms_match_the_paper_definitions_and_decompose_kd(temperature):
     assert tckd(*args).item() == pytest.approx(scale * tckd_hand, rel=1e-5)
     assert nckd(*args).item() == pytest.approx(scale * nckd_hand, rel=1e-5)
     kd = soft_kl(args[0], args[1], temperature).item()
-    assert kd == pytest.approx(tckd(*args).item() + (1 - p_t[target]) * nckd(*args).item(), rel=1e-5)
+    assert kd == pytest.approx(
+        tckd(*args).item() + (1 - p_t[target]) * nckd(*args).item(), rel=1e-5
+    )
 
 
 def test_dkd_warmup_ramps_the_kd_terms():
-    loss = DecoupledKD(DKDParams(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=4, ce_weight=1.0))
+    loss = DecoupledKD(
+        DKDParams(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=4, ce_weight=1.0)
+    )
     torch.manual_seed(0)
     s, t, y = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 2, 4])
     kd = tckd(s, t, y, 4.0) + 8.0 * nckd(s, t, y, 4.0)
@@ -140,15 +165,27 @@ def test_dkd_warmup_ramps_the_kd_terms():
 
 def test_dkd_target_uses_teacher_argmax_for_unlabeled_and_first_label_under_mixup():
     teacher = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
-    batch = DistillBatch(torch.zeros(2, 3), teacher, torch.tensor([UNLABELED, 2]), mixed_labels=torch.tensor([0, 1]), lam=0.6)
+    batch = DistillBatch(
+        torch.zeros(2, 3),
+        teacher,
+        torch.tensor([UNLABELED, 2]),
+        mixed_labels=torch.tensor([0, 1]),
+        lam=0.6,
+    )
     assert dkd_target(batch).tolist() == [1, 2]
 
 
-# ----------------------------------------------------------------------------- at
+# ---------------------------------------------------------------------------- at
 
 
 def feature_batch(student_map, teacher_map):
-    return DistillBatch(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), student_features={"s": student_map}, teacher_features={"t": teacher_map})
+    return DistillBatch(
+        torch.zeros(1, 2),
+        torch.zeros(1, 2),
+        torch.tensor([0]),
+        student_features={"s": student_map},
+        teacher_features={"t": teacher_map},
+    )
 
 
 AT_PAIR = (LayerPair(teacher="t", student="s"),)
@@ -175,19 +212,25 @@ def test_at_resizes_the_student_map_to_the_teachers():
     large, small = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
     pooled = F.adaptive_avg_pool2d(large, 4)
     q = lambda f: F.normalize(f.pow(2).mean(1).flatten(1))  # noqa: E731  (the official code)
-    assert loss(feature_batch(large, small)).total.item() == pytest.approx((q(pooled) - q(small)).pow(2).mean().item(), rel=1e-5)
+    assert loss(feature_batch(large, small)).total.item() == pytest.approx(
+        (q(pooled) - q(small)).pow(2).mean().item(), rel=1e-5
+    )
     upsampled = loss(feature_batch(small, large)).total
     assert torch.isfinite(upsampled) and upsampled.item() > 0
 
 
-# ----------------------------------------------------------------------------- fitnet
+# ---------------------------------------------------------------------------- fitnet
 
 
 def test_fitnet_builds_a_regressor_only_when_channels_differ():
     loss = FitNet(FitNetParams(pairs=AT_PAIR))
     loss.setup(feature_batch(torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4, 4)))
     conv, bn = loss.regressors[0]
-    assert isinstance(conv, torch.nn.Conv2d) and conv.bias is None and (conv.in_channels, conv.out_channels) == (3, 6)
+    assert (
+        isinstance(conv, torch.nn.Conv2d)
+        and conv.bias is None
+        and (conv.in_channels, conv.out_channels) == (3, 6)
+    )
     assert isinstance(bn, torch.nn.BatchNorm2d)
     loss.setup(feature_batch(torch.randn(2, 6, 8, 8), torch.randn(2, 6, 4, 4)))
     assert isinstance(loss.regressors[0], torch.nn.Identity)
@@ -197,7 +240,10 @@ def test_fitnet_builds_a_regressor_only_when_channels_differ():
 
 
 def test_fitnet_trains_student_and_regressor_but_not_teacher():
-    student, teacher = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(2, 6, 4, 4, requires_grad=True)
+    student, teacher = (
+        torch.randn(2, 3, 8, 8, requires_grad=True),
+        torch.randn(2, 6, 4, 4, requires_grad=True),
+    )
     loss = FitNet(FitNetParams(pairs=AT_PAIR))
     loss.setup(feature_batch(student, teacher))
     loss(feature_batch(student, teacher)).total.backward()
@@ -210,22 +256,30 @@ def test_fitnet_identity_regressor_is_plain_mse():
     s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     loss = FitNet(FitNetParams(pairs=AT_PAIR))
     loss.setup(feature_batch(s, t))
-    assert loss(feature_batch(s, t)).total.item() == pytest.approx(F.mse_loss(s, t).item(), rel=1e-6)
+    assert loss(feature_batch(s, t)).total.item() == pytest.approx(
+        F.mse_loss(s, t).item(), rel=1e-6
+    )
 
 
 def test_fitnet_forward_before_setup_raises():
     with pytest.raises(RuntimeError, match="setup"):
-        FitNet(FitNetParams(pairs=AT_PAIR))(feature_batch(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)))
+        FitNet(FitNetParams(pairs=AT_PAIR))(
+            feature_batch(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2))
+        )
 
 
 def test_feature_losses_reject_mismatched_ranks_at_setup():
     with pytest.raises(RecipeError, match="^pairs: expected 4-D"):
-        AttentionTransfer(ATParams(pairs=AT_PAIR)).setup(feature_batch(torch.randn(2, 3), torch.randn(2, 3)))
+        AttentionTransfer(ATParams(pairs=AT_PAIR)).setup(
+            feature_batch(torch.randn(2, 3), torch.randn(2, 3))
+        )
     with pytest.raises(RecipeError, match="^pairs: expected 2-D or 4-D"):
-        FitNet(FitNetParams(pairs=AT_PAIR)).setup(feature_batch(torch.randn(2, 3), torch.randn(2, 3, 4, 4)))
+        FitNet(FitNetParams(pairs=AT_PAIR)).setup(
+            feature_batch(torch.randn(2, 3), torch.randn(2, 3, 4, 4))
+        )
 
 
-# ----------------------------------------------------------------------------- every registered loss
+# ---------------------------------------------------------------------------- every registered loss
 
 
 def default_params(name):
@@ -237,7 +291,9 @@ def random_batch(labels=(0, 1, UNLABELED, 3)):
     torch.manual_seed(0)
     n = len(labels)
     return DistillBatch(
-        torch.randn(n, 5, requires_grad=True), torch.randn(n, 5, requires_grad=True), torch.tensor(labels),
+        torch.randn(n, 5, requires_grad=True),
+        torch.randn(n, 5, requires_grad=True),
+        torch.tensor(labels),
         student_features={"s": torch.randn(n, 3, 4, 4, requires_grad=True)},
         teacher_features={"t": torch.randn(n, 6, 2, 2, requires_grad=True)},
     )
@@ -273,7 +329,9 @@ def test_hard_ce_mixes_the_two_labels_by_lam():
     batch = batch_of([[LN3, 0.0]], [[0.0, 0.0]], [0], mixed_labels=torch.tensor([1]), lam=0.7)
     expected = 0.7 * -math.log(0.75) + 0.3 * -math.log(0.25)
     assert hard_ce(batch.student_logits, batch).item() == pytest.approx(expected, rel=1e-6)
-    assert build_loss("ce", default_params("ce"))(batch).total.item() == pytest.approx(expected, rel=1e-6)
+    assert build_loss("ce", default_params("ce"))(batch).total.item() == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize(("name", "unlabeled_gets_gradient"), [("kd", True), ("ce", False)])
@@ -284,15 +342,20 @@ def test_unlabeled_rows_get_only_the_soft_term(name, unlabeled_gets_gradient):
     assert bool(batch.student_logits.grad[1].abs().sum() > 0) == unlabeled_gets_gradient
 
 
-# ----------------------------------------------------------------------------- composite
+# ---------------------------------------------------------------------------- composite
 
 
 def test_composite_applies_weights_exactly_and_prefixes_terms():
     batch = random_batch()
-    kd, mse = build_loss("kd", KDParams())(batch), build_loss("logit_mse", default_params("logit_mse"))(batch)
+    kd, mse = (
+        build_loss("kd", KDParams())(batch),
+        build_loss("logit_mse", default_params("logit_mse"))(batch),
+    )
     loss = build_distill_loss([LossConfig("kd", 0.7, KDParams()), LossConfig("logit_mse", 0.2)])
     out = loss(batch)
-    assert out.total.item() == pytest.approx(0.7 * kd.total.item() + 0.2 * mse.total.item(), rel=1e-6)
+    assert out.total.item() == pytest.approx(
+        0.7 * kd.total.item() + 0.2 * mse.total.item(), rel=1e-6
+    )
     assert set(out.terms) == {"kd", "kd.kd", "kd.ce", "logit_mse", "logit_mse.logit_mse"}
     assert out.terms["kd"].item() == pytest.approx(0.7 * kd.total.item(), rel=1e-6)
 
@@ -301,18 +364,28 @@ def test_composite_single_term_keeps_its_own_terms():
     batch = random_batch()
     out = CompositeLoss([LossConfig("kd", 2.0, KDParams())])(batch)
     assert set(out.terms) == {"kd", "ce"}
-    assert out.total.item() == pytest.approx(2.0 * build_loss("kd", KDParams())(batch).total.item(), rel=1e-6)
+    assert out.total.item() == pytest.approx(
+        2.0 * build_loss("kd", KDParams())(batch).total.item(), rel=1e-6
+    )
 
 
 def test_composite_unions_layers_sets_up_terms_and_needs_teacher():
     pairs = (LayerPair("t1", "s1"), LayerPair("t2", "s2"))
-    loss = CompositeLoss([
-        LossConfig("fitnet", 1.0, FitNetParams(pairs=pairs)),
-        LossConfig("at", 1.0, ATParams(pairs=(LayerPair("t1", "s1"), LayerPair("t3", "s1")))),
-    ])
+    loss = CompositeLoss(
+        [
+            LossConfig("fitnet", 1.0, FitNetParams(pairs=pairs)),
+            LossConfig("at", 1.0, ATParams(pairs=(LayerPair("t1", "s1"), LayerPair("t3", "s1")))),
+        ]
+    )
     assert loss.teacher_layers == ("t1", "t2", "t3") and loss.student_layers == ("s1", "s2")
     features = {name: torch.randn(2, 4, 3, 3) for name in ("t1", "t2", "t3", "s1", "s2")}
-    batch = DistillBatch(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1]), student_features=features, teacher_features=features)
+    batch = DistillBatch(
+        torch.zeros(2, 3),
+        torch.zeros(2, 3),
+        torch.tensor([0, 1]),
+        student_features=features,
+        teacher_features=features,
+    )
     loss.setup(batch)
     assert len(loss.losses[0].regressors) == 2 and torch.isfinite(loss(batch).total)
     assert CompositeLoss([LossConfig("ce")]).needs_teacher is False
@@ -324,7 +397,7 @@ def test_composite_repeated_loss_names_get_distinct_keys():
     assert {"ce", "ce_2"} <= set(out.terms)
 
 
-# ----------------------------------------------------------------------------- params validation
+# ---------------------------------------------------------------------------- params validation
 
 
 @pytest.mark.parametrize(

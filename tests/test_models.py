@@ -17,7 +17,15 @@ TORCHVISION = [
     "torchvision:mobilenet_v3_small",
     "torchvision:mobilenet_v3_large",
 ]
-CIFAR = ["cifar:resnet8", "cifar:resnet14", "cifar:resnet20", "cifar:resnet32", "cifar:resnet44", "cifar:resnet56", "cifar:resnet110"]
+CIFAR = [
+    "cifar:resnet8",
+    "cifar:resnet14",
+    "cifar:resnet20",
+    "cifar:resnet32",
+    "cifar:resnet44",
+    "cifar:resnet56",
+    "cifar:resnet110",
+]
 # He et al. 2016, Table 6 (CIFAR-10): parameters of the 6n+2 ResNets.
 HE_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}
 
@@ -77,7 +85,10 @@ def test_count_params_macs_of_resnet20():
     assert params == sum(p.numel() for p in model.parameters())
     assert 38e6 < macs < 45e6  # the commonly quoted ~41M multiply-adds of resnet20 at 32x32
     # cifar_stem is ignored: the network is already CIFAR-shaped.
-    assert count_params_macs(build_model("cifar:resnet20", 10, cifar_stem=True), 32) == (params, macs)
+    assert count_params_macs(build_model("cifar:resnet20", 10, cifar_stem=True), 32) == (
+        params,
+        macs,
+    )
 
 
 def test_count_params_macs_restores_modes():
@@ -87,7 +98,9 @@ def test_count_params_macs_restores_modes():
     assert model.training and not model.layer2.training and model.layer3.training
 
 
-@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "cifar:resnet20"])
+@pytest.mark.parametrize(
+    "name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "cifar:resnet20"]
+)
 def test_in_channels_replaces_first_conv(name):
     model = build_model(name, 5, cifar_stem=True, in_channels=1).eval()
     with torch.no_grad():
@@ -128,15 +141,23 @@ def test_load_weights_wrong_num_classes(tmp_path):
     with pytest.raises(ModelError) as info:
         load_weights(build_model("cifar:resnet20", 100), path)
     message = str(info.value)
-    assert "\n" not in message and str(path) in message and "cifar:resnet20 (num_classes=100)" in message
+    assert (
+        "\n" not in message
+        and str(path) in message
+        and "cifar:resnet20 (num_classes=100)" in message
+    )
     assert "size mismatch for fc.weight: checkpoint (10, 64) vs model (100, 64)" in message
 
 
-@pytest.mark.parametrize(("saved", "loaded", "problem"), [(20, 32, "missing"), (32, 20, "unexpected")])
+@pytest.mark.parametrize(
+    ("saved", "loaded", "problem"), [(20, 32, "missing"), (32, 20, "unexpected")]
+)
 def test_load_weights_missing_and_unexpected_keys(tmp_path, saved, loaded, problem):
     path = tmp_path / "other.pt"
     torch.save(build_model(f"cifar:resnet{saved}", 10).state_dict(), path)
-    with pytest.raises(ModelError, match=rf"{problem} keys layer1\.3\.conv1\.weight, .*\(\+\d+ more\)$"):
+    with pytest.raises(
+        ModelError, match=rf"{problem} keys layer1\.3\.conv1\.weight, .*\(\+\d+ more\)$"
+    ):
         load_weights(build_model(f"cifar:resnet{loaded}", 10), path)
 
 

@@ -32,7 +32,9 @@ stages:
 
 
 def compress(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,15 @@ def stage_record(run_dir: Path, stage: str) -> dict:
 
 def test_every_artifact_is_written_and_self_describing(finished_run):
     _, run_dir, _ = finished_run
-    for path in ["recipe.yaml", "teacher/model.pt", "distill/model.pt", "teacher.onnx", "student.onnx", "bench/bench.json", "bench/bench.md"]:
+    for path in [
+        "recipe.yaml",
+        "teacher/model.pt",
+        "distill/model.pt",
+        "teacher.onnx",
+        "student.onnx",
+        "bench/bench.json",
+        "bench/bench.md",
+    ]:
         assert (run_dir / path).is_file(), path
     for stage in ["teacher", "distill", "export", "bench"]:
         record = stage_record(run_dir, stage)
@@ -114,17 +124,33 @@ def test_recipe_gates_pass_against_itself_and_fail_on_a_better_baseline(finished
     recipe, run_dir, _ = finished_run
     baseline = json.loads((run_dir / "bench" / "bench.json").read_text())
     (tmp_path / "same.json").write_text(json.dumps(baseline))
-    same = compress("run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'same.json'}")
+    same = compress(
+        "run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'same.json'}"
+    )
     assert same.returncode == 0, same.stderr[-2000:]
     assert "gates passed" in same.stdout and "gates passed" in (run_dir / "gates.md").read_text()
     for row in baseline["rows"]:
         if row["role"] == "student":
             row["top1"] += 5.0  # the baseline student was better: the new run is a regression
     (tmp_path / "better.json").write_text(json.dumps(baseline))
-    worse = compress("run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'better.json'}", "--set", "gates.max_accuracy_drop=1")
+    worse = compress(
+        "run",
+        recipe,
+        "--out",
+        run_dir.parent,
+        "--set",
+        f"gates.baseline={tmp_path / 'better.json'}",
+        "--set",
+        "gates.max_accuracy_drop=1",
+    )
     assert worse.returncode == 1, worse.stderr[-2000:]
-    assert "| student | top-1 (%) |" in worse.stdout and "-5.00 pts | >= -1 pts | FAIL |" in worse.stdout
-    missing = compress("run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'nope.json'}")
+    assert (
+        "| student | top-1 (%) |" in worse.stdout
+        and "-5.00 pts | >= -1 pts | FAIL |" in worse.stdout
+    )
+    missing = compress(
+        "run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'nope.json'}"
+    )
     assert missing.returncode == 2 and "gates.baseline: no such file" in missing.stderr
 
 
@@ -137,7 +163,13 @@ def test_second_run_skips_everything_and_changes_nothing(finished_run):
         assert f"[{stage}] skipped (unchanged)" in again.stderr
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     changed = {p.name for p in after if after[p] != before.get(p)}
-    assert changed <= {"recipe.yaml", "report.json", "report.md", "report.png", "gates.md"}  # rewritten, same content
+    assert changed <= {
+        "recipe.yaml",
+        "report.json",
+        "report.md",
+        "report.png",
+        "gates.md",
+    }  # rewritten, same content
 
 
 def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
@@ -145,7 +177,16 @@ def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
     copy = tmp_path / "out"
     subprocess.run(["cp", "-r", str(run_dir.parent), str(copy)], check=True)
     teacher_before = stage_record(copy / "tiny", "teacher")
-    result = compress("run", recipe, "--out", copy, "--set", "stages.distill.loss.temperature=2", "--set", "stages.distill.train.epochs=1")
+    result = compress(
+        "run",
+        recipe,
+        "--out",
+        copy,
+        "--set",
+        "stages.distill.loss.temperature=2",
+        "--set",
+        "stages.distill.train.epochs=1",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[teacher] skipped (unchanged)" in result.stderr
     for stage in ("distill", "export", "bench"):
@@ -160,7 +201,9 @@ def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, t
     # A shell's background job (`pytest &`) ignores SIGINT and its children inherit that, so the
     # child gets Ctrl-C's default disposition back whatever started the suite.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "compress", "run", str(recipe), "--out", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(8)  # in the middle of teacher training
@@ -170,7 +213,9 @@ def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, t
     assert "interrupted" in stderr and "Traceback" not in stderr
     run_dir = tmp_path / "out" / "tiny"
     assert not (run_dir / "teacher" / "stage.json").exists()
-    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".")], (
+        "temporary files left behind"
+    )
 
 
 def test_bench_command_standalone(finished_run, tmp_path, tiny_data_section):
@@ -180,13 +225,31 @@ def test_bench_command_standalone(finished_run, tmp_path, tiny_data_section):
 
     if cifar10_folder() is not None:
         data_args = ["--data", cifar10_folder(), "--eval-samples", 300]
-    result = compress("bench", run_dir / "student.onnx", "--against", run_dir / "teacher.onnx", *data_args,
-                      "--iterations", 10, "--warmup", 1, "--time-budget", 1, "--batch-size", 8, "--out", tmp_path / "b")
+    result = compress(
+        "bench",
+        run_dir / "student.onnx",
+        "--against",
+        run_dir / "teacher.onnx",
+        *data_args,
+        "--iterations",
+        10,
+        "--warmup",
+        1,
+        "--time-budget",
+        1,
+        "--batch-size",
+        8,
+        "--out",
+        tmp_path / "b",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     bench = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [row["role"] for row in bench["rows"]] == ["student", "teacher"]
     assert bench["reference"] == "teacher"
-    assert "| Metric | student | teacher | student vs teacher |" in result.stdout or "student" in result.stdout
+    assert (
+        "| Metric | student | teacher | student vs teacher |" in result.stdout
+        or "student" in result.stdout
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"not an onnx model at all", os.urandom(256)])
@@ -202,5 +265,18 @@ def test_bench_command_refuses_bad_files_cleanly(tmp_path, content):
 def test_list_prints_registries():
     result = compress("list")
     assert result.returncode == 0
-    for name in ("teacher", "distill", "prune", "quantize", "export", "bench", "kd", "taylor", "cifar:resnet56", "torchvision:mobilenet_v2", "digits", "imagefolder"):
+    for name in (
+        "teacher",
+        "distill",
+        "prune",
+        "quantize",
+        "export",
+        "bench",
+        "kd",
+        "taylor",
+        "cifar:resnet56",
+        "torchvision:mobilenet_v2",
+        "digits",
+        "imagefolder",
+    ):
         assert name in result.stdout

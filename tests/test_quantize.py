@@ -37,12 +37,18 @@ ORT_MIN_AGREEMENT = 0.98
 def prepared(name="cifar:resnet20", target="onnxruntime-cpu", skip=(), size=16):
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, cifar_stem=True).eval()
-    return model, prepare_quantized(model, target=target, skip=skip, example_inputs=torch.zeros(2, 3, size, size))
+    return model, prepare_quantized(
+        model, target=target, skip=skip, example_inputs=torch.zeros(2, 3, size, size)
+    )
 
 
 def nodes_of(qmodel, kind):
     modules = dict(qmodel.named_modules())
-    return [n for n in qmodel.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], kind)]
+    return [
+        n
+        for n in qmodel.graph.nodes
+        if n.op == "call_module" and isinstance(modules[n.target], kind)
+    ]
 
 
 @pytest.mark.parametrize("name", ["cifar:resnet20", "torchvision:mobilenet_v2"])
@@ -57,7 +63,9 @@ def test_quantizers_sit_after_activations_and_every_conv_is_quantized(name):
         if isinstance(modules.get(user.target), nn.ReLU | nn.ReLU6):
             (user,) = user.users
         assert isinstance(modules.get(user.target), ActQuant), f"{node.name} feeds {user.name}"
-        assert isinstance(modules.get(node.args[0].target), ActQuant), f"{node.name} reads an unquantized input"
+        assert isinstance(modules.get(node.args[0].target), ActQuant), (
+            f"{node.name} reads an unquantized input"
+        )
     for quant in nodes_of(qmodel, ActQuant):  # never a quantizer between a layer and its activation
         assert not any(isinstance(modules.get(u.target), nn.ReLU | nn.ReLU6) for u in quant.users)
 
@@ -65,7 +73,9 @@ def test_quantizers_sit_after_activations_and_every_conv_is_quantized(name):
 def test_skip_keeps_layers_fp32_and_rejects_patterns_that_match_nothing():
     model, qmodel = prepared(skip=("conv1", "layer3.2"))  # layer3.2 covers its two convs
     assert kept_float_convs(qmodel) == 3
-    assert len(nodes_of(qmodel, QuantConv2d)) + 3 == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len(nodes_of(qmodel, QuantConv2d)) + 3 == sum(
+        isinstance(m, nn.Conv2d) for m in model.modules()
+    )
     with pytest.raises(SettingError, match=r"skip: 'layer9\*' matches no module"):
         prepared(skip=("layer9*",))
 
@@ -73,7 +83,10 @@ def test_skip_keeps_layers_fp32_and_rejects_patterns_that_match_nothing():
 def test_calibration_methods_give_sane_ranges():
     _, qmodel = prepared()
     batches = [torch.randn(32, 3, 16, 16)]
-    scales = {m: calibrate(qmodel, batches, method=m, percentile=99.9) for m in ("minmax", "percentile", "mse")}
+    scales = {
+        m: calibrate(qmodel, batches, method=m, percentile=99.9)
+        for m in ("minmax", "percentile", "mse")
+    }
     for name, (scale, zero_point) in scales["minmax"].items():
         assert 0 < scales["percentile"][name][0] <= scale * 1.001
         assert 0 < scales["mse"][name][0] <= scale * 1.001
@@ -89,10 +102,17 @@ def test_state_dict_round_trip_loads_strictly_and_gives_identical_outputs(tmp_pa
     path = save_weights(qmodel, tmp_path / "q.pt")
 
     def prepare(model):
-        return prepare_quantized(model.eval(), target="onnxruntime-cpu", skip=("fc",), example_inputs=torch.zeros(2, 3, 16, 16))
+        return prepare_quantized(
+            model.eval(),
+            target="onnxruntime-cpu",
+            skip=("fc",),
+            example_inputs=torch.zeros(2, 3, 16, 16),
+        )
 
     torch.manual_seed(1)  # a different random float model: every value must come from the file
-    fresh = load_weights(build_model("cifar:resnet20", num_classes=10), path, prepare=prepare).eval()
+    fresh = load_weights(
+        build_model("cifar:resnet20", num_classes=10), path, prepare=prepare
+    ).eval()
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(fresh(x), qmodel(x))
@@ -103,10 +123,21 @@ def test_a_pruned_network_is_prepared_the_same_way():
 
     model = build_model("cifar:resnet20", num_classes=10).eval()
     example = torch.zeros(1, 3, 16, 16)
-    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(), pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(),
+        pruning_ratio=0.5,
+        ignored_layers=[model.fc],
+    )
     pruner.step()
-    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=example.expand(2, -1, -1, -1))
-    assert qmodel.get_submodule("layer3.0.conv1").weight.shape[0] == 32 and len(nodes_of(qmodel, QuantConv2d)) == 21
+    qmodel = prepare_quantized(
+        model, target="onnxruntime-cpu", example_inputs=example.expand(2, -1, -1, -1)
+    )
+    assert (
+        qmodel.get_submodule("layer3.0.conv1").weight.shape[0] == 32
+        and len(nodes_of(qmodel, QuantConv2d)) == 21
+    )
 
 
 def test_check_qdq_refuses_a_float_export(tmp_path):
@@ -123,9 +154,28 @@ BASE = DIGITS_BASE | {
     "data": DIGITS_BASE["data"] | {"subset": {"train": 600, "test": 360}},
     "stages": [
         "teacher",
-        {"distill": {"loss": "kd", "train": {"epochs": 2, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}}},
-        {"quantize": {"name": "ptq", "mode": "ptq", "calibration": "percentile", "calibration_images": 256}},
-        {"quantize": {"name": "qat", "mode": "qat", "calibration_images": 256, "train": {"epochs": 1, "optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0}}},
+        {
+            "distill": {
+                "loss": "kd",
+                "train": {"epochs": 2, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},
+            }
+        },
+        {
+            "quantize": {
+                "name": "ptq",
+                "mode": "ptq",
+                "calibration": "percentile",
+                "calibration_images": 256,
+            }
+        },
+        {
+            "quantize": {
+                "name": "qat",
+                "mode": "qat",
+                "calibration_images": 256,
+                "train": {"epochs": 1, "optimizer": "adamw", "lr": 0.0005, "weight_decay": 0.0},
+            }
+        },
     ],
 }
 
@@ -134,7 +184,9 @@ BASE = DIGITS_BASE | {
 def quant_run(tmp_path_factory, digits_teacher):
     folder = tmp_path_factory.mktemp("quant")
     path = folder / "quant.yaml"
-    path.write_text(yaml.safe_dump(BASE | {"teacher": BASE["teacher"] | {"checkpoint": digits_teacher}}))
+    path.write_text(
+        yaml.safe_dump(BASE | {"teacher": BASE["teacher"] | {"checkpoint": digits_teacher}})
+    )
     recipe = load_recipe(path, out=str(folder / "out"))
     return recipe, run(recipe, show_progress=False)
 
@@ -155,9 +207,16 @@ def loaded(artifact):
     model = build_model("cifar:resnet20", num_classes=10).eval()
 
     def prepare(m):
-        return prepare_quantized(m, target=settings["target"], skip=tuple(settings["skip"]), example_inputs=torch.zeros(2, 3, 8, 8))
+        return prepare_quantized(
+            m,
+            target=settings["target"],
+            skip=tuple(settings["skip"]),
+            example_inputs=torch.zeros(2, 3, 8, 8),
+        )
 
-    return load_weights(model, artifact.files["model"], prepare=prepare if settings else None).eval()
+    return load_weights(
+        model, artifact.files["model"], prepare=prepare if settings else None
+    ).eval()
 
 
 @pytest.mark.slow
@@ -169,7 +228,15 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
     assert ptq["agreement_with_fp32"] >= 0.97 and ptq["ptq_top1"] >= ptq["fp32_top1"] - 2, ptq
     assert ptq["top1"] == ptq["ptq_top1"] and ptq["history"] == []
     assert len(qat["history"]) == 1 and qat["top1"] >= qat["ptq_top1"] - 1, qat
-    assert qat["quantization"] == {"mode": "qat", "target": "onnxruntime-cpu", "skip": [], "weight_range": "pair-limit", "calibration": "percentile", "percentile": 99.99, "calibration_images": 256}
+    assert qat["quantization"] == {
+        "mode": "qat",
+        "target": "onnxruntime-cpu",
+        "skip": [],
+        "weight_range": "pair-limit",
+        "calibration": "percentile",
+        "percentile": 99.99,
+        "calibration_images": 256,
+    }
 
 
 @pytest.mark.slow
@@ -184,7 +251,13 @@ def test_int8_onnx_export_is_small_integer_and_matches_pytorch(quant_run, tmp_pa
         qmodel = prepare_quantized(fp32, target=target, example_inputs=torch.zeros(2, 3, 8, 8))
         calibrate(qmodel, [torch.from_numpy(images[:128])], method="minmax")
     fp32_path = export_onnx(fp32, tmp_path / "fp32.onnx", image_size=8, exporter="torchscript")
-    path = export_onnx(qmodel, tmp_path / "int8.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights)
+    path = export_onnx(
+        qmodel,
+        tmp_path / "int8.onnx",
+        image_size=8,
+        exporter="torchscript",
+        transform=store_int8_weights,
+    )
     result = check_qdq(path, target=target)
     assert result["activation_type"] == ("uint8" if target == "onnxruntime-cpu" else "int8")
     assert result["int8_weights"] == 22 and result["quantize_nodes"] > 0
@@ -206,10 +279,24 @@ def test_int8_onnx_export_is_small_integer_and_matches_pytorch(quant_run, tmp_pa
 @pytest.mark.slow
 def test_skipped_convs_stay_fp32_in_onnx_runtime(quant_run, tmp_path):
     _, artifacts = quant_run
-    qmodel = prepare_quantized(loaded(artifacts["distill"]), target="onnxruntime-cpu", skip=("conv1",), example_inputs=torch.zeros(2, 3, 8, 8))
+    qmodel = prepare_quantized(
+        loaded(artifacts["distill"]),
+        target="onnxruntime-cpu",
+        skip=("conv1",),
+        example_inputs=torch.zeros(2, 3, 8, 8),
+    )
     calibrate(qmodel, [torch.randn(32, 3, 8, 8)], method="minmax")
-    path = export_onnx(qmodel, tmp_path / "skip.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights)
-    assert check_qdq(path, target="onnxruntime-cpu", skip_count=1) | {} and kept_float_convs(qmodel) == 1
+    path = export_onnx(
+        qmodel,
+        tmp_path / "skip.onnx",
+        image_size=8,
+        exporter="torchscript",
+        transform=store_int8_weights,
+    )
+    assert (
+        check_qdq(path, target="onnxruntime-cpu", skip_count=1) | {}
+        and kept_float_convs(qmodel) == 1
+    )
     with pytest.raises(ExportError, match="stay FP32"):
         check_qdq(path, target="onnxruntime-cpu", skip_count=0)
 
@@ -217,20 +304,46 @@ def test_skipped_convs_stay_fp32_in_onnx_runtime(quant_run, tmp_path):
 @pytest.mark.slow
 def test_a_skipped_layer_between_quantized_ones_is_reported_requantized(quant_run, tmp_path):
     _, artifacts = quant_run
-    qmodel = prepare_quantized(loaded(artifacts["distill"]), target="onnxruntime-cpu", skip=("layer2.0.conv1",), example_inputs=torch.zeros(2, 3, 8, 8))
+    qmodel = prepare_quantized(
+        loaded(artifacts["distill"]),
+        target="onnxruntime-cpu",
+        skip=("layer2.0.conv1",),
+        example_inputs=torch.zeros(2, 3, 8, 8),
+    )
     calibrate(qmodel, [torch.randn(32, 3, 8, 8)], method="minmax")
-    path = export_onnx(qmodel, tmp_path / "middle.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights)
+    path = export_onnx(
+        qmodel,
+        tmp_path / "middle.onnx",
+        image_size=8,
+        exporter="torchscript",
+        transform=store_int8_weights,
+    )
     result = check_qdq(path, target="onnxruntime-cpu", skip_count=kept_float_convs(qmodel))
     assert kept_float_convs(qmodel) == 1 and result["int8_weights"] == 21  # float in the file ...
-    assert result["skipped_but_quantized_by_onnxruntime"] == 1  # ... but ONNX Runtime quantizes it on load
+    assert (
+        result["skipped_but_quantized_by_onnxruntime"] == 1
+    )  # ... but ONNX Runtime quantizes it on load
 
 
 @pytest.mark.slow
 def test_simplified_int8_export_is_smaller_and_computes_the_same(quant_run, tmp_path):
     images, _ = digit_images(quant_run)
     qmodel = loaded(quant_run[1]["qat"])
-    plain = export_onnx(qmodel, tmp_path / "plain.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights)
-    slim = export_onnx(qmodel, tmp_path / "slim.onnx", image_size=8, exporter="torchscript", transform=store_int8_weights, simplify=True)
+    plain = export_onnx(
+        qmodel,
+        tmp_path / "plain.onnx",
+        image_size=8,
+        exporter="torchscript",
+        transform=store_int8_weights,
+    )
+    slim = export_onnx(
+        qmodel,
+        tmp_path / "slim.onnx",
+        image_size=8,
+        exporter="torchscript",
+        transform=store_int8_weights,
+        simplify=True,
+    )
     assert len(onnx.load(slim).graph.node) < len(onnx.load(plain).graph.node)
     assert check_qdq(slim, target="onnxruntime-cpu")["fp32_conv"] == 0
     ours, theirs = (open_session(p).run(None, {"input": images})[0] for p in (slim, plain))

@@ -23,7 +23,9 @@ from compress.data.augment import Preprocess
 from compress.errors import StageError
 from compress.train_loop import fit
 
-CFG = TrainConfig(epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine")
+CFG = TrainConfig(
+    epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine"
+)
 
 
 def loaders(seed: int = 0):
@@ -31,13 +33,17 @@ def loaders(seed: int = 0):
     images = torch.randint(0, 256, (96, 1, 8, 8), dtype=torch.uint8, generator=generator)
     labels = (images.float().mean(dim=(1, 2, 3)) > 127).long()
     data = torch.utils.data.TensorDataset(images, labels)
-    train = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    train = torch.utils.data.DataLoader(
+        data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     return train, torch.utils.data.DataLoader(data, batch_size=32)
 
 
 def model_and_loss():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 36, 2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * 36, 2)
+    )
 
     def loss(images, labels, epoch):
         logits = model(images)
@@ -52,8 +58,17 @@ def train(checkpoint=None, key="k", wrap=None, epochs=3):
     train_loader, test_loader = loaders()
     prep = Preprocess((0.5,), (0.25,), augment=False)
     history = fit(
-        model, train_loader, test_loader, wrap(loss) if wrap else loss, TrainConfig(**{**CFG.__dict__, "epochs": epochs}),
-        preprocess=prep, device=torch.device("cpu"), desc="unit", show_progress=False, checkpoint=checkpoint, checkpoint_key=key,
+        model,
+        train_loader,
+        test_loader,
+        wrap(loss) if wrap else loss,
+        TrainConfig(**{**CFG.__dict__, "epochs": epochs}),
+        preprocess=prep,
+        device=torch.device("cpu"),
+        desc="unit",
+        show_progress=False,
+        checkpoint=checkpoint,
+        checkpoint_key=key,
     )
     return model, history
 
@@ -75,8 +90,12 @@ def test_interrupted_training_resumes_to_the_same_weights_and_history(tmp_path):
     assert load_training_state(ckpt, "k")["epoch"] == 1
     resumed, history = train(ckpt)  # a fresh process would rebuild exactly this
     assert [h.epoch for h in history] == [1, 2, 3]
-    assert [h.train_loss for h in history] == pytest.approx([h.train_loss for h in reference_history], rel=1e-6)
-    for (name, ours), theirs in zip(resumed.state_dict().items(), reference.state_dict().values(), strict=True):
+    assert [h.train_loss for h in history] == pytest.approx(
+        [h.train_loss for h in reference_history], rel=1e-6
+    )
+    for (name, ours), theirs in zip(
+        resumed.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         assert torch.allclose(ours, theirs, atol=1e-6), name
 
 
@@ -85,7 +104,9 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path):
     train(ckpt, key="old recipe", epochs=1)
     assert load_training_state(ckpt, "new recipe") is None
     _, history = train(ckpt, key="new recipe", epochs=2)
-    assert [h.epoch for h in history] == [1, 2] and load_training_state(ckpt, "new recipe")["epoch"] == 2
+    assert [h.epoch for h in history] == [1, 2] and load_training_state(ckpt, "new recipe")[
+        "epoch"
+    ] == 2
 
 
 def test_corrupt_or_truncated_checkpoint_starts_over(tmp_path):
@@ -111,7 +132,13 @@ def test_nan_loss_names_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_pa
 
         return step
 
-    with pytest.raises(StageError, match=r"unit: loss became nan at epoch 2, step 0 \(terms: kd=nan, ce=0.5\).*checkpoint of epoch 1 is kept"):
+    with pytest.raises(
+        StageError,
+        match=(
+            r"unit: loss became nan at epoch 2, step 0 \(terms: kd=nan, ce=0.5\).*checkpoint of "
+            r"epoch 1 is kept"
+        ),
+    ):
         train(ckpt, wrap=diverge_in_epoch_2)
     assert load_training_state(ckpt, "k")["epoch"] == 1
 
@@ -125,7 +152,13 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(StageError, match="cannot write the training checkpoint .*the disk is full; the previous checkpoint is kept"):
+    with pytest.raises(
+        StageError,
+        match=(
+            "cannot write the training checkpoint .*the disk is full; the previous checkpoint is "
+            "kept"
+        ),
+    ):
         train(ckpt, key="other", epochs=1)
     assert ckpt.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]  # no temporary file left
@@ -136,15 +169,33 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
 RECIPE = {
     "name": "resume",
     "seed": 0,
-    "data": {"kind": "digits", "image_size": 8, "batch_size": 32, "augment": False, "subset": {"train": 600, "test": 200}},
-    "teacher": {"model": "cifar:resnet20", "train": {"epochs": 1, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
+    "data": {
+        "kind": "digits",
+        "image_size": 8,
+        "batch_size": 32,
+        "augment": False,
+        "subset": {"train": 600, "test": 200},
+    },
+    "teacher": {
+        "model": "cifar:resnet20",
+        "train": {"epochs": 1, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},
+    },
     "student": {"model": "cifar:resnet20"},
-    "stages": ["teacher", {"distill": {"train": {"epochs": 4, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9}}}],
+    "stages": [
+        "teacher",
+        {"distill": {"train": {"epochs": 4, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9}}},
+    ],
 }
 
 
 def compress_cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "compress", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "compress", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -157,7 +208,11 @@ def test_kill_9_mid_stage_then_run_again_resumes_and_matches(tmp_path):
     crashed = compress_cli("run", recipe, "--out", tmp_path / "crashed")
     ckpt = tmp_path / "crashed" / "resume" / "distill" / "train-distill.ckpt"
     deadline = time.monotonic() + 600
-    while not (ckpt.is_file() and load_training_state(ckpt, json_key(ckpt)) is not None) and crashed.poll() is None and time.monotonic() < deadline:
+    while (
+        not (ckpt.is_file() and load_training_state(ckpt, json_key(ckpt)) is not None)
+        and crashed.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert crashed.poll() is None, "the run ended before its first distill checkpoint"
     os.kill(crashed.pid, signal.SIGKILL)
@@ -170,9 +225,14 @@ def test_kill_9_mid_stage_then_run_again_resumes_and_matches(tmp_path):
     assert again.returncode == 0, err[-2000:]
     assert "[teacher] skipped (unchanged)" in err and f"resumed after epoch {epoch}/4" in err
     assert not ckpt.exists()  # spent once the stage completed
-    metrics = [json.loads((tmp_path / run / "resume" / "distill" / "metrics.json").read_text()) for run in ("straight", "crashed")]
+    metrics = [
+        json.loads((tmp_path / run / "resume" / "distill" / "metrics.json").read_text())
+        for run in ("straight", "crashed")
+    ]
     assert metrics[1]["top1"] == pytest.approx(metrics[0]["top1"], abs=0.01)
-    assert [h["train_loss"] for h in metrics[1]["history"]] == pytest.approx([h["train_loss"] for h in metrics[0]["history"]], rel=1e-5)
+    assert [h["train_loss"] for h in metrics[1]["history"]] == pytest.approx(
+        [h["train_loss"] for h in metrics[0]["history"]], rel=1e-5
+    )
 
 
 def json_key(ckpt):
@@ -184,7 +244,9 @@ def json_key(ckpt):
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
-def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, code):
+def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(
+    tmp_path, monkeypatch, code
+):
     """Root ignores folder permissions, so the failing write is planted: the stage's weights."""
     from click.testing import CliRunner
 
@@ -196,7 +258,12 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(tm
     raw["teacher"] = dict(RECIPE["teacher"], train=dict(RECIPE["teacher"]["train"], epochs=1))
     recipe.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    assert CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--set", "stages=[teacher]"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(cli, ["run", str(recipe), "--out", str(out), "--set", "stages=[teacher]"])
+        .exit_code
+        == 0
+    )
     teacher_record = (out / "resume" / "teacher" / "stage.json").read_bytes()
 
     def refuse(*args, **kwargs):
@@ -206,7 +273,10 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(tm
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert lines[-1].startswith(f"error: cannot write {out / 'resume' / 'distill' / 'model.pt'}: ") and "Traceback" not in result.output
+    assert (
+        lines[-1].startswith(f"error: cannot write {out / 'resume' / 'distill' / 'model.pt'}: ")
+        and "Traceback" not in result.output
+    )
     assert (out / "resume" / "teacher" / "stage.json").read_bytes() == teacher_record
     assert not (out / "resume" / "distill" / "stage.json").exists()
 
@@ -218,11 +288,22 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
 
     import compress.train_loop as train_loop
 
-    raw = dict(RECIPE, name="prune_resume", stages=[
-        "teacher",
-        {"distill": {"train": {"epochs": 1}}},
-        {"prune": {"speedup": 1.5, "steps": 2, "criterion": "magnitude", "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.01}}},
-    ])
+    raw = dict(
+        RECIPE,
+        name="prune_resume",
+        stages=[
+            "teacher",
+            {"distill": {"train": {"epochs": 1}}},
+            {
+                "prune": {
+                    "speedup": 1.5,
+                    "steps": 2,
+                    "criterion": "magnitude",
+                    "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.01},
+                }
+            },
+        ],
+    )
     for name in ("straight", "crashed"):
         (tmp_path / name).mkdir()
     straight = run_recipe(tmp_path / "straight", raw)["prune"].metrics
@@ -238,7 +319,10 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_recipe(tmp_path / "crashed", raw)
     folder = tmp_path / "crashed" / "out" / "prune_resume" / "prune"
-    assert sorted(p.name for p in folder.glob("train-*.ckpt")) == ["train-prune-step-1.ckpt", "train-prune-step-2.ckpt"]
+    assert sorted(p.name for p in folder.glob("train-*.ckpt")) == [
+        "train-prune-step-1.ckpt",
+        "train-prune-step-2.ckpt",
+    ]
     counted = {"epochs": 0}
 
     def count(*args, **kwargs):
@@ -249,8 +333,12 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
     resumed = run_recipe(tmp_path / "crashed", raw)["prune"].metrics
     assert counted["epochs"] == 1  # only step 2's second epoch was trained again
     assert resumed["macs"] == straight["macs"] and resumed["steps"] == straight["steps"]
-    assert resumed["top1"] == pytest.approx(straight["top1"]) and not list(folder.glob("train-*.ckpt"))
-    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]], rel=1e-5)
+    assert resumed["top1"] == pytest.approx(straight["top1"]) and not list(
+        folder.glob("train-*.ckpt")
+    )
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["train_loss"] for h in straight["history"]], rel=1e-5
+    )
 
 
 def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeypatch):
@@ -258,11 +346,21 @@ def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeyp
 
     import compress.train_loop as train_loop
 
-    raw = dict(RECIPE, name="qat_resume", stages=[
-        "teacher",
-        {"distill": {"train": {"epochs": 1}}},
-        {"quantize": {"mode": "qat", "calibration_images": 64, "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.001}}},
-    ])
+    raw = dict(
+        RECIPE,
+        name="qat_resume",
+        stages=[
+            "teacher",
+            {"distill": {"train": {"epochs": 1}}},
+            {
+                "quantize": {
+                    "mode": "qat",
+                    "calibration_images": 64,
+                    "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.001},
+                }
+            },
+        ],
+    )
     for name in ("straight", "crashed"):
         (tmp_path / name).mkdir()
     straight = run_recipe(tmp_path / "straight", raw)["quantize"]
@@ -279,9 +377,14 @@ def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeyp
         run_recipe(tmp_path / "crashed", raw)
     monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
     resumed = run_recipe(tmp_path / "crashed", raw)["quantize"]
-    assert resumed.metrics["top1"] == straight.metrics["top1"] and resumed.metrics["agreement_with_fp32"] == straight.metrics["agreement_with_fp32"]
+    assert (
+        resumed.metrics["top1"] == straight.metrics["top1"]
+        and resumed.metrics["agreement_with_fp32"] == straight.metrics["agreement_with_fp32"]
+    )
     ours, theirs = (torch.load(a.files["model"], weights_only=True) for a in (resumed, straight))
-    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours)
+    assert ours.keys() == theirs.keys() and all(
+        torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours
+    )
 
 
 def test_nan_checked_only_every_ten_steps_still_names_its_first_step(tmp_path, monkeypatch):

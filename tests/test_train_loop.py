@@ -11,13 +11,23 @@ from compress.data.loaders import make_loaders
 from compress.errors import StageError
 from compress.train_loop import build_optimizer, build_scheduler, evaluate, fit
 
-DATA = DataConfig(kind="digits", image_size=8, batch_size=64, augment=False, subset=SubsetConfig(train=600, test=200))
+DATA = DataConfig(
+    kind="digits",
+    image_size=8,
+    batch_size=64,
+    augment=False,
+    subset=SubsetConfig(train=600, test=200),
+)
 
 
 def tiny_cnn() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
     )
 
 
@@ -34,7 +44,17 @@ def train_once(seed: int, epochs: int = 3, lr: float = 0.01, **settings):
 
     start = evaluate(model, test, prep, torch.device("cpu"))
     cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=lr, weight_decay=0.0, **settings)
-    history = fit(model, train, test, step_loss, cfg, preprocess=prep, device=torch.device("cpu"), desc="t", show_progress=False)
+    history = fit(
+        model,
+        train,
+        test,
+        step_loss,
+        cfg,
+        preprocess=prep,
+        device=torch.device("cpu"),
+        desc="t",
+        show_progress=False,
+    )
     return model, start, history
 
 
@@ -58,7 +78,10 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not():
     c, _, _ = train_once(2, epochs=1)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
+    assert any(
+        not torch.equal(pa, pc)
+        for pa, pc in zip(a.state_dict().values(), c.state_dict().values(), strict=True)
+    )
 
 
 def test_diverged_loss_stops_with_a_clear_error():
@@ -66,8 +89,17 @@ def test_diverged_loss_stops_with_a_clear_error():
         bundle = load_dataset(DATA)
         train, test = make_loaders(bundle, DATA, seed=0)
         model = tiny_cnn()
-        fit(model, train, test, lambda x, y, epoch: (model(x).sum() * float("nan"), model(x)), TrainConfig(epochs=1),
-            preprocess=Preprocess(bundle.mean, bundle.std, augment=False), device=torch.device("cpu"), desc="t", show_progress=False)
+        fit(
+            model,
+            train,
+            test,
+            lambda x, y, epoch: (model(x).sum() * float("nan"), model(x)),
+            TrainConfig(epochs=1),
+            preprocess=Preprocess(bundle.mean, bundle.std, augment=False),
+            device=torch.device("cpu"),
+            desc="t",
+            show_progress=False,
+        )
 
 
 def lr_trace(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
@@ -94,12 +126,22 @@ def test_onecycle_rises_then_falls():
 def test_schedules_with_warmup(schedule):
     cfg = TrainConfig(epochs=4, lr=0.1, schedule=schedule, warmup_epochs=1)
     lrs = lr_trace(cfg, steps_per_epoch=10)
-    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # linear warm-up over 10 steps
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(
+        0.1
+    )  # linear warm-up over 10 steps
     assert lrs[:10] == sorted(lrs[:10])
     if schedule == "cosine":
-        assert lrs[10] == pytest.approx(0.1) and lrs[-1] < 0.002 and lrs[10:] == sorted(lrs[10:], reverse=True)
+        assert (
+            lrs[10] == pytest.approx(0.1)
+            and lrs[-1] < 0.002
+            and lrs[10:] == sorted(lrs[10:], reverse=True)
+        )
     elif schedule == "step":
-        assert lrs[10] == pytest.approx(0.1) and lrs[26] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
+        assert (
+            lrs[10] == pytest.approx(0.1)
+            and lrs[26] == pytest.approx(0.01)
+            and lrs[-1] == pytest.approx(0.001)
+        )
     else:
         assert lrs[10:] == pytest.approx([0.1] * 30)
 

@@ -31,7 +31,9 @@ def measure(request: dict) -> dict:
     provider = request.get("provider", "CPUExecutionProvider")
     session = _session(request["path"], request["threads"], provider)
     rng = np.random.default_rng(request.get("seed", 0))
-    batches = [_measure_batch(session, batch_size, request, rng) for batch_size in request["batch_sizes"]]
+    batches = [
+        _measure_batch(session, batch_size, request, rng) for batch_size in request["batch_sizes"]
+    ]
     return measured(batches, baseline) | {
         "gpu_peak_mb": gpu_memory_mb() if provider == "CUDAExecutionProvider" else None,
         "device": "cuda" if provider == "CUDAExecutionProvider" else "cpu",
@@ -45,14 +47,17 @@ def measure(request: dict) -> dict:
 def _session(path: str, threads: int, provider: str) -> ort.InferenceSession:
     if provider not in ort.get_available_providers():
         raise RuntimeError(
-            f"{provider} is not available in this onnxruntime build ({', '.join(ort.get_available_providers())}); "
-            "install onnxruntime-gpu on a machine with CUDA"
+            f"{provider} is not available in this onnxruntime build "
+            f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a machine "
+            "with CUDA"
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads > 0:
         options.intra_op_num_threads = threads
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    providers = (
+        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    )
     return ort.InferenceSession(path, options, providers=providers)
 
 
@@ -61,7 +66,9 @@ def _measure_batch(session: ort.InferenceSession, batch_size: int, request: dict
         feed = _random_feed(session, batch_size, rng)
         for _ in range(request["warmup"]):
             session.run(None, feed)
-        times = timed_runs(lambda: session.run(None, feed), request["iterations"], request["time_budget_s"])
+        times = timed_runs(
+            lambda: session.run(None, feed), request["iterations"], request["time_budget_s"]
+        )
     except Exception as exc:
         return {"batch_size": batch_size, "status": "error", "error": one_line(exc)}
     return {"batch_size": batch_size, "status": "ok", **summarize(times, batch_size)}
@@ -72,12 +79,21 @@ def _random_feed(session: ort.InferenceSession, batch_size: int, rng) -> dict:
     for value in session.get_inputs():
         batch, rest = value.shape[0], value.shape[1:]
         if not all(isinstance(d, int) for d in rest):
-            raise ValueError(f"input {value.name!r} has dynamic axes besides the batch: {value.shape}")
+            raise ValueError(
+                f"input {value.name!r} has dynamic axes besides the batch: {value.shape}"
+            )
         if isinstance(batch, int) and batch != batch_size:
-            raise ValueError(f"input {value.name!r} has a static batch of {batch}; export with a dynamic batch to measure {batch_size}")
+            raise ValueError(
+                f"input {value.name!r} has a static batch of {batch}; export with a dynamic batch "
+                f"to measure {batch_size}"
+            )
         if value.type not in _DTYPES:
-            raise ValueError(f"input {value.name!r} has type {value.type}; only float inputs are supported")
-        feed[value.name] = rng.standard_normal((batch_size, *rest), dtype=np.float32).astype(_DTYPES[value.type])
+            raise ValueError(
+                f"input {value.name!r} has type {value.type}; only float inputs are supported"
+            )
+        feed[value.name] = rng.standard_normal((batch_size, *rest), dtype=np.float32).astype(
+            _DTYPES[value.type]
+        )
     return feed
 
 

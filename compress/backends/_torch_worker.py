@@ -30,7 +30,10 @@ def measure(request: dict) -> dict:
     baseline = peak_rss_mb()  # after imports, before the network is built
     device, compiled = request.get("device", "cpu"), bool(request.get("compile", False))
     if device == "cuda" and not torch.cuda.is_available():
-        return error(f"device cuda was asked for, but this PyTorch ({torch.__version__}) sees no usable CUDA device; use the CPU backend or a machine with an NVIDIA GPU")
+        return error(
+            f"device cuda was asked for, but this PyTorch ({torch.__version__}) sees no usable "
+            "CUDA device; use the CPU backend or a machine with an NVIDIA GPU"
+        )
     if request["threads"] > 0:
         torch.set_num_threads(request["threads"])
     model, network = load_stage_network(request["path"])
@@ -39,7 +42,10 @@ def measure(request: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         model = model.to("cuda", memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(request.get("seed", 0))
-    batches = [_measure_batch(model, batch_size, network, request, generator) for batch_size in request["batch_sizes"]]
+    batches = [
+        _measure_batch(model, batch_size, network, request, generator)
+        for batch_size in request["batch_sizes"]
+    ]
     cuda = device == "cuda"
     return measured(batches, baseline) | {
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -59,7 +65,9 @@ def measure(request: dict) -> dict:
     }
 
 
-def _measure_batch(model, batch_size: int, network: StageNetwork, request: dict, generator: torch.Generator) -> dict:
+def _measure_batch(
+    model, batch_size: int, network: StageNetwork, request: dict, generator: torch.Generator
+) -> dict:
     cuda, compiled = request.get("device") == "cuda", bool(request.get("compile", False))
     row: dict = {"batch_size": batch_size}
     try:
@@ -80,7 +88,12 @@ def _measure_batch(model, batch_size: int, network: StageNetwork, request: dict,
             for _ in range(warmup):
                 model(x)
             sync()
-            times = timed_runs(lambda: model(x), request["iterations"], request["time_budget_s"], clock=_cuda_clock if cuda else None)
+            times = timed_runs(
+                lambda: model(x),
+                request["iterations"],
+                request["time_budget_s"],
+                clock=_cuda_clock if cuda else None,
+            )
     except Exception as exc:
         return {"batch_size": batch_size, "status": "error", "error": one_line(exc)}
     return row | {"status": "ok", **summarize(times, batch_size)}

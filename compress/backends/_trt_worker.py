@@ -41,19 +41,31 @@ def measure(request: dict) -> dict:
     try:
         import tensorrt as trt
     except ImportError:
-        return error(f"the tensorrt backend needs the tensorrt package, which is not installed; {INSTALL_HINT}")
+        return error(
+            "the tensorrt backend needs the tensorrt package, which is not installed; "
+            f"{INSTALL_HINT}"
+        )
     baseline = peak_rss_mb()  # after imports, before CUDA and the engine
     if not torch.cuda.is_available():
-        return error(f"TensorRT engines run on an NVIDIA GPU, and this PyTorch ({torch.__version__}) sees no usable CUDA device")
+        return error(
+            f"TensorRT engines run on an NVIDIA GPU, and this PyTorch ({torch.__version__}) sees "
+            "no usable CUDA device"
+        )
     torch.cuda.init()  # TensorRT then shares PyTorch's (primary) CUDA context
     runtime, engine = load_engine(trt, Path(request["path"]))
     context = engine.create_execution_context()
     if context is None:
-        raise RuntimeError(f"{Path(request['path']).name}: TensorRT could not create an execution context (out of GPU memory?)")
+        raise RuntimeError(
+            f"{Path(request['path']).name}: TensorRT could not create an execution context "
+            "(out of GPU memory?)"
+        )
     io = io_tensors(trt, engine)
     profile = profile_batch(engine, io)
     stream = torch.cuda.Stream()
-    batches = [_measure_batch(context, io, profile, stream, batch_size, request) for batch_size in request["batch_sizes"]]
+    batches = [
+        _measure_batch(context, io, profile, stream, batch_size, request)
+        for batch_size in request["batch_sizes"]
+    ]
     device_memory = device_memory_bytes(engine)
     process_mb = gpu_memory_mb()
     estimate_mb = (device_memory + torch.cuda.max_memory_allocated()) / 2**20
@@ -68,18 +80,23 @@ def measure(request: dict) -> dict:
         "engine": {
             "profile_batch": list(profile),
             "inputs": {name: list(shape) for name, (is_input, shape, _) in io.items() if is_input},
-            "outputs": {name: list(shape) for name, (is_input, shape, _) in io.items() if not is_input},
+            "outputs": {
+                name: list(shape) for name, (is_input, shape, _) in io.items() if not is_input
+            },
             "device_memory_mb": device_memory / 2**20,
         },
     }
 
 
-def _measure_batch(context, io: dict, profile: tuple[int, int, int], stream, batch_size: int, request: dict) -> dict:
+def _measure_batch(
+    context, io: dict, profile: tuple[int, int, int], stream, batch_size: int, request: dict
+) -> dict:
     try:
         if not profile[0] <= batch_size <= profile[2]:
             raise ValueError(
-                f"batch {batch_size} is outside the engine's optimisation profile (batch {profile[0]} to {profile[2]}); "
-                "rebuild the engine with export.engine_batch covering it"
+                f"batch {batch_size} is outside the engine's optimisation profile (batch "
+                f"{profile[0]} to {profile[2]}); rebuild the engine with export.engine_batch "
+                "covering it"
             )
         buffers = bind(context, io, batch_size)  # kept alive while the engine reads them
         torch.cuda.synchronize()  # the inputs were written on the default stream
@@ -91,7 +108,9 @@ def _measure_batch(context, io: dict, profile: tuple[int, int, int], stream, bat
         for _ in range(request["warmup"]):
             run_once()
         stream.synchronize()
-        times = timed_runs(run_once, request["iterations"], request["time_budget_s"], clock=_event_clock(stream))
+        times = timed_runs(
+            run_once, request["iterations"], request["time_budget_s"], clock=_event_clock(stream)
+        )
         del buffers
     except Exception as exc:
         return {"batch_size": batch_size, "status": "error", "error": one_line(exc)}

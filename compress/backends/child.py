@@ -68,7 +68,16 @@ def serve(measure: Callable[[dict], dict]) -> None:
         json.dump(result, out)
 
 
-def measure_request(path, *, batch_sizes, warmup: int, iterations: int, time_budget_s: float | None, threads: int, **extra) -> dict:
+def measure_request(
+    path,
+    *,
+    batch_sizes,
+    warmup: int,
+    iterations: int,
+    time_budget_s: float | None,
+    threads: int,
+    **extra,
+) -> dict:
     """The JSON request every measuring worker reads: the common settings plus the backend's own."""
     return {
         "path": str(Path(path).resolve()),
@@ -81,7 +90,9 @@ def measure_request(path, *, batch_sizes, warmup: int, iterations: int, time_bud
     }
 
 
-def budget_timeout(time_budget_s: float | None, measurements: int, startup_s: float = 120.0) -> float | None:
+def budget_timeout(
+    time_budget_s: float | None, measurements: int, startup_s: float = 120.0
+) -> float | None:
     """A generous wall-clock limit for a child that times ``measurements`` batch sizes."""
     return None if time_budget_s is None else startup_s + 4 * time_budget_s * measurements
 

@@ -56,7 +56,15 @@ def measure(
         ``"status": "error"`` and ``"error"``. When the child cannot load the model or crashes,
         only ``status`` and ``error`` are present. Never raises for a broken model.
     """
-    request = measure_request(path, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads, provider=PROVIDERS[device])
+    request = measure_request(
+        path,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        iterations=iterations,
+        time_budget_s=time_budget_s,
+        threads=threads,
+        provider=PROVIDERS[device],
+    )
     if timeout_s is None:
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
     return run_child(WORKER_MODULE, request, timeout_s)

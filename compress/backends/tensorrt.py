@@ -66,7 +66,14 @@ def measure(
         deserialize or a crashed child, only ``status`` and ``error`` are present. Never raises
         for a broken engine.
     """
-    request = measure_request(path, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads)
+    request = measure_request(
+        path,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        iterations=iterations,
+        time_budget_s=time_budget_s,
+        threads=threads,
+    )
     if timeout_s is None:
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
     return run_child(WORKER_MODULE, request, timeout_s)

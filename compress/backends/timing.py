@@ -20,7 +20,12 @@ MIN_RUNS = 5  # a time budget stops the timed loop only after this many runs
 NOISY_CV = 0.10  # above this the machine was busy (or the run too short): the row is flagged
 
 
-def timed_runs(run_once: Callable[[], object], iterations: int, budget_s: float | None, clock: Callable[[Callable], float] | None = None) -> list[float]:
+def timed_runs(
+    run_once: Callable[[], object],
+    iterations: int,
+    budget_s: float | None,
+    clock: Callable[[Callable], float] | None = None,
+) -> list[float]:
     """Seconds per run, until ``iterations`` runs or (after MIN_RUNS) the budget is spent.
 
     Args:
@@ -101,7 +106,9 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    return (
+        peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    )  # bytes on macOS, KiB elsewhere
 
 
 def one_line(exc: BaseException) -> str:
@@ -136,7 +143,9 @@ def gpu_memory_mb() -> float | None:
         return None
 
 
-def torch_latency(model, example, *, warmup: int = 5, iterations: int = 50, time_budget_s: float = 2.0) -> dict:
+def torch_latency(
+    model, example, *, warmup: int = 5, iterations: int = 50, time_budget_s: float = 2.0
+) -> dict:
     """Latency of a PyTorch model on CPU, in this process: what the prune stage reports before and
     after it changes a network (the bench measures in child processes instead).
 

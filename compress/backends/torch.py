@@ -82,7 +82,16 @@ def measure(
     """
     if device not in DEVICES:
         return {"status": "error", "error": f"device must be one of {DEVICES}, got {device!r}"}
-    request = measure_request(path, batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, time_budget_s=time_budget_s, threads=threads, device=device, compile=bool(compile))
+    request = measure_request(
+        path,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        iterations=iterations,
+        time_budget_s=time_budget_s,
+        threads=threads,
+        device=device,
+        compile=bool(compile),
+    )
     if timeout_s is None:
         startup = 120.0 + (COMPILE_STARTUP_S * len(batch_sizes) if compile else 0.0)
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes), startup_s=startup)

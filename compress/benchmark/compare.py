@@ -60,7 +60,14 @@ def bench_models(
         first) and ``agreement`` (``{row: {other row: top-1 agreement}}`` for every pair with
         predictions in the same group).
     """
-    targets = [BenchTarget(role, Path(path), artifact_format(Path(path))) for role, path in models.items()] if isinstance(models, dict) else list(models)
+    targets = (
+        [
+            BenchTarget(role, Path(path), artifact_format(Path(path)))
+            for role, path in models.items()
+        ]
+        if isinstance(models, dict)
+        else list(models)
+    )
     rows, predictions, by_file = [], {}, {}
     headline = _group(BACKENDS.get(cfg.backends[0]), _natural_format(cfg.backends[0]))
     for backend_name in cfg.backends:
@@ -68,9 +75,13 @@ def bench_models(
         for target in (t for t in targets if backend_runs(backend, t.format)):
             group = _group(backend, target.format)
             label = target.model if group == headline else f"{target.model} [{group}]"
-            cached = by_file.get(target.path)  # accuracy does not depend on the backend: measure it once
+            cached = by_file.get(
+                target.path
+            )  # accuracy does not depend on the backend: measure it once
             data = None if cached is not None else test_data
-            row, found = _bench(target.path, cfg, data, label, mean, std, None, backend.name, target.format)
+            row, found = _bench(
+                target.path, cfg, data, label, mean, std, None, backend.name, target.format
+            )
             if cached is not None:
                 row.update({k: cached[0][k] for k in ("top1", "eval_samples") if k in cached[0]})
                 found = cached[1]
@@ -84,13 +95,19 @@ def bench_models(
         ref = reference_row(rows, row, reference)
         ours, theirs = predictions.get(row["role"]), predictions.get(ref["role"]) if ref else None
         if ref is not None and ref is not row and ours is not None and theirs is not None:
-            row["agreement_with_reference"] = result["ratios"][row["role"]]["agreement_with_reference"] = agreement(ours, theirs)
+            row["agreement_with_reference"] = result["ratios"][row["role"]][
+                "agreement_with_reference"
+            ] = agreement(ours, theirs)
     result["agreement"] = {
         row["role"]: {
             other["role"]: agreement(predictions[row["role"]], predictions[other["role"]])
-            for other in rows if other is not row and other.get("group") == row.get("group") and predictions.get(other["role"]) is not None
+            for other in rows
+            if other is not row
+            and other.get("group") == row.get("group")
+            and predictions.get(other["role"]) is not None
         }
-        for row in rows if predictions.get(row["role"]) is not None
+        for row in rows
+        if predictions.get(row["role"]) is not None
     }
     result["groups"] = list(dict.fromkeys([headline] + [row["group"] for row in rows]))
     result.update(config=dataclasses.asdict(cfg), machine=machine_info(), versions=versions())
@@ -103,7 +120,9 @@ def _natural_format(backend_name: str) -> str:
     artifact = BACKENDS.get(backend_name).artifact
     if artifact == CHECKPOINT:
         return CHECKPOINT
-    kinds = [FORMATS.get(name) for name in FORMATS.names() if FORMATS.get(name).artifact == artifact]
+    kinds = [
+        FORMATS.get(name) for name in FORMATS.names() if FORMATS.get(name).artifact == artifact
+    ]
     return next((f for f in kinds if f.build is None), kinds[0]).name
 
 

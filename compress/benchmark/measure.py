@@ -88,13 +88,17 @@ def predict_onnx(
     session = open_session(Path(path), threads=threads)
     feed = session.get_inputs()[0]
     dtype = np.float16 if feed.type == "tensor(float16)" else np.float32  # FP16 I/O files
-    static = feed.shape[0] if isinstance(feed.shape[0], int) else None  # a static batch runs only at its size
+    static = (
+        feed.shape[0] if isinstance(feed.shape[0], int) else None
+    )  # a static batch runs only at its size
     batch_size = static or batch_size
     predictions = []
     for start in range(0, len(images), batch_size):
         chunk = normalise_images(images[start : start + batch_size], mean, std).astype(dtype)
         count = len(chunk)
-        if static and count < static:  # pad the last chunk with copies; their predictions are dropped
+        if (
+            static and count < static
+        ):  # pad the last chunk with copies; their predictions are dropped
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, axis=0)])
         logits = session.run(None, {feed.name: chunk})[0]
         predictions.append(logits[:count].argmax(axis=1))
@@ -102,13 +106,17 @@ def predict_onnx(
 
 
 def normalise_images(images: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 (N, C, H, W) -> the float32 input our exported models expect: (x / 255 - mean) / std."""
+    """uint8 (N, C, H, W) -> the float32 input our exported models expect:
+    (x / 255 - mean) / std."""
     mean_c, std_c = _channel_stats(images, mean, std)
     return ((images.astype(np.float32) / 255.0 - mean_c) / std_c).astype(np.float32)
 
 
 def normalisation(
-    metadata: dict[str, str], path: Path, mean: list[float] | None = None, std: list[float] | None = None
+    metadata: dict[str, str],
+    path: Path,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ) -> tuple[list[float], list[float]]:
     """The mean/std to preprocess images for a file: its metadata first, else the caller's.
 
@@ -132,31 +140,57 @@ def normalisation(
     raise ExportError(
         f"{Path(path).name} has no {META_MEAN}/{META_STD} metadata to normalise images with; "
         "export it with compress (which writes them), add them to the file with "
-        "compress.exporters.onnx.export.add_metadata(path, preprocessing_metadata(mean, std, image_size, classes)), "
-        "or bench it from Python with compress.bench(..., mean=[...], std=[...])"
+        "compress.exporters.onnx.export.add_metadata(path, preprocessing_metadata(mean, std, "
+        "image_size, classes)), or bench it from Python with compress.bench(..., mean=[...], "
+        "std=[...])"
     )
 
 
-def _bench(path, cfg, test_data, role, mean, std, reference_predictions, backend: str | None = None, fmt: str | None = None):
+def _bench(
+    path,
+    cfg,
+    test_data,
+    role,
+    mean,
+    std,
+    reference_predictions,
+    backend: str | None = None,
+    fmt: str | None = None,
+):
     """(row, predictions or None): bench_model plus the predictions, kept out of the row."""
     path = Path(path)
     backend = BACKENDS.get(backend or cfg.backends[0])
     fmt = fmt or artifact_format(path)
-    row: dict = {"role": role, "path": str(path), "status": "ok", "error": None, "backend": backend.name, "format": fmt}
+    row: dict = {
+        "role": role,
+        "path": str(path),
+        "status": "ok",
+        "error": None,
+        "backend": backend.name,
+        "format": fmt,
+    }
     errors: list[str] = []
     predictions = None
     try:
         info = describe_artifact(path, fmt)
-        row.update({k: info.get(k) for k in ("file_bytes", "params", "macs", "opset", "input_shape")})
+        row.update(
+            {k: info.get(k) for k in ("file_bytes", "params", "macs", "opset", "input_shape")}
+        )
         if fmt in ONNX_FORMATS:
             row["int8_portable"] = int8_portable(path, info["metadata"])
-            if row["int8_portable"] is False and backend.name == "onnxruntime" and cpu_features().saturates_u8s8:
+            if (
+                row["int8_portable"] is False
+                and backend.name == "onnxruntime"
+                and cpu_features().saturates_u8s8
+            ):
                 row["warning"] = saturation_warning(path)
                 print(f"warning: {row['warning']}", file=sys.stderr)
         row.update(_latency_fields(path, backend, cfg, info.get("input_shape"), errors))
         if test_data is not None and fmt in ONNX_FORMATS:
             mean, std = normalisation(info["metadata"], path, mean, std)
-            fields, predictions = _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions)
+            fields, predictions = _accuracy_fields(
+                path, cfg, test_data, mean, std, reference_predictions
+            )
             row.update(fields)
     except Exception as exc:
         errors.append(_describe(exc))
@@ -168,7 +202,9 @@ def _bench(path, cfg, test_data, role, mean, std, reference_predictions, backend
 CHECKPOINT = "checkpoint"  # a stage folder (or its stage.json): what the PyTorch backends measure
 
 
-ONNX_FORMATS = tuple(name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx")  # ONNX Runtime runs these; accuracy is measured on them
+ONNX_FORMATS = tuple(
+    name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx"
+)  # ONNX Runtime runs these; accuracy is measured on them
 
 
 def int8_portable(path: Path, metadata: dict[str, str]) -> bool | None:
@@ -186,15 +222,17 @@ def int8_portable(path: Path, metadata: dict[str, str]) -> bool | None:
 
 
 def saturation_warning(path: Path) -> str:
-    """The one line a user sees when a non-portable INT8 file is measured where it computes wrong sums."""
+    """The one line a user sees when a non-portable INT8 file is measured where it computes wrong
+    sums."""
     return (
-        f"{path.name} has full-range INT8 weights and this CPU ({cpu_features().summary()}) adds its products in "
-        "saturating 16-bit lanes: its accuracy and agreement here are wrong (re-export with quantize.weight_range: auto)"
+        f"{path.name} has full-range INT8 weights and this CPU ({cpu_features().summary()}) adds "
+        "its products in saturating 16-bit lanes: its accuracy and agreement here are wrong "
+        "(re-export with quantize.weight_range: auto)"
     )
 
 
 def artifact_format(path: Path) -> str:
-    """"checkpoint" (a stage folder or its record), else the export format its suffix names
+    """ "checkpoint" (a stage folder or its record), else the export format its suffix names
     (``.onnx`` when none does: ONNX Runtime then says what is wrong with the file)."""
     if path.is_dir() or path.name == STAGE_RECORD:
         return CHECKPOINT
@@ -211,9 +249,15 @@ def describe_artifact(path: Path, fmt: str) -> dict:
         try:
             record = StageRecord.read(path, expected="a finished stage holding a network")
             weights = record.network_file()
-            return {"file_bytes": weights.stat().st_size, "params": record.metrics.get("params"), "macs": record.metrics.get("macs")}
+            return {
+                "file_bytes": weights.stat().st_size,
+                "params": record.metrics.get("params"),
+                "macs": record.metrics.get("macs"),
+            }
         except (ModelError, OSError) as exc:
-            raise ExportError(str(exc) if isinstance(exc, ModelError) else f"{path}: its weights file is missing") from None
+            raise ExportError(
+                str(exc) if isinstance(exc, ModelError) else f"{path}: its weights file is missing"
+            ) from None
     if not path.is_file():
         raise ExportError(f"{path}: no such engine file")
     return {"file_bytes": path.stat().st_size}
@@ -221,7 +265,9 @@ def describe_artifact(path: Path, fmt: str) -> dict:
 
 def _latency_fields(path: Path, backend, cfg: BenchConfig, input_shape, errors: list[str]) -> dict:
     static = input_shape[0] if input_shape and isinstance(input_shape[0], int) else None
-    batch_sizes = [static] if static else sorted({1, cfg.batch_size})  # a static batch runs only at its size
+    batch_sizes = (
+        [static] if static else sorted({1, cfg.batch_size})
+    )  # a static batch runs only at its size
     measured = backend.measure(
         path,
         batch_sizes=batch_sizes,
@@ -237,15 +283,25 @@ def _latency_fields(path: Path, backend, cfg: BenchConfig, input_shape, errors: 
     return {
         "latency": measured.get("batches", []),
         **{key: measured.get(key) for key in memory_keys},
-        "runtime": {"backend": backend.name, **{k: v for k, v in measured.items() if k not in skipped}},
+        "runtime": {
+            "backend": backend.name,
+            **{k: v for k, v in measured.items() if k not in skipped},
+        },
     }
 
 
-def _accuracy_fields(path, cfg, test_data, mean, std, reference_predictions) -> tuple[dict, np.ndarray]:
+def _accuracy_fields(
+    path, cfg, test_data, mean, std, reference_predictions
+) -> tuple[dict, np.ndarray]:
     images, labels = test_data
     n = len(images) if cfg.eval_samples is None else min(cfg.eval_samples, len(images))
-    predictions = predict_onnx(path, images[:n], mean=mean, std=std, batch_size=cfg.batch_size, threads=cfg.threads)
-    fields = {"top1": 100.0 * float(np.mean(predictions == np.asarray(labels[:n]))), "eval_samples": n}
+    predictions = predict_onnx(
+        path, images[:n], mean=mean, std=std, batch_size=cfg.batch_size, threads=cfg.threads
+    )
+    fields = {
+        "top1": 100.0 * float(np.mean(predictions == np.asarray(labels[:n]))),
+        "eval_samples": n,
+    }
     if reference_predictions is not None:
         fields["agreement_with_reference"] = agreement(predictions, reference_predictions)
     return fields, predictions
@@ -265,7 +321,9 @@ def agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
         DataError: the two were computed on different numbers of images.
     """
     if len(predictions) != len(reference) or len(predictions) == 0:
-        raise DataError(f"cannot compare predictions on {len(predictions)} and {len(reference)} images")
+        raise DataError(
+            f"cannot compare predictions on {len(predictions)} and {len(reference)} images"
+        )
     return float(np.mean(np.asarray(predictions) == np.asarray(reference)))
 
 
@@ -274,7 +332,9 @@ def _channel_stats(images: np.ndarray, mean, std) -> tuple[np.ndarray, np.ndarra
         raise DataError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {images.shape}")
     channels = images.shape[1]
     if len(mean) != channels or len(std) != channels:
-        raise DataError(f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images")
+        raise DataError(
+            f"mean/std have {len(mean)}/{len(std)} values for {channels}-channel images"
+        )
     shape = (1, channels, 1, 1)
     return np.asarray(mean, np.float32).reshape(shape), np.asarray(std, np.float32).reshape(shape)
 
@@ -283,7 +343,10 @@ def _floats(metadata: dict[str, str], key: str, path: Path) -> list[float]:
     try:
         return [float(v) for v in metadata[key].split(",")]
     except ValueError:
-        raise ExportError(f"{Path(path).name}: metadata {key}={metadata[key]!r} is not a comma-separated list of numbers") from None
+        raise ExportError(
+            f"{Path(path).name}: metadata {key}={metadata[key]!r} is not a comma-separated list of "
+            "numbers"
+        ) from None
 
 
 def _describe(exc: BaseException) -> str:

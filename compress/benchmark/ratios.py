@@ -24,7 +24,11 @@ def compare(rows: list[dict], reference: str = "teacher") -> dict:
         reference images per second at the largest batch size both measured, and
         ``accuracy_delta`` (row - reference) top-1 in percentage points.
     """
-    ratios = {row["role"]: _ratios(row, reference_row(rows, row, reference) or {}) for row in rows if row_model(row) != reference}
+    ratios = {
+        row["role"]: _ratios(row, reference_row(rows, row, reference) or {})
+        for row in rows
+        if row_model(row) != reference
+    }
     return {"reference": reference, "rows": rows, "ratios": ratios}
 
 
@@ -35,7 +39,9 @@ def row_model(row: dict) -> str:
 
 def reference_row(rows: list[dict], row: dict, reference: str | None) -> dict | None:
     """The reference model's row measured like ``row`` (same backend group)."""
-    return next((r for r in rows if row_model(r) == reference and r.get("group") == row.get("group")), None)
+    return next(
+        (r for r in rows if row_model(r) == reference and r.get("group") == row.get("group")), None
+    )
 
 
 def _ratios(row: dict, ref: dict) -> dict:

@@ -34,7 +34,9 @@ def bench_table_markdown(result: dict) -> str:
 
 def _group_table(result: dict, rows: list[dict]) -> str:
     """One group's table; columns are named after the model (the group is the table's heading)."""
-    reference = next((row["role"] for row in rows if row_model(row) == result["reference"]), result["reference"])
+    reference = next(
+        (row["role"] for row in rows if row_model(row) == result["reference"]), result["reference"]
+    )
     rows = sorted(rows, key=lambda row: row["role"] != reference)  # reference first
     batch = max((b for row in rows for b in _ok_batches(row)), default=None)
     name = {row["role"]: row_model(row) for row in rows}
@@ -46,7 +48,9 @@ def _group_table(result: dict, rows: list[dict]) -> str:
     lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
     metrics = _metrics(batch, name.get(reference, reference))
     if any(row.get("gpu_peak_mb") is not None for row in rows):
-        metrics.insert(-2, ("GPU peak memory (MiB)", lambda row: row.get("gpu_peak_mb"), "{:.1f}", None, None))
+        metrics.insert(
+            -2, ("GPU peak memory (MiB)", lambda row: row.get("gpu_peak_mb"), "{:.1f}", None, None)
+        )
     for label, value, fmt, ratio_key, ratio_fmt in metrics:
         cells = [label]
         for row in rows:
@@ -56,12 +60,24 @@ def _group_table(result: dict, rows: list[dict]) -> str:
                 cells.append(_cell(ratio, ratio_fmt) if ratio_key else "")
         lines.append(_md_row(cells))
     lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
-    noisy = [f"{name[row['role']]} (batch {e['batch_size']})" for row in rows for e in row.get("latency") or [] if e.get("noisy")]
-    note = f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a quiet machine." if noisy else ""
+    noisy = [
+        f"{name[row['role']]} (batch {e['batch_size']})"
+        for row in rows
+        for e in row.get("latency") or []
+        if e.get("noisy")
+    ]
+    note = (
+        f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a "
+        "quiet machine."
+        if noisy
+        else ""
+    )
     return "\n".join(lines) + note
 
 
-def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str, str | None, str | None]]:
+def _metrics(
+    batch: int | None, reference: str
+) -> list[tuple[str, Callable, str, str | None, str | None]]:
     """(label with unit, value getter, format, ratio key, ratio format) per table row.
 
     A file with a static batch axis has no batch-1 or throughput-batch entry: its cells show
@@ -74,7 +90,11 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
     def mean_std(row: dict) -> str | None:
         def text(entry: dict) -> str | None:
             stats = entry.get("latency_ms", {})
-            return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if "mean" in stats and "std" in stats else None
+            return (
+                f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+                if "mean" in stats and "std" in stats
+                else None
+            )
 
         return _at(row, 1, text, "{}")
 
@@ -82,7 +102,13 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
         return lambda row: None if row.get(key) is None else row[key] * factor
 
     return [
-        ("File size (MiB)", scaled("file_bytes", 1 / 2**20), "{:.2f}", "size_reduction", "{:.2f}× smaller"),
+        (
+            "File size (MiB)",
+            scaled("file_bytes", 1 / 2**20),
+            "{:.2f}",
+            "size_reduction",
+            "{:.2f}× smaller",
+        ),
         ("Parameters (M)", scaled("params", 1e-6), "{:.3f}", "params_reduction", "{:.2f}× fewer"),
         ("MACs, batch 1 (M)", scaled("macs", 1e-6), "{:.1f}", "macs_reduction", "{:.2f}× fewer"),
         ("Latency p50, batch 1 (ms)", latency("p50"), "{:.3f}", "speedup_b1", "{:.2f}× faster"),
@@ -91,11 +117,23 @@ def _metrics(batch: int | None, reference: str) -> list[tuple[str, Callable, str
         ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
         ("Latency mean ± std, batch 1 (ms)", mean_std, "{}", None, None),
         ("Latency CV, batch 1 (%)", lambda row: _at(row, 1, _cv_cell, "{}"), "{}", None, None),
-        (f"Throughput, batch {batch} (images/s)", lambda row: _at(row, batch, lambda e: e.get("throughput_ips"), "{:.1f}"), "{:.1f}", "speedup_throughput", "{:.2f}× faster"),
+        (
+            f"Throughput, batch {batch} (images/s)",
+            lambda row: _at(row, batch, lambda e: e.get("throughput_ips"), "{:.1f}"),
+            "{:.1f}",
+            "speedup_throughput",
+            "{:.2f}× faster",
+        ),
         ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
         ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
         ("Top-1 accuracy (%)", scaled("top1", 1.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
-        (f"Top-1 agreement with {reference} (%)", scaled("agreement_with_reference", 100.0), "{:.2f}", None, None),
+        (
+            f"Top-1 agreement with {reference} (%)",
+            scaled("agreement_with_reference", 100.0),
+            "{:.2f}",
+            None,
+            None,
+        ),
     ]
 
 
@@ -142,21 +180,26 @@ def _machine_note(result: dict) -> str:
     if not machine:
         return ""
     threads = (result.get("config") or {}).get("threads")
-    thread_note = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ", default threads"
+    thread_note = (
+        f", {threads} thread{'s' if threads > 1 else ''}" if threads else ", default threads"
+    )
     gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
     torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
     trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
     features = _features_note(machine.get("cpu_features"))
     return (
-        f"\n\nMeasured on {machine['cpu']} ({features}{machine['usable_cores']} usable cores{thread_note}){gpus}, "
-        f"{machine['platform']}, ONNX Runtime {runtime.get('onnxruntime', '?')}{torch_note}{trt_note}."
+        f"\n\nMeasured on {machine['cpu']} ({features}{machine['usable_cores']} usable "
+        f"cores{thread_note}){gpus}, {machine['platform']}, ONNX Runtime "
+        f"{runtime.get('onnxruntime', '?')}{torch_note}{trt_note}."
     )
 
 
 def _features_note(features: dict | None) -> str:
     if not features:
         return ""
-    return CpuFeatures(features["arch"], tuple(features["flags"]), features["known"]).summary() + "; "
+    return (
+        CpuFeatures(features["arch"], tuple(features["flags"]), features["known"]).summary() + "; "
+    )
 
 
 def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:

@@ -51,13 +51,24 @@ class Preprocess(nn.Module):
         flip: Whether to flip horizontally with probability 0.5.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: bool, pad: int = 4, flip: bool = True):
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool,
+        pad: int = 4,
+        flip: bool = True,
+    ):
         super().__init__()
         self.augment = augment
         self.pad = pad
         self.flip = flip
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
 
     def forward(self, images_uint8: Tensor, train: bool) -> Tensor:
         """Augment (training only) and normalise a uint8 NCHW batch into float32."""

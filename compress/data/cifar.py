@@ -41,7 +41,14 @@ _CIFAR10 = _CifarLayout(
 
 
 _CIFAR100 = _CifarLayout(
-    "cifar-100-python", ("train",), "test", "meta", b"fine_labels", b"fine_label_names", CIFAR100_MEAN, CIFAR100_STD
+    "cifar-100-python",
+    ("train",),
+    "test",
+    "meta",
+    b"fine_labels",
+    b"fine_label_names",
+    CIFAR100_MEAN,
+    CIFAR100_STD,
 )
 
 
@@ -82,7 +89,11 @@ def _load_cifar(folder: Path, layout: _CifarLayout, image_size: int) -> DatasetB
 # way of writing bytes. Nothing else is importable while unpickling, so a planted file cannot run
 # code (the same guarantee ``torch.load(weights_only=True)`` gives for checkpoints).
 _CIFAR_GLOBALS = frozenset(
-    [(f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")]
+    [
+        (f"numpy.{core}.multiarray", name)
+        for core in ("core", "_core")
+        for name in ("_reconstruct", "scalar")
+    ]
     + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
     + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
 )
@@ -108,12 +119,17 @@ def _unpickle(file: Path) -> dict:
             content = _CifarUnpickler(f, encoding="bytes").load()
     except _Refused as exc:
         raise DataError(
-            f"{file}: refused: unpickling it would import {exc}, and a CIFAR python-format file holds only arrays, lists, bytes and numbers"
+            f"{file}: refused: unpickling it would import {exc}, and a CIFAR python-format file "
+            "holds only arrays, lists, bytes and numbers"
         ) from None
     except Exception as exc:  # a file that is not a pickle fails the unpickler in many ways
-        raise DataError(f"{file}: not a CIFAR python-format batch ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{file}: not a CIFAR python-format batch ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(content, dict):
-        raise DataError(f"{file}: expected a pickled dict (CIFAR python format), got {type(content).__name__}")
+        raise DataError(
+            f"{file}: expected a pickled dict (CIFAR python format), got {type(content).__name__}"
+        )
     return content
 
 
@@ -123,9 +139,14 @@ def _cifar_batch(file: Path, label_key: bytes) -> tuple[Tensor, Tensor]:
         raise DataError(f"{file}: expected keys b'data' and {label_key!r}")
     data, labels = np.asarray(content[b"data"]), np.asarray(content[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{file}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+        raise DataError(
+            f"{file}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}"
+        )
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{file}: {label_key!r} must be {len(data)} integer labels, got {labels.dtype} {labels.shape}")
+        raise DataError(
+            f"{file}: {label_key!r} must be {len(data)} integer labels, got {labels.dtype} "
+            f"{labels.shape}"
+        )
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # rows are already CHW
     return images, torch.from_numpy(labels.astype(np.int64))
 

@@ -46,7 +46,9 @@ def balanced_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     if size is None or size >= len(dataset):
         return dataset
     # Class ids 0..K-1 in label order, so UNLABELED (-1) is just one more group.
-    labels = torch.unique(torch.as_tensor(_targets(dataset), dtype=torch.int64), return_inverse=True)[1]
+    labels = torch.unique(
+        torch.as_tensor(_targets(dataset), dtype=torch.int64), return_inverse=True
+    )[1]
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     shuffled = labels[order]
     by_class = torch.sort(shuffled, stable=True).indices
@@ -69,7 +71,9 @@ def _take(dataset: Dataset, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
     items = [dataset[i] for i in indices]
     if not items:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+    return torch.stack([x for x, _ in items]), torch.tensor(
+        [y for _, y in items], dtype=torch.int64
+    )
 
 
 def _seeded_selection(count: int, limit: int | None, seed: int) -> Tensor:
@@ -91,7 +95,9 @@ def _existing_dir(path: str | Path | None, kind: str) -> Path:
         raise DataError(f"dataset kind {kind!r} needs a path")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise DataError(f"dataset path {folder} does not exist or is not a folder ({kind} data expected there)")
+        raise DataError(
+            f"dataset path {folder} does not exist or is not a folder ({kind} data expected there)"
+        )
     return folder
 
 
@@ -100,7 +106,9 @@ def _resize(images: Tensor, size: int) -> Tensor:
     if images.shape[-2:] == (size, size):
         return images
     chunks = [
-        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        F.interpolate(
+            chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
         .round_()
         .clamp_(0, 255)
         .to(torch.uint8)
@@ -126,7 +134,8 @@ def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 def _check_labels(labels: Tensor, num_classes: int, where: str) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
-            f"{where}: labels must be in 0..{num_classes - 1}, found {labels.min().item()}..{labels.max().item()}"
+            f"{where}: labels must be in 0..{num_classes - 1}, found "
+            f"{labels.min().item()}..{labels.max().item()}"
         )
 
 
@@ -155,14 +164,21 @@ def _in_memory_bundle(
 def _is_image_file(path: str | Path) -> bool:
     """An image extension and not hidden (``.DS_Store``, macOS's ``._photo.jpg`` metadata)."""
     name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(
+        torchvision.datasets.folder.IMG_EXTENSIONS
+    )
 
 
 def _image_files(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursively), sorted so selections are reproducible."""
-    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    files = sorted(
+        str(p)
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
     if not files:
-        raise DataError(f"unlabeled folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found in it or below")
+        raise DataError(
+            f"unlabeled folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found in it "
+            "or below"
+        )
     return files
-
-

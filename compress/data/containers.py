@@ -78,7 +78,9 @@ class LabeledConcat(ConcatDataset):
 
     def __init__(self, parts: Sequence[Dataset]):
         super().__init__(parts)
-        self.targets = torch.cat([torch.as_tensor(_targets(part), dtype=torch.int64) for part in parts])
+        self.targets = torch.cat(
+            [torch.as_tensor(_targets(part), dtype=torch.int64) for part in parts]
+        )
 
 
 def _targets(dataset: Dataset) -> Sequence[int] | Tensor:
@@ -93,7 +95,10 @@ def _decode_image(path: str, image_size: int) -> Tensor:
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
-    except Exception as exc:  # corrupt files fail PIL's decoders in many ways (OSError, SyntaxError, struct.error...)
+    except Exception as exc:
+        # corrupt files fail PIL's decoders in many ways (OSError, SyntaxError, struct.error...)
         raise DataError(f"cannot decode image {path}: {exc or type(exc).__name__}") from None
-    resized = tf.resize(rgb, image_size, interpolation=tf.InterpolationMode.BILINEAR, antialias=True)
+    resized = tf.resize(
+        rgb, image_size, interpolation=tf.InterpolationMode.BILINEAR, antialias=True
+    )
     return tf.pil_to_tensor(tf.center_crop(resized, image_size))

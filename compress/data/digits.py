@@ -27,10 +27,16 @@ def load_digits(cfg: DataConfig) -> DatasetBundle:
     images = pixels.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target.astype(np.int64))
     train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
+        np.arange(len(labels)),
+        test_size=0.2,
+        stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED,
     )
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     classes = [str(k) for k in range(10)]
     return _in_memory_bundle(
-        (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]), classes, cfg.image_size
+        (images[train_idx], labels[train_idx]),
+        (images[test_idx], labels[test_idx]),
+        classes,
+        cfg.image_size,
     )

@@ -33,12 +33,15 @@ def load_imagefolder(cfg: DataConfig) -> DatasetBundle:
     folder = _existing_dir(cfg.path, "imagefolder")
     test_dir = next((folder / name for name in ("val", "test") if (folder / name).is_dir()), None)
     if not (folder / "train").is_dir() or test_dir is None:
-        raise DataError(f"{folder}: expected subfolders train/<class>/ and val/<class>/ (or test/<class>/)")
+        raise DataError(
+            f"{folder}: expected subfolders train/<class>/ and val/<class>/ (or test/<class>/)"
+        )
     loader = functools.partial(_decode_image, image_size=cfg.image_size)
     train, test = _image_folder(folder / "train", loader), _image_folder(test_dir, loader)
     if test.classes != train.classes:
         raise DataError(
-            f"{test_dir}: class folders {test.classes} differ from {folder / 'train'}'s {train.classes}"
+            f"{test_dir}: class folders {test.classes} differ from {folder / 'train'}'s "
+            f"{train.classes}"
         )
     return DatasetBundle(
         train=train,
@@ -56,7 +59,9 @@ class _ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder without hidden entries: ``.ipynb_checkpoints/`` is no class."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        classes = sorted(
+            e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")
+        )
         if not classes:
             raise FileNotFoundError(f"no class folders in {directory}")
         return classes, {name: index for index, name in enumerate(classes)}

@@ -65,7 +65,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetBundle:
     )
     if cfg.unlabeled.path is not None:
         pool = load_unlabeled(cfg.unlabeled, cfg.image_size, seed)
-        bundle = dataclasses.replace(bundle, train=LabeledConcat([bundle.train, pool]), unlabeled=len(pool))
+        bundle = dataclasses.replace(
+            bundle, train=LabeledConcat([bundle.train, pool]), unlabeled=len(pool)
+        )
     check_image_files(bundle.train, bundle.test)
     return bundle
 
@@ -101,7 +103,9 @@ def load_unlabeled(cfg: UnlabeledConfig, image_size: int, seed: int) -> Dataset:
         images = _resize(_npz_images(x[keep], path), image_size)
         return TensorImageDataset(images, torch.full((len(images),), UNLABELED, dtype=torch.int64))
     what = "is not a .npz file or a folder" if path.exists() else "does not exist"
-    raise DataError(f"unlabeled path {path} {what} (expected a .npz with array x, or a folder of images)")
+    raise DataError(
+        f"unlabeled path {path} {what} (expected a .npz with array x, or a folder of images)"
+    )
 
 
 def detect_kind(path: str | Path) -> str:
@@ -120,8 +124,8 @@ def detect_kind(path: str | Path) -> str:
     if (folder / "train").is_dir() and any((folder / split).is_dir() for split in ("val", "test")):
         return "imagefolder"
     raise DataError(
-        f"{folder}: cannot tell the dataset kind (expected train.npz/test.npz, cifar-10-batches-py/, "
-        "cifar-100-python/ or train/ + val/ class folders); pass --data-kind"
+        f"{folder}: cannot tell the dataset kind (expected train.npz/test.npz, "
+        "cifar-10-batches-py/, cifar-100-python/ or train/ + val/ class folders); pass --data-kind"
     )
 
 
@@ -140,10 +144,19 @@ def check_image_files(*splits: Dataset) -> None:
     if not files:
         return
     with ThreadPoolExecutor(max_workers=8) as pool:
-        problems = [(path, problem) for path, problem in zip(files, pool.map(_image_problem, files, chunksize=64), strict=True) if problem]
+        problems = [
+            (path, problem)
+            for path, problem in zip(
+                files, pool.map(_image_problem, files, chunksize=64), strict=True
+            )
+            if problem
+        ]
     if problems:
         path, problem = problems[0]
-        raise DataError(f"{len(problems)} of {len(files)} image files cannot be read (first: {path}: {problem}); fix or remove them")
+        raise DataError(
+            f"{len(problems)} of {len(files)} image files cannot be read (first: {path}: "
+            f"{problem}); fix or remove them"
+        )
 
 
 def _files_of(dataset: Dataset) -> list[str | None]:
@@ -168,5 +181,7 @@ def _image_problem(path: str) -> str | None:
             return None
     except UnidentifiedImageError:
         return "not an image file Pillow can read"
-    except Exception as exc:  # hostile files fail PIL's parsers in many ways (and bombs are refused)
+    except (
+        Exception
+    ) as exc:  # hostile files fail PIL's parsers in many ways (and bombs are refused)
         return f"{type(exc).__name__}: {exc}"

@@ -13,7 +13,9 @@ from compress.data.common import _take
 from compress.data.containers import DatasetBundle
 
 
-def make_loaders(bundle: DatasetBundle, cfg: DataConfig, seed: int, *, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    bundle: DatasetBundle, cfg: DataConfig, seed: int, *, pin_memory: bool = False
+) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders yielding ``(uint8 NCHW, int64 labels)`` batches.
 
     In a distributed run (:mod:`compress.distributed`) the train loader gives this rank its
@@ -37,13 +39,38 @@ def make_loaders(bundle: DatasetBundle, cfg: DataConfig, seed: int, *, pin_memor
         RecipeError: the batch does not split evenly over the ranks.
     """
     generator = torch.Generator().manual_seed(seed)
-    common = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0, "pin_memory": pin_memory}
+    common = {
+        "num_workers": cfg.workers,
+        "persistent_workers": cfg.workers > 0,
+        "pin_memory": pin_memory,
+    }
     if distributed.active():
-        sampler = DistributedSampler(bundle.train, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=seed, drop_last=False)
+        sampler = DistributedSampler(
+            bundle.train,
+            num_replicas=distributed.world_size(),
+            rank=distributed.rank(),
+            shuffle=True,
+            seed=seed,
+            drop_last=False,
+        )
         batch_size = distributed.per_process_batch(cfg.batch_size)
-        train = DataLoader(bundle.train, batch_size=batch_size, sampler=sampler, generator=generator, drop_last=False, **common)
+        train = DataLoader(
+            bundle.train,
+            batch_size=batch_size,
+            sampler=sampler,
+            generator=generator,
+            drop_last=False,
+            **common,
+        )
     else:
-        train = DataLoader(bundle.train, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=False, **common)
+        train = DataLoader(
+            bundle.train,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=False,
+            **common,
+        )
     test = DataLoader(bundle.test, batch_size=cfg.eval_batch_size, shuffle=False, **common)
     return train, test
 
@@ -61,4 +88,8 @@ def test_arrays(bundle: DatasetBundle, limit: int | None = None) -> tuple[np.nda
     count = len(bundle.test) if limit is None else min(limit, len(bundle.test))
     images, labels = _take(bundle.test, range(count))
     return images.numpy(), labels.numpy()
-test_arrays.__test__ = False  # its name starts with "test": keep pytest from collecting it where imported
+
+
+test_arrays.__test__ = (
+    False  # its name starts with "test": keep pytest from collecting it where imported
+)

@@ -1,4 +1,5 @@
-"""A folder with ``train.npz`` and ``test.npz`` (``x``: NCHW or NHWC uint8 images, ``y``: labels)."""
+"""A folder with ``train.npz`` and ``test.npz`` (``x``: NCHW or NHWC uint8 images,
+``y``: labels)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def load_npz(cfg: DataConfig) -> DatasetBundle:
 
 def _read_npz(file: Path) -> tuple[Tensor, Tensor]:
     if not file.is_file():
-        raise DataError(f"missing {file}: an npz dataset needs train.npz and test.npz (arrays x, y)")
+        raise DataError(
+            f"missing {file}: an npz dataset needs train.npz and test.npz (arrays x, y)"
+        )
     x, y = _arrays(file, ("x", "y"), "arrays 'x' (images) and 'y' (labels)")
     return _npz_images(x, file), _npz_labels(y, len(x), file)
 
@@ -51,21 +54,31 @@ def _arrays(file: Path, names: tuple[str, ...], wanted: str) -> list[np.ndarray]
         raise DataError(f"{file}: cannot read it ({exc.strerror or exc})") from None
     if head != _ZIP_MAGIC:
         what = "the file is empty" if not head else "it is not a zip archive of .npy arrays"
-        raise DataError(f"{file}: not a valid numpy .npz archive ({what}); write it with numpy.savez")
+        raise DataError(
+            f"{file}: not a valid numpy .npz archive ({what}); write it with numpy.savez"
+        )
     try:
         with np.load(file, allow_pickle=False) as archive:
             missing = [name for name in names if name not in archive]
             if missing:
-                raise DataError(f"{file}: expected {wanted}, found {', '.join(archive.files) or 'no arrays'}")
+                raise DataError(
+                    f"{file}: expected {wanted}, found {', '.join(archive.files) or 'no arrays'}"
+                )
             return [archive[name] for name in names]
     except DataError:
         raise
     except ValueError as exc:
         if "pickle" in str(exc) or "Object arrays" in str(exc):
-            raise DataError(f"{file}: holds object arrays (pickled Python objects), which are never loaded; save numeric arrays") from None
+            raise DataError(
+                f"{file}: holds object arrays (pickled Python objects), which are never loaded; "
+                "save numeric arrays"
+            ) from None
         raise DataError(f"{file}: not a valid numpy .npz archive ({first_line(exc)})") from None
     except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(f"{file}: not a valid numpy .npz archive, or truncated ({type(exc).__name__}: {first_line(exc)})") from None
+        raise DataError(
+            f"{file}: not a valid numpy .npz archive, or truncated ({type(exc).__name__}: "
+            f"{first_line(exc)})"
+        ) from None
 
 
 def _npz_images(x: np.ndarray, file: Path) -> Tensor:
@@ -74,26 +87,37 @@ def _npz_images(x: np.ndarray, file: Path) -> Tensor:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise DataError(f"{file}: x must be NHWC with 1 or 3 channels, or NHW grey; got shape {x.shape}")
+        raise DataError(
+            f"{file}: x must be NHWC with 1 or 3 channels, or NHW grey; got shape {x.shape}"
+        )
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
     return images.expand(-1, 3, -1, -1).contiguous()
 
 
 def _npz_labels(y: np.ndarray, count: int, file: Path) -> Tensor:
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (count,):
-        raise DataError(f"{file}: y must be {count} integer labels (shape ({count},)), got {y.dtype} {y.shape}")
+        raise DataError(
+            f"{file}: y must be {count} integer labels (shape ({count},)), got {y.dtype} {y.shape}"
+        )
     return torch.from_numpy(y.astype(np.int64))
 
 
 def _npz_classes(folder: Path, *labels: Tensor) -> list[str]:
     names_file = folder / "classes.txt"
     if names_file.is_file():
-        names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [
+            line.strip()
+            for line in names_file.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
         if not names:
             raise DataError(f"{names_file}: expected one class name per line, found none")
         largest = max((int(y.max()) for y in labels if len(y)), default=-1)
         if largest >= len(names):
-            raise DataError(f"{names_file}: names {len(names)} classes, but the labels go up to {largest}; give one name per class, one per line")
+            raise DataError(
+                f"{names_file}: names {len(names)} classes, but the labels go up to {largest}; "
+                "give one name per class, one per line"
+            )
         return names
     largest = max((int(y.max()) for y in labels if len(y)), default=-1)
     return [str(k) for k in range(largest + 1)]
@@ -102,14 +126,18 @@ def _npz_classes(folder: Path, *labels: Tensor) -> list[str]:
 def _check_same_size(train_x: Tensor, test_x: Tensor, folder: Path) -> None:
     if len(train_x) and len(test_x) and train_x.shape[1:] != test_x.shape[1:]:
         raise DataError(
-            f"{folder}: train and test images differ in shape ({tuple(train_x.shape[1:])} vs {tuple(test_x.shape[1:])})"
+            f"{folder}: train and test images differ in shape ({tuple(train_x.shape[1:])} vs "
+            f"{tuple(test_x.shape[1:])})"
         )
 
 
 def _read_unlabeled_npz(file: Path) -> np.ndarray:
     (x,) = _arrays(file, ("x",), "an array 'x' (unlabeled images)")
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
-        raise DataError(f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey; got {x.dtype} {x.shape}")
+        raise DataError(
+            f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey; got {x.dtype} "
+            f"{x.shape}"
+        )
     if len(x) == 0:
         raise DataError(f"{file}: x holds no images")
     return x

@@ -18,11 +18,12 @@ Runtime's CPU provider has FP16 kernels for few ops; it wraps the others in Cast
 then merges the Casts between neighbours away, which for our CNNs upcasts the whole graph at load
 (FP32 copies of the FP16 weights, one Cast after the input and one before the output: the
 ``InsertedPrecisionFreeCast_*`` names of its optimised graph), and the extra casts make it
-slower (batch 32, 2 threads: MobileNetV2 25 ms vs 18 ms in FP32, ResNet18 76 vs 72 ms). We still verify the file on CPU
-with :func:`compress.exporters.onnx.verify_onnx`: that catches a broken conversion and measures
-the rounding of the weights and of FP16 input/output, but not the rounding of every intermediate
-activation that a GPU adds. :data:`FP16_TOLERANCE` is therefore set from PyTorch's own FP16 run
-(activations rounded after every op, as on a GPU), the larger error of the two.
+slower (batch 32, 2 threads: MobileNetV2 25 ms vs 18 ms in FP32, ResNet18 76 vs 72 ms). We still
+verify the file on CPU with :func:`compress.exporters.onnx.verify_onnx`: that catches a broken
+conversion and measures the rounding of the weights and of FP16 input/output, but not the rounding
+of every intermediate activation that a GPU adds. :data:`FP16_TOLERANCE` is therefore set from
+PyTorch's own FP16 run (activations rounded after every op, as on a GPU), the larger error of the
+two.
 
 Example:
     >>> path = convert_to_fp16(run / "student.onnx", run / "student_fp16.onnx")
@@ -71,18 +72,40 @@ _QUANTIZED_OPS = {
 }
 
 
-def build_from_onnx(onnx_path: Path, target: Path, model, images, cfg: ExportConfig, *, int8: bool = False, timing_cache: Path | None = None) -> dict:
+def build_from_onnx(
+    onnx_path: Path,
+    target: Path,
+    model,
+    images,
+    cfg: ExportConfig,
+    *,
+    int8: bool = False,
+    timing_cache: Path | None = None,
+) -> dict:
     """The ``onnx-fp16`` format of :data:`compress.exporters.FORMATS`: ``target`` converted from a
     proven FP32 file and verified against the PyTorch network with ``cfg``'s FP16 bounds."""
     convert_to_fp16(onnx_path, target)
-    return verify_onnx(target, model, images, tolerance=cfg.fp16_tolerance, min_agreement=cfg.fp16_min_agreement, relative=True)
+    return verify_onnx(
+        target,
+        model,
+        images,
+        tolerance=cfg.fp16_tolerance,
+        min_agreement=cfg.fp16_min_agreement,
+        relative=True,
+    )
 
 
 def convert_onnx(source: Path, target: Path, cfg: ExportConfig) -> dict:
     """``compress export model.onnx --format onnx-fp16``: no PyTorch network at hand, so the FP16
     file is checked against the FP32 file it came from, with the same bounds."""
     convert_to_fp16(source, target)
-    return compare_onnx_files(target, source, cfg.check_samples, tolerance=cfg.fp16_tolerance, min_agreement=cfg.fp16_min_agreement)
+    return compare_onnx_files(
+        target,
+        source,
+        cfg.check_samples,
+        tolerance=cfg.fp16_tolerance,
+        min_agreement=cfg.fp16_min_agreement,
+    )
 
 
 def convert_to_fp16(
@@ -135,7 +158,8 @@ def _not_fp32_reason(model: onnx.ModelProto) -> str | None:
     if quantized:
         return (
             f"it is an INT8 (QDQ) model ({', '.join(quantized)} nodes); FP16 would round its "
-            "quantization scales and gain nothing (build a TensorRT engine with fp16 and int8 instead)"
+            "quantization scales and gain nothing (build a TensorRT engine with fp16 and int8 "
+            "instead)"
         )
     weights = {init.name for init in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in weights]

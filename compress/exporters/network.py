@@ -40,7 +40,9 @@ def proven(path: Path) -> Iterator[Path]:
     removed.
     """
     path = Path(path)
-    folder = path.parent / f".{path.name}.unverified"  # the same name in a hidden folder: messages name the file as it will be
+    folder = (
+        path.parent / f".{path.name}.unverified"
+    )  # the same name in a hidden folder: messages name the file as it will be
     pending, failed = folder / path.name, path.with_name(path.name + FAILED_SUFFIX)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -52,7 +54,9 @@ def proven(path: Path) -> Iterator[Path]:
         os.replace(pending, failed)
         write_text_atomic(failed.with_name(failed.name + ".txt"), f"{exc}\n")
         path.unlink(missing_ok=True)
-        raise ExportError(f"{exc} (not written as {path.name}; the file that failed is kept as {failed.name})") from None
+        raise ExportError(
+            f"{exc} (not written as {path.name}; the file that failed is kept as {failed.name})"
+        ) from None
     else:
         os.replace(pending, path)
     finally:
@@ -62,8 +66,16 @@ def proven(path: Path) -> Iterator[Path]:
 
 
 def export_network(
-    model, path: Path, cfg: ExportConfig, images: np.ndarray, metadata: dict, quantization: QuantSpec | None, *,
-    image_size: int, in_channels: int, warn: bool = True,
+    model,
+    path: Path,
+    cfg: ExportConfig,
+    images: np.ndarray,
+    metadata: dict,
+    quantization: QuantSpec | None,
+    *,
+    image_size: int,
+    in_channels: int,
+    warn: bool = True,
 ) -> dict:
     """One network to one proven ONNX file: FP32, or a QDQ graph for a quantized network.
 
@@ -86,34 +98,77 @@ def export_network(
         ``"qdq"`` for a quantized network and ``"batch"`` (None: dynamic).
     """
     with proven(path) as pending:
-        return _export_and_verify(model, pending, cfg, images, metadata, quantization, image_size=image_size, in_channels=in_channels, warn=warn)
+        return _export_and_verify(
+            model,
+            pending,
+            cfg,
+            images,
+            metadata,
+            quantization,
+            image_size=image_size,
+            in_channels=in_channels,
+            warn=warn,
+        )
 
 
-def _export_and_verify(model, path: Path, cfg, images, metadata, quantization, *, image_size, in_channels, warn) -> dict:
-    common = dict(image_size=image_size, in_channels=in_channels, opset=cfg.opset, batch=cfg.batch, simplify=cfg.simplify)
+def _export_and_verify(
+    model, path: Path, cfg, images, metadata, quantization, *, image_size, in_channels, warn
+) -> dict:
+    common = dict(
+        image_size=image_size,
+        in_channels=in_channels,
+        opset=cfg.opset,
+        batch=cfg.batch,
+        simplify=cfg.simplify,
+    )
     if quantization is None:
         export_onnx(model, path, exporter=cfg.exporter, metadata=metadata, **common)
-        return verify_onnx(path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement) | {"batch": cfg.batch}
+        return verify_onnx(
+            path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement
+        ) | {"batch": cfg.batch}
     from compress.exporters.qdq import check_qdq, store_int8_weights
     from compress.quantization import kept_float_convs
 
-    metadata = metadata | {"compress.quantization": quantization.target, "compress.int8_weight_range": quantization.weight_range}
-    export_onnx(model, path, exporter=QUANTIZED_EXPORTER, metadata=metadata, transform=store_int8_weights, **common)
-    portability, exact = prove_portability(path, quantization.weight_range, quantization.target, warn=warn)
-    result = verify_onnx(path, model, images, tolerance=cfg.int8_tolerance, min_agreement=cfg.int8_min_agreement, relative=True, exact_int8=exact)
+    metadata = metadata | {
+        "compress.quantization": quantization.target,
+        "compress.int8_weight_range": quantization.weight_range,
+    }
+    export_onnx(
+        model,
+        path,
+        exporter=QUANTIZED_EXPORTER,
+        metadata=metadata,
+        transform=store_int8_weights,
+        **common,
+    )
+    portability, exact = prove_portability(
+        path, quantization.weight_range, quantization.target, warn=warn
+    )
+    result = verify_onnx(
+        path,
+        model,
+        images,
+        tolerance=cfg.int8_tolerance,
+        min_agreement=cfg.int8_min_agreement,
+        relative=True,
+        exact_int8=exact,
+    )
     result["portability"] = portability
     result["qdq"] = check_qdq(path, target=quantization.target, skip_count=kept_float_convs(model))
     requantized = result["qdq"].get("skipped_but_quantized_by_onnxruntime")
     if requantized and warn:
         print(
-            f"warning: {requantized} layer(s) in quantize.skip sit between quantized layers; ONNX Runtime quantizes "
-            f"them anyway (per tensor) when it loads {path.name}. Only layers at the edges of the graph stay float.",
+            f"warning: {requantized} layer(s) in quantize.skip sit between quantized layers; ONNX "
+            f"Runtime quantizes them anyway (per tensor) when it loads {path.name}. Only layers at "
+            "the edges of the graph stay float.",
             file=sys.stderr,
         )
     return result | {"batch": cfg.batch}
 
 
-def prove_portability(path: Path, weight_range: str, target: str, *, warn: bool) -> tuple[dict, bool]:
+def prove_portability(
+    path: Path, weight_range: str, target: str, *, warn: bool
+) -> tuple[dict, bool]:
     """Check an INT8 file against the overflow bound of x86 kernels without VNNI and write the
     verdict into its metadata (:func:`compress.exporters.qdq.int8_portability`).
 
@@ -137,23 +192,38 @@ def prove_portability(path: Path, weight_range: str, target: str, *, warn: bool)
     add_metadata(path, report.metadata())
     if WEIGHT_RANGES[weight_range].portable and not report.portable:
         raise ExportError(
-            f"{path.name}: weight_range {weight_range} should stay within the 16-bit lanes of CPUs without VNNI, "
-            f"but layer {report.worst_layer} pairs weights summing to {report.worst_pair_sum} (limit {report.limit})"
+            f"{path.name}: weight_range {weight_range} should stay within the 16-bit lanes of CPUs "
+            f"without VNNI, but layer {report.worst_layer} pairs weights summing to "
+            f"{report.worst_pair_sum} (limit {report.limit})"
         )
     cpu = cpu_features()
     exact = cpu.saturates_u8s8 and not report.portable
     if exact and warn and target == "onnxruntime-cpu":
         print(
-            f"warning: {path.name} has full-range INT8 weights (quantize.weight_range: {weight_range}), which this CPU "
-            f"({cpu.summary()}) saturates; it was verified with ONNX Runtime's exact u8u8 kernels and gives these answers "
-            "only on CPUs with VNNI (or ARM). Use weight_range: auto for a file that is right everywhere.",
+            f"warning: {path.name} has full-range INT8 weights (quantize.weight_range: "
+            f"{weight_range}), which this CPU ({cpu.summary()}) saturates; it was verified with "
+            "ONNX Runtime's exact u8u8 kernels and gives these answers only on CPUs with VNNI (or "
+            "ARM). Use weight_range: auto for a file that is right everywhere.",
             file=sys.stderr,
         )
     verified_with = "u8u8 (session.x64quantprecision)" if exact else "u8s8"
-    return report.to_dict() | {"weight_range": weight_range, "cpu": cpu.summary(), "verified_with": verified_with}, exact
+    return report.to_dict() | {
+        "weight_range": weight_range,
+        "cpu": cpu.summary(),
+        "verified_with": verified_with,
+    }, exact
 
 
-def export_derived_formats(onnx_path: Path, model, cfg: ExportConfig, images: np.ndarray, quantization: QuantSpec | None, *, warn: bool, timing_cache: Path | None) -> dict[str, tuple[dict, Path | None]]:
+def export_derived_formats(
+    onnx_path: Path,
+    model,
+    cfg: ExportConfig,
+    images: np.ndarray,
+    quantization: QuantSpec | None,
+    *,
+    warn: bool,
+    timing_cache: Path | None,
+) -> dict[str, tuple[dict, Path | None]]:
     """Every format of ``cfg.formats`` but ONNX, built from the proven ONNX file.
 
     Returns:
@@ -171,7 +241,15 @@ def export_derived_formats(onnx_path: Path, model, cfg: ExportConfig, images: np
         if reason is None:
             try:
                 with proven(target) as pending:
-                    outcome = fmt.builder(onnx_path, pending, model, images, cfg, int8=quantization is not None, timing_cache=timing_cache)
+                    outcome = fmt.builder(
+                        onnx_path,
+                        pending,
+                        model,
+                        images,
+                        cfg,
+                        int8=quantization is not None,
+                        timing_cache=timing_cache,
+                    )
             except ExportError as exc:
                 if not _is_unavailable(exc):
                     raise

@@ -1,4 +1,5 @@
-"""The INT8 (QDQ) ONNX graph of a fake-quantized model: weights stored as INT8, and proof that it is fast.
+"""The INT8 (QDQ) ONNX graph of a fake-quantized model: weights stored as INT8, and proof that it is
+fast.
 
 A fake-quantized model (:mod:`compress.quantization`) exports as QuantizeLinear/DequantizeLinear
 pairs, with each weight still a float initializer that a QuantizeLinear rounds at run time.
@@ -73,10 +74,15 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _bypass_identities(graph: onnx.GraphProto) -> None:
-    """Drop Identity nodes of initializers (the torchscript exporter shares zero points through them)."""
+    """Drop Identity nodes of initializers (the torchscript exporter shares zero points through
+    them)."""
     inits = {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs
+    }
     kept = [n for n in graph.node if n.output[0] not in alias or n.op_type != "Identity"]
     for node in kept:
         for i, name in enumerate(node.input):
@@ -87,7 +93,11 @@ def _bypass_identities(graph: onnx.GraphProto) -> None:
 
 def _int8_weight(node: onnx.NodeProto, constants: dict) -> onnx.TensorProto | None:
     """The INT8 initializer a QuantizeLinear of a float constant computes; None for other nodes."""
-    if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not all(n in constants for n in node.input[:3]):
+    if (
+        node.op_type != "QuantizeLinear"
+        or len(node.input) < 3
+        or not all(n in constants for n in node.input[:3])
+    ):
         return None
     weight, scale, zero_point = (numpy_helper.to_array(constants[n]) for n in node.input[:3])
     if weight.dtype != np.float32 or weight.ndim < 2 or zero_point.dtype != np.int8:
@@ -126,7 +136,9 @@ def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
         ExportError: any check fails (one line naming the file and the first problem).
     """
     if target not in QUANT_TARGETS:
-        raise ExportError(f"unknown quantization target {target!r}; known: {', '.join(QUANT_TARGETS)}")
+        raise ExportError(
+            f"unknown quantization target {target!r}; known: {', '.join(QUANT_TARGETS)}"
+        )
     path = Path(path)
     try:
         proto = onnx.load(path)
@@ -136,7 +148,9 @@ def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
     inits = {init.name: init for init in proto.graph.initializer}
     ops = Counter(node.op_type for node in proto.graph.node)
     if not ops["QuantizeLinear"] or not ops["DequantizeLinear"]:
-        raise ExportError(f"{path.name}: no QuantizeLinear/DequantizeLinear nodes: the model was not quantized")
+        raise ExportError(
+            f"{path.name}: no QuantizeLinear/DequantizeLinear nodes: the model was not quantized"
+        )
     weights = _check_weights(proto, inits, path)
     activation_type = _check_activations(proto, inits, target, path)
     result = {
@@ -154,17 +168,28 @@ def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
 
 
 def _check_weights(proto: onnx.ModelProto, inits: dict, path: Path) -> list[str]:
-    """Names of the INT8 weights; raises on a float weight quantized at run time or a nonzero zero point."""
+    """Names of the INT8 weights; raises on a float weight quantized at run time or a nonzero
+    zero point."""
     weights = []
     for node in proto.graph.node:
         source = inits.get(node.input[0]) if node.input else None
-        if source is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(source.dims) < 2:
+        if (
+            source is None
+            or node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            or len(source.dims) < 2
+        ):
             continue
         if node.op_type == "QuantizeLinear" or source.data_type != _INT8:
-            raise ExportError(f"{path.name}: weight {source.name} is not stored as INT8 (export with transform=store_int8_weights)")
+            raise ExportError(
+                f"{path.name}: weight {source.name} is not stored as INT8 (export with "
+                "transform=store_int8_weights)"
+            )
         zero_point = _zero_point(node, inits)
         if zero_point is not None and np.any(zero_point != 0):
-            raise ExportError(f"{path.name}: weight {source.name} has a nonzero zero point; weights must be symmetric")
+            raise ExportError(
+                f"{path.name}: weight {source.name} has a nonzero zero point; weights must be "
+                "symmetric"
+            )
         weights.append(source.name)
     if not weights:
         raise ExportError(f"{path.name}: no INT8 weight feeds a DequantizeLinear")
@@ -178,13 +203,20 @@ def _check_activations(proto: onnx.ModelProto, inits: dict, target: str, path: P
             continue
         zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
         if zero_point is None or zero_point.data_type != want:
-            kind = "missing" if zero_point is None else onnx.TensorProto.DataType.Name(zero_point.data_type).lower()
+            kind = (
+                "missing"
+                if zero_point is None
+                else onnx.TensorProto.DataType.Name(zero_point.data_type).lower()
+            )
             raise ExportError(
-                f"{path.name}: activation QuantizeLinear {node.name or node.output[0]} has a {kind} zero point; "
-                f"{target} needs {onnx.TensorProto.DataType.Name(want).lower()}"
+                f"{path.name}: activation QuantizeLinear {node.name or node.output[0]} has a "
+                f"{kind} zero point; {target} needs {onnx.TensorProto.DataType.Name(want).lower()}"
             )
         if target == "tensorrt" and np.any(numpy_helper.to_array(zero_point) != 0):
-            raise ExportError(f"{path.name}: activation QuantizeLinear {node.name or node.output[0]} has a nonzero zero point; tensorrt needs symmetric int8")
+            raise ExportError(
+                f"{path.name}: activation QuantizeLinear {node.name or node.output[0]} has a "
+                "nonzero zero point; tensorrt needs symmetric int8"
+            )
     return onnx.TensorProto.DataType.Name(want).lower()
 
 
@@ -206,17 +238,24 @@ def _fused_convs(path: Path, skip_count: int) -> dict:
         try:
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ExportError(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            raise ExportError(
+                f"{path}: ONNX Runtime cannot load it: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
         ops = Counter(node.op_type for node in onnx.load(optimized).graph.node)
-    counts = {"qlinear_conv": sum(ops[op] for op in _QLINEAR_CONVS), "fp32_conv": sum(ops[op] for op in _FLOAT_CONVS)}
+    counts = {
+        "qlinear_conv": sum(ops[op] for op in _QLINEAR_CONVS),
+        "fp32_conv": sum(ops[op] for op in _FLOAT_CONVS),
+    }
     # ONNX Runtime quantizes a float-weight conv itself (per tensor) when its input comes from a
     # DequantizeLinear and its output goes to a QuantizeLinear: a skipped layer between quantized
     # ones does not stay FP32 there. Recorded, so the export can say so.
     counts["skipped_but_quantized_by_onnxruntime"] = max(skip_count - counts["fp32_conv"], 0)
     if counts["fp32_conv"] > skip_count:
         raise ExportError(
-            f"{path.name}: {counts['fp32_conv']} convolutions stay FP32 after ONNX Runtime's optimisation "
-            f"({skip_count} kept by skip, {counts['qlinear_conv']} QLinearConv): the Q/DQ placement defeats the INT8 kernels"
+            f"{path.name}: {counts['fp32_conv']} convolutions stay FP32 after ONNX Runtime's "
+            f"optimisation ({skip_count} kept by skip, {counts['qlinear_conv']} QLinearConv): the "
+            "Q/DQ placement defeats the INT8 kernels"
         )
     return counts
 
@@ -258,7 +297,11 @@ class Int8Portability:
     def metadata(self) -> dict[str, str]:
         """The ``metadata_props`` entries that let a reader (``compress bench``) know without
         re-reading the weights."""
-        return {META_PORTABLE: str(self.portable).lower(), META_WORST_PAIR: str(self.worst_pair_sum), META_WORST_LAYER: self.worst_layer or ""}
+        return {
+            META_PORTABLE: str(self.portable).lower(),
+            META_WORST_PAIR: str(self.worst_pair_sum),
+            META_WORST_LAYER: self.worst_layer or "",
+        }
 
 
 def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
@@ -276,12 +319,18 @@ def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
     dequantized = {
         node.output[0]: inits[node.input[0]]
         for node in graph.node
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == _INT8
+        if node.op_type == "DequantizeLinear"
+        and node.input[0] in inits
+        and inits[node.input[0]].data_type == _INT8
     }
     layers = paired = at_risk = worst = 0
     worst_layer = None
     for node in graph.node:
-        if node.op_type not in _INTEGER_LAYERS or len(node.input) < 2 or node.input[1] not in dequantized:
+        if (
+            node.op_type not in _INTEGER_LAYERS
+            or len(node.input) < 2
+            or node.input[1] not in dequantized
+        ):
             continue
         layers += 1
         weight = numpy_helper.to_array(dequantized[node.input[1]])
@@ -289,7 +338,9 @@ def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
             if is_depthwise(weight.shape[1] * groups, weight.shape[0], groups):
                 continue
-        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        transposed = node.op_type == "Gemm" and any(
+            a.name == "transB" and a.i for a in node.attribute
+        )
         axis = 0 if node.op_type == "Conv" or transposed else weight.ndim - 1
         paired += 1
         pair_sum = int(worst_pair_sums(weight, axis=axis).max())

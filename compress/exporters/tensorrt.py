@@ -83,11 +83,15 @@ def build_engine(
         profile.set_shape(tensor.name, (batch[0], *rest), (batch[1], *rest), (batch[2], *rest))
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    cache = config.create_timing_cache(
+        cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    )
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
+        raise ExportError(
+            f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)"
+        )
     if cache_path is not None:
         write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return write_bytes_atomic(engine_path, bytes(serialized))
@@ -97,23 +101,49 @@ def _import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise TensorRTUnavailable(f"TensorRT engines need the tensorrt package, which is not installed; {INSTALL_HINT}") from None
+        raise TensorRTUnavailable(
+            f"TensorRT engines need the tensorrt package, which is not installed; {INSTALL_HINT}"
+        ) from None
     try:
         import torch
 
         if not torch.cuda.is_available():
-            raise TensorRTUnavailable("TensorRT engines are built on an NVIDIA GPU, and this machine has no usable CUDA device")
+            raise TensorRTUnavailable(
+                "TensorRT engines are built on an NVIDIA GPU, and this machine has no usable CUDA "
+                "device"
+            )
     except ImportError:
         pass
     return tensorrt
 
 
-def build_from_onnx(onnx_path: Path, target: Path, model, images, cfg: ExportConfig, *, int8: bool, timing_cache: Path | None = None) -> dict:
+def build_from_onnx(
+    onnx_path: Path,
+    target: Path,
+    model,
+    images,
+    cfg: ExportConfig,
+    *,
+    int8: bool,
+    timing_cache: Path | None = None,
+) -> dict:
     """The ``tensorrt`` format of :data:`compress.exporters.FORMATS`: an engine built from a proven
     ONNX file (INT8 from a QDQ file) and verified against the PyTorch network."""
     batch = (cfg.batch,) * 3 if cfg.batch is not None else cfg.engine_batch
-    build_engine(onnx_path, target, fp16=cfg.engine_fp16, int8=int8, batch=batch, workspace_mib=cfg.engine_workspace_mib, timing_cache=timing_cache)
-    return verify_engine(target, model, images, cfg, int8=int8) | {"fp16": cfg.engine_fp16, "int8": int8, "batch": list(batch)}
+    build_engine(
+        onnx_path,
+        target,
+        fp16=cfg.engine_fp16,
+        int8=int8,
+        batch=batch,
+        workspace_mib=cfg.engine_workspace_mib,
+        timing_cache=timing_cache,
+    )
+    return verify_engine(target, model, images, cfg, int8=int8) | {
+        "fp16": cfg.engine_fp16,
+        "int8": int8,
+        "batch": list(batch),
+    }
 
 
 def convert_onnx(source: Path, target: Path, cfg: ExportConfig) -> dict:
@@ -123,8 +153,20 @@ def convert_onnx(source: Path, target: Path, cfg: ExportConfig) -> dict:
 
     info = read_onnx_info(source)
     int8 = "compress.quantization" in info["metadata"]
-    batch = tuple([info["input_shape"][0]] * 3) if isinstance(info["input_shape"][0], int) else cfg.engine_batch
-    build_engine(source, target, fp16=cfg.engine_fp16, int8=int8, batch=batch, workspace_mib=cfg.engine_workspace_mib, timing_cache=source.parent / "tensorrt.cache")
+    batch = (
+        tuple([info["input_shape"][0]] * 3)
+        if isinstance(info["input_shape"][0], int)
+        else cfg.engine_batch
+    )
+    build_engine(
+        source,
+        target,
+        fp16=cfg.engine_fp16,
+        int8=int8,
+        batch=batch,
+        workspace_mib=cfg.engine_workspace_mib,
+        timing_cache=source.parent / "tensorrt.cache",
+    )
     return {"fp16": cfg.engine_fp16, "int8": int8, "batch": list(batch)}
 
 
@@ -143,6 +185,17 @@ def verify_engine(path: Path, model, images: np.ndarray, cfg: ExportConfig, *, i
     with torch.no_grad():
         theirs = model.eval()(torch.from_numpy(images)).numpy()
     tolerance, agreement = (
-        (cfg.int8_tolerance, cfg.int8_min_agreement) if int8 else (cfg.fp16_tolerance, cfg.fp16_min_agreement) if cfg.engine_fp16 else (cfg.tolerance, cfg.min_agreement)
+        (cfg.int8_tolerance, cfg.int8_min_agreement)
+        if int8
+        else (cfg.fp16_tolerance, cfg.fp16_min_agreement)
+        if cfg.engine_fp16
+        else (cfg.tolerance, cfg.min_agreement)
     )
-    return compare_logits(ours, theirs, path, tolerance=tolerance, min_agreement=agreement, relative=int8 or cfg.engine_fp16)
+    return compare_logits(
+        ours,
+        theirs,
+        path,
+        tolerance=tolerance,
+        min_agreement=agreement,
+        relative=int8 or cfg.engine_fp16,
+    )

@@ -27,7 +27,6 @@ TORCH_DTYPES = {  # trt.DataType member name -> torch dtype
 }
 
 
-
 def infer(path: str | Path, inputs: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """Run an engine on real inputs (what the export stage checks it with): float32 NCHW in,
     the first output as float32 out, in chunks the engine's profile accepts.
@@ -53,7 +52,9 @@ def infer(path: str | Path, inputs: np.ndarray, chunk: int | None = None) -> np.
         buffers = bind(context, io, len(part))
         name_in = next(name for name, (is_input, _, _) in io.items() if is_input)
         name_out = next(name for name, (is_input, _, _) in io.items() if not is_input)
-        buffers[name_in].copy_(torch.from_numpy(np.ascontiguousarray(part)).to(buffers[name_in].dtype))
+        buffers[name_in].copy_(
+            torch.from_numpy(np.ascontiguousarray(part)).to(buffers[name_in].dtype)
+        )
         torch.cuda.synchronize()
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("execute_async_v3 failed (see the TensorRT log)")
@@ -63,7 +64,6 @@ def infer(path: str | Path, inputs: np.ndarray, chunk: int | None = None) -> np.
     return np.concatenate(outputs)
 
 
-
 def load_engine(trt, path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such engine file")
@@ -71,11 +71,11 @@ def load_engine(trt, path: Path):
     engine = runtime.deserialize_cuda_engine(path.read_bytes())
     if engine is None:
         raise RuntimeError(
-            f"{path.name}: TensorRT {trt.__version__} could not deserialize the engine (built by another "
-            "TensorRT version or for another GPU? see the TensorRT log); rebuild it on this machine"
+            f"{path.name}: TensorRT {trt.__version__} could not deserialize the engine (built by "
+            "another TensorRT version or for another GPU? see the TensorRT log); rebuild it on "
+            "this machine"
         )
     return runtime, engine
-
 
 
 def io_tensors(trt, engine) -> dict[str, tuple[bool, tuple[int, ...], torch.dtype]]:
@@ -84,19 +84,23 @@ def io_tensors(trt, engine) -> dict[str, tuple[bool, tuple[int, ...], torch.dtyp
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        io[name] = (is_input, tuple(engine.get_tensor_shape(name)), torch_dtype(trt, engine.get_tensor_dtype(name), name))
+        io[name] = (
+            is_input,
+            tuple(engine.get_tensor_shape(name)),
+            torch_dtype(trt, engine.get_tensor_dtype(name), name),
+        )
     if not any(is_input for is_input, _, _ in io.values()):
         raise ValueError("the engine has no inputs")
     return io
-
 
 
 def torch_dtype(trt, dtype, name: str) -> torch.dtype:
     for member, torch_dtype in TORCH_DTYPES.items():
         if getattr(trt.DataType, member, None) == dtype:
             return torch_dtype
-    raise ValueError(f"tensor {name!r} has TensorRT type {dtype}, which has no PyTorch buffer type here")
-
+    raise ValueError(
+        f"tensor {name!r} has TensorRT type {dtype}, which has no PyTorch buffer type here"
+    )
 
 
 def profile_batch(engine, io: dict) -> tuple[int, int, int]:
@@ -115,12 +119,10 @@ def profile_batch(engine, io: dict) -> tuple[int, int, int]:
     return max(lows), max(opts), min(highs)
 
 
-
 def device_memory_bytes(engine) -> int:
     """Activation memory one execution context needs (TensorRT >= 10.1 names it ``_v2``)."""
     size = getattr(engine, "device_memory_size_v2", None)
     return int(size if size is not None else engine.device_memory_size)
-
 
 
 def bind(context, io: dict, batch_size: int) -> dict[str, torch.Tensor]:
@@ -141,7 +143,10 @@ def bind(context, io: dict, batch_size: int) -> dict[str, torch.Tensor]:
         if not is_input:
             shape = tuple(context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise ValueError(f"output {name!r} has a shape TensorRT cannot know before running: {list(shape)}")
+                raise ValueError(
+                    f"output {name!r} has a shape TensorRT cannot know before running: "
+                    f"{list(shape)}"
+                )
             buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
     for name, tensor in buffers.items():
         if not context.set_tensor_address(name, tensor.data_ptr()):

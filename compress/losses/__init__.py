@@ -30,7 +30,8 @@ _BASE = ("DistillBatch", "DistillLoss", "LossOutput", "hard_ce")
 
 
 def build_loss(name: str, params: Any = None):
-    """The :class:`~compress.losses.base.DistillLoss` ``name`` with ``params`` (None: its defaults)."""
+    """The :class:`~compress.losses.base.DistillLoss` ``name`` with ``params`` (None: its
+    defaults)."""
     kind = LOSSES.get(name)
     return load_entry(kind.build)(params if params is not None else kind.params())
 

@@ -35,14 +35,12 @@ class DistillBatch:
     epoch: int = 1
 
 
-
 @dataclass(frozen=True)
 class LossOutput:
     """The total to back-propagate plus each term (detached) for logging."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
-
 
 
 class DistillLoss(torch.nn.Module):
@@ -67,7 +65,6 @@ class DistillLoss(torch.nn.Module):
         raise NotImplementedError
 
 
-
 def hard_ce(logits: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
     """Cross-entropy with the true labels, mixup/cutmix-aware, over labeled images only.
 
@@ -81,5 +78,7 @@ def hard_ce(logits: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
         return logits.sum() * 0.0
     loss = batch.lam * F.cross_entropy(logits[labeled], batch.labels[labeled])
     if batch.mixed_labels is not None and batch.lam < 1.0:
-        loss = loss + (1.0 - batch.lam) * F.cross_entropy(logits[labeled], batch.mixed_labels[labeled])
+        loss = loss + (1.0 - batch.lam) * F.cross_entropy(
+            logits[labeled], batch.mixed_labels[labeled]
+        )
     return loss

@@ -32,7 +32,9 @@ def dkd_target(batch: DistillBatch) -> torch.Tensor:
     return torch.where(batch.labels == UNLABELED, teacher_guess, batch.labels)
 
 
-def _binary_log_probs(logits: torch.Tensor, gt_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def _binary_log_probs(
+    logits: torch.Tensor, gt_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """log [p_t, 1 - p_t] per row (N, 2), computed stably in log space."""
     log_p = F.log_softmax(logits / temperature, dim=1)
     log_target = log_p.masked_fill(~gt_mask, float("-inf")).logsumexp(dim=1)
@@ -40,7 +42,12 @@ def _binary_log_probs(logits: torch.Tensor, gt_mask: torch.Tensor, temperature: 
     return torch.stack([log_target, log_rest], dim=1)
 
 
-def tckd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+def tckd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """Target-class KD: ``T^2 * KL(b^T || b^S)``, batch mean."""
     gt_mask = F.one_hot(target, student_logits.shape[1]).bool()
     log_b_s = _binary_log_probs(student_logits, gt_mask, temperature)
@@ -48,8 +55,14 @@ def tckd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: tor
     return F.kl_div(log_b_s, log_b_t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def nckd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Non-target-class KD: ``T^2 * KL(p-hat^T || p-hat^S)`` over the non-target classes, batch mean."""
+def nckd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Non-target-class KD: ``T^2 * KL(p-hat^T || p-hat^S)`` over the non-target classes, batch
+    mean."""
     mask = 1000.0 * F.one_hot(target, student_logits.shape[1]).to(student_logits.dtype)
     log_s = F.log_softmax(student_logits / temperature - mask, dim=1)
     log_t = F.log_softmax(teacher_logits / temperature - mask, dim=1)

@@ -17,13 +17,21 @@ from compress.loss_params import ATParams, FitNetParams, LayerPair
 from compress.losses.base import DistillBatch, DistillLoss, LossOutput
 
 
-def feature_pairs(batch: DistillBatch, pairs: tuple[LayerPair, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(student feature, teacher feature) per pair, as hooked into the batch; the teacher's detached."""
+def feature_pairs(
+    batch: DistillBatch, pairs: tuple[LayerPair, ...]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(student feature, teacher feature) per pair, as hooked into the batch; the teacher's
+    detached."""
     out = []
     for pair in pairs:
         if pair.student not in batch.student_features or pair.teacher not in batch.teacher_features:
-            raise RuntimeError(f"no hooked features for layer pair {pair} in the batch (hook the loss's student_layers/teacher_layers)")
-        out.append((batch.student_features[pair.student], batch.teacher_features[pair.teacher].detach()))
+            raise RuntimeError(
+                f"no hooked features for layer pair {pair} in the batch (hook the loss's "
+                "student_layers/teacher_layers)"
+            )
+        out.append(
+            (batch.student_features[pair.student], batch.teacher_features[pair.teacher].detach())
+        )
     return out
 
 
@@ -37,7 +45,9 @@ def resize_like(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.interpolate(student, size=size, mode="bilinear", align_corners=False)
 
 
-def _check_ranks(pair: LayerPair, student: torch.Tensor, teacher: torch.Tensor, ranks: tuple[int, ...]) -> None:
+def _check_ranks(
+    pair: LayerPair, student: torch.Tensor, teacher: torch.Tensor, ranks: tuple[int, ...]
+) -> None:
     if student.dim() != teacher.dim() or student.dim() not in ranks:
         expected = " or ".join(f"{r}-D" for r in ranks)
         raise RecipeError(
@@ -84,16 +94,24 @@ class FitNet(DistillLoss):
     def setup(self, batch: DistillBatch) -> None:
         """Build one regressor per pair from the dry batch's feature shapes (on their device)."""
         regressors = []
-        for pair, (student, teacher) in zip(self.params.pairs, feature_pairs(batch, self.params.pairs), strict=True):
+        for pair, (student, teacher) in zip(
+            self.params.pairs, feature_pairs(batch, self.params.pairs), strict=True
+        ):
             _check_ranks(pair, student, teacher, (2, 4))
             regressors.append(_regressor(student, teacher).to(student.device))
         self.regressors = nn.ModuleList(regressors)
 
     def forward(self, batch: DistillBatch) -> LossOutput:
         if len(self.regressors) != len(self.params.pairs):
-            raise RuntimeError("fitnet: call setup(batch) with one dry batch before the first forward (it builds the regressors)")
+            raise RuntimeError(
+                "fitnet: call setup(batch) with one dry batch before the first forward (it builds "
+                "the regressors)"
+            )
         pairs = feature_pairs(batch, self.params.pairs)
-        losses = [F.mse_loss(r(resize_like(s, t)), t) for r, (s, t) in zip(self.regressors, pairs, strict=True)]
+        losses = [
+            F.mse_loss(r(resize_like(s, t)), t)
+            for r, (s, t) in zip(self.regressors, pairs, strict=True)
+        ]
         total = torch.stack(losses).mean()
         return LossOutput(total, {"fitnet": total.detach()})
 
@@ -109,8 +127,9 @@ class AttentionTransfer(DistillLoss):
     Zagoruyko & Komodakis 2017, "Paying More Attention to Attention: Improving the Performance
     of Convolutional Neural Networks via Attention Transfer", ICLR, arXiv:1612.03928.
     ``beta / 2 * sum over pairs of mean((Q_s - Q_t)^2)`` with
-    ``Q = normalize(mean_c |f|^p)`` (the official code: ``F.normalize(x.pow(2).mean(1).view(n, -1))``;
-    ``|f|`` as in the paper, identical for p = 2). Channel counts may differ; no parameters.
+    ``Q = normalize(mean_c |f|^p)`` (the official code:
+    ``F.normalize(x.pow(2).mean(1).view(n, -1))``; ``|f|`` as in the paper, identical for p = 2).
+    Channel counts may differ; no parameters.
     """
 
     def __init__(self, params: ATParams):
@@ -121,7 +140,9 @@ class AttentionTransfer(DistillLoss):
 
     def setup(self, batch: DistillBatch) -> None:
         """Check that every pair gives (N, C, H, W) maps: attention needs spatial positions."""
-        for pair, (student, teacher) in zip(self.params.pairs, feature_pairs(batch, self.params.pairs), strict=True):
+        for pair, (student, teacher) in zip(
+            self.params.pairs, feature_pairs(batch, self.params.pairs), strict=True
+        ):
             _check_ranks(pair, student, teacher, (4,))
 
     def forward(self, batch: DistillBatch) -> LossOutput:

@@ -18,7 +18,9 @@ from compress.loss_params import KDParams
 from compress.losses.base import DistillBatch, DistillLoss, LossOutput, hard_ce
 
 
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
 
     The caller detaches the teacher's logits when the teacher must not learn.

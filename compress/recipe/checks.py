@@ -27,7 +27,10 @@ _MAX_SEED = 2**32 - 1  # what numpy's seeding accepts; torch takes more
 
 def _check_recipe(recipe: C.Recipe) -> None:
     if not _RUN_NAME.fullmatch(recipe.name):
-        raise RecipeError(f"name: expected letters, digits, '.', '_' or '-' (a folder name, max 100 chars), got {recipe.name!r}")
+        raise RecipeError(
+            "name: expected letters, digits, '.', '_' or '-' (a folder name, max 100 chars), got "
+            f"{recipe.name!r}"
+        )
     if not 0 <= recipe.seed <= _MAX_SEED:
         raise RecipeError(f"seed: expected 0..{_MAX_SEED}, got {recipe.seed}")
     for field in _PATH_FIELDS:
@@ -35,7 +38,10 @@ def _check_recipe(recipe: C.Recipe) -> None:
         if value is not None and (not value.strip() or "\0" in value):
             raise RecipeError(f"{field}: expected a file or folder path, got {value!r}")
     if not recipe.stages:
-        raise RecipeError(f"stages: expected a non-empty list, e.g. [teacher, distill, export, bench]; known stages: {', '.join(C.STAGE_KINDS)}")
+        raise RecipeError(
+            "stages: expected a non-empty list, e.g. [teacher, distill, export, bench]; known "
+            f"stages: {', '.join(C.STAGE_KINDS)}"
+        )
     kinds: list[str] = []
     models: list[str] = []  # names of earlier stages that produced a network
     for index, stage in enumerate(recipe.stages):
@@ -44,7 +50,10 @@ def _check_recipe(recipe: C.Recipe) -> None:
             if need not in kinds:
                 raise RecipeError(f"{where}: needs a {need!r} stage before it")
         if stage.name in [s.name for s in recipe.stages[:index]]:
-            raise RecipeError(f"{where}: the name {stage.name!r} appears twice; give repeated stages a distinct `name:`")
+            raise RecipeError(
+                f"{where}: the name {stage.name!r} appears twice; give repeated stages a distinct "
+                "`name:`"
+            )
         if C.STAGE_KINDS[stage.kind].teaches:
             _check_teaching_stage(recipe, stage, where, models)
         kinds.append(stage.kind)
@@ -61,25 +70,35 @@ def _field(node: Any, dotted: str) -> Any:
     return node
 
 
-def _check_teaching_stage(recipe: C.Recipe, stage: C.StageSpec, where: str, models: list[str]) -> None:
+def _check_teaching_stage(
+    recipe: C.Recipe, stage: C.StageSpec, where: str, models: list[str]
+) -> None:
     cfg = stage.config
     if cfg.teacher not in models:
-        raise RecipeError(f"{where}.teacher: expected an earlier stage that trains a network ({', '.join(models)}), got {cfg.teacher!r}")
+        raise RecipeError(
+            f"{where}.teacher: expected an earlier stage that trains a network "
+            f"({', '.join(models)}), got {cfg.teacher!r}"
+        )
     if cfg.train.label_smoothing > 0:
-        raise RecipeError(f"{where}.train.label_smoothing: applies to teacher training only; a {stage.kind} stage's hard-label term is its `ce`/`kd` loss")
+        raise RecipeError(
+            f"{where}.train.label_smoothing: applies to teacher training only; a {stage.kind} "
+            "stage's hard-label term is its `ce`/`kd` loss"
+        )
     if stage.kind == "distill" and cfg.cache_teacher_logits:
         _check_cacheable(recipe, cfg, where)
     if stage.kind == "quantize":
         for index, term in enumerate(cfg.loss or ()):
             if getattr(term.params, "pairs", ()):
                 raise RecipeError(
-                    f"{where}.loss[{index}]: {term.name!r} reads intermediate layers, which BatchNorm folding removes or renames "
-                    "in the quantized graph; use logit terms (kd, logit_mse, hybrid, dkd, ce) for quantization-aware training"
+                    f"{where}.loss[{index}]: {term.name!r} reads intermediate layers, which "
+                    "BatchNorm folding removes or renames in the quantized graph; use logit terms "
+                    "(kd, logit_mse, hybrid, dkd, ce) for quantization-aware training"
                 )
 
 
 def _check_cacheable(recipe: C.Recipe, cfg: C.DistillConfig, where: str) -> None:
-    """Cached teacher logits are only right when the teacher sees each image identically every epoch."""
+    """Cached teacher logits are only right when the teacher sees each image identically every
+    epoch."""
     mix = cfg.augment
     reasons = []
     if recipe.data.augment:
@@ -89,7 +108,10 @@ def _check_cacheable(recipe: C.Recipe, cfg: C.DistillConfig, where: str) -> None
     if any(getattr(term.params, "pairs", ()) for term in cfg.loss):
         reasons.append("a feature term reads teacher layers every step")
     if reasons:
-        raise RecipeError(f"{where}.cache_teacher_logits: needs identical teacher inputs every epoch, but {' and '.join(reasons)}")
+        raise RecipeError(
+            f"{where}.cache_teacher_logits: needs identical teacher inputs every epoch, but "
+            f"{' and '.join(reasons)}"
+        )
 
 
 def recipe_warnings(recipe: C.Recipe) -> list[str]:
@@ -98,8 +120,9 @@ def recipe_warnings(recipe: C.Recipe) -> list[str]:
     smoothing = recipe.teacher.train.label_smoothing
     if smoothing > 0 and any(s.kind == "distill" for s in recipe.stages):
         warnings.append(
-            f"teacher.train.label_smoothing={smoothing}: a teacher trained with label smoothing makes a worse "
-            "distillation teacher (Muller, Kornblith & Hinton 2019, 'When does label smoothing help?'); use 0 unless you measured otherwise"
+            f"teacher.train.label_smoothing={smoothing}: a teacher trained with label smoothing "
+            "makes a worse distillation teacher (Muller, Kornblith & Hinton 2019, 'When does label "
+            "smoothing help?'); use 0 unless you measured otherwise"
         )
     return warnings
 
@@ -119,9 +142,13 @@ def check_references(recipe: C.Recipe) -> None:
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
     if recipe.data.path is not None:
         _check_readable(Path(recipe.data.path), "data.path")
-    if recipe.teacher.checkpoint is not None and not _path_is(recipe.teacher.checkpoint, "is_file", "teacher.checkpoint"):
+    if recipe.teacher.checkpoint is not None and not _path_is(
+        recipe.teacher.checkpoint, "is_file", "teacher.checkpoint"
+    ):
         raise RecipeError(f"teacher.checkpoint: no such file: {recipe.teacher.checkpoint}")
-    if recipe.gates.baseline is not None and not _path_is(recipe.gates.baseline, "exists", "gates.baseline"):
+    if recipe.gates.baseline is not None and not _path_is(
+        recipe.gates.baseline, "exists", "gates.baseline"
+    ):
         raise RecipeError(f"gates.baseline: no such file or folder: {recipe.gates.baseline}")
     if recipe.gates.baseline is not None and "bench" not in [s.kind for s in recipe.stages]:
         raise RecipeError("gates.baseline: gates compare the run's bench result; add a bench stage")
@@ -131,7 +158,9 @@ def _path_is(value: str, test: str, field: str) -> bool:
     try:
         return getattr(Path(value), test)()
     except OSError as exc:  # e.g. a name too long; a missing file is just False
-        raise RecipeError(f"{field}: cannot use this path ({exc.strerror or exc}): {value[:200]!r}") from None
+        raise RecipeError(
+            f"{field}: cannot use this path ({exc.strerror or exc}): {value[:200]!r}"
+        ) from None
 
 
 def check_layer_names(recipe: C.Recipe) -> None:
@@ -149,11 +178,17 @@ def check_layer_names(recipe: C.Recipe) -> None:
         for term_index, term in enumerate(stage.config.loss or ()):
             for pair_index, pair in enumerate(getattr(term.params, "pairs", ())):
                 where = f"stages[{index}].{stage.name}.loss[{term_index}].pairs[{pair_index}]"
-                for side, model in (("teacher", arch.get(stage.config.teacher)), ("student", student)):
+                for side, model in (
+                    ("teacher", arch.get(stage.config.teacher)),
+                    ("student", student),
+                ):
                     layer = getattr(pair, side)
                     names = module_names(model)
                     if layer not in names:
-                        raise RecipeError(f"{where}.{side}: no layer {layer!r} in {model}{_did_you_mean(layer, names)}")
+                        raise RecipeError(
+                            f"{where}.{side}: no layer {layer!r} in "
+                            f"{model}{_did_you_mean(layer, names)}"
+                        )
 
 
 def resolve_device(name: str) -> torch.device:

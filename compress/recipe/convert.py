@@ -21,7 +21,10 @@ def _build_stages(raw: Any) -> tuple[C.StageSpec, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        raise RecipeError(f"stages: expected a list of stage names or {{name: settings}} mappings, got {_kind(raw)}")
+        raise RecipeError(
+            "stages: expected a list of stage names or {name: settings} mappings, got "
+            f"{_kind(raw)}"
+        )
     return tuple(_build_stage(item, index) for index, item in enumerate(raw))
 
 
@@ -31,19 +34,28 @@ def _stage_name_and_settings(item: Any, index: int) -> tuple[str, Any]:
     if isinstance(item, dict) and len(item) == 1:
         name, settings = next(iter(item.items()))
         return str(name), {} if settings is None else settings
-    raise RecipeError(f"stages[{index}]: expected a stage name or a one-key mapping {{name: settings}}, got {_kind(item)}")
+    raise RecipeError(
+        f"stages[{index}]: expected a stage name or a one-key mapping {{name: settings}}, got "
+        f"{_kind(item)}"
+    )
 
 
 def _build_stage(item: Any, index: int) -> C.StageSpec:
     kind, settings = _stage_name_and_settings(item, index)
     if kind not in C.STAGE_KINDS:
-        raise RecipeError(f"stages[{index}]: unknown stage {kind!r}{_did_you_mean(kind, C.STAGE_KINDS)}; known: {', '.join(C.STAGE_KINDS)}")
+        raise RecipeError(
+            f"stages[{index}]: unknown stage {kind!r}{_did_you_mean(kind, C.STAGE_KINDS)}; known: "
+            f"{', '.join(C.STAGE_KINDS)}"
+        )
     name = kind
     if isinstance(settings, dict) and "name" in settings:
         settings = dict(settings)
         name = settings.pop("name")
         if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
-            raise RecipeError(f"stages[{index}].{kind}.name: expected letters, digits, '_' or '-' (a folder in the run folder, max 100 chars), got {name!r}")
+            raise RecipeError(
+                f"stages[{index}].{kind}.name: expected letters, digits, '_' or '-' (a folder in "
+                f"the run folder, max 100 chars), got {name!r}"
+            )
     where = f"stages[{index}].{name}"
     return C.StageSpec(name, _build(C.STAGE_KINDS[kind].config, settings, where), kind)
 
@@ -68,8 +80,15 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     for key, value in raw.items():
         where = _join(path, _show_key(key))
         if key not in names:
-            raise RecipeError(f"{where}: unknown field{_did_you_mean(str(key), names)}; expected one of: {', '.join(names)}")
-        is_loss = key == "loss" and cls in _TEACHING_CONFIGS and not (value is None and cls is not C.DistillConfig)
+            raise RecipeError(
+                f"{where}: unknown field{_did_you_mean(str(key), names)}; expected one of: "
+                f"{', '.join(names)}"
+            )
+        is_loss = (
+            key == "loss"
+            and cls in _TEACHING_CONFIGS
+            and not (value is None and cls is not C.DistillConfig)
+        )
         kwargs[key] = _losses(value, where) if is_loss else _convert(hints[key], value, where)
     try:
         return cls(**kwargs)
@@ -90,14 +109,19 @@ def _loss(raw: Any, path: str) -> C.LossConfig:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a loss name or a mapping with 'name' and its parameters, got {_kind(raw)}")
+        raise RecipeError(
+            f"{path}: expected a loss name or a mapping with 'name' and its parameters, got "
+            f"{_kind(raw)}"
+        )
     raw = dict(raw)
     name = raw.pop("name", "kd")
     weight = _convert(float, raw.pop("weight", 1.0), f"{path}.weight")
     if not isinstance(name, str) or name not in LOSSES:
         raise RecipeError(f"{path}.name: {LOSSES.unknown_message(str(name))}")
     try:
-        return C.LossConfig(name=name, weight=weight, params=_build(LOSSES.get(name).params, raw, path))
+        return C.LossConfig(
+            name=name, weight=weight, params=_build(LOSSES.get(name).params, raw, path)
+        )
     except RecipeError as exc:
         if str(exc).startswith(path):
             raise
@@ -125,8 +149,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if not isinstance(value, list):
-            raise RecipeError(f"{path}: expected a list of {_describe(item_hint)}, got {_kind(value)}")
-        return tuple(_convert(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value))
+            raise RecipeError(
+                f"{path}: expected a list of {_describe(item_hint)}, got {_kind(value)}"
+            )
+        return tuple(
+            _convert(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value)
+        )
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -154,15 +182,25 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
-        hint, "a mapping" if dataclasses.is_dataclass(hint) else str(hint)
-    )
+    return {
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+    }.get(hint, "a mapping" if dataclasses.is_dataclass(hint) else str(hint))
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _did_you_mean(name: str, options) -> str:

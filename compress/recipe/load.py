@@ -71,7 +71,9 @@ def _read_yaml(path: Path) -> dict:
     except (ValueError, RecursionError) as exc:  # what PyYAML's constructor does not wrap
         raise RecipeError(f"{path}: not a usable recipe: {_yaml_limit(exc)}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of recipe fields at the top level, got {_kind(raw)}")
+        raise RecipeError(
+            f"{path}: expected a mapping of recipe fields at the top level, got {_kind(raw)}"
+        )
     return raw
 
 
@@ -88,7 +90,9 @@ def recipe_from_dict(raw: Any, source: str = "recipe") -> C.Recipe:
     raw = dict(raw)
     stages_raw = raw.pop("stages", None)
     if "name" not in raw:
-        raise RecipeError(f"{source}: name: missing; every recipe names its run (used as the output folder)")
+        raise RecipeError(
+            f"{source}: name: missing; every recipe names its run (used as the output folder)"
+        )
     recipe = _build(C.Recipe, raw, "")
     stages = _build_stages(stages_raw)
     recipe = dataclasses.replace(recipe, stages=stages)

@@ -14,7 +14,9 @@ from compress.recipe.convert import _did_you_mean, _kind, _stage_name_and_settin
 from compress.recipe.yamlio import YamlProblem, load_yaml
 
 
-def apply_shorthands(raw: dict, *, data=None, epochs=None, subset=None, device=None, out=None) -> dict:
+def apply_shorthands(
+    raw: dict, *, data=None, epochs=None, subset=None, device=None, out=None
+) -> dict:
     """The CLI's short options, written as the equivalent ``--set`` overrides."""
     items = []
     if data is not None:
@@ -28,8 +30,14 @@ def apply_shorthands(raw: dict, *, data=None, epochs=None, subset=None, device=N
     if epochs is not None:
         items.append(("teacher.train.epochs", epochs))
         for index, item in enumerate(raw.get("stages") or []):
-            name, settings = _stage_name_and_settings(item, index) if isinstance(item, (str, dict)) else (None, None)
-            if name in C.STAGE_KINDS and "train" in {f.name for f in dataclasses.fields(C.STAGE_KINDS[name].config)}:
+            name, settings = (
+                _stage_name_and_settings(item, index)
+                if isinstance(item, (str, dict))
+                else (None, None)
+            )
+            if name in C.STAGE_KINDS and "train" in {
+                f.name for f in dataclasses.fields(C.STAGE_KINDS[name].config)
+            }:
                 items.append((f"stages.{index}.train.epochs", epochs))
     for key, value in items:
         raw = _set(raw, key.split("."), value, key)
@@ -37,10 +45,13 @@ def apply_shorthands(raw: dict, *, data=None, epochs=None, subset=None, device=N
 
 
 def apply_override(raw: dict, item: str) -> dict:
-    """Apply one ``key.path=value`` override; the value is parsed as YAML (``3``, ``0.1``, ``null``)."""
+    """Apply one ``key.path=value`` override; the value is parsed as YAML (``3``, ``0.1``,
+    ``null``)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. stages.distill.train.epochs=3")
+        raise RecipeError(
+            f"--set {item!r}: expected key.path=value, e.g. stages.distill.train.epochs=3"
+        )
     try:
         value = load_yaml(text)
     except YamlProblem as exc:
@@ -59,7 +70,15 @@ def _set(node: Any, keys: list[str], value: Any, item: str) -> Any:
         index = _stage_index(node, head, item)
         copy = list(node)
         name, settings = _stage_name_and_settings(copy[index], index)
-        copy[index] = {name: _set(dict(settings) if isinstance(settings, dict) else settings, rest, value, item)} if rest else value
+        copy[index] = (
+            {
+                name: _set(
+                    dict(settings) if isinstance(settings, dict) else settings, rest, value, item
+                )
+            }
+            if rest
+            else value
+        )
         return copy
     if node is None:
         node = {}
@@ -73,11 +92,16 @@ def _set(node: Any, keys: list[str], value: Any, item: str) -> Any:
 def _stage_index(stages: list, key: str, item: str) -> int:
     if key.isdigit():
         if int(key) >= len(stages):
-            raise RecipeError(f"--set {item!r}: the recipe has {len(stages)} stages, no index {key}")
+            raise RecipeError(
+                f"--set {item!r}: the recipe has {len(stages)} stages, no index {key}"
+            )
         return int(key)
     names = [_instance_name(item, index) for index, item in enumerate(stages)]
     if key not in names:
-        raise RecipeError(f"--set {item!r}: no stage {key!r} in the recipe{_did_you_mean(key, names)}; stages: {', '.join(names)}")
+        raise RecipeError(
+            f"--set {item!r}: no stage {key!r} in the recipe{_did_you_mean(key, names)}; stages: "
+            f"{', '.join(names)}"
+        )
     return names.index(key)
 
 

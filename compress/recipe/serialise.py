@@ -15,7 +15,10 @@ def recipe_to_dict(recipe: C.Recipe) -> dict:
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         if f.name == "stages":
-            out["stages"] = [{s.kind: ({"name": s.name} if s.name != s.kind else {}) | _plain(s.config)} for s in value]
+            out["stages"] = [
+                {s.kind: ({"name": s.name} if s.name != s.kind else {}) | _plain(s.config)}
+                for s in value
+            ]
         else:
             out[f.name] = _plain(value)
     return out

@@ -51,12 +51,17 @@ def _check_graph(root: yaml.Node) -> None:
             expanded[key] = 1 + sum(expanded[id(child)] for child in _children(node))
             open_nodes.discard(key)
             if expanded[key] > MAX_VALUES:
-                raise YamlProblem(f"its aliases expand to more than {MAX_VALUES:,} values (line {node.start_mark.line + 1}); write the values out")
+                raise YamlProblem(
+                    f"its aliases expand to more than {MAX_VALUES:,} values (line "
+                    f"{node.start_mark.line + 1}); write the values out"
+                )
             continue
         if key in expanded:
             continue
         if key in open_nodes:
-            raise YamlProblem(f"an alias refers to a value that contains it (line {node.start_mark.line + 1})")
+            raise YamlProblem(
+                f"an alias refers to a value that contains it (line {node.start_mark.line + 1})"
+            )
         open_nodes.add(key)
         if isinstance(node, yaml.MappingNode):
             _check_unique_keys(node)
@@ -80,5 +85,8 @@ def _check_unique_keys(node: yaml.MappingNode) -> None:
         line = key.start_mark.line + 1
         ident = (key.tag, key.value)
         if ident in seen:
-            raise YamlProblem(f"the key {key.value[:80]!r} is given twice in one mapping (lines {seen[ident]} and {line})")
+            raise YamlProblem(
+                f"the key {key.value[:80]!r} is given twice in one mapping (lines {seen[ident]} "
+                f"and {line})"
+            )
         seen[ident] = line

@@ -27,9 +27,13 @@ def bench(cfg: BenchConfig, ctx: RunContext) -> Artifact:
         Artifact with ``bench.json`` and ``bench.md`` (student vs teacher with ratios).
     """
     test_data = test_arrays(ctx.data, limit=cfg.eval_samples)
-    result = bench_models(bench_targets(ctx.artifacts["export"], ctx.run_dir), cfg, test_data, reference="teacher")
+    result = bench_models(
+        bench_targets(ctx.artifacts["export"], ctx.run_dir), cfg, test_data, reference="teacher"
+    )
     json_path, table_path = write_bench(result, ctx.stage_path(""))
-    return Artifact("bench", files={"json": json_path, "table": table_path}, metrics=headline_metrics(result))
+    return Artifact(
+        "bench", files={"json": json_path, "table": table_path}, metrics=headline_metrics(result)
+    )
 
 
 def bench_targets(export: Artifact, run_dir: Path) -> list[BenchTarget]:
@@ -40,12 +44,24 @@ def bench_targets(export: Artifact, run_dir: Path) -> list[BenchTarget]:
         role, _, fmt = key.partition("@")
         targets.append(BenchTarget(role, Path(path), fmt or "onnx"))
     for role, record in export.metrics.items():
-        if isinstance(record, dict) and record.get("stage") and (run_dir / record["stage"] / STAGE_RECORD).is_file():
+        if (
+            isinstance(record, dict)
+            and record.get("stage")
+            and (run_dir / record["stage"] / STAGE_RECORD).is_file()
+        ):
             targets.append(BenchTarget(role, run_dir / record["stage"], "checkpoint"))
     return targets
 
 
-def bench_files(model: str | Path, *, against: str | Path | None, data: str | None, data_kind: str | None, cfg: BenchConfig, out: str | Path | None) -> tuple[dict, Path]:
+def bench_files(
+    model: str | Path,
+    *,
+    against: str | Path | None,
+    data: str | None,
+    data_kind: str | None,
+    cfg: BenchConfig,
+    out: str | Path | None,
+) -> tuple[dict, Path]:
     """Benchmark models outside a run (``compress bench``); returns the result and the table's path.
 
     ``model`` and ``against`` are ``.onnx`` files, TensorRT engines or stage folders of a run
@@ -59,7 +75,12 @@ def bench_files(model: str | Path, *, against: str | Path | None, data: str | No
         describe_artifact(path, fmt)
         if not any(backend_runs(BACKENDS.get(b), fmt) for b in cfg.backends):
             able = [name for name in BACKENDS.names() if backend_runs(BACKENDS.get(name), fmt)]
-            raise StageError(f"{path} is {'a stage checkpoint' if fmt == 'checkpoint' else 'a ' + fmt + ' file'}, which none of the backends {', '.join(cfg.backends)} runs; use --backend {' or --backend '.join(able)}")
+            raise StageError(
+                f"{path} is "
+                f"{'a stage checkpoint' if fmt == 'checkpoint' else 'a ' + fmt + ' file'}, which "
+                f"none of the backends {', '.join(cfg.backends)} runs; use --backend "
+                f"{' or --backend '.join(able)}"
+            )
     model = paths[0]
     test_data = None
     if data is not None:
@@ -69,7 +90,10 @@ def bench_files(model: str | Path, *, against: str | Path | None, data: str | No
     names = [_name(path) for path in paths]
     if len(names) == 2 and names[0] == names[1]:
         names[1] = f"{names[1]} (against)"
-    targets = [BenchTarget(name, path, artifact_format(path)) for name, path in zip(names, paths, strict=True)]
+    targets = [
+        BenchTarget(name, path, artifact_format(path))
+        for name, path in zip(names, paths, strict=True)
+    ]
     result = bench_models(targets, cfg, test_data, reference=names[-1])
     folder = Path(out) if out is not None else model.parent / f"{names[0]}_bench"
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,18 +102,29 @@ def bench_files(model: str | Path, *, against: str | Path | None, data: str | No
 
 
 def _name(path: Path) -> str:
-    return path.parent.name if path.name == STAGE_RECORD else path.name if path.is_dir() else path.name.removesuffix(".onnx").removesuffix(".engine")
+    return (
+        path.parent.name
+        if path.name == STAGE_RECORD
+        else path.name
+        if path.is_dir()
+        else path.name.removesuffix(".onnx").removesuffix(".engine")
+    )
 
 
 def _image_size_of(model: Path) -> int:
     from compress.exporters.onnx.graph import read_onnx_info
 
     if artifact_format(model) not in ONNX_FORMATS:
-        raise DataError(f"{model}: accuracy (--data) is measured on ONNX files; bench the exported .onnx")
+        raise DataError(
+            f"{model}: accuracy (--data) is measured on ONNX files; bench the exported .onnx"
+        )
     info = read_onnx_info(model)
     size = info["metadata"].get("compress.image_size") or info["input_shape"][-1]
     if not isinstance(size, int) and not str(size).isdigit():
-        raise DataError(f"{model}: cannot tell the input image size (no compress.image_size metadata, dynamic input shape)")
+        raise DataError(
+            f"{model}: cannot tell the input image size (no compress.image_size metadata, dynamic "
+            "input shape)"
+        )
     return int(size)
 
 
@@ -112,5 +147,7 @@ def headline_metrics(result: dict) -> dict:
     if "student_fp32" in rows and "student" in rows:
         int8 = compare(result["rows"], reference="student_fp32")["ratios"]["student"]
         headline |= {f"int8_{key}": int8.get(key) for key in HEADLINE_RATIOS}
-        headline["int8_agreement_with_fp32"] = result.get("agreement", {}).get("student", {}).get("student_fp32")
+        headline["int8_agreement_with_fp32"] = (
+            result.get("agreement", {}).get("student", {}).get("student_fp32")
+        )
     return headline

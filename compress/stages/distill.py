@@ -38,21 +38,39 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     train_loader, test_loader = indexed_loaders(ctx) if cache is not None else ctx.loaders()
     start = evaluate(student, test_loader, prep, ctx.device)
     history = train_with_teacher(
-        student, teacher, cfg.loss, cfg.train, cfg.augment, prep=prep, loaders=(train_loader, test_loader), cache=cache,
+        student,
+        teacher,
+        cfg.loss,
+        cfg.train,
+        cfg.augment,
+        prep=prep,
+        loaders=(train_loader, test_loader),
+        cache=cache,
         **ctx.training(ctx.stage_dir.name if ctx.stage_dir else "distill"),
     )
     test = evaluate(student, test_loader, prep, ctx.device)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(student, ctx.stage_path("model.pt"))
     metrics = {
-        "loss": [term.name for term in cfg.loss], "teacher_stage": cfg.teacher,
-        "top1": test["top1"], "top1_at_start": start["top1"], "test_loss": test["loss"], "test_samples": test["samples"],
-        "teacher_top1": teacher_artifact.metrics.get("top1"), "params": params, "macs": macs,
-        "teacher_params": teacher_artifact.metrics.get("params"), "teacher_macs": teacher_artifact.metrics.get("macs"),
-        "init_from_teacher_tensors": copied, "cached_teacher_logits": cache is not None, "unlabeled_images": ctx.data.unlabeled,
+        "loss": [term.name for term in cfg.loss],
+        "teacher_stage": cfg.teacher,
+        "top1": test["top1"],
+        "top1_at_start": start["top1"],
+        "test_loss": test["loss"],
+        "test_samples": test["samples"],
+        "teacher_top1": teacher_artifact.metrics.get("top1"),
+        "params": params,
+        "macs": macs,
+        "teacher_params": teacher_artifact.metrics.get("params"),
+        "teacher_macs": teacher_artifact.metrics.get("macs"),
+        "init_from_teacher_tensors": copied,
+        "cached_teacher_logits": cache is not None,
+        "unlabeled_images": ctx.data.unlabeled,
         "history": history_dicts(history),
     }
-    return Artifact("distill", files={"model": path}, metrics=metrics, role="student", network=network)
+    return Artifact(
+        "distill", files={"model": path}, metrics=metrics, role="student", network=network
+    )
 
 
 def copy_matching_weights(source: torch.nn.Module, target: torch.nn.Module) -> int:
@@ -62,7 +80,9 @@ def copy_matching_weights(source: torch.nn.Module, target: torch.nn.Module) -> i
         How many tensors were copied.
     """
     wanted = target.state_dict()
-    matching = {k: v for k, v in source.state_dict().items() if k in wanted and wanted[k].shape == v.shape}
+    matching = {
+        k: v for k, v in source.state_dict().items() if k in wanted and wanted[k].shape == v.shape
+    }
     target.load_state_dict(matching, strict=False)
     return len(matching)
 
@@ -73,8 +93,19 @@ def teacher_logits_cache(teacher, ctx: RunContext, prep) -> torch.Tensor:
     from torch.utils.data import DataLoader
 
     cuda = ctx.device.type == "cuda"
-    loader = DataLoader(ctx.data.train, batch_size=ctx.recipe.data.eval_batch_size, shuffle=False, num_workers=ctx.recipe.data.workers, pin_memory=cuda)
-    return torch.cat([teacher(prep(images.to(ctx.device, non_blocking=cuda), train=False)) for images, _ in loader])
+    loader = DataLoader(
+        ctx.data.train,
+        batch_size=ctx.recipe.data.eval_batch_size,
+        shuffle=False,
+        num_workers=ctx.recipe.data.workers,
+        pin_memory=cuda,
+    )
+    return torch.cat(
+        [
+            teacher(prep(images.to(ctx.device, non_blocking=cuda), train=False))
+            for images, _ in loader
+        ]
+    )
 
 
 def indexed_loaders(ctx: RunContext):
@@ -82,4 +113,6 @@ def indexed_loaders(ctx: RunContext):
     from compress.data.loaders import make_loaders
 
     bundle = dataclasses.replace(ctx.data, train=IndexedDataset(ctx.data.train))
-    return make_loaders(bundle, ctx.recipe.data, seed=ctx.recipe.seed, pin_memory=ctx.device.type == "cuda")
+    return make_loaders(
+        bundle, ctx.recipe.data, seed=ctx.recipe.seed, pin_memory=ctx.device.type == "cuda"
+    )

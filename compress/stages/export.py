@@ -56,10 +56,29 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
         path = ctx.run_dir / f"{role}.onnx"
         quantization = network_of(artifact).quantization
         metadata = onnx_metadata(ctx.data, role, network_of(artifact).model, ctx.recipe.name)
-        metrics[role] = export_network(model, path, cfg, images, metadata, quantization, **input_of(ctx.data), warn=ctx.show_progress)
-        metrics[role]["stage"] = artifact.stage  # which stage's network the file holds (bench, report)
+        metrics[role] = export_network(
+            model,
+            path,
+            cfg,
+            images,
+            metadata,
+            quantization,
+            **input_of(ctx.data),
+            warn=ctx.show_progress,
+        )
+        metrics[role]["stage"] = (
+            artifact.stage
+        )  # which stage's network the file holds (bench, report)
         files[role] = path
-        derived = export_derived_formats(path, model, cfg, images, quantization, warn=ctx.show_progress, timing_cache=ctx.run_dir / "tensorrt.cache")
+        derived = export_derived_formats(
+            path,
+            model,
+            cfg,
+            images,
+            quantization,
+            warn=ctx.show_progress,
+            timing_cache=ctx.run_dir / "tensorrt.cache",
+        )
         metrics[role]["formats"] = {fmt: outcome for fmt, (outcome, _) in derived.items()}
         files |= {f"{role}@{fmt}": file for fmt, (_, file) in derived.items() if file is not None}
     return Artifact("export", files=files, metrics=metrics)
@@ -89,7 +108,9 @@ def normalised_test_images(data: DatasetBundle, limit: int) -> np.ndarray:
 
 
 def onnx_metadata(data: DatasetBundle, role: str, model_name: str, run_name: str) -> dict[str, str]:
-    return preprocessing_metadata(data.mean, data.std, data.image_size, [c.replace(",", " ") for c in data.classes]) | {
+    return preprocessing_metadata(
+        data.mean, data.std, data.image_size, [c.replace(",", " ") for c in data.classes]
+    ) | {
         "compress.role": role,
         "compress.model": model_name,
         "compress.run": run_name,
@@ -101,7 +122,9 @@ def onnx_metadata(data: DatasetBundle, role: str, model_name: str, run_name: str
 # --- compress export (no run) -----------------------------------------------------------------
 
 
-def export_file(source: str | Path, fmt: str, out: str | Path | None, cfg: ExportConfig, data: str | None = None) -> tuple[Path, dict]:
+def export_file(
+    source: str | Path, fmt: str, out: str | Path | None, cfg: ExportConfig, data: str | None = None
+) -> tuple[Path, dict]:
     """``compress export``: one model to one format, outside a run.
 
     Args:
@@ -136,15 +159,23 @@ def export_file(source: str | Path, fmt: str, out: str | Path | None, cfg: Expor
     images = normalised_test_images(bundle, cfg.check_samples)
     metadata = onnx_metadata(bundle, network.stage, network.spec.model, source.parent.name)
     if fmt == "onnx":
-        return target, export_network(model, target, cfg, images, metadata, quantization, **input_of(bundle))
+        return target, export_network(
+            model, target, cfg, images, metadata, quantization, **input_of(bundle)
+        )
     reason = FORMATS.get(fmt).not_applicable(quantization)
     if reason is not None:
         raise ExportError(f"cannot export {source} as {fmt}: {reason}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as folder:  # the ONNX file it is built from
         onnx_path = Path(folder) / f"{network.stage}.onnx"
-        record = {"onnx": export_network(model, onnx_path, cfg, images, metadata, quantization, **input_of(bundle))}
-        record[fmt] = FORMATS.get(fmt).builder(onnx_path, target, model, images, cfg, int8=quantization is not None)
+        record = {
+            "onnx": export_network(
+                model, onnx_path, cfg, images, metadata, quantization, **input_of(bundle)
+            )
+        }
+        record[fmt] = FORMATS.get(fmt).builder(
+            onnx_path, target, model, images, cfg, int8=quantization is not None
+        )
     return target, record
 
 
@@ -160,5 +191,8 @@ def _stage_data(network: StageNetwork, data: str | None) -> DatasetBundle:
     bundle = load_dataset(cfg)
     classes = network.spec.num_classes
     if bundle.num_classes != classes:
-        raise ExportError(f"{network.record.folder}: the network has {classes} classes, the data {bundle.num_classes}")
+        raise ExportError(
+            f"{network.record.folder}: the network has {classes} classes, the data "
+            f"{bundle.num_classes}"
+        )
     return bundle

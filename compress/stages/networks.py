@@ -20,7 +20,9 @@ from compress.records import NetworkSpec
 
 def network_spec(ctx: RunContext, spec: TeacherConfig | StudentConfig) -> NetworkSpec:
     """The network a recipe section describes (CIFAR stem auto: image_size <= 64)."""
-    cifar_stem = spec.cifar_stem if spec.cifar_stem is not None else ctx.recipe.data.image_size <= 64
+    cifar_stem = (
+        spec.cifar_stem if spec.cifar_stem is not None else ctx.recipe.data.image_size <= 64
+    )
     return NetworkSpec(model=spec.model, num_classes=ctx.data.num_classes, cifar_stem=cifar_stem)
 
 
@@ -33,7 +35,12 @@ def network_of(artifact: Artifact) -> NetworkSpec:
 
 def build_network(ctx: RunContext, spec: NetworkSpec) -> torch.nn.Module:
     """A freshly initialised float network on the run's device."""
-    model = build_model(spec.model, num_classes=spec.num_classes, cifar_stem=spec.cifar_stem, in_channels=ctx.data.in_channels)
+    model = build_model(
+        spec.model,
+        num_classes=spec.num_classes,
+        cifar_stem=spec.cifar_stem,
+        in_channels=ctx.data.in_channels,
+    )
     return model.to(ctx.device)
 
 
@@ -44,7 +51,12 @@ def load_network(ctx: RunContext, artifact: Artifact) -> torch.nn.Module:
     as the same fake-quantized graph (BatchNorm folded, quantizers placed) before its weights and
     quantization scales are loaded.
     """
-    model = rebuild_network(network_of(artifact), artifact.files["model"], in_channels=ctx.data.in_channels, image_size=ctx.data.image_size)
+    model = rebuild_network(
+        network_of(artifact),
+        artifact.files["model"],
+        in_channels=ctx.data.in_channels,
+        image_size=ctx.data.image_size,
+    )
     return model.to(ctx.device).eval()
 
 

@@ -58,7 +58,10 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     """
     source = ctx.latest("student")
     if source.quantized:
-        raise StageError(f"prune: the latest student (stage {source.stage!r}) is quantized; put prune before quantize")
+        raise StageError(
+            f"prune: the latest student (stage {source.stage!r}) is quantized; put prune before "
+            "quantize"
+        )
     network = network_of(source)
     student = load_network(ctx, source)
     teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
@@ -66,38 +69,83 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     loaders = ctx.loaders()
     loss = cfg.loss or latest_distill_loss(ctx)
     before = measure(ctx, student, loaders[1], prep)
-    say(ctx, f"prune: before {before['params']:,} params, {before['macs']:,} MACs, {before['latency_ms_b1']:.2f} ms, top-1 {before['top1']:.2f}%")
+    say(
+        ctx,
+        f"prune: before {before['params']:,} params, {before['macs']:,} MACs, "
+        f"{before['latency_ms_b1']:.2f} ms, top-1 {before['top1']:.2f}%",
+    )
     goals = step_targets(cfg, before["macs"], cfg.steps)
-    pruner = ChannelPruner(student, example_batch(ctx), cfg, num_classes=network.num_classes, rounds=cfg.steps)
+    pruner = ChannelPruner(
+        student, example_batch(ctx), cfg, num_classes=network.num_classes, rounds=cfg.steps
+    )
     gradients = taylor_gradients(ctx, loaders[0], prep)
     steps, history = [], []
     for k, goal in enumerate(goals, start=1):
         pruned = pruner.prune(goal, gradients)
         pruned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
-        say(ctx, f"prune step {k}/{cfg.steps}: {pruned['macs']:,} MACs ({before['macs'] / pruned['macs']:.2f}x fewer), top-1 {pruned_top1:.2f}% before fine-tuning")
+        say(
+            ctx,
+            f"prune step {k}/{cfg.steps}: {pruned['macs']:,} MACs "
+            f"({before['macs'] / pruned['macs']:.2f}x fewer), top-1 {pruned_top1:.2f}% before "
+            "fine-tuning",
+        )
         desc = f"{ctx.stage_dir.name if ctx.stage_dir else 'prune'} step {k}"
-        logs = train_with_teacher(student, teacher, loss, cfg.train, cfg.augment, prep=prep, loaders=loaders, **ctx.training(desc))
+        logs = train_with_teacher(
+            student,
+            teacher,
+            loss,
+            cfg.train,
+            cfg.augment,
+            prep=prep,
+            loaders=loaders,
+            **ctx.training(desc),
+        )
         history += [log | {"step": k} for log in history_dicts(logs)]
         tuned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
-        steps.append({"target_macs": goal, "macs": pruned["macs"], "params": pruned["params"], "top1_pruned": pruned_top1, "top1": tuned_top1})
+        steps.append(
+            {
+                "target_macs": goal,
+                "macs": pruned["macs"],
+                "params": pruned["params"],
+                "top1_pruned": pruned_top1,
+                "top1": tuned_top1,
+            }
+        )
     after = measure(ctx, student, loaders[1], prep)
-    say(ctx, f"prune: after {after['params']:,} params, {after['macs']:,} MACs, {after['latency_ms_b1']:.2f} ms, top-1 {after['top1']:.2f}%")
+    say(
+        ctx,
+        f"prune: after {after['params']:,} params, {after['macs']:,} MACs, "
+        f"{after['latency_ms_b1']:.2f} ms, top-1 {after['top1']:.2f}%",
+    )
     structure = structure_of(student)
     check_rebuildable(ctx, network, student, structure)
     path = save_weights(student, ctx.stage_path("model.pt"), structure=structure)
-    metrics = after | {f"{key}_before": value for key, value in before.items()} | {
-        "source_stage": source.stage, "criterion": cfg.criterion, "target_macs": goals[-1],
-        "macs_reduction": before["macs"] / after["macs"], "params_reduction": before["params"] / after["params"],
-        "top1_delta": after["top1"] - before["top1"], "loss": [term.name for term in loss],
-        "steps": steps, "history": history,
-    }
-    return Artifact("prune", files={"model": path}, metrics=metrics, role="student", network=network)
+    metrics = (
+        after
+        | {f"{key}_before": value for key, value in before.items()}
+        | {
+            "source_stage": source.stage,
+            "criterion": cfg.criterion,
+            "target_macs": goals[-1],
+            "macs_reduction": before["macs"] / after["macs"],
+            "params_reduction": before["params"] / after["params"],
+            "top1_delta": after["top1"] - before["top1"],
+            "loss": [term.name for term in loss],
+            "steps": steps,
+            "history": history,
+        }
+    )
+    return Artifact(
+        "prune", files={"model": path}, metrics=metrics, role="student", network=network
+    )
 
 
 def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
     """Params and MACs (one image), batch-1 PyTorch CPU latency (p50) and test top-1."""
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
-    latency = float("nan")  # measured by rank 0 alone, which records it: other ranks would disturb its timing
+    latency = float(
+        "nan"
+    )  # measured by rank 0 alone, which records it: other ranks would disturb its timing
     if distributed.is_main():
         latency = torch_latency(model, example_batch(ctx, size=1), time_budget_s=1.0)["p50_ms"]
     top1 = evaluate(model, test_loader, prep, ctx.device)["top1"]
@@ -105,28 +153,40 @@ def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
 
 
 def taylor_gradients(ctx: RunContext, train_loader, prep):
-    """``gradient_fn`` for the taylor criterion: cross-entropy gradients of a few labelled batches."""
+    """``gradient_fn`` for the taylor criterion: cross-entropy gradients of a few labelled
+    batches."""
 
     def accumulate(model: torch.nn.Module) -> None:
         for _, (images, labels, *_) in zip(range(TAYLOR_BATCHES), train_loader, strict=False):
             images, labels = images.to(ctx.device), labels.to(ctx.device)
             if (labels != UNLABELED).any():
-                F.cross_entropy(model(prep(images, train=False)), labels, ignore_index=UNLABELED).backward()
-        distributed.average_gradients(p for p in model.parameters() if p.requires_grad)  # every rank ranks channels alike
+                F.cross_entropy(
+                    model(prep(images, train=False)), labels, ignore_index=UNLABELED
+                ).backward()
+        distributed.average_gradients(
+            p for p in model.parameters() if p.requires_grad
+        )  # every rank ranks channels alike
 
     return accumulate
 
 
-def check_rebuildable(ctx: RunContext, network: NetworkSpec, model: torch.nn.Module, structure: dict) -> None:
+def check_rebuildable(
+    ctx: RunContext, network: NetworkSpec, model: torch.nn.Module, structure: dict
+) -> None:
     """Fail now, not at the next load, if the saved widths cannot rebuild this network.
 
     Torch-Pruning may also shrink layers :func:`structure_of` does not record (e.g. LayerNorm);
     such a network would save fine and never load again.
     """
     fresh = apply_structure(build_network(ctx, network), structure).state_dict()
-    wrong = [k for k, v in model.state_dict().items() if k not in fresh or fresh[k].shape != v.shape]
+    wrong = [
+        k for k, v in model.state_dict().items() if k not in fresh or fresh[k].shape != v.shape
+    ]
     if wrong:
-        raise StageError(f"prune: {network.model} was pruned in layers whose widths cannot be stored ({', '.join(wrong[:3])}); ignore them")
+        raise StageError(
+            f"prune: {network.model} was pruned in layers whose widths cannot be stored "
+            f"({', '.join(wrong[:3])}); ignore them"
+        )
 
 
 def say(ctx: RunContext, line: str) -> None:

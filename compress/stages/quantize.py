@@ -1,4 +1,5 @@
-"""Stage ``quantize``: INT8 student by calibration (PTQ), then optional fine-tuning against the teacher (QAT)."""
+"""Stage ``quantize``: INT8 student by calibration (PTQ), then optional fine-tuning against the
+teacher (QAT)."""
 
 from __future__ import annotations
 
@@ -43,14 +44,34 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     prep = preprocess(ctx)
     train_loader, test_loader = ctx.loaders()
     fp32 = evaluate(student, test_loader, prep, ctx.device)
-    qmodel = prepare_quantized(student, target=cfg.target, skip=cfg.skip, example_inputs=example_batch(ctx), weight_range=cfg.weight_range)
-    calibrate(qmodel, calibration_batches(ctx, train_loader, prep, cfg.calibration_images), method=cfg.calibration, percentile=cfg.percentile)
+    qmodel = prepare_quantized(
+        student,
+        target=cfg.target,
+        skip=cfg.skip,
+        example_inputs=example_batch(ctx),
+        weight_range=cfg.weight_range,
+    )
+    calibrate(
+        qmodel,
+        calibration_batches(ctx, train_loader, prep, cfg.calibration_images),
+        method=cfg.calibration,
+        percentile=cfg.percentile,
+    )
     ptq = evaluate(qmodel, test_loader, prep, ctx.device)
     history = []
     if cfg.mode == "qat" and cfg.train.epochs > 0:
         loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
         desc = ctx.stage_dir.name if ctx.stage_dir else "quantize"
-        history = train_with_teacher(qmodel, teacher, loss, cfg.train, cfg.augment, prep=prep, loaders=(train_loader, test_loader), **ctx.training(desc))
+        history = train_with_teacher(
+            qmodel,
+            teacher,
+            loss,
+            cfg.train,
+            cfg.augment,
+            prep=prep,
+            loaders=(train_loader, test_loader),
+            **ctx.training(desc),
+        )
     qmodel.eval()
     test = evaluate(qmodel, test_loader, prep, ctx.device) if history else ptq
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
@@ -58,18 +79,34 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
     metrics = {
         "quantization": {
-            "mode": cfg.mode, "target": cfg.target, "skip": list(cfg.skip), "weight_range": qmodel.weight_range, "calibration": cfg.calibration,
-            "percentile": cfg.percentile, "calibration_images": cfg.calibration_images,
+            "mode": cfg.mode,
+            "target": cfg.target,
+            "skip": list(cfg.skip),
+            "weight_range": qmodel.weight_range,
+            "calibration": cfg.calibration,
+            "percentile": cfg.percentile,
+            "calibration_images": cfg.calibration_images,
         },
-        "source_stage": source.stage, "fp32_top1": fp32["top1"], "ptq_top1": ptq["top1"], "top1": test["top1"],
-        "top1_delta": test["top1"] - fp32["top1"], "agreement_with_fp32": top1_agreement(qmodel, student, test_loader, prep, ctx.device),
-        "test_loss": test["loss"], "test_samples": test["samples"], "params": params, "macs": macs, "history": history_dicts(history),
+        "source_stage": source.stage,
+        "fp32_top1": fp32["top1"],
+        "ptq_top1": ptq["top1"],
+        "top1": test["top1"],
+        "top1_delta": test["top1"] - fp32["top1"],
+        "agreement_with_fp32": top1_agreement(qmodel, student, test_loader, prep, ctx.device),
+        "test_loss": test["loss"],
+        "test_samples": test["samples"],
+        "params": params,
+        "macs": macs,
+        "history": history_dicts(history),
     }
-    return Artifact("quantize", files={"model": path}, metrics=metrics, role="student", network=network)
+    return Artifact(
+        "quantize", files={"model": path}, metrics=metrics, role="student", network=network
+    )
 
 
 def float_student(ctx: RunContext) -> Artifact:
-    """The latest student that is not quantized yet (a second quantize stage re-quantizes the float one)."""
+    """The latest student that is not quantized yet (a second quantize stage re-quantizes the float
+    one)."""
     for artifact in reversed(ctx.artifacts.values()):
         if artifact.role == "student" and "model" in artifact.files and not artifact.quantized:
             return artifact
@@ -77,7 +114,8 @@ def float_student(ctx: RunContext) -> Artifact:
 
 
 def calibration_batches(ctx: RunContext, loader, prep, images: int) -> list[torch.Tensor]:
-    """The first ``images`` training images, preprocessed without augmentation, on the run's device."""
+    """The first ``images`` training images, preprocessed without augmentation, on the run's
+    device."""
     batches, seen = [], 0
     for batch, *_ in loader:
         batch = batch[: images - seen]
@@ -89,7 +127,9 @@ def calibration_batches(ctx: RunContext, loader, prep, images: int) -> list[torc
 
 
 @torch.no_grad()
-def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, loader, prep, device) -> float:
+def top1_agreement(
+    model: torch.nn.Module, reference: torch.nn.Module, loader, prep, device
+) -> float:
     """Fraction of test images on which both networks predict the same class."""
     model.eval()
     reference.eval()

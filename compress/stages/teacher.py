@@ -1,4 +1,5 @@
-"""Stage ``teacher``: load the recipe's teacher checkpoint, or train the teacher with cross-entropy."""
+"""Stage ``teacher``: load the recipe's teacher checkpoint, or train the teacher with
+cross-entropy."""
 
 from __future__ import annotations
 
@@ -39,18 +40,34 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
 
         def step_loss(images, labels, epoch):
             logits = model(images)
-            return F.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=spec.train.label_smoothing), logits
+            return F.cross_entropy(
+                logits, labels, ignore_index=UNLABELED, label_smoothing=spec.train.label_smoothing
+            ), logits
 
-        history = fit(model, train_loader, test_loader, step_loss, spec.train, preprocess=prep, **ctx.training("teacher"))
+        history = fit(
+            model,
+            train_loader,
+            test_loader,
+            step_loss,
+            spec.train,
+            preprocess=prep,
+            **ctx.training("teacher"),
+        )
     test = evaluate(model, test_loader, prep, ctx.device)
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(model, ctx.stage_path("model.pt"))
     metrics = {
-        "top1": test["top1"], "test_loss": test["loss"], "test_samples": test["samples"], "params": params, "macs": macs,
+        "top1": test["top1"],
+        "test_loss": test["loss"],
+        "test_samples": test["samples"],
+        "params": params,
+        "macs": macs,
         "source": "checkpoint" if spec.checkpoint else "trained",
         "history": [dataclasses.asdict(h) for h in history],
     }
-    return Artifact("teacher", files={"model": path}, metrics=metrics, role="teacher", network=network)
+    return Artifact(
+        "teacher", files={"model": path}, metrics=metrics, role="teacher", network=network
+    )
 
 
 def check_classes(path: str, model, ctx: RunContext) -> None:
@@ -62,4 +79,7 @@ def check_classes(path: str, model, ctx: RunContext) -> None:
     if weight is not None and weight.ndim >= 1 and weight.shape[0] != classes:
         data = ctx.recipe.data
         where = f"{data.kind} at {data.path}" if data.path else data.kind
-        raise ModelError(f"teacher checkpoint {path} has {weight.shape[0]} classes, the data has {classes} ({where}); the teacher must be trained on the data's classes")
+        raise ModelError(
+            f"teacher checkpoint {path} has {weight.shape[0]} classes, the data has {classes} "
+            f"({where}); the teacher must be trained on the data's classes"
+        )

@@ -48,8 +48,6 @@ META_PRECISION = "compress.precision"  # set by converters that change it (fp16.
 _PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model is one protobuf message
 
 
-
-
 def export_onnx(
     model: nn.Module,
     path: Path,
@@ -131,9 +129,13 @@ def preprocessing_metadata(
         ``{"compress.mean": "0.485,0.456,0.406", "compress.std": ..., "compress.image_size":
         "32", "compress.classes": "cat,dog,..."}``, ready for ``export_onnx(metadata=...)``.
     """
-    names = [str(i) for i in range(classes)] if isinstance(classes, int) else [str(c) for c in classes]
+    names = (
+        [str(i) for i in range(classes)] if isinstance(classes, int) else [str(c) for c in classes]
+    )
     if any("," in name for name in names):
-        raise ValueError(f"class names are stored comma-separated and cannot contain commas: {names}")
+        raise ValueError(
+            f"class names are stored comma-separated and cannot contain commas: {names}"
+        )
     return {
         META_MEAN: ",".join(repr(float(m)) for m in mean),
         META_STD: ",".join(repr(float(s)) for s in std),
@@ -155,7 +157,9 @@ def _run_exporter(model, exporter, opset, shape, path) -> onnx.ModelProto:
         try:
             return export(model, example, opset, dynamic=batch is None)
         except Exception as exc:
-            raise ExportError(f"{exporter} ONNX exporter failed for {path.name}: {_root_cause(exc)}") from exc
+            raise ExportError(
+                f"{exporter} ONNX exporter failed for {path.name}: {_root_cause(exc)}"
+            ) from exc
 
 
 def _export_dynamo(model, example, opset, dynamic: bool) -> onnx.ModelProto:
@@ -233,7 +237,9 @@ def _checked_bytes(proto: onnx.ModelProto, path: Path) -> bytes:
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
-        raise ExportError(f"{path.name}: the ONNX checker rejected the export: {first_line(exc)}") from exc
+        raise ExportError(
+            f"{path.name}: the ONNX checker rejected the export: {first_line(exc)}"
+        ) from exc
     return proto.SerializeToString()
 
 

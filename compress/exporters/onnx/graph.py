@@ -109,7 +109,9 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of the floating-point initializers of rank >= 1, and of the 8-bit ones that a
     DequantizeLinear turns into weights (see :func:`read_onnx_info`)."""
-    qdq = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    qdq = [
+        node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+    ]
     dequantized = {node.input[0] for node in qdq if node.op_type == "DequantizeLinear"}
     scales = {name for node in qdq for name in node.input[1:]}  # per-channel scales are not weights
     return sum(
@@ -117,7 +119,10 @@ def count_params(model: onnx.ModelProto) -> int:
         for init in model.graph.initializer
         if len(init.dims) >= 1
         and init.name not in scales
-        and (init.data_type in _FLOAT_TYPES or (init.data_type in _INT8_TYPES and init.name in dequantized))
+        and (
+            init.data_type in _FLOAT_TYPES
+            or (init.data_type in _INT8_TYPES and init.name in dequantized)
+        )
     )
 
 

@@ -22,7 +22,13 @@ _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}  # 
 
 
 def verify_onnx(
-    path: Path, model: nn.Module, images: np.ndarray, *, tolerance: float, min_agreement: float, relative: bool = False,
+    path: Path,
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    tolerance: float,
+    min_agreement: float,
+    relative: bool = False,
     exact_int8: bool = False,
 ) -> dict:
     """Prove an exported file reproduces the PyTorch model on real inputs (STYLE habit 6).
@@ -61,7 +67,9 @@ def verify_onnx(
     path = Path(path)
     images = np.ascontiguousarray(images, dtype=np.float32)
     if images.ndim != 4 or len(images) == 0:
-        raise ExportError(f"verify {path.name}: expected a non-empty (N, C, H, W) batch, got shape {images.shape}")
+        raise ExportError(
+            f"verify {path.name}: expected a non-empty (N, C, H, W) batch, got shape {images.shape}"
+        )
     import torch
 
     session = open_session(path, exact_int8=exact_int8)
@@ -85,7 +93,9 @@ def verify_onnx(
     return result
 
 
-def open_session(path: Path, threads: int = 0, *, exact_int8: bool = False) -> onnxruntime.InferenceSession:
+def open_session(
+    path: Path, threads: int = 0, *, exact_int8: bool = False
+) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session for ``path``; any loading failure becomes one-line ExportError.
 
     Args:
@@ -125,25 +135,39 @@ def _verify_chunks(images: np.ndarray, batch: Any) -> list[np.ndarray]:
     return [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
 
 
-def _chunk_diff(session, model, chunk: np.ndarray, path: Path) -> tuple[float, float, int, int, float]:
+def _chunk_diff(
+    session, model, chunk: np.ndarray, path: Path
+) -> tuple[float, float, int, int, float]:
     """(max |diff|, sum |diff|, number of logits, top-1 agreements, max |PyTorch logit|) of one
     chunk; the model is already in eval mode on CPU under no_grad."""
     import torch
 
     feed = session.get_inputs()[0]
     if feed.type not in _INPUT_DTYPES:
-        raise ExportError(f"{path.name}: cannot verify an input of type {feed.type} (float or float16 only)")
+        raise ExportError(
+            f"{path.name}: cannot verify an input of type {feed.type} (float or float16 only)"
+        )
     ours = session.run(None, {feed.name: chunk.astype(_INPUT_DTYPES[feed.type])})[0]
     theirs = model(torch.from_numpy(chunk))
     theirs = (theirs[0] if isinstance(theirs, (tuple, list)) else theirs).numpy()
     if ours.shape != theirs.shape:
-        raise ExportError(f"{path.name}: ONNX output shape {ours.shape} differs from PyTorch's {theirs.shape}")
+        raise ExportError(
+            f"{path.name}: ONNX output shape {ours.shape} differs from PyTorch's {theirs.shape}"
+        )
     diff = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
     agree = int((ours.argmax(axis=1) == theirs.argmax(axis=1)).sum())
     return float(diff.max()), float(diff.sum()), diff.size, agree, float(np.abs(theirs).max())
 
 
-def compare_logits(ours: np.ndarray, theirs: np.ndarray, path: Path, *, tolerance: float, min_agreement: float, relative: bool) -> dict:
+def compare_logits(
+    ours: np.ndarray,
+    theirs: np.ndarray,
+    path: Path,
+    *,
+    tolerance: float,
+    min_agreement: float,
+    relative: bool,
+) -> dict:
     """The verification record of logits from another runtime (a TensorRT engine, a converted
     file) against reference logits on the same inputs, with :func:`verify_onnx`'s keys and bounds.
 
@@ -152,14 +176,19 @@ def compare_logits(ours: np.ndarray, theirs: np.ndarray, path: Path, *, toleranc
     """
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     if ours.shape != theirs.shape:
-        raise ExportError(f"{Path(path).name}: output shape {ours.shape} differs from the reference's {theirs.shape}")
+        raise ExportError(
+            f"{Path(path).name}: output shape {ours.shape} differs from the reference's "
+            f"{theirs.shape}"
+        )
     diff = np.abs(ours - theirs)
     max_abs_logit = float(np.abs(theirs).max())
     result = {
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
         "max_abs_logit": max_abs_logit,
-        "max_rel_diff": float(diff.max()) / max_abs_logit if max_abs_logit > 0 else float(diff.max()),
+        "max_rel_diff": float(diff.max()) / max_abs_logit
+        if max_abs_logit > 0
+        else float(diff.max()),
         "top1_agreement": float(np.mean(ours.argmax(axis=1) == theirs.argmax(axis=1))),
         "samples": len(ours),
         "tolerance": tolerance,
@@ -178,13 +207,17 @@ def allowed_abs_diff(result: dict) -> float:
 
 
 def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
-    bad_diff = result["max_rel_diff"] > result["tolerance"] if result["relative"] else result["max_abs_diff"] > allowed_abs_diff(result)
+    bad_diff = (
+        result["max_rel_diff"] > result["tolerance"]
+        if result["relative"]
+        else result["max_abs_diff"] > allowed_abs_diff(result)
+    )
     bad_agreement = result["top1_agreement"] < result["min_agreement"]
     if bad_diff or bad_agreement:
         error = ExportError(
-            f"{path.name} does not reproduce the PyTorch model on {result['samples']} images: "
-            f"max |diff| {_diff_text(result)}, "
-            f"top-1 agreement {result['top1_agreement']:.2%} (minimum {result['min_agreement']:.2%})"
+            f"{path.name} does not reproduce the PyTorch model on {result['samples']} images: max "
+            f"|diff| {_diff_text(result)}, top-1 agreement {result['top1_agreement']:.2%} (minimum "
+            f"{result['min_agreement']:.2%})"
         )
         error.result = result
         raise error
@@ -192,32 +225,62 @@ def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
 
 def _diff_text(result: dict) -> str:
     if result["relative"]:
-        return (f"{result['max_abs_diff']:.3g} = {result['max_rel_diff']:.2%} of the largest logit "
-                f"{result['max_abs_logit']:.3g} (tolerance {result['tolerance']:.2%})")
+        return (
+            f"{result['max_abs_diff']:.3g} = {result['max_rel_diff']:.2%} of the largest logit "
+            f"{result['max_abs_logit']:.3g} (tolerance {result['tolerance']:.2%})"
+        )
     if result["max_abs_logit"] > 1:
-        return (f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g} x the largest logit "
-                f"{result['max_abs_logit']:.3g} = {allowed_abs_diff(result):.3g})")
+        return (
+            f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g} x the largest logit "
+            f"{result['max_abs_logit']:.3g} = {allowed_abs_diff(result):.3g})"
+        )
     return f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})"
 
 
-def compare_onnx_files(candidate: Path, reference: Path, samples: int, *, tolerance: float, min_agreement: float) -> dict:
+def compare_onnx_files(
+    candidate: Path, reference: Path, samples: int, *, tolerance: float, min_agreement: float
+) -> dict:
     """Check a converted file against the file it came from on random normal inputs (no
     PyTorch model or dataset at hand), relative to the largest |logit|, with top-1 agreement."""
     sessions = [open_session(p) for p in (candidate, reference)]
     for path, session in zip((candidate, reference), sessions, strict=True):
         count = len(session.get_inputs())
         if count != 1:
-            raise ExportError(f"{path.name}: has {count} inputs; compress converts and checks single-input image classifiers")
+            raise ExportError(
+                f"{path.name}: has {count} inputs; compress converts and checks single-input image "
+                "classifiers"
+            )
     shape = [d if isinstance(d, int) else None for d in sessions[1].get_inputs()[0].shape]
     if len(shape) != 4:
-        raise ExportError(f"{reference.name}: its input has shape {shape}; compress checks image classifiers (N, C, H, W)")
-    inputs = np.random.default_rng(0).standard_normal((shape[0] or min(samples, 64), *shape[1:]), dtype=np.float32)
+        raise ExportError(
+            f"{reference.name}: its input has shape {shape}; compress checks image classifiers "
+            "(N, C, H, W)"
+        )
+    inputs = np.random.default_rng(0).standard_normal(
+        (shape[0] or min(samples, 64), *shape[1:]), dtype=np.float32
+    )
     outputs = []
     for path, session in zip((candidate, reference), sessions, strict=True):
-        feed = inputs.astype(np.float16) if session.get_inputs()[0].type == "tensor(float16)" else inputs
+        feed = (
+            inputs.astype(np.float16)
+            if session.get_inputs()[0].type == "tensor(float16)"
+            else inputs
+        )
         try:
             outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0])
-        except Exception as exc:  # onnxruntime's own error types: the file does not run on these inputs
-            raise ExportError(f"{path.name}: ONNX Runtime cannot run it on random (N, C, H, W) inputs: {first_line(exc)}") from None
-    result = compare_logits(outputs[0], outputs[1], candidate, tolerance=tolerance, min_agreement=min_agreement, relative=True)
+        except (
+            Exception
+        ) as exc:  # onnxruntime's own error types: the file does not run on these inputs
+            raise ExportError(
+                f"{path.name}: ONNX Runtime cannot run it on random (N, C, H, W) inputs: "
+                f"{first_line(exc)}"
+            ) from None
+    result = compare_logits(
+        outputs[0],
+        outputs[1],
+        candidate,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
+        relative=True,
+    )
     return result | {"inputs": "random normal", "reference": reference.name}
