@@ -29,12 +29,22 @@ MODULES = ("test_faults", "test_hostile_input")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--result", default=str(HERE / "results" / "hostile_input.json"))
     args = parser.parse_args()
     report = HERE / "results" / "hostile_input.junit.xml"
     started = time.perf_counter()
-    code = pytest.main([*(str(TESTS / f"{m}.py") for m in MODULES), "-q", "-p", "no:cacheprovider", f"--junitxml={report}"])
+    code = pytest.main(
+        [
+            *(str(TESTS / f"{m}.py") for m in MODULES),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+        ]
+    )
     cases = _cases(report)
     report.unlink(missing_ok=True)
     record = {
@@ -42,7 +52,9 @@ def main() -> None:
         "pytest_exit_code": int(code),
         "wall_s": round(time.perf_counter() - started, 1),
         "cases": cases,
-        "outcomes": {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "skipped")},
+        "outcomes": {
+            o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "skipped")
+        },
         "fuzzing": _fuzzing(),
     }
     print(_table(record))
@@ -52,8 +64,21 @@ def main() -> None:
 def _cases(junit: Path) -> list[dict]:
     cases = []
     for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome = "failed" if case.find("failure") is not None or case.find("error") is not None else "skipped" if case.find("skipped") is not None else "passed"
-        cases.append({"module": case.get("classname", "").rsplit(".", 1)[-1], "case": case.get("name"), "outcome": outcome, "seconds": round(float(case.get("time", 0)), 2)})
+        outcome = (
+            "failed"
+            if case.find("failure") is not None or case.find("error") is not None
+            else "skipped"
+            if case.find("skipped") is not None
+            else "passed"
+        )
+        cases.append(
+            {
+                "module": case.get("classname", "").rsplit(".", 1)[-1],
+                "case": case.get("name"),
+                "outcome": outcome,
+                "seconds": round(float(case.get("time", 0)), 2),
+            }
+        )
     return cases
 
 
@@ -65,20 +90,39 @@ def _fuzzing() -> list[dict]:
         module = importlib.import_module(name)
         for attr in sorted(dir(module)):
             fn = getattr(module, attr)
-            settings = getattr(getattr(fn, "hypothesis", None), "inner_test", None) and getattr(fn, "_hypothesis_internal_use_settings", None)
+            settings = getattr(getattr(fn, "hypothesis", None), "inner_test", None) and getattr(
+                fn, "_hypothesis_internal_use_settings", None
+            )
             if settings is not None:
-                deadline = settings.deadline.total_seconds() * 1000 if settings.deadline is not None else None
-                targets.append({"module": name, "target": attr, "examples": settings.max_examples, "deadline_ms": deadline})
+                deadline = (
+                    settings.deadline.total_seconds() * 1000
+                    if settings.deadline is not None
+                    else None
+                )
+                targets.append(
+                    {
+                        "module": name,
+                        "target": attr,
+                        "examples": settings.max_examples,
+                        "deadline_ms": deadline,
+                    }
+                )
     return targets
 
 
 def _table(record: dict) -> str:
     lines = ["| module | case | outcome | s |", "|---|---|---|---:|"]
-    lines += [f"| {c['module']} | {c['case']} | {c['outcome']} | {c['seconds']:.2f} |" for c in record["cases"]]
+    lines += [
+        f"| {c['module']} | {c['case']} | {c['outcome']} | {c['seconds']:.2f} |"
+        for c in record["cases"]
+    ]
     lines += ["", "| fuzzing target | examples | deadline per example (ms) |", "|---|---:|---:|"]
-    lines += [f"| {t['module']}.{t['target']} | {t['examples']} | {t['deadline_ms'] or 'none (whole-test timeout)'} |" for t in record["fuzzing"]]
+    for t in record["fuzzing"]:
+        deadline = t["deadline_ms"] or "none"
+        lines.append(f"| {t['module']}.{t['target']} | {t['examples']} | {deadline} |")
     o = record["outcomes"]
-    lines += ["", f"{o['passed']} passed, {o['failed']} failed, {o['skipped']} skipped in {record['wall_s']:.0f} s; {record['machine']['cpu']}"]
+    counts = f"{o['passed']} passed, {o['failed']} failed, {o['skipped']} skipped"
+    lines += ["", f"{counts} in {record['wall_s']:.0f} s; {record['machine']['cpu']}"]
     return "\n".join(lines)
 
 
