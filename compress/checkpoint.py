@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from compress.errors import StageError
-from compress.fileio import save_torch
+from compress.weights import save_torch
 
 FORMAT_VERSION = 1
 

@@ -50,49 +50,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def save_torch(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically.
-
-    torch's writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc]
-    unexpected pos ...`` (or ``PytorchStreamWriter failed writing file``), not as an OSError;
-    that becomes the OSError it is (ENOSPC when the folder's file system has less free space
-    than was being written, else EIO), so every caller's "cannot write" handling applies and
-    the previous file stays intact.
-    """
-    import errno
-    import shutil
-
-    import torch
-
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            try:
-                torch.save(obj, tmp)
-            except RuntimeError as exc:
-                if not any(marker in str(exc) for marker in _TORCH_WRITE_FAILURES):
-                    raise
-                written = tmp.stat().st_size if tmp.exists() else 0
-                free = shutil.disk_usage(path.parent).free
-                code = errno.ENOSPC if free <= max(written, 1 << 20) else errno.EIO
-                raise OSError(code, os.strerror(code), str(path)) from None
-    except OSError as exc:
-        if exc.filename is None:  # name the destination, not the temporary file
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        if exc.filename != str(path) and Path(exc.filename).name.startswith(f".{path.name}."):
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        raise
-    return path
-
-
-_TORCH_WRITE_FAILURES = (
-    "inline_container",
-    "PytorchStreamWriter",
-    "file write failed",
-    "unexpected pos",
-)
-
-
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see the module docstring).
 

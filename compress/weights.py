@@ -4,19 +4,62 @@ the network is rebuilt without unpickling any module."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from compress import distributed
 from compress.errors import ModelError
-from compress.fileio import save_torch
+from compress.fileio import atomic_path
 
 _MAX_LISTED = 3  # problems named in a load_weights error before "+N more"
+
+
+_TORCH_WRITE_FAILURES = (
+    "inline_container",
+    "PytorchStreamWriter",
+    "file write failed",
+    "unexpected pos",
+)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically.
+
+    torch's writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos ...`` (or ``PytorchStreamWriter failed writing file``), not as an OSError;
+    that becomes the OSError it is (ENOSPC when the folder's file system has less free space
+    than was being written, else EIO), so every caller's "cannot write" handling applies and
+    the previous file stays intact.
+    """
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                torch.save(obj, tmp)
+            except RuntimeError as exc:
+                if not any(marker in str(exc) for marker in _TORCH_WRITE_FAILURES):
+                    raise
+                written = tmp.stat().st_size if tmp.exists() else 0
+                free = shutil.disk_usage(path.parent).free
+                code = errno.ENOSPC if free <= max(written, 1 << 20) else errno.EIO
+                raise OSError(code, os.strerror(code), str(path)) from None
+    except OSError as exc:
+        if exc.filename is None:  # name the destination, not the temporary file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        if exc.filename != str(path) and Path(exc.filename).name.startswith(f".{path.name}."):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
+    return path
 
 
 def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None = None) -> Path:
@@ -27,9 +70,7 @@ def save_weights(model: torch.nn.Module, path: Path, *, structure: dict | None =
     run only rank 0 writes (every rank gets the path).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if (
-        not distributed.is_main()
-    ):  # a distributed run: rank 0 writes, the other ranks take its artifact
+    if not distributed.is_main():  # a distributed run: rank 0 writes, the others take its artifact
         return path
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_torch(state if structure is None else {"structure": structure, "state_dict": state}, path)
