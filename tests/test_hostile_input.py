@@ -460,7 +460,7 @@ def mutated_recipes(draw) -> dict:
 
 @settings(
     max_examples=200,
-    deadline=None,
+    deadline=10_000,  # ms per example: a hang (an alias bomb, a runaway loop) fails, not stalls CI
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
