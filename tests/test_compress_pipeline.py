@@ -2,13 +2,12 @@
 images, then resume. The numbers asserted are the ones the run itself recorded."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from conftest import run_cli as compress
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +40,6 @@ stages:
 backends: [onnxruntime, torch]}}
 """
 STAGES = ["teacher", "distill", "prune", "quantize", "export", "bench"]
-
-
-def compress(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True
-    )
 
 
 @pytest.fixture(scope="module")

@@ -148,7 +148,9 @@ def test_npz_label_outside_classes_file_raises(tmp_path):
         tmp_path / "d", *_random_split(rng, 6), *_random_split(rng, 3), classes=["a", "b"]
     )
     # the names file is what is short (issue 14), not the labels
-    with pytest.raises(DataError, match=r"classes\.txt: names 2 classes, but the labels go up to \d"):
+    with pytest.raises(
+        DataError, match=r"classes\.txt: names 2 classes, but the labels go up to \d"
+    ):
         load_dataset(DataConfig(kind="npz", path=str(folder)))
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as compress
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,6 @@ stages:
   - export
   - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16}}
 """
-
-
-def compress(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, cwd=cwd
-    )
 
 
 @pytest.fixture(scope="module")
