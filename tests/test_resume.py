@@ -250,7 +250,7 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(
     """Root ignores folder permissions, so the failing write is planted: the stage's weights."""
     from click.testing import CliRunner
 
-    import compress.artifacts
+    import compress.weights
     from compress.cli import cli
 
     recipe = tmp_path / "r.yaml"
@@ -269,7 +269,7 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(out / "resume" / "distill" / "model.pt"))
 
-    monkeypatch.setattr(compress.artifacts, "atomic_path", refuse)
+    monkeypatch.setattr(compress.weights, "atomic_path", refuse)
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
