@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from compress.errors import ModelError
 from compress.fileio import sha256_file, write_json_atomic
 from compress.records import STAGE_RECORD, FileRecord, NetworkSpec, StageRecord
 
@@ -95,8 +96,6 @@ def record_stage(
 
 def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
     """The stage's artifact if it completed with this input key and its files are intact."""
-    from compress.errors import ModelError
-
     try:
         record = StageRecord.read(folder)
     except ModelError:

@@ -53,10 +53,8 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
                 free = shutil.disk_usage(path.parent).free
                 code = errno.ENOSPC if free <= max(written, 1 << 20) else errno.EIO
                 raise OSError(code, os.strerror(code), str(path)) from None
-    except OSError as exc:
-        if exc.filename is None:  # name the destination, not the temporary file
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
-        if exc.filename != str(path) and Path(exc.filename).name.startswith(f".{path.name}."):
+    except OSError as exc:  # name the destination, not the temporary file beside it
+        if exc.filename != str(path):
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     return path
