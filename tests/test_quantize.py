@@ -348,3 +348,49 @@ def test_simplified_int8_export_is_smaller_and_computes_the_same(quant_run, tmp_
     assert check_qdq(slim, target="onnxruntime-cpu")["fp32_conv"] == 0
     ours, theirs = (open_session(p).run(None, {"input": images})[0] for p in (slim, plain))
     assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def narrow_bn_network(gain: float) -> nn.Module:
+    """conv -> BatchNorm -> ReLU twice, then a classifier; every BatchNorm scales its conv by
+    about ``gain`` (|gamma| / sqrt(running var)), as in a trained narrow network."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.weight.copy_(torch.empty(8).uniform_(0.5, 1.5) * torch.tensor([1.0, -1.0] * 4))
+            bn.running_var.copy_((bn.weight / gain).square() * torch.empty(8).uniform_(0.8, 1.2))
+            bn.running_mean.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_qat_gradients_are_those_of_the_conv_with_its_batchnorm_kept_frozen():
+    """SGD on a folded weight w_f = c * w (c = |gamma| / sqrt(var + eps) per channel) must move
+    it as SGD on w moves c * w: the gradient of w_f is scaled by c^2. Checked against c computed
+    here from the BatchNorm, through the same quantized forward pass."""
+    model = narrow_bn_network(gain=0.1)
+    images = torch.randn(16, 3, 8, 8)
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images)
+    calibrate(qmodel, [images], method="minmax")
+    conv, bn = qmodel.get_submodule("0"), model[1]
+    gain = (bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).detach().reshape(-1, 1, 1, 1)
+
+    qmodel.train()
+    qmodel(images).square().sum().backward()
+    assert conv.bias.grad is not None and conv.bias.grad.abs().sum() > 0  # folded biases train
+
+    unfolded = (conv.weight.detach() / gain).requires_grad_(True)
+    qmodel.eval()  # the same weight scales, without the preconditioner
+    out = torch.func.functional_call(qmodel, {"0.weight": unfolded * gain}, (images,))
+    out.square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad, gain * unfolded.grad, rtol=1e-4, atol=1e-6)
+
