@@ -31,8 +31,12 @@ from compress.quantization import calibrate, prepare_quantized
 from compress.recipe.load import load_recipe
 from compress.records import STAGE_RECORD, StageRecord
 from compress.stages.export import onnx_metadata
-from compress.stages.networks import example_batch, load_network, preprocess
-from compress.stages.quantize import calibration_batches
+from compress.stages.networks import (
+    calibration_batches,
+    example_batch,
+    load_network,
+    preprocess,
+)
 
 HERE = Path(__file__).resolve().parent
 

@@ -111,6 +111,7 @@ def prune(
     num_classes: int | None = None,
     finetune: Callable[[nn.Module, int], None] | None = None,
     gradient_fn: Callable[[nn.Module], None] | None = None,
+    calibration_data: Iterable | None = None,
 ) -> nn.Module:
     """Prune ``model``'s channels in place (Torch-Pruning) to ``spec``'s target and return it.
 
@@ -124,14 +125,20 @@ def prune(
             ``round_to``, ``max_layer_ratio``, ``ignore`` patterns; default: 2x fewer MACs by
             magnitude.
         gradient_fn: runs ``loss.backward()`` on real batches, for the ``taylor`` criterion.
+        calibration_data: input batches (or ``(inputs, labels)`` batches) that re-estimate the
+            BatchNorm statistics after each cut, before ``finetune``
+            (:func:`compress.batchnorm.recalibrate_batchnorm`); a few thousand images. Without
+            it a cut leaves stale statistics and the network near chance until fine-tuned.
 
     Raises:
         StageError: the target cannot be reached within ``max_layer_ratio``.
     """
+    from compress.batchnorm import recalibrate_batchnorm
     from compress.models import count_params_macs
     from compress.pruning import ChannelPruner, step_targets
 
     spec = spec or PruneSpec()
+    batches = None if calibration_data is None else _inputs_of(calibration_data, _device_of(model))
     if num_classes is None:
         with torch.no_grad():
             num_classes = int(model.eval()(example_inputs).shape[-1])
@@ -140,6 +147,8 @@ def prune(
     pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes, rounds=steps)
     for step, goal in enumerate(step_targets(spec, macs, steps), start=1):
         pruner.prune(goal, gradient_fn)
+        if batches:
+            recalibrate_batchnorm(model, batches)
         if finetune is not None:
             finetune(model, step)
     return model
@@ -172,11 +181,9 @@ def quantize(
     """
     from compress.quantization import calibrate, prepare_quantized
 
-    batches = [batch[0] if isinstance(batch, list | tuple) else batch for batch in calibration_data]
+    batches = _inputs_of(calibration_data, _device_of(model))
     if not batches:
         raise ValueError("quantize: calibration_data holds no batch")
-    device = _device_of(model)
-    batches = [b.to(device) for b in batches]
     qmodel = prepare_quantized(
         model.eval(), target=target, skip=skip, example_inputs=batches[0], weight_range=weight_range
     )
@@ -277,3 +284,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 __all__ = ["bench", "distill", "export", "loss", "prune", "quantize"]
+
+
+def _inputs_of(data: Iterable, device: torch.device) -> list[torch.Tensor]:
+    """The input batches of ``data`` (batches, or ``(inputs, labels, ...)`` batches) on
+    ``device``."""
+    return [(batch[0] if isinstance(batch, list | tuple) else batch).to(device) for batch in data]

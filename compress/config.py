@@ -304,6 +304,9 @@ class PruneConfig(PruneSpec):
     the latest student, fine-tuned against the teacher (``train.epochs`` per step)."""
 
     steps: int = 1
+    # training images that re-estimate BatchNorm statistics after each cut, before fine-tuning
+    # (compress.batchnorm); 0: fine-tuning starts from the stale statistics
+    recalibration_images: int = 2560
     loss: tuple[LossConfig, ...] | None = None  # None: the loss of the latest distill stage
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01))
     augment: MixConfig = field(default_factory=MixConfig)
@@ -312,6 +315,10 @@ class PruneConfig(PruneSpec):
     def __post_init__(self):
         super().__post_init__()
         _check(self.steps >= 1, f"steps: expected >= 1, got {self.steps}")
+        _check(
+            self.recalibration_images >= 0,
+            f"recalibration_images: expected >= 0, got {self.recalibration_images}",
+        )
         _check(
             self.loss is None or len(self.loss) > 0,
             "loss: expected at least one loss term, or null for the distill stage's loss",

@@ -393,4 +393,3 @@ def test_qat_gradients_are_those_of_the_conv_with_its_batchnorm_kept_frozen():
     out = torch.func.functional_call(qmodel, {"0.weight": unfolded * gain}, (images,))
     out.square().sum().backward()
     torch.testing.assert_close(conv.weight.grad, gain * unfolded.grad, rtol=1e-4, atol=1e-6)
-

@@ -70,3 +70,16 @@ def preprocess(ctx: RunContext):
     from compress.data.augment import Preprocess
 
     return Preprocess(ctx.data.mean, ctx.data.std, augment=ctx.recipe.data.augment).to(ctx.device)
+
+
+def calibration_batches(ctx: RunContext, loader, prep, images: int) -> list[torch.Tensor]:
+    """The first ``images`` training images, preprocessed without augmentation, on the run's
+    device: what INT8 calibration and BatchNorm recalibration observe."""
+    batches, seen = [], 0
+    for batch, *_ in loader:
+        batch = batch[: images - seen]
+        batches.append(prep(batch.to(ctx.device), train=False))
+        seen += len(batch)
+        if seen >= images:
+            break
+    return batches

@@ -4,7 +4,9 @@ Structured pruning makes the network genuinely smaller (fewer channels, not zero
 faster on every runtime; distillation from the teacher recovers most of the lost accuracy
 (the "prune, then distill" recipe of Torch-Pruning's and NVIDIA's pipelines). ``steps`` > 1
 alternates pruning and fine-tuning along a geometric MACs schedule: each cut is smaller and
-the network adapts before the next one.
+the network adapts before the next one. After each cut the BatchNorm statistics are
+re-estimated on training images (:mod:`compress.batchnorm`), so fine-tuning starts from a working
+network and the step's record says what the cut itself cost.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from compress import distributed
 from compress.artifacts import Artifact
 from compress.backends.timing import torch_latency
+from compress.batchnorm import recalibrate_batchnorm
 from compress.config import UNLABELED, PruneConfig
 from compress.context import RunContext
 from compress.errors import StageError
@@ -26,6 +29,7 @@ from compress.records import NetworkSpec
 from compress.stages.losses import latest_distill_loss
 from compress.stages.networks import (
     build_network,
+    calibration_batches,
     example_batch,
     load_network,
     network_of,
@@ -43,13 +47,15 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
 
     Step k of ``cfg.steps`` prunes to the k-th point of a geometric schedule between the
     student's MACs and the target (``target_macs``, or MACs / ``speedup``; with
-    ``pruning_ratio``, Torch-Pruning's linear ratio schedule), then trains ``cfg.train.epochs``
+    ``pruning_ratio``, Torch-Pruning's linear ratio schedule), re-estimates the BatchNorm
+    statistics on ``cfg.recalibration_images`` training images, then trains ``cfg.train.epochs``
     epochs against the teacher with ``cfg.loss`` (default: the latest distill stage's loss).
 
     Returns:
         Artifact with ``files["model"]`` (state_dict plus the pruned layer widths), the
         network, and params, MACs, batch-1 PyTorch CPU latency and top-1 before and after,
-        their ratios, one record per step and the training history.
+        their ratios, one record per step (top-1 right after the cut, after BatchNorm
+        recalibration (None when off) and after fine-tuning) and the training history.
 
     Raises:
         StageError: the target cannot be reached within ``max_layer_ratio``, or the latest
@@ -83,11 +89,22 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     for k, goal in enumerate(goals, start=1):
         pruned = pruner.prune(goal, gradients)
         pruned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
+        recalibrated_top1 = None
+        if cfg.recalibration_images:
+            recalibrate_batchnorm(
+                student, calibration_batches(ctx, loaders[0], prep, cfg.recalibration_images)
+            )
+            recalibrated_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
+        recalibrated = (
+            f", {recalibrated_top1:.2f}% with BatchNorm recalibrated"
+            if recalibrated_top1 is not None
+            else ""
+        )
         say(
             ctx,
             f"prune step {k}/{cfg.steps}: {pruned['macs']:,} MACs "
-            f"({before['macs'] / pruned['macs']:.2f}x fewer), top-1 {pruned_top1:.2f}% before "
-            "fine-tuning",
+            f"({before['macs'] / pruned['macs']:.2f}x fewer), top-1 {pruned_top1:.2f}%"
+            f"{recalibrated} before fine-tuning",
         )
         desc = f"{ctx.stage_dir.name if ctx.stage_dir else 'prune'} step {k}"
         logs = train_with_teacher(
@@ -108,6 +125,7 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
                 "macs": pruned["macs"],
                 "params": pruned["params"],
                 "top1_pruned": pruned_top1,
+                "top1_recalibrated": recalibrated_top1,
                 "top1": tuned_top1,
             }
         )

@@ -14,7 +14,13 @@ from compress.errors import StageError
 from compress.models import count_params_macs
 from compress.quantization import calibrate, prepare_quantized
 from compress.stages.losses import latest_distill_loss
-from compress.stages.networks import example_batch, load_network, network_of, preprocess
+from compress.stages.networks import (
+    calibration_batches,
+    example_batch,
+    load_network,
+    network_of,
+    preprocess,
+)
 from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
 from compress.weights import save_weights
@@ -111,19 +117,6 @@ def float_student(ctx: RunContext) -> Artifact:
         if artifact.role == "student" and "model" in artifact.files and not artifact.quantized:
             return artifact
     raise StageError("quantize needs a float student from an earlier distill or prune stage")
-
-
-def calibration_batches(ctx: RunContext, loader, prep, images: int) -> list[torch.Tensor]:
-    """The first ``images`` training images, preprocessed without augmentation, on the run's
-    device."""
-    batches, seen = [], 0
-    for batch, *_ in loader:
-        batch = batch[: images - seen]
-        batches.append(prep(batch.to(ctx.device), train=False))
-        seen += len(batch)
-        if seen >= images:
-            break
-    return batches
 
 
 @torch.no_grad()

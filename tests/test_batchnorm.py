@@ -1,0 +1,39 @@
+"""BatchNorm recalibration: statistics re-estimated from batches, nothing else touched."""
+
+import torch
+from torch import nn
+
+from compress.batchnorm import recalibrate_batchnorm
+
+
+def test_statistics_become_the_average_over_the_batches_and_modes_are_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3, momentum=0.1), nn.Dropout(0.5), nn.Conv2d(3, 4, 1))
+    norm = model[0]
+    norm.running_mean.fill_(5.0)  # stale: statistics of a network that no longer exists
+    norm.running_var.fill_(9.0)
+    model.train()
+    model[1].eval()  # a mixed-mode model keeps its modes
+    shift = torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+    batches = [torch.randn(8, 3, 4, 4) * 2 + shift for _ in range(4)]
+
+    seen = recalibrate_batchnorm(model, batches)
+
+    assert seen == 32
+    expected_mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    expected_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(norm.running_mean, expected_mean)
+    torch.testing.assert_close(norm.running_var, expected_var)
+    assert norm.momentum == 0.1 and norm.num_batches_tracked == 4
+    assert model.training and norm.training and not model[1].training
+
+
+def test_the_weights_do_not_change_and_a_network_without_batchnorm_is_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k}
+    recalibrate_batchnorm(model, [torch.randn(4, 3, 8, 8)])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "1.num_batches_tracked")
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert recalibrate_batchnorm(plain, [torch.randn(4, 3, 8, 8)]) == 0
