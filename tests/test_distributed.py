@@ -398,8 +398,9 @@ RECIPE = {
 TRAINED = ("teacher", "distill", "prune", "quantize")
 # Top-1 (percentage points, 200 test images) of a 2-process run vs a 1-process run of RECIPE. Not
 # bit-identical: the data order differs (DistributedSampler) and BatchNorm normalises each rank's
-# half batch. Measured on seeds 0-4: see the README ("Multi-GPU and multi-node training").
-TOLERANCE = 6.0
+# half batch. Measured on seeds 0-4 (2026-11-30, prune with BatchNorm recalibration): at most 6.5
+# points (prune, seed 0), 4.5 elsewhere; see the README ("Multi-GPU and multi-node training").
+TOLERANCE = 8.0
 
 
 def write_recipe(folder: Path, **changes) -> Path:
