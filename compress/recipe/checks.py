@@ -129,14 +129,14 @@ def recipe_warnings(recipe: C.Recipe) -> list[str]:
 
 def check_references(recipe: C.Recipe) -> None:
     """Models, files, folders and the device the recipe names must exist before anything runs."""
-    from compress.models import MODELS
+    from compress.models import unknown_model
 
     resolve_device(recipe.device)
 
     for section in ("teacher", "student"):
-        name = getattr(recipe, section).model
-        if name not in MODELS:
-            raise RecipeError(f"{section}.model: {MODELS.unknown_message(name)}")
+        problem = unknown_model(getattr(recipe, section).model)
+        if problem is not None:
+            raise RecipeError(f"{section}.model: {problem}")
     check_layer_names(recipe)
     if recipe.data.path is not None and not _path_is(recipe.data.path, "exists", "data.path"):
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
