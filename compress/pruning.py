@@ -4,7 +4,9 @@ Removing a channel from one conv must remove it everywhere it flows: the BatchNo
 next conv's input, every branch of a residual add, the depthwise conv that mirrors it. Torch-
 Pruning's ``DependencyGraph`` finds those coupled groups and its pruner ranks and removes whole
 groups, so this module is glue (STYLE habit 4): importance by name, ignored layers by name, a
-MACs target reached progressively, and a pruned network saved as plain layer widths.
+MACs target reached progressively, and a pruned network saved as plain layer widths. A vision
+transformer (timm's ViT) loses whole attention heads and MLP width, never its token width
+(:func:`attention_heads`, :func:`bare_parameter_layers`).
 
 A pruned network is stored as ``structure_of(model)`` (ints per layer) next to its state_dict;
 ``apply_structure`` resizes a freshly built network to those widths, so loading never unpickles a
