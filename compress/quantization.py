@@ -263,7 +263,7 @@ def int8_refusal(model: nn.Module) -> str | None:
         name = getattr(model, "compress_name", type(model).__name__)
         return (
             f"{name} is a transformer: INT8 quantization covers CNNs (conv, linear, ReLU, add); "
-            "drop the quantize stage for it (distill, prune and export work)"
+            "drop the quantize stage for this student"
         )
     return None
 
