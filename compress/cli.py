@@ -532,7 +532,7 @@ def list_(what):
     from compress.formats import FORMATS
     from compress.int8_kernels import WEIGHT_RANGES
     from compress.losses import LOSSES
-    from compress.models import model_names
+    from compress.models import TIMM_NAMES, model_names
 
     formats = [
         f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}"
@@ -550,7 +550,7 @@ def list_(what):
         "stages": list(STAGE_KINDS),
         "losses": LOSSES.names(),
         "criteria": list(PRUNING_CRITERIA),
-        "models": model_names(),
+        "models": [*model_names(), TIMM_NAMES],
         "datasets": list(DATASET_KINDS),
         "formats": formats,
         "backends": backends,

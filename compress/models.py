@@ -1,9 +1,11 @@
-"""Model zoo: torchvision classifiers and the CIFAR ResNets, built by name, never pretrained.
+"""Model zoo: torchvision and timm classifiers and the CIFAR ResNets, built by name, never
+pretrained.
 
-Names are ``torchvision:<name>`` (any classification model torchvision knows) and
-``cifar:resnet8/14/20/32/44/56/110``. Weights are always random (``weights=None``): this machine has
-no internet, and a recipe that silently downloads would not be reproducible. Checkpoints are loaded
-with :func:`load_weights`, which only accepts plain tensors.
+Names are ``torchvision:<name>`` (any classification model torchvision knows),
+``cifar:resnet8/14/20/32/44/56/110`` and ``timm:<name>`` (any model timm knows; timm is an optional
+extra, imported on first use). Weights are always random (``weights=None``, ``pretrained=False``):
+this machine has no internet, and a recipe that silently downloads would not be reproducible.
+Checkpoints are loaded with :func:`load_weights`, which only accepts plain tensors.
 
 Example:
     >>> model = build_model("torchvision:resnet18", num_classes=10, cifar_stem=True)
@@ -13,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 from collections.abc import Callable
 
@@ -21,7 +24,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.compat import torchvision
-from compress.errors import ModelError
+from compress.errors import ModelError, first_line
 from compress.modes import evaluating
 from compress.registry import Registry
 
@@ -129,12 +132,26 @@ _register_cifar()
 
 
 def model_names() -> list[str]:
-    """Every name :func:`build_model` accepts, sorted.
+    """Every registered name :func:`build_model` accepts, sorted (``timm:`` names are not listed:
+    :data:`TIMM_NAMES` says what they are).
 
     Returns:
         Names such as ``"cifar:resnet56"`` and ``"torchvision:mobilenet_v2"``.
     """
     return MODELS.names()
+
+
+def unknown_model(name: str) -> str | None:
+    """Why ``name`` cannot be built (an unknown name, with close matches, or a missing timm
+    extra), or None when :func:`build_model` knows it. Recipes are checked with it before
+    anything runs."""
+    if name.startswith(TIMM_PREFIX):
+        try:
+            _timm_architecture(name)
+        except ModelError as exc:
+            return str(exc)
+        return None
+    return None if name in MODELS else MODELS.unknown_message(name)
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -150,32 +167,47 @@ def module_names(name: str) -> tuple[str, ...]:
 
 
 def build_model(
-    name: str, num_classes: int, cifar_stem: bool = False, in_channels: int = 3
+    name: str,
+    num_classes: int,
+    cifar_stem: bool = False,
+    in_channels: int = 3,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Build a randomly initialised classifier by name.
 
     Args:
-        name: A registered name, e.g. ``"torchvision:resnet18"`` or ``"cifar:resnet56"``.
+        name: A registered name, e.g. ``"torchvision:resnet18"`` or ``"cifar:resnet56"``, or
+            ``"timm:<name>"`` for any timm model (needs the timm extra).
         num_classes: Outputs of the classifier head.
         cifar_stem: Adapt an ImageNet-shaped network to small (32x32) inputs, whose ImageNet stem
-            would downsample 32x away before the first block. ResNets: ``conv1`` becomes a 3x3
-            stride-1 conv and the max-pool is removed. MobileNetV2/V3: the stem conv and the
-            first stride-2 depthwise conv get stride 1 (total downsampling 8 instead of 32), the
-            usual practice of CIFAR MobileNet ports such as kuangliu/pytorch-cifar and
-            Torch-Pruning's CIFAR benchmarks. Ignored for ``cifar:`` models, already CIFAR-shaped.
+            would downsample 32x away before the first block. ResNets (torchvision's and timm's):
+            the first stem conv gets stride 1 (a 7x7 one becomes 3x3) and the max-pool is
+            removed. MobileNetV2/V3 (and timm's MobileNets and EfficientNets): the stem conv and
+            the first stride-2 depthwise conv get stride 1 (total downsampling 8 instead of 32),
+            the usual practice of CIFAR MobileNet ports such as kuangliu/pytorch-cifar and
+            Torch-Pruning's CIFAR benchmarks. timm vision transformers: 4x4 patches
+            (:data:`VIT_CIFAR_PATCH`), as CIFAR ViTs use, instead of 16x16 ones that would leave
+            four tokens of a 32x32 image. Ignored for ``cifar:`` models, already CIFAR-shaped.
         in_channels: Input channels; anything but 3 replaces the first conv (ResNets and
-            MobileNets only).
+            MobileNets only; any timm model).
+        image_size: Side of the input images. Only timm vision transformers use it (their
+            position embedding has one entry per patch); with ``cifar_stem`` they need it.
 
     Returns:
         The model, in training mode, with ``compress_name`` set to ``"<name> (num_classes=K)"``
         for error messages.
 
     Raises:
-        ModelError: Unknown name (with close matches), or ``cifar_stem`` / ``in_channels`` asked
-            of an architecture we do not know how to adapt.
+        ModelError: Unknown name (with close matches), a ``timm:`` name without the timm extra,
+            or ``cifar_stem`` / ``in_channels`` asked of an architecture we do not know how to
+            adapt.
     """
     if num_classes < 1:
         raise ModelError(f"{name}: num_classes must be positive, got {num_classes}")
+    if name.startswith(TIMM_PREFIX):
+        model = _build_timm(name, num_classes, cifar_stem, in_channels, image_size)
+        model.compress_name = f"{name} (num_classes={num_classes})"
+        return model
     model = MODELS.get(name)(num_classes)
     if cifar_stem and not isinstance(model, CifarResNet):
         _adapt_cifar_stem(model, name)
@@ -244,6 +276,102 @@ def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> None:
             f"{name}: in_channels={in_channels} is only supported for ResNet and MobileNet models"
         )
     _replace_conv(*place, in_channels=in_channels)
+
+
+# --- timm --------------------------------------------------------------------------------------
+
+TIMM_PREFIX = "timm:"
+TIMM_EXTRA = "pip install -e '.[timm]'"
+TIMM_NAMES = f"{TIMM_PREFIX}<name>: any model timm knows, never pretrained (needs {TIMM_EXTRA})"
+VIT_CIFAR_PATCH = 4  # the patch side of CIFAR ViTs: 8x8 tokens of a 32x32 image
+# timm modules whose models are VisionTransformer: patch_size and img_size are arguments
+_TIMM_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+def _timm(name: str):
+    """timm, imported on first use: an optional extra, and seconds to import. torchvision is
+    imported first (through :mod:`compress.compat`, at the top of this module): timm imports it,
+    and on a CPU-only torch only our import of torchvision works."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"{name} needs the timm extra: {TIMM_EXTRA}") from None
+    return timm
+
+
+def _timm_architecture(name: str) -> str:
+    """The timm name behind ``timm:<name>``, checked against timm's registry."""
+    timm = _timm(name)
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = (
+            f" (did you mean {', '.join(repr(TIMM_PREFIX + c) for c in close)}?)" if close else ""
+        )
+        raise ModelError(
+            f"unknown model {name!r}{hint}; timm's names are listed by timm.list_models()"
+        )
+    return arch
+
+
+def _build_timm(
+    name: str, num_classes: int, cifar_stem: bool, in_channels: int, image_size: int | None
+) -> nn.Module:
+    timm = _timm(name)
+    arch = _timm_architecture(name)
+    options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+    vit = timm.models.model_entrypoint(arch).__module__ in _TIMM_VIT_MODULES
+    if vit:
+        options |= _vit_options(name, cifar_stem, image_size)
+    try:
+        model = timm.create_model(arch, **options)
+    except Exception as exc:  # timm asserts and raises many kinds of errors on bad arguments
+        raise ModelError(f"{name}: timm cannot build it ({first_line(exc)})") from None
+    if cifar_stem and not vit:
+        _adapt_timm_cifar_stem(model, name)
+    return model
+
+
+def _vit_options(name: str, cifar_stem: bool, image_size: int | None) -> dict:
+    """img_size (and with ``cifar_stem`` the patch size) of a timm ViT: its position embedding
+    has one entry per patch, fixed when it is built."""
+    if image_size is None:
+        if cifar_stem:
+            raise ModelError(
+                f"{name}: a vision transformer's position embedding is sized to its input; "
+                "cifar_stem needs image_size"
+            )
+        return {}
+    if cifar_stem and image_size % VIT_CIFAR_PATCH:
+        raise ModelError(
+            f"{name}: cifar_stem cuts images into {VIT_CIFAR_PATCH}x{VIT_CIFAR_PATCH} patches, so "
+            f"image_size must be a multiple of {VIT_CIFAR_PATCH}, got {image_size}"
+        )
+    return {"img_size": image_size} | ({"patch_size": VIT_CIFAR_PATCH} if cifar_stem else {})
+
+
+def _adapt_timm_cifar_stem(model: nn.Module, name: str) -> None:
+    """timm's ResNets (``conv1`` a conv or a deep stem, then ``maxpool``) and its
+    MobileNets/EfficientNets (``conv_stem``, then ``blocks``), as their torchvision twins."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.resnet import ResNet
+
+    if isinstance(model, ResNet) and isinstance(model.maxpool, nn.MaxPool2d):
+        if isinstance(model.conv1, nn.Conv2d):
+            _replace_conv(model, "conv1", kernel_size=3, stride=1, padding=1)
+        else:  # a deep stem: three 3x3 convs, the first one strided
+            model.conv1[0].stride = (1, 1)
+        model.maxpool = nn.Identity()
+    elif isinstance(model, EfficientNet | MobileNetV3):
+        model.conv_stem.stride = (1, 1)
+        _first_strided_depthwise(model.blocks, name).stride = (1, 1)
+    else:
+        raise ModelError(
+            f"{name}: cifar_stem is only known for timm ResNets (with a max-pool stem), "
+            "MobileNets/EfficientNets and vision transformers; set cifar_stem: false "
+            "(or pick one of those)"
+        )
 
 
 def classifier_key(model: nn.Module) -> str | None:

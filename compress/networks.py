@@ -24,6 +24,7 @@ def rebuild_network(
         num_classes=spec.num_classes,
         cifar_stem=spec.cifar_stem,
         in_channels=in_channels,
+        image_size=image_size,
     ).eval()
     prepare = None
     if spec.quantization is not None:

@@ -4,7 +4,9 @@ Removing a channel from one conv must remove it everywhere it flows: the BatchNo
 next conv's input, every branch of a residual add, the depthwise conv that mirrors it. Torch-
 Pruning's ``DependencyGraph`` finds those coupled groups and its pruner ranks and removes whole
 groups, so this module is glue (STYLE habit 4): importance by name, ignored layers by name, a
-MACs target reached progressively, and a pruned network saved as plain layer widths.
+MACs target reached progressively, and a pruned network saved as plain layer widths. A vision
+transformer (timm's ViT) loses whole attention heads and MLP width, never its token width
+(:func:`attention_heads`, :func:`bare_parameter_layers`).
 
 A pruned network is stored as ``structure_of(model)`` (ints per layer) next to its state_dict;
 ``apply_structure`` resizes a freshly built network to those widths, so loading never unpickles a
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -32,6 +36,7 @@ from compress.errors import SettingError, StageError
 from compress.models import count_params_macs
 from compress.modes import evaluating
 from compress.registry import load_entry
+from compress.weights import is_attention
 
 # With a MACs target the pruner takes this many small steps from 0 to max_layer_ratio and stops at
 # the first one that meets the target (Torch-Pruning's benchmarks' ``progressive_pruning``).
@@ -107,18 +112,33 @@ class ChannelPruner:
                 f"({cfg.max_layer_ratio}) of each layer; lower it or raise max_layer_ratio"
             )
         ignored = classifier_layers(model, num_classes) + matching_modules(model, cfg.ignore)
-        with evaluating(model):
-            self._pruner = tp.pruner.BasePruner(
-                model,
-                example_inputs,
-                load_entry(PRUNING_CRITERIA[cfg.criterion])(cfg),
-                global_pruning=cfg.global_ranking,
-                pruning_ratio=cfg.pruning_ratio if self.by_ratio else cfg.max_layer_ratio,
-                max_pruning_ratio=cfg.max_layer_ratio,
-                iterative_steps=rounds if self.by_ratio else PROGRESSIVE_STEPS,
-                ignored_layers=ignored,
-                round_to=cfg.round_to if cfg.round_to > 1 else None,
-            )
+        self._heads = attention_heads(model)
+        with evaluating(model), warnings.catch_warnings():
+            # Torch-Pruning warns that it would prune them; bare_parameter_layers sees it does not
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            self._pruner = self._build(ignored, rounds)
+            frozen = bare_parameter_layers(self._pruner, ignored)
+            if frozen:  # rebuilt, so that global ranking counts only the channels it may remove
+                self._pruner = self._build(ignored + frozen, rounds)
+
+    def _build(self, ignored: list[nn.Module], rounds: int) -> tp.pruner.BasePruner:
+        cfg = self.cfg
+        ratio = cfg.pruning_ratio if self.by_ratio else cfg.max_layer_ratio
+        return tp.pruner.BasePruner(
+            self.model,
+            self.example,
+            load_entry(PRUNING_CRITERIA[cfg.criterion])(cfg),
+            global_pruning=cfg.global_ranking,
+            pruning_ratio=ratio,
+            max_pruning_ratio=cfg.max_layer_ratio,
+            iterative_steps=rounds if self.by_ratio else PROGRESSIVE_STEPS,
+            ignored_layers=ignored,
+            round_to=cfg.round_to if cfg.round_to > 1 else None,
+            # whole heads go (scheduled by _schedule_heads): the heads left compute as before
+            num_heads={attention.qkv: attention.num_heads for attention in self._heads},
+            prune_num_heads=not cfg.global_ranking,
+            prune_head_dims=False,
+        )
 
     def prune(self, target_macs: int | None = None, gradient_fn: GradientFn | None = None) -> dict:
         """One round: the next step of ``pruning_ratio``, or small steps until
@@ -154,12 +174,37 @@ class ChannelPruner:
         return {"macs": macs, "params": params, "pruner_steps": self._pruner.current_step}
 
     def _step(self, gradient_fn: GradientFn | None) -> None:
+        self._schedule_heads()
         with evaluating(self.model):
             if self.cfg.criterion == "taylor":
                 self.model.zero_grad(set_to_none=True)
                 gradient_fn(self.model)
             self._pruner.step()
+        for attention in self._heads:  # its forward reshapes by the head count it holds
+            attention.num_heads = self._pruner.num_heads[attention.qkv]
+            if hasattr(attention, "attn_dim"):
+                attention.attn_dim = attention.num_heads * attention.head_dim
         self.model.zero_grad(set_to_none=True)  # Torch-Pruning slices stale gradients along
+
+    def _schedule_heads(self) -> None:
+        """Each attention's head count for the coming step: the fraction of the channels' ratio
+        reached in whole heads, at least one left.
+
+        Torch-Pruning removes ``ceil(ratio * heads now)`` heads at every step, which compounds
+        over iterative steps (and empties a 3-head attention in three); the ratio handed to it
+        here removes exactly the heads still to go.
+        """
+        pruner = self._pruner
+        if not self._heads or not pruner.prune_num_heads:
+            return
+        step = pruner.current_step + 1
+        ratio = min(pruner.per_step_pruning_ratio[step], self.cfg.max_layer_ratio)
+        for attention in self._heads:
+            now = pruner.num_heads[attention.qkv]
+            keep = max(1, math.ceil(pruner.init_num_heads[attention.qkv] * (1 - ratio) - 1e-9))
+            remove = max(0, now - keep)
+            share = (remove - 0.5) / now if remove else 0.0  # Torch-Pruning rounds it up
+            pruner.head_pruning_ratio_dict[attention.qkv] = [share] * (pruner.iterative_steps + 1)
 
     def _count(self) -> tuple[int, int]:
         _, channels, size, _ = self.example.shape
@@ -219,6 +264,39 @@ def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
         if (isinstance(m, nn.Linear) and m.out_features == num_classes)
         or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)
     ]
+
+
+def attention_heads(model: nn.Module) -> list[nn.Module]:
+    """Every multi-head attention whose heads are slices of one ``qkv`` Linear (timm's ViT
+    ``Attention``). Torch-Pruning removes whole heads of these (its ``num_heads``), never a
+    head's inner dimensions, which would change the softmax temperature of every head left."""
+    return [m for m in model.modules() if is_attention(m)]
+
+
+def bare_parameter_layers(pruner: tp.pruner.BasePruner, ignored: list[nn.Module]) -> list:
+    """The layers whose output channels also run through a parameter of no layer (a vision
+    transformer's class token and position embedding, a layer scale): they keep their width.
+
+    The stored widths (:func:`compress.weights.structure_of`) describe layers, not such
+    parameters, so a network pruned there could be saved but never rebuilt. For a ViT this
+    keeps the token width (the residual stream) and prunes the MLPs' hidden width and whole
+    attention heads, as Torch-Pruning's "bottleneck" ViT recipe does.
+    """
+    if not pruner.DG.unwrapped_parameters:
+        return []
+    frozen = []
+    for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        if any(isinstance(dep.target.module, nn.Parameter) for dep, _ in group):
+            frozen += [
+                dep.target.module
+                for dep, _ in group
+                if isinstance(dep.target.module, nn.Module)
+                and pruner.DG.is_out_channel_pruning_fn(dep.handler)
+                and dep.target.module not in ignored
+            ]
+    return frozen
 
 
 def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:

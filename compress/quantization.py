@@ -41,6 +41,7 @@ from compress.config import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.errors import SettingError, StageError
 from compress.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.records import QuantSpec
+from compress.weights import is_attention
 
 WEIGHT_QMIN, WEIGHT_QMAX = (
     -128,
@@ -219,12 +220,16 @@ def prepare_quantized(
     Raises:
         SettingError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is
             unknown.
-        StageError: ``torch.fx`` cannot trace the model.
+        StageError: ``torch.fx`` cannot trace the model, or it is a transformer
+            (:func:`int8_refusal`).
     """
     if target not in QUANT_TARGETS:
         raise SettingError(
             f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}"
         )
+    refusal = int8_refusal(model)
+    if refusal is not None:
+        raise StageError(refusal)
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:
         raise SettingError(
@@ -244,6 +249,23 @@ def prepare_quantized(
     with torch.no_grad():
         graph_module(example_inputs)
     return graph_module
+
+
+def int8_refusal(model: nn.Module) -> str | None:
+    """Why this pass cannot quantize ``model`` (one line), or None.
+
+    Its placement rules know CNNs: conv, linear, ReLU, add, pooling. A transformer (timm's ViT
+    attention, ``nn.MultiheadAttention``) traces, but its LayerNorm, GELU, softmax and
+    attention matmuls would stay float between quantized linears, and the QDQ graph does not
+    export; refused here rather than after calibration.
+    """
+    if any(is_attention(m) or isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        name = getattr(model, "compress_name", type(model).__name__)
+        return (
+            f"{name} is a transformer: INT8 quantization covers CNNs (conv, linear, ReLU, add); "
+            "drop the quantize stage for this student"
+        )
+    return None
 
 
 def skipped_layers(model: nn.Module, patterns: Sequence[str]) -> set[str]:

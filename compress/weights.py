@@ -217,24 +217,55 @@ def _listed_items(items: list[str]) -> list[str]:
 
 # --- pruned widths -------------------------------------------------------------------------------
 
-_FIELDS: dict[type, tuple[str, ...]] = {
-    nn.Conv2d: ("in_channels", "out_channels", "groups"),
-    nn.BatchNorm2d: ("num_features",),
-    nn.Linear: ("in_features", "out_features"),
-}
+# Layers whose widths pruning changes, and the widths stored for each (subclasses count: timm's
+# BatchNormAct2d is a BatchNorm2d, its LayerNorm2d a LayerNorm). A LayerNorm's width is its last
+# (only) normalised dimension.
+_FIELDS: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (nn.Conv2d, ("in_channels", "out_channels", "groups")),
+    (nn.BatchNorm2d, ("num_features",)),
+    (nn.Linear, ("in_features", "out_features")),
+    (nn.LayerNorm, ("normalized_shape",)),
+)
+_HEADS = ("num_heads",)
+
+
+def _fields(module: nn.Module) -> tuple[str, ...] | None:
+    """The widths stored for ``module``; None for a layer pruning does not resize."""
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        return None
+    if is_attention(module):
+        return _HEADS
+    return next((fields for kind, fields in _FIELDS if isinstance(module, kind)), None)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """A multi-head attention whose heads are slices of one ``qkv`` Linear (timm's ViT
+    ``Attention``): pruning whole heads changes its ``num_heads``, read by its forward."""
+    return (
+        isinstance(getattr(module, "qkv", None), nn.Linear)
+        and _positive_int(getattr(module, "num_heads", None))
+        and _positive_int(getattr(module, "head_dim", None))
+    )
+
+
+def _width(module: nn.Module, field: str) -> int:
+    value = getattr(module, field)
+    return int(value[-1] if field == "normalized_shape" else value)
 
 
 def structure_of(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The widths of every Conv2d, BatchNorm2d and Linear: what pruning changes, as plain ints.
+    """The widths of every Conv2d, BatchNorm2d, Linear and LayerNorm, and the head count of every
+    multi-head attention: what pruning changes, as plain ints.
 
     Returns:
         ``{module name: {field: int}}``, e.g. ``{"layer1.0.conv1": {"in_channels": 16,
-        "out_channels": 8, "groups": 1}}``; JSON-able and loadable with ``weights_only=True``.
+        "out_channels": 8, "groups": 1}}`` or ``{"blocks.0.attn": {"num_heads": 2}}``; JSON-able
+        and loadable with ``weights_only=True``.
     """
     return {
-        name: {f: int(getattr(module, f)) for f in _FIELDS[type(module)]}
+        name: {f: _width(module, f) for f in fields}
         for name, module in model.named_modules()
-        if type(module) in _FIELDS
+        if (fields := _fields(module)) is not None
     }
 
 
@@ -257,7 +288,7 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
     """
     for name, widths in structure.items():
         module = _module(model, name)
-        fields = _FIELDS.get(type(module))
+        fields = _fields(module)
         if fields is None:
             raise ModelError(
                 f"pruned structure: {name!r} is a {type(module).__name__}, not a layer whose width "
@@ -273,14 +304,14 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 f"{widths!r}"
             )
         grown = [
-            f for f in fields if f != "groups" and widths[f] > getattr(module, f)
+            f for f in fields if f != "groups" and widths[f] > _width(module, f)
         ]  # groups divide a width
         # pruning only removes channels: a wider layer is a corrupt or hostile file (and could
         # exhaust memory)
         if grown:
             raise ModelError(
                 f"pruned structure: {name!r} {grown[0]} {widths[grown[0]]} is wider than the "
-                f"unpruned layer's {getattr(module, grown[0])}"
+                f"unpruned layer's {_width(module, grown[0])}"
             )
         _resize(module, name, **widths)
     return model
@@ -318,6 +349,15 @@ def _resize(module: nn.Module, name: str, **widths: int) -> None:
         n = module.num_features = widths["num_features"]
         for tensor in ("weight", "bias", "running_mean", "running_var"):
             _replace(module, tensor, (n,))
+    elif isinstance(module, nn.LayerNorm):
+        n = widths["normalized_shape"]
+        module.normalized_shape = (n,)
+        for tensor in ("weight", "bias"):
+            _replace(module, tensor, (n,))
+    elif "num_heads" in widths:  # the qkv and output Linears are resized as layers of their own
+        module.num_heads = widths["num_heads"]
+        if hasattr(module, "attn_dim"):  # timm >= 1.0.x reshapes the heads' output with it
+            module.attn_dim = module.num_heads * module.head_dim
     else:
         module.in_features, module.out_features = widths["in_features"], widths["out_features"]
         _replace(module, "weight", (module.out_features, module.in_features))

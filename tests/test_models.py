@@ -1,12 +1,17 @@
-"""Model zoo: building by name, CIFAR stems, parameter counts, and safe checkpoint loading."""
+"""Model zoo: building by name, CIFAR stems, parameter counts, the timm extra's absence, and safe
+checkpoint loading (timm models themselves: test_timm.py)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+import yaml
+from conftest import DIGITS_BASE
 
-from compress.errors import ModelError
-from compress.models import build_model, count_params_macs, model_names
+from compress.errors import ModelError, RecipeError
+from compress.models import build_model, count_params_macs, model_names, unknown_model
 from compress.weights import load_weights
 
 TORCHVISION = [
@@ -117,6 +122,21 @@ def test_unsupported_adaptations_raise():
 def test_unknown_name_suggests_close_matches():
     with pytest.raises(ModelError, match=r"did you mean 'torchvision:resnet18'"):
         build_model("torchvision:resnet81", 10)
+
+
+def test_without_the_extra_a_timm_name_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    expected = "timm:resnet10t needs the timm extra: pip install -e '.[timm]'"
+    with pytest.raises(ModelError) as info:
+        build_model("timm:resnet10t", 10)
+    assert str(info.value) == expected
+    assert unknown_model("timm:resnet10t") == expected and unknown_model("cifar:resnet8") is None
+    from compress.recipe.load import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(DIGITS_BASE | {"student": {"model": "timm:resnet10t"}}))
+    with pytest.raises(RecipeError, match=r"^student\.model: timm:resnet10t needs the timm extra"):
+        load_recipe(path)
 
 
 @pytest.mark.parametrize("wrap", [None, "state_dict", "model"])

@@ -40,6 +40,7 @@ def build_network(ctx: RunContext, spec: NetworkSpec) -> torch.nn.Module:
         num_classes=spec.num_classes,
         cifar_stem=spec.cifar_stem,
         in_channels=ctx.data.in_channels,
+        image_size=ctx.data.image_size,
     )
     return model.to(ctx.device)
 

@@ -193,7 +193,7 @@ def check_rebuildable(
 ) -> None:
     """Fail now, not at the next load, if the saved widths cannot rebuild this network.
 
-    Torch-Pruning may also shrink layers :func:`structure_of` does not record (e.g. LayerNorm);
+    Torch-Pruning may also shrink layers :func:`structure_of` does not record (e.g. GroupNorm);
     such a network would save fine and never load again.
     """
     fresh = apply_structure(build_network(ctx, network), structure).state_dict()
