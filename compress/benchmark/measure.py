@@ -15,7 +15,7 @@ from compress.errors import CompressError, DataError, ExportError, ModelError
 from compress.exporters.onnx.export import META_MEAN, META_STD
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.exporters.onnx.verify import open_session
-from compress.formats import FORMATS, format_of_file
+from compress.formats import ONNX_FORMATS, format_of_file
 from compress.records import STAGE_RECORD, StageRecord
 
 TestData = tuple[np.ndarray, np.ndarray]
@@ -200,11 +200,6 @@ def _bench(
 
 
 CHECKPOINT = "checkpoint"  # a stage folder (or its stage.json): what the PyTorch backends measure
-
-
-ONNX_FORMATS = tuple(
-    name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx"
-)  # ONNX Runtime runs these; accuracy is measured on them
 
 
 def int8_portable(path: Path, metadata: dict[str, str]) -> bool | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from compress.artifacts import STAGE_RECORD, Artifact
 from compress.bench_backends import BACKENDS
 from compress.benchmark.compare import BenchTarget, backend_runs, bench_models
-from compress.benchmark.measure import ONNX_FORMATS, artifact_format, describe_artifact
+from compress.benchmark.measure import artifact_format, describe_artifact
 from compress.benchmark.ratios import compare
 from compress.benchmark.table import write_bench
 from compress.config import BenchConfig, DataConfig
@@ -18,6 +18,7 @@ from compress.context import RunContext
 from compress.data.load import detect_kind, load_dataset
 from compress.data.loaders import test_arrays
 from compress.errors import DataError, StageError
+from compress.formats import ONNX_FORMATS
 
 
 def bench(cfg: BenchConfig, ctx: RunContext) -> Artifact:
