@@ -135,7 +135,12 @@ def test_tolerances_from_the_command_line(tmp_path):
 
 def test_accuracy_better_and_faster_pass():
     current = planted("student", top1=94.0, p50_ms=0.2, file_bytes=900_000)
-    assert all(r.passed for r in check(current, BASELINE, GatesConfig()))
+    assert all(
+        r.passed
+        for r in check(
+            BenchResult.from_json(current), BenchResult.from_json(BASELINE), GatesConfig()
+        )
+    )
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"rows": [{"no_role": 1}]}'])
@@ -158,7 +163,7 @@ def test_run_folder_and_bench_folder_are_accepted(tmp_path):
     assert (
         load_bench_result(tmp_path / "run")
         == load_bench_result(tmp_path / "run" / "bench")
-        == BASELINE
+        == BenchResult.from_json(BASELINE)
     )
 
 
@@ -204,6 +209,7 @@ def test_committed_bench_results_read_back_into_the_same_file(name):
     raw = json.loads((BENCHMARKS / name).read_text())
     result = BenchResult.from_json(raw)
     assert json.dumps(result.to_json()) == json.dumps(raw)  # same keys, values and key order
+    assert all(r.passed for r in check(result, result, GatesConfig()))
 
 
 def test_keys_missing_from_an_old_file_read_as_none_and_unknown_keys_are_ignored():
@@ -229,3 +235,4 @@ def test_keys_missing_from_an_old_file_read_as_none_and_unknown_keys_are_ignored
     assert teacher.model_name == "teacher" and teacher.latency[0].cv is None
     assert teacher.latency[0].latency_ms.p95 is None and teacher.p50_ms(1) > 0
     assert result.to_json() == old  # what an old file holds, it writes back; nothing more
+    assert all(r.passed for r in check(result, result, GatesConfig()))
