@@ -17,14 +17,13 @@ top-1 in percent on the 10,000 test images, latencies ONNX Runtime CPU with 1 th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import yaml
 
-from compress.benchmark.ratios import p50_ms
+from compress.benchmark.rows import BenchResult
 from compress.fileio import write_json_atomic
 from compress.machine import machine_info
 from compress.pipeline import run
@@ -131,12 +130,8 @@ def summarise(
     teacher, distill, prune, quantize = (
         artifacts[name].metrics for name in ("teacher", "distill", "prune", "quantize")
     )
-    bench = json.loads(artifacts["bench"].files["json"].read_text())
-    rows = {
-        row["role"]: row
-        for row in bench["rows"]
-        if row.get("group", "onnxruntime") == bench["groups"][0]
-    }
+    bench = BenchResult.read(artifacts["bench"].files["json"])
+    teacher_row, student_row = bench.row("teacher"), bench.row("student")  # the headline group
     machine = machine_info()
     return {
         "machine": {
@@ -170,12 +165,12 @@ def summarise(
             "ptq_top1": quantize["ptq_top1"],
         },
         "bench": {
-            "teacher_p50_ms_b1": p50_ms(rows["teacher"], 1),
-            "student_p50_ms_b1": p50_ms(rows["student"], 1),
-            "speedup_b1": p50_ms(rows["teacher"], 1) / p50_ms(rows["student"], 1),
-            "speedup_b64": p50_ms(rows["teacher"], 64) / p50_ms(rows["student"], 64),
-            "teacher_onnx_top1": rows["teacher"]["top1"],
-            "student_onnx_top1": rows["student"]["top1"],
+            "teacher_p50_ms_b1": teacher_row.p50_ms(1),
+            "student_p50_ms_b1": student_row.p50_ms(1),
+            "speedup_b1": teacher_row.p50_ms(1) / student_row.p50_ms(1),
+            "speedup_b64": teacher_row.p50_ms(64) / student_row.p50_ms(64),
+            "teacher_onnx_top1": teacher_row.top1,
+            "student_onnx_top1": student_row.top1,
         },
         "wall_s": {"recipe": round(recipe_seconds, 1), "benchmark": round(benchmark_seconds, 1)},
     }

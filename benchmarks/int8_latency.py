@@ -19,7 +19,7 @@ import torch
 
 from compress.artifacts import Artifact
 from compress.benchmark.compare import bench_models
-from compress.benchmark.ratios import p50_ms
+from compress.benchmark.rows import BenchRow
 from compress.config import BenchConfig
 from compress.context import RunContext
 from compress.data.loaders import test_arrays
@@ -72,9 +72,9 @@ def main() -> None:
             bench = bench_models(files, cfg, test_data, reference="fp32")
             results[stage] = {
                 "model": artifact.network.model,
-                "rows": bench["rows"],
-                "ratios": bench["ratios"]["int8"],
-                "agreement": bench["agreement"],
+                "rows": [row.to_json() for row in bench.rows],
+                "ratios": bench.ratios["int8"].to_json(),
+                "agreement": bench.agreement,
             }
     record = {
         "run": str(args.run_dir),
@@ -146,14 +146,13 @@ def table(record: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for stage, r in record["results"].items():
-        rows = {row["role"]: row for row in r["rows"]}
-        p50 = {role: p50_ms(row, 1) for role, row in rows.items()}
-        ratios = r["ratios"]
+        rows = {row.role: row for row in map(BenchRow.from_json, r["rows"])}  # as written
+        fp32, int8, ratios = rows["fp32"], rows["int8"], r["ratios"]
         lines.append(
-            f"| {stage} | {r['model']} | {p50['fp32']:.3f} | {p50['int8']:.3f} | "
+            f"| {stage} | {r['model']} | {fp32.p50_ms(1):.3f} | {int8.p50_ms(1):.3f} | "
             f"{ratios['speedup_b1']:.2f}x | {ratios['speedup_throughput']:.2f}x | "
-            f"{ratios['size_reduction']:.2f}x | {rows['fp32']['top1']:.2f} / "
-            f"{rows['int8']['top1']:.2f} | {100 * r['agreement']['int8']['fp32']:.1f}% |"
+            f"{ratios['size_reduction']:.2f}x | {fp32.top1:.2f} / {int8.top1:.2f} | "
+            f"{100 * r['agreement']['int8']['fp32']:.1f}% |"
         )
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ import torch
 
 from compress.artifacts import Artifact
 from compress.benchmark.compare import bench_models
-from compress.benchmark.ratios import p50_ms
+from compress.benchmark.rows import BenchResult
 from compress.config import BenchConfig, LossConfig, QuantizeConfig
 from compress.context import RunContext
 from compress.data.loaders import test_arrays
@@ -215,21 +215,22 @@ def export_settings(ctx: RunContext):
     )
 
 
-def summarise(args, recipe, source: Artifact, runs: dict, bench: dict, wall_s: float) -> dict:
-    rows = {row["role"]: row for row in bench["rows"]}
-    fp32 = rows["fp32"]
+def summarise(
+    args, recipe, source: Artifact, runs: dict, bench: BenchResult, wall_s: float
+) -> dict:
+    fp32 = bench.row("fp32")
     results = {}
     for label, run in runs.items():
-        row = rows[label]
+        row = bench.row(label)
         results[label] = run | {
-            "onnx_top1": row.get("top1"),
-            "onnx_top1_delta": None if row.get("top1") is None else row["top1"] - fp32["top1"],
-            "p50_ms_b1": p50_ms(row, 1),
-            "p50_ms_b64": p50_ms(row, 64),
-            "speedup_b1": ratio(p50_ms(fp32, 1), p50_ms(row, 1)),
-            "speedup_b64": ratio(p50_ms(fp32, 64), p50_ms(row, 64)),
-            "agreement_with_fp32_onnx": bench["agreement"].get(label, {}).get("fp32"),
-            "status": row["status"],
+            "onnx_top1": row.top1,
+            "onnx_top1_delta": None if row.top1 is None else row.top1 - fp32.top1,
+            "p50_ms_b1": row.p50_ms(1),
+            "p50_ms_b64": row.p50_ms(64),
+            "speedup_b1": ratio(fp32.p50_ms(1), row.p50_ms(1)),
+            "speedup_b64": ratio(fp32.p50_ms(64), row.p50_ms(64)),
+            "agreement_with_fp32_onnx": bench.agreement.get(label, {}).get("fp32"),
+            "status": row.status,
         }
     return {
         "run": str(args.run_dir),
@@ -237,12 +238,12 @@ def summarise(args, recipe, source: Artifact, runs: dict, bench: dict, wall_s: f
         "network": source.stage,
         "model": source.network.model,
         "fp32": {
-            "onnx_top1": fp32.get("top1"),
-            "p50_ms_b1": p50_ms(fp32, 1),
-            "p50_ms_b64": p50_ms(fp32, 64),
+            "onnx_top1": fp32.top1,
+            "p50_ms_b1": fp32.p50_ms(1),
+            "p50_ms_b64": fp32.p50_ms(64),
         },
         "results": results,
-        "eval_samples": fp32.get("eval_samples"),
+        "eval_samples": fp32.eval_samples,
         "wall_s": round(wall_s, 1),
         "machine": machine_info(),
         "versions": versions(),

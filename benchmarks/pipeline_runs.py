@@ -10,11 +10,10 @@ speed-up, size) and writes ``benchmarks/results/<name>.json`` with the machine d
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from compress.benchmark.ratios import p50_ms
+from compress.benchmark.rows import BenchResult
 from compress.fileio import write_json_atomic
 from compress.machine import machine_info, versions
 from compress.pipeline import run
@@ -52,8 +51,7 @@ def main() -> None:
 def summarise(name, recipe_file, overrides, artifacts, wall_s) -> dict:
     """The run's numbers: PyTorch accuracy per model stage, and the bench rows of every ONNX
     file."""
-    bench = json.loads(artifacts["bench"].files["json"].read_text())
-    rows = {row["role"]: row for row in bench["rows"]}
+    bench = BenchResult.read(artifacts["bench"].files["json"])
 
     stages = {
         stage: {key: a.metrics.get(key) for key in STAGE_KEYS if key in a.metrics}
@@ -61,14 +59,14 @@ def summarise(name, recipe_file, overrides, artifacts, wall_s) -> dict:
         if "top1" in a.metrics
     }
     onnx = {
-        role: {
-            "top1": row.get("top1"),
-            "p50_b1_ms": p50_ms(row, 1),
-            "file_bytes": row["file_bytes"],
-            "params": row["params"],
-            "macs": row["macs"],
+        row.role: {
+            "top1": row.top1,
+            "p50_b1_ms": row.p50_ms(1),
+            "file_bytes": row.file_bytes,
+            "params": row.params,
+            "macs": row.macs,
         }
-        for role, row in rows.items()
+        for row in bench.rows
     }
     return {
         "name": name,
@@ -76,8 +74,8 @@ def summarise(name, recipe_file, overrides, artifacts, wall_s) -> dict:
         "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         "stages": stages,
         "onnx": onnx,
-        "test_samples": rows["student"]["eval_samples"],
-        "ratios": bench["ratios"],
+        "test_samples": bench.row("student").eval_samples,
+        "ratios": bench.to_json()["ratios"],
         "headline": artifacts["bench"].metrics,
         "stage_seconds": {stage: round(a.seconds, 1) for stage, a in artifacts.items()},
         "wall_s": round(wall_s, 1),

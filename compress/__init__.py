@@ -24,6 +24,7 @@ _PUBLIC = {
     "TrainConfig": "compress.config",
     "MixConfig": "compress.config",
     "build_model": "compress.models",
+    "BenchResult": "compress.benchmark.rows",
     # the recipe pipeline
     "load_recipe": "compress.recipe.load",
     "run": "compress.pipeline",

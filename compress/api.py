@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from compress.config import BenchConfig, ExportConfig, LossConfig, MixConfig, Pr
 from compress.losses import LOSSES
 from compress.records import QuantSpec
 from compress.train_loop import EpochLog
+
+if TYPE_CHECKING:
+    from compress.benchmark.rows import BenchResult
 
 
 def loss(name: str = "kd", *, weight: float = 1.0, **params: Any) -> LossConfig:
@@ -245,7 +248,7 @@ def bench(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     **settings: Any,
-) -> dict:
+) -> BenchResult:
     """Measure exported files side by side: latency per batch size, memory, size and, with
     ``data``, top-1 and agreement between the models; ratios against ``reference`` (default: the
     first model).
@@ -258,8 +261,10 @@ def bench(
             ``batch_size``, ``threads``, ``iterations``, ...).
 
     Returns:
-        The result :func:`compress.benchmark.table.bench_table_markdown` prints and
-        ``compress check`` gates.
+        A typed result: ``result.rows`` (one :class:`~compress.benchmark.rows.BenchRow` per
+        model, e.g. ``row.top1``, ``row.p50_ms(1)``), ``result.ratios[name]`` against the
+        reference; ``result.to_json()`` is the ``bench.json`` that ``compress check`` gates,
+        :func:`compress.benchmark.table.bench_table_markdown` the table.
     """
     from compress.benchmark.compare import bench_models
 

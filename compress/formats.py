@@ -169,4 +169,8 @@ register_format(
     )
 )
 
-__all__ = ["FORMATS", "ExportFormat", "format_of_file", "register_format"]
+ONNX_FORMATS = tuple(
+    name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx"
+)  # ONNX Runtime runs these; the bench measures accuracy on them
+
+__all__ = ["FORMATS", "ONNX_FORMATS", "ExportFormat", "format_of_file", "register_format"]

@@ -17,13 +17,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.benchmark.ratios import p50_ms, reference_row, row_model
+from compress.benchmark.ratios import reference_row
+from compress.benchmark.rows import BenchResult, BenchRow
 from compress.config import GatesConfig
 from compress.errors import DataError
 
@@ -51,7 +50,7 @@ class GateResult:
         return self.status == "PASS" or (self.status == "SKIPPED" and self.allow_missing)
 
 
-def load_bench_result(path: str | Path) -> dict:
+def load_bench_result(path: str | Path) -> BenchResult:
     """A ``bench.json``: given as the file, its ``bench/`` folder, or the run folder.
 
     Raises:
@@ -60,66 +59,15 @@ def load_bench_result(path: str | Path) -> dict:
     path = Path(path)
     for candidate in (path, path / "bench.json", path / "bench" / "bench.json"):
         if candidate.is_file():
-            path = candidate
-            break
-    else:
-        raise DataError(
-            f"{path}: no bench result here (expected bench.json, its bench/ folder or the run "
-            "folder)"
-        )
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a JSON bench result ({type(exc).__name__})") from None
-    if (
-        not isinstance(result, dict)
-        or not isinstance(result.get("rows"), list)
-        or not all(isinstance(r, dict) and "role" in r for r in result["rows"])
-    ):
-        raise DataError(
-            f"{path}: not a bench result (expected an object with a list of 'rows', as compress "
-            "bench writes)"
-        )
-    for row in result["rows"]:
-        _check_numbers(row, path)
-    return result
+            return BenchResult.read(candidate)
+    raise DataError(
+        f"{path}: no bench result here (expected bench.json, its bench/ folder or the run folder)"
+    )
 
 
-def _check_numbers(row: dict, path: Path) -> None:
-    """Every number a gate reads must be a finite number or absent: a hand-edited ``"NaN"`` or
-    ``"fast"`` is a one-line error, not a crash or a silent pass."""
-    values = {"top1": row.get("top1"), "file_bytes": row.get("file_bytes")}
-    latency = row.get("latency")
-    if latency is not None and not isinstance(latency, list):
-        raise DataError(f"{path}: rows[{row['role']!r}].latency is not a list of batch entries")
-    for entry in latency or []:
-        if not isinstance(entry, dict):
-            raise DataError(
-                f"{path}: rows[{row['role']!r}].latency holds {entry!r}, not a batch entry"
-            )
-        latency_ms = entry.get("latency_ms")
-        if latency_ms is not None and not isinstance(latency_ms, dict):
-            raise DataError(
-                f"{path}: rows[{row['role']!r}].latency_ms is {latency_ms!r}, not a mapping of "
-                "percentiles"
-            )
-        values[f"latency[batch {entry.get('batch_size')}].p50"] = (latency_ms or {}).get("p50")
-    for name, value in values.items():
-        if value is None:
-            continue
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise DataError(
-                f"{path}: rows[{row['role']!r}].{name} is {value!r}, not a finite non-negative "
-                "number"
-            )
-
-
-def check(current: dict, baseline: dict | None, gates: GatesConfig) -> list[GateResult]:
+def check(
+    current: BenchResult, baseline: BenchResult | None, gates: GatesConfig
+) -> list[GateResult]:
     """Every gate of every model of the baseline, against the current result, then the floors.
 
     A model of the baseline that is missing from the current result, or whose current row
@@ -135,10 +83,10 @@ def check(current: dict, baseline: dict | None, gates: GatesConfig) -> list[Gate
     return results
 
 
-def _int8_agreement(current: dict, floor: float) -> GateResult:
+def _int8_agreement(current: BenchResult, floor: float) -> GateResult:
     """The INT8 student's top-1 agreement with the float student it came from, on the test split
     (both exported files through ONNX Runtime): quantization must not change the predictions."""
-    value = (current.get("agreement") or {}).get("student", {}).get("student_fp32")
+    value = (current.agreement or {}).get("student", {}).get("student_fp32")
     limit = f">= {100 * floor:g}%"
     if value is None:
         return GateResult(
@@ -161,37 +109,32 @@ def _int8_agreement(current: dict, floor: float) -> GateResult:
     )
 
 
-def _compare(current: dict, baseline: dict, gates: GatesConfig) -> list[GateResult]:
+def _compare(current: BenchResult, baseline: BenchResult, gates: GatesConfig) -> list[GateResult]:
     relative = gates.latency == "relative" or (
         gates.latency == "auto" and _has_reference(current) and _has_reference(baseline)
     )
-    rows = {row["role"]: row for row in current["rows"]}
     results = []
-    for base in baseline["rows"]:
-        model, row = base["role"], rows.get(base["role"])
-        if row is None or row.get("status") != "ok":
-            why = "missing" if row is None else f"error: {row.get('error')}"
+    for base in baseline.rows:
+        model, row = base.role, current.row(base.role)
+        if row is None or not row.ok:
+            why = "missing" if row is None else f"error: {row.error}"
             results.append(GateResult(model, "status", None, None, why, "ok", "FAIL"))
             continue
         results.append(_accuracy(model, base, row, gates))
         if not (
-            relative and row_model(base) == current.get("reference")
+            relative and base.model_name == current.reference
         ):  # the reference is the yardstick itself
             results.append(_latency(model, base, row, baseline, current, gates, relative))
         results.append(
             _growth(
-                model,
-                "file size (bytes)",
-                base.get("file_bytes"),
-                row.get("file_bytes"),
-                gates.max_size_increase,
+                model, "file size (bytes)", base.file_bytes, row.file_bytes, gates.max_size_increase
             )
         )
     return [dataclasses.replace(r, allow_missing=gates.allow_missing) for r in results]
 
 
-def _accuracy(model: str, base: dict, row: dict, gates: GatesConfig) -> GateResult:
-    before, after = base.get("top1"), row.get("top1")
+def _accuracy(model: str, base: BenchRow, row: BenchRow, gates: GatesConfig) -> GateResult:
+    before, after = base.top1, row.top1
     limit = f">= -{gates.max_accuracy_drop:g} pts"
     if before is None:
         return GateResult(model, "top-1 (%)", None, after, "not in baseline", limit, "SKIPPED")
@@ -213,9 +156,9 @@ def _latency(model, base, row, baseline, current, gates, relative) -> GateResult
     if relative:
         before = _relative_p50(base, baseline)
         after = _relative_p50(row, current)
-        metric = f"p50 batch 1 / {current.get('reference')}'s"
+        metric = f"p50 batch 1 / {current.reference}'s"
     else:
-        before, after, metric = p50_ms(base, 1), p50_ms(row, 1), "p50 batch 1 (ms)"
+        before, after, metric = base.p50_ms(1), row.p50_ms(1), "p50 batch 1 (ms)"
     return _growth(model, metric, before, after, gates.max_latency_increase)
 
 
@@ -245,45 +188,48 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def different_networks(current: dict, baseline: dict) -> list[str]:
+def different_networks(current: BenchResult, baseline: BenchResult) -> list[str]:
     """One warning per model whose network differs between the two results (parameters, MACs or
     input shape): gating a different architecture or recipe against this baseline is allowed,
     but should not go unnoticed."""
-    rows = {row["role"]: row for row in current["rows"]}
     warnings = []
-    for base in baseline["rows"]:
-        row = rows.get(base["role"])
+    for base in baseline.rows:
+        row = current.row(base.role)
         if row is None:
             continue
         changed = [
-            key
-            for key in ("params", "macs", "input_shape")
-            if base.get(key) is not None and row.get(key) is not None and base[key] != row[key]
+            f"{name} {_shown(before)} -> {_shown(after)}"
+            for name, before, after in (
+                ("params", base.params, row.params),
+                ("macs", base.macs, row.macs),
+                ("input_shape", base.input_shape, row.input_shape),
+            )
+            if before is not None and after is not None and before != after
         ]
         if changed:
-            what = ", ".join(f"{key} {base[key]} -> {row[key]}" for key in changed)
             warnings.append(
-                f"warning: {base['role']} is a different network than in the baseline ({what}); is "
-                "this the right baseline?"
+                f"warning: {base.role} is a different network than in the baseline "
+                f"({', '.join(changed)}); is this the right baseline?"
             )
     return warnings
 
 
-def _relative_p50(row: dict, result: dict) -> float | None:
+def _shown(value):
+    """A value as the JSON file shows it (an input shape as a list)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _relative_p50(row: BenchRow, result: BenchResult) -> float | None:
     """Batch-1 p50 of a row over that of the reference model measured the same way (same
     backend)."""
-    ours, theirs = (
-        p50_ms(row, 1),
-        p50_ms(reference_row(result["rows"], row, result.get("reference")), 1),
-    )
+    ref = reference_row(result.rows, row, result.reference)
+    ours, theirs = row.p50_ms(1), ref.p50_ms(1) if ref else None
     return ours / theirs if ours and theirs else None
 
 
-def _has_reference(result: dict) -> bool:
+def _has_reference(result: BenchResult) -> bool:
     return any(
-        p50_ms(row, 1) is not None
-        for row in result["rows"]
-        if row_model(row) == result.get("reference")
+        row.p50_ms(1) is not None for row in result.rows if row.model_name == result.reference
     )
 
 

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from compress.artifacts import Artifact
-from compress.benchmark.ratios import p50_ms
+from compress.benchmark.rows import BenchResult
 from compress.errors import DataError, ModelError
 from compress.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from compress.records import STAGE_RECORD, StageRecord
@@ -115,7 +114,8 @@ def build_report(run_dir: Path) -> dict:
     records = _stage_records(run_dir)
     if not records:
         raise DataError(f"{run_dir}: no completed stage (no */stage.json); run the recipe first")
-    bench = _bench_rows(run_dir, records)
+    result = _bench_result(run_dir)
+    bench = _bench_rows(result, records) if result is not None else {}
     models = []
     for record in records:
         metrics = record.metrics
@@ -140,39 +140,42 @@ def build_report(run_dir: Path) -> dict:
         "run": run_dir.name,
         "models": models,
         "pareto": pareto_front(models),
-        "more": _other_measurements(run_dir),
+        "more": _other_measurements(result) if result is not None else [],
     }
 
 
-def _other_measurements(run_dir: Path) -> list[dict]:
+def _bench_result(run_dir: Path) -> BenchResult | None:
+    """The run's ``bench.json``; None before the bench stage ran.
+
+    Raises:
+        DataError: the file is there but is not a bench result.
+    """
+    path = run_dir / "bench" / "bench.json"
+    return BenchResult.read(path) if path.is_file() else None
+
+
+def _other_measurements(result: BenchResult) -> list[dict]:
     """The bench rows beyond the headline group: other formats (FP16 ONNX, engines) and
     backends (PyTorch, CUDA providers), each with the speed-up over the teacher measured alike."""
-    try:
-        result = json.loads((run_dir / "bench" / "bench.json").read_text())
-    except (OSError, ValueError):
-        return []
-    groups = result.get("groups") or []
+    groups = result.groups or []
     more = []
-    for row in result.get("rows", []):
-        if not groups or row.get("group") in (None, groups[0]):
+    for row in result.rows:
+        if not groups or row.group in (None, groups[0]):
             continue
-        widest = max(
-            (b for b in row.get("latency") or [] if b.get("status") == "ok"),
-            key=lambda b: b["batch_size"],
-            default=None,
-        )
+        widest = row.widest()
+        ratios = result.ratios.get(row.role)
         more.append(
             {
-                "model": row.get("model", row["role"]),
-                "group": row["group"],
-                "status": row.get("status"),
-                "error": row.get("error"),
-                "file": Path(row.get("path", "")).name,
-                "top1": row.get("top1"),
-                "file_bytes": row.get("file_bytes"),
-                "p50_b1_ms": p50_ms(row, 1),
-                "throughput_ips": widest["throughput_ips"] if widest else None,
-                "speedup_b1": (result.get("ratios", {}).get(row["role"]) or {}).get("speedup_b1"),
+                "model": row.model_name,
+                "group": row.group,
+                "status": row.status,
+                "error": row.error,
+                "file": Path(row.path or "").name,
+                "top1": row.top1,
+                "file_bytes": row.file_bytes,
+                "p50_b1_ms": row.p50_ms(1),
+                "throughput_ips": widest.throughput_ips if widest else None,
+                "speedup_b1": ratios.speedup_b1 if ratios else None,
             }
         )
     return more
@@ -201,30 +204,24 @@ def _stage_records(run_dir: Path) -> list[StageRecord]:
     return ranked + [r for name, r in sorted(records.items()) if name not in order]
 
 
-def _bench_rows(run_dir: Path, records: list[StageRecord]) -> dict[str, dict]:
+def _bench_rows(result: BenchResult, records: list[StageRecord]) -> dict[str, dict]:
     """Stage name -> what the bench measured on the ONNX file holding that stage's network."""
     export = next((r for r in records if r.kind == "export"), None)
-    bench_path = run_dir / "bench" / "bench.json"
-    if export is None or not bench_path.is_file():
+    if export is None:
         return {}
-    rows = {row["role"]: row for row in json.loads(bench_path.read_text()).get("rows", [])}
     measured = {}
     for role, check in export.metrics.items():
-        row, stage = rows.get(role), _exported_stage(role, check, records)
-        if stage is None or row is None or row.get("status") != "ok":
+        row, stage = result.row(role), _exported_stage(role, check, records)
+        if stage is None or row is None or not row.ok:
             continue
-        widest = max(
-            (b for b in row.get("latency", []) if b.get("status") == "ok"),
-            key=lambda b: b["batch_size"],
-            default=None,
-        )
+        widest = row.widest()
         measured[stage] = {
             "file": f"{role}.onnx",
-            "top1": row.get("top1"),
-            "file_bytes": row.get("file_bytes"),
-            "p50_b1_ms": p50_ms(row, 1),
-            "throughput_ips": widest["throughput_ips"] if widest else None,
-            "throughput_batch": widest["batch_size"] if widest else None,
+            "top1": row.top1,
+            "file_bytes": row.file_bytes,
+            "p50_b1_ms": row.p50_ms(1),
+            "throughput_ips": widest.throughput_ips if widest else None,
+            "throughput_batch": widest.batch_size if widest else None,
         }
     return measured
 

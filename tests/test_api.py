@@ -51,9 +51,9 @@ def test_the_readme_library_example_runs_end_to_end(tmp_path, monkeypatch, capsy
         and qmodel.quant_spec.weight_range == "pair-limit"
     )
     # the bench measured both files on the held-out digits, and the INT8 student stayed accurate
-    rows = {row["role"]: row for row in result["rows"]}
-    assert rows["teacher"]["top1"] > 90.0 and rows["student"]["top1"] > 85.0
-    assert all(row["status"] == "ok" for row in rows.values())
+    teacher, student = result.row("teacher"), result.row("student")
+    assert teacher.top1 > 90.0 and student.top1 > 85.0
+    assert teacher.ok and student.ok and student.p50_ms(1) > 0
     assert (tmp_path / "teacher.onnx").is_file() and (tmp_path / "student.onnx").is_file()
     assert "portable: True" in capsys.readouterr().out
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import run_cli as compress
 
+from compress.benchmark.rows import BenchResult
+
 pytestmark = pytest.mark.slow
 
 # Digits: a few epochs give confident models, so top-1 agreement measures quantization error
@@ -122,21 +124,19 @@ def test_int8_onnx_is_int8_and_matches_its_pytorch_model(finished_run):
 
 def test_bench_compares_teacher_float_and_int8_students(finished_run):
     _, run_dir, result = finished_run
-    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
-    rows = {row["role"]: row for row in bench["rows"] if row["group"] == "onnxruntime"}
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    rows = {row.role: row for row in bench.rows if row.group == "onnxruntime"}
     assert set(rows) == {"teacher", "student_fp32", "student"}
-    assert all(row["status"] == "ok" for row in rows.values()), rows
-    assert rows["student"]["int8_portable"] is True and rows["teacher"]["int8_portable"] is None
-    assert bench["machine"]["cpu_features"]["arch"]
-    assert rows["student"]["params"] == rows["student_fp32"]["params"]  # INT8 weights are counted
-    assert rows["student"]["file_bytes"] < rows["student_fp32"]["file_bytes"] / 3
-    assert rows["student_fp32"]["macs"] < rows["teacher"]["macs"]
-    assert rows["student"]["top1"] == pytest.approx(metrics(run_dir, "quantize")["top1"], abs=2.0)
+    assert all(row.ok for row in rows.values()), rows
+    teacher, fp32, int8 = rows["teacher"], rows["student_fp32"], rows["student"]
+    assert int8.int8_portable is True and teacher.int8_portable is None
+    assert bench.machine["cpu_features"]["arch"]
+    assert int8.params == fp32.params  # INT8 weights are counted
+    assert int8.file_bytes < fp32.file_bytes / 3 and fp32.macs < teacher.macs
+    assert int8.top1 == pytest.approx(metrics(run_dir, "quantize")["top1"], abs=2.0)
     headline = metrics(run_dir, "bench")
     assert headline["int8_speedup_b1"] > 0 and headline["int8_size_reduction"] > 3
-    assert (
-        headline["int8_agreement_with_fp32"] == bench["agreement"]["student"]["student_fp32"] >= 0.9
-    )
+    assert headline["int8_agreement_with_fp32"] == bench.agreement["student"]["student_fp32"] >= 0.9
     assert "| Metric | teacher | student_fp32 |" in result.stdout
 
 
@@ -158,11 +158,8 @@ def test_report_lists_every_model_with_its_exported_numbers_and_regenerates(fini
         and models["quantize"]["onnx"]["file"] == "student.onnx"
     )
     assert models["distill"]["onnx"] is None and models["quantize"]["quantized"]
-    bench = {
-        row["role"]: row
-        for row in json.loads((run_dir / "bench" / "bench.json").read_text())["rows"]
-    }
-    assert models["quantize"]["onnx"]["top1"] == bench["student"]["top1"]
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    assert models["quantize"]["onnx"]["top1"] == bench.row("student").top1
     assert models["prune"]["vs_teacher"]["macs_reduction"] == pytest.approx(
         models["teacher"]["macs"] / models["prune"]["macs"]
     )
@@ -230,29 +227,25 @@ def test_fp16_files_are_verified_and_engines_skipped_without_tensorrt(finished_r
 
 def test_every_backend_gets_its_own_table_compared_within_it(finished_run):
     _, run_dir, result = finished_run
-    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
-    assert bench["groups"] == ["onnxruntime", "onnxruntime, onnx-fp16", "torch"]
-    rows = {row["role"]: row for row in bench["rows"]}
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    assert bench.groups == ("onnxruntime", "onnxruntime, onnx-fp16", "torch")
+    rows = {row.role: row for row in bench.rows}
     assert {
         "teacher [torch]",
         "student_fp32 [torch]",
         "student [torch]",
         "teacher [onnxruntime, onnx-fp16]",
     } <= set(rows)
-    assert all(row["status"] == "ok" for row in rows.values()), {
-        r: row["error"] for r, row in rows.items() if row["error"]
-    }
-    torch_student = bench["ratios"]["student_fp32 [torch]"]
-    assert torch_student["speedup_b1"] == pytest.approx(
-        rows["teacher [torch]"]["latency"][0]["latency_ms"]["p50"]
-        / rows["student_fp32 [torch]"]["latency"][0]["latency_ms"]["p50"]
+    assert all(row.ok for row in rows.values()), {r: row.error for r, row in rows.items()}
+    assert bench.ratios["student_fp32 [torch]"].speedup_b1 == pytest.approx(
+        rows["teacher [torch]"].p50_ms(1) / rows["student_fp32 [torch]"].p50_ms(1)
     )
     assert (
-        rows["student_fp32 [torch]"]["macs"] == metrics(run_dir, "prune")["macs"]
-        and "top1" not in rows["student_fp32 [torch]"]
+        rows["student_fp32 [torch]"].macs == metrics(run_dir, "prune")["macs"]
+        and rows["student_fp32 [torch]"].top1 is None
     )
     fp16, fp32 = rows["teacher [onnxruntime, onnx-fp16]"], rows["teacher"]
-    assert abs(fp16["top1"] - fp32["top1"]) <= 1.0 and fp16["file_bytes"] < 0.6 * fp32["file_bytes"]
+    assert abs(fp16.top1 - fp32.top1) <= 1.0 and fp16.file_bytes < 0.6 * fp32.file_bytes
     torch_table = result.stdout.split("### torch\n")[1]
     assert torch_table.startswith(
         "\n| Metric | teacher | student_fp32 | student_fp32 vs teacher | student | student vs "
@@ -339,10 +332,9 @@ def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp
         tmp_path,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    bench = json.loads((tmp_path / "bench.json").read_text())
-    assert [row["role"] for row in bench["rows"]] == ["prune", "teacher"] and bench["ratios"][
-        "prune"
-    ]["speedup_b1"] > 0
+    bench = BenchResult.read(tmp_path / "bench.json")
+    assert [row.role for row in bench.rows] == ["prune", "teacher"]
+    assert bench.ratios["prune"].speedup_b1 > 0
 
 
 def test_int8_agreement_floor_on_a_real_run(finished_run):
@@ -350,7 +342,7 @@ def test_int8_agreement_floor_on_a_real_run(finished_run):
     from compress.gates import gate_run
 
     _, run_dir, _ = finished_run
-    agreement = json.loads((run_dir / "bench" / "bench.json").read_text())["agreement"]["student"][
+    agreement = BenchResult.read(run_dir / "bench" / "bench.json").agreement["student"][
         "student_fp32"
     ]
     [passed] = gate_run(GatesConfig(min_int8_agreement=agreement), run_dir)

@@ -3,14 +3,18 @@ compares latency as a ratio to the run's reference model so a slower machine is 
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from compress.benchmark.rows import BenchResult
 from compress.cli import cli
 from compress.config import GatesConfig
 from compress.errors import DataError
 from compress.gates import check, load_bench_result
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def row(role, top1, p50_ms, size):
@@ -131,7 +135,12 @@ def test_tolerances_from_the_command_line(tmp_path):
 
 def test_accuracy_better_and_faster_pass():
     current = planted("student", top1=94.0, p50_ms=0.2, file_bytes=900_000)
-    assert all(r.passed for r in check(current, BASELINE, GatesConfig()))
+    assert all(
+        r.passed
+        for r in check(
+            BenchResult.from_json(current), BenchResult.from_json(BASELINE), GatesConfig()
+        )
+    )
 
 
 @pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"rows": [{"no_role": 1}]}'])
@@ -154,7 +163,7 @@ def test_run_folder_and_bench_folder_are_accepted(tmp_path):
     assert (
         load_bench_result(tmp_path / "run")
         == load_bench_result(tmp_path / "run" / "bench")
-        == BASELINE
+        == BenchResult.from_json(BASELINE)
     )
 
 
@@ -191,3 +200,39 @@ def test_recipe_floor_alone_turns_the_gates_on():
         and GatesConfig(min_int8_agreement=0.99).active
         and GatesConfig(baseline="b.json").active
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["baselines/quickstart.json", "results/cifar10-short-bench.json"]
+)  # the committed baseline, and a result written before rows named their backend and format
+def test_committed_bench_results_read_back_into_the_same_file(name):
+    raw = json.loads((BENCHMARKS / name).read_text())
+    result = BenchResult.from_json(raw)
+    assert json.dumps(result.to_json()) == json.dumps(raw)  # same keys, values and key order
+    assert all(r.passed for r in check(result, result, GatesConfig()))
+
+
+def test_keys_missing_from_an_old_file_read_as_none_and_unknown_keys_are_ignored():
+    raw = json.loads((BENCHMARKS / "baselines" / "quickstart.json").read_text())
+    for key in ("agreement", "groups"):
+        del raw[key]
+    for r in raw["rows"]:
+        for key in ("backend", "format", "int8_portable", "gpu_peak_mb", "model", "group"):
+            r.pop(key)
+        for point in r["latency"]:
+            del point["cv"], point["noisy"], point["latency_ms"]["p95"]
+    old = copy.deepcopy(raw)
+    raw["written_by"] = "a newer compress"
+    raw["ratios"]["student"]["new_ratio"] = 2.0
+    raw["rows"][0]["new_field"] = {"any": "thing"}
+    raw["rows"][0]["latency"][0]["new_field"] = 1
+    raw["rows"][0]["latency"][0]["latency_ms"]["p999"] = 9.0
+
+    result = BenchResult.from_json(raw)
+    teacher = result.row("teacher")
+    assert result.groups is None and result.agreement is None
+    assert (teacher.backend, teacher.format, teacher.model, teacher.group) == (None,) * 4
+    assert teacher.model_name == "teacher" and teacher.latency[0].cv is None
+    assert teacher.latency[0].latency_ms.p95 is None and teacher.p50_ms(1) > 0
+    assert result.to_json() == old  # what an old file holds, it writes back; nothing more
+    assert all(r.passed for r in check(result, result, GatesConfig()))

@@ -342,11 +342,11 @@ def test_bench_records_the_cpu_and_warns_when_a_full_range_file_would_saturate(
     cfg = BenchConfig(batch_size=8, warmup=1, iterations=5, time_budget_s=0.3, threads=1)
     result = bench_models({"student": path}, cfg, None, mean=[0.5] * 3, std=[0.25] * 3)
     assert (
-        result["machine"]["cpu_features"]["arch"]
-        and "saturates_u8s8" in result["machine"]["cpu_features"]
+        result.machine["cpu_features"]["arch"]
+        and "saturates_u8s8" in result.machine["cpu_features"]
     )
     assert (
-        result["rows"][0]["int8_portable"] is False
+        result.rows[0].int8_portable is False
     )  # from the weights: this file has no verdict in its metadata
     avx2 = CpuFeatures("x86_64", ("avx2",), True)
     monkeypatch.setattr(benchmark, "cpu_features", lambda: avx2)
@@ -357,11 +357,9 @@ def test_bench_records_the_cpu_and_warns_when_a_full_range_file_would_saturate(
         mean=[0.5] * 3,
         std=[0.25] * 3,
     )
-    rows = {row["role"]: row for row in warned["rows"]}
-    assert (
-        "saturating 16-bit lanes" in rows["student"]["warning"]
-        and "warning" not in rows["portable"]
-    )
+    student, portable = warned.row("student"), warned.row("portable")
+    assert "saturating 16-bit lanes" in student.warning and portable.warning is None
+    assert "warning" in student.to_json() and "warning" not in portable.to_json()
     assert capsys.readouterr().err.count("warning:") == 1
 
 

@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import run_cli as compress
 
+from compress.benchmark.rows import BenchResult
 from compress.run_lock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
@@ -89,24 +91,23 @@ def test_onnx_matches_pytorch(finished_run):
 
 def test_bench_json_has_sane_fields(finished_run):
     _, run_dir, result = finished_run
-    bench = json.loads((run_dir / "bench" / "bench.json").read_text())
-    rows = {row["role"]: row for row in bench["rows"]}
-    assert set(rows) == {"teacher", "student"}
-    for row in rows.values():
-        assert row["status"] == "ok", row
-        assert [batch["batch_size"] for batch in row["latency"]] == [1, 16]
-        for batch in row["latency"]:
-            ms = batch["latency_ms"]
-            assert 0 < ms["min"] <= ms["p50"] <= ms["p90"] <= ms["p99"] <= ms["max"]
-            assert batch["throughput_ips"] > 0 and batch["runs"] >= 5
-        assert row["peak_rss_mb"] > 0 and row["file_bytes"] > 0 and row["macs"] > 0
-        assert 0 <= row["top1"] <= 100
-    assert rows["student"]["params"] < rows["teacher"]["params"]
-    assert rows["student"]["macs"] < rows["teacher"]["macs"]
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    assert [row.role for row in bench.rows] == ["teacher", "student"]
+    for row in bench.rows:
+        assert row.ok, row
+        assert [point.batch_size for point in row.latency] == [1, 16]
+        for point in row.latency:
+            ms = point.latency_ms
+            assert 0 < ms.min <= ms.p50 <= ms.p90 <= ms.p99 <= ms.max
+            assert point.throughput_ips > 0 and point.runs >= 5
+        assert row.peak_rss_mb > 0 and row.file_bytes > 0 and row.macs > 0
+        assert 0 <= row.top1 <= 100
+    teacher, student = bench.row("teacher"), bench.row("student")
+    assert student.params < teacher.params and student.macs < teacher.macs
     # the exported student's own accuracy equals the PyTorch student's on the same test split
     distill = stage_record(run_dir, "distill")["metrics"]
-    assert rows["student"]["top1"] == pytest.approx(distill["top1"], abs=1.0)
-    assert bench["ratios"]["student"]["speedup_b1"] > 0
+    assert student.top1 == pytest.approx(distill["top1"], abs=1.0)
+    assert bench.ratios["student"].speedup_b1 > 0
     assert "| Metric | teacher | student | student vs teacher |" in result.stdout
 
 
@@ -119,17 +120,21 @@ def test_check_gates_a_real_result_against_itself(finished_run):
 
 def test_recipe_gates_pass_against_itself_and_fail_on_a_better_baseline(finished_run, tmp_path):
     recipe, run_dir, _ = finished_run
-    baseline = json.loads((run_dir / "bench" / "bench.json").read_text())
-    (tmp_path / "same.json").write_text(json.dumps(baseline))
+    baseline = BenchResult.read(run_dir / "bench" / "bench.json")
+    (tmp_path / "same.json").write_text(json.dumps(baseline.to_json()))
     same = compress(
         "run", recipe, "--out", run_dir.parent, "--set", f"gates.baseline={tmp_path / 'same.json'}"
     )
     assert same.returncode == 0, same.stderr[-2000:]
     assert "gates passed" in same.stdout and "gates passed" in (run_dir / "gates.md").read_text()
-    for row in baseline["rows"]:
-        if row["role"] == "student":
-            row["top1"] += 5.0  # the baseline student was better: the new run is a regression
-    (tmp_path / "better.json").write_text(json.dumps(baseline))
+    better = replace(  # the baseline student was better: the new run is a regression
+        baseline,
+        rows=tuple(
+            replace(row, top1=row.top1 + 5.0) if row.role == "student" else row
+            for row in baseline.rows
+        ),
+    )
+    (tmp_path / "better.json").write_text(json.dumps(better.to_json()))
     worse = compress(
         "run",
         recipe,
@@ -240,9 +245,9 @@ def test_bench_command_standalone(finished_run, tmp_path, tiny_data_section):
         tmp_path / "b",
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    bench = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert [row["role"] for row in bench["rows"]] == ["student", "teacher"]
-    assert bench["reference"] == "teacher"
+    bench = BenchResult.read(tmp_path / "b" / "bench.json")
+    assert [row.role for row in bench.rows] == ["student", "teacher"]
+    assert bench.reference == "teacher"
     assert (
         "| Metric | student | teacher | student vs teacher |" in result.stdout
         or "student" in result.stdout

@@ -69,7 +69,7 @@ def _measure_batch(
     model, batch_size: int, network: StageNetwork, request: dict, generator: torch.Generator
 ) -> dict:
     cuda, compiled = request.get("device") == "cuda", bool(request.get("compile", False))
-    row: dict = {"batch_size": batch_size}
+    point: dict = {"batch_size": batch_size}  # JSON for the parent's LatencyPoint
     try:
         shape = (batch_size, network.in_channels, network.image_size, network.image_size)
         x = torch.randn(shape, generator=generator)
@@ -83,7 +83,7 @@ def _measure_batch(
                 start = time.perf_counter()
                 model(x)
                 sync()
-                row["compile_s"] = time.perf_counter() - start
+                point["compile_s"] = time.perf_counter() - start
                 warmup -= 1
             for _ in range(warmup):
                 model(x)
@@ -96,7 +96,7 @@ def _measure_batch(
             )
     except Exception as exc:
         return {"batch_size": batch_size, "status": "error", "error": one_line(exc)}
-    return row | {"status": "ok", **summarize(times, batch_size)}
+    return point | {"status": "ok", **summarize(times, batch_size)}
 
 
 def _compiled(model):

@@ -6,8 +6,10 @@ model); top-1 accuracy of the exported model itself through ONNX Runtime. Whatev
 row (a corrupt file, a crashed runtime, missing preprocessing metadata) is recorded in that row's
 ``status``/``error`` and the other rows go on (STYLE habit 7).
 
-:mod:`.measure` measures one model, :mod:`.compare` runs several on several backends,
-:mod:`.ratios` holds the numbers the gates and the report read, :mod:`.table` prints a result.
+:mod:`.rows` declares the typed records (:class:`~.rows.BenchRow`, :class:`~.rows.BenchResult`)
+and reads and writes ``bench.json``; :mod:`.measure` measures one model, :mod:`.compare` runs
+several on several backends, :mod:`.ratios` holds the numbers the gates and the report read,
+:mod:`.table` prints a result.
 Typical use (what the bench stage does)::
 
     result = bench_models({"teacher": t_path, "student": s_path}, cfg, (images, labels))

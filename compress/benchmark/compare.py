@@ -15,6 +15,7 @@ from compress.benchmark.measure import (
     artifact_format,
 )
 from compress.benchmark.ratios import compare, reference_row
+from compress.benchmark.rows import BenchResult, BenchRow
 from compress.config import BenchConfig
 from compress.formats import FORMATS
 from compress.machine import machine_info, versions
@@ -37,7 +38,7 @@ def bench_models(
     reference: str = "teacher",
     mean: list[float] | None = None,
     std: list[float] | None = None,
-) -> dict:
+) -> BenchResult:
     """Benchmark several models on every backend of ``cfg.backends`` and compare them.
 
     Each backend measures the targets it can run (ONNX Runtime the ``.onnx`` files, PyTorch the
@@ -56,9 +57,9 @@ def bench_models(
         std: likewise.
 
     Returns:
-        :func:`compare`'s dict plus ``config``, ``machine``, ``versions``, ``groups`` (headline
-        first) and ``agreement`` (``{row: {other row: top-1 agreement}}`` for every pair with
-        predictions in the same group).
+        :func:`compare`'s result plus ``config``, ``machine``, ``versions``, ``groups``
+        (headline first) and ``agreement`` (``{row: {other row: top-1 agreement}}`` for every
+        pair with predictions in the same group).
     """
     targets = (
         [
@@ -83,35 +84,42 @@ def bench_models(
                 target.path, cfg, data, label, mean, std, None, backend.name, target.format
             )
             if cached is not None:
-                row.update({k: cached[0][k] for k in ("top1", "eval_samples") if k in cached[0]})
+                row = dataclasses.replace(
+                    row, top1=cached[0].top1, eval_samples=cached[0].eval_samples
+                )
                 found = cached[1]
             elif found is not None:
                 by_file[target.path] = (row, found)
-            row.update(model=target.model, group=group)
-            rows.append(row)
+            rows.append(dataclasses.replace(row, model=target.model, group=group))
             predictions[label] = found
-    result = compare(rows, reference)
-    for row in rows:
-        ref = reference_row(rows, row, reference)
-        ours, theirs = predictions.get(row["role"]), predictions.get(ref["role"]) if ref else None
-        if ref is not None and ref is not row and ours is not None and theirs is not None:
-            row["agreement_with_reference"] = result["ratios"][row["role"]][
-                "agreement_with_reference"
-            ] = agreement(ours, theirs)
-    result["agreement"] = {
-        row["role"]: {
-            other["role"]: agreement(predictions[row["role"]], predictions[other["role"]])
-            for other in rows
-            if other is not row
-            and other.get("group") == row.get("group")
-            and predictions.get(other["role"]) is not None
-        }
-        for row in rows
-        if predictions.get(row["role"]) is not None
-    }
-    result["groups"] = list(dict.fromkeys([headline] + [row["group"] for row in rows]))
-    result.update(config=dataclasses.asdict(cfg), machine=machine_info(), versions=versions())
-    return result
+    rows = [_with_agreement(row, rows, predictions, reference) for row in rows]
+    return dataclasses.replace(
+        compare(rows, reference),
+        agreement={
+            row.role: {
+                other.role: agreement(predictions[row.role], predictions[other.role])
+                for other in rows
+                if other is not row
+                and other.group == row.group
+                and predictions.get(other.role) is not None
+            }
+            for row in rows
+            if predictions.get(row.role) is not None
+        },
+        groups=tuple(dict.fromkeys([headline] + [row.group for row in rows])),
+        config=dataclasses.asdict(cfg),
+        machine=machine_info(),
+        versions=versions(),
+    )
+
+
+def _with_agreement(row: BenchRow, rows: list[BenchRow], predictions: dict, reference: str):
+    """The row with its top-1 agreement with the reference model's row of its group."""
+    ref = reference_row(rows, row, reference)
+    ours, theirs = predictions.get(row.role), predictions.get(ref.role) if ref else None
+    if ref is None or ref is row or ours is None or theirs is None:
+        return row
+    return dataclasses.replace(row, agreement_with_reference=agreement(ours, theirs))
 
 
 def _natural_format(backend_name: str) -> str:

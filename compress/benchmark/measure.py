@@ -4,18 +4,20 @@ backend, size, parameters and MACs from the file or the stage record."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from compress.bench_backends import BACKENDS
+from compress.benchmark.rows import BenchRow, LatencyPoint
 from compress.config import BenchConfig
 from compress.cpu_features import cpu_features
 from compress.errors import CompressError, DataError, ExportError, ModelError
 from compress.exporters.onnx.export import META_MEAN, META_STD
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.exporters.onnx.verify import open_session
-from compress.formats import FORMATS, format_of_file
+from compress.formats import ONNX_FORMATS, format_of_file
 from compress.records import STAGE_RECORD, StageRecord
 
 TestData = tuple[np.ndarray, np.ndarray]
@@ -30,7 +32,7 @@ def bench_model(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     reference_predictions: np.ndarray | None = None,
-) -> dict:
+) -> BenchRow:
     """Benchmark one exported model; never raises for a broken model (its row says why).
 
     Args:
@@ -47,10 +49,8 @@ def bench_model(
             when given, the row gets ``agreement_with_reference``.
 
     Returns:
-        A row: ``role``, ``path``, ``status`` ("ok"/"error"), ``error``, ``file_bytes``,
-        ``params``, ``macs``, ``opset``, ``latency`` (one entry per batch size: 1 and
-        ``cfg.batch_size``), ``peak_rss_mb``, ``model_rss_mb``, ``runtime`` and, with test data,
-        ``top1`` (percent, like every training metric), ``eval_samples`` and maybe
+        Its row: status, size, parameters, MACs, latency at batch sizes 1 and ``cfg.batch_size``,
+        memory and, with test data, ``top1`` (percent, like every training metric) and maybe
         ``agreement_with_reference``. Fields measured before a failure are kept.
     """
     row, _ = _bench(path, cfg, test_data, role, mean, std, reference_predictions)
@@ -161,50 +161,41 @@ def _bench(
     path = Path(path)
     backend = BACKENDS.get(backend or cfg.backends[0])
     fmt = fmt or artifact_format(path)
-    row: dict = {
-        "role": role,
-        "path": str(path),
-        "status": "ok",
-        "error": None,
-        "backend": backend.name,
-        "format": fmt,
-    }
+    row = BenchRow(role=role, path=str(path), status="ok", backend=backend.name, format=fmt)
     errors: list[str] = []
     predictions = None
     try:
         info = describe_artifact(path, fmt)
-        row.update(
-            {k: info.get(k) for k in ("file_bytes", "params", "macs", "opset", "input_shape")}
+        shape = info.get("input_shape")
+        row = replace(
+            row,
+            file_bytes=info.get("file_bytes"),
+            params=info.get("params"),
+            macs=info.get("macs"),
+            opset=info.get("opset"),
+            input_shape=None if shape is None else tuple(shape),
         )
         if fmt in ONNX_FORMATS:
-            row["int8_portable"] = int8_portable(path, info["metadata"])
+            row = replace(row, int8_portable=int8_portable(path, info["metadata"]))
             if (
-                row["int8_portable"] is False
+                row.int8_portable is False
                 and backend.name == "onnxruntime"
                 and cpu_features().saturates_u8s8
             ):
-                row["warning"] = saturation_warning(path)
-                print(f"warning: {row['warning']}", file=sys.stderr)
-        row.update(_latency_fields(path, backend, cfg, info.get("input_shape"), errors))
+                row = replace(row, warning=saturation_warning(path))
+                print(f"warning: {row.warning}", file=sys.stderr)
+        row = _timed(row, path, backend, cfg, errors)
         if test_data is not None and fmt in ONNX_FORMATS:
             mean, std = normalisation(info["metadata"], path, mean, std)
-            fields, predictions = _accuracy_fields(
-                path, cfg, test_data, mean, std, reference_predictions
-            )
-            row.update(fields)
+            row, predictions = _with_accuracy(row, cfg, test_data, mean, std, reference_predictions)
     except Exception as exc:
         errors.append(_describe(exc))
     if errors:
-        row.update(status="error", error="; ".join(errors))
+        row = replace(row, status="error", error="; ".join(errors))
     return row, predictions
 
 
 CHECKPOINT = "checkpoint"  # a stage folder (or its stage.json): what the PyTorch backends measure
-
-
-ONNX_FORMATS = tuple(
-    name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx"
-)  # ONNX Runtime runs these; accuracy is measured on them
 
 
 def int8_portable(path: Path, metadata: dict[str, str]) -> bool | None:
@@ -263,8 +254,10 @@ def describe_artifact(path: Path, fmt: str) -> dict:
     return {"file_bytes": path.stat().st_size}
 
 
-def _latency_fields(path: Path, backend, cfg: BenchConfig, input_shape, errors: list[str]) -> dict:
-    static = input_shape[0] if input_shape and isinstance(input_shape[0], int) else None
+def _timed(row: BenchRow, path: Path, backend, cfg: BenchConfig, errors: list[str]) -> BenchRow:
+    """The row with the latency and memory a backend's child process measured (its JSON result
+    turned into the row's fields)."""
+    static = row.input_shape[0] if row.input_shape and isinstance(row.input_shape[0], int) else None
     batch_sizes = (
         [static] if static else sorted({1, cfg.batch_size})
     )  # a static batch runs only at its size
@@ -280,31 +273,38 @@ def _latency_fields(path: Path, backend, cfg: BenchConfig, input_shape, errors: 
         errors.append(f"latency: {measured['error']}")
     memory_keys = ("peak_rss_mb", "model_rss_mb", "gpu_peak_mb")
     skipped = {"status", "error", "batches", "baseline_rss_mb", *memory_keys}
-    return {
-        "latency": measured.get("batches", []),
-        **{key: measured.get(key) for key in memory_keys},
-        "runtime": {
+    return replace(
+        row,
+        latency=tuple(LatencyPoint.from_json(batch) for batch in measured.get("batches", [])),
+        peak_rss_mb=measured.get("peak_rss_mb"),
+        model_rss_mb=measured.get("model_rss_mb"),
+        gpu_peak_mb=measured.get("gpu_peak_mb"),
+        runtime={
             "backend": backend.name,
             **{k: v for k, v in measured.items() if k not in skipped},
         },
-    }
+    )
 
 
-def _accuracy_fields(
-    path, cfg, test_data, mean, std, reference_predictions
-) -> tuple[dict, np.ndarray]:
+def _with_accuracy(
+    row: BenchRow, cfg, test_data, mean, std, reference_predictions
+) -> tuple[BenchRow, np.ndarray]:
     images, labels = test_data
     n = len(images) if cfg.eval_samples is None else min(cfg.eval_samples, len(images))
     predictions = predict_onnx(
-        path, images[:n], mean=mean, std=std, batch_size=cfg.batch_size, threads=cfg.threads
+        Path(row.path),
+        images[:n],
+        mean=mean,
+        std=std,
+        batch_size=cfg.batch_size,
+        threads=cfg.threads,
     )
-    fields = {
-        "top1": 100.0 * float(np.mean(predictions == np.asarray(labels[:n]))),
-        "eval_samples": n,
-    }
+    row = replace(
+        row, top1=100.0 * float(np.mean(predictions == np.asarray(labels[:n]))), eval_samples=n
+    )
     if reference_predictions is not None:
-        fields["agreement_with_reference"] = agreement(predictions, reference_predictions)
-    return fields, predictions
+        row = replace(row, agreement_with_reference=agreement(predictions, reference_predictions))
+    return row, predictions
 
 
 def agreement(predictions: np.ndarray, reference: np.ndarray) -> float:

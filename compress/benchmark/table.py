@@ -6,25 +6,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from compress.benchmark.ratios import _ok_batches, latency_entry, row_model
+from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, LatencyStats, Ratios
 from compress.cpu_features import CpuFeatures
 from compress.fileio import write_json_atomic, write_text_atomic
 
 
-def bench_table_markdown(result: dict) -> str:
+def bench_table_markdown(result: BenchResult) -> str:
     """Markdown tables, one per backend group (headline first): metrics as rows; the reference,
     then each model and its ratio, as columns.
 
     Args:
-        result: :func:`compare`'s (or :func:`bench_models`') dict.
+        result: :func:`compare`'s (or :func:`bench_models`') result.
 
     Returns:
         The tables, plus one line on the machine when ``result`` has it.
     """
-    groups = result.get("groups") or [None]
+    groups = result.groups or [None]
     sections = []
     for index, group in enumerate(groups):
-        rows = [row for row in result["rows"] if row.get("group") == group]
+        rows = [row for row in result.rows if row.group == group]
         if not rows:
             continue
         table = _group_table(result, rows)
@@ -32,39 +32,39 @@ def bench_table_markdown(result: dict) -> str:
     return "\n\n".join(sections) + _machine_note(result) + "\n"
 
 
-def _group_table(result: dict, rows: list[dict]) -> str:
+def _group_table(result: BenchResult, rows: list[BenchRow]) -> str:
     """One group's table; columns are named after the model (the group is the table's heading)."""
     reference = next(
-        (row["role"] for row in rows if row_model(row) == result["reference"]), result["reference"]
+        (row.role for row in rows if row.model_name == result.reference), result.reference
     )
-    rows = sorted(rows, key=lambda row: row["role"] != reference)  # reference first
-    batch = max((b for row in rows for b in _ok_batches(row)), default=None)
-    name = {row["role"]: row_model(row) for row in rows}
+    rows = sorted(rows, key=lambda row: row.role != reference)  # reference first
+    batch = max((b for row in rows for b in row.measured_batch_sizes()), default=None)
+    name = {row.role: row.model_name for row in rows}
     header = ["Metric"]
     for row in rows:
-        header.append(name[row["role"]])
-        if row["role"] != reference:
-            header.append(f"{name[row['role']]} vs {name.get(reference, reference)}")
+        header.append(name[row.role])
+        if row.role != reference:
+            header.append(f"{name[row.role]} vs {name.get(reference, reference)}")
     lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
     metrics = _metrics(batch, name.get(reference, reference))
-    if any(row.get("gpu_peak_mb") is not None for row in rows):
+    if any(row.gpu_peak_mb is not None for row in rows):
         metrics.insert(
-            -2, ("GPU peak memory (MiB)", lambda row: row.get("gpu_peak_mb"), "{:.1f}", None, None)
+            -2, ("GPU peak memory (MiB)", lambda row: row.gpu_peak_mb, "{:.1f}", None, None)
         )
-    for label, value, fmt, ratio_key, ratio_fmt in metrics:
+    for label, value, fmt, ratio_of, ratio_fmt in metrics:
         cells = [label]
         for row in rows:
             cells.append(_cell(value(row), fmt))
-            if row["role"] != reference:
-                ratio = result["ratios"].get(row["role"], {}).get(ratio_key) if ratio_key else None
-                cells.append(_cell(ratio, ratio_fmt) if ratio_key else "")
+            if row.role != reference:
+                ratios = result.ratios.get(row.role, Ratios())
+                cells.append(_cell(ratio_of(ratios), ratio_fmt) if ratio_of else "")
         lines.append(_md_row(cells))
     lines.insert(2, _md_row(["Status"] + _status_cells(rows, reference)))
     noisy = [
-        f"{name[row['role']]} (batch {e['batch_size']})"
+        f"{name[row.role]} (batch {point.batch_size})"
         for row in rows
-        for e in row.get("latency") or []
-        if e.get("noisy")
+        for point in row.latency
+        if point.noisy
     ]
     note = (
         f"\n\nNoisy timings (coefficient of variation over 10%): {', '.join(noisy)}. Re-run on a "
@@ -77,59 +77,84 @@ def _group_table(result: dict, rows: list[dict]) -> str:
 
 def _metrics(
     batch: int | None, reference: str
-) -> list[tuple[str, Callable, str, str | None, str | None]]:
-    """(label with unit, value getter, format, ratio key, ratio format) per table row.
+) -> list[tuple[str, Callable, str, Callable | None, str | None]]:
+    """(label with unit, value getter, format, ratio getter, ratio format) per table row.
 
     A file with a static batch axis has no batch-1 or throughput-batch entry: its cells show
     what it was measured at, marked ``(batch N)``.
     """
 
-    def latency(stat: str) -> Callable:
-        return lambda row: _at(row, 1, lambda e: e.get("latency_ms", {}).get(stat), "{:.3f}")
+    def latency(stat: Callable[[LatencyStats], float | None]) -> Callable:
+        return lambda row: _at(row, 1, lambda p: p.latency_ms and stat(p.latency_ms), "{:.3f}")
 
-    def mean_std(row: dict) -> str | None:
-        def text(entry: dict) -> str | None:
-            stats = entry.get("latency_ms", {})
-            return (
-                f"{stats['mean']:.3f} ± {stats['std']:.3f}"
-                if "mean" in stats and "std" in stats
-                else None
-            )
+    def mean_std(point: LatencyPoint) -> str | None:
+        stats = point.latency_ms
+        if stats is None or stats.mean is None or stats.std is None:
+            return None
+        return f"{stats.mean:.3f} ± {stats.std:.3f}"
 
-        return _at(row, 1, text, "{}")
-
-    def scaled(key: str, factor: float) -> Callable:
-        return lambda row: None if row.get(key) is None else row[key] * factor
+    def scaled(value: Callable[[BenchRow], float | None], factor: float) -> Callable:
+        return lambda row: None if value(row) is None else value(row) * factor
 
     return [
         (
             "File size (MiB)",
-            scaled("file_bytes", 1 / 2**20),
+            scaled(lambda row: row.file_bytes, 1 / 2**20),
             "{:.2f}",
-            "size_reduction",
+            lambda ratios: ratios.size_reduction,
             "{:.2f}× smaller",
         ),
-        ("Parameters (M)", scaled("params", 1e-6), "{:.3f}", "params_reduction", "{:.2f}× fewer"),
-        ("MACs, batch 1 (M)", scaled("macs", 1e-6), "{:.1f}", "macs_reduction", "{:.2f}× fewer"),
-        ("Latency p50, batch 1 (ms)", latency("p50"), "{:.3f}", "speedup_b1", "{:.2f}× faster"),
-        ("Latency p90, batch 1 (ms)", latency("p90"), "{:.3f}", None, None),
-        ("Latency p95, batch 1 (ms)", latency("p95"), "{:.3f}", None, None),
-        ("Latency p99, batch 1 (ms)", latency("p99"), "{:.3f}", None, None),
-        ("Latency mean ± std, batch 1 (ms)", mean_std, "{}", None, None),
+        (
+            "Parameters (M)",
+            scaled(lambda row: row.params, 1e-6),
+            "{:.3f}",
+            lambda ratios: ratios.params_reduction,
+            "{:.2f}× fewer",
+        ),
+        (
+            "MACs, batch 1 (M)",
+            scaled(lambda row: row.macs, 1e-6),
+            "{:.1f}",
+            lambda ratios: ratios.macs_reduction,
+            "{:.2f}× fewer",
+        ),
+        (
+            "Latency p50, batch 1 (ms)",
+            latency(lambda stats: stats.p50),
+            "{:.3f}",
+            lambda ratios: ratios.speedup_b1,
+            "{:.2f}× faster",
+        ),
+        ("Latency p90, batch 1 (ms)", latency(lambda stats: stats.p90), "{:.3f}", None, None),
+        ("Latency p95, batch 1 (ms)", latency(lambda stats: stats.p95), "{:.3f}", None, None),
+        ("Latency p99, batch 1 (ms)", latency(lambda stats: stats.p99), "{:.3f}", None, None),
+        (
+            "Latency mean ± std, batch 1 (ms)",
+            lambda row: _at(row, 1, mean_std, "{}"),
+            "{}",
+            None,
+            None,
+        ),
         ("Latency CV, batch 1 (%)", lambda row: _at(row, 1, _cv_cell, "{}"), "{}", None, None),
         (
             f"Throughput, batch {batch} (images/s)",
-            lambda row: _at(row, batch, lambda e: e.get("throughput_ips"), "{:.1f}"),
+            lambda row: _at(row, batch, lambda p: p.throughput_ips, "{:.1f}"),
             "{:.1f}",
-            "speedup_throughput",
+            lambda ratios: ratios.speedup_throughput,
             "{:.2f}× faster",
         ),
-        ("Peak memory (MiB)", scaled("peak_rss_mb", 1.0), "{:.1f}", None, None),
-        ("Model memory (MiB)", scaled("model_rss_mb", 1.0), "{:.1f}", None, None),
-        ("Top-1 accuracy (%)", scaled("top1", 1.0), "{:.2f}", "accuracy_delta", "{:+.2f} pts"),
+        ("Peak memory (MiB)", lambda row: row.peak_rss_mb, "{:.1f}", None, None),
+        ("Model memory (MiB)", lambda row: row.model_rss_mb, "{:.1f}", None, None),
+        (
+            "Top-1 accuracy (%)",
+            lambda row: row.top1,
+            "{:.2f}",
+            lambda ratios: ratios.accuracy_delta,
+            "{:+.2f} pts",
+        ),
         (
             f"Top-1 agreement with {reference} (%)",
-            scaled("agreement_with_reference", 100.0),
+            scaled(lambda row: row.agreement_with_reference, 100.0),
             "{:.2f}",
             None,
             None,
@@ -137,30 +162,30 @@ def _metrics(
     ]
 
 
-def _at(row: dict, batch_size: int | None, value: Callable[[dict], object], fmt: str):
-    """``value`` of the row's entry at ``batch_size``; for a row measured only at other batch
-    sizes (a static batch), that of its single measured batch, as text marked with it."""
-    entry = latency_entry(row, batch_size)
-    if entry is not None:
-        return value(entry)
-    measured = [e for e in row.get("latency") or [] if e.get("status") == "ok"]
+def _at(row: BenchRow, batch_size: int | None, value: Callable[[LatencyPoint], object], fmt: str):
+    """``value`` of the row's measurement at ``batch_size``; for a row measured only at other
+    batch sizes (a static batch), that of its single measured batch, as text marked with it."""
+    point = row.latency_at(batch_size)
+    if point is not None:
+        return value(point)
+    measured = [p for p in row.latency if p.ok]
     if len(measured) != 1:
         return None
     found = value(measured[0])
-    return None if found is None else f"{fmt.format(found)} (batch {measured[0]['batch_size']})"
+    return None if found is None else f"{fmt.format(found)} (batch {measured[0].batch_size})"
 
 
-def _cv_cell(entry: dict | None) -> str | None:
-    if not entry or entry.get("cv") is None:
+def _cv_cell(point: LatencyPoint) -> str | None:
+    if point.cv is None:
         return None
-    return f"{100 * entry['cv']:.1f}" + (" (noisy)" if entry.get("noisy") else "")
+    return f"{100 * point.cv:.1f}" + (" (noisy)" if point.noisy else "")
 
 
-def _status_cells(rows: list[dict], reference: str) -> list[str]:
+def _status_cells(rows: list[BenchRow], reference: str) -> list[str]:
     cells = []
     for row in rows:
-        cells.append("ok" if row["status"] == "ok" else f"error: {row['error']}")
-        if row["role"] != reference:
+        cells.append("ok" if row.ok else f"error: {row.error}")
+        if row.role != reference:
             cells.append("")
     return cells
 
@@ -175,11 +200,11 @@ def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
-def _machine_note(result: dict) -> str:
-    machine, runtime = result.get("machine"), result.get("versions", {})
+def _machine_note(result: BenchResult) -> str:
+    machine, runtime = result.machine, result.versions or {}
     if not machine:
         return ""
-    threads = (result.get("config") or {}).get("threads")
+    threads = (result.config or {}).get("threads")
     thread_note = (
         f", {threads} thread{'s' if threads > 1 else ''}" if threads else ", default threads"
     )
@@ -202,11 +227,11 @@ def _features_note(features: dict | None) -> str:
     )
 
 
-def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:
+def write_bench(result: BenchResult, folder: Path) -> tuple[Path, Path]:
     """Write ``bench.json`` and ``bench.md`` into ``folder``, each atomically.
 
     Args:
-        result: :func:`bench_models`' (or :func:`compare`'s) dict.
+        result: :func:`bench_models`' (or :func:`compare`'s) result.
         folder: destination; created if missing.
 
     Returns:
@@ -214,6 +239,6 @@ def write_bench(result: dict, folder: Path) -> tuple[Path, Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    json_path = write_json_atomic(folder / "bench.json", result)
+    json_path = write_json_atomic(folder / "bench.json", result.to_json())
     md_path = write_text_atomic(folder / "bench.md", bench_table_markdown(result))
     return json_path, md_path

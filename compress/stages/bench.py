@@ -10,14 +10,16 @@ from pathlib import Path
 from compress.artifacts import STAGE_RECORD, Artifact
 from compress.bench_backends import BACKENDS
 from compress.benchmark.compare import BenchTarget, backend_runs, bench_models
-from compress.benchmark.measure import ONNX_FORMATS, artifact_format, describe_artifact
+from compress.benchmark.measure import artifact_format, describe_artifact
 from compress.benchmark.ratios import compare
+from compress.benchmark.rows import BenchResult, Ratios
 from compress.benchmark.table import write_bench
 from compress.config import BenchConfig, DataConfig
 from compress.context import RunContext
 from compress.data.load import detect_kind, load_dataset
 from compress.data.loaders import test_arrays
 from compress.errors import DataError, StageError
+from compress.formats import ONNX_FORMATS
 
 
 def bench(cfg: BenchConfig, ctx: RunContext) -> Artifact:
@@ -61,7 +63,7 @@ def bench_files(
     data_kind: str | None,
     cfg: BenchConfig,
     out: str | Path | None,
-) -> tuple[dict, Path]:
+) -> tuple[BenchResult, Path]:
     """Benchmark models outside a run (``compress bench``); returns the result and the table's path.
 
     ``model`` and ``against`` are ``.onnx`` files, TensorRT engines or stage folders of a run
@@ -128,26 +130,31 @@ def _image_size_of(model: Path) -> int:
     return int(size)
 
 
-HEADLINE_RATIOS = ("speedup_b1", "speedup_throughput", "size_reduction", "accuracy_delta")
-
-
-def headline_metrics(result: dict) -> dict:
-    """The few numbers the run summary and CI gates read first.
+def headline_metrics(result: BenchResult) -> dict:
+    """The few numbers the run summary and CI gates read first (the bench stage's metrics).
 
     ``speedup_b1`` etc. compare the student with the teacher; with a quantized student the
     ``int8_*`` keys compare it with the float student it was quantized from.
     """
-    rows = {row["role"]: row for row in result["rows"]}
-    ratios = result["ratios"].get("student", {})
-    headline = {key: ratios.get(key) for key in HEADLINE_RATIOS}
+    headline = _headline_ratios(result.ratios.get("student", Ratios()))
     for role in ("teacher", "student_fp32", "student"):
-        if role in rows:
-            headline[f"{role}_top1"] = rows[role].get("top1")
-            headline[f"{role}_status"] = rows[role].get("status")
-    if "student_fp32" in rows and "student" in rows:
-        int8 = compare(result["rows"], reference="student_fp32")["ratios"]["student"]
-        headline |= {f"int8_{key}": int8.get(key) for key in HEADLINE_RATIOS}
+        row = result.row(role)
+        if row is not None:
+            headline[f"{role}_top1"] = row.top1
+            headline[f"{role}_status"] = row.status
+    if result.row("student_fp32") is not None and result.row("student") is not None:
+        int8 = compare(result.rows, reference="student_fp32").ratios["student"]
+        headline |= {f"int8_{key}": value for key, value in _headline_ratios(int8).items()}
         headline["int8_agreement_with_fp32"] = (
-            result.get("agreement", {}).get("student", {}).get("student_fp32")
+            (result.agreement or {}).get("student", {}).get("student_fp32")
         )
     return headline
+
+
+def _headline_ratios(ratios: Ratios) -> dict:
+    return {
+        "speedup_b1": ratios.speedup_b1,
+        "speedup_throughput": ratios.speedup_throughput,
+        "size_reduction": ratios.size_reduction,
+        "accuracy_delta": ratios.accuracy_delta,
+    }
