@@ -288,10 +288,10 @@ def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-__all__ = ["bench", "distill", "export", "loss", "prune", "quantize"]
-
-
 def _inputs_of(data: Iterable, device: torch.device) -> list[torch.Tensor]:
     """The input batches of ``data`` (batches, or ``(inputs, labels, ...)`` batches) on
     ``device``."""
     return [(batch[0] if isinstance(batch, list | tuple) else batch).to(device) for batch in data]
+
+
+__all__ = ["bench", "distill", "export", "loss", "prune", "quantize"]

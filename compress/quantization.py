@@ -111,11 +111,11 @@ class WeightQuant:
             torch.zeros(channels, dtype=torch.int32, device=self.weight.device),
             persistent=False,
         )
-        gain = torch.ones(channels) if bn_gain is None else bn_gain.detach().float()
-        shape = (channels,) + (1,) * (self.weight.dim() - 1)
-        self.register_buffer(
-            "bn_gain_squared", gain.square().reshape(shape).to(self.weight.device), persistent=False
-        )
+        squared = None  # no BatchNorm folded in: the gradient stays as it is
+        if bn_gain is not None:
+            shape = (channels,) + (1,) * (self.weight.dim() - 1)
+            squared = bn_gain.detach().float().square().reshape(shape).to(self.weight.device)
+        self.register_buffer("bn_gain_squared", squared, persistent=False)
         self.refresh_weight_scale()
 
     @torch.no_grad()
@@ -127,7 +127,7 @@ class WeightQuant:
         weight = self.weight
         if self.training:
             self.refresh_weight_scale()
-            if weight.requires_grad:
+            if weight.requires_grad and self.bn_gain_squared is not None:
                 weight = _ScaledGradient.apply(weight, self.bn_gain_squared)
         return torch.fake_quantize_per_channel_affine(
             weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
