@@ -1,4 +1,6 @@
-"""End to end through the CLI in a subprocess: teacher -> distill -> ONNX -> bench, then resume."""
+"""End to end through the CLI in a subprocess, on real images: teacher -> distill -> prune -> QAT
+-> export -> bench -> report, then resume, reruns, gates and the standalone commands. One run
+(module-scoped) serves every test; the numbers asserted are the ones the run itself recorded."""
 
 import json
 import os
@@ -9,7 +11,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import onnx
 import pytest
+import torch
 from conftest import run_cli as compress
 
 from compress.benchmark.rows import BenchResult
@@ -17,7 +21,53 @@ from compress.run_lock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
 
+# Digits: a few epochs give confident models, so top-1 agreement measures quantization error
+# rather than coin flips between near-tied classes of an undertrained network.
 RECIPE = """
+name: full
+seed: 0
+data: {{kind: digits, image_size: 16, batch_size: 64, augment: false}}
+teacher:
+  model: cifar:resnet32
+  train: {{epochs: 5, optimizer: adamw, lr: 0.003, weight_decay: 0.01}}
+student:
+  model: torchvision:mobilenet_v2
+stages:
+  - teacher
+  - distill:
+      loss: {{name: kd, temperature: 4, alpha: 0.9}}
+      train: {{epochs: 5, optimizer: adamw, lr: 0.003, weight_decay: 0.01}}
+  - prune:
+      speedup: 2.0
+      steps: 2
+      train: {{epochs: 1, optimizer: adamw, lr: 0.001, weight_decay: 0.0}}
+  - quantize:
+      mode: qat
+      calibration_images: 256
+      train: {{epochs: 1, optimizer: adamw, lr: 0.0001, weight_decay: 0.0}}
+  - export: {{check_samples: 200, formats: [onnx, onnx-fp16, tensorrt]}}
+  - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16, \
+backends: [onnxruntime, torch]}}
+"""
+STAGES = ["teacher", "distill", "prune", "quantize", "export", "bench"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("full")
+    recipe = folder / "full.yaml"
+    recipe.write_text(RECIPE.format())
+    result = compress("run", recipe, "--out", folder / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, folder / "out" / "full", result
+
+
+def metrics(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "stage.json").read_text())["metrics"]
+
+
+# A run to interrupt: the Ctrl-C test needs one of its own.
+INTERRUPTED_RECIPE = """
 name: tiny
 seed: 0
 {data}
@@ -36,18 +86,305 @@ stages:
 """
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_data_section):
-    folder = tmp_path_factory.mktemp("e2e")
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(RECIPE.format(data=tiny_data_section))
-    result = compress("run", recipe, "--out", folder / "out")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return recipe, folder / "out" / "tiny", result
+def test_pruned_student_has_half_the_macs_and_reloads_safely(finished_run):
+    _, run_dir, _ = finished_run
+    prune, distill = metrics(run_dir, "prune"), metrics(run_dir, "distill")
+    assert prune["macs_before"] == distill["macs"]
+    assert prune["macs_reduction"] == pytest.approx(distill["macs"] / prune["macs"])
+    assert 1.8 <= prune["macs_reduction"] <= 2.2, prune
+    assert prune["params"] < distill["params"]
+    assert prune["top1"] > 80, (
+        prune
+    )  # digits: still far above chance (10%) after losing half its MACs
+    checkpoint = torch.load(run_dir / "prune" / "model.pt", weights_only=True)
+    assert set(checkpoint) == {"structure", "state_dict"}
 
 
-def stage_record(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / stage / "stage.json").read_text())
+def test_quantized_student_stays_close_to_its_float_version(finished_run):
+    _, run_dir, _ = finished_run
+    quantize, prune = metrics(run_dir, "quantize"), metrics(run_dir, "prune")
+    assert quantize["source_stage"] == "prune"
+    assert quantize["fp32_top1"] == pytest.approx(prune["top1"])
+    assert quantize["top1"] >= quantize["fp32_top1"] - 3, quantize
+    assert quantize["agreement_with_fp32"] >= 0.9, quantize
+    assert quantize["quantization"]["target"] == "onnxruntime-cpu"
+
+
+def test_int8_onnx_is_int8_and_matches_its_pytorch_model(finished_run):
+    _, run_dir, _ = finished_run
+    export = metrics(run_dir, "export")
+    assert set(export) == {"teacher", "student_fp32", "student"}
+    assert export["student_fp32"]["max_abs_diff"] <= 1e-3
+    assert export["student"]["top1_agreement"] >= 0.98
+    assert export["student"]["max_rel_diff"] <= 0.2 and export["student"]["relative"]
+    qdq = export["student"]["qdq"]
+    assert qdq["fp32_conv"] == 0 and qdq["qlinear_conv"] > 0, qdq
+    model = onnx.load(run_dir / "student.onnx")
+    int8 = [
+        t
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4
+    ]
+    floats = [
+        t
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4
+    ]
+    assert int8 and not floats, "every conv weight must be stored as INT8"
+    uint8_zero_points = [
+        t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+    ]
+    assert uint8_zero_points, "onnxruntime-cpu activations are uint8"
+    portability = export["student"][
+        "portability"
+    ]  # the default weight range computes the same on every CPU
+    assert (
+        portability["portable"]
+        and portability["weight_range"] == "pair-limit"
+        and portability["worst_pair_sum"] <= 128
+    )
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert (
+        metadata["compress.int8_portable"] == "true"
+        and metadata["compress.int8_weight_range"] == "pair-limit"
+    )
+
+
+def test_bench_compares_teacher_float_and_int8_students(finished_run):
+    _, run_dir, result = finished_run
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    rows = {row.role: row for row in bench.rows if row.group == "onnxruntime"}
+    assert set(rows) == {"teacher", "student_fp32", "student"}
+    assert all(row.ok for row in rows.values()), rows
+    teacher, fp32, int8 = rows["teacher"], rows["student_fp32"], rows["student"]
+    assert int8.int8_portable is True and teacher.int8_portable is None
+    assert bench.machine["cpu_features"]["arch"]
+    assert int8.params == fp32.params  # INT8 weights are counted
+    assert int8.file_bytes < fp32.file_bytes / 3 and fp32.macs < teacher.macs
+    assert int8.top1 == pytest.approx(metrics(run_dir, "quantize")["top1"], abs=2.0)
+    headline = metrics(run_dir, "bench")
+    assert headline["int8_speedup_b1"] > 0 and headline["int8_size_reduction"] > 3
+    assert headline["int8_agreement_with_fp32"] == bench.agreement["student"]["student_fp32"] >= 0.9
+    assert "| Metric | teacher | student_fp32 |" in result.stdout
+
+
+def test_second_run_skips_every_stage_and_changes_nothing(finished_run):
+    recipe, run_dir, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    again = compress("run", recipe, "--out", run_dir.parent)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in STAGES:
+        assert f"[{stage}] skipped (unchanged)" in again.stderr
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    changed = {p.name for p in after if after[p] != before.get(p)}
+    # rewritten with the same content
+    assert changed <= {"recipe.yaml", "report.json", "report.md", "report.png", "gates.md"}
+
+
+def test_report_lists_every_model_with_its_exported_numbers_and_regenerates(finished_run):
+    _, run_dir, _ = finished_run
+    report = json.loads((run_dir / "report.json").read_text())
+    models = {m["name"]: m for m in report["models"]}
+    assert list(models) == ["teacher", "distill", "prune", "quantize"]
+    assert (
+        models["prune"]["onnx"]["file"] == "student_fp32.onnx"
+        and models["quantize"]["onnx"]["file"] == "student.onnx"
+    )
+    assert models["distill"]["onnx"] is None and models["quantize"]["quantized"]
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    assert models["quantize"]["onnx"]["top1"] == bench.row("student").top1
+    assert models["prune"]["vs_teacher"]["macs_reduction"] == pytest.approx(
+        models["teacher"]["macs"] / models["prune"]["macs"]
+    )
+    assert report["pareto"] and set(report["pareto"]) <= {"teacher", "prune", "quantize"}
+    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| quantize (INT8)" in (run_dir / "report.md").read_text()
+    more = {(m["model"], m["group"]): m for m in report["more"]}
+    assert {
+        ("student", "torch"),
+        ("teacher", "onnxruntime, onnx-fp16"),
+        ("student_fp32", "onnxruntime, onnx-fp16"),
+    } <= set(more)
+    assert (
+        more[("student", "torch")]["file"] == "quantize"
+        and "## Other formats and backends" in (run_dir / "report.md").read_text()
+    )
+    again = compress("report", run_dir)
+    assert again.returncode == 0 and json.loads((run_dir / "report.json").read_text()) == report
+
+
+def test_pareto_front_keeps_only_undominated_models():
+    from compress.report import pareto_front
+
+    def model(name, ms, top1):
+        return {"name": name, "onnx": {"p50_b1_ms": ms, "top1": top1}}
+
+    models = [
+        model("teacher", 3.0, 95.0),
+        model("fast", 0.3, 90.0),
+        model("dominated", 0.5, 89.0),
+        model("middle", 1.0, 93.0),
+        model("unmeasured", None, 99.0),
+    ]
+    assert pareto_front(models) == ["fast", "middle", "teacher"]
+
+
+def tensorrt_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def test_fp16_files_are_verified_and_engines_skipped_without_tensorrt(finished_run):
+    _, run_dir, result = finished_run
+    export = metrics(run_dir, "export")
+    for role in ("teacher", "student_fp32"):
+        fp16 = export[role]["formats"]["onnx-fp16"]
+        assert fp16["status"] == "ok" and fp16["file"] == f"{role}.fp16.onnx"
+        assert fp16["max_rel_diff"] <= fp16["tolerance"] and fp16["top1_agreement"] >= 0.98
+        model = onnx.load(run_dir / fp16["file"])
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        assert (run_dir / fp16["file"]).stat().st_size < 0.6 * (
+            run_dir / f"{role}.onnx"
+        ).stat().st_size
+    assert export["student"]["formats"]["onnx-fp16"] == {
+        "status": "skipped",
+        "reason": "an INT8 model: an FP16 ONNX file holds a float model",
+    }
+    if not tensorrt_installed():
+        engine = export["teacher"]["formats"]["tensorrt"]
+        assert engine["status"] == "skipped" and "tensorrt" in engine["reason"]
+        assert "warning: no TensorRT engine for teacher.onnx" in result.stderr
+        assert not list(run_dir.glob("*.engine"))
+
+
+def test_every_backend_gets_its_own_table_compared_within_it(finished_run):
+    _, run_dir, result = finished_run
+    bench = BenchResult.read(run_dir / "bench" / "bench.json")
+    assert bench.groups == ("onnxruntime", "onnxruntime, onnx-fp16", "torch")
+    rows = {row.role: row for row in bench.rows}
+    assert {
+        "teacher [torch]",
+        "student_fp32 [torch]",
+        "student [torch]",
+        "teacher [onnxruntime, onnx-fp16]",
+    } <= set(rows)
+    assert all(row.ok for row in rows.values()), {r: row.error for r, row in rows.items()}
+    assert bench.ratios["student_fp32 [torch]"].speedup_b1 == pytest.approx(
+        rows["teacher [torch]"].p50_ms(1) / rows["student_fp32 [torch]"].p50_ms(1)
+    )
+    assert (
+        rows["student_fp32 [torch]"].macs == metrics(run_dir, "prune")["macs"]
+        and rows["student_fp32 [torch]"].top1 is None
+    )
+    fp16, fp32 = rows["teacher [onnxruntime, onnx-fp16]"], rows["teacher"]
+    assert abs(fp16.top1 - fp32.top1) <= 1.0 and fp16.file_bytes < 0.6 * fp32.file_bytes
+    torch_table = result.stdout.split("### torch\n")[1]
+    assert torch_table.startswith(
+        "\n| Metric | teacher | student_fp32 | student_fp32 vs teacher | student | student vs "
+        "teacher |"
+    )
+
+
+def test_compress_export_outside_a_run(finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    done = compress(
+        "export",
+        run_dir / "prune",
+        "--format",
+        "onnx",
+        "--batch",
+        "4",
+        "--out",
+        tmp_path / "pruned.onnx",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout)
+    assert record["max_abs_diff"] <= 1e-3 and record["batch"] == 4
+    dims = onnx.load(tmp_path / "pruned.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 4
+    from_stage = compress(
+        "export",
+        run_dir / "prune",
+        "--format",
+        "onnx-fp16",
+        "--out",
+        tmp_path / "fp16" / "pruned16.onnx",
+    )
+    assert from_stage.returncode == 0, from_stage.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "fp16").iterdir()] == [
+        "pruned16.onnx"
+    ]  # the FP32 file it came from is not left behind
+    assert json.loads(from_stage.stdout)["onnx-fp16"]["max_rel_diff"] <= 0.02
+    half = compress(
+        "export",
+        run_dir / "teacher.onnx",
+        "--format",
+        "onnx-fp16",
+        "--out",
+        tmp_path / "teacher16.onnx",
+    )
+    assert half.returncode == 0, half.stderr[-2000:]
+    assert json.loads(half.stdout)["max_rel_diff"] <= 0.02
+    for args, message in [
+        ((run_dir / "bench", "--format", "onnx"), "not a finished stage holding a network"),
+        ((run_dir / "teacher.onnx", "--format", "onnx"), "is already ONNX"),
+        ((run_dir / "teacher.onnx", "--format", "tflite"), "unknown export format 'tflite'"),
+        (
+            (run_dir / "quantize", "--format", "onnx-fp16"),
+            "an INT8 model: an FP16 ONNX file holds a float model",
+        ),
+    ] + (
+        []
+        if tensorrt_installed()
+        else [((run_dir / "teacher.onnx", "--format", "tensorrt"), "pip install -e '.[tensorrt]'")]
+    ):
+        failed = compress("export", *args)
+        assert (
+            failed.returncode == 2 and message in failed.stderr and "Traceback" not in failed.stderr
+        ), failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    wrong = compress("bench", run_dir / "prune")
+    assert wrong.returncode == 2 and "use --backend torch" in wrong.stderr
+    done = compress(
+        "bench",
+        run_dir / "prune",
+        "--against",
+        run_dir / "teacher",
+        "--backend",
+        "torch",
+        "--iterations",
+        "10",
+        "--time-budget",
+        "1",
+        "--out",
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    bench = BenchResult.read(tmp_path / "bench.json")
+    assert [row.role for row in bench.rows] == ["prune", "teacher"]
+    assert bench.ratios["prune"].speedup_b1 > 0
+
+
+def test_int8_agreement_floor_on_a_real_run(finished_run):
+    from compress.config import GatesConfig
+    from compress.gates import gate_run
+
+    _, run_dir, _ = finished_run
+    agreement = BenchResult.read(run_dir / "bench" / "bench.json").agreement["student"][
+        "student_fp32"
+    ]
+    [passed] = gate_run(GatesConfig(min_int8_agreement=agreement), run_dir)
+    [failed] = gate_run(GatesConfig(min_int8_agreement=min(1.0, agreement + 0.001)), run_dir)
+    assert passed.passed and passed.current == pytest.approx(100 * agreement)
+    assert not failed.passed or agreement == 1.0
+    assert "INT8 agreement with student_fp32" in (run_dir / "gates.md").read_text()
+    done = compress("check", run_dir, "--min-int8-agreement", f"{max(0.0, agreement - 0.001):.4f}")
+    assert done.returncode == 0 and "all 1 gates passed" in done.stdout, done.stdout
 
 
 def test_every_artifact_is_written_and_self_describing(finished_run):
@@ -56,44 +393,46 @@ def test_every_artifact_is_written_and_self_describing(finished_run):
         "recipe.yaml",
         "teacher/model.pt",
         "distill/model.pt",
+        "prune/model.pt",
+        "quantize/model.pt",
         "teacher.onnx",
+        "student_fp32.onnx",
         "student.onnx",
         "bench/bench.json",
         "bench/bench.md",
+        "report.json",
     ]:
         assert (run_dir / path).is_file(), path
-    for stage in ["teacher", "distill", "export", "bench"]:
-        record = stage_record(run_dir, stage)
+    for stage in STAGES:
+        record = json.loads((run_dir / stage / "stage.json").read_text())
         assert record["stage"] == stage and len(record["key"]) == 16
         assert {"torch", "onnxruntime", "compress"} <= set(record["versions"])
-        assert record["recipe"]["name"] == "tiny"
+        assert record["recipe"]["name"] == "full"
         assert json.loads((run_dir / stage / "metrics.json").read_text()) == record["metrics"]
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
 
 
 def test_distilled_student_learns_far_above_chance(finished_run):
     _, run_dir, _ = finished_run
-    distill = stage_record(run_dir, "distill")["metrics"]
+    distill = metrics(run_dir, "distill")
     chance = 10.0
     assert distill["top1_at_start"] < 2 * chance
     assert distill["top1"] > 2.5 * chance, distill
-    assert distill["params"] < distill["teacher_params"]
 
 
-def test_onnx_matches_pytorch(finished_run):
+def test_float_onnx_files_match_pytorch(finished_run):
     _, run_dir, _ = finished_run
-    export = stage_record(run_dir, "export")["metrics"]
-    for role in ("teacher", "student"):
+    export = metrics(run_dir, "export")
+    for role in ("teacher", "student_fp32"):
         assert export[role]["max_abs_diff"] <= 1e-3
         assert export[role]["top1_agreement"] >= 0.99
         assert export[role]["samples"] > 100
 
 
-def test_bench_json_has_sane_fields(finished_run):
-    _, run_dir, result = finished_run
+def test_bench_rows_have_sane_latency_memory_and_size(finished_run):
+    _, run_dir, _ = finished_run
     bench = BenchResult.read(run_dir / "bench" / "bench.json")
-    assert [row.role for row in bench.rows] == ["teacher", "student"]
-    for row in bench.rows:
+    for row in (row for row in bench.rows if row.group == "onnxruntime"):
         assert row.ok, row
         assert [point.batch_size for point in row.latency] == [1, 16]
         for point in row.latency:
@@ -102,13 +441,7 @@ def test_bench_json_has_sane_fields(finished_run):
             assert point.throughput_ips > 0 and point.runs >= 5
         assert row.peak_rss_mb > 0 and row.file_bytes > 0 and row.macs > 0
         assert 0 <= row.top1 <= 100
-    teacher, student = bench.row("teacher"), bench.row("student")
-    assert student.params < teacher.params and student.macs < teacher.macs
-    # the exported student's own accuracy equals the PyTorch student's on the same test split
-    distill = stage_record(run_dir, "distill")["metrics"]
-    assert student.top1 == pytest.approx(distill["top1"], abs=1.0)
     assert bench.ratios["student"].speedup_b1 > 0
-    assert "| Metric | teacher | student | student vs teacher |" in result.stdout
 
 
 def test_check_gates_a_real_result_against_itself(finished_run):
@@ -156,50 +489,26 @@ def test_recipe_gates_pass_against_itself_and_fail_on_a_better_baseline(finished
     assert missing.returncode == 2 and "gates.baseline: no such file" in missing.stderr
 
 
-def test_second_run_skips_everything_and_changes_nothing(finished_run):
-    recipe, run_dir, _ = finished_run
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    again = compress("run", recipe, "--out", run_dir.parent)
-    assert again.returncode == 0, again.stderr[-2000:]
-    for stage in ("teacher", "distill", "export", "bench"):
-        assert f"[{stage}] skipped (unchanged)" in again.stderr
-    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    changed = {p.name for p in after if after[p] != before.get(p)}
-    assert changed <= {
-        "recipe.yaml",
-        "report.json",
-        "report.md",
-        "report.png",
-        "gates.md",
-    }  # rewritten, same content
-
-
 def test_changing_a_stage_reruns_it_and_those_after(finished_run, tmp_path):
     recipe, run_dir, _ = finished_run
     copy = tmp_path / "out"
     subprocess.run(["cp", "-r", str(run_dir.parent), str(copy)], check=True)
-    teacher_before = stage_record(copy / "tiny", "teacher")
+    prune_before = json.loads((copy / "full" / "prune" / "stage.json").read_text())
     result = compress(
-        "run",
-        recipe,
-        "--out",
-        copy,
-        "--set",
-        "stages.distill.loss.temperature=2",
-        "--set",
-        "stages.distill.train.epochs=1",
+        "run", recipe, "--out", copy, "--set", "stages.quantize.calibration_images=128"
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "[teacher] skipped (unchanged)" in result.stderr
-    for stage in ("distill", "export", "bench"):
+    for stage in ("teacher", "distill", "prune"):
+        assert f"[{stage}] skipped (unchanged)" in result.stderr
+    for stage in ("quantize", "export", "bench"):
         assert f"[{stage}] done in" in result.stderr
-    assert stage_record(copy / "tiny", "teacher") == teacher_before
-    assert stage_record(copy / "tiny", "distill")["config"]["loss"][0]["temperature"] == 2.0
+    assert json.loads((copy / "full" / "prune" / "stage.json").read_text()) == prune_before
+    assert metrics(copy / "full", "quantize")["calibration_images"] == 128
 
 
 def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, tiny_data_section):
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(RECIPE.format(data=tiny_data_section).replace("epochs: 6", "epochs: 30"))
+    recipe.write_text(INTERRUPTED_RECIPE.format(data=tiny_data_section))
     # A shell's background job (`pytest &`) ignores SIGINT and its children inherit that, so the
     # child gets Ctrl-C's default disposition back whatever started the suite.
     proc = subprocess.Popen(
@@ -220,19 +529,13 @@ def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, t
     assert not left, "temporary files left behind"
 
 
-def test_bench_command_standalone(finished_run, tmp_path, tiny_data_section):
+def test_bench_command_standalone(finished_run, tmp_path):
     _, run_dir, _ = finished_run
-    data_args = []
-    from conftest import cifar10_folder
-
-    if cifar10_folder() is not None:
-        data_args = ["--data", cifar10_folder(), "--eval-samples", 300]
     result = compress(
         "bench",
         run_dir / "student.onnx",
         "--against",
         run_dir / "teacher.onnx",
-        *data_args,
         "--iterations",
         10,
         "--warmup",
@@ -247,11 +550,8 @@ def test_bench_command_standalone(finished_run, tmp_path, tiny_data_section):
     assert result.returncode == 0, result.stderr[-2000:]
     bench = BenchResult.read(tmp_path / "b" / "bench.json")
     assert [row.role for row in bench.rows] == ["student", "teacher"]
-    assert bench.reference == "teacher"
-    assert (
-        "| Metric | student | teacher | student vs teacher |" in result.stdout
-        or "student" in result.stdout
-    )
+    assert bench.reference == "teacher" and all(row.ok for row in bench.rows)
+    assert "| Metric | student | teacher | student vs teacher |" in result.stdout
 
 
 @pytest.mark.parametrize("content", [b"", b"not an onnx model at all", os.urandom(256)])
