@@ -196,6 +196,7 @@ def latency_pruner(
     from compress.bench_backends import BACKENDS
     from compress.cpu_features import cpu_features
     from compress.latency_pruning import LatencyPruner
+    from compress.machine import machine_info
 
     if distributed.active():
         raise StageError(
@@ -226,7 +227,7 @@ def latency_pruner(
         num_classes=network.num_classes,
         cache=ctx.run_dir,
         gradient_fn=gradients,
-        cpu=cpu_features().summary(),
+        cpu=f"{machine_info()['cpu']} ({cpu_features().summary()})",
         log=lambda line: say(ctx, f"prune {line}"),
     )
 
