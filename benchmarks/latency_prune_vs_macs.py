@@ -1,7 +1,7 @@
 """Latency-targeted vs MACs-targeted pruning of the CIFAR-10 reference student, at equal measured
 latency, same fine-tune budget, same runtime (issue 15, item 1).
 
-    python benchmarks/latency_prune_vs_macs.py --data ../shared/data/cifar10
+    python benchmarks/latency_prune_vs_macs.py      # from the repository root
 
 1. The reference run (``recipes/cifar10_cpu.yaml``, under ``--out``) must be finished: its prune
    stage is the MACs-targeted one (2x fewer MACs), followed by QAT, export and bench.
@@ -35,7 +35,7 @@ from compress.benchmark.rows import BenchResult
 from compress.fileio import write_json_atomic
 from compress.latency_pruning import interleaved_p50
 from compress.machine import machine_info
-from compress.pipeline import run
+from compress.pipeline import plan, run
 from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
@@ -47,17 +47,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="CIFAR-10 folder")
     parser.add_argument("--out", default=str(HERE.parent / "exported" / "cifar10_reference"))
     parser.add_argument("--processes", type=int, default=7)
     parser.add_argument("--result", default=str(HERE / "results" / "latency_prune_vs_macs.json"))
     args = parser.parse_args()
 
     started = time.perf_counter()
-    recipe = load_recipe(RECIPE, data=args.data, out=args.out)
+    # the reference run's own resolved recipe: its stage keys include the data path as that run
+    # spelled it, so a differently spelled --data would retrain its teacher
+    resolved = Path(args.out) / yaml.safe_load(RECIPE.read_text())["name"] / "recipe.yaml"
+    if not resolved.is_file():
+        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
+    recipe = load_recipe(resolved, out=args.out)
+    pending = [stage for stage, done in plan(recipe).items() if not done]
+    if pending:
+        raise SystemExit(f"the reference run would re-run {', '.join(pending)}; finish it first")
     reference = run(recipe)
     latency_recipe = prepare_latency_run(args, reference)
-    latency = run(load_recipe(latency_recipe, data=args.data, out=args.out))
+    latency = run(load_recipe(latency_recipe, out=args.out))
     files = {
         "teacher": reference["export"].files["teacher"],
         "macs-targeted": reference["export"].files["student"],
@@ -102,7 +109,7 @@ def main() -> None:
 def prepare_latency_run(args, reference) -> Path:
     """The latency run's recipe (written once, with the measured speed-up of MACs pruning) and
     its folder holding copies of the reference's teacher and distill stages (they skip)."""
-    raw = yaml.safe_load(RECIPE.read_text())
+    raw = yaml.safe_load((Path(args.out) / "cifar10_cpu" / "recipe.yaml").read_text())
     name = raw["name"] + LATENCY_NAME_SUFFIX
     path = Path(args.out) / f"{name}.yaml"
     if path.is_file():
