@@ -7,7 +7,7 @@ latency, same fine-tune budget, same runtime (issue 15, item 1).
    stage is the MACs-targeted one (2x fewer MACs), followed by QAT, export and bench.
 2. Its distilled student, exported INT8 as the prune stage would (PTQ), and the reference's final
    INT8 student are measured in ``--processes`` interleaved fresh processes (ONNX Runtime CPU, 1
-   thread, batch 1): their pairwise ratio is the speed-up MACs pruning delivered.
+   thread, at `--batch-size`): their pairwise ratio is the speed-up MACs pruning delivered.
 3. The same recipe runs again with ``prune.target.latency_speedup`` set to that ratio and every
    other setting unchanged (its teacher and distill stages are the reference's, copied).
 4. The three exported files (teacher, MACs-pruned and latency-pruned INT8 students) are measured
@@ -40,7 +40,7 @@ from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "cifar10_cpu.yaml"
-LATENCY_NAME_SUFFIX = "-latency"
+LATENCY_NAME_SUFFIX = "-latency-b{batch}"
 
 
 def main() -> None:
@@ -49,6 +49,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(HERE.parent / "exported" / "cifar10_reference"))
     parser.add_argument("--processes", type=int, default=7)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="the batch of the latency target (1 or 64)"
+    )
     parser.add_argument("--result", default=str(HERE / "results" / "latency_prune_vs_macs.json"))
     args = parser.parse_args()
 
@@ -110,7 +113,7 @@ def prepare_latency_run(args, reference) -> Path:
     """The latency run's recipe (written once, with the measured speed-up of MACs pruning) and
     its folder holding copies of the reference's teacher and distill stages (they skip)."""
     raw = yaml.safe_load((Path(args.out) / "cifar10_cpu" / "recipe.yaml").read_text())
-    name = raw["name"] + LATENCY_NAME_SUFFIX
+    name = raw["name"] + LATENCY_NAME_SUFFIX.format(batch=args.batch_size)
     path = Path(args.out) / f"{name}.yaml"
     if path.is_file():
         return path
@@ -120,15 +123,23 @@ def prepare_latency_run(args, reference) -> Path:
         if not (folder / stage).exists():
             shutil.copytree(reference_dir / stage, folder / stage)
     speedup = macs_pruning_speedup(args, reference)
+    print(f"MACs pruning delivered {speedup:.3f}x at batch {args.batch_size} (INT8)")
+    if speedup <= 1.0:
+        raise SystemExit(
+            f"MACs pruning made the INT8 student no faster at batch {args.batch_size} "
+            f"({speedup:.3f}x the unpruned one): at equal latency a latency target prunes nothing"
+        )
     for stage in raw["stages"]:
         if isinstance(stage, dict) and "prune" in stage:
             prune = stage["prune"]
             for key in ("speedup", "target_macs", "pruning_ratio"):
                 prune.pop(key, None)
-            prune["target"] = {"latency_speedup": round(speedup, 3)}
+            prune["target"] = {
+                "latency_speedup": round(speedup, 3),
+                "batch_size": args.batch_size,
+            }
     raw["name"] = name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    print(f"MACs pruning delivered {speedup:.3f}x at batch 1 (INT8); latency target set to it")
     return path
 
 
@@ -147,7 +158,7 @@ def macs_pruning_speedup(args, reference) -> float:
         times = interleaved_p50(
             BACKENDS.get("onnxruntime"),
             [path, reference["export"].files["student"]],
-            1,
+            args.batch_size,
             1,
             args.processes,
         )
