@@ -52,6 +52,12 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="the batch of the latency target (1 or 64)"
     )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        help="the latency target when MACs pruning delivered no speed-up (equal latency is then "
+        "out of the question: the comparison is at this target instead)",
+    )
     parser.add_argument("--result", default=str(HERE / "results" / "latency_prune_vs_macs.json"))
     args = parser.parse_args()
 
@@ -125,10 +131,13 @@ def prepare_latency_run(args, reference) -> Path:
     speedup = macs_pruning_speedup(args, reference)
     print(f"MACs pruning delivered {speedup:.3f}x at batch {args.batch_size} (INT8)")
     if speedup <= 1.0:
-        raise SystemExit(
-            f"MACs pruning made the INT8 student no faster at batch {args.batch_size} "
-            f"({speedup:.3f}x the unpruned one): at equal latency a latency target prunes nothing"
-        )
+        if args.speedup is None:
+            raise SystemExit(
+                f"MACs pruning made the INT8 student no faster at batch {args.batch_size} "
+                f"({speedup:.3f}x the unpruned one): at equal latency a latency target prunes "
+                "nothing; give --speedup to compare at a target of your choice"
+            )
+        speedup = args.speedup
     for stage in raw["stages"]:
         if isinstance(stage, dict) and "prune" in stage:
             prune = stage["prune"]

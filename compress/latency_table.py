@@ -341,6 +341,7 @@ def cached_table(folder: Path, sites, cells, backend, **settings) -> LatencyTabl
     if path.is_file():
         return LatencyTable.from_json(json.loads(path.read_text()))
     table = measure_table(sites, cells, backend, **settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, table.to_json())
     return table
 
