@@ -243,7 +243,9 @@ class LatencyPruner:
         return [self.base_ms * (goal / self.base_ms) ** (k / steps) for k in range(1, steps + 1)]
 
     def cut(self, goal_ms: float) -> LatencyCut:
-        """Cut until the exported network measures at most ``goal_ms`` (see the module docstring).
+        """Cut until the exported network meets ``goal_ms`` by measurement: for a speed-up
+        target, its pairwise ratio with the unpruned network reaches ``base_ms / goal_ms``; for
+        a latency target, its measured latency is at most ``goal_ms``.
 
         Raises:
             StageError: the goal is predicted out of reach, or still missed after
@@ -271,13 +273,13 @@ class LatencyPruner:
                 f"(goal {goal_ms:.3f} ms, {speedup:.2f}x the unpruned network)"
             )
             self.current_ms = measured
-            if measured <= goal_ms:
+            if self._met(goal_ms, measured, speedup):
                 break
             if corrections == MAX_CORRECTIONS:
                 raise StageError(
-                    f"prune: measured {measured:.3f} ms after {corrections} corrections, above the "
-                    f"goal {goal_ms:.3f} ms; the table's predictions miss on this runtime (see "
-                    "the step records)"
+                    f"prune: measured {measured:.3f} ms ({speedup:.2f}x) after {corrections} "
+                    f"corrections, short of the goal {goal_ms:.3f} ms; the table's predictions "
+                    "miss on this runtime (see the step records)"
                 )
             corrections += 1
             start = measured
@@ -290,6 +292,13 @@ class LatencyPruner:
             corrections=corrections,
             widths=kept,
         )
+
+    def _met(self, goal_ms: float, measured_ms: float, speedup: float) -> bool:
+        """A speed-up goal is judged by the pairwise ratio measured with the unpruned network (a
+        load that slows both cancels), a latency goal by the measured milliseconds."""
+        if self.target.latency_speedup is None:
+            return measured_ms <= goal_ms
+        return speedup >= self.base_ms / goal_ms * (1 - 1e-9)
 
     def _measure_candidate(self) -> tuple[float, float]:
         """(median latency, median pairwise speed-up over the unpruned network)."""

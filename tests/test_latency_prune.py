@@ -235,8 +235,8 @@ def test_latency_pruner_meets_the_goal_by_measurement(fake_runtime, precision, t
     )
     [goal] = pruner.step_goals(1)
     cut = pruner.cut(goal)
-    assert cut.measured_ms <= goal == pytest.approx(pruner.base_ms / 1.3)
-    assert cut.speedup >= 1.3
+    assert goal == pytest.approx(pruner.base_ms / 1.3)
+    assert cut.speedup >= 1.3 and cut.measured_ms <= goal  # the fake runtime has no noise
     # the table overstates savings: the first cut is predicted to meet the goal, misses it when
     # measured, and the loop cuts again
     assert cut.corrections >= 1 and cut.predicted_ms <= goal
