@@ -21,6 +21,7 @@ _PUBLIC = {
     "bench": "compress.api",
     "loss": "compress.api",
     "PruneSpec": "compress.config",
+    "LatencyTarget": "compress.config",
     "TrainConfig": "compress.config",
     "MixConfig": "compress.config",
     "build_model": "compress.models",

@@ -124,9 +124,10 @@ def prune(
     default: read off ``model(example_inputs)``) is never pruned.
 
     Args:
-        spec: criterion, target (``speedup``, ``target_macs`` or ``pruning_ratio``), widths'
-            ``round_to``, ``max_layer_ratio``, ``ignore`` patterns; default: 2x fewer MACs by
-            magnitude.
+        spec: criterion, target (``speedup``, ``target_macs``, ``pruning_ratio``, or a measured
+            latency: ``target=LatencyTarget(latency_speedup=2.0)``, on ONNX Runtime in FP32
+            unless its ``precision`` is ``int8``), widths' ``round_to``, ``max_layer_ratio``,
+            ``ignore`` patterns; default: 2x fewer MACs by magnitude.
         gradient_fn: runs ``loss.backward()`` on real batches, for the ``taylor`` criterion.
         calibration_data: input batches (or ``(inputs, labels)`` batches) that re-estimate the
             BatchNorm statistics after each cut, before ``finetune``
@@ -134,7 +135,8 @@ def prune(
             it a cut leaves stale statistics and the network near chance until fine-tuned.
 
     Raises:
-        StageError: the target cannot be reached within ``max_layer_ratio``.
+        StageError: the target cannot be reached within ``max_layer_ratio`` (or, for a latency,
+            is not met by measurement).
     """
     from compress.batchnorm import recalibrate_batchnorm
     from compress.models import count_params_macs
@@ -147,9 +149,17 @@ def prune(
             num_classes = int(model.eval()(example_inputs).shape[-1])
     _, channels, size, _ = example_inputs.shape
     _, macs = count_params_macs(model, size, channels)
-    pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes, rounds=steps)
-    for step, goal in enumerate(step_targets(spec, macs, steps), start=1):
-        pruner.prune(goal, gradient_fn)
+    if spec.target.active:
+        pruner = _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_fn)
+        goals = pruner.step_goals(steps)
+    else:
+        pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes, rounds=steps)
+        goals = step_targets(spec, macs, steps)
+    for step, goal in enumerate(goals, start=1):
+        if spec.target.active:
+            pruner.cut(goal)
+        else:
+            pruner.prune(goal, gradient_fn)
         if batches:
             recalibrate_batchnorm(model, batches)
         if finetune is not None:
@@ -276,6 +286,25 @@ def bench(
         reference=reference or next(iter(paths)),
         mean=mean,
         std=std,
+    )
+
+
+def _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_fn):
+    """A latency target from Python: measured on ``spec.target.backend`` (default onnxruntime),
+    in FP32 unless ``spec.target.precision`` says int8 (``auto`` has no recipe to look at)."""
+    from compress.bench_backends import BACKENDS
+    from compress.latency_pruning import LatencyPruner
+
+    target = spec.target
+    return LatencyPruner(
+        model,
+        example_inputs,
+        spec,
+        backend=BACKENDS.get(target.backend or "onnxruntime"),
+        precision="int8" if target.precision == "int8" else "fp32",
+        calibration=batches,
+        num_classes=num_classes,
+        gradient_fn=gradient_fn,
     )
 
 

@@ -37,6 +37,8 @@ class Backend:
             ``.engine``) or "checkpoint" (a stage folder of a run).
         entry: ``"module:function"`` of the measuring function.
         options: extra keyword arguments for it (the device, torch.compile, ...).
+        table_entry: ``"module:function"`` timing many small ONNX files in one process (the
+            per-layer latency table of a latency-targeted prune); None: this backend cannot.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Backend:
     artifact: str
     entry: str
     options: dict = field(default_factory=dict)
+    table_entry: str | None = None
 
     @property
     def needs_gpu(self) -> bool:
@@ -53,6 +56,19 @@ class Backend:
     def measure(self, path, **kwargs) -> dict:
         """Measure ``path`` (see the module docstring); never raises for a broken model."""
         return load_entry(self.entry)(path, **kwargs, **self.options)
+
+    def measure_each(self, paths, **kwargs) -> dict:
+        """Time many small ONNX files in one process (see ``table_entry``); never raises for a
+        broken file.
+
+        Raises:
+            StageError: this backend has no such measurement.
+        """
+        if self.table_entry is None:
+            raise StageError(
+                f"backend {self.name!r} cannot time single layers; use an ONNX Runtime backend"
+            )
+        return load_entry(self.table_entry)(paths, **kwargs, **self.options)
 
 
 BACKENDS: Registry[Backend] = Registry("bench backend", StageError)
@@ -87,6 +103,7 @@ for _device in ("cpu", "cuda"):
             artifact="onnx",
             entry="compress.backends.onnxruntime:measure",
             options={"device": _device},
+            table_entry="compress.backends.onnxruntime:measure_each",
         )
     )
     for _compile in (False, True):

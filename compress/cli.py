@@ -125,6 +125,12 @@ def cli():
 @recipe_options
 @click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say which stages would be reused and which would run (and lose their old result); "
+    "run nothing.",
+)
+@click.option(
     "--wait",
     is_flag=True,
     help="If another run is writing the same run folder, wait for it instead of refusing.",
@@ -139,10 +145,20 @@ def cli():
     ),
 )
 @user_errors
-def run(recipe_path, data, epochs, subset, device, out, overrides, force, wait, nproc):
+def run(recipe_path, data, epochs, subset, device, out, overrides, force, dry_run, wait, nproc):
     """Run RECIPE's stages into <out>/<name>/, skipping stages already done."""
+    from compress.pipeline import plan
     from compress.pipeline import run as run_pipeline
     from compress.report import summary_table
+
+    if dry_run:
+        recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
+        folder = Path(recipe.out) / recipe.name
+        for stage, done in plan(recipe).items():
+            reused = done and not force
+            click.echo(f"{stage}: {'reused (unchanged)' if reused else 'would run'}")
+        click.echo(f"run folder: {folder}")
+        return
 
     if nproc is not None:
         if distributed.launched():

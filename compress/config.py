@@ -27,6 +27,12 @@ DATASET_KINDS: dict[str, str] = {
 }
 
 
+# Field metadata of an option added after runs were recorded, whose default changes nothing: the
+# recipe's serialisation leaves it out while it is at its default, so finished stages keep their
+# input keys (compress.recipe.serialise).
+ADDED_LATER = "added_later"
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise RecipeError(message)
@@ -242,13 +248,78 @@ PRUNING_CRITERIA: dict[str, str] = {
 }
 
 
+LATENCY_PRECISIONS = ("auto", "fp32", "int8")
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """A pruning target in measured latency on a runtime, instead of a MACs proxy.
+
+    Give ``latency_ms`` (the pruned network's latency) or ``latency_speedup`` (the unpruned
+    network's latency over the pruned one's). Both are measured on ``backend`` (default: the
+    recipe's first bench backend) at ``batch_size`` with ``threads`` threads, on the network
+    exported in ``precision``: ``auto`` is INT8 when a quantize stage follows the prune stage
+    (what will be deployed), else FP32. ``grid`` candidate widths per layer group make the
+    per-layer latency table; ``processes`` fresh processes (interleaved) measure each exported
+    candidate.
+    """
+
+    latency_ms: float | None = None
+    latency_speedup: float | None = None
+    backend: str | None = None
+    batch_size: int = 1
+    threads: int = 1
+    precision: str = "auto"
+    grid: int = 8
+    processes: int = 5
+
+    @property
+    def active(self) -> bool:
+        return self.latency_ms is not None or self.latency_speedup is not None
+
+    def __post_init__(self):
+        _check(
+            self.latency_ms is None or self.latency_speedup is None,
+            "latency_speedup: give only one of latency_ms, latency_speedup",
+        )
+        _check(
+            self.latency_ms is None or self.latency_ms > 0,
+            f"latency_ms: expected > 0 milliseconds, got {self.latency_ms}",
+        )
+        _check(
+            self.latency_speedup is None or self.latency_speedup > 1,
+            f"latency_speedup: expected a ratio > 1, got {self.latency_speedup}",
+        )
+        if self.backend is not None:
+            from compress.bench_backends import BACKENDS
+
+            _check(
+                self.backend in BACKENDS.names(),
+                f"backend: unknown {self.backend!r}; expected one of {', '.join(BACKENDS.names())}",
+            )
+            _check(
+                BACKENDS.get(self.backend).artifact == "onnx",
+                f"backend: {self.backend!r} does not run exported .onnx files; a latency target "
+                "is measured on an ONNX runtime (e.g. onnxruntime)",
+            )
+        _check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
+        _check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
+        _check(
+            self.precision in LATENCY_PRECISIONS,
+            f"precision: expected one of {', '.join(LATENCY_PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(self.grid >= 2, f"grid: expected >= 2 candidate widths, got {self.grid}")
+        _check(self.processes >= 1, f"processes: expected >= 1, got {self.processes}")
+
+
 @dataclass(frozen=True)
 class PruneSpec:
     """What structured channel pruning (Torch-Pruning) removes, and how it ranks channels.
 
     The target is one of ``speedup`` (MACs reduction ratio), ``target_macs`` (absolute MACs of one
-    image) or ``pruning_ratio`` (fraction of channels removed per layer group); none given means
-    ``speedup: 2.0``. The library's :func:`compress.prune` takes this alone.
+    image), ``pruning_ratio`` (fraction of channels removed per layer group) or ``target`` (a
+    measured latency, :class:`LatencyTarget`); none given means ``speedup: 2.0``. The library's
+    :func:`compress.prune` takes this alone.
     """
 
     criterion: str = "magnitude"
@@ -262,6 +333,7 @@ class PruneSpec:
     ignore: tuple[
         str, ...
     ] = ()  # module names or fnmatch patterns never pruned (the classifier never is)
+    target: LatencyTarget = field(default_factory=LatencyTarget, metadata={ADDED_LATER: True})
 
     def __post_init__(self):
         _check(
@@ -273,10 +345,10 @@ class PruneSpec:
             name
             for name in ("speedup", "target_macs", "pruning_ratio")
             if getattr(self, name) is not None
-        ]
+        ] + (["target"] if self.target.active else [])
         if len(given) > 1:
             raise RecipeError(
-                f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio (got "
+                f"{given[-1]}: give only one of speedup, target_macs, pruning_ratio, target (got "
                 f"{', '.join(given)})"
             )
         _check(

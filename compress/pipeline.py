@@ -21,7 +21,7 @@ import yaml
 
 from compress import distributed
 from compress.artifacts import Artifact, input_key, invalidate, load_completed, record_stage
-from compress.config import STAGE_KINDS, Recipe
+from compress.config import STAGE_KINDS, Recipe, StageSpec
 from compress.context import RunContext
 from compress.errors import RecipeError, StageError
 from compress.fileio import sha256_file, write_text_atomic
@@ -74,10 +74,7 @@ def run_stages(
     distributed.on_main(partial(write_text_atomic, run_dir / "recipe.yaml", text))
     check_shared(run_dir / "recipe.yaml", text)
     ctx = RunContext(recipe, run_dir, device, show_progress=show_progress)
-    key = input_key(shared_inputs(recipe, resolved))
-    for index, spec in enumerate(recipe.stages):
-        stage_config = resolved["stages"][index][spec.kind]
-        key = input_key(key, spec.kind, spec.name, stage_config)
+    for index, (spec, key, stage_config) in enumerate(stage_keys(recipe, resolved)):
         folder = run_dir / spec.name
         artifact = (
             None if force else distributed.on_main(partial(load_completed, folder, run_dir, key))
@@ -99,6 +96,34 @@ def run_stages(
     if distributed.is_main():
         write_report(run_dir)
     return ctx.artifacts
+
+
+def stage_keys(recipe: Recipe, resolved: dict | None = None) -> list[tuple[StageSpec, str, dict]]:
+    """Each stage with its input key and resolved section: a finished stage whose record holds
+    the same key is reused, any other runs. The key chains the shared inputs (seed, data,
+    networks, teacher checkpoint) and every section up to the stage's own."""
+    resolved = resolved or recipe_to_dict(recipe)
+    key = input_key(shared_inputs(recipe, resolved))
+    keys = []
+    for index, spec in enumerate(recipe.stages):
+        stage_config = resolved["stages"][index][spec.kind]
+        key = input_key(key, spec.kind, spec.name, stage_config)
+        keys.append((spec, key, stage_config))
+    return keys
+
+
+def plan(recipe: Recipe) -> dict[str, bool]:
+    """Stage name -> whether :func:`run` would reuse it (a finished stage with the same inputs is
+    in the run folder) rather than run it; reads the folder, writes nothing.
+
+    A stage that would run throws its old result away: check before a long run whose inputs
+    may have moved (e.g. the data path spelled differently, which is part of every key).
+    """
+    run_dir = Path(recipe.out) / recipe.name
+    return {
+        spec.name: load_completed(run_dir / spec.name, run_dir, key) is not None
+        for spec, key, _ in stage_keys(recipe)
+    }
 
 
 def check_shared(path: Path, text: str) -> None:

@@ -26,6 +26,7 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
@@ -73,6 +74,27 @@ def random_importance(cfg: PruneSpec):
 
 
 # --- pruning -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must go together (Torch-Pruning's dependency group), seen from its layers.
+
+    Attributes:
+        name: its root layer's name (the layer whose output channels define it).
+        channels: how many channels it has now.
+        outs: the convolution / linear layers whose output width it is.
+        ins: those whose input width it is.
+        importance: each channel's score by the criterion (lower goes first).
+    """
+
+    name: str
+    channels: int
+    outs: tuple[str, ...]
+    ins: tuple[str, ...]
+    importance: torch.Tensor = field(repr=False)
+    _root: nn.Module = field(repr=False, compare=False, default=None)
+    _handler: Callable = field(repr=False, compare=False, default=None)
 
 
 class ChannelPruner:
@@ -172,6 +194,64 @@ class ChannelPruner:
             self._step(gradient_fn)
             params, macs = self._count()
         return {"macs": macs, "params": params, "pruner_steps": self._pruner.current_step}
+
+    def channel_groups(self, gradient_fn: GradientFn | None = None) -> list[ChannelGroup]:
+        """Every channel group of the network as it is now that may lose channels, with each
+        channel's importance by the criterion (the ``taylor`` one runs ``gradient_fn`` first).
+
+        Groups whose channels come in blocks (grouped convolutions, attention heads) are left
+        out: their widths move in steps this view does not model.
+        """
+        pruner, graph = self._pruner, self._pruner.DG
+        names = {module: name for name, module in self.model.named_modules()}
+        with evaluating(self.model):
+            if self.cfg.criterion == "taylor":
+                self.model.zero_grad(set_to_none=True)
+                gradient_fn(self.model)
+            groups = []
+            for group in graph.get_all_groups(
+                ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+            ):
+                if pruner._get_channel_groups(group) > 1 or pruner._is_atten_group(group)[0]:
+                    continue
+                importance = pruner.estimate_importance(group)
+                if importance is None:
+                    continue
+                root = group[0].dep.target.module
+                sides = [
+                    (names[dep.target.module], graph.is_out_channel_pruning_fn(dep.handler))
+                    for dep, _ in group
+                    if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
+                ]
+                groups.append(
+                    ChannelGroup(
+                        name=names[root],
+                        channels=len(importance),
+                        outs=tuple(dict.fromkeys(n for n, out in sides if out)),
+                        ins=tuple(dict.fromkeys(n for n, out in sides if not out)),
+                        importance=importance.detach().cpu(),
+                        _root=root,
+                        _handler=group[0].dep.handler,
+                    )
+                )
+        self.model.zero_grad(set_to_none=True)
+        return groups
+
+    def keep(self, groups: list[ChannelGroup], widths: dict[str, int]) -> None:
+        """Cut each group to ``widths[group.name]`` channels, removing its least important ones
+        (groups not named keep their width)."""
+        graph = self._pruner.DG
+        with evaluating(self.model):
+            for group in groups:
+                width = widths.get(group.name, group.channels)
+                if width >= group.channels:
+                    continue
+                drop = torch.argsort(group.importance)[: group.channels - width].tolist()
+                cut = graph.get_pruning_group(group._root, group._handler, drop)
+                if not graph.check_pruning_group(cut):
+                    raise StageError(f"prune: Torch-Pruning refused to cut {group.name}")
+                cut.prune()
+        self.model.zero_grad(set_to_none=True)
 
     def _step(self, gradient_fn: GradientFn | None) -> None:
         self._schedule_heads()

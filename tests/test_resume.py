@@ -410,3 +410,31 @@ def test_nan_checked_only_every_ten_steps_still_names_its_first_step(tmp_path, m
     with pytest.raises(StageError, match=r"unit: loss became nan at epoch 1, step 3\b"):
         train(wrap=nan_from_step_3, epochs=1)
     assert steps["n"] == 6  # 96 images / 16: the epoch's last step read the flag, not step 3
+
+
+def test_dry_run_says_which_stages_would_run_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    recipe = tmp_path / "r.yaml"
+    raw = dict(RECIPE, stages=["teacher", {"distill": {"train": {"epochs": 1}}}])
+    raw["teacher"] = dict(RECIPE["teacher"], train=dict(RECIPE["teacher"]["train"], epochs=1))
+    recipe.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    out = ["--out", str(tmp_path / "out")]
+    fresh = runner.invoke(cli, ["run", str(recipe), *out, "--dry-run"])
+    assert fresh.exit_code == 0 and "teacher: would run\ndistill: would run" in fresh.output
+    assert not (tmp_path / "out" / "resume").exists()
+    assert runner.invoke(cli, ["run", str(recipe), *out]).exit_code == 0
+    run_dir = tmp_path / "out" / "resume"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    same = runner.invoke(cli, ["run", str(recipe), *out, "--dry-run"])
+    assert "teacher: reused (unchanged)\ndistill: reused (unchanged)" in same.output
+    changed = runner.invoke(
+        cli, ["run", str(recipe), *out, "--dry-run", "--set", "stages.distill.train.epochs=2"]
+    )
+    assert "teacher: reused (unchanged)\ndistill: would run" in changed.output
+    forced = runner.invoke(cli, ["run", str(recipe), *out, "--dry-run", "--force"])
+    assert "teacher: would run\ndistill: would run" in forced.output
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before

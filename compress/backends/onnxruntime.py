@@ -15,6 +15,7 @@ from pathlib import Path
 from compress.backends.child import budget_timeout, measure_request, run_child
 
 WORKER_MODULE = "compress.backends._ort_worker"
+TABLE_WORKER_MODULE = "compress.backends._ort_table_worker"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -68,3 +69,43 @@ def measure(
     if timeout_s is None:
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
     return run_child(WORKER_MODULE, request, timeout_s)
+
+
+def measure_each(
+    paths: list[Path],
+    *,
+    batch_size: int,
+    threads: int,
+    rounds: int = 5,
+    runs: int = 20,
+    warmup: int = 3,
+    device: str = "cpu",
+    timeout_s: float | None = None,
+) -> dict:
+    """Latency of each of many small ONNX files, all in ONE fresh process, interleaved in rounds
+    (see :mod:`compress.backends._ort_table_worker` for why one process).
+
+    Args:
+        paths: the ``.onnx`` files (each with one float input whose batch axis is dynamic).
+        batch_size: the batch every file runs at.
+        threads: intra-op threads; 0 keeps ONNX Runtime's default.
+        rounds: visits of every file; its value is the median of its round medians.
+        runs: timed runs per visit.
+        warmup: untimed runs before each visit.
+        device: "cpu" or "cuda".
+        timeout_s: wall-clock limit for the child; None: none.
+
+    Returns:
+        ``{"status": "ok", "ms": [...], "spread": [...]}`` (one value per path, in order) or
+        ``{"status": "error", "error": one line}``. Never raises.
+    """
+    request = {
+        "paths": [str(Path(p).resolve()) for p in paths],
+        "batch_size": int(batch_size),
+        "threads": int(threads),
+        "rounds": int(rounds),
+        "runs": int(runs),
+        "warmup": int(warmup),
+        "provider": PROVIDERS[device],
+    }
+    return run_child(TABLE_WORKER_MODULE, request, timeout_s)

@@ -28,7 +28,21 @@ def _plain(value: Any) -> Any:
     if isinstance(value, C.LossConfig):
         return {"name": value.name, "weight": value.weight, **_plain(value.params)}
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not _unchanged_addition(f, getattr(value, f.name))
+        }
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _unchanged_addition(f: dataclasses.Field, value: Any) -> bool:
+    """A field added after runs were recorded (marked ``ADDED_LATER``) still at its default: it is
+    left out, so the input keys of finished stages, which never saw it, stay the same and an
+    upgrade does not rerun them."""
+    if not f.metadata.get(C.ADDED_LATER):
+        return False
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value == default

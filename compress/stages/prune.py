@@ -80,14 +80,23 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         f"prune: before {before['params']:,} params, {before['macs']:,} MACs, "
         f"{before['latency_ms_b1']:.2f} ms, top-1 {before['top1']:.2f}%",
     )
-    goals = step_targets(cfg, before["macs"], cfg.steps)
-    pruner = ChannelPruner(
-        student, example_batch(ctx), cfg, num_classes=network.num_classes, rounds=cfg.steps
-    )
     gradients = taylor_gradients(ctx, loaders[0], prep)
+    if cfg.target.active:
+        pruner = latency_pruner(ctx, cfg, student, network, loaders[0], prep, gradients)
+        goals = pruner.step_goals(cfg.steps)
+    else:
+        pruner = ChannelPruner(
+            student, example_batch(ctx), cfg, num_classes=network.num_classes, rounds=cfg.steps
+        )
+        goals = step_targets(cfg, before["macs"], cfg.steps)
     steps, history = [], []
     for k, goal in enumerate(goals, start=1):
-        pruned = pruner.prune(goal, gradients)
+        if cfg.target.active:
+            cut = pruner.cut(goal)
+            params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
+            pruned = {"macs": macs, "params": params, "latency": cut.to_json()}
+        else:
+            pruned = pruner.prune(goal, gradients)
         pruned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
         recalibrated_top1 = None
         if cfg.recalibration_images:
@@ -121,7 +130,8 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         tuned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
         steps.append(
             {
-                "target_macs": goal,
+                "target_macs": None if cfg.target.active else goal,
+                "latency": pruned.get("latency"),
                 "macs": pruned["macs"],
                 "params": pruned["params"],
                 "top1_pruned": pruned_top1,
@@ -144,7 +154,21 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         | {
             "source_stage": source.stage,
             "criterion": cfg.criterion,
-            "target_macs": goals[-1],
+            "target_macs": None if cfg.target.active else goals[-1],
+            "latency_target": (
+                None
+                if not cfg.target.active
+                else {
+                    "backend": pruner.backend.name,
+                    "precision": pruner.precision,
+                    "batch_size": cfg.target.batch_size,
+                    "threads": cfg.target.threads,
+                    "goal_ms": goals[-1],
+                    "base_ms": pruner.base_ms,
+                    "measured_ms": steps[-1]["latency"]["measured_ms"],
+                    "speedup": steps[-1]["latency"]["speedup"],
+                }
+            ),
             "macs_reduction": before["macs"] / after["macs"],
             "params_reduction": before["params"] / after["params"],
             "top1_delta": after["top1"] - before["top1"],
@@ -155,6 +179,56 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     )
     return Artifact(
         "prune", files={"model": path}, metrics=metrics, role="student", network=network
+    )
+
+
+def latency_pruner(
+    ctx: RunContext, cfg: PruneConfig, student, network, train_loader, prep, gradients
+):
+    """The :class:`LatencyPruner` for ``cfg.target``: on its backend (default: the recipe's first
+    bench backend), in the precision that will be deployed (``auto``: INT8 when a quantize stage
+    follows this one), its latency table kept in the run folder.
+
+    Raises:
+        StageError: a distributed run (the measurement is one process's), or a backend that
+            cannot time single layers.
+    """
+    from compress.bench_backends import BACKENDS
+    from compress.cpu_features import cpu_features
+    from compress.latency_pruning import LatencyPruner
+    from compress.machine import machine_info
+
+    if distributed.active():
+        raise StageError(
+            "prune: a latency target is measured by one process; run this stage without torchrun "
+            "(or prune to speedup/target_macs)"
+        )
+    target = cfg.target
+    names = [spec.name for spec in ctx.recipe.stages]
+    here = names.index(ctx.stage_dir.name) if ctx.stage_dir and ctx.stage_dir.name in names else 0
+    later = [spec.kind for spec in ctx.recipe.stages[here + 1 :]]
+    bench = next((s.config for s in ctx.recipe.stages if s.kind == "bench"), None)
+    backend = target.backend or (bench.backends[0] if bench else "onnxruntime")
+    if BACKENDS.get(backend).table_entry is None:
+        raise StageError(
+            f"prune.target.backend: {backend!r} cannot time single layers; name an ONNX Runtime "
+            "backend (e.g. onnxruntime)"
+        )
+    precision = target.precision
+    if precision == "auto":
+        precision = "int8" if "quantize" in later else "fp32"
+    return LatencyPruner(
+        student,
+        example_batch(ctx),
+        cfg,
+        backend=BACKENDS.get(backend),
+        precision=precision,
+        calibration=calibration_batches(ctx, train_loader, prep, 256),
+        num_classes=network.num_classes,
+        cache=ctx.run_dir,
+        gradient_fn=gradients,
+        cpu=f"{machine_info()['cpu']} ({cpu_features().summary()})",
+        log=lambda line: say(ctx, f"prune {line}"),
     )
 
 

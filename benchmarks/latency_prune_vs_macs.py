@@ -1,0 +1,220 @@
+"""Latency-targeted vs MACs-targeted pruning of the CIFAR-10 reference student, at equal measured
+latency, same fine-tune budget, same runtime (issue 15, item 1).
+
+    python benchmarks/latency_prune_vs_macs.py      # from the repository root
+
+1. The reference run (``recipes/cifar10_cpu.yaml``, under ``--out``) must be finished: its prune
+   stage is the MACs-targeted one (2x fewer MACs), followed by QAT, export and bench.
+2. Its distilled student, exported INT8 as the prune stage would (PTQ), and the reference's final
+   INT8 student are measured in ``--processes`` interleaved fresh processes (ONNX Runtime CPU, 1
+   thread, at `--batch-size`): their pairwise ratio is the speed-up MACs pruning delivered.
+3. The same recipe runs again with ``prune.target.latency_speedup`` set to that ratio and every
+   other setting unchanged (its teacher and distill stages are the reference's, copied).
+4. The three exported files (teacher, MACs-pruned and latency-pruned INT8 students) are measured
+   interleaved at batch 1 and 64; the table shows accuracy (full test split), MACs and latency.
+
+Resumable: the latency run is a pipeline run in its own folder, and the measured speed-up is
+written into its recipe the first time. Prints a table and writes
+``benchmarks/results/latency_prune_vs_macs.json`` with the machine's CPU and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from compress.bench_backends import BACKENDS
+from compress.benchmark.rows import BenchResult
+from compress.fileio import write_json_atomic
+from compress.latency_pruning import interleaved_p50
+from compress.machine import machine_info
+from compress.pipeline import plan, run
+from compress.recipe.load import load_recipe
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE.parent / "recipes" / "cifar10_cpu.yaml"
+LATENCY_NAME_SUFFIX = "-latency-b{batch}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(HERE.parent / "exported" / "cifar10_reference"))
+    parser.add_argument("--processes", type=int, default=7)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="the batch of the latency target (1 or 64)"
+    )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        help="the latency target when MACs pruning delivered no speed-up (equal latency is then "
+        "out of the question: the comparison is at this target instead)",
+    )
+    parser.add_argument("--result", default=str(HERE / "results" / "latency_prune_vs_macs.json"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    # the reference run's own resolved recipe: its stage keys include the data path as that run
+    # spelled it, so a differently spelled --data would retrain its teacher
+    resolved = Path(args.out) / yaml.safe_load(RECIPE.read_text())["name"] / "recipe.yaml"
+    if not resolved.is_file():
+        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
+    recipe = load_recipe(resolved, out=args.out)
+    pending = [stage for stage, done in plan(recipe).items() if not done]
+    if pending:
+        raise SystemExit(f"the reference run would re-run {', '.join(pending)}; finish it first")
+    reference = run(recipe)
+    latency_recipe = prepare_latency_run(args, reference)
+    latency = run(load_recipe(latency_recipe, out=args.out))
+    files = {
+        "teacher": reference["export"].files["teacher"],
+        "macs-targeted": reference["export"].files["student"],
+        "latency-targeted": latency["export"].files["student"],
+    }
+    backend = BACKENDS.get("onnxruntime")
+    record = {
+        "machine": _machine(),
+        "reference_run": str(Path(args.out) / recipe.name),
+        "latency_speedup_target": _target_of(latency_recipe),
+        "variants": {},
+        "wall_s": None,
+    }
+    b1 = interleaved_p50(backend, list(files.values()), 1, 1, args.processes)
+    b64 = interleaved_p50(backend, list(files.values()), 64, 1, max(3, args.processes // 2))
+    for index, (name, artifacts) in enumerate(
+        [("teacher", reference), ("macs-targeted", reference), ("latency-targeted", latency)]
+    ):
+        bench = BenchResult.read(artifacts["bench"].files["json"])
+        row = bench.row("teacher" if name == "teacher" else "student")
+        prune = artifacts["prune"].metrics if name != "teacher" else None
+        record["variants"][name] = {
+            "file": str(list(files.values())[index]),
+            "onnx_top1": row.top1,
+            "macs": row.macs,
+            "params": row.params,
+            "p50_ms_b1": statistics.median(b1[index]),
+            "p50_ms_b1_processes": b1[index],
+            "p50_ms_b64": statistics.median(b64[index]),
+            "speedup_b1_vs_teacher": statistics.median(
+                t / s for t, s in zip(b1[0], b1[index], strict=True)
+            ),
+            "pruned_top1": None if prune is None else prune["top1"],
+            "pruned_macs_reduction": None if prune is None else prune["macs_reduction"],
+            "prune_steps": None if prune is None else prune["steps"],
+        }
+    record["wall_s"] = time.perf_counter() - started
+    print(table(record))
+    write_json_atomic(Path(args.result), record)
+
+
+def prepare_latency_run(args, reference) -> Path:
+    """The latency run's recipe (written once, with the measured speed-up of MACs pruning) and
+    its folder holding copies of the reference's teacher and distill stages (they skip)."""
+    raw = yaml.safe_load((Path(args.out) / "cifar10_cpu" / "recipe.yaml").read_text())
+    name = raw["name"] + LATENCY_NAME_SUFFIX.format(batch=args.batch_size)
+    path = Path(args.out) / f"{name}.yaml"
+    if path.is_file():
+        return path
+    reference_dir = Path(reference["teacher"].files["model"]).parent.parent
+    folder = Path(args.out) / name
+    for stage in ("teacher", "distill"):
+        if not (folder / stage).exists():
+            shutil.copytree(reference_dir / stage, folder / stage)
+    speedup = macs_pruning_speedup(args, reference)
+    print(f"MACs pruning delivered {speedup:.3f}x at batch {args.batch_size} (INT8)")
+    if speedup <= 1.0:
+        if args.speedup is None:
+            raise SystemExit(
+                f"MACs pruning made the INT8 student no faster at batch {args.batch_size} "
+                f"({speedup:.3f}x the unpruned one): at equal latency a latency target prunes "
+                "nothing; give --speedup to compare at a target of your choice"
+            )
+        speedup = args.speedup
+    for stage in raw["stages"]:
+        if isinstance(stage, dict) and "prune" in stage:
+            prune = stage["prune"]
+            for key in ("speedup", "target_macs", "pruning_ratio"):
+                prune.pop(key, None)
+            prune["target"] = {
+                "latency_speedup": round(speedup, 3),
+                "batch_size": args.batch_size,
+            }
+    raw["name"] = name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def macs_pruning_speedup(args, reference) -> float:
+    """Median pairwise ratio: the unpruned distilled student (INT8, as the latency prune stage
+    exports it) over the reference's MACs-pruned INT8 student, interleaved processes."""
+    from compress.api import export, quantize
+
+    distill = reference["distill"]
+    model = _load_student(distill)
+    images = torch.zeros(1, 3, 32, 32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "unpruned.onnx"
+        calibration = [torch.randn(64, 3, 32, 32) for _ in range(2)]
+        export(quantize(model.eval(), calibration), path, check_inputs=images)
+        times = interleaved_p50(
+            BACKENDS.get("onnxruntime"),
+            [path, reference["export"].files["student"]],
+            args.batch_size,
+            1,
+            args.processes,
+        )
+    return statistics.median(a / b for a, b in zip(*times, strict=True))
+
+
+def _load_student(artifact):
+    from compress.models import build_model
+    from compress.weights import load_weights
+
+    network = artifact.network
+    model = build_model(
+        network.model, num_classes=network.num_classes, cifar_stem=network.cifar_stem
+    )
+    return load_weights(model, artifact.files["model"])
+
+
+def _target_of(recipe_path: Path) -> float:
+    raw = yaml.safe_load(recipe_path.read_text())
+    prune = next(s["prune"] for s in raw["stages"] if isinstance(s, dict) and "prune" in s)
+    return prune["target"]["latency_speedup"]
+
+
+def _machine() -> dict:
+    machine = machine_info()
+    return {
+        "cpu": machine["cpu"],
+        "cores": machine["cores"],
+        "flags": list(machine["cpu_features"]["flags"]),
+    }
+
+
+def table(record: dict) -> str:
+    lines = [
+        f"latency target: {record['latency_speedup_target']}x over the unpruned INT8 student "
+        "(what MACs pruning delivered)",
+        "",
+        "| variant | INT8 ONNX top-1 (%) | MACs | params | b1 ms | b64 ms | b1 vs teacher |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in record["variants"].items():
+        lines.append(
+            f"| {name} | {v['onnx_top1']:.2f} | {v['macs']:,} | {v['params']:,} | "
+            f"{v['p50_ms_b1']:.3f} | {v['p50_ms_b64']:.3f} | {v['speedup_b1_vs_teacher']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+"""Prune to a latency measured on the target runtime, not to a MACs proxy.
+
+Why: a network with 2x fewer MACs is not 2x faster. On ONNX Runtime the pruned MobileNetV2 at
+2.08x fewer MACs ran 1.7x faster, INT8 depthwise kernels are slower than FP32 ones, and widths
+off a multiple of 16 cost more than their MACs (benchmarks/RESULTS.md). Every maintained pruning
+tool targets a proxy (ratios, MACs, FLOPs, parameters); NetAdapt (Yang et al. 2018) and HALP
+(Shen et al. 2022) showed the measured alternative.
+
+How:
+1. :mod:`compress.latency_table` times every layer alone at each width it may get, in the
+   precision that will be deployed, on the bench runtime itself.
+2. :func:`plan_widths` repeatedly narrows the channel group, to whichever of its candidate
+   widths, that removes the least importance per millisecond the table says it saves, until the
+   predicted latency meets the goal (a greedy knapsack over the groups).
+3. :class:`LatencyPruner` cuts those channels, exports the network as it will be deployed and
+   measures it (several fresh processes, interleaved with the unpruned network for a speed-up).
+   Above the goal, it plans again from the measured latency and cuts more, so the goal is met by
+   measurement, not by prediction. Each cut records predicted and measured latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.config import LatencyTarget, PruneSpec
+from compress.errors import StageError
+from compress.latency_table import LatencyTable, LayerSite, cached_table, layer_sites
+from compress.pruning import ChannelGroup, ChannelPruner, GradientFn
+
+MAX_CORRECTIONS = 4  # re-plans after a measured latency above the goal, per cut
+MEASURE_ITERATIONS = 200  # timed runs per process of an exported candidate (2 s budget)
+
+Widths = dict[str, tuple[int, int]]  # layer -> (in, out) channels
+
+
+@dataclass(frozen=True)
+class LatencyCut:
+    """One cut toward a latency goal.
+
+    Attributes:
+        goal_ms: the latency this cut aimed at.
+        predicted_ms: what the table predicted for the widths chosen (from the last measurement).
+        measured_ms: the exported network's measured latency after the cut (and its corrections).
+        base_ms: the unpruned network's latency measured with it (interleaved processes).
+        speedup: ``base_ms / measured_ms``, as the median of the per-process pairs.
+        corrections: how many re-plans the measurement forced.
+        widths: each group's channels after the cut.
+    """
+
+    goal_ms: float
+    predicted_ms: float
+    measured_ms: float
+    base_ms: float
+    speedup: float
+    corrections: int
+    widths: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {
+            "goal_ms": self.goal_ms,
+            "predicted_ms": self.predicted_ms,
+            "measured_ms": self.measured_ms,
+            "base_ms": self.base_ms,
+            "speedup": self.speedup,
+            "corrections": self.corrections,
+            "widths": self.widths,
+        }
+
+
+def candidate_widths(channels: int, spec: PruneSpec, grid: int) -> tuple[int, ...]:
+    """The widths a group of ``channels`` may take, widest first: multiples of ``round_to``
+    that keep at least ``1 - max_layer_ratio`` of it, at most ``grid`` of them evenly spread
+    (always the full width and the narrowest)."""
+    step = spec.round_to
+    narrowest = max(step, int(np.ceil(channels * (1 - spec.max_layer_ratio) / step)) * step)
+    options = [w for w in range(narrowest, channels, step)] + [channels]
+    if len(options) > grid:
+        picks = np.linspace(0, len(options) - 1, grid).round().astype(int)
+        options = [options[i] for i in sorted(set(picks))]
+    return tuple(sorted(set(options), reverse=True))
+
+
+def table_cells(
+    sites: list[LayerSite], groups: list[ChannelGroup], options: dict[str, tuple[int, ...]]
+) -> dict[str, set[tuple[int, int]]]:
+    """Every (in, out) width pair each layer can end up with, given each group's options."""
+    ins, outs = _sides(groups, options)
+    cells = {}
+    for site in sites:
+        out_options = outs.get(site.name, (site.out_channels,))
+        in_options = ins.get(site.name, (site.in_channels,))
+        if site.depthwise:
+            cells[site.name] = {(w, w) for w in out_options or in_options}
+        else:
+            cells[site.name] = {(i, o) for i in in_options for o in out_options}
+    return cells
+
+
+def plan_widths(
+    groups: list[ChannelGroup],
+    options: dict[str, tuple[int, ...]],
+    table: LatencyTable,
+    widths: Widths,
+    depthwise: set[str],
+    start_ms: float,
+    goal_ms: float,
+) -> tuple[dict[str, int], float]:
+    """Group widths predicted to reach ``goal_ms``, losing the least importance per ms saved.
+
+    Args:
+        groups: the network's channel groups now, with their channels' importance.
+        options: each group's allowed widths (widest first).
+        table: per-layer latency cells.
+        widths: each layer's (in, out) channels now.
+        depthwise: layers whose input width follows their output width.
+        start_ms: the network's measured latency now.
+        goal_ms: the latency to reach.
+
+    Returns:
+        ``(group -> width, predicted ms)``.
+
+    Raises:
+        StageError: the narrowest allowed widths are predicted slower than the goal.
+    """
+    keep = {g.name: g.channels for g in groups}
+    order = {g.name: torch.sort(g.importance).values.numpy() for g in groups}
+    layers = dict(widths)
+    predicted = start_ms
+    while predicted > goal_ms:
+        best = None
+        for group in groups:
+            # every narrower width, not only the next: a width off the kernels' blocking can
+            # cost more than a narrower one, so the next step may save nothing where two do
+            for width in (w for w in options[group.name] if w < keep[group.name]):
+                trial = _resized(layers, group, width, depthwise)
+                saved = sum(
+                    table.cost(name, *layers[name]) - table.cost(name, *trial[name])
+                    for name in trial
+                    if trial[name] != layers[name]
+                )
+                if saved <= 0:
+                    continue
+                removed = group.channels - keep[group.name]
+                lost = float(order[group.name][removed : group.channels - width].sum())
+                score = lost / saved
+                if best is None or score < best[0]:
+                    best = (score, group, width, trial, saved)
+        if best is None:
+            raise StageError(
+                f"prune: the latency goal {goal_ms:.3f} ms is out of reach: the narrowest widths "
+                f"allowed are predicted at {predicted:.3f} ms; lower the target, raise "
+                "max_layer_ratio or ignore fewer layers"
+            )
+        _, group, width, layers, saved = best
+        keep[group.name] = width
+        predicted -= saved
+    return {name: w for name, w in keep.items()}, predicted
+
+
+class LatencyPruner:
+    """Cuts a network toward latency goals measured on a bench runtime (see the module docstring).
+
+    Args:
+        model: the network, pruned in place.
+        example_inputs: a batch shaped like the real input (normalised, on the model's device).
+        spec: the prune spec; ``spec.target`` says the runtime, batch, threads and grid.
+        backend: the :class:`compress.bench_backends.Backend` that measures.
+        precision: "fp32" or "int8": how the network is exported to be measured.
+        calibration: input batches for the INT8 export's calibration (a few suffice: latency does
+            not depend on the scales).
+        num_classes: the classifier's outputs (never pruned).
+        cache: folder where the latency table is kept (None: a temporary one).
+        gradient_fn: for the ``taylor`` criterion.
+        cpu: the CPU, recorded with the table.
+        log: called with one line per measurement.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        spec: PruneSpec,
+        *,
+        backend,
+        precision: str,
+        calibration: list[torch.Tensor] | None,
+        num_classes: int,
+        cache: Path | None = None,
+        gradient_fn: GradientFn | None = None,
+        cpu: str = "",
+        log=None,
+    ):
+        self.model, self.example, self.spec = model, example_inputs, spec
+        self.target: LatencyTarget = spec.target
+        self.backend, self.precision = backend, precision
+        self.calibration = calibration or [example_inputs]
+        self.gradient_fn, self.log = gradient_fn, log or (lambda line: None)
+        self._folder = tempfile.TemporaryDirectory(prefix="compress-latency-")
+        self.pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes)
+        self.sites = layer_sites(model, example_inputs)
+        self.depthwise = {s.name for s in self.sites if s.depthwise}
+        groups = self.pruner.channel_groups(gradient_fn)
+        self.options = {
+            g.name: candidate_widths(g.channels, spec, self.target.grid) for g in groups
+        }
+        self.table = cached_table(
+            cache or Path(self._folder.name),
+            self.sites,
+            table_cells(self.sites, groups, self.options),
+            backend,
+            batch_size=self.target.batch_size,
+            threads=self.target.threads,
+            precision=precision,
+            cpu=cpu,
+        )
+        self.base_file = self._export(model, "base")
+        self.base_ms, self.current_ms = self._measure([self.base_file])[0], None
+        self.current_ms = self.base_ms
+        self.log(f"latency: unpruned {self.base_ms:.3f} ms on {backend.name} ({precision})")
+
+    def goal_ms(self) -> float:
+        """The final latency goal in ms (for a speed-up: the measured unpruned latency over it)."""
+        if self.target.latency_ms is not None:
+            return self.target.latency_ms
+        return self.base_ms / self.target.latency_speedup
+
+    def step_goals(self, steps: int) -> list[float]:
+        """A geometric schedule of latency goals from the unpruned network to the final goal."""
+        goal = self.goal_ms()
+        if goal >= self.base_ms:
+            raise StageError(
+                f"prune: the unpruned network already runs in {self.base_ms:.3f} ms <= the "
+                f"target {goal:.3f} ms; nothing to prune"
+            )
+        return [self.base_ms * (goal / self.base_ms) ** (k / steps) for k in range(1, steps + 1)]
+
+    def cut(self, goal_ms: float) -> LatencyCut:
+        """Cut until the exported network meets ``goal_ms`` by measurement: for a speed-up
+        target, its pairwise ratio with the unpruned network reaches ``base_ms / goal_ms``; for
+        a latency target, its measured latency is at most ``goal_ms``.
+
+        Raises:
+            StageError: the goal is predicted out of reach, or still missed after
+                ``MAX_CORRECTIONS`` re-plans.
+        """
+        start = self.current_ms
+        corrections, first_prediction, kept = 0, None, {}
+        while True:
+            groups = self.pruner.channel_groups(self.gradient_fn)
+            widths, predicted = plan_widths(
+                groups,
+                self.options,
+                self.table,
+                self._layer_widths(),
+                self.depthwise,
+                start,
+                goal_ms,
+            )
+            first_prediction = predicted if first_prediction is None else first_prediction
+            self.pruner.keep(groups, widths)
+            kept.update(widths)
+            measured, speedup = self._measure_candidate()
+            self.log(
+                f"latency: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
+                f"(goal {goal_ms:.3f} ms, {speedup:.2f}x the unpruned network)"
+            )
+            self.current_ms = measured
+            if self._met(goal_ms, measured, speedup):
+                break
+            if corrections == MAX_CORRECTIONS:
+                raise StageError(
+                    f"prune: measured {measured:.3f} ms ({speedup:.2f}x) after {corrections} "
+                    f"corrections, short of the goal {goal_ms:.3f} ms; the table's predictions "
+                    "miss on this runtime (see the step records)"
+                )
+            corrections += 1
+            start = measured
+        return LatencyCut(
+            goal_ms=goal_ms,
+            predicted_ms=first_prediction,
+            measured_ms=measured,
+            base_ms=self.base_ms,
+            speedup=speedup,
+            corrections=corrections,
+            widths=kept,
+        )
+
+    def _met(self, goal_ms: float, measured_ms: float, speedup: float) -> bool:
+        """A speed-up goal is judged by the pairwise ratio measured with the unpruned network (a
+        load that slows both cancels), a latency goal by the measured milliseconds."""
+        if self.target.latency_speedup is None:
+            return measured_ms <= goal_ms
+        return speedup >= self.base_ms / goal_ms * (1 - 1e-9)
+
+    def _measure_candidate(self) -> tuple[float, float]:
+        """(median latency, median pairwise speed-up over the unpruned network)."""
+        path = self._export(self.model, "candidate")
+        if self.target.latency_speedup is None:
+            ms = self._measure([path])[0]
+            return ms, self.base_ms / ms
+        per_process = self._measure_processes([self.base_file, path])
+        ratios = [base / ours for base, ours in zip(*per_process, strict=True)]
+        return statistics.median(per_process[1]), statistics.median(ratios)
+
+    def _measure(self, paths: list[Path]) -> list[float]:
+        return [statistics.median(times) for times in self._measure_processes(paths)]
+
+    def _measure_processes(self, paths: list[Path]) -> list[list[float]]:
+        target = self.target
+        return interleaved_p50(
+            self.backend, paths, target.batch_size, target.threads, target.processes
+        )
+
+    def _export(self, model: nn.Module, name: str) -> Path:
+        """The network as it will be deployed: FP32 ONNX, or calibrated QDQ INT8 ONNX."""
+        from compress.config import ExportConfig
+        from compress.exporters.network import export_network
+        from compress.quantization import calibrate, prepare_quantized
+
+        network = copy.deepcopy(model).cpu().eval()
+        inputs = self.example[:1].cpu()
+        spec = None
+        if self.precision == "int8":
+            batches = [batch.cpu() for batch in self.calibration[:2]]
+            # ONNX Runtime's integer kernels: what the quantize stage's default target exports
+            network = prepare_quantized(
+                network, target="onnxruntime-cpu", example_inputs=batches[0]
+            )
+            calibrate(network, batches, method="minmax")
+            network, spec = network.eval(), network.quant_spec
+        path = Path(self._folder.name) / f"{name}.onnx"
+        export_network(
+            network,
+            path,
+            ExportConfig(),
+            inputs.numpy(),
+            {},
+            spec,
+            image_size=inputs.shape[-1],
+            in_channels=inputs.shape[1],
+            warn=False,
+        )
+        return path
+
+    def _layer_widths(self) -> Widths:
+        modules = dict(self.model.named_modules())
+        out = {}
+        for site in self.sites:
+            layer = modules[site.name]
+            if isinstance(layer, nn.Conv2d):
+                out[site.name] = (layer.in_channels, layer.out_channels)
+            else:
+                out[site.name] = (layer.in_features, layer.out_features)
+        return out
+
+
+def interleaved_p50(
+    backend, paths: list[Path], batch_size: int, threads: int, processes: int
+) -> list[list[float]]:
+    """Each file's p50 latency (ms) in ``processes`` fresh processes of ``backend``, visited
+    A B A B: a per-process bias of the runtime then falls on every file alike, and ratios are
+    taken pair by pair.
+
+    Raises:
+        StageError: a measurement failed.
+    """
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(processes):
+        for index, path in enumerate(paths):
+            result = backend.measure(
+                path,
+                batch_sizes=[batch_size],
+                warmup=10,
+                iterations=MEASURE_ITERATIONS,
+                time_budget_s=2.0,
+                threads=threads,
+            )
+            if result.get("status") != "ok":
+                raise StageError(f"measuring {Path(path).name}: {result.get('error')}")
+            times[index].append(result["batches"][0]["latency_ms"]["p50"])
+    return times
+
+
+def _sides(groups: list[ChannelGroup], options: dict[str, tuple[int, ...]]):
+    """layer -> the width options of its input, and of its output."""
+    ins, outs = {}, {}
+    for group in groups:
+        for name in group.outs:
+            outs[name] = options[group.name]
+        for name in group.ins:
+            ins[name] = options[group.name]
+    return ins, outs
+
+
+def _resized(layers: Widths, group: ChannelGroup, width: int, depthwise: set[str]) -> Widths:
+    """Layer widths after ``group`` takes ``width`` channels (a depthwise layer's both sides)."""
+    out = dict(layers)
+    for name in group.outs:
+        if name in out:
+            cin, _ = out[name]
+            out[name] = (width if name in depthwise else cin, width)
+    for name in group.ins:
+        if name in out:
+            _, cout = out[name]
+            out[name] = (width, width if name in depthwise else cout)
+    return out
