@@ -74,6 +74,31 @@ def test_equal_results_pass(tmp_path):
     assert "all 8 gates passed" in result.output and "FAIL" not in result.output
 
 
+def test_rows_that_never_carry_accuracy_get_no_accuracy_gate(tmp_path):
+    # a PyTorch backend's rows time a checkpoint and measure no top-1, in the baseline as now
+    with_torch_rows = copy.deepcopy(BASELINE)
+    with_torch_rows["rows"].append(row("student [torch]", None, 1.2, 2_000_000))
+    (tmp_path / "baseline.json").write_text(json.dumps(with_torch_rows))
+    (tmp_path / "current.json").write_text(json.dumps(with_torch_rows))
+    result = CliRunner().invoke(
+        cli,
+        ["check", str(tmp_path / "current.json"), "--baseline", str(tmp_path / "baseline.json")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "all 10 gates passed" in result.output
+    assert "| student [torch] | top-1" not in result.output
+    lost = copy.deepcopy(with_torch_rows)
+    lost["rows"][2]["top1"] = None  # a row that had accuracy and lost it still fails
+    (tmp_path / "current.json").write_text(json.dumps(lost))
+    result = CliRunner().invoke(
+        cli,
+        ["check", str(tmp_path / "current.json"), "--baseline", str(tmp_path / "baseline.json")],
+    )
+    assert (
+        result.exit_code == 1 and "| student | top-1 (%) | 92.8 | — | not measured" in result.output
+    )
+
+
 @pytest.mark.parametrize(
     ("current", "failing"),
     [
