@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -271,6 +272,24 @@ def test_the_relative_latency_gate_uses_the_paired_speedup_and_names_unstable_mo
     # paired: 1 / 4.0 now and before (the medians apart would say 1.05 / 4.0: +5%)
     assert gate.baseline == pytest.approx(0.25) and gate.current == pytest.approx(0.25)
     assert gate.passed and gate.change == "+0.0% (unstable: student)"
+
+
+def test_the_report_takes_the_benchs_paired_speedup():
+    from compress.report import _paired_speedups, _ratios
+
+    result = compare(
+        [
+            row_with_processes("teacher", [4.0, 4.2, 4.0]),
+            row_with_processes("student", [1, 1.05, 2]),
+        ]
+    )
+    export = SimpleNamespace(kind="export", metrics={"student": {"stage": "prune"}})
+    speedups = _paired_speedups(result, [export])
+    assert speedups == {"prune": pytest.approx(4.0)}
+    entry = {"top1": 90.0, "params": 1, "onnx": {"p50_b1_ms": 1.05}}
+    teacher = {"top1": 95.0, "params": 4, "onnx": {"p50_b1_ms": 4.0}}
+    assert _ratios(entry, teacher, speedups["prune"])["speedup_b1"] == pytest.approx(4.0)
+    assert _ratios(entry, teacher)["speedup_b1"] == pytest.approx(4.0 / 1.05)  # old runs
 
 
 # --- results written before processes --------------------------------------------------------
