@@ -558,7 +558,7 @@ class BenchConfig:
     (:mod:`compress.benchmark.latency`): one process's latency can sit in one of two modes 1.6x
     apart, so the headline is the median of the processes' medians. Five by default: odd, so
     the median is one process's own number, and two slow processes out of five cannot move it;
-    each extra process costs a start-up (about 0.3 s for ONNX Runtime on CPU, 2 s for PyTorch)
+    each extra process costs a start-up (0.3-0.5 s for ONNX Runtime on CPU, 2 s for PyTorch)
     and its warm-up, while ``time_budget_s`` is split among the processes, not multiplied.
     pyperf runs 20, which would make a recipe's bench stage several times longer.
     """
