@@ -279,13 +279,23 @@ def _backends() -> list[str]:
     type=click.FloatRange(min=0, min_open=True),
     default=default(BenchConfig, "time_budget_s"),
     show_default=True,
-    help="Seconds per measurement at most.",
+    help="Seconds per measurement at most, split among the processes.",
 )
 @click.option(
     "--threads",
     type=click.IntRange(min=0),
     default=default(BenchConfig, "threads"),
     help="ONNX Runtime intra-op threads (0: its default).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=default(BenchConfig, "processes"),
+    show_default=True,
+    help=(
+        "Fresh processes per model, interleaved between the models; the p50 is the median of "
+        "theirs (1: one process, as before)."
+    ),
 )
 @click.option(
     "--eval-samples",
@@ -309,6 +319,7 @@ def bench(
     warmup,
     time_budget,
     threads,
+    processes,
     eval_samples,
     out,
 ):
@@ -323,6 +334,7 @@ def bench(
         warmup=warmup,
         time_budget_s=time_budget,
         threads=threads,
+        processes=processes,
         eval_samples=eval_samples,
     )
     result, table_path = bench_files(

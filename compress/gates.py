@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.benchmark.ratios import reference_row
+from compress.benchmark.ratios import reference_row, speedup
 from compress.benchmark.rows import BenchResult, BenchRow
 from compress.config import GatesConfig
 from compress.errors import DataError
@@ -161,7 +161,20 @@ def _latency(model, base, row, baseline, current, gates, relative) -> GateResult
         metric = f"p50 batch 1 / {current.reference}'s"
     else:
         before, after, metric = base.p50_ms(1), row.p50_ms(1), "p50 batch 1 (ms)"
-    return _growth(model, metric, before, after, gates.max_latency_increase)
+    result = _growth(model, metric, before, after, gates.max_latency_increase)
+    shaky = _unstable(row, current, relative)
+    if shaky and result.status != "SKIPPED":
+        result = dataclasses.replace(result, change=f"{result.change} (unstable: {shaky})")
+    return result
+
+
+def _unstable(row: BenchRow, result: BenchResult, relative: bool) -> str:
+    """The models of the current result whose batch-1 processes disagreed (the row, and the
+    reference it is compared with): their gate's verdict may flip on a re-run."""
+    ref = reference_row(result.rows, row, result.reference) if relative else None
+    rows = [row] + ([ref] if ref is not None and ref is not row else [])
+    names = [r.model_name for r in rows if (p := r.latency_at(1)) is not None and p.unstable]
+    return ", ".join(names)
 
 
 def _growth(
@@ -222,11 +235,11 @@ def _shown(value):
 
 
 def _relative_p50(row: BenchRow, result: BenchResult) -> float | None:
-    """Batch-1 p50 of a row over that of the reference model measured the same way (same
-    backend)."""
-    ref = reference_row(result.rows, row, result.reference)
-    ours, theirs = row.p50_ms(1), ref.p50_ms(1) if ref else None
-    return ours / theirs if ours and theirs else None
+    """Batch-1 latency of a row relative to the reference model measured the same way (same
+    backend): 1 / its speed-up, which pairs the processes of each round
+    (:func:`compress.benchmark.ratios.speedup`)."""
+    found = speedup(row, reference_row(result.rows, row, result.reference), 1)
+    return 1 / found if found else None
 
 
 def _has_reference(result: BenchResult) -> bool:

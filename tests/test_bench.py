@@ -28,7 +28,9 @@ from compress.fileio import sha256_file, write_json_atomic
 
 SIZE = 16
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
-CFG = BenchConfig(batch_size=8, warmup=1, iterations=10, time_budget_s=0.5, threads=1)
+# one process per model: these tests check what one process measures (several: see
+# test_several_processes_per_model_interleaved and tests/test_latency.py)
+CFG = BenchConfig(batch_size=8, warmup=1, iterations=10, time_budget_s=0.5, threads=1, processes=1)
 FIRST_KEYS = ["role", "path", "status", "error", "backend", "format"]  # of every row in bench.json
 
 
@@ -235,6 +237,56 @@ def test_time_budget_stops_early_after_five_runs(models):
         threads=1,
     )
     assert result["status"] == "ok" and 5 <= result["batches"][0]["runs"] < 10_000
+
+
+def test_several_processes_per_model_interleaved(monkeypatch, models):
+    started = []
+    run_child = child.run_child
+
+    def recording(module, request, timeout_s):
+        started.append(os.path.basename(request["path"]))
+        return run_child(module, request, timeout_s)
+
+    monkeypatch.setattr("compress.backends.onnxruntime.run_child", recording)
+    cfg = replace(CFG, processes=2, time_budget_s=1.0)
+    result = bench_models(models, cfg, None)
+    assert started == ["teacher.onnx", "student.onnx"] * 2  # round by round, A B A B
+    for row in result.rows:
+        assert row.ok and [p.batch_size for p in row.latency] == [1, 8]
+        for point in row.latency:
+            medians = [process.p50_ms for process in point.processes]
+            assert len(medians) == 2 and all(m > 0 for m in medians)
+            assert point.latency_ms.p50 == pytest.approx(sum(medians) / 2)  # their median
+            assert point.spread == pytest.approx(abs(medians[0] - medians[1]) / (sum(medians) / 2))
+            assert point.unstable == (point.spread > 0.10)
+            assert point.runs == sum(process.runs for process in point.processes)
+            assert all(5 <= process.runs <= cfg.iterations for process in point.processes)
+    ratios = result.ratios["student"]
+    teacher, student = (result.row(role).latency_at(1).processes for role in models)
+    per_round = sorted(t.p50_ms / s.p50_ms for t, s in zip(teacher, student, strict=True))
+    assert ratios.speedup_b1 == pytest.approx(sum(per_round) / 2)
+    assert ratios.speedup_b1_spread == pytest.approx(
+        (per_round[1] - per_round[0]) / ratios.speedup_b1
+    )
+    assert result.config["processes"] == 2
+    assert "Latency spread over processes, batch 1 (%)" in bench_table_markdown(result)
+
+
+def test_cli_processes_option_reaches_the_result(models, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    args = ["bench", str(models["student"]), "--processes", "2", "--iterations", "5"]
+    args += ["--time-budget", "0.2", "--batch-size", "2", "--threads", "1"]
+    outcome = CliRunner().invoke(cli, args + ["--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    result = BenchResult.read(tmp_path / "bench.json")
+    assert result.config["processes"] == 2
+    assert all(len(point.processes) == 2 for point in result.rows[0].latency)
+    assert "2 processes per model" in (tmp_path / "bench.md").read_text()
+    refused = CliRunner().invoke(cli, ["bench", str(models["student"]), "--processes", "0"])
+    assert refused.exit_code == 2 and "--processes" in refused.output
 
 
 def test_unknown_backend_lists_known():

@@ -7,12 +7,14 @@ import dataclasses
 from pathlib import Path
 
 from compress.bench_backends import BACKENDS
+from compress.benchmark.latency import LatencyJob, measure_interleaved
 from compress.benchmark.measure import (
     CHECKPOINT,
     TestData,
     _bench,
     agreement,
     artifact_format,
+    planned_batch_sizes,
 )
 from compress.benchmark.ratios import compare, reference_row
 from compress.benchmark.rows import BenchResult, BenchRow
@@ -48,6 +50,9 @@ def bench_models(
     are named ``"student [torch-cuda]"``. Ratios compare each row with the reference model of
     its own group. Accuracy is measured once per ONNX file, with ONNX Runtime on CPU.
 
+    Latency: each target in ``cfg.processes`` fresh processes, interleaved between the targets
+    of a backend (round r times each once; :mod:`compress.benchmark.latency`).
+
     Args:
         models: role -> ``.onnx`` file, or a list of :class:`BenchTarget`.
         cfg: the bench settings.
@@ -73,7 +78,9 @@ def bench_models(
     headline = _group(BACKENDS.get(cfg.backends[0]), _natural_format(cfg.backends[0]))
     for backend_name in cfg.backends:
         backend = BACKENDS.get(backend_name)
-        for target in (t for t in targets if backend_runs(backend, t.format)):
+        runs = [t for t in targets if backend_runs(backend, t.format)]
+        timed = interleaved_latency(backend, runs, cfg)
+        for target, measured in zip(runs, timed, strict=True):
             group = _group(backend, target.format)
             label = target.model if group == headline else f"{target.model} [{group}]"
             cached = by_file.get(
@@ -81,7 +88,16 @@ def bench_models(
             )  # accuracy does not depend on the backend: measure it once
             data = None if cached is not None else test_data
             row, found = _bench(
-                target.path, cfg, data, label, mean, std, None, backend.name, target.format
+                target.path,
+                cfg,
+                data,
+                label,
+                mean,
+                std,
+                None,
+                backend.name,
+                target.format,
+                measured=measured,
             )
             if cached is not None:
                 row = dataclasses.replace(
@@ -111,6 +127,21 @@ def bench_models(
         machine=machine_info(),
         versions=versions(),
     )
+
+
+def interleaved_latency(backend, targets: list[BenchTarget], cfg: BenchConfig) -> list:
+    """Each target's combined latency result, in order: every target of one backend timed in
+    ``cfg.processes`` rounds, each round running each target in a fresh process
+    (:func:`compress.benchmark.latency.measure_interleaved`). None for a target that cannot be
+    described: its row records why."""
+    planned = [planned_batch_sizes(t.path, t.format, cfg) for t in targets]
+    jobs = [
+        LatencyJob(t.path, sizes)
+        for t, sizes in zip(targets, planned, strict=True)
+        if sizes is not None
+    ]
+    measured = iter(measure_interleaved(backend, jobs, cfg))
+    return [None if sizes is None else next(measured) for sizes in planned]
 
 
 def _with_agreement(row: BenchRow, rows: list[BenchRow], predictions: dict, reference: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.bench_backends import BACKENDS
+from compress.benchmark.latency import LatencyJob, measure_interleaved
 from compress.benchmark.rows import BenchRow, LatencyPoint
 from compress.config import BenchConfig
 from compress.cpu_features import cpu_features
@@ -38,7 +39,7 @@ def bench_model(
     Args:
         path: the ``.onnx`` file.
         cfg: the bench settings (backend, batch size, warm-up, iterations, budget, threads,
-            eval_samples).
+            processes, eval_samples).
         test_data: ``(images, labels)``: uint8 (N, C, H, W) images and integer labels, for the
             top-1 accuracy of the exported model; None skips accuracy.
         role: the row's name ("teacher", "student", or a file stem).
@@ -156,8 +157,13 @@ def _bench(
     reference_predictions,
     backend: str | None = None,
     fmt: str | None = None,
+    measured: dict | None = None,
 ):
-    """(row, predictions or None): bench_model plus the predictions, kept out of the row."""
+    """(row, predictions or None): bench_model plus the predictions, kept out of the row.
+
+    ``measured``: the latency already timed for this model (interleaved with the other models
+    of its backend, see :func:`compress.benchmark.latency.measure_interleaved`); None times it
+    here."""
     path = Path(path)
     backend = BACKENDS.get(backend or cfg.backends[0])
     fmt = fmt or artifact_format(path)
@@ -184,7 +190,7 @@ def _bench(
             ):
                 row = replace(row, warning=saturation_warning(path))
                 print(f"warning: {row.warning}", file=sys.stderr)
-        row = _timed(row, path, backend, cfg, errors)
+        row = _timed(row, path, backend, cfg, errors, measured)
         if test_data is not None and fmt in ONNX_FORMATS:
             mean, std = normalisation(info["metadata"], path, mean, std)
             row, predictions = _with_accuracy(row, cfg, test_data, mean, std, reference_predictions)
@@ -254,21 +260,30 @@ def describe_artifact(path: Path, fmt: str) -> dict:
     return {"file_bytes": path.stat().st_size}
 
 
-def _timed(row: BenchRow, path: Path, backend, cfg: BenchConfig, errors: list[str]) -> BenchRow:
-    """The row with the latency and memory a backend's child process measured (its JSON result
-    turned into the row's fields)."""
-    static = row.input_shape[0] if row.input_shape and isinstance(row.input_shape[0], int) else None
-    batch_sizes = (
-        [static] if static else sorted({1, cfg.batch_size})
-    )  # a static batch runs only at its size
-    measured = backend.measure(
-        path,
-        batch_sizes=batch_sizes,
-        warmup=cfg.warmup,
-        iterations=cfg.iterations,
-        time_budget_s=cfg.time_budget_s,
-        threads=cfg.threads,
-    )
+def batch_sizes_for(input_shape, cfg: BenchConfig) -> tuple[int, ...]:
+    """The batch sizes a model is timed at: 1 and ``cfg.batch_size``, or only the static batch
+    of a file that has one."""
+    static = input_shape[0] if input_shape and isinstance(input_shape[0], int) else None
+    return (static,) if static else tuple(sorted({1, cfg.batch_size}))
+
+
+def planned_batch_sizes(path: Path, fmt: str, cfg: BenchConfig) -> tuple[int, ...] | None:
+    """:func:`batch_sizes_for` an artifact before its row is made; None when it cannot be
+    described (its row then records why, and nothing is timed)."""
+    try:
+        return batch_sizes_for(describe_artifact(Path(path), fmt).get("input_shape"), cfg)
+    except Exception:
+        return None
+
+
+def _timed(
+    row: BenchRow, path: Path, backend, cfg: BenchConfig, errors: list[str], measured=None
+) -> BenchRow:
+    """The row with the latency and memory the backend's child processes measured (their JSON
+    results combined and turned into the row's fields)."""
+    if measured is None:
+        job = LatencyJob(path, batch_sizes_for(row.input_shape, cfg))
+        measured = measure_interleaved(backend, [job], cfg)[0]
     if measured["status"] != "ok":
         errors.append(f"latency: {measured['error']}")
     memory_keys = ("peak_rss_mb", "model_rss_mb", "gpu_peak_mb")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from compress.benchmark.latency import paired_speedup, paired_throughput_ratio
 from compress.benchmark.rows import BenchResult, BenchRow, Ratios
 
 
@@ -12,7 +13,8 @@ def compare(rows: Sequence[BenchRow], reference: str = "teacher") -> BenchResult
     """Ratios of every row against the reference row.
 
     A ratio is None when either side lacks the number (an error row, no test data, no
-    reference). "Reduction" and "speedup" are > 1 when the row is smaller or faster.
+    reference). "Reduction" and "speedup" are > 1 when the row is smaller or faster. Speed-ups
+    are paired by round: the median over rounds of the ratio of the two processes of a round.
 
     Args:
         rows: rows from :func:`bench_model`.
@@ -38,13 +40,28 @@ def reference_row(
     return next((r for r in rows if r.model_name == reference and r.group == row.group), None)
 
 
+def speedup(row: BenchRow, ref: BenchRow | None, batch_size: int = 1) -> float | None:
+    """How many times faster ``row`` runs than ``ref`` at ``batch_size`` (ref p50 / row p50),
+    pair by pair over the rounds both were measured in (see
+    :func:`compress.benchmark.latency.paired_speedup`); what the ratios and the gates read."""
+    if ref is None:
+        return None
+    return paired_speedup(ref.latency_at(batch_size), row.latency_at(batch_size))[0]
+
+
 def _ratios(row: BenchRow, ref: BenchRow | None) -> Ratios:
     if ref is None:
         return Ratios(agreement_with_reference=row.agreement_with_reference)
     batch = _common_batch(row, ref)
+    b1, b1_spread = paired_speedup(ref.latency_at(1), row.latency_at(1))
+    throughput, throughput_spread = paired_throughput_ratio(
+        ref.latency_at(batch), row.latency_at(batch)
+    )
     return Ratios(
-        speedup_b1=_ratio(ref.p50_ms(1), row.p50_ms(1)),
-        speedup_throughput=_ratio(_throughput(row, batch), _throughput(ref, batch)),
+        speedup_b1=b1,
+        speedup_b1_spread=b1_spread,
+        speedup_throughput=throughput,
+        speedup_throughput_spread=throughput_spread,
         throughput_batch_size=batch,
         size_reduction=_ratio(ref.file_bytes, row.file_bytes),
         params_reduction=_ratio(ref.params, row.params),
@@ -58,11 +75,6 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
-
-
-def _throughput(row: BenchRow, batch_size: int | None) -> float | None:
-    point = row.latency_at(batch_size)
-    return point.throughput_ips if point else None
 
 
 def _common_batch(row: BenchRow, ref: BenchRow) -> int | None:

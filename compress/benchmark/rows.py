@@ -47,10 +47,39 @@ class LatencyStats:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProcessLatency:
+    """One fresh measuring process at one batch size: the median of its timed runs, its
+    throughput and how many runs it timed, or why it measured nothing (``error``). A row's
+    processes are listed in the order they ran: entry r of every row of a backend was measured
+    in round r (see :mod:`compress.benchmark.latency`)."""
+
+    p50_ms: float | None = None
+    throughput_ips: float | None = None
+    runs: int | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return _present(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ProcessLatency:
+        return cls(**_known(cls, raw))
+
+
+@dataclass(frozen=True, kw_only=True)
 class LatencyPoint:
     """One batch size of a row: its timed runs summarised (``status`` "ok"), or why they failed
     (``status`` "error" and ``error``). ``compile_s`` is the first call of a ``torch.compile``d
-    network, timed apart from the runs."""
+    network, timed apart from the runs.
+
+    Measured in several fresh processes (``bench.processes``), ``latency_ms.p50`` is the median
+    of the processes' medians and ``throughput_ips`` the median of their throughputs;
+    ``processes`` lists each process's own numbers, ``spread`` is (max - min) / median of their
+    medians and ``unstable`` says it is over :data:`compress.benchmark.latency.NOISE_BAR`. The
+    other percentiles, mean, std and ``cv`` are those of the median process, ``min``/``max``
+    the extremes over all processes, ``runs``/``total_s`` the sums. Results written before
+    processes (one process per model) lack the three fields.
+    """
 
     batch_size: int
     compile_s: float | None = None
@@ -62,6 +91,9 @@ class LatencyPoint:
     runs: int | None = None
     total_s: float | None = None
     throughput_ips: float | None = None
+    processes: tuple[ProcessLatency, ...] = ()
+    spread: float | None = None  # (max - min) / median of the processes' medians
+    unstable: bool | None = None  # spread over the noise bar: the processes disagree
 
     @property
     def ok(self) -> bool:
@@ -76,6 +108,9 @@ class LatencyPoint:
         values = _known(cls, raw) | {"batch_size": raw["batch_size"]}
         if raw.get("latency_ms") is not None:
             values["latency_ms"] = LatencyStats.from_json(raw["latency_ms"])
+        values["processes"] = tuple(
+            ProcessLatency.from_json(entry) for entry in raw.get("processes") or []
+        )
         return cls(**values)
 
 
@@ -197,9 +232,13 @@ class Ratios:
     number. Reductions and speed-ups are > 1 when the row is smaller or faster.
 
     Attributes:
-        speedup_b1: reference p50 / row p50 at batch 1.
+        speedup_b1: reference p50 / row p50 at batch 1; measured in several processes, the
+            median over rounds of the reference's / the row's process median of the same round
+            (:func:`compress.benchmark.latency.paired_ratio`).
+        speedup_b1_spread: (max - min) / median of those per-round ratios (None with one round).
         speedup_throughput: row / reference images per second at ``throughput_batch_size``,
-            the largest batch size both measured.
+            the largest batch size both measured; paired by round like ``speedup_b1``.
+        speedup_throughput_spread: likewise.
         size_reduction, params_reduction, macs_reduction: reference / row.
         accuracy_delta: row - reference top-1, in percentage points.
         agreement_with_reference: as :attr:`BenchRow.agreement_with_reference`.
@@ -208,6 +247,8 @@ class Ratios:
     speedup_b1: float | None = None
     speedup_throughput: float | None = None
     throughput_batch_size: int | None = None
+    speedup_b1_spread: float | None = None
+    speedup_throughput_spread: float | None = None
     size_reduction: float | None = None
     params_reduction: float | None = None
     macs_reduction: float | None = None
@@ -215,11 +256,16 @@ class Ratios:
     agreement_with_reference: float | None = None
 
     def to_json(self) -> dict:
-        return _present(self, always={f.name for f in fields(self)})
+        """Every ratio, null or not, as compress has always written them; the spreads (added
+        with several processes per model) only when there are some."""
+        return _present(self, always={f.name for f in fields(self)} - _SPREADS)
 
     @classmethod
     def from_json(cls, raw: dict) -> Ratios:
         return cls(**_known(cls, raw))
+
+
+_SPREADS = {"speedup_b1_spread", "speedup_throughput_spread"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,6 +391,14 @@ def _check_numbers(row: dict) -> None:
                 f"rows[{role!r}].latency_ms is {latency_ms!r}, not a mapping of percentiles"
             )
         values[f"latency[batch {entry.get('batch_size')}].p50"] = (latency_ms or {}).get("p50")
+        processes = entry.get("processes")
+        if processes is not None and not (
+            isinstance(processes, list) and all(isinstance(p, dict) for p in processes)
+        ):
+            raise ValueError(f"rows[{role!r}].processes is {processes!r}, not a list of processes")
+        for index, process in enumerate(processes or []):
+            name = f"latency[batch {entry.get('batch_size')}].processes[{index}].p50_ms"
+            values[name] = process.get("p50_ms")
     for name, value in values.items():
         if value is not None and (
             isinstance(value, bool)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from compress.benchmark.latency import NOISE_BAR
 from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, LatencyStats, Ratios
 from compress.cpu_features import CpuFeatures
 from compress.fileio import write_json_atomic, write_text_atomic
@@ -51,6 +52,9 @@ def _group_table(result: BenchResult, rows: list[BenchRow]) -> str:
         metrics.insert(
             -2, ("GPU peak memory (MiB)", lambda row: row.gpu_peak_mb, "{:.1f}", None, None)
         )
+    if any(p.spread is not None for row in rows for p in row.latency):
+        at = next(i for i, m in enumerate(metrics) if m[0].startswith("Latency CV")) + 1
+        metrics.insert(at, _spread_metric())
     for label, value, fmt, ratio_of, ratio_fmt in metrics:
         cells = [label]
         for row in rows:
@@ -72,7 +76,50 @@ def _group_table(result: BenchResult, rows: list[BenchRow]) -> str:
         if noisy
         else ""
     )
-    return "\n".join(lines) + note
+    return "\n".join(lines) + note + _unstable_note(rows, name)
+
+
+def _unstable_note(rows: list[BenchRow], name: dict[str, str]) -> str:
+    """One line naming the measurements whose processes disagreed, with each process's median."""
+    found = [
+        f"{name[row.role]} (batch {point.batch_size}: "
+        + ", ".join("—" if p.p50_ms is None else f"{p.p50_ms:.3f}" for p in point.processes)
+        + " ms)"
+        for row in rows
+        for point in row.latency
+        if point.unstable
+    ]
+    if not found:
+        return ""
+    return (
+        f"\n\nUnstable (process medians more than {100 * NOISE_BAR:g}% apart): "
+        f"{'; '.join(found)}. The p50 is their median and the ratios pair the processes of each "
+        "round; re-run, or measure with more processes, before trusting them."
+    )
+
+
+def _spread_metric() -> tuple[str, Callable, str, None, None]:
+    """The row of the processes' spread at batch 1: (max - min) / median of their medians."""
+
+    def cell(point: LatencyPoint) -> str | None:
+        if point.spread is None:
+            return None
+        return f"{100 * point.spread:.1f}" + (" (unstable)" if point.unstable else "")
+
+    return (
+        "Latency spread over processes, batch 1 (%)",
+        lambda row: _at(row, 1, cell, "{}"),
+        "{}",
+        None,
+        None,
+    )
+
+
+def _with_spread(value: float | None, spread: float | None, fmt: str) -> str | None:
+    """A ratio cell, with the spread of its per-round ratios when it was paired by round."""
+    if value is None:
+        return None
+    return fmt.format(value) + ("" if spread is None else f" (spread {100 * spread:.1f}%)")
 
 
 def _metrics(
@@ -122,8 +169,10 @@ def _metrics(
             "Latency p50, batch 1 (ms)",
             latency(lambda stats: stats.p50),
             "{:.3f}",
-            lambda ratios: ratios.speedup_b1,
-            "{:.2f}× faster",
+            lambda ratios: _with_spread(
+                ratios.speedup_b1, ratios.speedup_b1_spread, "{:.2f}× faster"
+            ),
+            "{}",
         ),
         ("Latency p90, batch 1 (ms)", latency(lambda stats: stats.p90), "{:.3f}", None, None),
         ("Latency p95, batch 1 (ms)", latency(lambda stats: stats.p95), "{:.3f}", None, None),
@@ -140,8 +189,10 @@ def _metrics(
             f"Throughput, batch {batch} (images/s)",
             lambda row: _at(row, batch, lambda p: p.throughput_ips, "{:.1f}"),
             "{:.1f}",
-            lambda ratios: ratios.speedup_throughput,
-            "{:.2f}× faster",
+            lambda ratios: _with_spread(
+                ratios.speedup_throughput, ratios.speedup_throughput_spread, "{:.2f}× faster"
+            ),
+            "{}",
         ),
         ("Peak memory (MiB)", lambda row: row.peak_rss_mb, "{:.1f}", None, None),
         ("Model memory (MiB)", lambda row: row.model_rss_mb, "{:.1f}", None, None),
@@ -208,6 +259,9 @@ def _machine_note(result: BenchResult) -> str:
     thread_note = (
         f", {threads} thread{'s' if threads > 1 else ''}" if threads else ", default threads"
     )
+    processes = (result.config or {}).get("processes")
+    if processes:
+        thread_note += f", {processes} process{'es' if processes > 1 else ''} per model"
     gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
     torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
     trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
