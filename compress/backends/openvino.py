@@ -275,11 +275,13 @@ __all__ = [
     "INSTALL_HINT",
     "MATMUL_LAYERS",
     "compile_settings",
+    "import_openvino",
     "integer_layers",
     "layer_precisions",
     "measure",
     "open_predictor",
     "ov_message",
+    "recorded_properties",
     "static_batch",
     "with_batch",
 ]
