@@ -12,6 +12,10 @@ TensorRT ``.engine``, or a stage folder of a run holding a PyTorch checkpoint (e
 ``torch.compile``, for networks before export). Measuring functions are named as
 ``"module:function"`` and imported on first use, so listing backends imports no runtime.
 
+A backend that runs ONNX files also says whose top-1 predictions the bench's accuracy and
+agreement are (``predictor``): ONNX Runtime's on the CPU by default, OpenVINO's own for
+``openvino``, so a file that computes differently there shows it in that backend's rows.
+
 The recipe check reads this table: keep it free of torch and of the heavy ``compress`` modules.
 """
 
@@ -39,6 +43,13 @@ class Backend:
         options: extra keyword arguments for it (the device, torch.compile, ...).
         table_entry: ``"module:function"`` timing many small ONNX files in one process (the
             per-layer latency table of a latency-targeted prune); None: this backend cannot.
+        saturates_without_vnni: its INT8 CPU kernels add u8 x s8 product pairs in saturating
+            16-bit lanes on x86 CPUs without VNNI (ONNX Runtime's MLAS, OpenVINO's oneDNN), so
+            a file with full-range weights computes wrong sums there: the bench warns.
+        predictor: for an "onnx" backend, ``"module:function"`` that opens a file for top-1
+            predictions in the bench's process: ``(path, *, batch_size, threads) -> run``,
+            ``run(normalised float32 images) -> logits``; None: ONNX Runtime on the CPU
+            (:func:`compress.benchmark.measure.predict_onnx`).
     """
 
     name: str
@@ -48,6 +59,8 @@ class Backend:
     entry: str
     options: dict = field(default_factory=dict)
     table_entry: str | None = None
+    saturates_without_vnni: bool = False
+    predictor: str | None = None
 
     @property
     def needs_gpu(self) -> bool:
@@ -104,6 +117,7 @@ for _device in ("cpu", "cuda"):
             entry="compress.backends.onnxruntime:measure",
             options={"device": _device},
             table_entry="compress.backends.onnxruntime:measure_each",
+            saturates_without_vnni=_device == "cpu",
         )
     )
     for _compile in (False, True):
@@ -129,6 +143,20 @@ register_backend(
         device="cuda",
         artifact="engine",
         entry="compress.backends.tensorrt:measure",
+    )
+)
+register_backend(
+    Backend(
+        name="openvino",
+        description=(
+            "OpenVINO, CPU plugin, on the exported .onnx (QDQ files run as INT8; needs the "
+            "openvino extra)"
+        ),
+        device="cpu",
+        artifact="onnx",
+        entry="compress.backends.openvino:measure",
+        saturates_without_vnni=True,
+        predictor="compress.backends.openvino:open_predictor",
     )
 )
 

@@ -242,8 +242,8 @@ def _backends() -> list[str]:
     show_default=True,
     metavar="NAME",
     help=(
-        "Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] for .onnx, "
-        "torch[-compile][-cuda] for a stage folder, tensorrt for .engine."
+        "Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] or "
+        "openvino for .onnx, torch[-compile][-cuda] for a stage folder, tensorrt for .engine."
     ),
 )
 @click.option(

@@ -27,8 +27,8 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    """Versions of what ran the benchmark; torch and tensorrt from their installed metadata
-    (importing them would cost seconds and memory the ONNX-only path does not need)."""
+    """Versions of what ran the benchmark; torch, tensorrt and openvino from their installed
+    metadata (importing them would cost seconds and memory the ONNX-only path does not need)."""
     from importlib import metadata
 
     import onnx
@@ -40,7 +40,7 @@ def versions() -> dict:
         "onnx": onnx.__version__,
         "numpy": np.__version__,
     }
-    for package in ("torch", "tensorrt"):
+    for package in ("torch", "tensorrt", "openvino"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -37,6 +37,7 @@ def run_child(module: str, request: dict, timeout_s: float | None) -> dict:
             input=json.dumps(request),
             capture_output=True,
             text=True,
+            errors="replace",  # a runtime may log raw bytes of a corrupt file to stderr
             env=child_env(),
             timeout=timeout_s,
         )

@@ -2,7 +2,8 @@
 
 A row describes the exported file, not the PyTorch model: size, parameters and MACs read from
 the ONNX graph; latency, throughput and memory from a bench backend (a fresh child process per
-model); top-1 accuracy of the exported model itself through ONNX Runtime. Whatever fails in a
+model); top-1 accuracy of the exported model itself through ONNX Runtime (or the backend's own
+runtime, OpenVINO for ``openvino``). Whatever fails in a
 row (a corrupt file, a crashed runtime, missing preprocessing metadata) is recorded in that row's
 ``status``/``error`` and the other rows go on (STYLE habit 7).
 

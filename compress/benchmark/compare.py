@@ -48,7 +48,9 @@ def bench_models(
     backend runs more than one, e.g. FP16 ONNX): the group of the first backend's own format is
     the headline and its rows are named after their model ("teacher", "student"); other rows
     are named ``"student [torch-cuda]"``. Ratios compare each row with the reference model of
-    its own group. Accuracy is measured once per ONNX file, with ONNX Runtime on CPU.
+    its own group. Accuracy is measured once per ONNX file and predicting runtime: ONNX Runtime
+    on the CPU, or the backend's own (:attr:`compress.bench_backends.Backend.predictor`:
+    OpenVINO's for ``openvino``).
 
     Latency: each target in ``cfg.processes`` fresh processes, interleaved between the targets
     of a backend (round r times each once; :mod:`compress.benchmark.latency`).
@@ -83,9 +85,8 @@ def bench_models(
         for target, measured in zip(runs, timed, strict=True):
             group = _group(backend, target.format)
             label = target.model if group == headline else f"{target.model} [{group}]"
-            cached = by_file.get(
-                target.path
-            )  # accuracy does not depend on the backend: measure it once
+            # accuracy depends on the file and the runtime that predicts: measured once per pair
+            cached = by_file.get((target.path, backend.predictor))
             data = None if cached is not None else test_data
             row, found = _bench(
                 target.path,
@@ -105,7 +106,7 @@ def bench_models(
                 )
                 found = cached[1]
             elif found is not None:
-                by_file[target.path] = (row, found)
+                by_file[(target.path, backend.predictor)] = (row, found)
             rows.append(dataclasses.replace(row, model=target.model, group=group))
             predictions[label] = found
     rows = [_with_agreement(row, rows, predictions, reference) for row in rows]

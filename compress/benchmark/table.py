@@ -265,11 +265,17 @@ def _machine_note(result: BenchResult) -> str:
     gpus = "".join(f", {g['name']} (driver {g['driver']})" for g in machine.get("gpus") or [])
     torch_note = f", PyTorch {runtime['torch']}" if "torch" in runtime else ""
     trt_note = f", TensorRT {runtime['tensorrt']}" if "tensorrt" in runtime else ""
+    measured_by = {row.backend for row in result.rows}
+    ov_note = (
+        f", OpenVINO {runtime['openvino']}"
+        if "openvino" in runtime and "openvino" in measured_by
+        else ""
+    )
     features = _features_note(machine.get("cpu_features"))
     return (
         f"\n\nMeasured on {machine['cpu']} ({features}{machine['usable_cores']} usable "
         f"cores{thread_note}){gpus}, {machine['platform']}, ONNX Runtime "
-        f"{runtime.get('onnxruntime', '?')}{torch_note}{trt_note}."
+        f"{runtime.get('onnxruntime', '?')}{torch_note}{trt_note}{ov_note}."
     )
 
 
