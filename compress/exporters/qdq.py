@@ -117,11 +117,12 @@ def keep_float_layers(proto: onnx.ModelProto) -> onnx.ModelProto:
     DequantizeLinear, so that ONNX Runtime runs it in float.
 
     A layer kept in float between quantized ones exports as ``DequantizeLinear -> Conv (FP32
-    weight initializer) [-> Relu] -> QuantizeLinear``. ONNX Runtime (1.20 and later) quantizes
-    that convolution itself when it loads the file: its level-1 ``WeightBiasQuantization``
-    optimizer rounds the float weight to per-tensor INT8 whenever the input comes from a
-    DequantizeLinear with a per-tensor scale and the output leads to a QuantizeLinear, and the
-    layer then runs as a QLinearConv, with coarser weights than our per-channel ones. The
+    weight initializer) [-> Relu] -> QuantizeLinear``. ONNX Runtime (1.32 here; since about
+    1.21) quantizes that convolution itself when it loads the file: its level-1
+    ``WeightBiasQuantization`` optimizer rounds the float weight to per-tensor INT8 whenever
+    the input comes from a DequantizeLinear with a per-tensor scale and the output leads to a
+    QuantizeLinear, and the layer then runs as a QLinearConv, with coarser weights than our
+    per-channel ones. The
     optimizer leaves a layer whose input DequantizeLinear has a per-axis scale alone; so the
     float layer reads the same uint8 tensor through a DequantizeLinear with ``axis=1`` and the
     per-tensor scale and zero point repeated once per channel. It computes exactly the same
