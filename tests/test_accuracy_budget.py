@@ -72,6 +72,24 @@ def test_the_holdout_is_a_seeded_balanced_slice_of_train_that_training_no_longer
         split_holdout(bundle, 600, seed=0)
 
 
+def test_without_max_drop_the_stage_uses_the_run_loaders_and_holds_nothing_out(tmp_path):
+    from compress.context import RunContext
+    from compress.stages.networks import preprocess
+    from compress.stages.quantize import split_loaders
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(DIGITS_BASE | {"stages": ["teacher", "distill", "quantize"]}))
+    ctx = RunContext(load_recipe(path), tmp_path, torch.device("cpu"), show_progress=False)
+    prep = preprocess(ctx)
+    train, test, holdout = split_loaders(ctx, QuantizeConfig(), prep)
+    run_train, _ = ctx.loaders()
+    assert holdout == [] and len(train.dataset) == len(run_train.dataset) == 600
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(train, run_train, strict=True))
+    train, _, holdout = split_loaders(ctx, QuantizeConfig(max_drop=0.5, holdout_images=100), prep)
+    assert len(train.dataset) == 500 and sum(len(y) for _, y in holdout) == 100
+    assert holdout[0][0].dtype == torch.float32  # preprocessed as the network takes it
+
+
 def _multiset(rows: torch.Tensor) -> list:
     unique, counts = torch.unique(rows, dim=0, return_counts=True)
     return sorted(zip(map(tuple, unique.tolist()), counts.tolist(), strict=True))

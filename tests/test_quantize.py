@@ -212,6 +212,25 @@ def test_the_middle_conv_kept_in_float_runs_in_float_in_onnx_runtime(tmp_path, t
     assert np.abs(ours - theirs).max() <= 0.02 * np.abs(theirs).max()
 
 
+def test_without_float_layers_the_onnxruntime_file_is_the_plain_one(tmp_path):
+    qmodel = prepare_quantized(
+        three_convs(), target="onnxruntime-cpu", example_inputs=torch.zeros(2, 3, 8, 8)
+    )
+    calibrate(qmodel, [torch.randn(16, 3, 8, 8)], method="minmax")
+    files = [
+        export_onnx(
+            qmodel,
+            tmp_path / f"{t.__name__}.onnx",
+            image_size=8,
+            exporter="torchscript",
+            transform=t,
+        )
+        for t in (store_int8_weights, onnxruntime_qdq)
+    ]
+    plain, kept = (onnx.load(f) for f in files)
+    assert plain.graph.SerializeToString() == kept.graph.SerializeToString()
+
+
 # --- through the pipeline, on real digits ----------------------------------------------------
 
 BASE = DIGITS_BASE | {
