@@ -1,6 +1,6 @@
 """compress: teacher -> distilled, pruned, quantized student -> ONNX -> measured, from one YAML
 recipe (:func:`run`) or from Python on any ``nn.Module`` (:func:`distill`, :func:`prune`,
-:func:`quantize`, :func:`export`, :func:`bench`).
+:func:`quantize`, :func:`keep_float`, :func:`export`, :func:`bench`).
 
 The public API is imported lazily so that light entry points (the CLI's ``--help``, the bench
 worker process whose memory we measure) do not pay for importing torch.
@@ -17,6 +17,7 @@ _PUBLIC = {
     "distill": "compress.api",
     "prune": "compress.api",
     "quantize": "compress.api",
+    "keep_float": "compress.api",
     "export": "compress.api",
     "bench": "compress.api",
     "loss": "compress.api",

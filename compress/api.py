@@ -9,6 +9,8 @@ no recipe, run folder or stage involved.
     qmodel = compress.quantize(student, calibration_batches)
     qmodel = compress.distill(qmodel, teacher, train_loader,
                               epochs=2, lr=1e-3)    # QAT is distillation of the INT8 graph
+    qmodel = compress.keep_float(qmodel, student, holdout_loader,
+                                 max_drop=0.5)      # float layers until within 0.5 points
     record = compress.export(qmodel, "student.onnx",
                              check_inputs=images)   # verified, INT8 portability proven
     result = compress.bench({"teacher": "teacher.onnx", "student": "student.onnx"},
@@ -176,6 +178,9 @@ def quantize(
     weight_range: str = "auto",
     calibration: str = "percentile",
     percentile: float = 99.99,
+    max_drop: float | None = None,
+    holdout: Iterable | None = None,
+    max_float_layers: int | None = None,
 ) -> nn.Module:
     """The INT8 fake-quantized copy of ``model`` (BatchNorm folded), calibrated and ready to
     export, or to fine-tune with :func:`distill` (quantization-aware training).
@@ -188,20 +193,103 @@ def quantize(
         weight_range: ``auto`` (portable across CPUs with and without VNNI on ``onnxruntime-cpu``)
             or a name of ``compress list weight-ranges``.
         calibration: ``minmax``, ``percentile`` or ``mse``.
+        max_drop: an accuracy budget in top-1 points: after calibration, :func:`keep_float`
+            puts the most sensitive layers back in float until the exported file is within it
+            on ``holdout``. To apply it after QAT instead, call :func:`keep_float` then.
+        holdout: ``(inputs, labels)`` batches the budget is measured on (needed with
+            ``max_drop``): images kept out of ``calibration_data`` and of training, not the test
+            set.
+        max_float_layers: see :func:`keep_float`.
 
     Returns:
-        A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized.
+        A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized (with
+        ``max_drop``, also its ``accuracy_budget`` record).
     """
     from compress.quantization import calibrate, prepare_quantized
 
     batches = _inputs_of(calibration_data, _device_of(model))
     if not batches:
         raise ValueError("quantize: calibration_data holds no batch")
+    if max_drop is not None and holdout is None:
+        raise ValueError("quantize: max_drop needs holdout, the (inputs, labels) to measure it on")
     qmodel = prepare_quantized(
         model.eval(), target=target, skip=skip, example_inputs=batches[0], weight_range=weight_range
     )
     calibrate(qmodel, batches, method=calibration, percentile=percentile)
-    return qmodel.eval()
+    if max_drop is None:
+        return qmodel.eval()
+    return keep_float(
+        qmodel.eval(),
+        model,
+        holdout,
+        max_drop=max_drop,
+        max_float_layers=max_float_layers,
+        calibration_data=batches,
+        calibration=calibration,
+        percentile=percentile,
+    )
+
+
+def keep_float(
+    qmodel: nn.Module,
+    model: nn.Module,
+    holdout: Iterable,
+    *,
+    max_drop: float,
+    max_float_layers: int | None = None,
+    calibration_data: Iterable | None = None,
+    calibration: str = "percentile",
+    percentile: float = 99.99,
+) -> nn.Module:
+    """Meet an accuracy budget: the layers of the INT8 ``qmodel`` that quantization hurts most
+    go back to float, one at a time, until its exported ONNX file (run in ONNX Runtime, float
+    layers really in float) is within ``max_drop`` top-1 points of the float ``model`` on
+    ``holdout``; see :mod:`compress.accuracy_budget` for the ranking and the search.
+
+    Args:
+        qmodel: from :func:`quantize` of ``model``, calibrated, perhaps fine-tuned (QAT).
+        model: the float network.
+        holdout: ``(inputs, labels)`` batches that calibration and training did not see (a
+            slice of the training data, never the test set).
+        max_drop: top-1 points (0.5 = half a point).
+        max_float_layers: give up after this many float layers; None: all but one.
+        calibration_data: after PTQ, the calibration batches: each network with more layers in
+            float is calibrated again (``calibration``, ``percentile``), so the result is the
+            PTQ network with those layers in ``skip``. None (after QAT): the ranges QAT trained
+            with are kept.
+
+    Returns:
+        The network to export: ``qmodel`` when it is within the budget already, else a new one
+        with the chosen layers in float; its ``accuracy_budget`` attribute is the
+        :class:`~compress.accuracy_budget.AccuracyBudget` record (``.float_layers``, ``.steps``,
+        ``.ranking``).
+
+    Raises:
+        BudgetNotMet: the budget cannot be met within ``max_float_layers`` float layers (its
+            ``budget`` attribute holds the search).
+    """
+    from compress.accuracy_budget import keep_float as search
+    from compress.quantization import calibrate
+
+    if max_drop < 0:
+        raise ValueError(f"keep_float: max_drop must be >= 0 top-1 points, got {max_drop}")
+    recalibrate = None
+    if calibration_data is not None:
+        batches = _inputs_of(calibration_data, _device_of(model))
+
+        def recalibrate(network: nn.Module) -> None:
+            calibrate(network, batches, method=calibration, percentile=percentile)
+
+    network, record = search(
+        qmodel,
+        model,
+        list(holdout),
+        max_drop=max_drop,
+        max_float_layers=max_float_layers,
+        recalibrate=recalibrate,
+    )
+    network.accuracy_budget = record
+    return network
 
 
 def export(
@@ -323,4 +411,4 @@ def _inputs_of(data: Iterable, device: torch.device) -> list[torch.Tensor]:
     return [(batch[0] if isinstance(batch, list | tuple) else batch).to(device) for batch in data]
 
 
-__all__ = ["bench", "distill", "export", "loss", "prune", "quantize"]
+__all__ = ["bench", "distill", "export", "keep_float", "loss", "prune", "quantize"]

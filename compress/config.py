@@ -412,6 +412,12 @@ class QuantizeConfig:
     their scale (:data:`compress.int8_kernels.WEIGHT_RANGES`); ``auto`` is ``pair-limit`` for
     ONNX Runtime on CPU (the file computes the same on x86 CPUs with and without VNNI) and
     ``full`` for TensorRT. ``full`` on CPU is an opt-in for files that run only on VNNI CPUs.
+
+    ``max_drop`` (top-1 points, None: off) is an accuracy budget: ``holdout_images`` training
+    images are set aside (calibration and QAT never see them; the test split is never used),
+    and the layers quantization hurts most are put back in float, one at a time, until the
+    exported file is within ``max_drop`` of the float student on them
+    (:mod:`compress.accuracy_budget`); at most ``max_float_layers`` (None: all but one).
     """
 
     mode: str = "qat"
@@ -427,6 +433,9 @@ class QuantizeConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
     augment: MixConfig = field(default_factory=MixConfig)
     teacher: str = "teacher"
+    max_drop: float | None = None  # top-1 points the exported INT8 file may lose on held-out images
+    holdout_images: int = 2000  # training images held out to measure it (with max_drop only)
+    max_float_layers: int | None = None  # most layers max_drop may keep float; None: all but one
 
     def __post_init__(self):
         _check(
@@ -460,6 +469,18 @@ class QuantizeConfig:
         _check(
             self.loss is None or len(self.loss) > 0,
             "loss: expected at least one loss term, or null for the distill stage's loss",
+        )
+        _check(
+            self.max_drop is None or 0 <= self.max_drop <= 100,
+            f"max_drop: expected top-1 points in 0..100 or null (off), got {self.max_drop}",
+        )
+        _check(
+            self.holdout_images > 0,
+            f"holdout_images: expected a positive integer, got {self.holdout_images}",
+        )
+        _check(
+            self.max_float_layers is None or self.max_float_layers > 0,
+            f"max_float_layers: expected a positive integer or null, got {self.max_float_layers}",
         )
 
 

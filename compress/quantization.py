@@ -251,6 +251,64 @@ def prepare_quantized(
     return graph_module
 
 
+def with_float_layers(
+    qmodel: fx.GraphModule,
+    model: nn.Module,
+    skip: Sequence[str],
+    *,
+    example_inputs: torch.Tensor,
+) -> fx.GraphModule:
+    """``qmodel`` with the layers ``skip`` names in float, everything else as it was.
+
+    Prepared again from the float ``model`` with ``skip`` (so it is exactly what
+    :func:`prepare_quantized` builds for that list: it saves, reloads and exports like any
+    prepared model), then given ``qmodel``'s weights, biases and activation ranges: a layer
+    turned float keeps the weights QAT trained, and no range is calibrated again. Keeping a
+    layer in float only removes quantizers, so every value the result holds exists in
+    ``qmodel``.
+
+    Args:
+        qmodel: from :func:`prepare_quantized` (calibrated, perhaps fine-tuned) of ``model``.
+        model: the float network ``qmodel`` was prepared from.
+        skip: module names or patterns kept in float; include ``qmodel``'s own skip list.
+        example_inputs: a batch shaped like the real input.
+
+    Returns:
+        The new prepared ``GraphModule``, in eval mode, its ``quant_spec`` listing ``skip``.
+
+    Raises:
+        SettingError: a pattern of ``skip`` matches no module.
+        StageError: ``qmodel`` was not prepared from ``model`` (its values do not fit).
+    """
+    spec = qmodel.quant_spec
+    fresh = prepare_quantized(
+        model,
+        target=spec.target,
+        skip=skip,
+        example_inputs=example_inputs,
+        weight_range=spec.weight_range,
+    )
+    values = qmodel.state_dict()
+    wanted = fresh.state_dict()
+    missing = [
+        name
+        for name, value in wanted.items()
+        if name not in values or values[name].shape != value.shape
+    ]
+    if missing:
+        raise StageError(
+            f"the quantized network was not prepared from this float network: it has no "
+            f"{missing[0]} of the right shape ({len(missing)} values missing)"
+        )
+    fresh.load_state_dict({name: values[name] for name in wanted})
+    return fresh.eval()
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the convolutions and linear layers of a prepared model that compute in INT8."""
+    return [name for name, m in model.named_modules() if isinstance(m, WeightQuant)]
+
+
 def int8_refusal(model: nn.Module) -> str | None:
     """Why this pass cannot quantize ``model`` (one line), or None.
 
@@ -315,9 +373,13 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
-def kept_float_convs(model: nn.Module) -> int:
-    """How many convolutions of a prepared model keep FP32 weights (the ``skip`` list)."""
-    return sum(isinstance(m, nn.Conv2d) and not isinstance(m, QuantConv2d) for m in model.modules())
+def float_convs(model: nn.Module) -> list[str]:
+    """Names of the convolutions of a prepared model that keep FP32 weights (its ``skip`` list)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and not isinstance(m, QuantConv2d)
+    ]
 
 
 def _bn_gains(model: nn.Module, folded: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def headline(artifact: Artifact) -> str:
         if artifact.kind == "quantize":
             text += (
                 f" (INT8 {m['quantization']['mode']}, {m['top1_delta']:+.2f} pts vs FP32, PTQ "
-                f"{m['ptq_top1']:.2f}%)"
+                f"{m['ptq_top1']:.2f}%{_budget_note(m)})"
             )
         return text
     if artifact.kind == "export":
@@ -47,6 +47,19 @@ def headline(artifact: Artifact) -> str:
     if artifact.kind == "bench":
         return bench_headline(m)
     return ""
+
+
+def _budget_note(m: dict) -> str:
+    """What the accuracy budget kept in float, and the drop the exported file measured."""
+    budget = m.get("accuracy_budget")
+    if not budget:
+        return ""
+    step = budget["steps"][-1]
+    layers = ", ".join(budget["float_layers"]) or "none"
+    return (
+        f"; max_drop {budget['max_drop']:g}: float {layers}, file drop {step['drop']:.2f} pts "
+        f"on {budget['holdout_images']} held-out images"
+    )
 
 
 def _portability_note(check: dict) -> str:
@@ -130,6 +143,9 @@ def build_report(run_dir: Path) -> dict:
                 "params": metrics["params"],
                 "macs": metrics.get("macs"),
                 "quantized": bool(record.network and record.network.quantized),
+                "float_layers": list(record.network.quantization.skip)
+                if record.network and record.network.quantization
+                else [],
                 "onnx": bench.get(record.stage),
             }
         )
@@ -317,6 +333,7 @@ def report_markdown(report: dict) -> str:
         name = (
             m["name"]
             + (" (INT8)" if m["quantized"] else "")
+            + (f" (float: {', '.join(m['float_layers'])})" if m.get("float_layers") else "")
             + (" ★" if m["name"] in report["pareto"] else "")
         )
         lines.append(

@@ -12,14 +12,14 @@ from torch import nn
 from compress.errors import ExportError, SettingError
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.onnx.verify import open_session
-from compress.exporters.qdq import check_qdq, store_int8_weights
+from compress.exporters.qdq import check_qdq, onnxruntime_qdq, store_int8_weights
 from compress.models import build_model
 from compress.pipeline import run
 from compress.quantization import (
     ActQuant,
     QuantConv2d,
     calibrate,
-    kept_float_convs,
+    float_convs,
     prepare_quantized,
 )
 from compress.recipe.load import load_recipe
@@ -72,7 +72,7 @@ def test_quantizers_sit_after_activations_and_every_conv_is_quantized(name):
 
 def test_skip_keeps_layers_fp32_and_rejects_patterns_that_match_nothing():
     model, qmodel = prepared(skip=("conv1", "layer3.2"))  # layer3.2 covers its two convs
-    assert kept_float_convs(qmodel) == 3
+    assert float_convs(qmodel) == ["conv1", "layer3.2.conv1", "layer3.2.conv2"]
     assert len(nodes_of(qmodel, QuantConv2d)) + 3 == sum(
         isinstance(m, nn.Conv2d) for m in model.modules()
     )
@@ -145,6 +145,90 @@ def test_check_qdq_refuses_a_float_export(tmp_path):
     path = export_onnx(model, tmp_path / "fp32.onnx", image_size=16, exporter="torchscript")
     with pytest.raises(ExportError, match="no QuantizeLinear"):
         check_qdq(path, target="onnxruntime-cpu")
+
+
+def three_convs() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+
+
+def optimized_convs(path, level) -> list[str]:
+    """``"domain:op"`` of each convolution in ONNX Runtime's optimized graph of ``path``."""
+    import onnxruntime as ort
+
+    optimized = path.with_name(f"{path.stem}.{level}.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(optimized)
+    options.log_severity_level = 3  # the NCHWc warning of ORT_ENABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [
+        f"{node.domain}:{node.op_type}"
+        for node in onnx.load(optimized).graph.node
+        if "Conv" in node.op_type
+    ]
+
+
+@pytest.mark.parametrize("transform", [store_int8_weights, onnxruntime_qdq])
+def test_the_middle_conv_kept_in_float_runs_in_float_in_onnx_runtime(tmp_path, transform):
+    """Conv 2 of three is kept in float. Written as it is (per-tensor DequantizeLinear -> Conv ->
+    QuantizeLinear), ONNX Runtime quantizes it on load; written with onnxruntime_qdq it stays a
+    float Conv in the optimized graph, at the extended level and at the full one (NCHWc), while
+    its neighbours run as integer QLinearConv; and the file computes what PyTorch does."""
+    model = three_convs()
+    images = torch.randn(32, 3, 8, 8)
+    qmodel = prepare_quantized(
+        model, target="onnxruntime-cpu", skip=("2",), example_inputs=images[:2]
+    )
+    calibrate(qmodel, [images], method="minmax")
+    path = export_onnx(
+        qmodel, tmp_path / "middle.onnx", image_size=8, exporter="torchscript", transform=transform
+    )
+    for level in ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+        ops = sorted(optimized_convs(path, level))
+        float_op = "com.microsoft.nchwc:Conv" if level == "ORT_ENABLE_ALL" else ":Conv"
+        integer_op = "com.microsoft:QLinearConv" if level == "ORT_ENABLE_ALL" else ":QLinearConv"
+        if transform is onnxruntime_qdq:
+            assert ops == sorted([float_op, integer_op, integer_op]), (level, ops)
+        else:
+            assert ops == [integer_op] * 3, (level, ops)
+    result = check_qdq(path, target="onnxruntime-cpu", float_convs=float_convs(qmodel))
+    requantized = 0 if transform is onnxruntime_qdq else 1
+    assert result["skipped_but_quantized_by_onnxruntime"] == requantized
+    assert result["fp32_conv_layers"] == (["2"] if transform is onnxruntime_qdq else [])
+    ours = open_session(path).run(None, {"input": images.numpy()})[0]
+    with torch.no_grad():
+        theirs = qmodel(images).numpy()
+    assert np.abs(ours - theirs).max() <= 0.02 * np.abs(theirs).max()
+
+
+def test_without_float_layers_the_onnxruntime_file_is_the_plain_one(tmp_path):
+    qmodel = prepare_quantized(
+        three_convs(), target="onnxruntime-cpu", example_inputs=torch.zeros(2, 3, 8, 8)
+    )
+    calibrate(qmodel, [torch.randn(16, 3, 8, 8)], method="minmax")
+    files = [
+        export_onnx(
+            qmodel,
+            tmp_path / f"{t.__name__}.onnx",
+            image_size=8,
+            exporter="torchscript",
+            transform=t,
+        )
+        for t in (store_int8_weights, onnxruntime_qdq)
+    ]
+    plain, kept = (onnx.load(f) for f in files)
+    assert plain.graph.SerializeToString() == kept.graph.SerializeToString()
 
 
 # --- through the pipeline, on real digits ----------------------------------------------------
@@ -293,16 +377,15 @@ def test_skipped_convs_stay_fp32_in_onnx_runtime(quant_run, tmp_path):
         exporter="torchscript",
         transform=store_int8_weights,
     )
-    assert (
-        check_qdq(path, target="onnxruntime-cpu", skip_count=1) | {}
-        and kept_float_convs(qmodel) == 1
-    )
+    assert float_convs(qmodel) == ["conv1"]
+    result = check_qdq(path, target="onnxruntime-cpu", float_convs=["conv1"])
+    assert result["fp32_conv_layers"] == ["conv1"] and result["qlinear_conv"] == 20
     with pytest.raises(ExportError, match="stay FP32"):
-        check_qdq(path, target="onnxruntime-cpu", skip_count=0)
+        check_qdq(path, target="onnxruntime-cpu")
 
 
 @pytest.mark.slow
-def test_a_skipped_layer_between_quantized_ones_is_reported_requantized(quant_run, tmp_path):
+def test_a_skipped_layer_between_quantized_ones_stays_float_in_onnx_runtime(quant_run, tmp_path):
     _, artifacts = quant_run
     qmodel = prepare_quantized(
         loaded(artifacts["distill"]),
@@ -311,18 +394,24 @@ def test_a_skipped_layer_between_quantized_ones_is_reported_requantized(quant_ru
         example_inputs=torch.zeros(2, 3, 8, 8),
     )
     calibrate(qmodel, [torch.randn(32, 3, 8, 8)], method="minmax")
-    path = export_onnx(
-        qmodel,
-        tmp_path / "middle.onnx",
-        image_size=8,
-        exporter="torchscript",
-        transform=store_int8_weights,
-    )
-    result = check_qdq(path, target="onnxruntime-cpu", skip_count=kept_float_convs(qmodel))
-    assert kept_float_convs(qmodel) == 1 and result["int8_weights"] == 21  # float in the file ...
-    assert (
-        result["skipped_but_quantized_by_onnxruntime"] == 1
-    )  # ... but ONNX Runtime quantizes it on load
+    results = {}
+    for transform in (store_int8_weights, onnxruntime_qdq):
+        path = export_onnx(
+            qmodel,
+            tmp_path / f"{transform.__name__}.onnx",
+            image_size=8,
+            exporter="torchscript",
+            transform=transform,
+        )
+        results[transform] = check_qdq(
+            path, target="onnxruntime-cpu", float_convs=float_convs(qmodel)
+        )
+    plain, kept = results[store_int8_weights], results[onnxruntime_qdq]
+    assert plain["int8_weights"] == kept["int8_weights"] == 21  # float in both files ...
+    assert plain["skipped_but_quantized_by_onnxruntime"] == 1  # ONNX Runtime quantizes it ...
+    assert plain["fp32_conv"] == 0 and plain["qlinear_conv"] == 21
+    assert kept["skipped_but_quantized_by_onnxruntime"] == 0  # ... unless its input is per axis
+    assert kept["fp32_conv_layers"] == ["layer2.0.conv1"] and kept["qlinear_conv"] == 20
 
 
 @pytest.mark.slow

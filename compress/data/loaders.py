@@ -1,16 +1,19 @@
-"""Batches: the training and test ``DataLoader``s (seeded, distributed-aware) and the test split
-as arrays for the bench."""
+"""Batches: the training and test ``DataLoader``s (seeded, distributed-aware), the test split
+as arrays for the bench, and a held-out slice of the training split."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from compress import distributed
-from compress.config import DataConfig
-from compress.data.common import _take
-from compress.data.containers import DatasetBundle
+from compress.config import UNLABELED, DataConfig
+from compress.data.common import _take, balanced_subset
+from compress.data.containers import DatasetBundle, _targets
+from compress.errors import DataError
 
 
 def make_loaders(
@@ -93,3 +96,39 @@ def test_arrays(bundle: DatasetBundle, limit: int | None = None) -> tuple[np.nda
 test_arrays.__test__ = (
     False  # its name starts with "test": keep pytest from collecting it where imported
 )
+
+
+def split_holdout(
+    bundle: DatasetBundle, size: int, seed: int
+) -> tuple[DatasetBundle, tuple[torch.Tensor, torch.Tensor]]:
+    """Set ``size`` labeled training images aside, for decisions that must not be taken on the
+    test split (the quantize stage's accuracy budget) nor on images the network trained on.
+
+    The selection is :func:`balanced_subset`'s (seeded, class-balanced) among the labeled
+    images of the train split; the unlabeled pool stays in training.
+
+    Args:
+        bundle: From :func:`load_dataset`.
+        size: Images to set aside.
+        seed: Seeds the selection: the same seed sets the same images aside.
+
+    Returns:
+        ``(bundle without them, (uint8 NCHW images, int64 labels))``; the bundle's train split
+        keeps every other image in its order.
+
+    Raises:
+        DataError: ``size`` leaves no labeled training image.
+    """
+    labels = torch.as_tensor(_targets(bundle.train), dtype=torch.int64)
+    labeled = torch.nonzero(labels != UNLABELED).flatten()
+    if size >= len(labeled):
+        raise DataError(
+            f"holdout_images: {size} would leave no training image (the train split has "
+            f"{len(labeled)} labeled images)"
+        )
+    chosen = balanced_subset(Subset(bundle.train, labeled.tolist()), size, seed)
+    held = labeled[torch.as_tensor(chosen.indices, dtype=torch.int64)]
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    rest = Subset(bundle.train, torch.nonzero(keep).flatten().tolist())
+    return dataclasses.replace(bundle, train=rest), _take(bundle.train, held.tolist())

@@ -126,8 +126,8 @@ def _export_and_verify(
         return verify_onnx(
             path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement
         ) | {"batch": cfg.batch}
-    from compress.exporters.qdq import check_qdq, store_int8_weights
-    from compress.quantization import kept_float_convs
+    from compress.exporters.qdq import QDQ_TRANSFORMS, check_qdq
+    from compress.quantization import float_convs
 
     metadata = metadata | {
         "compress.quantization": quantization.target,
@@ -138,7 +138,7 @@ def _export_and_verify(
         path,
         exporter=QUANTIZED_EXPORTER,
         metadata=metadata,
-        transform=store_int8_weights,
+        transform=QDQ_TRANSFORMS[quantization.target],
         **common,
     )
     portability, exact = prove_portability(
@@ -154,13 +154,12 @@ def _export_and_verify(
         exact_int8=exact,
     )
     result["portability"] = portability
-    result["qdq"] = check_qdq(path, target=quantization.target, skip_count=kept_float_convs(model))
+    result["qdq"] = check_qdq(path, target=quantization.target, float_convs=float_convs(model))
     requantized = result["qdq"].get("skipped_but_quantized_by_onnxruntime")
     if requantized and warn:
         print(
-            f"warning: {requantized} layer(s) in quantize.skip sit between quantized layers; ONNX "
-            f"Runtime quantizes them anyway (per tensor) when it loads {path.name}. Only layers at "
-            "the edges of the graph stay float.",
+            f"warning: ONNX Runtime quantizes {requantized} of the layers kept in float "
+            f"(quantize.skip) anyway (per tensor) when it loads {path.name}.",
             file=sys.stderr,
         )
     return result | {"batch": cfg.batch}

@@ -6,7 +6,9 @@ pairs, with each weight still a float initializer that a QuantizeLinear rounds a
 :func:`store_int8_weights` rounds those weights once and stores the INT8 result (a ~4x smaller
 file, and the form ONNX Runtime and TensorRT expect); :func:`check_qdq` proves the graph is what
 the target's integer kernels need, which a wrong quantizer placement silently breaks (the model
-still runs, only slower than FP32).
+still runs, only slower than FP32). :func:`keep_float_layers` gives a layer kept in float (the
+``skip`` list, the accuracy budget's choice) the form in which ONNX Runtime leaves it in float;
+:data:`QDQ_TRANSFORMS` names the whole rewrite per target.
 
 Only the ``torchscript`` exporter handles the fake-quantize ops: ``torch.export`` (the
 ``dynamo`` exporter) has no fake-tensor kernel for ``fake_quantize_per_tensor_affine``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +34,8 @@ _QLINEAR_CONVS = ("QLinearConv", "NhwcQLinearConv")
 _FLOAT_CONVS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv")
 _INT8 = onnx.TensorProto.INT8
 _UINT8 = onnx.TensorProto.UINT8
+_FLOAT = onnx.TensorProto.FLOAT
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm")  # the layers ONNX Runtime quantizes on its own
 
 
 def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -49,10 +54,7 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = proto.graph
     _bypass_identities(graph)
-    constants = {init.name: init for init in graph.initializer}
-    for node in graph.node:  # exporters may emit scalars as Constant nodes
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants.setdefault(node.output[0], node.attribute[0].t)
+    constants = _constants(graph)
     kept = []
     for node in graph.node:
         stored = _int8_weight(node, constants)
@@ -110,7 +112,127 @@ def _int8_weight(node: onnx.NodeProto, constants: dict) -> onnx.TensorProto | No
     return numpy_helper.from_array(np.clip(q, -128, 127).astype(np.int8), f"{node.input[0]}_int8")
 
 
-def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
+def keep_float_layers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every float layer that reads a dequantized activation its own per-channel
+    DequantizeLinear, so that ONNX Runtime runs it in float.
+
+    A layer kept in float between quantized ones exports as ``DequantizeLinear -> Conv (FP32
+    weight initializer) [-> Relu] -> QuantizeLinear``. ONNX Runtime (1.32 here; since about
+    1.21) quantizes that convolution itself when it loads the file: its level-1
+    ``WeightBiasQuantization`` optimizer rounds the float weight to per-tensor INT8 whenever
+    the input comes from a DequantizeLinear with a per-tensor scale and the output leads to a
+    QuantizeLinear, and the layer then runs as a QLinearConv, with coarser weights than our
+    per-channel ones. The
+    optimizer leaves a layer whose input DequantizeLinear has a per-axis scale alone; so the
+    float layer reads the same uint8 tensor through a DequantizeLinear with ``axis=1`` and the
+    per-tensor scale and zero point repeated once per channel. It computes exactly the same
+    values (no extra node, no extra rounding), the quantized neighbours stay QLinearConv, and
+    :func:`check_qdq` proves the result on ONNX Runtime's optimized graph.
+
+    Only activations read by float layers change; a DequantizeLinear shared with other nodes
+    is kept for them. Usable as an ``export_onnx`` transform after :func:`store_int8_weights`
+    (:data:`QDQ_TRANSFORMS`); not for TensorRT, which wants per-tensor activation scales.
+
+    Args:
+        proto: the exported model; modified in place.
+
+    Returns:
+        ``proto``.
+    """
+    graph = proto.graph
+    constants = _constants(graph)
+    producer = {output: node for node in graph.node for output in node.output}
+    made: dict[tuple[str, int, int], str] = {}
+    nodes = []
+    for node in graph.node:
+        rewired = _per_axis_input(node, producer, constants, made, graph)
+        nodes.extend(rewired)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and the values of Constant nodes, by name."""
+    constants = {init.name: init for init in graph.initializer}
+    for node in graph.node:  # exporters may emit scalars as Constant nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants.setdefault(node.output[0], node.attribute[0].t)
+    return constants
+
+
+def _per_axis_input(
+    node: onnx.NodeProto, producer: dict, constants: dict, made: dict, graph: onnx.GraphProto
+) -> list[onnx.NodeProto]:
+    """Rewire a float layer's input to a per-axis DequantizeLinear; the nodes to add before it."""
+    if node.op_type not in _WEIGHTED or len(node.input) < 2:
+        return []
+    weight = constants.get(node.input[1])
+    dequantize = producer.get(node.input[0])
+    if (
+        weight is None
+        or weight.data_type != _FLOAT
+        or dequantize is None
+        or dequantize.op_type != "DequantizeLinear"
+        or len(dequantize.input) < 3
+        or not all(name in constants for name in dequantize.input[1:3])
+    ):
+        return []
+    scale, zero_point = (numpy_helper.to_array(constants[n]) for n in dequantize.input[1:3])
+    if scale.size != 1:
+        return []  # already per axis: ONNX Runtime leaves the layer alone
+    axis, channels = _activation_channels(node, list(weight.dims))
+    key = (dequantize.input[0], axis, channels)
+    if key in made:
+        node.input[0] = made[key]
+        return []
+    name = f"{dequantize.input[0]}_float_layer_dq{len(made)}"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.full(channels, scale.item(), np.float32), f"{name}_scale"),
+            numpy_helper.from_array(
+                np.full(channels, zero_point.item(), zero_point.dtype), f"{name}_zero_point"
+            ),
+        ]
+    )
+    per_axis = onnx.helper.make_node(
+        "DequantizeLinear",
+        [dequantize.input[0], f"{name}_scale", f"{name}_zero_point"],
+        [name],
+        name=name,
+        axis=axis,
+    )
+    made[key] = node.input[0] = name
+    return [per_axis]
+
+
+def _activation_channels(node: onnx.NodeProto, weight_shape: list[int]) -> tuple[int, int]:
+    """(axis, size) of the channel axis of a layer's input, read off its weight."""
+    attributes = {a.name: a.i for a in node.attribute}
+    if node.op_type == "Conv":  # weight (Cout, Cin / groups, *kernel)
+        return 1, weight_shape[1] * attributes.get("group", 1)
+    if node.op_type == "ConvTranspose":  # weight (Cin, Cout / groups, *kernel)
+        return 1, weight_shape[0]
+    in_features = weight_shape[1] if attributes.get("transB", 0) else weight_shape[0]
+    return (0 if attributes.get("transA", 0) else 1), in_features  # Gemm: A is (M, K) or (K, M)
+
+
+def onnxruntime_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """:func:`store_int8_weights`, then :func:`keep_float_layers`: the file for ONNX Runtime."""
+    return keep_float_layers(store_int8_weights(proto))
+
+
+# Quantization target -> the rewrite of its exported fake-quantized graph (an export_onnx
+# transform). TensorRT takes per-tensor activation scales only, and its builder decides each
+# layer's precision itself.
+QDQ_TRANSFORMS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "onnxruntime-cpu": onnxruntime_qdq,
+    "tensorrt": store_int8_weights,
+}
+
+
+def check_qdq(path: Path | str, *, target: str, float_convs: Collection[str] = ()) -> dict:
     """Prove an exported INT8 file is what ``target``'s integer kernels need.
 
     Checks: the graph has QuantizeLinear/DequantizeLinear nodes; every DequantizeLinear of a
@@ -118,19 +240,23 @@ def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
     time); activations are uint8 (``onnxruntime-cpu``) or int8 with zero point 0
     (``tensorrt``). For ``onnxruntime-cpu`` the file is also optimised by ONNX Runtime (at the
     extended level: QDQ fusion without the NCHWc layout rewrite, whose ops would hide FP32
-    convs) and every convolution must have become a QLinearConv, except the ``skip_count``
-    kept in FP32.
+    convs) and every convolution must have become a QLinearConv, except the ``float_convs``
+    kept in FP32; which convolutions stayed float is read off that optimized graph.
 
     Args:
         path: the exported ``.onnx`` file.
         target: ``"onnxruntime-cpu"`` or ``"tensorrt"``.
-        skip_count: convolutions deliberately kept FP32 (see
-            :func:`compress.quantization.kept_float_convs`).
+        float_convs: names of the convolutions deliberately kept FP32 (see
+            :func:`compress.quantization.float_convs`).
 
     Returns:
         ``{"quantize_nodes", "dequantize_nodes", "int8_weights", "int8_weight_bytes",
-        "activation_type", "qlinear_conv", "fp32_conv", "skipped_but_quantized_by_onnxruntime"}``
-        (the last three absent or None for TensorRT, whose fusion happens at engine build time).
+        "activation_type", "qlinear_conv", "fp32_conv", "fp32_conv_layers",
+        "skipped_but_quantized_by_onnxruntime"}``: ``fp32_conv_layers`` names the float
+        convolutions of ONNX Runtime's optimized graph (by their weight, ``layer1.0.conv1``),
+        ``skipped_but_quantized_by_onnxruntime`` counts those of ``float_convs`` it quantized
+        anyway (0 for a file written with :func:`keep_float_layers`). The convolution entries
+        are None or absent for TensorRT, whose fusion happens at engine build time.
 
     Raises:
         ExportError: any check fails (one line naming the file and the first problem).
@@ -163,7 +289,7 @@ def check_qdq(path: Path | str, *, target: str, skip_count: int = 0) -> dict:
         "fp32_conv": None,
     }
     if target == "onnxruntime-cpu":
-        result |= _fused_convs(path, skip_count)
+        result |= _fused_convs(path, len(float_convs))
     return result
 
 
@@ -242,19 +368,23 @@ def _fused_convs(path: Path, skip_count: int) -> dict:
                 f"{path}: ONNX Runtime cannot load it: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from exc
-        ops = Counter(node.op_type for node in onnx.load(optimized).graph.node)
+        nodes = list(onnx.load(optimized).graph.node)
+    ops = Counter(node.op_type for node in nodes)
     counts = {
         "qlinear_conv": sum(ops[op] for op in _QLINEAR_CONVS),
         "fp32_conv": sum(ops[op] for op in _FLOAT_CONVS),
+        "fp32_conv_layers": sorted(
+            node.input[1].removesuffix(".weight") for node in nodes if node.op_type in _FLOAT_CONVS
+        ),
     }
     # ONNX Runtime quantizes a float-weight conv itself (per tensor) when its input comes from a
-    # DequantizeLinear and its output goes to a QuantizeLinear: a skipped layer between quantized
-    # ones does not stay FP32 there. Recorded, so the export can say so.
+    # per-tensor DequantizeLinear and its output goes to a QuantizeLinear (keep_float_layers
+    # says why and how the file avoids it). Recorded, so the export can say so.
     counts["skipped_but_quantized_by_onnxruntime"] = max(skip_count - counts["fp32_conv"], 0)
     if counts["fp32_conv"] > skip_count:
         raise ExportError(
             f"{path.name}: {counts['fp32_conv']} convolutions stay FP32 after ONNX Runtime's "
-            f"optimisation ({skip_count} kept by skip, {counts['qlinear_conv']} QLinearConv): the "
+            f"optimisation ({skip_count} kept in float, {counts['qlinear_conv']} QLinearConv): the "
             "Q/DQ placement defeats the INT8 kernels"
         )
     return counts

@@ -4,12 +4,15 @@ teacher (QAT)."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 
+from compress.accuracy_budget import AccuracyBudget, keep_float
 from compress.artifacts import Artifact
 from compress.config import QuantizeConfig
 from compress.context import RunContext
+from compress.data.loaders import make_loaders, split_holdout
 from compress.errors import StageError
 from compress.models import count_params_macs
 from compress.quantization import calibrate, prepare_quantized
@@ -37,18 +40,30 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     holds every quantizer scale, and the pruned structure of a pruned source, so
     :func:`compress.stages.networks.load_network` rebuilds the same graph.
 
+    With ``cfg.max_drop``, ``cfg.holdout_images`` training images are set aside before any of
+    this (calibration and QAT never see them), and after QAT the layers quantization hurts most
+    go back to float until the exported file is within ``max_drop`` top-1 points of the float
+    student on them (:func:`compress.accuracy_budget.keep_float`; without QAT each candidate is
+    calibrated again, after QAT its ranges are kept); the float layers join the network's skip
+    list, so the export stage writes the same file.
+
     Returns:
         Artifact with ``files["model"]``, its network (the source's, with the
         :class:`~compress.records.QuantSpec` it is rebuilt with), the ``quantization`` settings
         (with the resolved ``weight_range``),
         ``fp32_top1``, ``ptq_top1``, ``top1``, ``top1_delta`` (vs FP32), ``agreement_with_fp32``
-        (top-1 agreement on the test split), params, MACs and the training history.
+        (top-1 agreement on the test split), params, MACs and the training history; with
+        ``max_drop``, ``quantization`` also holds the budget's settings and ``float_layers``, and
+        ``accuracy_budget`` the search (held-out accuracies, ranking, every step).
+
+    Raises:
+        BudgetNotMet: no file within ``max_float_layers`` float layers meets ``max_drop``.
     """
     source = float_student(ctx)
     student = load_network(ctx, source)
     teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
     prep = preprocess(ctx)
-    train_loader, test_loader = ctx.loaders()
+    train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
     fp32 = evaluate(student, test_loader, prep, ctx.device)
     qmodel = prepare_quantized(
         student,
@@ -57,12 +72,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         example_inputs=example_batch(ctx),
         weight_range=cfg.weight_range,
     )
-    calibrate(
-        qmodel,
-        calibration_batches(ctx, train_loader, prep, cfg.calibration_images),
-        method=cfg.calibration,
-        percentile=cfg.percentile,
-    )
+    batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
+    calibrate(qmodel, batches, method=cfg.calibration, percentile=cfg.percentile)
     ptq = evaluate(qmodel, test_loader, prep, ctx.device)
     history = []
     if cfg.mode == "qat" and cfg.train.epochs > 0:
@@ -79,7 +90,18 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             **ctx.training(desc),
         )
     qmodel.eval()
-    test = evaluate(qmodel, test_loader, prep, ctx.device) if history else ptq
+    budget = None
+    if cfg.max_drop is not None:
+        qmodel, budget = keep_float(
+            qmodel,
+            student,
+            holdout,
+            max_drop=cfg.max_drop,
+            max_float_layers=cfg.max_float_layers,
+            recalibrate=None if history else partial(recalibrate, cfg, batches),
+        )
+    changed = bool(history) or (budget is not None and bool(budget.float_layers))
+    test = evaluate(qmodel, test_loader, prep, ctx.device) if changed else ptq
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
     network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
@@ -92,7 +114,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "calibration": cfg.calibration,
             "percentile": cfg.percentile,
             "calibration_images": cfg.calibration_images,
-        },
+        }
+        | _budget_settings(cfg, budget),
         "source_stage": source.stage,
         "fp32_top1": fp32["top1"],
         "ptq_top1": ptq["top1"],
@@ -105,9 +128,47 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         "macs": macs,
         "history": history_dicts(history),
     }
+    if budget is not None:
+        metrics["accuracy_budget"] = budget.to_json()
     return Artifact(
         "quantize", files={"model": path}, metrics=metrics, role="student", network=network
     )
+
+
+def split_loaders(ctx: RunContext, cfg: QuantizeConfig, prep) -> tuple:
+    """``(train_loader, test_loader, holdout)``: with ``max_drop``, ``cfg.holdout_images``
+    training images (seeded, class-balanced) are set aside as ``(inputs, labels)`` batches,
+    preprocessed without augmentation, and the train loader (calibration, QAT) no longer holds
+    them; without it, the run's loaders and no holdout."""
+    if cfg.max_drop is None:
+        return (*ctx.loaders(), [])
+    bundle, (images, labels) = split_holdout(ctx.data, cfg.holdout_images, ctx.recipe.seed)
+    train_loader, test_loader = make_loaders(
+        bundle, ctx.recipe.data, seed=ctx.recipe.seed, pin_memory=ctx.device.type == "cuda"
+    )
+    chunk = ctx.recipe.data.eval_batch_size
+    holdout = [
+        (prep(images[i : i + chunk].to(ctx.device), train=False), labels[i : i + chunk])
+        for i in range(0, len(images), chunk)
+    ]
+    return train_loader, test_loader, holdout
+
+
+def recalibrate(cfg: QuantizeConfig, batches: list[torch.Tensor], network) -> None:
+    """Calibrate a network with more layers in float as PTQ calibrated the first one."""
+    calibrate(network, batches, method=cfg.calibration, percentile=cfg.percentile)
+
+
+def _budget_settings(cfg: QuantizeConfig, budget: AccuracyBudget | None) -> dict:
+    """The accuracy budget's entries of the ``quantization`` record (none when it is off)."""
+    if budget is None:
+        return {}
+    return {
+        "max_drop": cfg.max_drop,
+        "holdout_images": cfg.holdout_images,
+        "max_float_layers": cfg.max_float_layers,
+        "float_layers": list(budget.float_layers),
+    }
 
 
 def float_student(ctx: RunContext) -> Artifact:
