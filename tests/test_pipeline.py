@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import run_cli as compress
 
+from compress.benchmark.latency import paired_speedup
 from compress.benchmark.rows import BenchResult
 from compress.run_lock import LOCK_NAME
 
@@ -270,8 +271,11 @@ def test_every_backend_gets_its_own_table_compared_within_it(finished_run):
         "teacher [onnxruntime, onnx-fp16]",
     } <= set(rows)
     assert all(row.ok for row in rows.values()), {r: row.error for r, row in rows.items()}
+    # paired by round: the median of the per-round ratios of the two rows' process medians
     assert bench.ratios["student_fp32 [torch]"].speedup_b1 == pytest.approx(
-        rows["teacher [torch]"].p50_ms(1) / rows["student_fp32 [torch]"].p50_ms(1)
+        paired_speedup(
+            rows["teacher [torch]"].latency_at(1), rows["student_fp32 [torch]"].latency_at(1)
+        )[0]
     )
     assert (
         rows["student_fp32 [torch]"].macs == metrics(run_dir, "prune")["macs"]
