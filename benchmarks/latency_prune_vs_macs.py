@@ -13,7 +13,12 @@ latency, same fine-tune budget, same runtime (issue 15, item 1).
 4. The three exported files (teacher, MACs-pruned and latency-pruned INT8 students) are measured
    interleaved at batch 1 and 64; the table shows accuracy (full test split), MACs and latency.
 
-Resumable: the latency run is a pipeline run in its own folder, and the measured speed-up is
+5. With ``--macs-round-to N`` (e.g. 16, ONNX Runtime's INT8 block width) a MACs-targeted run at
+   that ``round_to`` (the reference's MACs target, or ``--macs-speedup``) is added, and a
+   latency run targeted at the speed-up *it* delivered: the equal-latency comparison, where
+   8-channel MACs pruning delivered none.
+
+Resumable: each run is a pipeline run in its own folder, and the measured speed-up is
 written into its recipe the first time. Prints a table and writes
 ``benchmarks/results/latency_prune_vs_macs.json`` with the machine's CPU and flags.
 """
@@ -58,6 +63,17 @@ def main() -> None:
         help="the latency target when MACs pruning delivered no speed-up (equal latency is then "
         "out of the question: the comparison is at this target instead)",
     )
+    parser.add_argument(
+        "--macs-round-to",
+        type=int,
+        help="also run MACs-targeted pruning at this round_to and a latency target at its speed-up",
+    )
+    parser.add_argument(
+        "--macs-speedup",
+        type=float,
+        help="the MACs reduction of the --macs-round-to run (default: the reference's); a wider "
+        "round_to cannot reach every reduction",
+    )
     parser.add_argument("--result", default=str(HERE / "results" / "latency_prune_vs_macs.json"))
     args = parser.parse_args()
 
@@ -72,63 +88,9 @@ def main() -> None:
     if pending:
         raise SystemExit(f"the reference run would re-run {', '.join(pending)}; finish it first")
     reference = run(recipe)
-    latency_recipe = prepare_latency_run(args, reference)
-    latency = run(load_recipe(latency_recipe, out=args.out))
-    files = {
-        "teacher": reference["export"].files["teacher"],
-        "macs-targeted": reference["export"].files["student"],
-        "latency-targeted": latency["export"].files["student"],
-    }
-    backend = BACKENDS.get("onnxruntime")
-    record = {
-        "machine": _machine(),
-        "reference_run": str(Path(args.out) / recipe.name),
-        "latency_speedup_target": _target_of(latency_recipe),
-        "variants": {},
-        "wall_s": None,
-    }
-    b1 = interleaved_p50(backend, list(files.values()), 1, 1, args.processes)
-    b64 = interleaved_p50(backend, list(files.values()), 64, 1, max(3, args.processes // 2))
-    for index, (name, artifacts) in enumerate(
-        [("teacher", reference), ("macs-targeted", reference), ("latency-targeted", latency)]
-    ):
-        bench = BenchResult.read(artifacts["bench"].files["json"])
-        row = bench.row("teacher" if name == "teacher" else "student")
-        prune = artifacts["prune"].metrics if name != "teacher" else None
-        record["variants"][name] = {
-            "file": str(list(files.values())[index]),
-            "onnx_top1": row.top1,
-            "macs": row.macs,
-            "params": row.params,
-            "p50_ms_b1": statistics.median(b1[index]),
-            "p50_ms_b1_processes": b1[index],
-            "p50_ms_b64": statistics.median(b64[index]),
-            "speedup_b1_vs_teacher": statistics.median(
-                t / s for t, s in zip(b1[0], b1[index], strict=True)
-            ),
-            "pruned_top1": None if prune is None else prune["top1"],
-            "pruned_macs_reduction": None if prune is None else prune["macs_reduction"],
-            "prune_steps": None if prune is None else prune["steps"],
-        }
-    record["wall_s"] = time.perf_counter() - started
-    print(table(record))
-    write_json_atomic(Path(args.result), record)
-
-
-def prepare_latency_run(args, reference) -> Path:
-    """The latency run's recipe (written once, with the measured speed-up of MACs pruning) and
-    its folder holding copies of the reference's teacher and distill stages (they skip)."""
-    raw = yaml.safe_load((Path(args.out) / "cifar10_cpu" / "recipe.yaml").read_text())
-    name = raw["name"] + LATENCY_NAME_SUFFIX.format(batch=args.batch_size)
-    path = Path(args.out) / f"{name}.yaml"
-    if path.is_file():
-        return path
-    reference_dir = Path(reference["teacher"].files["model"]).parent.parent
-    folder = Path(args.out) / name
-    for stage in ("teacher", "distill"):
-        if not (folder / stage).exists():
-            shutil.copytree(reference_dir / stage, folder / stage)
-    speedup = macs_pruning_speedup(args, reference)
+    unpruned = unpruned_int8(reference)
+    runs = {"teacher": reference, "macs-targeted": reference}
+    speedup = measured_speedup(args, unpruned, reference)
     print(f"MACs pruning delivered {speedup:.3f}x at batch {args.batch_size} (INT8)")
     if speedup <= 1.0:
         if args.speedup is None:
@@ -138,39 +100,135 @@ def prepare_latency_run(args, reference) -> Path:
                 "nothing; give --speedup to compare at a target of your choice"
             )
         speedup = args.speedup
-    for stage in raw["stages"]:
-        if isinstance(stage, dict) and "prune" in stage:
-            prune = stage["prune"]
-            for key in ("speedup", "target_macs", "pruning_ratio"):
+    suffix = LATENCY_NAME_SUFFIX.format(batch=args.batch_size)
+    runs["latency-targeted"] = run_variant(args, reference, suffix, latency_edit(args, speedup))
+    if args.macs_round_to:
+        rounded = f"macs-targeted-r{args.macs_round_to}" + (
+            f"-x{args.macs_speedup:g}" if args.macs_speedup else ""
+        )
+        runs[rounded] = run_variant(args, reference, f"-{rounded}", round_to_edit(args))
+        rounded_speedup = measured_speedup(args, unpruned, runs[rounded])
+        print(f"MACs pruning at round_to {args.macs_round_to}: {rounded_speedup:.3f}x (INT8)")
+        runs[f"latency-targeted-at-{rounded.removeprefix('macs-targeted-')}"] = run_variant(
+            args,
+            reference,
+            f"{suffix}-at-{rounded.removeprefix('macs-targeted-')}",
+            latency_edit(args, max(rounded_speedup, 1.0)),
+        )
+    files = {
+        name: artifacts["export"].files["teacher" if name == "teacher" else "student"]
+        for name, artifacts in runs.items()
+    }
+    backend = BACKENDS.get("onnxruntime")
+    record = {
+        "machine": _machine(),
+        "reference_run": str(Path(args.out) / recipe.name),
+        "latency_speedup_target": _target_of(runs["latency-targeted"]),
+        "variants": {},
+        "wall_s": None,
+    }
+    b1 = interleaved_p50(backend, list(files.values()), 1, 1, args.processes)
+    b64 = interleaved_p50(backend, list(files.values()), 64, 1, max(3, args.processes // 2))
+    for index, (name, artifacts) in enumerate(runs.items()):
+        bench = BenchResult.read(artifacts["bench"].files["json"])
+        row = bench.row("teacher" if name == "teacher" else "student")
+        prune = artifacts["prune"].metrics if name != "teacher" else None
+        record["variants"][name] = {
+            "file": str(files[name]),
+            "onnx_top1": row.top1,
+            "macs": row.macs,
+            "params": row.params,
+            "p50_ms_b1": statistics.median(b1[index]),
+            "p50_ms_b1_processes": b1[index],
+            "p50_ms_b64": statistics.median(b64[index]),
+            "p50_ms_b64_processes": b64[index],
+            "speedup_b1_vs_teacher": statistics.median(
+                t / s for t, s in zip(b1[0], b1[index], strict=True)
+            ),
+            "latency_target": None if prune is None else _target_of(artifacts),
+            "pruned_top1": None if prune is None else prune["top1"],
+            "pruned_macs_reduction": None if prune is None else prune["macs_reduction"],
+            "prune_steps": None if prune is None else prune["steps"],
+        }
+    record["wall_s"] = time.perf_counter() - started
+    print(table(record))
+    write_json_atomic(Path(args.result), record)
+
+
+def run_variant(args, reference, suffix: str, edit) -> dict:
+    """Run the reference recipe with its prune stage edited (``edit(prune)``) under the name
+    ``<reference><suffix>``; the recipe is written once (a rerun keeps the measured target) and
+    the folder starts with copies of the reference's teacher and distill stages (they skip)."""
+    raw = yaml.safe_load((Path(args.out) / "cifar10_cpu" / "recipe.yaml").read_text())
+    name = raw["name"] + suffix
+    path = Path(args.out) / f"{name}.yaml"
+    if not path.is_file():
+        reference_dir = Path(reference["teacher"].files["model"]).parent.parent
+        folder = Path(args.out) / name
+        for stage in ("teacher", "distill"):
+            if not (folder / stage).exists():
+                shutil.copytree(reference_dir / stage, folder / stage)
+        for stage in raw["stages"]:
+            if isinstance(stage, dict) and "prune" in stage:
+                edit(stage["prune"])
+        raw["name"] = name
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return run(load_recipe(path, out=args.out))
+
+
+def latency_edit(args, speedup: float):
+    """A prune-stage edit: the MACs target replaced by a measured speed-up target."""
+
+    def edit(prune: dict) -> None:
+        for key in ("speedup", "target_macs", "pruning_ratio"):
+            prune.pop(key, None)
+        prune["target"] = {"latency_speedup": round(speedup, 3), "batch_size": args.batch_size}
+
+    return edit
+
+
+def round_to_edit(args):
+    """A prune-stage edit: channels kept in multiples of ``round_to``, at the reference's MACs
+    target or ``--macs-speedup``."""
+
+    def edit(prune: dict) -> None:
+        prune["round_to"] = args.macs_round_to
+        if args.macs_speedup:
+            for key in ("target_macs", "pruning_ratio"):
                 prune.pop(key, None)
-            prune["target"] = {
-                "latency_speedup": round(speedup, 3),
-                "batch_size": args.batch_size,
-            }
-    raw["name"] = name
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            prune["speedup"] = args.macs_speedup
+
+    return edit
+
+
+def unpruned_int8(reference) -> Path:
+    """The distilled student before pruning, exported INT8 as the latency prune stage exports
+    it (PTQ), kept in the reference run's folder for every later measurement."""
+    from compress.api import export, quantize
+
+    path = Path(reference["distill"].files["model"]).parent / "unpruned_int8.onnx"
+    if not path.is_file():
+        model = _load_student(reference["distill"])
+        calibration = [torch.randn(64, 3, 32, 32) for _ in range(2)]
+        with tempfile.TemporaryDirectory() as folder:
+            staged = Path(folder) / path.name
+            export(
+                quantize(model.eval(), calibration), staged, check_inputs=torch.zeros(1, 3, 32, 32)
+            )
+            shutil.move(staged, path)
     return path
 
 
-def macs_pruning_speedup(args, reference) -> float:
-    """Median pairwise ratio: the unpruned distilled student (INT8, as the latency prune stage
-    exports it) over the reference's MACs-pruned INT8 student, interleaved processes."""
-    from compress.api import export, quantize
-
-    distill = reference["distill"]
-    model = _load_student(distill)
-    images = torch.zeros(1, 3, 32, 32)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "unpruned.onnx"
-        calibration = [torch.randn(64, 3, 32, 32) for _ in range(2)]
-        export(quantize(model.eval(), calibration), path, check_inputs=images)
-        times = interleaved_p50(
-            BACKENDS.get("onnxruntime"),
-            [path, reference["export"].files["student"]],
-            args.batch_size,
-            1,
-            args.processes,
-        )
+def measured_speedup(args, unpruned: Path, pruned) -> float:
+    """Median pairwise ratio: the unpruned INT8 student over a pruned run's INT8 student,
+    interleaved processes."""
+    times = interleaved_p50(
+        BACKENDS.get("onnxruntime"),
+        [unpruned, pruned["export"].files["student"]],
+        args.batch_size,
+        1,
+        args.processes,
+    )
     return statistics.median(a / b for a, b in zip(*times, strict=True))
 
 
@@ -185,10 +243,18 @@ def _load_student(artifact):
     return load_weights(model, artifact.files["model"])
 
 
-def _target_of(recipe_path: Path) -> float:
-    raw = yaml.safe_load(recipe_path.read_text())
-    prune = next(s["prune"] for s in raw["stages"] if isinstance(s, dict) and "prune" in s)
-    return prune["target"]["latency_speedup"]
+def _target_of(artifacts) -> float | None:
+    """The latency speed-up a run's prune stage aimed at (None for a MACs target)."""
+    target = (artifacts["prune"].config or {}).get("target") or {}
+    return target.get("latency_speedup")
+
+
+def _target_text(variant: dict) -> str:
+    if variant["prune_steps"] is None:
+        return ""
+    if variant.get("latency_target"):
+        return f"{variant['latency_target']}x latency"
+    return f"{variant['pruned_macs_reduction']:.2f}x MACs"
 
 
 def _machine() -> dict:
@@ -205,12 +271,14 @@ def table(record: dict) -> str:
         f"latency target: {record['latency_speedup_target']}x over the unpruned INT8 student "
         "(what MACs pruning delivered)",
         "",
-        "| variant | INT8 ONNX top-1 (%) | MACs | params | b1 ms | b64 ms | b1 vs teacher |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | target | INT8 ONNX top-1 (%) | MACs | params | b1 ms | b64 ms "
+        "| b1 vs teacher |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, v in record["variants"].items():
         lines.append(
-            f"| {name} | {v['onnx_top1']:.2f} | {v['macs']:,} | {v['params']:,} | "
+            f"| {name} | {_target_text(v)} | {v['onnx_top1']:.2f} | {v['macs']:,} "
+            f"| {v['params']:,} | "
             f"{v['p50_ms_b1']:.3f} | {v['p50_ms_b64']:.3f} | {v['speedup_b1_vs_teacher']:.2f}x |"
         )
     return "\n".join(lines)

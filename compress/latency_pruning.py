@@ -36,7 +36,8 @@ from compress.latency_table import LatencyTable, LayerSite, cached_table, layer_
 from compress.pruning import ChannelGroup, ChannelPruner, GradientFn
 
 MAX_CORRECTIONS = 4  # re-plans after a measured latency above the goal, per cut
-MEASURE_ITERATIONS = 200  # timed runs per process of an exported candidate (2 s budget)
+MEASURE_ITERATIONS = 200  # timed runs per process of an exported candidate at most
+PROCESS_BUDGET_S = 2.0  # seconds of timed runs per process of an exported candidate
 
 Widths = dict[str, tuple[int, int]]  # layer -> (in, out) channels
 
@@ -366,26 +367,29 @@ def interleaved_p50(
     backend, paths: list[Path], batch_size: int, threads: int, processes: int
 ) -> list[list[float]]:
     """Each file's p50 latency (ms) in ``processes`` fresh processes of ``backend``, visited
-    A B A B: a per-process bias of the runtime then falls on every file alike, and ratios are
-    taken pair by pair.
+    A B A B (:func:`compress.benchmark.latency.measure_interleaved`, the bench's own
+    measurement): a per-process bias of the runtime then falls on every file alike, and ratios
+    are taken pair by pair.
 
     Raises:
         StageError: a measurement failed.
     """
-    times: list[list[float]] = [[] for _ in paths]
-    for _ in range(processes):
-        for index, path in enumerate(paths):
-            result = backend.measure(
-                path,
-                batch_sizes=[batch_size],
-                warmup=10,
-                iterations=MEASURE_ITERATIONS,
-                time_budget_s=2.0,
-                threads=threads,
-            )
-            if result.get("status") != "ok":
-                raise StageError(f"measuring {Path(path).name}: {result.get('error')}")
-            times[index].append(result["batches"][0]["latency_ms"]["p50"])
+    from compress.benchmark.latency import LatencyJob, measure_interleaved
+    from compress.config import BenchConfig
+
+    settings = BenchConfig(
+        warmup=10,
+        iterations=MEASURE_ITERATIONS,
+        time_budget_s=PROCESS_BUDGET_S * processes,
+        threads=threads,
+        processes=processes,
+    )
+    jobs = [LatencyJob(Path(path), (batch_size,)) for path in paths]
+    times = []
+    for path, result in zip(paths, measure_interleaved(backend, jobs, settings), strict=True):
+        if result.get("status") != "ok":
+            raise StageError(f"measuring {Path(path).name}: {result.get('error')}")
+        times.append([process["p50_ms"] for process in result["batches"][0]["processes"]])
     return times
 
 

@@ -65,7 +65,7 @@ def fake_measure(path, *, batch_sizes, **_):
     cost = OVERHEAD_MS + (1 - TABLE_OVERSTATES) * blocked_cost_ms(model)
     return {
         "status": "ok",
-        "batches": [{"batch_size": batch_sizes[0], "latency_ms": {"p50": cost}}],
+        "batches": [{"batch_size": batch_sizes[0], "status": "ok", "latency_ms": {"p50": cost}}],
     }
 
 
