@@ -433,9 +433,10 @@ class QuantizeConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
     augment: MixConfig = field(default_factory=MixConfig)
     teacher: str = "teacher"
-    max_drop: float | None = None  # top-1 points the exported INT8 file may lose on held-out images
-    holdout_images: int = 2000  # training images held out to measure it (with max_drop only)
-    max_float_layers: int | None = None  # most layers max_drop may keep float; None: all but one
+    # added after runs were recorded: at their defaults they stay out of the stage key
+    max_drop: float | None = field(default=None, metadata={ADDED_LATER: True})  # top-1 points
+    holdout_images: int = field(default=2000, metadata={ADDED_LATER: True})  # with max_drop only
+    max_float_layers: int | None = field(default=None, metadata={ADDED_LATER: True})  # None: n-1
 
     def __post_init__(self):
         _check(

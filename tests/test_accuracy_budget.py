@@ -51,6 +51,24 @@ def test_a_recipe_names_the_bad_max_drop_with_its_path(tmp_path):
     assert (config.max_drop, config.holdout_images, config.max_float_layers) == (0.5, 2000, None)
 
 
+def test_a_quantize_stage_without_a_budget_keeps_the_stage_key_of_runs_recorded_before_it():
+    from compress.recipe.load import recipe_from_dict
+    from compress.recipe.serialise import recipe_to_dict
+
+    def quantize_section(quantize: dict) -> dict:
+        raw = {"name": "t", "stages": ["teacher", "distill", {"quantize": quantize}]}
+        stages = recipe_to_dict(recipe_from_dict(raw, source="t.yaml"))["stages"]
+        return next(s["quantize"] for s in stages if "quantize" in s)
+
+    # a quantize stage recorded before max_drop existed hashed its section without these keys
+    budget_keys = {"max_drop", "holdout_images", "max_float_layers"}
+    assert not budget_keys & set(quantize_section({"mode": "ptq"}))
+    assert quantize_section({"max_drop": 0.5, "holdout_images": 1000}).items() >= {
+        ("max_drop", 0.5),
+        ("holdout_images", 1000),
+    }
+
+
 # --- the held-out slice of the training split --------------------------------------------------
 
 
