@@ -91,6 +91,36 @@ def measure_request(
     }
 
 
+def measure_in_child(
+    module: str,
+    path,
+    *,
+    batch_sizes,
+    warmup: int,
+    iterations: int,
+    time_budget_s: float | None,
+    threads: int,
+    timeout_s: float | None = None,
+    startup_s: float = 120.0,
+    **extra,
+) -> dict:
+    """What every backend's ``measure`` does: the common request (plus the backend's ``extra``
+    settings) sent to its worker ``module`` in a fresh process, under ``timeout_s`` (None: a
+    generous limit from the time budget, :func:`budget_timeout`). Never raises."""
+    request = measure_request(
+        path,
+        batch_sizes=batch_sizes,
+        warmup=warmup,
+        iterations=iterations,
+        time_budget_s=time_budget_s,
+        threads=threads,
+        **extra,
+    )
+    if timeout_s is None:
+        timeout_s = budget_timeout(time_budget_s, len(batch_sizes), startup_s=startup_s)
+    return run_child(module, request, timeout_s)
+
+
 def budget_timeout(
     time_budget_s: float | None, measurements: int, startup_s: float = 120.0
 ) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.backends.child import budget_timeout, measure_request, run_child
+from compress.backends.child import measure_in_child, run_child
 
 WORKER_MODULE = "compress.backends._ort_worker"
 TABLE_WORKER_MODULE = "compress.backends._ort_table_worker"
@@ -57,18 +57,17 @@ def measure(
         ``"status": "error"`` and ``"error"``. When the child cannot load the model or crashes,
         only ``status`` and ``error`` are present. Never raises for a broken model.
     """
-    request = measure_request(
+    return measure_in_child(
+        WORKER_MODULE,
         path,
         batch_sizes=batch_sizes,
         warmup=warmup,
         iterations=iterations,
         time_budget_s=time_budget_s,
         threads=threads,
+        timeout_s=timeout_s,
         provider=PROVIDERS[device],
     )
-    if timeout_s is None:
-        timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
-    return run_child(WORKER_MODULE, request, timeout_s)
 
 
 def measure_each(

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from compress.backends.child import budget_timeout, measure_request, run_child
+from compress.backends.child import measure_in_child
 from compress.errors import StageError
 
 WORKER_MODULE = "compress.backends._ov_worker"
@@ -91,17 +91,16 @@ def measure(
         openvino, for a file it cannot read or a crashed child, only ``status`` and ``error``.
         Never raises for a broken model.
     """
-    request = measure_request(
+    return measure_in_child(
+        WORKER_MODULE,
         path,
         batch_sizes=batch_sizes,
         warmup=warmup,
         iterations=iterations,
         time_budget_s=time_budget_s,
         threads=threads,
+        timeout_s=timeout_s,
     )
-    if timeout_s is None:
-        timeout_s = budget_timeout(time_budget_s, len(batch_sizes))
-    return run_child(WORKER_MODULE, request, timeout_s)
 
 
 def import_openvino():

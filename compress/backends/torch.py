@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.backends.child import budget_timeout, measure_request, run_child
+from compress.backends.child import measure_in_child
 
 WORKER_MODULE = "compress.backends._torch_worker"
 DEVICES = ("cpu", "cuda")
@@ -82,17 +82,16 @@ def measure(
     """
     if device not in DEVICES:
         return {"status": "error", "error": f"device must be one of {DEVICES}, got {device!r}"}
-    request = measure_request(
+    return measure_in_child(
+        WORKER_MODULE,
         path,
         batch_sizes=batch_sizes,
         warmup=warmup,
         iterations=iterations,
         time_budget_s=time_budget_s,
         threads=threads,
+        timeout_s=timeout_s,
+        startup_s=120.0 + (COMPILE_STARTUP_S * len(batch_sizes) if compile else 0.0),
         device=device,
         compile=bool(compile),
     )
-    if timeout_s is None:
-        startup = 120.0 + (COMPILE_STARTUP_S * len(batch_sizes) if compile else 0.0)
-        timeout_s = budget_timeout(time_budget_s, len(batch_sizes), startup_s=startup)
-    return run_child(WORKER_MODULE, request, timeout_s)
