@@ -247,7 +247,7 @@ def test_several_processes_per_model_interleaved(monkeypatch, models):
         started.append(os.path.basename(request["path"]))
         return run_child(module, request, timeout_s)
 
-    monkeypatch.setattr("compress.backends.onnxruntime.run_child", recording)
+    monkeypatch.setattr("compress.backends.child.run_child", recording)
     cfg = replace(CFG, processes=2, time_budget_s=1.0)
     result = bench_models(models, cfg, None)
     assert started == ["teacher.onnx", "student.onnx"] * 2  # round by round, A B A B
