@@ -26,6 +26,7 @@ written into its recipe the first time. Prints a table and writes
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -245,7 +246,8 @@ def _load_student(artifact):
 
 def _target_of(artifacts) -> float | None:
     """The latency speed-up a run's prune stage aimed at (None for a MACs target)."""
-    target = (artifacts["prune"].config or {}).get("target") or {}
+    record = Path(artifacts["prune"].files["model"]).parent / "stage.json"
+    target = json.loads(record.read_text()).get("config", {}).get("target") or {}
     return target.get("latency_speedup")
 
 
