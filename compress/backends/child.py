@@ -69,28 +69,6 @@ def serve(measure: Callable[[dict], dict]) -> None:
         json.dump(result, out)
 
 
-def measure_request(
-    path,
-    *,
-    batch_sizes,
-    warmup: int,
-    iterations: int,
-    time_budget_s: float | None,
-    threads: int,
-    **extra,
-) -> dict:
-    """The JSON request every measuring worker reads: the common settings plus the backend's own."""
-    return {
-        "path": str(Path(path).resolve()),
-        "batch_sizes": [int(b) for b in batch_sizes],
-        "warmup": int(warmup),
-        "iterations": int(iterations),
-        "time_budget_s": time_budget_s,
-        "threads": int(threads),
-        **extra,
-    }
-
-
 def measure_in_child(
     module: str,
     path,
@@ -104,18 +82,19 @@ def measure_in_child(
     startup_s: float = 120.0,
     **extra,
 ) -> dict:
-    """What every backend's ``measure`` does: the common request (plus the backend's ``extra``
-    settings) sent to its worker ``module`` in a fresh process, under ``timeout_s`` (None: a
-    generous limit from the time budget, :func:`budget_timeout`). Never raises."""
-    request = measure_request(
-        path,
-        batch_sizes=batch_sizes,
-        warmup=warmup,
-        iterations=iterations,
-        time_budget_s=time_budget_s,
-        threads=threads,
+    """What every backend's ``measure`` does: the JSON request every measuring worker reads
+    (the common settings plus the backend's ``extra`` ones) sent to its worker ``module`` in a
+    fresh process, under ``timeout_s`` (None: a generous limit from the time budget,
+    :func:`budget_timeout`). Never raises."""
+    request = {
+        "path": str(Path(path).resolve()),
+        "batch_sizes": [int(b) for b in batch_sizes],
+        "warmup": int(warmup),
+        "iterations": int(iterations),
+        "time_budget_s": time_budget_s,
+        "threads": int(threads),
         **extra,
-    )
+    }
     if timeout_s is None:
         timeout_s = budget_timeout(time_budget_s, len(batch_sizes), startup_s=startup_s)
     return run_child(module, request, timeout_s)

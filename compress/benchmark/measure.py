@@ -94,18 +94,15 @@ def predict_onnx(
     static = (
         feed.shape[0] if isinstance(feed.shape[0], int) else None
     )  # a static batch runs only at its size
-    batch_size = static or batch_size
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        chunk = normalise_images(images[start : start + batch_size], mean, std).astype(dtype)
-        count = len(chunk)
-        if (
-            static and count < static
-        ):  # pad the last chunk with copies; their predictions are dropped
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, axis=0)])
-        logits = session.run(None, {feed.name: chunk})[0]
-        predictions.append(logits[:count].argmax(axis=1))
-    return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
+    return _top1_per_batch(
+        lambda chunk: session.run(None, {feed.name: chunk})[0],
+        images,
+        mean,
+        std,
+        batch_size,
+        dtype=dtype,
+        static=static,
+    )
 
 
 def predict_on(
@@ -140,10 +137,24 @@ def predict_on(
         )
     _channel_stats(images, mean, std)  # fail on bad shapes before loading the model
     run = load_entry(backend.predictor)(Path(path), batch_size=batch_size, threads=threads)
-    predictions = [
-        run(normalise_images(images[start : start + batch_size], mean, std)).argmax(axis=1)
-        for start in range(0, len(images), batch_size)
-    ]
+    return _top1_per_batch(run, images, mean, std, batch_size)
+
+
+def _top1_per_batch(
+    run, images: np.ndarray, mean, std, batch_size: int, *, dtype=np.float32, static=None
+) -> np.ndarray:
+    """The arg-max of ``run(normalised chunk)`` over ``images`` in chunks of ``batch_size``; a
+    model with a static batch axis (``static``) runs only at its size, so the last chunk is
+    padded with copies whose predictions are dropped."""
+    batch_size = static or batch_size
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        chunk = normalise_images(images[start : start + batch_size], mean, std)
+        chunk = chunk.astype(dtype, copy=False)
+        count = len(chunk)
+        if static and count < static:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - count, axis=0)])
+        predictions.append(run(chunk)[:count].argmax(axis=1))
     return np.concatenate(predictions).astype(np.int64) if predictions else np.zeros(0, np.int64)
 
 
