@@ -26,7 +26,6 @@ written into its recipe the first time. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -43,6 +42,7 @@ from compress.latency_pruning import interleaved_p50
 from compress.machine import machine_info
 from compress.pipeline import plan, run
 from compress.recipe.load import load_recipe
+from compress.records import StageRecord
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "cifar10_cpu.yaml"
@@ -246,9 +246,8 @@ def _load_student(artifact):
 
 def _target_of(artifacts) -> float | None:
     """The latency speed-up a run's prune stage aimed at (None for a MACs target)."""
-    record = Path(artifacts["prune"].files["model"]).parent / "stage.json"
-    target = json.loads(record.read_text()).get("config", {}).get("target") or {}
-    return target.get("latency_speedup")
+    record = StageRecord.read(Path(artifacts["prune"].files["model"]).parent)
+    return ((record.config or {}).get("target") or {}).get("latency_speedup")
 
 
 def _target_text(variant: dict) -> str:
