@@ -122,7 +122,7 @@ class TrainConfig:
     label_smoothing: float = (
         0.0  # teacher only; hurts distillation (Muller et al. 2019), so off by default
     )
-    precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it, else fp32
+    precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it (not QAT), else fp32
     channels_last: bool | None = None  # None: on for CUDA
     # torch.compile the training step (worth it on CUDA; compiling costs seconds to minutes)
     compile: bool = False

@@ -240,6 +240,7 @@ def prepare_quantized(
     graph_module = fold_batchnorm(model)
     quantized = _swap_layers(graph_module, skipped, weight_range, _bn_gains(model, graph_module))
     _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
+    graph_module.to(next(model.parameters()).device)  # new quantizers' buffers start on the CPU
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
     graph_module.quant_spec = QuantSpec(

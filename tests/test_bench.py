@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -427,3 +428,15 @@ def test_a_static_batch_file_is_measured_at_its_batch_and_marked_in_the_table(
         row.top1 is not None and result.ratios["static"].speedup_b1 is None
     )  # no batch-1 number to compare
     assert " (batch 4) |" in bench_table_markdown(result)
+
+
+def test_a_fake_quantized_pytorch_row_is_named_simulated_int8():
+    teacher = synthetic_row("teacher", 1.0, 50000.0, 1, 1, 1, None)
+    student = dataclasses.replace(
+        synthetic_row("student", 6.8, 8800.0, 1, 1, 1, None),
+        runtime={"backend": "torch-cuda", "network": {"stage": "quantize", "quantized": True}},
+    )
+    flagged = bench_table_markdown(compare([teacher, student]))
+    assert "Simulated INT8: student ran as fake quantization" in flagged
+    plain = dataclasses.replace(student, runtime={"network": {"quantized": False}})
+    assert "Simulated INT8" not in bench_table_markdown(compare([teacher, plain]))

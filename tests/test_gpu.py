@@ -5,6 +5,8 @@ them together with the GPU benchmarks."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,8 +51,11 @@ def test_onnxruntime_cuda_runs_on_the_gpu_or_says_what_is_missing(tmp_path):
 
 def tiny_problem():
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (256, 3, 16, 16), dtype=torch.uint8, generator=generator)
-    labels = (images.float().mean(dim=(1, 2, 3)) > 127.5).long()
+    labels = torch.randint(0, 2, (256,), generator=generator)
+    # class 1 is 64 grey levels brighter on average: learnable in a few epochs (a label from
+    # the mean of uniform noise is not: those means differ by a few levels)
+    noise = torch.randint(0, 192, (256, 3, 16, 16), generator=generator)
+    images = (noise + 64 * labels[:, None, None, None]).to(torch.uint8)
     data = torch.utils.data.TensorDataset(images, labels)
     train = torch.utils.data.DataLoader(
         data,
@@ -74,7 +79,7 @@ def conv_net() -> nn.Module:
     ).to(CUDA)
 
 
-def train(model, step_loss=None, epochs=3, checkpoint=None):
+def train(model, step_loss=None, epochs=3, checkpoint=None, cfg=None):
     train_loader, test_loader = tiny_problem()
     prep = Preprocess((0.5,) * 3, (0.25,) * 3, augment=True).to(CUDA)
 
@@ -82,7 +87,7 @@ def train(model, step_loss=None, epochs=3, checkpoint=None):
         logits = model(images)
         return F.cross_entropy(logits, labels), logits
 
-    cfg = TrainConfig(epochs=epochs, optimizer="adamw", lr=0.01, weight_decay=0.0)
+    cfg = cfg or TrainConfig(epochs=epochs, optimizer="adamw", lr=0.01, weight_decay=0.0)
     return fit(
         model,
         train_loader,
@@ -137,3 +142,32 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(tmp_path):
     assert resumed[2].train_loss == pytest.approx(
         reference[2].train_loss, rel=1e-2
     )  # cuDNN may be nondeterministic
+
+
+def test_int8_on_cuda_matches_its_cpu_copy_then_qat_learns_and_exports(tmp_path):
+    """The quantize stage's path on a GPU: every quantizer on the model's device, the same
+    fake-quantized logits as on the CPU (up to TF32 convolutions moving a value across a
+    rounding boundary), QAT in the stage's precision, and a QDQ file ONNX Runtime reproduces."""
+    from compress import api
+    from compress.config import QuantizeConfig
+    from compress.stages.quantize import qat_train_config
+
+    model = conv_net()
+    train(model, epochs=2)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    calibration = [torch.randn(32, 3, 16, 16, device=CUDA, generator=generator) for _ in range(4)]
+    qmodel = api.quantize(model.eval(), calibration)
+    assert {t.device.type for t in [*qmodel.parameters(), *qmodel.buffers()]} == {CUDA.type}
+    with torch.no_grad():
+        on_gpu = qmodel(calibration[0]).cpu()
+        on_cpu = copy.deepcopy(qmodel).cpu()(calibration[0].cpu())
+    assert (on_gpu - on_cpu).abs().max() <= 0.05 * on_cpu.abs().max()
+    assert (on_gpu.argmax(1) == on_cpu.argmax(1)).float().mean() >= 0.9
+
+    qat = qat_train_config(QuantizeConfig(train=TrainConfig(epochs=2, optimizer="adamw", lr=1e-3)))
+    assert qat.precision == "fp32"
+    history = train(qmodel.train(), cfg=qat)
+    assert history[-1].test_top1 > 80
+    record = api.export(qmodel, tmp_path / "int8.onnx", check_inputs=calibration[0].cpu())
+    assert record["qdq"]["int8_weights"] == 2 and record["qdq"]["fp32_conv"] == 0
+    assert record["top1_agreement"] >= 0.95

@@ -482,3 +482,12 @@ def test_qat_gradients_are_those_of_the_conv_with_its_batchnorm_kept_frozen():
     out = torch.func.functional_call(qmodel, {"0.weight": unfolded * gain}, (images,))
     out.square().sum().backward()
     torch.testing.assert_close(conv.weight.grad, gain * unfolded.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_qat_trains_in_fp32_unless_the_recipe_names_a_precision():
+    from compress.config import QuantizeConfig, TrainConfig
+    from compress.stages.quantize import qat_train_config
+
+    assert qat_train_config(QuantizeConfig()).precision == "fp32"  # auto: bf16 on a GPU otherwise
+    chosen = QuantizeConfig(train=TrainConfig(precision="bf16"))
+    assert qat_train_config(chosen) is chosen.train

@@ -76,7 +76,25 @@ def _group_table(result: BenchResult, rows: list[BenchRow]) -> str:
         if noisy
         else ""
     )
-    return "\n".join(lines) + note + _unstable_note(rows, name)
+    return "\n".join(lines) + note + _unstable_note(rows, name) + _simulated_int8_note(rows, name)
+
+
+def _simulated_int8_note(rows: list[BenchRow], name: dict[str, str]) -> str:
+    """One line naming the rows that ran a fake-quantized network in PyTorch: float kernels
+    plus rounding, slower than the float network itself, so their latency says nothing about
+    INT8 (first seen on the GPU: the INT8 student 2.5x slower than its float source)."""
+    found = [
+        name[row.role]
+        for row in rows
+        if ((row.runtime or {}).get("network") or {}).get("quantized")
+    ]
+    if not found:
+        return ""
+    return (
+        f"\n\nSimulated INT8: {', '.join(found)} ran as fake quantization (float kernels that "
+        "round to the INT8 grid, what QAT trains); its latency is not INT8 latency. Time INT8 on "
+        "the exported file with an integer runtime (onnxruntime, openvino, tensorrt)."
+    )
 
 
 def _unstable_note(rows: list[BenchRow], name: dict[str, str]) -> str:
