@@ -117,6 +117,7 @@ def prune(
     finetune: Callable[[nn.Module, int], None] | None = None,
     gradient_fn: Callable[[nn.Module], None] | None = None,
     calibration_data: Iterable | None = None,
+    judge: Callable[[nn.Module], float] | None = None,
 ) -> nn.Module:
     """Prune ``model``'s channels in place (Torch-Pruning) to ``spec``'s target and return it.
 
@@ -135,6 +136,10 @@ def prune(
             BatchNorm statistics after each cut, before ``finetune``
             (:func:`compress.batchnorm.recalibrate_batchnorm`); a few thousand images. Without
             it a cut leaves stale statistics and the network near chance until fine-tuned.
+        judge: for a latency target, scores a cut copy of the network (higher is better, e.g.
+            top-1 on held-out images after :func:`compress.batchnorm.recalibrate_batchnorm`);
+            each cut then takes the best of :func:`compress.latency_pruning.candidate_plans`.
+            None: the importance plan.
 
     Raises:
         StageError: the target cannot be reached within ``max_layer_ratio`` (or, for a latency,
@@ -152,7 +157,9 @@ def prune(
     _, channels, size, _ = example_inputs.shape
     _, macs = count_params_macs(model, size, channels)
     if spec.target.active:
-        pruner = _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_fn)
+        pruner = _latency_pruner(
+            model, example_inputs, spec, num_classes, batches, gradient_fn, judge
+        )
         goals = pruner.step_goals(steps)
     else:
         pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes, rounds=steps)
@@ -377,7 +384,7 @@ def bench(
     )
 
 
-def _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_fn):
+def _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_fn, judge):
     """A latency target from Python: measured on ``spec.target.backend`` (default onnxruntime),
     in FP32 unless ``spec.target.precision`` says int8 (``auto`` has no recipe to look at)."""
     from compress.bench_backends import BACKENDS
@@ -393,6 +400,7 @@ def _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_
         calibration=batches,
         num_classes=num_classes,
         gradient_fn=gradient_fn,
+        judge=judge,
     )
 
 

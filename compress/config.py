@@ -261,7 +261,10 @@ class LatencyTarget:
     exported in ``precision``: ``auto`` is INT8 when a quantize stage follows the prune stage
     (what will be deployed), else FP32. ``grid`` candidate widths per layer group make the
     per-layer latency table; ``processes`` fresh processes (interleaved) measure each exported
-    candidate.
+    candidate. ``judge_images``: each cut weighs several plans
+    (:func:`compress.latency_pruning.candidate_plans`), each cut on a copy, its BatchNorm
+    statistics re-estimated on the stage's ``recalibration_images``, then scored by top-1 on
+    this many other training images (never the test split); 0: the importance plan alone.
     """
 
     latency_ms: float | None = None
@@ -272,6 +275,7 @@ class LatencyTarget:
     precision: str = "auto"
     grid: int = 8
     processes: int = 5
+    judge_images: int = 2048
 
     @property
     def active(self) -> bool:
@@ -310,6 +314,7 @@ class LatencyTarget:
         )
         _check(self.grid >= 2, f"grid: expected >= 2 candidate widths, got {self.grid}")
         _check(self.processes >= 1, f"processes: expected >= 1, got {self.processes}")
+        _check(self.judge_images >= 0, f"judge_images: expected >= 0, got {self.judge_images}")
 
 
 @dataclass(frozen=True)

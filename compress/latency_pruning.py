@@ -11,7 +11,13 @@ How:
    precision that will be deployed, on the bench runtime itself.
 2. :func:`plan_widths` repeatedly narrows the channel group, to whichever of its candidate
    widths, that removes the least importance per millisecond the table says it saves, until the
-   predicted latency meets the goal (a greedy knapsack over the groups).
+   predicted latency meets the goal (a greedy knapsack over the groups). Importance is not
+   comparable across groups (a group's norm grows with its layers), so :func:`candidate_plans`
+   also plans with importance scaled per group, with the same fraction cut from every group,
+   and by latency alone; with a ``judge`` each candidate is cut on a copy, its BatchNorm
+   statistics re-estimated, and scored on training images, and the best is kept (EagleEye's
+   "adaptive BN" evaluation, Li et al. 2020): a plan is chosen by what the network can still
+   do, not by a proxy of it.
 3. :class:`LatencyPruner` cuts those channels, exports the network as it will be deployed and
    measures it (several fresh processes, interleaved with the unpruned network for a speed-up).
    Above the goal, it plans again from the measured latency and cuts more, so the goal is met by
@@ -21,8 +27,10 @@ How:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,8 @@ MEASURE_ITERATIONS = 200  # timed runs per process of an exported candidate at m
 PROCESS_BUDGET_S = 2.0  # seconds of timed runs per process of an exported candidate
 
 Widths = dict[str, tuple[int, int]]  # layer -> (in, out) channels
+Judge = Callable[[nn.Module], float]  # a cut candidate network -> its score (higher is better)
+PLAN_RULES = ("importance", "scaled", "uniform", "latency")  # candidate_plans, in this order
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class LatencyCut:
         speedup: ``base_ms / measured_ms``, as the median of the per-process pairs.
         corrections: how many re-plans the measurement forced.
         widths: each group's channels after the cut.
+        plans: the first plan's candidates, one :class:`PlanScore` per rule (empty without a
+            judge); ``chosen`` names the rule whose plan was cut.
     """
 
     goal_ms: float
@@ -63,6 +75,8 @@ class LatencyCut:
     speedup: float
     corrections: int
     widths: dict[str, int]
+    plans: tuple[PlanScore, ...] = ()
+    chosen: str = "importance"
 
     def to_json(self) -> dict:
         return {
@@ -73,7 +87,19 @@ class LatencyCut:
             "speedup": self.speedup,
             "corrections": self.corrections,
             "widths": self.widths,
+            "chosen": self.chosen,
+            "plans": [dataclasses.asdict(plan) for plan in self.plans],
         }
+
+
+@dataclass(frozen=True)
+class PlanScore:
+    """One candidate plan of a cut: its rule, predicted latency and the judge's score (top-1 %
+    on training images after BatchNorm re-estimation, for the prune stage)."""
+
+    rule: str
+    predicted_ms: float
+    score: float
 
 
 def candidate_widths(channels: int, spec: PruneSpec, grid: int) -> tuple[int, ...]:
@@ -166,6 +192,81 @@ def plan_widths(
     return {name: w for name, w in keep.items()}, predicted
 
 
+def candidate_plans(
+    groups: list[ChannelGroup],
+    options: dict[str, tuple[int, ...]],
+    table: LatencyTable,
+    widths: Widths,
+    depthwise: set[str],
+    start_ms: float,
+    goal_ms: float,
+) -> dict[str, tuple[dict[str, int], float]]:
+    """Plans predicted to reach ``goal_ms``, one per rule of :data:`PLAN_RULES` that reaches it
+    (duplicates dropped, the earlier rule kept):
+
+    * ``importance``: :func:`plan_widths` on the criterion's importance as it is;
+    * ``scaled``: the same with each group's importance divided by its mean, so groups of
+      different layers compete on their channels' rank, not on the size of their norms;
+    * ``uniform``: the same fraction cut from every group (the smallest, on a 1% grid, whose
+      widths reach the goal), what a plain ratio schedule does;
+    * ``latency``: :func:`plan_widths` where every channel of a group weighs 1 / its channels:
+      the most milliseconds per fraction of a group, importance ignored.
+
+    Returns:
+        rule -> ``(group -> width, predicted ms)``.
+
+    Raises:
+        StageError: no rule reaches the goal (the ``importance`` rule's error).
+    """
+    plan = {"widths": widths, "depthwise": depthwise, "start_ms": start_ms, "goal_ms": goal_ms}
+    reweighted = {
+        "importance": groups,
+        "scaled": [
+            dataclasses.replace(g, importance=g.importance / g.importance.mean().clamp_min(1e-12))
+            for g in groups
+        ],
+        "latency": [
+            dataclasses.replace(g, importance=torch.full((g.channels,), 1.0 / g.channels))
+            for g in groups
+        ],
+    }
+    plans, first_error = {}, None
+    for rule in PLAN_RULES:
+        try:
+            if rule == "uniform":
+                found = _uniform_plan(groups, options, table, **plan)
+            else:
+                found = plan_widths(reweighted[rule], options, table, **plan)
+        except StageError as error:
+            first_error = first_error or error
+            continue
+        if found is not None and found[0] not in [p[0] for p in plans.values()]:
+            plans[rule] = found
+    if not plans:
+        raise first_error
+    return plans
+
+
+def _uniform_plan(groups, options, table, *, widths, depthwise, start_ms, goal_ms):
+    """The smallest fraction f (1% steps) such that every group at its widest option
+    <= (1 - f) of its channels is predicted at or under ``goal_ms``; None if none is."""
+    for percent in range(1, 101):
+        keep = {}
+        layers = dict(widths)
+        for group in groups:
+            allowed = [w for w in options[group.name] if w <= group.channels * (1 - percent / 100)]
+            keep[group.name] = max(allowed, default=min(options[group.name]))
+            layers = _resized(layers, group, keep[group.name], depthwise)
+        predicted = start_ms - sum(
+            table.cost(name, *widths[name]) - table.cost(name, *layers[name])
+            for name in layers
+            if layers[name] != widths[name]
+        )
+        if predicted <= goal_ms:
+            return keep, predicted
+    return None
+
+
 class LatencyPruner:
     """Cuts a network toward latency goals measured on a bench runtime (see the module docstring).
 
@@ -182,6 +283,9 @@ class LatencyPruner:
         gradient_fn: for the ``taylor`` criterion.
         cpu: the CPU, recorded with the table.
         log: called with one line per measurement.
+        judge: scores a cut copy of the network (higher is better; the prune stage re-estimates
+            its BatchNorm statistics and returns top-1 on training images); each cut then
+            chooses among :func:`candidate_plans`. None: the ``importance`` plan alone.
     """
 
     def __init__(
@@ -198,8 +302,10 @@ class LatencyPruner:
         gradient_fn: GradientFn | None = None,
         cpu: str = "",
         log=None,
+        judge: Judge | None = None,
     ):
         self.model, self.example, self.spec = model, example_inputs, spec
+        self.judge, self.num_classes = judge, num_classes
         self.target: LatencyTarget = spec.target
         self.backend, self.precision = backend, precision
         self.calibration = calibration or [example_inputs]
@@ -253,19 +359,12 @@ class LatencyPruner:
                 ``MAX_CORRECTIONS`` re-plans.
         """
         start = self.current_ms
-        corrections, first_prediction, kept = 0, None, {}
+        corrections, first_prediction, kept, first_plans = 0, None, {}, None
         while True:
             groups = self.pruner.channel_groups(self.gradient_fn)
-            widths, predicted = plan_widths(
-                groups,
-                self.options,
-                self.table,
-                self._layer_widths(),
-                self.depthwise,
-                start,
-                goal_ms,
-            )
-            first_prediction = predicted if first_prediction is None else first_prediction
+            rule, widths, predicted, scores = self._plan(groups, start, goal_ms)
+            if first_prediction is None:
+                first_prediction, first_plans, chosen = predicted, scores, rule
             self.pruner.keep(groups, widths)
             kept.update(widths)
             measured, speedup = self._measure_candidate()
@@ -292,7 +391,38 @@ class LatencyPruner:
             speedup=speedup,
             corrections=corrections,
             widths=kept,
+            plans=first_plans,
+            chosen=chosen,
         )
+
+    def _plan(
+        self, groups: list[ChannelGroup], start_ms: float, goal_ms: float
+    ) -> tuple[str, dict[str, int], float, tuple[PlanScore, ...]]:
+        """``(rule, widths, predicted ms, scores)`` of the plan to cut: the importance plan
+        without a judge, else the candidate the judge scores highest (ties: the earlier rule)."""
+        layers = self._layer_widths()
+        if self.judge is None:
+            widths, predicted = plan_widths(
+                groups, self.options, self.table, layers, self.depthwise, start_ms, goal_ms
+            )
+            return "importance", widths, predicted, ()
+        plans = candidate_plans(
+            groups, self.options, self.table, layers, self.depthwise, start_ms, goal_ms
+        )
+        scores = []
+        for rule, (widths, predicted) in plans.items():
+            score = self.judge(self._cut_copy(widths))
+            scores.append(PlanScore(rule, predicted, score))
+            self.log(f"latency: plan {rule!r} predicted {predicted:.3f} ms, scored {score:.2f}")
+        best = max(scores, key=lambda plan: plan.score)  # max keeps the first of equals
+        return best.rule, plans[best.rule][0], best.predicted_ms, tuple(scores)
+
+    def _cut_copy(self, widths: dict[str, int]) -> nn.Module:
+        """A copy of the network cut to ``widths`` (the network itself is left alone)."""
+        network = copy.deepcopy(self.model)
+        pruner = ChannelPruner(network, self.example, self.spec, num_classes=self.num_classes)
+        pruner.keep(pruner.channel_groups(self.gradient_fn), widths)
+        return network
 
     def _met(self, goal_ms: float, measured_ms: float, speedup: float) -> bool:
         """A speed-up goal is judged by the pairwise ratio measured with the unpruned network (a

@@ -19,7 +19,13 @@ from onnx import shape_inference
 from compress.bench_backends import BACKENDS, Backend
 from compress.config import LatencyTarget, PruneSpec
 from compress.errors import RecipeError, StageError
-from compress.latency_pruning import LatencyPruner, candidate_widths, plan_widths
+from compress.latency_pruning import (
+    PLAN_RULES,
+    LatencyPruner,
+    candidate_plans,
+    candidate_widths,
+    plan_widths,
+)
 from compress.latency_table import LatencyTable, layer_model, layer_sites, measure_table
 from compress.models import build_model
 from compress.pruning import ChannelGroup, ChannelPruner
@@ -201,6 +207,29 @@ def test_planner_cuts_where_latency_is_saved_and_skips_widths_that_save_nothing(
         plan_widths(groups, options, table, {"conv_a": (3, 32), "conv_b": (3, 32)}, set(), 6.0, 0.5)
 
 
+def test_candidate_plans_each_reach_the_goal_by_their_own_rule():
+    groups = [
+        _group("a", 32, ("conv_a",), (), [0.1] * 32),
+        _group("b", 32, ("conv_b",), (), [1.0] * 32),
+    ]
+    options = {"a": (32, 24, 16, 8), "b": (32, 24, 16, 8)}
+    cells = {}
+    for w in options["a"]:
+        cells[("conv_a", 3, w)] = 2.0 if w > 16 else 1.0
+        cells[("conv_b", 3, w)] = w / 8
+    table = LatencyTable("fake", 1, 1, "fp32", cells)
+    layers = {"conv_a": (3, 32), "conv_b": (3, 32)}
+    plans = candidate_plans(groups, options, table, layers, set(), 6.0, 5.0)
+    assert plans["importance"] == ({"a": 16, "b": 32}, pytest.approx(5.0))
+    # one fraction for every group: 25% gives 24 + 24, where only "b" saves time
+    assert plans["uniform"] == ({"a": 24, "b": 24}, pytest.approx(5.0))
+    assert all(predicted <= 5.0 for _, predicted in plans.values())
+    assert len({tuple(sorted(w.items())) for w, _ in plans.values()}) == len(plans)  # distinct
+    assert set(plans) <= set(PLAN_RULES)
+    with pytest.raises(StageError, match="out of reach"):
+        candidate_plans(groups, options, table, layers, set(), 6.0, 0.5)
+
+
 # --- cutting and measuring -----------------------------------------------------------------------
 
 
@@ -285,6 +314,11 @@ def test_prune_stage_reaches_a_latency_speedup_measured_in_the_deployed_precisio
     steps = [step["latency"] for step in metrics["steps"]]
     assert len(steps) == 2 and steps[0]["goal_ms"] > steps[1]["goal_ms"]  # geometric schedule
     assert all(s["measured_ms"] <= s["goal_ms"] and s["predicted_ms"] > 0 for s in steps)
+    # each cut weighed its candidate plans on training images after BatchNorm re-estimation
+    for step in steps:
+        scores = {plan["rule"]: plan["score"] for plan in step["plans"]}
+        assert "importance" in scores and all(0 <= v <= 100 for v in scores.values())
+        assert scores[step["chosen"]] == max(scores.values())
     assert metrics["target_macs"] is None and metrics["macs"] < metrics["macs_before"]
     assert list((tmp_path / "out" / "latency_prune").glob("latency_table-*.json"))
 
@@ -311,3 +345,43 @@ def test_an_unset_latency_target_leaves_recorded_stage_keys_unchanged():
     raw["stages"][2] = {"prune": {"target": {"latency_speedup": 0.9}}}
     with pytest.raises(RecipeError, match=r"prune\.target\.latency_speedup: expected a ratio > 1"):
         recipe_from_dict(raw, source="t.yaml")
+
+
+def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
+    model = resnet8()
+    example = torch.randn(4, 3, 32, 32)
+    spec = PruneSpec(target=LatencyTarget(latency_speedup=1.3, processes=1))
+    judged = []
+
+    def params_kept(network):  # a judge that prefers the plan keeping the most parameters
+        assert network is not model
+        judged.append(network)
+        return float(sum(p.numel() for p in network.parameters()))
+
+    before = sum(p.numel() for p in model.parameters())
+    pruner = LatencyPruner(
+        model,
+        example,
+        spec,
+        backend=fake_runtime,
+        precision="fp32",
+        calibration=[example],
+        num_classes=10,
+        cache=tmp_path,
+        judge=params_kept,
+    )
+    cut = pruner.cut(pruner.step_goals(1)[0])
+    assert len(cut.plans) >= 2 and len(judged) >= len(cut.plans)
+    best = max(cut.plans, key=lambda plan: plan.score)
+    assert cut.chosen == best.rule and cut.to_json()["chosen"] == best.rule
+    assert sum(p.numel() for p in model.parameters()) < before and cut.speedup >= 1.3
+
+
+def test_the_library_prune_passes_its_judge_to_the_latency_planner(fake_runtime):
+    from compress import api
+
+    model = resnet8()
+    scored = []
+    spec = PruneSpec(target=LatencyTarget(latency_speedup=1.2, processes=1, backend="fake-blocked"))
+    api.prune(model, torch.randn(4, 3, 32, 32), spec, judge=lambda n: scored.append(n) or 0.0)
+    assert len(scored) >= 2 and all(network is not model for network in scored)

@@ -76,10 +76,18 @@ def preprocess(ctx: RunContext):
 def calibration_batches(ctx: RunContext, loader, prep, images: int) -> list[torch.Tensor]:
     """The first ``images`` training images, preprocessed without augmentation, on the run's
     device: what INT8 calibration and BatchNorm recalibration observe."""
+    return [inputs for inputs, _ in training_sample(ctx, loader, prep, images)]
+
+
+def training_sample(
+    ctx: RunContext, loader, prep, images: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``images`` training images of one pass of ``loader`` with their labels, as
+    ``(inputs, labels)`` batches: preprocessed without augmentation, on the run's device."""
     batches, seen = [], 0
-    for batch, *_ in loader:
-        batch = batch[: images - seen]
-        batches.append(prep(batch.to(ctx.device), train=False))
+    for batch, labels, *_ in loader:
+        batch, labels = batch[: images - seen], labels[: images - seen]
+        batches.append((prep(batch.to(ctx.device), train=False), labels.to(ctx.device)))
         seen += len(batch)
         if seen >= images:
             break

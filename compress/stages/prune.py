@@ -34,6 +34,7 @@ from compress.stages.networks import (
     load_network,
     network_of,
     preprocess,
+    training_sample,
 )
 from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
@@ -229,7 +230,39 @@ def latency_pruner(
         gradient_fn=gradients,
         cpu=f"{machine_info()['cpu']} ({cpu_features().summary()})",
         log=lambda line: say(ctx, f"prune {line}"),
+        judge=plan_judge(ctx, cfg, train_loader, prep),
     )
+
+
+def plan_judge(ctx: RunContext, cfg: PruneConfig, train_loader, prep):
+    """How the latency planner scores a cut candidate (None with ``judge_images: 0`` or without
+    labels): its BatchNorm statistics re-estimated on ``recalibration_images`` training images,
+    then top-1 on the next ``judge_images`` of the same pass (labelled ones only; a smaller
+    training split is shared in that proportion). The images are drawn once, so every
+    candidate of every cut is judged on the same ones."""
+    judged = cfg.target.judge_images
+    if not judged:
+        return None
+    wanted = max(cfg.recalibration_images, 1)
+    sample = training_sample(ctx, train_loader, prep, wanted + judged)
+    inputs = torch.cat([x for x, _ in sample])
+    labels = torch.cat([y for _, y in sample])
+    recalibration = min(wanted, len(inputs) * wanted // (wanted + judged))
+    batch = ctx.recipe.data.eval_batch_size
+    fit_on = list(inputs[:recalibration].split(batch))
+    held, held_labels = inputs[recalibration:], labels[recalibration:]
+    labelled = held_labels != UNLABELED
+    if not labelled.any():
+        return None
+
+    @torch.no_grad()
+    def top1(network: torch.nn.Module) -> float:
+        recalibrate_batchnorm(network, fit_on)
+        network.eval()
+        predicted = torch.cat([network(x).argmax(1) for x in held[labelled].split(batch)])
+        return 100.0 * (predicted == held_labels[labelled]).float().mean().item()
+
+    return top1
 
 
 def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
