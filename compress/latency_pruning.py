@@ -65,7 +65,10 @@ class LatencyCut:
         corrections: how many re-plans the measurement forced.
         widths: each group's channels after the cut.
         plans: the first plan's candidates, one :class:`PlanScore` per rule (empty without a
-            judge); ``chosen`` names the rule whose plan was cut.
+            judge); ``chosen`` names the rule whose plan was cut first (a correction weighs
+            its own candidates, and says so in the log).
+        passes: each plan cut, in order (the first, then each correction's): what
+            :meth:`LatencyPruner.replay` repeats to rebuild exactly this network.
     """
 
     goal_ms: float
@@ -77,6 +80,15 @@ class LatencyCut:
     widths: dict[str, int]
     plans: tuple[PlanScore, ...] = ()
     chosen: str = "importance"
+    passes: tuple[dict[str, int], ...] = ()
+
+    @classmethod
+    def from_json(cls, record: dict) -> LatencyCut:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in fields}
+        values["plans"] = tuple(PlanScore(**plan) for plan in record.get("plans", ()))
+        values["passes"] = tuple(record.get("passes", ()))
+        return cls(**values)
 
     def to_json(self) -> dict:
         return {
@@ -89,6 +101,7 @@ class LatencyCut:
             "widths": self.widths,
             "chosen": self.chosen,
             "plans": [dataclasses.asdict(plan) for plan in self.plans],
+            "passes": list(self.passes),
         }
 
 
@@ -359,7 +372,7 @@ class LatencyPruner:
                 ``MAX_CORRECTIONS`` re-plans.
         """
         start = self.current_ms
-        corrections, first_prediction, kept, first_plans = 0, None, {}, None
+        corrections, first_prediction, kept, first_plans, passes = 0, None, {}, None, []
         while True:
             groups = self.pruner.channel_groups(self.gradient_fn)
             rule, widths, predicted, scores = self._plan(groups, start, goal_ms)
@@ -367,6 +380,7 @@ class LatencyPruner:
                 first_prediction, first_plans, chosen = predicted, scores, rule
             self.pruner.keep(groups, widths)
             kept.update(widths)
+            passes.append(widths)
             measured, speedup = self._measure_candidate()
             self.log(
                 f"latency: predicted {predicted:.3f} ms, measured {measured:.3f} ms "
@@ -393,7 +407,21 @@ class LatencyPruner:
             widths=kept,
             plans=first_plans,
             chosen=chosen,
+            passes=tuple(passes),
         )
+
+    def replay(self, record: dict) -> LatencyCut:
+        """Cut again what a recorded cut (:meth:`LatencyCut.to_json`) cut, pass by pass, without
+        planning or measuring: a resumed stage gets the same network its fine-tuning checkpoint
+        was saved from (measurements differ from run to run, and so would a new plan)."""
+        cut = LatencyCut.from_json(record)
+        if not cut.passes:
+            raise StageError("prune: the recorded latency cut lists no passes; delete it to re-cut")
+        for widths in cut.passes:
+            self.pruner.keep(self.pruner.channel_groups(self.gradient_fn), widths)
+        self.current_ms = cut.measured_ms
+        self.log(f"latency: cut replayed from its record ({cut.measured_ms:.3f} ms measured then)")
+        return cut
 
     def _plan(
         self, groups: list[ChannelGroup], start_ms: float, goal_ms: float

@@ -7,6 +7,7 @@ a multiple of 16, as ONNX Runtime's CPU kernels behave), so every assertion is e
 ONNX Runtime worker is exercised for its shape of result only.
 """
 
+import json
 import math
 
 import numpy as np
@@ -321,6 +322,11 @@ def test_prune_stage_reaches_a_latency_speedup_measured_in_the_deployed_precisio
         assert scores[step["chosen"]] == max(scores.values())
     assert metrics["target_macs"] is None and metrics["macs"] < metrics["macs_before"]
     assert list((tmp_path / "out" / "latency_prune").glob("latency_table-*.json"))
+    # each cut is recorded with the stage's key, for a resumed stage to replay
+    records = sorted((tmp_path / "out" / "latency_prune" / "prune").glob("latency-cut-*.json"))
+    assert [json.loads(r.read_text())["cut"]["widths"] for r in records] == [
+        s["widths"] for s in steps
+    ]
 
 
 def test_an_unset_latency_target_leaves_recorded_stage_keys_unchanged():
@@ -385,3 +391,41 @@ def test_the_library_prune_passes_its_judge_to_the_latency_planner(fake_runtime)
     spec = PruneSpec(target=LatencyTarget(latency_speedup=1.2, processes=1, backend="fake-blocked"))
     api.prune(model, torch.randn(4, 3, 32, 32), spec, judge=lambda n: scored.append(n) or 0.0)
     assert len(scored) >= 2 and all(network is not model for network in scored)
+
+
+def test_a_recorded_cut_replays_to_the_same_network_without_measuring(fake_runtime, tmp_path):
+    def pruner_of(model, **kwargs):
+        example = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        spec = PruneSpec(target=LatencyTarget(latency_speedup=1.3, processes=1))
+        return LatencyPruner(
+            model,
+            example,
+            spec,
+            backend=fake_runtime,
+            precision="fp32",
+            calibration=[example],
+            num_classes=10,
+            cache=tmp_path,
+            **kwargs,
+        )
+
+    cut_model = resnet8()
+    pruner = pruner_of(cut_model)
+    cut = pruner.cut(pruner.step_goals(1)[0])
+    assert len(cut.passes) == cut.corrections + 1 >= 2  # the fake table needs a correction
+    record = json.loads(json.dumps(cut.to_json()))
+
+    replayed_model = resnet8()
+    lines = []
+    replayer = pruner_of(replayed_model, log=lines.append)
+    replayer._measure_candidate = lambda: pytest.fail("a replay must not measure")
+    replayed = replayer.replay(record)
+    assert replayed == cut and replayer.current_ms == cut.measured_ms
+    assert {k: v.shape for k, v in replayed_model.state_dict().items()} == {
+        k: v.shape for k, v in cut_model.state_dict().items()
+    }
+    for (name, kept), replayed_tensor in zip(
+        cut_model.state_dict().items(), replayed_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(kept, replayed_tensor), name  # the same channels survive
+    assert any("replayed" in line for line in lines)

@@ -11,6 +11,7 @@ network and the step's record says what the cut itself cost.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -23,6 +24,7 @@ from compress.batchnorm import recalibrate_batchnorm
 from compress.config import UNLABELED, PruneConfig
 from compress.context import RunContext
 from compress.errors import StageError
+from compress.fileio import write_json_atomic
 from compress.models import count_params_macs
 from compress.pruning import ChannelPruner, step_targets
 from compress.records import NetworkSpec
@@ -93,7 +95,7 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     steps, history = [], []
     for k, goal in enumerate(goals, start=1):
         if cfg.target.active:
-            cut = pruner.cut(goal)
+            cut = latency_cut(ctx, pruner, goal, k)
             params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
             pruned = {"macs": macs, "params": params, "latency": cut.to_json()}
         else:
@@ -232,6 +234,22 @@ def latency_pruner(
         log=lambda line: say(ctx, f"prune {line}"),
         judge=plan_judge(ctx, cfg, train_loader, prep),
     )
+
+
+def latency_cut(ctx: RunContext, pruner, goal_ms: float, step: int):
+    """Step ``step``'s cut toward ``goal_ms``, recorded in the stage folder; a resumed stage
+    (same input key) replays the record instead of planning and measuring again, so its
+    network is the one the step's fine-tuning checkpoint belongs to."""
+    if ctx.stage_dir is None:
+        return pruner.cut(goal_ms)
+    path = ctx.stage_path(f"latency-cut-{step}.json")
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record.get("key") == ctx.stage_key:
+            return pruner.replay(record["cut"])
+    cut = pruner.cut(goal_ms)
+    write_json_atomic(path, {"key": ctx.stage_key, "cut": cut.to_json()})
+    return cut
 
 
 def plan_judge(ctx: RunContext, cfg: PruneConfig, train_loader, prep):
