@@ -182,11 +182,7 @@ def plan_widths(
             # cost more than a narrower one, so the next step may save nothing where two do
             for width in (w for w in options[group.name] if w < keep[group.name]):
                 trial = _resized(layers, group, width, depthwise)
-                saved = sum(
-                    table.cost(name, *layers[name]) - table.cost(name, *trial[name])
-                    for name in trial
-                    if trial[name] != layers[name]
-                )
+                saved = _saved_ms(table, layers, trial)
                 if saved <= 0:
                     continue
                 removed = group.channels - keep[group.name]
@@ -266,11 +262,7 @@ def _uniform_plan(groups, options, table, *, widths, depthwise, start_ms, goal_m
             allowed = [w for w in options[group.name] if w <= group.channels * (1 - percent / 100)]
             keep[group.name] = max(allowed, default=min(options[group.name]))
             layers = _resized(layers, group, keep[group.name], depthwise)
-        predicted = start_ms - sum(
-            table.cost(name, *widths[name]) - table.cost(name, *layers[name])
-            for name in layers
-            if layers[name] != widths[name]
-        )
+        predicted = start_ms - _saved_ms(table, widths, layers)
         if predicted <= goal_ms:
             return keep, predicted
     return None
@@ -556,6 +548,15 @@ def _sides(groups: list[ChannelGroup], options: dict[str, tuple[int, ...]]):
         for name in group.ins:
             ins[name] = options[group.name]
     return ins, outs
+
+
+def _saved_ms(table: LatencyTable, before: Widths, after: Widths) -> float:
+    """What the table says the layers that changed width save."""
+    return sum(
+        table.cost(name, *before[name]) - table.cost(name, *after[name])
+        for name in after
+        if after[name] != before[name]
+    )
 
 
 def _resized(layers: Widths, group: ChannelGroup, width: int, depthwise: set[str]) -> Widths:

@@ -103,6 +103,22 @@ def resnet8():
     return build_model("cifar:resnet8", num_classes=10).eval()
 
 
+def speedup_pruner(model, backend, cache, precision="fp32", **kwargs) -> LatencyPruner:
+    """A pruner of ``model`` toward 1.3x on the fake runtime ``backend``."""
+    example = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return LatencyPruner(
+        model,
+        example,
+        PruneSpec(target=LatencyTarget(latency_speedup=1.3, processes=1)),
+        backend=backend,
+        precision=precision,
+        calibration=[example],
+        num_classes=10,
+        cache=cache,
+        **kwargs,
+    )
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 
@@ -181,9 +197,10 @@ def _group(name, channels, outs, ins, importance):
     return ChannelGroup(name, channels, outs, ins, torch.tensor(importance, dtype=torch.float32))
 
 
-def test_planner_cuts_where_latency_is_saved_and_skips_widths_that_save_nothing():
-    # two groups of 32 channels; "a" is cheap to cut in importance but its layer saves nothing
-    # until it reaches 16 (a blocked kernel); "b" costs more importance per channel
+def blocked_pair():
+    """Two groups of 32 channels: "a" is cheap to cut in importance but its layer saves nothing
+    until it reaches 16 (a blocked kernel); "b" costs more importance per channel.
+    ``(groups, options, table)``."""
     groups = [
         _group("a", 32, ("conv_a",), (), [0.1] * 32),
         _group("b", 32, ("conv_b",), (), [1.0] * 32),
@@ -193,7 +210,11 @@ def test_planner_cuts_where_latency_is_saved_and_skips_widths_that_save_nothing(
     for w in options["a"]:
         cells[("conv_a", 3, w)] = 2.0 if w > 16 else 1.0  # 24 costs what 32 costs
         cells[("conv_b", 3, w)] = w / 8
-    table = LatencyTable("fake", 1, 1, "fp32", cells)
+    return groups, options, LatencyTable("fake", 1, 1, "fp32", cells)
+
+
+def test_planner_cuts_where_latency_is_saved_and_skips_widths_that_save_nothing():
+    groups, options, table = blocked_pair()
     widths, predicted = plan_widths(
         groups,
         options,
@@ -209,16 +230,7 @@ def test_planner_cuts_where_latency_is_saved_and_skips_widths_that_save_nothing(
 
 
 def test_candidate_plans_each_reach_the_goal_by_their_own_rule():
-    groups = [
-        _group("a", 32, ("conv_a",), (), [0.1] * 32),
-        _group("b", 32, ("conv_b",), (), [1.0] * 32),
-    ]
-    options = {"a": (32, 24, 16, 8), "b": (32, 24, 16, 8)}
-    cells = {}
-    for w in options["a"]:
-        cells[("conv_a", 3, w)] = 2.0 if w > 16 else 1.0
-        cells[("conv_b", 3, w)] = w / 8
-    table = LatencyTable("fake", 1, 1, "fp32", cells)
+    groups, options, table = blocked_pair()
     layers = {"conv_a": (3, 32), "conv_b": (3, 32)}
     plans = candidate_plans(groups, options, table, layers, set(), 6.0, 5.0)
     assert plans["importance"] == ({"a": 16, "b": 32}, pytest.approx(5.0))
@@ -248,21 +260,8 @@ def test_channel_groups_and_keep_cut_exactly_the_asked_widths():
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_latency_pruner_meets_the_goal_by_measurement(fake_runtime, precision, tmp_path):
-    model = resnet8()
-    example = torch.randn(4, 3, 32, 32)
-    spec = PruneSpec(target=LatencyTarget(latency_speedup=1.3, processes=1))
     lines = []
-    pruner = LatencyPruner(
-        model,
-        example,
-        spec,
-        backend=fake_runtime,
-        precision=precision,
-        calibration=[example],
-        num_classes=10,
-        cache=tmp_path,
-        log=lines.append,
-    )
+    pruner = speedup_pruner(resnet8(), fake_runtime, tmp_path, precision, log=lines.append)
     [goal] = pruner.step_goals(1)
     cut = pruner.cut(goal)
     assert goal == pytest.approx(pruner.base_ms / 1.3)
@@ -355,8 +354,6 @@ def test_an_unset_latency_target_leaves_recorded_stage_keys_unchanged():
 
 def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
     model = resnet8()
-    example = torch.randn(4, 3, 32, 32)
-    spec = PruneSpec(target=LatencyTarget(latency_speedup=1.3, processes=1))
     judged = []
 
     def params_kept(network):  # a judge that prefers the plan keeping the most parameters
@@ -365,17 +362,7 @@ def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
         return float(sum(p.numel() for p in network.parameters()))
 
     before = sum(p.numel() for p in model.parameters())
-    pruner = LatencyPruner(
-        model,
-        example,
-        spec,
-        backend=fake_runtime,
-        precision="fp32",
-        calibration=[example],
-        num_classes=10,
-        cache=tmp_path,
-        judge=params_kept,
-    )
+    pruner = speedup_pruner(model, fake_runtime, tmp_path, judge=params_kept)
     cut = pruner.cut(pruner.step_goals(1)[0])
     assert len(cut.plans) >= 2 and len(judged) >= len(cut.plans)
     best = max(cut.plans, key=lambda plan: plan.score)
@@ -394,30 +381,15 @@ def test_the_library_prune_passes_its_judge_to_the_latency_planner(fake_runtime)
 
 
 def test_a_recorded_cut_replays_to_the_same_network_without_measuring(fake_runtime, tmp_path):
-    def pruner_of(model, **kwargs):
-        example = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        spec = PruneSpec(target=LatencyTarget(latency_speedup=1.3, processes=1))
-        return LatencyPruner(
-            model,
-            example,
-            spec,
-            backend=fake_runtime,
-            precision="fp32",
-            calibration=[example],
-            num_classes=10,
-            cache=tmp_path,
-            **kwargs,
-        )
-
     cut_model = resnet8()
-    pruner = pruner_of(cut_model)
+    pruner = speedup_pruner(cut_model, fake_runtime, tmp_path)
     cut = pruner.cut(pruner.step_goals(1)[0])
     assert len(cut.passes) == cut.corrections + 1 >= 2  # the fake table needs a correction
     record = json.loads(json.dumps(cut.to_json()))
 
     replayed_model = resnet8()
     lines = []
-    replayer = pruner_of(replayed_model, log=lines.append)
+    replayer = speedup_pruner(replayed_model, fake_runtime, tmp_path, log=lines.append)
     replayer._measure_candidate = lambda: pytest.fail("a replay must not measure")
     replayed = replayer.replay(record)
     assert replayed == cut and replayer.current_ms == cut.measured_ms
