@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a session with a GPU checks, in one command that fits one device call (7.4 min on
-# an H200 on 2026-11-30, 9 at most; a session has 15 minutes of device time, start-up included):
+# an H200 on 2026-11-30, 10 at most; a session has 15 minutes of device time, start-up included):
 #   1. the CUDA tests (marked gpu/tensorrt): the first thing, since CUDA code runs nowhere else;
 #   2. the distill step's throughput on CUDA, ours vs a plain loop (host syncs show up here);
 #   3. recipes/resnet18_to_mobile.yaml on CUDA on real CIFAR-10, every stage, with the epochs cut
@@ -14,8 +14,8 @@
 #       --platform manylinux_2_28_x86_64 --platform any -d .whl torch-pruning==1.6.1 onnxslim==0.1.98
 #   python benchmarks/pack_cifar10.py pack ../shared/data/cifar10 .gpudata --train 17000
 # then call the device tool's run with command "bash benchmarks/gpu_checks.sh", carry
-# [".whl", ".gpudata"], timeout_s 560. The files come back from $OUT (8 at most); summarise them
-# in benchmarks/RESULTS.md by hand. The package runs from the source tree with the device's own
+# [".whl", ".gpudata"], timeout_s 600 (it ran 443 s). The files come back from $OUT (8 at most);
+# summarise them in benchmarks/RESULTS.md by hand. The package runs from the source tree with the device's own
 # torch, onnx and onnxruntime (not our pins: record their versions, env.txt has them).
 set -uo pipefail
 out="${OUT:-benchmarks/results/gpu}"
