@@ -69,9 +69,6 @@ class LatencyCut:
         widths: each group's channels after the cut.
         plans: the candidates of the plan that was cut, one :class:`PlanScore` per rule
             (empty without a judge); ``chosen`` names its rule.
-        passes: the plans cut, in order (one; records written before 2026-12 may hold a cut and
-            its stacked corrections): what :meth:`LatencyPruner.replay` repeats to rebuild
-            exactly this network.
     """
 
     goal_ms: float
@@ -83,14 +80,12 @@ class LatencyCut:
     widths: dict[str, int]
     plans: tuple[PlanScore, ...] = ()
     chosen: str = "importance"
-    passes: tuple[dict[str, int], ...] = ()
 
     @classmethod
     def from_json(cls, record: dict) -> LatencyCut:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in record.items() if k in fields}
         values["plans"] = tuple(PlanScore(**plan) for plan in record.get("plans", ()))
-        values["passes"] = tuple(record.get("passes", ()))
         return cls(**values)
 
     def to_json(self) -> dict:
@@ -104,7 +99,6 @@ class LatencyCut:
             "widths": self.widths,
             "chosen": self.chosen,
             "plans": [dataclasses.asdict(plan) for plan in self.plans],
-            "passes": list(self.passes),
         }
 
 
@@ -368,14 +362,15 @@ class LatencyPruner:
                 ``MAX_CORRECTIONS`` re-plans.
         """
         groups = self.pruner.channel_groups(self.gradient_fn)
-        aim, tried = goal_ms, []
+        aim, tried, judged = goal_ms, [], {}
         while True:
-            rule, widths, predicted, scores = self._plan(groups, self.current_ms, aim)
+            rule, widths, predicted, scores = self._plan(groups, self.current_ms, aim, judged)
             if widths in tried:  # the options are coarse: aim lower until the plan changes
                 aim *= 0.99
                 continue
             tried.append(widths)
-            measured, speedup = self._measure_candidate(self._cut_copy(widths))
+            network = judged.get(_key(widths), (None,))[0] or self._cut_copy(widths)
+            measured, speedup = self._measure_candidate(network)  # latency ignores BN statistics
             self.log(
                 f"latency: plan {rule!r} predicted {predicted:.3f} ms (aim {aim:.3f} ms), "
                 f"measured {measured:.3f} ms (goal {goal_ms:.3f} ms, {speedup:.2f}x the "
@@ -402,27 +397,26 @@ class LatencyPruner:
             widths=widths,
             plans=scores,
             chosen=rule,
-            passes=(widths,),
         )
 
     def replay(self, record: dict) -> LatencyCut:
-        """Cut again what a recorded cut (:meth:`LatencyCut.to_json`) cut, pass by pass, without
-        planning or measuring: a resumed stage gets the same network its fine-tuning checkpoint
-        was saved from (measurements differ from run to run, and so would a new plan)."""
+        """Cut again what a recorded cut (:meth:`LatencyCut.to_json`) cut, without planning or
+        measuring: a resumed stage gets the same network its fine-tuning checkpoint was saved
+        from (measurements differ from run to run, and so would a new plan)."""
         cut = LatencyCut.from_json(record)
-        if not cut.passes:
-            raise StageError("prune: the recorded latency cut lists no passes; delete it to re-cut")
-        for widths in cut.passes:
-            self.pruner.keep(self.pruner.channel_groups(self.gradient_fn), widths)
+        self.pruner.keep(self.pruner.channel_groups(self.gradient_fn), cut.widths)
         self.current_ms = cut.measured_ms
         self.log(f"latency: cut replayed from its record ({cut.measured_ms:.3f} ms measured then)")
         return cut
 
     def _plan(
-        self, groups: list[ChannelGroup], start_ms: float, goal_ms: float
+        self, groups: list[ChannelGroup], start_ms: float, goal_ms: float, judged: dict
     ) -> tuple[str, dict[str, int], float, tuple[PlanScore, ...]]:
         """``(rule, widths, predicted ms, scores)`` of the plan to cut: the importance plan
-        without a judge, else the candidate the judge scores highest (ties: the earlier rule)."""
+        without a judge, else the candidate the judge scores highest (ties: the earlier rule).
+        ``judged`` keeps each cut copy and its score by widths across the tries of one cut, so a
+        plan a later try proposes again is neither cut nor judged twice (and the chosen copy is
+        the one measured)."""
         layers = self._layer_widths()
         if self.judge is None:
             widths, predicted = plan_widths(
@@ -434,7 +428,10 @@ class LatencyPruner:
         )
         scores = []
         for rule, (widths, predicted) in plans.items():
-            score = self.judge(self._cut_copy(widths))
+            if _key(widths) not in judged:
+                network = self._cut_copy(widths)
+                judged[_key(widths)] = network, self.judge(network)
+            score = judged[_key(widths)][1]
             scores.append(PlanScore(rule, predicted, score))
             self.log(f"latency: plan {rule!r} predicted {predicted:.3f} ms, scored {score:.2f}")
         best = max(scores, key=lambda plan: plan.score)  # max keeps the first of equals
@@ -561,6 +558,10 @@ def _sides(groups: list[ChannelGroup], options: dict[str, tuple[int, ...]]):
         for name in group.ins:
             ins[name] = options[group.name]
     return ins, outs
+
+
+def _key(widths: dict[str, int]) -> tuple:
+    return tuple(sorted(widths.items()))
 
 
 def _saved_ms(table: LatencyTable, before: Widths, after: Widths) -> float:

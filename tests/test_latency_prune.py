@@ -373,7 +373,10 @@ def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
     best = max(cut.plans, key=lambda plan: plan.score)
     assert cut.chosen == best.rule and cut.to_json()["chosen"] == best.rule
     assert sum(p.numel() for p in model.parameters()) < before and cut.speedup >= 1.3
-    assert cut.corrections >= 1 and len(judged) >= 2 * len(cut.plans)  # each try judged anew
+    # the correction's plans were judged too, and no plan was cut or judged twice
+    shapes = [tuple(p.shape for p in network.parameters()) for network in judged]
+    assert cut.corrections >= 1 and len(judged) > len(cut.plans)
+    assert len(set(shapes)) == len(shapes)
 
 
 def test_the_library_prune_passes_its_judge_to_the_latency_planner(fake_runtime):
@@ -390,7 +393,7 @@ def test_a_recorded_cut_replays_to_the_same_network_without_measuring(fake_runti
     cut_model = resnet8()
     pruner = speedup_pruner(cut_model, fake_runtime, tmp_path)
     cut = pruner.cut(pruner.step_goals(1)[0])
-    assert cut.corrections >= 1 and len(cut.passes) == 1  # retried from the uncut network
+    assert cut.corrections >= 1  # the replay rebuilds a cut that needed a second try
     record = json.loads(json.dumps(cut.to_json()))
 
     replayed_model = resnet8()
