@@ -87,6 +87,18 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
+def train_config_for(model: nn.Module, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``precision: auto`` meaning fp32 for a fake-quantized network (from
+    :func:`compress.quantization.prepare_quantized`, which marks it with ``quant_spec``), also
+    on a GPU: fake quantization simulates the integer grid on float values, and bf16 rounds a
+    value by up to 1/256 of itself, as much as one INT8 step at the top of a range, so QAT
+    under bf16 autocast would learn from bf16 noise instead of the runtime's integer
+    arithmetic. Decided here, in the loop every QAT goes through (stage or library)."""
+    if cfg.precision != "auto" or getattr(model, "quant_spec", None) is None:
+        return cfg
+    return dataclasses.replace(cfg, precision="fp32")
+
+
 def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
@@ -157,6 +169,7 @@ def fit(
         StageError: when the loss becomes NaN or infinite (the last epoch's checkpoint is
             kept), or a checkpoint cannot be written.
     """
+    cfg = train_config_for(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))

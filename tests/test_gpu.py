@@ -149,8 +149,7 @@ def test_int8_on_cuda_matches_its_cpu_copy_then_qat_learns_and_exports(tmp_path)
     fake-quantized logits as on the CPU (up to TF32 convolutions moving a value across a
     rounding boundary), QAT in the stage's precision, and a QDQ file ONNX Runtime reproduces."""
     from compress import api
-    from compress.config import QuantizeConfig
-    from compress.stages.quantize import qat_train_config
+    from compress.train_loop import train_config_for
 
     model = conv_net()
     train(model, epochs=2)
@@ -164,8 +163,8 @@ def test_int8_on_cuda_matches_its_cpu_copy_then_qat_learns_and_exports(tmp_path)
     assert (on_gpu - on_cpu).abs().max() <= 0.05 * on_cpu.abs().max()
     assert (on_gpu.argmax(1) == on_cpu.argmax(1)).float().mean() >= 0.9
 
-    qat = qat_train_config(QuantizeConfig(train=TrainConfig(epochs=2, optimizer="adamw", lr=1e-3)))
-    assert qat.precision == "fp32"
+    qat = TrainConfig(epochs=2, optimizer="adamw", lr=1e-3)  # precision auto: fit picks fp32
+    assert train_config_for(qmodel, qat).precision == "fp32"
     history = train(qmodel.train(), cfg=qat)
     assert history[-1].test_top1 > 80
     record = api.export(qmodel, tmp_path / "int8.onnx", check_inputs=calibration[0].cpu())

@@ -486,8 +486,14 @@ def test_qat_gradients_are_those_of_the_conv_with_its_batchnorm_kept_frozen():
 
 def test_qat_trains_in_fp32_unless_the_recipe_names_a_precision():
     from compress.config import QuantizeConfig, TrainConfig
-    from compress.stages.quantize import qat_train_config
+    from compress.train_loop import train_config_for
 
-    assert qat_train_config(QuantizeConfig()).precision == "fp32"  # auto: bf16 on a GPU otherwise
-    chosen = QuantizeConfig(train=TrainConfig(precision="bf16"))
-    assert qat_train_config(chosen) is chosen.train
+    float_net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    qat_net = prepare_quantized(
+        float_net, target="onnxruntime-cpu", example_inputs=torch.zeros(1, 3, 8, 8)
+    )
+    auto = QuantizeConfig().train
+    assert train_config_for(qat_net, auto).precision == "fp32"  # auto: bf16 on a GPU otherwise
+    assert train_config_for(float_net, auto) is auto  # a float network keeps auto
+    chosen = TrainConfig(precision="bf16")
+    assert train_config_for(qat_net, chosen) is chosen

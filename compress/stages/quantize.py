@@ -83,7 +83,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             qmodel,
             teacher,
             loss,
-            qat_train_config(cfg),
+            cfg.train,
             cfg.augment,
             prep=prep,
             loaders=(train_loader, test_loader),
@@ -133,16 +133,6 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     return Artifact(
         "quantize", files={"model": path}, metrics=metrics, role="student", network=network
     )
-
-
-def qat_train_config(cfg: QuantizeConfig):
-    """``cfg.train`` with ``precision: auto`` meaning fp32, also on a GPU: fake quantization
-    simulates the integer grid on float values, and bf16 rounds a value by up to 1/256 of
-    itself, as much as one INT8 step at the top of a range, so QAT under bf16 autocast would
-    learn from bf16 noise instead of the runtime's integer arithmetic."""
-    if cfg.train.precision != "auto":
-        return cfg.train
-    return dataclasses.replace(cfg.train, precision="fp32")
 
 
 def split_loaders(ctx: RunContext, cfg: QuantizeConfig, prep) -> tuple:
