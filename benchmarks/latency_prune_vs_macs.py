@@ -16,7 +16,7 @@ latency, same fine-tune budget, same runtime (issue 15, item 1).
 5. With ``--macs-round-to N`` (e.g. 16, ONNX Runtime's INT8 block width) a MACs-targeted run at
    that ``round_to`` (the reference's MACs target, or ``--macs-speedup``) is added, and a
    latency run targeted at the speed-up *it* delivered: the equal-latency comparison, where
-   8-channel MACs pruning delivered none.
+   8-channel MACs pruning delivered none. ``--equal-latency-only`` runs this pair alone.
 
 Resumable: each run is a pipeline run in its own folder, and the measured speed-up is
 written into its recipe the first time. Prints a table and writes
@@ -75,8 +75,15 @@ def main() -> None:
         help="the MACs reduction of the --macs-round-to run (default: the reference's); a wider "
         "round_to cannot reach every reduction",
     )
+    parser.add_argument(
+        "--equal-latency-only",
+        action="store_true",
+        help="with --macs-round-to: only the equal-latency pair (no latency run at --speedup)",
+    )
     parser.add_argument("--result", default=str(HERE / "results" / "latency_prune_vs_macs.json"))
     args = parser.parse_args()
+    if args.equal_latency_only and not args.macs_round_to:
+        raise SystemExit("--equal-latency-only: expected --macs-round-to N as well")
 
     started = time.perf_counter()
     # the reference run's own resolved recipe: its stage keys include the data path as that run
@@ -102,7 +109,8 @@ def main() -> None:
             )
         speedup = args.speedup
     suffix = LATENCY_NAME_SUFFIX.format(batch=args.batch_size)
-    runs["latency-targeted"] = run_variant(args, reference, suffix, latency_edit(args, speedup))
+    if not args.equal_latency_only:
+        runs["latency-targeted"] = run_variant(args, reference, suffix, latency_edit(args, speedup))
     if args.macs_round_to:
         rounded = f"macs-targeted-r{args.macs_round_to}" + (
             f"-x{args.macs_speedup:g}" if args.macs_speedup else ""
@@ -124,7 +132,9 @@ def main() -> None:
     record = {
         "machine": _machine(),
         "reference_run": str(Path(args.out) / recipe.name),
-        "latency_speedup_target": _target_of(runs["latency-targeted"]),
+        "latency_speedup_target": (
+            _target_of(runs["latency-targeted"]) if "latency-targeted" in runs else None
+        ),
         "variants": {},
         "wall_s": None,
     }
@@ -270,7 +280,7 @@ def _machine() -> dict:
 def table(record: dict) -> str:
     lines = [
         f"latency target: {record['latency_speedup_target']}x over the unpruned INT8 student "
-        "(what MACs pruning delivered)",
+        "(what MACs pruning delivered, or --speedup; None: not run)",
         "",
         "| variant | target | INT8 ONNX top-1 (%) | MACs | params | b1 ms | b64 ms "
         "| b1 vs teacher |",

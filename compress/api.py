@@ -137,7 +137,8 @@ def prune(
             (:func:`compress.batchnorm.recalibrate_batchnorm`); a few thousand images. Without
             it a cut leaves stale statistics and the network near chance until fine-tuned.
         judge: for a latency target, scores a cut copy of the network (higher is better, e.g.
-            top-1 on held-out images after :func:`compress.batchnorm.recalibrate_batchnorm`);
+            top-1 on held-out images after :func:`compress.batchnorm.recalibrate_batchnorm` and
+            a few fine-tuning steps, as the prune stage's judge does);
             each cut then takes the best of :func:`compress.latency_pruning.candidate_plans`.
             None: the importance plan.
 

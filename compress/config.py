@@ -263,8 +263,12 @@ class LatencyTarget:
     per-layer latency table; ``processes`` fresh processes (interleaved) measure each exported
     candidate. ``judge_images``: each cut weighs several plans
     (:func:`compress.latency_pruning.candidate_plans`), each cut on a copy, its BatchNorm
-    statistics re-estimated on the stage's ``recalibration_images``, then scored by top-1 on
-    this many other training images (never the test split); 0: the importance plan alone.
+    statistics re-estimated on the stage's ``recalibration_images``, fine-tuned ``judge_steps``
+    training batches with the teacher (the stage's loss and lr, cosine to zero; NetAdapt's
+    short-term fine-tune), then scored by top-1 on this many other training images (never the
+    test split); 0: the importance plan alone. ``judge_steps: 0`` scores right after the
+    re-estimation, which did not rank the CIFAR-10 candidates as full fine-tuning did
+    (benchmarks/RESULTS.md); 50 and 100 steps did.
     """
 
     latency_ms: float | None = None
@@ -276,6 +280,7 @@ class LatencyTarget:
     grid: int = 8
     processes: int = 5
     judge_images: int = 2048
+    judge_steps: int = 100
 
     @property
     def active(self) -> bool:
@@ -315,6 +320,7 @@ class LatencyTarget:
         _check(self.grid >= 2, f"grid: expected >= 2 candidate widths, got {self.grid}")
         _check(self.processes >= 1, f"processes: expected >= 1, got {self.processes}")
         _check(self.judge_images >= 0, f"judge_images: expected >= 0, got {self.judge_images}")
+        _check(self.judge_steps >= 0, f"judge_steps: expected >= 0, got {self.judge_steps}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from compress.latency_pruning import (
     LatencyPruner,
     candidate_plans,
     candidate_widths,
+    efficient_widths,
     plan_widths,
 )
 from compress.latency_table import LatencyTable, layer_model, layer_sites, measure_table
@@ -234,13 +235,22 @@ def test_candidate_plans_each_reach_the_goal_by_their_own_rule():
     layers = {"conv_a": (3, 32), "conv_b": (3, 32)}
     plans = candidate_plans(groups, options, table, layers, set(), 6.0, 5.0)
     assert plans["importance"] == ({"a": 16, "b": 32}, pytest.approx(5.0))
-    # one fraction for every group: 25% gives 24 + 24, where only "b" saves time
-    assert plans["uniform"] == ({"a": 24, "b": 24}, pytest.approx(5.0))
+    # one fraction for every group, on the widths that save time: "a" at 24 saves nothing, so
+    # it keeps 32 while "b" goes to 24 (13% off each; 16 for "a" would be 50%)
+    assert plans["uniform"] == ({"a": 32, "b": 24}, pytest.approx(5.0))
     assert all(predicted <= 5.0 for _, predicted in plans.values())
     assert len({tuple(sorted(w.items())) for w, _ in plans.values()}) == len(plans)  # distinct
     assert set(plans) <= set(PLAN_RULES)
     with pytest.raises(StageError, match="out of reach"):
         candidate_plans(groups, options, table, layers, set(), 6.0, 0.5)
+
+
+def test_efficient_widths_drop_a_width_that_saves_no_more_than_a_wider_one():
+    groups, options, table = blocked_pair()
+    layers = {"conv_a": (3, 32), "conv_b": (3, 32)}
+    efficient = efficient_widths(groups, options, table, layers, set())
+    # "a": 24 costs what 32 costs and 8 what 16 costs; "b" saves at every step
+    assert efficient == {"a": (32, 16), "b": (32, 24, 16, 8)}
 
 
 # --- cutting and measuring -----------------------------------------------------------------------
@@ -410,3 +420,69 @@ def test_a_recorded_cut_replays_to_the_same_network_without_measuring(fake_runti
     ):
         assert torch.equal(kept, replayed_tensor), name  # the same channels survive
     assert any("replayed" in line for line in lines)
+
+
+def test_the_stage_judge_fine_tunes_every_candidate_alike_before_scoring():
+    """The prune stage's judge (``judge_steps``): a candidate is fine-tuned on training batches
+    apart from the scored ones before it is scored, every candidate from the same seed."""
+    from types import SimpleNamespace
+
+    from compress.config import LossConfig, PruneConfig, TrainConfig
+    from compress.stages.prune import plan_judge
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 100, (1600, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (1600,), generator=g)
+    for c in range(3):  # the class's channel is brighter: learnable, not by chance
+        images[labels == c, c] += 100
+    loader = list(zip(images.split(32), labels.split(32), strict=True))
+    ctx = SimpleNamespace(
+        device=torch.device("cpu"),
+        recipe=SimpleNamespace(seed=0, data=SimpleNamespace(eval_batch_size=64)),
+    )
+
+    def prep(x, train):
+        return x.float() / 255 - 0.5
+
+    def fresh():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 3),
+        )
+
+    def judge(steps):
+        cfg = PruneConfig(
+            recalibration_images=64,
+            train=TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.0),
+            target=LatencyTarget(latency_speedup=1.5, judge_images=320, judge_steps=steps),
+        )
+        return plan_judge(ctx, cfg, loader, prep, fresh(), (LossConfig("ce"),))
+
+    zero_shot, tuned = judge(0)(fresh()), judge(30)
+    state = torch.get_rng_state()
+    first = tuned(fresh())
+    assert torch.equal(torch.get_rng_state(), state)  # the global random stream is left alone
+    assert tuned(fresh()) == first  # same batches, same seed: candidates differ by widths alone
+    assert first > zero_shot + 30 and first > 90
+
+
+def test_training_split_keeps_the_scored_images_out_of_the_tuning_batches():
+    from types import SimpleNamespace
+
+    from compress.stages.networks import training_split
+
+    ids = torch.arange(100).float().view(100, 1)
+    loader = list(zip(ids.split(16), torch.zeros(100).split(16), strict=True))
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    sample, raw = training_split(ctx, loader, lambda x, train: x * 2, 40, 3)
+    assert torch.cat([x for x, _ in sample]).flatten().tolist() == [2.0 * i for i in range(40)]
+    # the batch the sample ends in is not reused: tuning starts at the next whole batch
+    assert [x.flatten().tolist() for x, _ in raw] == [
+        list(range(48 + 16 * k, 64 + 16 * k)) for k in range(3)
+    ]
+    assert training_split(ctx, loader, lambda x, train: x, 40, 10)[1][-1][0].numel() == 4  # short

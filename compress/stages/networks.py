@@ -84,11 +84,23 @@ def training_sample(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``images`` training images of one pass of ``loader`` with their labels, as
     ``(inputs, labels)`` batches: preprocessed without augmentation, on the run's device."""
-    batches, seen = [], 0
+    return training_split(ctx, loader, prep, images, 0)[0]
+
+
+def training_split(
+    ctx: RunContext, loader, prep, images: int, batches: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One pass of ``loader``, split: its first ``images`` images as :func:`training_sample`
+    gives them, then up to ``batches`` whole batches that follow, raw ``(images, labels)`` as
+    the loader yields them (on the CPU; training augments them), disjoint from the first."""
+    sample, raw, seen = [], [], 0
     for batch, labels, *_ in loader:
-        batch, labels = batch[: images - seen], labels[: images - seen]
-        batches.append((prep(batch.to(ctx.device), train=False), labels.to(ctx.device)))
-        seen += len(batch)
-        if seen >= images:
+        if seen < images:
+            head, head_labels = batch[: images - seen], labels[: images - seen]
+            sample.append((prep(head.to(ctx.device), train=False), head_labels.to(ctx.device)))
+            seen += len(head)
+        elif len(raw) < batches:
+            raw.append((batch, labels))
+        if seen >= images and len(raw) >= batches:
             break
-    return batches
+    return sample, raw
