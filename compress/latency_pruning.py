@@ -471,12 +471,14 @@ class LatencyPruner:
         )
         scores = []
         for rule, (widths, predicted) in plans.items():
-            if _key(widths) not in judged:
+            if _key(widths) not in judged:  # logged once: a lower aim often plans it again
                 network = self._cut_copy(widths)
                 judged[_key(widths)] = network, self.judge(network)
-            score = judged[_key(widths)][1]
-            scores.append(PlanScore(rule, predicted, score))
-            self.log(f"latency: plan {rule!r} predicted {predicted:.3f} ms, scored {score:.2f}")
+                self.log(
+                    f"latency: plan {rule!r} predicted {predicted:.3f} ms, "
+                    f"scored {judged[_key(widths)][1]:.2f}"
+                )
+            scores.append(PlanScore(rule, predicted, judged[_key(widths)][1]))
         best = max(scores, key=lambda plan: plan.score)  # max keeps the first of equals
         return best.rule, plans[best.rule][0], best.predicted_ms, tuple(scores)
 
