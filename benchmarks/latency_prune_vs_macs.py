@@ -37,6 +37,7 @@ import yaml
 
 from compress.bench_backends import BACKENDS
 from compress.benchmark.rows import BenchResult
+from compress.data.load import load_dataset
 from compress.fileio import write_json_atomic
 from compress.latency_pruning import interleaved_p50
 from compress.machine import machine_info
@@ -47,6 +48,7 @@ from compress.records import StageRecord
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "cifar10_cpu.yaml"
 LATENCY_NAME_SUFFIX = "-latency-b{batch}"
+CALIBRATION_IMAGES = 2048  # the reference's quantize.calibration_images
 
 
 def main() -> None:
@@ -96,7 +98,8 @@ def main() -> None:
     if pending:
         raise SystemExit(f"the reference run would re-run {', '.join(pending)}; finish it first")
     reference = run(recipe)
-    unpruned = unpruned_int8(reference)
+    data = load_dataset(recipe.data, seed=recipe.seed)
+    unpruned = unpruned_int8(reference, data)
     runs = {"teacher": reference, "macs-targeted": reference}
     speedup = measured_speedup(args, unpruned, reference)
     print(f"MACs pruning delivered {speedup:.3f}x at batch {args.batch_size} (INT8)")
@@ -124,9 +127,14 @@ def main() -> None:
             f"{suffix}-at-{rounded.removeprefix('macs-targeted-')}",
             latency_edit(args, max(rounded_speedup, 1.0)),
         )
-    files = {
-        name: artifacts["export"].files["teacher" if name == "teacher" else "student"]
-        for name, artifacts in runs.items()
+    entries = {name: _entry(name, artifacts) for name, artifacts in runs.items()}
+    entries = {"teacher": entries.pop("teacher"), "unpruned INT8 (PTQ)": None} | entries
+    entries["unpruned INT8 (PTQ)"] = {
+        "file": unpruned,
+        "onnx_top1": _onnx_top1(unpruned, data),
+        "macs": reference["distill"].metrics["macs"],
+        "params": reference["distill"].metrics["params"],
+        "prune": None,
     }
     backend = BACKENDS.get("onnxruntime")
     record = {
@@ -138,17 +146,16 @@ def main() -> None:
         "variants": {},
         "wall_s": None,
     }
-    b1 = interleaved_p50(backend, list(files.values()), 1, 1, args.processes)
-    b64 = interleaved_p50(backend, list(files.values()), 64, 1, max(3, args.processes // 2))
-    for index, (name, artifacts) in enumerate(runs.items()):
-        bench = BenchResult.read(artifacts["bench"].files["json"])
-        row = bench.row("teacher" if name == "teacher" else "student")
-        prune = artifacts["prune"].metrics if name != "teacher" else None
+    files = [entry["file"] for entry in entries.values()]
+    b1 = interleaved_p50(backend, files, 1, 1, args.processes)
+    b64 = interleaved_p50(backend, files, 64, 1, max(3, args.processes // 2))
+    for index, (name, entry) in enumerate(entries.items()):
+        prune = entry["prune"]
         record["variants"][name] = {
-            "file": str(files[name]),
-            "onnx_top1": row.top1,
-            "macs": row.macs,
-            "params": row.params,
+            "file": str(entry["file"]),
+            "onnx_top1": entry["onnx_top1"],
+            "macs": entry["macs"],
+            "params": entry["params"],
             "p50_ms_b1": statistics.median(b1[index]),
             "p50_ms_b1_processes": b1[index],
             "p50_ms_b64": statistics.median(b64[index]),
@@ -156,7 +163,7 @@ def main() -> None:
             "speedup_b1_vs_teacher": statistics.median(
                 t / s for t, s in zip(b1[0], b1[index], strict=True)
             ),
-            "latency_target": None if prune is None else _target_of(artifacts),
+            "latency_target": None if prune is None else _target_of(runs[name]),
             "pruned_top1": None if prune is None else prune["top1"],
             "pruned_macs_reduction": None if prune is None else prune["macs_reduction"],
             "prune_steps": None if prune is None else prune["steps"],
@@ -212,15 +219,19 @@ def round_to_edit(args):
     return edit
 
 
-def unpruned_int8(reference) -> Path:
-    """The distilled student before pruning, exported INT8 as the latency prune stage exports
-    it (PTQ), kept in the reference run's folder for every later measurement."""
+def unpruned_int8(reference, data) -> Path:
+    """The distilled student before pruning, exported INT8 (PTQ, calibrated on the first 2,048
+    training images as the quantize stage does), kept in the reference run's folder for every
+    later measurement: the latency a speed-up is measured against, and the accuracy a latency
+    target keeps when it prunes nothing."""
     from compress.api import export, quantize
 
-    path = Path(reference["distill"].files["model"]).parent / "unpruned_int8.onnx"
+    path = Path(reference["distill"].files["model"]).parent / "unpruned_int8_ptq.onnx"
     if not path.is_file():
         model = _load_student(reference["distill"])
-        calibration = [torch.randn(64, 3, 32, 32) for _ in range(2)]
+        images = data.train.images[:CALIBRATION_IMAGES].float() / 255
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+        calibration = list(((images - mean) / std).split(256))
         with tempfile.TemporaryDirectory() as folder:
             staged = Path(folder) / path.name
             export(
@@ -228,6 +239,29 @@ def unpruned_int8(reference) -> Path:
             )
             shutil.move(staged, path)
     return path
+
+
+def _entry(name: str, artifacts) -> dict:
+    """A run's exported file (the teacher's, or the final student's) and its bench numbers."""
+    row = BenchResult.read(artifacts["bench"].files["json"]).row(
+        "teacher" if name == "teacher" else "student"
+    )
+    return {
+        "file": artifacts["export"].files["teacher" if name == "teacher" else "student"],
+        "onnx_top1": row.top1,
+        "macs": row.macs,
+        "params": row.params,
+        "prune": artifacts["prune"].metrics if name != "teacher" else None,
+    }
+
+
+def _onnx_top1(path: Path, data) -> float:
+    """Top-1 (%) of an ONNX file on the full test split, through ONNX Runtime."""
+    from compress.benchmark.measure import predict_onnx
+
+    images, labels = data.test.images.numpy(), data.test.targets.numpy()
+    predicted = predict_onnx(path, images, mean=list(data.mean), std=list(data.std))
+    return float(100.0 * (predicted == labels).mean())
 
 
 def measured_speedup(args, unpruned: Path, pruned) -> float:
