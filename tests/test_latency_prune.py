@@ -146,13 +146,26 @@ def test_one_layer_files_match_the_layer_and_int8_ones_run_as_one_integer_kernel
         options.optimized_model_filepath = str(tmp_path / f"{precision}.onnx")
         session = ort.InferenceSession(graph.SerializeToString(), options)
         shape = (2, 24, *site.input_hw) if site.kind == "conv" else (2, 24)
-        out = session.run(None, {"input": np.zeros(shape, np.float32)})[0]
         if site.kind == "conv":
-            resized = torch.nn.Conv2d(24, cout, module.kernel_size, module.stride, module.padding)
-            assert out.shape == tuple(resized(torch.zeros(shape)).shape)
+            # an INT8 convolution takes and gives uint8 NHWC tensors, as inside a network
+            nhwc = precision == "int8"
+            feed = np.zeros(
+                (2, *site.input_hw, 24) if nhwc else shape, np.uint8 if nhwc else np.float32
+            )
+            out = session.run(None, {"input": feed})[0]
+            expected = tuple(
+                torch.nn.Conv2d(24, cout, module.kernel_size, module.stride, module.padding)(
+                    torch.zeros(shape)
+                ).shape
+            )
+            assert out.shape == ((expected[0], *expected[2:], expected[1]) if nhwc else expected)
             optimized = [n.op_type for n in onnx.load(tmp_path / f"{precision}.onnx").graph.node]
-            assert ("QLinearConv" in optimized) == (precision == "int8"), optimized
+            # INT8: the integer kernel alone, no quantiser or transpose of the whole tensor
+            assert optimized == ["QLinearConv"] if nhwc else "QLinearConv" not in optimized, (
+                optimized
+            )
         else:
+            out = session.run(None, {"input": np.zeros(shape, np.float32)})[0]
             assert out.shape == (2, cout)
 
 

@@ -87,9 +87,13 @@ def _random_feed(session: ort.InferenceSession, batch_size: int, rng) -> dict:
                 f"input {value.name!r} has a static batch of {batch}; export with a dynamic batch "
                 f"to measure {batch_size}"
             )
+        if value.type == "tensor(uint8)":  # quantized activations (latency table cells)
+            feed[value.name] = rng.integers(0, 256, (batch_size, *rest), dtype=np.uint8)
+            continue
         if value.type not in _DTYPES:
             raise ValueError(
-                f"input {value.name!r} has type {value.type}; only float inputs are supported"
+                f"input {value.name!r} has type {value.type}; only float and uint8 inputs are "
+                "supported"
             )
         feed[value.name] = rng.standard_normal((batch_size, *rest), dtype=np.float32).astype(
             _DTYPES[value.type]
