@@ -384,8 +384,9 @@ class LatencyPruner:
             cpu=cpu,
         )
         self.base_file = self._export(model, "base")
-        self.base_ms, self.current_ms = self._measure([self.base_file])[0], None
-        self.current_ms = self.base_ms
+        self.base_ms = self.current_ms = self._measure([self.base_file])[0]
+        # the layers' shares from the table, the network's total from its measurement
+        self.table = self.table.scaled_to(self.base_ms, self._layer_widths())
         self.log(f"latency: unpruned {self.base_ms:.3f} ms on {backend.name} ({precision})")
 
     def goal_ms(self) -> float:

@@ -19,6 +19,7 @@ error that the prune stage's re-measurement of each exported candidate corrects.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -113,6 +114,22 @@ class LatencyTable:
     def network_cost(self, widths: dict[str, tuple[int, int]]) -> float:
         """Sum of the cells of every layer at ``widths`` (``layer -> (in, out)``)."""
         return sum(self.cost(name, cin, cout) for name, (cin, cout) in widths.items())
+
+    def scaled_to(self, measured_ms: float, widths: dict[str, tuple[int, int]]) -> LatencyTable:
+        """This table with every cell scaled so that the network at ``widths`` costs
+        ``measured_ms``, its measured latency.
+
+        Why: the cells time the convolutions and linear layers; what else the network runs
+        (additions, pooling, requantisation) the table does not hold, and most of it shrinks
+        with the same widths. So the layers' shares come from the table and the total from the
+        measurement: on the CIFAR-10 ResNet-8 (INT8, batch 64) the layers are 92% of the
+        network, and the raw cells predicted 8-18% less than four cuts measured to save.
+        """
+        total = self.network_cost(widths)
+        factor = measured_ms / total if total > 0 else 1.0
+        return dataclasses.replace(
+            self, cells={cell: ms * factor for cell, ms in self.cells.items()}
+        )
 
     def to_json(self) -> dict:
         return {
