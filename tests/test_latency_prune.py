@@ -77,6 +77,15 @@ def fake_measure(path, *, batch_sizes, **_):
     }
 
 
+def fake_measure_convex(path, *, batch_sizes, **_):
+    """A runtime whose whole network saves more than its layers' cells say (cost^1.5)."""
+    cost = blocked_cost_ms(onnx.load(path)) ** 1.5
+    return {
+        "status": "ok",
+        "batches": [{"batch_size": batch_sizes[0], "status": "ok", "latency_ms": {"p50": cost}}],
+    }
+
+
 def fake_measure_each(paths, **_):
     return {
         "status": "ok",
@@ -536,3 +545,32 @@ def test_training_split_keeps_the_scored_images_out_of_the_tuning_batches():
         list(range(48 + 16 * k, 64 + 16 * k)) for k in range(3)
     ]
     assert training_split(ctx, loader, lambda x, train: x, 40, 10)[1][-1][0].numel() == 4  # short
+
+
+def test_a_plan_that_beats_its_goal_by_a_margin_gives_the_room_back_to_a_better_judged_plan(
+    tmp_path, monkeypatch
+):
+    backend = Backend(
+        name="fake-convex",
+        description="the table understates savings (tests)",
+        device="cpu",
+        artifact="onnx",
+        entry="test_latency_prune:fake_measure_convex",
+        table_entry="test_latency_prune:fake_measure_each",
+    )
+    monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
+    lines = []
+
+    def params_kept(network):
+        return float(sum(p.numel() for p in network.parameters()))
+
+    pruner = speedup_pruner(resnet8(), backend, tmp_path, judge=params_kept, log=lines.append)
+    [goal] = pruner.step_goals(1)
+    cut = pruner.cut(goal)
+    assert any("planning again at the goal" in line for line in lines), lines
+    assert cut.speedup >= 1.3
+    # the first plan met the goal with room; a better judged plan of the second planning that
+    # also meets it is cut instead
+    met = [p for p in cut.plans if p.speedup is not None and p.speedup >= 1.3 * (1 - 1e-9)]
+    chosen = next(p for p in cut.plans if p.rule == cut.chosen and p.speedup == cut.speedup)
+    assert len(met) >= 2 and chosen.score == max(p.score for p in met) > min(p.score for p in met)
