@@ -94,18 +94,24 @@ def fake_measure_each(paths, **_):
     }
 
 
-@pytest.fixture
-def fake_runtime(monkeypatch):
+def registered_fake(monkeypatch, name: str, measure: str) -> Backend:
+    """A fake runtime registered as a bench backend for one test: whole networks measured by
+    ``measure`` (a function of this module), layer cells by :func:`fake_measure_each`."""
     backend = Backend(
-        name="fake-blocked",
-        description="blocked-MACs fake runtime (tests)",
+        name=name,
+        description="fake runtime (tests)",
         device="cpu",
         artifact="onnx",
-        entry="test_latency_prune:fake_measure",
+        entry=f"test_latency_prune:{measure}",
         table_entry="test_latency_prune:fake_measure_each",
     )
     monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
     return backend
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    return registered_fake(monkeypatch, "fake-blocked", "fake_measure")
 
 
 def resnet8():
@@ -550,15 +556,7 @@ def test_training_split_keeps_the_scored_images_out_of_the_tuning_batches():
 def test_a_plan_that_beats_its_goal_by_a_margin_gives_the_room_back_to_a_better_judged_plan(
     tmp_path, monkeypatch
 ):
-    backend = Backend(
-        name="fake-convex",
-        description="the table understates savings (tests)",
-        device="cpu",
-        artifact="onnx",
-        entry="test_latency_prune:fake_measure_convex",
-        table_entry="test_latency_prune:fake_measure_each",
-    )
-    monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
+    backend = registered_fake(monkeypatch, "fake-convex", "fake_measure_convex")
     lines = []
 
     def params_kept(network):
