@@ -123,7 +123,7 @@ class LatencyTable:
         (additions, pooling, requantisation) the table does not hold, and most of it shrinks
         with the same widths. So the layers' shares come from the table and the total from the
         measurement: on the CIFAR-10 ResNet-8 (INT8, batch 64) the layers are 92% of the
-        network, and the raw cells predicted 8-18% less than four cuts measured to save.
+        network, and the raw cells predicted 10-25% less than four cuts measured to save.
         """
         total = self.network_cost(widths)
         return self.scaled(measured_ms / total if total > 0 else 1.0)
