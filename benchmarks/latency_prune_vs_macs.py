@@ -37,6 +37,7 @@ import yaml
 
 from compress.bench_backends import BACKENDS
 from compress.benchmark.rows import BenchResult
+from compress.data.augment import Preprocess
 from compress.data.load import load_dataset
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.fileio import write_json_atomic
@@ -231,9 +232,9 @@ def unpruned_int8(reference, data) -> Path:
     path = Path(reference["distill"].files["model"]).parent / "unpruned_int8_ptq.onnx"
     if not path.is_file():
         model = _load_student(reference["distill"])
-        images = data.train.images[:CALIBRATION_IMAGES].float() / 255
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
-        calibration = list(((images - mean) / std).split(256))
+        normalise = Preprocess(data.mean, data.std, augment=False)
+        images = data.train.images[:CALIBRATION_IMAGES]
+        calibration = [normalise(batch, train=False) for batch in images.split(256)]
         with tempfile.TemporaryDirectory() as folder:
             staged = Path(folder) / path.name
             export(

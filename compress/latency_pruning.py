@@ -38,7 +38,7 @@ import dataclasses
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +79,9 @@ class LatencyCut:
         speedup: ``base_ms / measured_ms``, as the median of the per-process pairs.
         corrections: how many tries missed the goal before this plan met it.
         widths: each group's channels after the cut.
-        plans: the candidates of the plan that was cut, one :class:`PlanScore` per rule
-            (empty without a judge); ``chosen`` names its rule.
+        plans: the candidate plans of the try that was cut (and of its re-planning with room
+            left), one :class:`Plan` each (empty without a judge); ``chosen`` names the rule of
+            the plan cut.
     """
 
     goal_ms: float
@@ -90,14 +91,14 @@ class LatencyCut:
     speedup: float
     corrections: int
     widths: dict[str, int]
-    plans: tuple[PlanScore, ...] = ()
+    plans: tuple[Plan, ...] = ()
     chosen: str = "importance"
 
     @classmethod
     def from_json(cls, record: dict) -> LatencyCut:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in record.items() if k in fields}
-        values["plans"] = tuple(PlanScore(**plan) for plan in record.get("plans", ()))
+        values["plans"] = tuple(Plan(**plan) for plan in record.get("plans", ()))
         return cls(**values)
 
     def to_json(self) -> dict:
@@ -115,28 +116,19 @@ class LatencyCut:
 
 
 @dataclass(frozen=True)
-class PlanScore:
-    """One candidate plan of a cut: its rule, predicted latency, the judge's score (top-1 %
-    on training images after BatchNorm re-estimation and a short fine-tune, for the prune
-    stage) and, if it was measured (plans are measured best score first until one meets the
-    goal), its measured latency and speed-up over the unpruned network."""
+class Plan:
+    """A candidate plan of a cut: the rule that planned it, the table's predicted latency, the
+    judge's score (NaN without a judge; for the prune stage, top-1 % on training images after
+    BatchNorm re-estimation and a short fine-tune), each group's width and, if it was measured
+    (plans are measured best score first until one meets the goal), its measured latency and
+    speed-up over the unpruned network."""
 
     rule: str
     predicted_ms: float
     score: float
+    widths: dict[str, int] = field(default_factory=dict)  # absent from records before 12-01
     measured_ms: float | None = None
     speedup: float | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A candidate of a cut: the rule that planned it, each group's width, the table's
-    predicted latency and the judge's score (NaN without a judge)."""
-
-    rule: str
-    widths: dict[str, int]
-    predicted_ms: float
-    score: float
 
 
 def candidate_widths(channels: int, spec: PruneSpec, grid: int) -> tuple[int, ...]:
@@ -473,11 +465,7 @@ class LatencyPruner:
             speedup=speedup,
             corrections=tries - 1,
             widths=chosen.widths,
-            plans=tuple(
-                PlanScore(p.rule, p.predicted_ms, p.score, *measured.get(_key(p.widths), ()))
-                for p in plans
-                if self.judge
-            ),
+            plans=tuple(_with_measurement(p, measured) for p in plans) if self.judge else (),
             chosen=chosen.rule,
         )
 
@@ -551,7 +539,7 @@ class LatencyPruner:
             widths, predicted = plan_widths(
                 groups, self.options, table, layers, self.depthwise, start_ms, goal_ms
             )
-            return [Plan("importance", widths, predicted, float("nan"))]
+            return [Plan("importance", predicted, float("nan"), widths)]
         plans = []
         found = candidate_plans(
             groups, self.options, table, layers, self.depthwise, start_ms, goal_ms
@@ -564,7 +552,7 @@ class LatencyPruner:
                     f"latency: plan {rule!r} predicted {predicted:.3f} ms, "
                     f"scored {judged[_key(widths)][1]:.2f}"
                 )
-            plans.append(Plan(rule, widths, predicted, judged[_key(widths)][1]))
+            plans.append(Plan(rule, predicted, judged[_key(widths)][1], widths))
         return sorted(plans, key=lambda plan: -plan.score)  # stable: ties keep the rule order
 
     def _cut_copy(self, widths: dict[str, int]) -> nn.Module:
@@ -688,6 +676,14 @@ def _sides(groups: list[ChannelGroup], options: dict[str, tuple[int, ...]]):
         for name in group.ins:
             ins[name] = options[group.name]
     return ins, outs
+
+
+def _with_measurement(plan: Plan, measured: dict) -> Plan:
+    """``plan`` with its measured latency and speed-up, if it was measured."""
+    if _key(plan.widths) not in measured:
+        return plan
+    ms, speedup = measured[_key(plan.widths)]
+    return dataclasses.replace(plan, measured_ms=ms, speedup=speedup)
 
 
 def _key(widths: dict[str, int]) -> tuple:

@@ -93,6 +93,18 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def tiny_cnn() -> torch.nn.Module:
+    """A small CNN (10 classes) for loop tests on tiny images."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
+
+
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """``python -m compress ARGS`` in a fresh process: exit code, stdout and stderr."""
     return subprocess.run(

@@ -492,6 +492,8 @@ def test_the_stage_judge_fine_tunes_every_candidate_alike_before_scoring():
     apart from the scored ones before it is scored, every candidate from the same seed."""
     from types import SimpleNamespace
 
+    from conftest import tiny_cnn
+
     from compress.config import LossConfig, PruneConfig, TrainConfig
     from compress.stages.prune import plan_judge
 
@@ -511,14 +513,7 @@ def test_the_stage_judge_fine_tunes_every_candidate_alike_before_scoring():
 
     def fresh():
         torch.manual_seed(1)
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1),
-            torch.nn.BatchNorm2d(8),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-            torch.nn.Linear(8, 3),
-        )
+        return tiny_cnn()
 
     def judge(steps):
         cfg = PruneConfig(

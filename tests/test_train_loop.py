@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_cnn
 
 from compress.config import DataConfig, SubsetConfig, TrainConfig
 from compress.data.augment import Preprocess
@@ -18,17 +19,6 @@ DATA = DataConfig(
     augment=False,
     subset=SubsetConfig(train=600, test=200),
 )
-
-
-def tiny_cnn() -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
-        torch.nn.BatchNorm2d(16),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(64, 10),
-    )
 
 
 def train_once(seed: int, epochs: int = 3, lr: float = 0.01, **settings):
