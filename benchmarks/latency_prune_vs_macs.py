@@ -141,7 +141,7 @@ def main() -> None:
     }
     backend = BACKENDS.get("onnxruntime")
     record = {
-        "machine": _machine(),
+        "machine": machine_record(),
         "reference_run": str(Path(args.out) / recipe.name),
         "latency_speedup_target": (
             _target_of(runs["latency-targeted"]) if "latency-targeted" in runs else None
@@ -231,7 +231,7 @@ def unpruned_int8(reference, data) -> Path:
 
     path = Path(reference["distill"].files["model"]).parent / "unpruned_int8_ptq.onnx"
     if not path.is_file():
-        model = _load_student(reference["distill"])
+        model = load_student(reference["distill"])
         normalise = Preprocess(data.mean, data.std, augment=False)
         images = data.train.images[:CALIBRATION_IMAGES]
         calibration = [normalise(batch, train=False) for batch in images.split(256)]
@@ -280,7 +280,7 @@ def measured_speedup(args, unpruned: Path, pruned) -> float:
     return statistics.median(a / b for a, b in zip(*times, strict=True))
 
 
-def _load_student(artifact):
+def load_student(artifact):
     from compress.models import build_model
     from compress.weights import load_weights
 
@@ -305,7 +305,7 @@ def _target_text(variant: dict) -> str:
     return f"{variant['pruned_macs_reduction']:.2f}x MACs"
 
 
-def _machine() -> dict:
+def machine_record() -> dict:
     machine = machine_info()
     return {
         "cpu": machine["cpu"],
