@@ -469,6 +469,25 @@ class LatencyPruner:
             chosen=chosen.rule,
         )
 
+    def preview(self, goal_ms: float) -> list[Plan]:
+        """The plans a cut toward ``goal_ms`` would weigh (best judged first; without a judge the
+        importance plan alone), each measured as a cut would measure it; nothing is cut.
+
+        Why: how far the table's predictions are from the runtime, plan by plan, without
+        fine-tuning anything (``benchmarks/latency_table_error.py``); a cut measures only until
+        one plan meets its goal.
+        """
+        groups = self.pruner.channel_groups(self.gradient_fn)
+        judged: dict = {}
+        plans = self._plans(groups, self.current_ms, goal_ms, judged, self.table)
+        measured = {
+            _key(plan.widths): self._measure_candidate(
+                judged.get(_key(plan.widths), (None,))[0] or self._cut_copy(plan.widths)
+            )
+            for plan in plans
+        }
+        return [_with_measurement(plan, measured) for plan in plans]
+
     def replay(self, record: dict) -> LatencyCut:
         """Cut again what a recorded cut (:meth:`LatencyCut.to_json`) cut, without planning or
         measuring: a resumed stage gets the same network its fine-tuning checkpoint was saved

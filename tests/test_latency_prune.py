@@ -433,6 +433,23 @@ def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
     assert sum(p.numel() for p in model.parameters()) < before and cut.speedup >= 1.3
 
 
+def test_a_preview_measures_every_plan_and_cuts_nothing(fake_runtime, tmp_path):
+    model = resnet8()
+    before = [p.shape for p in model.parameters()]
+    pruner = speedup_pruner(model, fake_runtime, tmp_path, judge=lambda network: 1.0)
+    [goal] = pruner.step_goals(1)
+    plans = pruner.preview(goal)
+    assert len(plans) >= 2 and len({plan.rule for plan in plans}) == len(plans)
+    for plan in plans:
+        assert plan.predicted_ms <= goal and plan.measured_ms is not None
+        # pairwise against the unpruned network, as a cut measures it (the fake has no noise)
+        assert plan.speedup == pytest.approx(pruner.base_ms / plan.measured_ms, rel=1e-6)
+    # the fake runtime saves less than the scaled table predicts: the preview shows it
+    assert any(plan.measured_ms > plan.predicted_ms for plan in plans)
+    assert [p.shape for p in model.parameters()] == before
+    assert pruner.current_ms == pruner.base_ms
+
+
 def test_a_judged_cut_that_misses_plans_again_without_judging_a_plan_twice(
     fake_runtime, tmp_path, monkeypatch
 ):

@@ -1,0 +1,134 @@
+"""How far the latency planner's table predictions are from the runtime, plan by plan.
+
+    python benchmarks/latency_table_error.py      # from the repository root, on a quiet machine
+
+The reference run's distilled ResNet-8 gets a latency pruner per precision (``--precisions``,
+FP32 and INT8 QDQ) on ONNX Runtime CPU, 1 thread, at ``--batch-size``, its table built (or read
+from ``<out>/latency_tables/``). For each speed-up in ``--speedups`` every candidate plan
+(importance, uniform, latency) is exported and measured against the unpruned network
+(``LatencyPruner.preview``: interleaved fresh processes, pairwise ratios), nothing cut or
+fine-tuned. The column that matters is *saving ratio*: the measured saving over the predicted
+one (1.0: the table is right; below 1: it overstates what the cut saves).
+
+Prints a table and writes ``benchmarks/results/latency_table_error.json`` with the machine's CPU
+and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from latency_prune_vs_macs import load_student, machine_record
+
+from compress.bench_backends import BACKENDS
+from compress.config import LatencyTarget, PruneSpec
+from compress.data.augment import Preprocess
+from compress.data.load import load_dataset
+from compress.errors import StageError
+from compress.fileio import write_json_atomic
+from compress.latency_pruning import LatencyPruner
+from compress.pipeline import plan, run
+from compress.recipe.load import load_recipe
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = "cifar10_cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(HERE.parent / "exported" / "cifar10_reference"))
+    parser.add_argument("--precisions", default="fp32,int8")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--speedups", default="1.2,1.28", help="comma-separated goals (INT8 reaches about 1.29x)"
+    )
+    parser.add_argument("--processes", type=int, default=5)
+    parser.add_argument("--result", default=str(HERE / "results" / "latency_table_error.json"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    resolved = Path(args.out) / REFERENCE / "recipe.yaml"
+    if not resolved.is_file():
+        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
+    recipe = load_recipe(resolved, out=args.out)
+    if not all(plan(recipe).values()):
+        raise SystemExit(f"{resolved}: the reference run is unfinished; finish it first")
+    reference = run(recipe)
+    data = load_dataset(recipe.data, seed=recipe.seed)
+    normalise = Preprocess(data.mean, data.std, augment=False)
+    calibration = [normalise(batch, train=False) for batch in data.train.images[:512].split(256)]
+    rows = []
+    for precision in args.precisions.split(","):
+        spec = PruneSpec(
+            target=LatencyTarget(
+                latency_speedup=2.0, batch_size=args.batch_size, processes=args.processes
+            )
+        )
+        cache = Path(args.out) / "latency_tables"
+        cache.mkdir(exist_ok=True)
+        pruner = LatencyPruner(
+            load_student(reference["distill"]).eval(),
+            torch.zeros(2, 3, 32, 32),
+            spec,
+            backend=BACKENDS.get("onnxruntime"),
+            precision=precision,
+            calibration=calibration,
+            num_classes=reference["distill"].network.num_classes,
+            cache=cache,
+            judge=lambda network: 0.0,  # every plan, in rule order
+        )
+        for speedup in (float(value) for value in args.speedups.split(",")):
+            try:
+                plans = pruner.preview(pruner.base_ms / speedup)
+            except StageError as error:
+                print(f"{precision} {speedup:g}x: {error}")
+                continue
+            for candidate in plans:
+                measured_ms = pruner.base_ms / candidate.speedup  # pairwise, as a cut judges
+                rows.append(
+                    {
+                        "precision": precision,
+                        "goal_speedup": speedup,
+                        "rule": candidate.rule,
+                        "base_ms": pruner.base_ms,
+                        "predicted_ms": candidate.predicted_ms,
+                        "measured_ms": measured_ms,
+                        "measured_p50_ms": candidate.measured_ms,
+                        "speedup": candidate.speedup,
+                        "saving_ratio": (pruner.base_ms - measured_ms)
+                        / (pruner.base_ms - candidate.predicted_ms),
+                        "widths": candidate.widths,
+                    }
+                )
+    record = {
+        "machine": machine_record(),
+        "batch_size": args.batch_size,
+        "processes": args.processes,
+        "rows": rows,
+        "wall_s": time.perf_counter() - started,
+    }
+    print(table(rows))
+    write_json_atomic(Path(args.result), record)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| precision | goal | plan | unpruned ms | predicted ms | measured ms | saving ratio |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['precision']} | {row['goal_speedup']:g}x | {row['rule']} "
+            f"| {row['base_ms']:.3f} | {row['predicted_ms']:.3f} | {row['measured_ms']:.3f} "
+            f"| {row['saving_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
