@@ -269,7 +269,8 @@ class LatencyTarget:
     test split); 0: the importance plan alone. ``judge_steps: 0`` scores right after the
     re-estimation, which did not rank the CIFAR-10 candidates as full fine-tuning did
     (benchmarks/RESULTS.md); 50 and 100 steps did. The fine-tuning batches are drawn once and
-    held in memory (``judge_steps`` x the batch size images, as the loader yields them).
+    held in memory until the last cut (``judge_steps`` x the batch size images, as the loader
+    yields them).
     """
 
     latency_ms: float | None = None

@@ -98,6 +98,8 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     for k, goal in enumerate(goals, start=1):
         if cfg.target.active:
             cut = latency_cut(ctx, pruner, goal, k)
+            if k == len(goals):  # its fine-tuning batches are not needed past the last cut
+                pruner.judge = judge = None
             params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
             pruned = {"macs": macs, "params": params, "latency": cut.to_json()}
         else:
