@@ -365,6 +365,8 @@ def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp
         "10",
         "--time-budget",
         "1",
+        "--processes",
+        "1",  # the fresh processes are tested in test_bench; here the stage folders are
         "--out",
         tmp_path,
     )
