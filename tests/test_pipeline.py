@@ -48,7 +48,7 @@ stages:
       train: {{epochs: 1, optimizer: adamw, lr: 0.0001, weight_decay: 0.0}}
   - export: {{check_samples: 200, formats: [onnx, onnx-fp16, tensorrt]}}
   - bench: {{iterations: 30, warmup: 3, time_budget_s: 2, batch_size: 16, \
-backends: [onnxruntime, torch]}}
+backends: [onnxruntime, torch], processes: 2}}
 """
 STAGES = ["teacher", "distill", "prune", "quantize", "export", "bench"]
 
