@@ -10,13 +10,19 @@ from ``<out>/latency_tables/``). For each speed-up in ``--speedups`` every candi
 fine-tuned. The column that matters is *saving ratio*: the measured saving over the predicted
 one (1.0: the table is right; below 1: it overstates what the cut saves).
 
-Prints a table and writes ``benchmarks/results/latency_table_error.json`` with the machine's CPU
-and flags.
+With ``--model NAME`` (e.g. ``torchvision:mobilenet_v2``) the network is that registry model
+at CIFAR-10 size (CIFAR stem, 10 classes) with random weights, its BatchNorm statistics
+estimated on random images so that its activations have a real scale: latency does not depend
+on the weights (the importance plan's channel choice then means nothing, its widths still do).
+
+Prints a table and writes ``benchmarks/results/latency_table_error.json`` (``--result``) with the
+machine's CPU and flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -35,6 +41,7 @@ from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = "cifar10_cpu"
+NUM_CLASSES = 10  # CIFAR-10
 
 
 def main() -> None:
@@ -48,20 +55,15 @@ def main() -> None:
         "--speedups", default="1.2,1.28", help="comma-separated goals (INT8 reaches about 1.29x)"
     )
     parser.add_argument("--processes", type=int, default=5)
+    parser.add_argument(
+        "--model", help="a registry model with random weights instead of the reference's student"
+    )
     parser.add_argument("--result", default=str(HERE / "results" / "latency_table_error.json"))
     args = parser.parse_args()
 
     started = time.perf_counter()
-    resolved = Path(args.out) / REFERENCE / "recipe.yaml"
-    if not resolved.is_file():
-        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
-    recipe = load_recipe(resolved, out=args.out)
-    if not all(plan(recipe).values()):
-        raise SystemExit(f"{resolved}: the reference run is unfinished; finish it first")
-    reference = run(recipe)
-    data = load_dataset(recipe.data, seed=recipe.seed)
-    normalise = Preprocess(data.mean, data.std, augment=False)
-    calibration = [normalise(batch, train=False) for batch in data.train.images[:512].split(256)]
+    network, calibration = random_network(args.model) if args.model else reference_student(args)
+    name = args.model or "reference ResNet-8 (distilled)"
     rows = []
     for precision in args.precisions.split(","):
         spec = PruneSpec(
@@ -72,13 +74,13 @@ def main() -> None:
         cache = Path(args.out) / "latency_tables"
         cache.mkdir(exist_ok=True)
         pruner = LatencyPruner(
-            load_student(reference["distill"]).eval(),
-            torch.zeros(2, 3, 32, 32),
+            copy.deepcopy(network),
+            calibration[0][:2],  # the export check compares on an image, not on zeros
             spec,
             backend=BACKENDS.get("onnxruntime"),
             precision=precision,
             calibration=calibration,
-            num_classes=reference["distill"].network.num_classes,
+            num_classes=NUM_CLASSES,
             cache=cache,
             judge=lambda network: 0.0,  # every plan, in rule order
         )
@@ -92,6 +94,7 @@ def main() -> None:
                 measured_ms = pruner.base_ms / candidate.speedup  # pairwise, as a cut judges
                 rows.append(
                     {
+                        "model": name,
                         "precision": precision,
                         "goal_speedup": speedup,
                         "rule": candidate.rule,
@@ -107,6 +110,7 @@ def main() -> None:
                 )
     record = {
         "machine": machine_record(),
+        "model": name,
         "batch_size": args.batch_size,
         "processes": args.processes,
         "rows": rows,
@@ -114,6 +118,38 @@ def main() -> None:
     }
     print(table(rows))
     write_json_atomic(Path(args.result), record)
+
+
+def reference_student(args) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The reference run's distilled student and 512 normalised training images."""
+    resolved = Path(args.out) / REFERENCE / "recipe.yaml"
+    if not resolved.is_file():
+        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
+    recipe = load_recipe(resolved, out=args.out)
+    if not all(plan(recipe).values()):
+        raise SystemExit(f"{resolved}: the reference run is unfinished; finish it first")
+    reference = run(recipe)
+    data = load_dataset(recipe.data, seed=recipe.seed)
+    normalise = Preprocess(data.mean, data.std, augment=False)
+    images = data.train.images[:512]
+    return load_student(reference["distill"]).eval(), [
+        normalise(batch, train=False) for batch in images.split(256)
+    ]
+
+
+def random_network(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """Registry model ``name`` at CIFAR-10 size with random weights, its BatchNorm statistics
+    estimated on random images, and those images. (With the statistics it is built with, the
+    untrained MobileNetV2's logits were 6e-10 and the INT8 export check cannot compare them.)"""
+    from compress.batchnorm import recalibrate_batchnorm
+    from compress.models import build_model
+
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    network = build_model(name, num_classes=NUM_CLASSES, cifar_stem=True)
+    images = [torch.randn(64, 3, 32, 32, generator=generator) for _ in range(4)]
+    recalibrate_batchnorm(network, images)
+    return network.eval(), images
 
 
 def table(rows: list[dict]) -> str:

@@ -94,16 +94,30 @@ def fake_measure_each(paths, **_):
     }
 
 
-def registered_fake(monkeypatch, name: str, measure: str) -> Backend:
+CALL_MS = 0.25  # what the runtime of fake_measure_each_with_calls charges every file it runs
+
+
+def fake_measure_each_with_calls(paths, **_):
+    """Cells of a runtime that charges each run of a file ``CALL_MS`` besides its layers."""
+    return {
+        "status": "ok",
+        "ms": [CALL_MS + blocked_cost_ms(onnx.load(p)) for p in paths],
+        "spread": [0.0 for _ in paths],
+    }
+
+
+def registered_fake(
+    monkeypatch, name: str, measure: str, cells: str = "fake_measure_each"
+) -> Backend:
     """A fake runtime registered as a bench backend for one test: whole networks measured by
-    ``measure`` (a function of this module), layer cells by :func:`fake_measure_each`."""
+    ``measure``, layer cells by ``cells`` (functions of this module)."""
     backend = Backend(
         name=name,
         description="fake runtime (tests)",
         device="cpu",
         artifact="onnx",
         entry=f"test_latency_prune:{measure}",
-        table_entry="test_latency_prune:fake_measure_each",
+        table_entry=f"test_latency_prune:{cells}",
     )
     monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
     return backend
@@ -199,11 +213,27 @@ def test_onnxruntime_times_every_cell_in_one_process():
         runs=3,
     )
     assert set(table.cells) == {(n, i, o) for n, pairs in cells.items() for i, o in pairs}
-    assert all(ms > 0 for ms in table.cells.values())
+    # every layer costs more than a call that computes next to nothing, whose cost is out
+    assert table.call_ms > 0 and all(ms > 0 for ms in table.cells.values())
     again = LatencyTable.from_json(table.to_json())
     assert again == table
     with pytest.raises(StageError, match="no cell for fc at 8 -> 10"):
         table.cost("fc", 8, 10)
+
+
+def test_the_cost_of_a_call_is_taken_out_of_every_cell(monkeypatch):
+    backend = registered_fake(
+        monkeypatch, "fake-calls", "fake_measure", "fake_measure_each_with_calls"
+    )
+    sites = layer_sites(resnet8(), torch.zeros(2, 3, 32, 32))
+    cells = {"layer1.0.conv1": {(16, 16), (16, 32)}, "fc": {(64, 10)}}
+    table = measure_table(sites, cells, backend, batch_size=1, threads=1, precision="fp32")
+    assert table.call_ms == pytest.approx(CALL_MS)
+    by_name = {site.name: site for site in sites}
+    for name, cin, cout in table.cells:  # the layers' own cost alone, as a network pays it
+        alone = blocked_cost_ms(layer_model(by_name[name], cin, cout, "fp32"))
+        assert table.cost(name, cin, cout) == pytest.approx(alone)
+    assert LatencyTable.from_json(table.to_json()).call_ms == table.call_ms
 
 
 def test_a_table_scaled_to_a_measured_network_keeps_each_layer_share():
