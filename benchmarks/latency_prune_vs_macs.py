@@ -90,17 +90,7 @@ def main() -> None:
         raise SystemExit("--equal-latency-only: expected --macs-round-to N as well")
 
     started = time.perf_counter()
-    # the reference run's own resolved recipe: its stage keys include the data path as that run
-    # spelled it, so a differently spelled --data would retrain its teacher
-    resolved = Path(args.out) / yaml.safe_load(RECIPE.read_text())["name"] / "recipe.yaml"
-    if not resolved.is_file():
-        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
-    recipe = load_recipe(resolved, out=args.out)
-    pending = [stage for stage, done in plan(recipe).items() if not done]
-    if pending:
-        raise SystemExit(f"the reference run would re-run {', '.join(pending)}; finish it first")
-    reference = run(recipe)
-    data = load_dataset(recipe.data, seed=recipe.seed)
+    recipe, reference, data = finished_reference(args.out)
     unpruned = unpruned_int8(reference, data)
     runs = {"teacher": reference, "macs-targeted": reference}
     speedup = measured_speedup(args, unpruned, reference)
@@ -176,6 +166,28 @@ def main() -> None:
     write_json_atomic(Path(args.result), record)
 
 
+def finished_reference(out: str):
+    """``(recipe, artifacts, data)`` of the finished reference run under ``out``, loaded from
+    its own resolved recipe (its stage keys include the data path as that run spelled it, so a
+    differently spelled data path would retrain its teacher); exits with one line when it is
+    missing or unfinished."""
+    resolved = Path(out) / yaml.safe_load(RECIPE.read_text())["name"] / "recipe.yaml"
+    if not resolved.is_file():
+        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
+    recipe = load_recipe(resolved, out=out)
+    pending = [stage for stage, done in plan(recipe).items() if not done]
+    if pending:
+        raise SystemExit(f"the reference run would re-run {', '.join(pending)}; finish it first")
+    return recipe, run(recipe), load_dataset(recipe.data, seed=recipe.seed)
+
+
+def training_images(data, count: int) -> list[torch.Tensor]:
+    """The first ``count`` training images, normalised as the network takes them, in batches of
+    256 (calibration and timing inputs)."""
+    normalise = Preprocess(data.mean, data.std, augment=False)
+    return [normalise(batch, train=False) for batch in data.train.images[:count].split(256)]
+
+
 def run_variant(args, reference, suffix: str, edit) -> dict:
     """Run the reference recipe with its prune stage edited (``edit(prune)``) under the name
     ``<reference><suffix>``; the recipe is written once (a rerun keeps the measured target) and
@@ -232,9 +244,7 @@ def unpruned_int8(reference, data) -> Path:
     path = Path(reference["distill"].files["model"]).parent / "unpruned_int8_ptq.onnx"
     if not path.is_file():
         model = load_student(reference["distill"])
-        normalise = Preprocess(data.mean, data.std, augment=False)
-        images = data.train.images[:CALIBRATION_IMAGES]
-        calibration = [normalise(batch, train=False) for batch in images.split(256)]
+        calibration = training_images(data, CALIBRATION_IMAGES)
         with tempfile.TemporaryDirectory() as folder:
             staged = Path(folder) / path.name
             export(

@@ -27,20 +27,15 @@ import time
 from pathlib import Path
 
 import torch
-from latency_prune_vs_macs import load_student, machine_record
+from latency_prune_vs_macs import finished_reference, load_student, machine_record, training_images
 
 from compress.bench_backends import BACKENDS
 from compress.config import LatencyTarget, PruneSpec
-from compress.data.augment import Preprocess
-from compress.data.load import load_dataset
 from compress.errors import StageError
 from compress.fileio import write_json_atomic
 from compress.latency_pruning import LatencyPruner
-from compress.pipeline import plan, run
-from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = "cifar10_cpu"
 NUM_CLASSES = 10  # CIFAR-10
 
 
@@ -122,19 +117,8 @@ def main() -> None:
 
 def reference_student(args) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """The reference run's distilled student and 512 normalised training images."""
-    resolved = Path(args.out) / REFERENCE / "recipe.yaml"
-    if not resolved.is_file():
-        raise SystemExit(f"{resolved}: run benchmarks/cifar10_reference.py first")
-    recipe = load_recipe(resolved, out=args.out)
-    if not all(plan(recipe).values()):
-        raise SystemExit(f"{resolved}: the reference run is unfinished; finish it first")
-    reference = run(recipe)
-    data = load_dataset(recipe.data, seed=recipe.seed)
-    normalise = Preprocess(data.mean, data.std, augment=False)
-    images = data.train.images[:512]
-    return load_student(reference["distill"]).eval(), [
-        normalise(batch, train=False) for batch in images.split(256)
-    ]
+    _, reference, data = finished_reference(args.out)
+    return load_student(reference["distill"]).eval(), training_images(data, 512)
 
 
 def random_network(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:

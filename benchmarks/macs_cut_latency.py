@@ -29,20 +29,22 @@ import time
 from pathlib import Path
 
 import torch
-from latency_prune_vs_macs import CALIBRATION_IMAGES, load_student, machine_record, unpruned_int8
+from latency_prune_vs_macs import (
+    CALIBRATION_IMAGES,
+    finished_reference,
+    load_student,
+    machine_record,
+    training_images,
+    unpruned_int8,
+)
 
 from compress.bench_backends import BACKENDS
-from compress.data.augment import Preprocess
-from compress.data.load import load_dataset
 from compress.errors import StageError
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.fileio import write_json_atomic
 from compress.latency_pruning import interleaved_p50
-from compress.pipeline import plan, run
-from compress.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = "cifar10_cpu"
 LATENCY_RUN = "cifar10_cpu-latency-b64-at-r16-x1.6"
 
 
@@ -74,23 +76,11 @@ def main() -> None:
 
     started = time.perf_counter()
     out = Path(args.out)
-    resolved = out / REFERENCE / "recipe.yaml"
     bar = out / args.latency_run / "student.onnx"
-    for needed, how in (
-        (resolved, "run benchmarks/cifar10_reference.py first"),
-        (bar, "run benchmarks/latency_prune_vs_macs.py first"),
-    ):
-        if not needed.is_file():
-            raise SystemExit(f"{needed}: {how}")
-    recipe = load_recipe(resolved, out=args.out)
-    if not all(plan(recipe).values()):
-        raise SystemExit(f"{resolved}: the reference run is unfinished; finish it first")
-    reference = run(recipe)
-    data = load_dataset(recipe.data, seed=recipe.seed)
-    normalise = Preprocess(data.mean, data.std, augment=False)
-    calibration = [
-        normalise(batch, train=False) for batch in data.train.images[:CALIBRATION_IMAGES].split(256)
-    ]
+    _, reference, data = finished_reference(args.out)
+    if not bar.is_file():
+        raise SystemExit(f"{bar}: run benchmarks/latency_prune_vs_macs.py first")
+    calibration = training_images(data, CALIBRATION_IMAGES)
     student = load_student(reference["distill"]).eval()
 
     cuts = {}  # file -> what was asked
