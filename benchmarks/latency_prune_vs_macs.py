@@ -149,10 +149,7 @@ def main() -> None:
             "onnx_top1": entry["onnx_top1"],
             "macs": entry["macs"],
             "params": entry["params"],
-            "p50_ms_b1": statistics.median(b1[index]),
-            "p50_ms_b1_processes": b1[index],
-            "p50_ms_b64": statistics.median(b64[index]),
-            "p50_ms_b64_processes": b64[index],
+            **timing_record(b1, b64, index),
             "speedup_b1_vs_teacher": statistics.median(
                 t / s for t, s in zip(b1[0], b1[index], strict=True)
             ),
@@ -164,6 +161,17 @@ def main() -> None:
     record["wall_s"] = time.perf_counter() - started
     print(table(record))
     write_json_atomic(Path(args.result), record)
+
+
+def timing_record(b1: list, b64: list, index: int) -> dict:
+    """File ``index``'s batch-1 and batch-64 p50 (median of its processes) and per process, from
+    :func:`interleaved_p50` results."""
+    return {
+        "p50_ms_b1": statistics.median(b1[index]),
+        "p50_ms_b1_processes": b1[index],
+        "p50_ms_b64": statistics.median(b64[index]),
+        "p50_ms_b64_processes": b64[index],
+    }
 
 
 def finished_reference(out: str):

@@ -34,6 +34,7 @@ from latency_prune_vs_macs import (
     finished_reference,
     load_student,
     machine_record,
+    timing_record,
     training_images,
     unpruned_int8,
 )
@@ -119,10 +120,7 @@ def main() -> None:
                 "speedup_asked": asked.get("speedup_asked"),
                 "macs": described[path]["macs"],
                 "macs_reduction": base_macs / described[path]["macs"],
-                "p50_ms_b1": statistics.median(b1[index]),
-                "p50_ms_b1_processes": b1[index],
-                "p50_ms_b64": statistics.median(b64[index]),
-                "p50_ms_b64_processes": b64[index],
+                **timing_record(b1, b64, index),
                 "speedup_b64_vs_unpruned": statistics.median(
                     a / b for a, b in zip(b64[0], b64[index], strict=True)
                 ),
