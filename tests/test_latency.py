@@ -137,12 +137,18 @@ def test_combine_agreeing_processes_are_stable_and_one_process_is_as_before():
     assert alone["processes"] == [{"p50_ms": 0.5, "throughput_ips": 2000.0, "runs": 100}]
 
 
-def test_combine_even_count_uses_the_true_median_and_the_faster_middle_process():
+def test_combine_even_count_uses_the_true_median_and_the_slower_middle_process():
     point = LatencyPoint.from_json(
         combine([process_result(v) for v in (1.0, 1.4, 1.2, 3.0)])["batches"][0]
     )
     assert point.latency_ms.p50 == pytest.approx(1.3)
-    assert point.latency_ms.p90 == pytest.approx(1.2 * 1.1)  # the 1.2 ms process's
+    assert point.latency_ms.p90 == pytest.approx(1.4 * 1.1)  # the 1.4 ms process's
+    # two processes far apart (as measured: 0.245 and 0.441 ms): the statistics stay ordered
+    apart = LatencyPoint.from_json(
+        combine([process_result(0.245), process_result(0.441)])["batches"][0]
+    ).latency_ms
+    assert apart.p50 == pytest.approx(0.343)
+    assert apart.min <= apart.p50 <= apart.p90 <= apart.p99 <= apart.max
 
 
 def test_combine_keeps_the_processes_that_worked_and_says_which_failed():

@@ -213,8 +213,8 @@ def test_onnxruntime_times_every_cell_in_one_process():
         runs=3,
     )
     assert set(table.cells) == {(n, i, o) for n, pairs in cells.items() for i, o in pairs}
-    # every layer costs more than a call that computes next to nothing, whose cost is out
-    assert table.call_ms > 0 and all(ms > 0 for ms in table.cells.values())
+    # the call's cost is out of every cell (how much is left is the CPU's business: >= 0)
+    assert table.call_ms > 0 and all(ms >= 0 for ms in table.cells.values())
     again = LatencyTable.from_json(table.to_json())
     assert again == table
     with pytest.raises(StageError, match="no cell for fc at 8 -> 10"):

@@ -208,7 +208,9 @@ def combine(results: Sequence[dict]) -> dict:
     :func:`compress.backends.onnxruntime.measure`), so a row reads it alike. Per batch size:
     ``latency_ms.p50`` is the median of the process medians, ``throughput_ips`` the median of
     the process throughputs, the other statistics (p90/p95/p99, mean, std, ``cv``, ``noisy``)
-    those of the median process (for an even count, the faster of the two middle ones),
+    those of the median process (for an even count, the slower of the two middle ones: the
+    headline p50, their mean, is then never above its p90; the faster one's p90 was below it
+    when two processes ran 1.8x apart),
     ``min``/``max`` the extremes over all processes, ``runs``/``total_s`` the sums; plus
     ``processes`` (each one's p50, throughput and runs, or its error, in order), ``spread`` and
     ``unstable``. Memory is the largest any process reached; the runtime's own keys (providers,
@@ -246,7 +248,7 @@ def _combine_batch(batch_size: int, entries: list[dict]) -> dict:
             "processes": processes,
         }
     medians = [entry["latency_ms"]["p50"] for entry in ok]
-    typical = sorted(ok, key=lambda entry: entry["latency_ms"]["p50"])[(len(ok) - 1) // 2]
+    typical = sorted(ok, key=lambda entry: entry["latency_ms"]["p50"])[len(ok) // 2]
     found = spread(medians)
     stats = typical["latency_ms"] | {
         "p50": statistics.median(medians),
