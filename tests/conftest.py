@@ -33,16 +33,18 @@ def tiny_data_section() -> str:
 
 # A cifar:resnet20 teacher on 600 digits at 8x8: seconds to train, > 60% top-1. The distill,
 # prune and quantize tests all learn from it (one session-wide checkpoint).
+# 600 training and 200 test digits at 8x8: the data of every recipe test that trains
+DIGITS_DATA = {
+    "kind": "digits",
+    "image_size": 8,
+    "batch_size": 32,
+    "augment": False,
+    "subset": {"train": 600, "test": 200},
+}
 DIGITS_BASE = {
     "name": "digits_teacher",
     "seed": 0,
-    "data": {
-        "kind": "digits",
-        "image_size": 8,
-        "batch_size": 32,
-        "augment": False,
-        "subset": {"train": 600, "test": 200},
-    },
+    "data": DIGITS_DATA,
     "teacher": {
         "model": "cifar:resnet20",
         "train": {"epochs": 3, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},

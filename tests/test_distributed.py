@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
+from conftest import DIGITS_DATA
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
@@ -349,13 +350,7 @@ def test_buffers_objects_and_sums_cross_the_ranks(two_ranks):
 RECIPE = {
     "name": "ddp",
     "seed": 0,
-    "data": {
-        "kind": "digits",
-        "image_size": 8,
-        "batch_size": 32,
-        "augment": False,
-        "subset": {"train": 600, "test": 200},
-    },
+    "data": DIGITS_DATA,
     "teacher": {
         "model": "cifar:resnet20",
         "train": {"epochs": 2, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},

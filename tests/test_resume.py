@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import DIGITS_DATA
 from torch import nn
 
 from compress.checkpoint import load_training_state
@@ -170,13 +171,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_pat
 RECIPE = {
     "name": "resume",
     "seed": 0,
-    "data": {
-        "kind": "digits",
-        "image_size": 8,
-        "batch_size": 32,
-        "augment": False,
-        "subset": {"train": 600, "test": 200},
-    },
+    "data": DIGITS_DATA,
     "teacher": {
         "model": "cifar:resnet20",
         "train": {"epochs": 1, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},
