@@ -432,8 +432,8 @@ class LatencyPruner:
             for plan in plans:  # best judged first
                 key = _key(plan.widths)
                 if key not in measured:
-                    network = judged.get(key, (None,))[0] or self._cut_copy(plan.widths)
-                    measured[key] = self._measure_candidate(network)  # BN stats don't matter
+                    # BN stats don't matter
+                    measured[key] = self._measure_candidate(self._network_of(plan, judged))
                     ms, speedup = measured[key]
                     self.log(
                         f"latency: plan {plan.rule!r} predicted {plan.predicted_ms:.3f} ms "
@@ -481,9 +481,7 @@ class LatencyPruner:
         judged: dict = {}
         plans = self._plans(groups, self.current_ms, goal_ms, judged, self.table)
         measured = {
-            _key(plan.widths): self._measure_candidate(
-                judged.get(_key(plan.widths), (None,))[0] or self._cut_copy(plan.widths)
-            )
+            _key(plan.widths): self._measure_candidate(self._network_of(plan, judged))
             for plan in plans
         }
         return [_with_measurement(plan, measured) for plan in plans]
@@ -573,6 +571,10 @@ class LatencyPruner:
                 )
             plans.append(Plan(rule, predicted, judged[_key(widths)][1], widths))
         return sorted(plans, key=lambda plan: -plan.score)  # stable: ties keep the rule order
+
+    def _network_of(self, plan: Plan, judged: dict) -> nn.Module:
+        """The plan's cut copy: the one its judge scored, or a new one (no judge)."""
+        return judged.get(_key(plan.widths), (None,))[0] or self._cut_copy(plan.widths)
 
     def _cut_copy(self, widths: dict[str, int]) -> nn.Module:
         """A copy of the network cut to ``widths`` (the network itself is left alone)."""
