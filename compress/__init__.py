@@ -26,6 +26,8 @@ _PUBLIC = {
     "TrainConfig": "compress.config",
     "MixConfig": "compress.config",
     "build_model": "compress.models",
+    "build_pretrained": "compress.pretrained",
+    "load_pretrained": "compress.pretrained",
     "BenchResult": "compress.benchmark.rows",
     # the recipe pipeline
     "load_recipe": "compress.recipe.load",

@@ -156,18 +156,35 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """The teacher: a model name and either a checkpoint to load or settings to train it."""
+    """The teacher: a model name and either a finished checkpoint to load, or pretrained
+    ``weights`` to start from and settings to fine-tune (or train) it."""
 
     model: str = "torchvision:resnet18"
     cifar_stem: bool | None = None  # None: on when data.image_size <= 64
+    # the finished teacher: a state_dict of this network for the data's classes, not trained
     checkpoint: str | None = None
+    # where training starts: a file, a torchvision/timm name or hf-hub:org/name (README, Models)
+    weights: str | None = field(default=None, metadata={ADDED_LATER: True})
+    # false: load the layers of `weights` that fit and record the rest (true: refuse)
+    strict_weights: bool = field(default=True, metadata={ADDED_LATER: True})
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check(
+            self.checkpoint is None or self.weights is None,
+            "weights: give checkpoint (the finished teacher) or weights (a starting point to "
+            "fine-tune from), not both",
+        )
 
 
 @dataclass(frozen=True)
 class StudentConfig:
+    """The student: a model name, and the pretrained ``weights`` distillation starts from."""
+
     model: str = "torchvision:mobilenet_v2"
     cifar_stem: bool | None = None
+    weights: str | None = field(default=None, metadata={ADDED_LATER: True})
+    strict_weights: bool = field(default=True, metadata={ADDED_LATER: True})
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,10 @@
-"""Model zoo: torchvision and timm classifiers and the CIFAR ResNets, built by name, never
-pretrained.
+"""Model zoo: torchvision and timm classifiers and the CIFAR ResNets, built by name.
 
 Names are ``torchvision:<name>`` (any classification model torchvision knows),
 ``cifar:resnet8/14/20/32/44/56/110`` and ``timm:<name>`` (any model timm knows; timm is an optional
-extra, imported on first use). Weights are always random (``weights=None``, ``pretrained=False``):
-this machine has no internet, and a recipe that silently downloads would not be reproducible.
-Checkpoints are loaded with :func:`load_weights`, which only accepts plain tensors.
+extra, imported on first use). Networks are built randomly initialised; pretrained weights come
+in through :mod:`compress.pretrained`, which names its source explicitly (a file, a torchvision
+weights name, a timm tag, a Hub repository): nothing downloads unless a recipe asks for it.
 
 Example:
     >>> model = build_model("torchvision:resnet18", num_classes=10, cifar_stem=True)
@@ -172,8 +171,10 @@ def build_model(
     cifar_stem: bool = False,
     in_channels: int = 3,
     image_size: int | None = None,
+    *,
+    timm_tag: str | None = None,
 ) -> nn.Module:
-    """Build a randomly initialised classifier by name.
+    """Build a classifier by name, randomly initialised (or timm-pretrained, ``timm_tag``).
 
     Args:
         name: A registered name, e.g. ``"torchvision:resnet18"`` or ``"cifar:resnet56"``, or
@@ -193,9 +194,16 @@ def build_model(
         image_size: Side of the input images. Only timm vision transformers use it (their
             position embedding has one entry per patch); with ``cifar_stem`` they need it.
 
+        timm_tag: Build a ``timm:`` model with timm's pretrained weights of this tag (e.g.
+            ``"a1_in1k"``), through timm's own loader and cache: it adapts the input conv to
+            ``in_channels``, resizes a ViT's position embedding to ``image_size`` and leaves a
+            new head where ``num_classes`` differs. Download failures (``OSError``) are raised
+            as they are, for :mod:`compress.pretrained` to explain.
+
     Returns:
         The model, in training mode, with ``compress_name`` set to ``"<name> (num_classes=K)"``
-        for error messages.
+        for error messages and ``compress_adapted`` to the names of the layers the stem or input
+        adaptation replaced (pretrained weights cannot fill them).
 
     Raises:
         ModelError: Unknown name (with close matches), a ``timm:`` name without the timm extra,
@@ -205,24 +213,29 @@ def build_model(
     if num_classes < 1:
         raise ModelError(f"{name}: num_classes must be positive, got {num_classes}")
     if name.startswith(TIMM_PREFIX):
-        model = _build_timm(name, num_classes, cifar_stem, in_channels, image_size)
-        model.compress_name = f"{name} (num_classes={num_classes})"
-        return model
-    model = MODELS.get(name)(num_classes)
-    if cifar_stem and not isinstance(model, CifarResNet):
-        _adapt_cifar_stem(model, name)
-    if in_channels != 3:
-        _adapt_in_channels(model, name, in_channels)
+        model, adapted = _build_timm(
+            name, num_classes, cifar_stem, in_channels, image_size, timm_tag
+        )
+    else:
+        if timm_tag is not None:
+            raise ModelError(f"{name}: timm weights ({timm_tag!r}) need a timm: model")
+        model, adapted = MODELS.get(name)(num_classes), []
+        if cifar_stem and not isinstance(model, CifarResNet):
+            adapted += _adapt_cifar_stem(model, name)
+        if in_channels != 3:
+            adapted += _adapt_in_channels(model, name, in_channels)
     model.compress_name = f"{name} (num_classes={num_classes})"
+    model.compress_adapted = tuple(adapted)
     return model
 
 
-def _first_conv(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """The module holding the first conv, and its attribute name; None for unknown families."""
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, str] | None:
+    """The module holding the first conv, its attribute name and the conv's full name; None for
+    unknown families."""
     if isinstance(model, torchvision.models.ResNet | CifarResNet):
-        return model, "conv1"
+        return model, "conv1", "conv1"
     if isinstance(model, torchvision.models.MobileNetV2 | torchvision.models.MobileNetV3):
-        return model.features[0], "0"
+        return model.features[0], "0", "features.0.0"
     return None
 
 
@@ -246,13 +259,16 @@ def _replace_conv(parent: nn.Module, attr: str, **changes) -> None:
     setattr(parent, attr, new)
 
 
-def _adapt_cifar_stem(model: nn.Module, name: str) -> None:
+def _adapt_cifar_stem(model: nn.Module, name: str) -> list[str]:
+    """Small-image stem; returns the names of the layers it replaced (strides change in place)."""
     if isinstance(model, torchvision.models.ResNet):
         _replace_conv(model, "conv1", kernel_size=3, stride=1, padding=1)
         model.maxpool = nn.Identity()
+        return ["conv1"]
     elif isinstance(model, torchvision.models.MobileNetV2 | torchvision.models.MobileNetV3):
         model.features[0][0].stride = (1, 1)
         _first_strided_depthwise(model.features[1:], name).stride = (1, 1)
+        return []
     else:
         raise ModelError(
             f"{name}: cifar_stem is only known for ResNet and MobileNetV2/V3 models; "
@@ -267,7 +283,7 @@ def _first_strided_depthwise(features: nn.Module, name: str) -> nn.Conv2d:
     raise ModelError(f"{name}: found no stride-2 depthwise conv to adapt for cifar_stem")
 
 
-def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> None:
+def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> list[str]:
     if in_channels < 1:
         raise ModelError(f"{name}: in_channels must be positive, got {in_channels}")
     place = _first_conv(model)
@@ -275,7 +291,9 @@ def _adapt_in_channels(model: nn.Module, name: str, in_channels: int) -> None:
         raise ModelError(
             f"{name}: in_channels={in_channels} is only supported for ResNet and MobileNet models"
         )
-    _replace_conv(*place, in_channels=in_channels)
+    parent, attr, full_name = place
+    _replace_conv(parent, attr, in_channels=in_channels)
+    return [full_name]
 
 
 # --- timm --------------------------------------------------------------------------------------
@@ -315,21 +333,56 @@ def _timm_architecture(name: str) -> str:
 
 
 def _build_timm(
-    name: str, num_classes: int, cifar_stem: bool, in_channels: int, image_size: int | None
-) -> nn.Module:
+    name: str,
+    num_classes: int,
+    cifar_stem: bool,
+    in_channels: int,
+    image_size: int | None,
+    tag: str | None,
+) -> tuple[nn.Module, list[str]]:
     timm = _timm(name)
     arch = _timm_architecture(name)
-    options = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
+    if tag is not None:
+        timm_pretrained_cfg(name, tag)  # an unknown tag: the list of known ones
+    options = {"pretrained": tag is not None, "num_classes": num_classes, "in_chans": in_channels}
     vit = timm.models.model_entrypoint(arch).__module__ in _TIMM_VIT_MODULES
     if vit:
         options |= _vit_options(name, cifar_stem, image_size)
     try:
-        model = timm.create_model(arch, **options)
+        model = timm.create_model(arch if tag is None else f"{arch}.{tag}", **options)
     except Exception as exc:  # timm asserts and raises many kinds of errors on bad arguments
-        raise ModelError(f"{name}: timm cannot build it ({first_line(exc)})") from None
-    if cifar_stem and not vit:
-        _adapt_timm_cifar_stem(model, name)
-    return model
+        if tag is not None and isinstance(exc, OSError):
+            raise  # a download failure: compress.pretrained names the file and where it goes
+        what = "load its pretrained weights" if tag is not None else "build it"
+        raise ModelError(f"{name}: timm cannot {what} ({first_line(exc)})") from None
+    adapted = _adapt_timm_cifar_stem(model, name) if cifar_stem and not vit else []
+    return model, adapted
+
+
+def timm_pretrained_cfg(name: str, tag: str | None) -> dict:
+    """timm's description of the pretrained weights ``<arch>.<tag>`` of ``timm:<arch>`` (where
+    they are downloaded from, their class count, classifier layers, mean and std); ``tag`` None:
+    timm's default weights for the architecture (their ``tag`` is in the result).
+
+    Raises:
+        ModelError: timm knows no such weights; the message lists the tags it knows.
+    """
+    timm = _timm(name)
+    arch = _timm_architecture(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch if tag is None else f"{arch}.{tag}")
+    except RuntimeError:  # timm's word for an unknown tag
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        known = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        listed = ", ".join(known[:8]) + (f" (+{len(known) - 8} more)" if len(known) > 8 else "")
+        raise ModelError(
+            f"{name} has no pretrained weights"
+            + (f" tagged {tag!r}" if tag is not None else "")
+            + "; "
+            + (f"timm knows: {listed}" if known else "timm has none for this architecture")
+        )
+    return cfg.to_dict()
 
 
 def _vit_options(name: str, cifar_stem: bool, image_size: int | None) -> dict:
@@ -350,22 +403,27 @@ def _vit_options(name: str, cifar_stem: bool, image_size: int | None) -> dict:
     return {"img_size": image_size} | ({"patch_size": VIT_CIFAR_PATCH} if cifar_stem else {})
 
 
-def _adapt_timm_cifar_stem(model: nn.Module, name: str) -> None:
+def _adapt_timm_cifar_stem(model: nn.Module, name: str) -> list[str]:
     """timm's ResNets (``conv1`` a conv or a deep stem, then ``maxpool``) and its
-    MobileNets/EfficientNets (``conv_stem``, then ``blocks``), as their torchvision twins."""
+    MobileNets/EfficientNets (``conv_stem``, then ``blocks``), as their torchvision twins.
+    Returns the names of the layers it replaced."""
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
     from timm.models.resnet import ResNet
 
     if isinstance(model, ResNet) and isinstance(model.maxpool, nn.MaxPool2d):
+        replaced = []
         if isinstance(model.conv1, nn.Conv2d):
             _replace_conv(model, "conv1", kernel_size=3, stride=1, padding=1)
+            replaced = ["conv1"]
         else:  # a deep stem: three 3x3 convs, the first one strided
             model.conv1[0].stride = (1, 1)
         model.maxpool = nn.Identity()
+        return replaced
     elif isinstance(model, EfficientNet | MobileNetV3):
         model.conv_stem.stride = (1, 1)
         _first_strided_depthwise(model.blocks, name).stride = (1, 1)
+        return []
     else:
         raise ModelError(
             f"{name}: cifar_stem is only known for timm ResNets (with a max-pool stem), "

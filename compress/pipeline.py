@@ -25,7 +25,7 @@ from compress.config import STAGE_KINDS, Recipe, StageSpec
 from compress.context import RunContext
 from compress.errors import RecipeError, StageError
 from compress.fileio import sha256_file, write_text_atomic
-from compress.recipe.checks import resolve_device
+from compress.recipe.checks import resolve_device, weighted_sections
 from compress.recipe.serialise import recipe_to_dict
 from compress.report import write_report
 from compress.run_lock import run_lock
@@ -185,13 +185,30 @@ def shared_inputs(recipe: Recipe, resolved: dict) -> dict:
     excluded)."""
     data = {k: v for k, v in resolved["data"].items() if k != "workers"}
     checkpoint = recipe.teacher.checkpoint
-    return {
+    inputs = {
         "seed": recipe.seed,
         "data": data,
         "teacher": resolved["teacher"],
         "student": resolved["student"],
         "teacher_checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint else None,
     }
+    weight_files = _weight_files(recipe)
+    if weight_files:  # only then: the keys of runs without pretrained weights stay as they were
+        inputs["weights_sha256"] = weight_files
+    return inputs
+
+
+def _weight_files(recipe: Recipe) -> dict[str, str]:
+    """The sha256 of each local weights file the recipe starts a network from, by field (a file
+    rewritten under the same name is new input; named weights are immutable releases)."""
+    from compress.pretrained import parse_weights
+
+    files = {}
+    for field, section in weighted_sections(recipe):
+        local = parse_weights(section.weights, section.model).local_file
+        if local is not None:
+            files[field] = sha256_file(local)
+    return files
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:

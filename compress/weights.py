@@ -115,7 +115,7 @@ def load_weights(
     if prepare is not None:
         model = prepare(model)
     state = _state_dict(checkpoint, path)
-    problems = _mismatches(model.state_dict(), state)
+    problems = mismatches(model.state_dict(), state)
     if problems:
         name = getattr(model, "compress_name", type(model).__name__)
         raise ModelError(f"checkpoint {path} does not fit {name}: {'; '.join(problems)}")
@@ -191,7 +191,9 @@ def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> list[str]:
+def mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``given`` from loading strictly into a model whose state_dict is ``expected``:
+    size mismatches, missing and unexpected keys, the first few of each named."""
     sizes = [
         f"size mismatch for {k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()

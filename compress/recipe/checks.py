@@ -61,8 +61,16 @@ def _check_recipe(recipe: C.Recipe) -> None:
         if C.STAGE_KINDS[stage.kind].network:
             models.append(stage.name)
     teacher = recipe.teacher
-    if "teacher" in kinds and teacher.checkpoint is None and teacher.train.epochs < 1:
-        raise RecipeError("teacher: give a checkpoint to load or train.epochs >= 1 to train one")
+    if (
+        "teacher" in kinds
+        and teacher.checkpoint is None
+        and teacher.weights is None
+        and teacher.train.epochs < 1
+    ):
+        raise RecipeError(
+            "teacher: give a checkpoint to load, weights to start from, or train.epochs >= 1 to "
+            "train one"
+        )
 
 
 def _field(node: Any, dotted: str) -> Any:
@@ -87,6 +95,12 @@ def _check_teaching_stage(
         )
     if stage.kind == "distill" and cfg.cache_teacher_logits:
         _check_cacheable(recipe, cfg, where)
+    student = (cfg.student or recipe.student) if stage.kind == "distill" else None
+    if student is not None and cfg.init_from_teacher and student.weights is not None:
+        raise RecipeError(
+            f"{where}.init_from_teacher: the student starts from its weights "
+            f"({student.weights}); use one or the other"
+        )
     if stage.kind == "quantize":
         for index, term in enumerate(cfg.loss or ()):
             if getattr(term.params, "pairs", ()):
@@ -138,6 +152,8 @@ def check_references(recipe: C.Recipe) -> None:
         problem = unknown_model(getattr(recipe, section).model)
         if problem is not None:
             raise RecipeError(f"{section}.model: {problem}")
+    for field, section in weighted_sections(recipe):
+        _check_weights(field, section)
     check_layer_names(recipe)
     check_quantizable(recipe)
     if recipe.data.path is not None and not _path_is(recipe.data.path, "exists", "data.path"):
@@ -154,6 +170,33 @@ def check_references(recipe: C.Recipe) -> None:
         raise RecipeError(f"gates.baseline: no such file or folder: {recipe.gates.baseline}")
     if recipe.gates.baseline is not None and "bench" not in [s.kind for s in recipe.stages]:
         raise RecipeError("gates.baseline: gates compare the run's bench result; add a bench stage")
+
+
+def weighted_sections(
+    recipe: C.Recipe,
+) -> list[tuple[str, C.TeacherConfig | C.StudentConfig]]:
+    """``(field, section)`` of every network section that names pretrained ``weights``: the
+    teacher, the student and a distill stage's own student."""
+    sections = [("teacher", recipe.teacher), ("student", recipe.student)]
+    sections += [
+        (f"stages[{index}].{stage.name}.student", stage.config.student)
+        for index, stage in enumerate(recipe.stages)
+        if stage.kind == "distill" and stage.config.student is not None
+    ]
+    return [(field, section) for field, section in sections if section.weights is not None]
+
+
+def _check_weights(field: str, section: C.TeacherConfig | C.StudentConfig) -> None:
+    from compress.errors import ModelError
+    from compress.pretrained import check_source, parse_weights
+
+    try:
+        source = parse_weights(section.weights, section.model)
+        if source.local_file is not None:
+            _path_is(source.name, "is_file", f"{field}.weights")
+        check_source(source, section.model)
+    except ModelError as exc:
+        raise RecipeError(f"{field}.weights: {exc}") from None
 
 
 def _path_is(value: str, test: str, field: str) -> bool:

@@ -10,7 +10,7 @@ from compress.artifacts import Artifact
 from compress.config import DistillConfig
 from compress.context import RunContext
 from compress.models import count_params_macs
-from compress.stages.networks import build_network, load_network, network_spec, preprocess
+from compress.stages.networks import load_network, network_spec, preprocess, start_network
 from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
 from compress.weights import save_weights
@@ -24,14 +24,20 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     actual input. Feature terms (fitnet, at) read hooked layers; their regressors train with
     the student and are dropped afterwards: the saved student is the plain architecture.
 
+    The student starts from its section's pretrained ``weights`` when it names some (the head
+    replaced where the class count differs), else from a fresh initialisation.
+
     Returns:
         Artifact with ``files["model"]`` (student state_dict), its network, test accuracy
-        before and after, the teacher's accuracy, params and MACs of both.
+        before and after, the teacher's accuracy, params and MACs of both, and what the
+        pretrained weights filled (``student_weights``).
     """
     teacher_artifact = ctx.artifacts[cfg.teacher]
     teacher = frozen(load_network(ctx, teacher_artifact))
-    network = network_spec(ctx, cfg.student or ctx.recipe.student)
-    student = build_network(ctx, network)
+    section = cfg.student or ctx.recipe.student
+    network = network_spec(ctx, section)
+    field = f"{ctx.stage_dir.name}.student" if cfg.student and ctx.stage_dir else "student"
+    student, loaded = start_network(ctx, network, section, field)
     copied = copy_matching_weights(teacher, student) if cfg.init_from_teacher else 0
     prep = preprocess(ctx)
     cache = teacher_logits_cache(teacher, ctx, prep) if cfg.cache_teacher_logits else None
@@ -64,6 +70,7 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
         "teacher_params": teacher_artifact.metrics.get("params"),
         "teacher_macs": teacher_artifact.metrics.get("macs"),
         "init_from_teacher_tensors": copied,
+        "student_weights": loaded.to_json() if loaded is not None else None,
         "cached_teacher_logits": cache is not None,
         "unlabeled_images": ctx.data.unlabeled,
         "history": history_dicts(history),

@@ -15,6 +15,7 @@ from compress.context import RunContext
 from compress.errors import ModelError
 from compress.models import build_model
 from compress.networks import rebuild_network
+from compress.pretrained import WeightsLoaded, build_pretrained
 from compress.records import NetworkSpec
 
 
@@ -43,6 +44,28 @@ def build_network(ctx: RunContext, spec: NetworkSpec) -> torch.nn.Module:
         image_size=ctx.data.image_size,
     )
     return model.to(ctx.device)
+
+
+def start_network(
+    ctx: RunContext, spec: NetworkSpec, section: TeacherConfig | StudentConfig, field: str
+) -> tuple[torch.nn.Module, WeightsLoaded | None]:
+    """The network a recipe section starts training from, on the run's device: its pretrained
+    ``weights`` when it names some (``field`` prefixes their errors), else fresh."""
+    if section.weights is None:
+        return build_network(ctx, spec), None
+    try:
+        model, loaded = build_pretrained(
+            spec.model,
+            spec.num_classes,
+            section.weights,
+            cifar_stem=spec.cifar_stem,
+            in_channels=ctx.data.in_channels,
+            image_size=ctx.data.image_size,
+            strict=section.strict_weights,
+        )
+    except ModelError as exc:
+        raise ModelError(f"{field}.weights: {exc}") from None
+    return model.to(ctx.device), loaded
 
 
 def load_network(ctx: RunContext, artifact: Artifact) -> torch.nn.Module:

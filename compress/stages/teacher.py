@@ -1,5 +1,5 @@
 """Stage ``teacher``: load the recipe's teacher checkpoint, or train the teacher with
-cross-entropy."""
+cross-entropy, from scratch or from its pretrained weights (fine-tuning)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from compress.config import UNLABELED, TeacherStageConfig
 from compress.context import RunContext
 from compress.errors import ModelError
 from compress.models import classifier_key, count_params_macs
-from compress.stages.networks import build_network, network_spec, preprocess
+from compress.stages.networks import network_spec, preprocess, start_network
 from compress.train_loop import evaluate, fit
 from compress.weights import load_weights, read_state_dict, save_weights
 
@@ -21,14 +21,27 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
     """Produce the teacher every later stage learns from.
 
     With ``teacher.checkpoint`` the weights are loaded (``weights_only=True``) and only
-    evaluated; otherwise the teacher is trained from scratch with ``teacher.train``.
+    evaluated; otherwise the teacher is trained with ``teacher.train``: from its pretrained
+    ``teacher.weights`` (fine-tuning; ``epochs: 0`` keeps them as they are, when their classes
+    are the data's) or from scratch.
 
     Returns:
-        Artifact with ``files["model"]`` (state_dict) and test accuracy, params, MACs, history.
+        Artifact with ``files["model"]`` (state_dict) and test accuracy, params, MACs, history,
+        and what the pretrained weights filled (``weights``).
+
+    Raises:
+        ModelError: the weights replace the head (another class count) and ``train.epochs`` is
+            0, so the teacher would answer at random.
     """
     spec = ctx.recipe.teacher
     network = network_spec(ctx, spec)
-    model = build_network(ctx, network)
+    model, loaded = start_network(ctx, network, spec, "teacher")
+    if loaded is not None and loaded.head_replaced and spec.train.epochs < 1:
+        raise ModelError(
+            f"teacher.weights: {spec.weights} have {loaded.source_classes} classes and the data "
+            f"{network.num_classes}, so the teacher gets a new head that must be trained; set "
+            "teacher.train.epochs >= 1 (fine-tuning)"
+        )
     train_loader, test_loader = ctx.loaders()
     prep = preprocess(ctx)
     history = []
@@ -36,7 +49,7 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         check_classes(spec.checkpoint, model, ctx)
         load_weights(model, spec.checkpoint)
         model.to(ctx.device)
-    else:
+    elif spec.train.epochs >= 1:
 
         def step_loss(images, labels, epoch):
             logits = model(images)
@@ -62,12 +75,21 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         "test_samples": test["samples"],
         "params": params,
         "macs": macs,
-        "source": "checkpoint" if spec.checkpoint else "trained",
+        "source": _source(spec),
+        "weights": loaded.to_json() if loaded is not None else None,
         "history": [dataclasses.asdict(h) for h in history],
     }
     return Artifact(
         "teacher", files={"model": path}, metrics=metrics, role="teacher", network=network
     )
+
+
+def _source(spec) -> str:
+    if spec.checkpoint is not None:
+        return "checkpoint"
+    if spec.weights is None:
+        return "trained"
+    return "fine-tuned" if spec.train.epochs >= 1 else "pretrained"
 
 
 def check_classes(path: str, model, ctx: RunContext) -> None:
