@@ -151,7 +151,11 @@ BAD = [
     ("name", DELETE, "name: missing"),
     ("seed", True, "seed: expected an integer, got a boolean"),
     ("device", "tpu", "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
-    ("teacher.train.epochs", 0, "teacher: give a checkpoint to load, weights to start from, or train.epochs >= 1"),
+    (
+        "teacher.train.epochs",
+        0,
+        "teacher: give a checkpoint to load, weights to start from, or train.epochs >= 1",
+    ),
 ]
 
 
