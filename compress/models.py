@@ -27,7 +27,8 @@ from compress.errors import ModelError, first_line
 from compress.modes import evaluating
 from compress.registry import Registry
 
-MODELS: Registry[Callable[[int], nn.Module]] = Registry("model", ModelError)
+# name -> build(num_classes, image_size): image_size None or the side the network is sized for
+MODELS: Registry[Callable[[int, int | None], nn.Module]] = Registry("model", ModelError)
 
 _CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 
@@ -111,8 +112,11 @@ def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequenti
 def _register_torchvision() -> None:
     for name in torchvision.models.list_models(module=torchvision.models):
 
-        def build(num_classes: int, name: str = name) -> nn.Module:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        def build(num_classes: int, image_size: int | None, name: str = name) -> nn.Module:
+            sized = {"image_size": image_size} if image_size and name.startswith("vit_") else {}
+            return torchvision.models.get_model(
+                name, weights=None, num_classes=num_classes, **sized
+            )
 
         MODELS.register(f"torchvision:{name}")(build)
 
@@ -120,7 +124,7 @@ def _register_torchvision() -> None:
 def _register_cifar() -> None:
     for depth in _CIFAR_DEPTHS:
 
-        def build(num_classes: int, depth: int = depth) -> nn.Module:
+        def build(num_classes: int, image_size: int | None, depth: int = depth) -> nn.Module:
             return CifarResNet(depth, num_classes)
 
         MODELS.register(f"cifar:resnet{depth}")(build)
@@ -191,8 +195,9 @@ def build_model(
             four tokens of a 32x32 image. Ignored for ``cifar:`` models, already CIFAR-shaped.
         in_channels: Input channels; anything but 3 replaces the first conv (ResNets and
             MobileNets only; any timm model).
-        image_size: Side of the input images. Only timm vision transformers use it (their
-            position embedding has one entry per patch); with ``cifar_stem`` they need it.
+        image_size: Side of the input images. Only vision transformers use it (their position
+            embedding has one entry per patch): timm's (with ``cifar_stem`` they need it) and
+            torchvision's ``vit_*`` (a multiple of the patch size; None: their 224).
 
         timm_tag: Build a ``timm:`` model with timm's pretrained weights of this tag (e.g.
             ``"a1_in1k"``), through timm's own loader and cache: it adapts the input conv to
@@ -219,7 +224,7 @@ def build_model(
     else:
         if timm_tag is not None:
             raise ModelError(f"{name}: timm weights ({timm_tag!r}) need a timm: model")
-        model, adapted = MODELS.get(name)(num_classes), []
+        model, adapted = MODELS.get(name)(num_classes, image_size), []
         if cifar_stem and not isinstance(model, CifarResNet):
             adapted += _adapt_cifar_stem(model, name)
         if in_channels != 3:

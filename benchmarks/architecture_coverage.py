@@ -1,0 +1,340 @@
+"""Which architectures get through the whole chain: train, distill, prune, quantize, export (with
+its proof), bench, through the library API, on weights trained on real images.
+
+    python benchmarks/architecture_coverage.py --data ../shared/data/cifar10            # all
+    python benchmarks/architecture_coverage.py --data ... --only torchvision:resnet18   # one
+    python benchmarks/architecture_coverage.py --data ... --source timm                  # timm
+
+Every torchvision classifier (``torchvision.models.list_models``) and one or two models of each
+timm family in :data:`TIMM_MODELS` run in a child process of their own (a crash or a hang costs
+that model only; ``--timeout`` each). In the child, on CIFAR-10 resized to the model's image
+size (64 px, or the smallest of 96/128/160/224 its forward accepts):
+
+1. ``train``: cross-entropy, AdamW, ``--steps`` batches scaled down for the heaviest networks
+   (at most ``--train-gmacs`` GMACs of forward work in all), so the logits have real margins
+   and the INT8 check means something (an untrained network's near-equal logits make
+   agreement a coin toss);
+2. ``distill``: a few KD steps from a frozen copy of the trained network;
+3. ``prune``: ``compress.prune`` to 1.5x fewer MACs, BatchNorm re-estimated, a few CE steps;
+4. ``quantize``: ``compress.quantize`` (PTQ, percentile calibration, portable weights);
+5. ``export``: ``compress.export`` of the INT8 network (the float one where quantize did not
+   give one) with its checks: ONNX Runtime against PyTorch, INT8 portability;
+6. ``bench``: ``compress.bench``, one process, batch 1 and 8.
+
+Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a failed check: a
+documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A stage
+that fails hands the network it was given to the next one. Each model's row is kept in
+``exported/architecture_coverage/rows/`` (a rerun skips finished models: ``--redo`` runs them
+again) and all rows go to ``benchmarks/results/architecture_coverage.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ROWS = ROOT / "exported" / "architecture_coverage" / "rows"
+RESULT = HERE / "results" / "architecture_coverage.json"
+STAGES = ("distill", "prune", "quantize", "export", "bench")
+SIZES = (64, 96, 128, 160, 224)
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
+
+# One or two models per timm family the issue names (the smallest of each family).
+TIMM_MODELS = (
+    "resnet18", "resnext26ts", "regnetx_002", "regnety_002", "efficientnet_b0",
+    "mobilenetv3_large_100", "convnext_atto", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224", "mobilevit_xxs", "efficientformer_l1", "fastvit_t8",
+    "repvgg_a0", "mobileone_s0", "ghostnet_100", "lcnet_050", "mixnet_s", "dla34",
+    "hrnet_w18_small", "cspresnet50", "resnest14d", "levit_128s", "edgenext_xx_small",
+    "ghostnetv2_100", "tinynet_e", "rexnet_100", "inception_v3", "densenet121",
+)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 (train.npz, test.npz)")
+    parser.add_argument("--only", nargs="*", help="models to run (torchvision:NAME, timm:NAME)")
+    parser.add_argument("--source", choices=("torchvision", "timm"), help="one source only")
+    parser.add_argument("--steps", type=int, default=200, help="training batches (default 200)")
+    parser.add_argument("--train-gmacs", type=float, default=2000.0, help="training work cap")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--redo", action="store_true", help="run finished models again")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        row = run_chain(args.child, args)
+        print("ROW " + json.dumps(row))
+        return
+    models = args.only or all_models(args.source)
+    ROWS.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(models, 1):
+        path = ROWS / (name.replace(":", "__") + ".json")
+        if path.exists() and not args.redo:
+            continue
+        started = time.perf_counter()
+        row = run_child(name, args)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(row, indent=1))
+        print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
+    write_result()
+
+
+def all_models(source: str | None) -> list[str]:
+    from compress.compat import torchvision
+
+    names = []
+    if source in (None, "torchvision"):
+        names += [
+            f"torchvision:{n}" for n in sorted(torchvision.models.list_models(torchvision.models))
+        ]
+    if source in (None, "timm"):
+        names += [f"timm:{n}" for n in TIMM_MODELS]
+    return names
+
+
+def run_child(name: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--data", str(args.data)]
+    command += ["--steps", str(args.steps), "--train-gmacs", str(args.train_gmacs)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return empty_row(name) | {"error": f"timed out after {args.timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return empty_row(name) | {"error": f"child died (exit {done.returncode}): {tail[0][:300]}"}
+
+
+def empty_row(name: str) -> dict:
+    source, model = name.split(":", 1)
+    return {
+        "source": source,
+        "model": model,
+        "image_size": None,
+        "params": None,
+        "stages": dict.fromkeys(STAGES, "crash"),
+        "macs_ratio": None,
+        "int8_max_diff_ratio": None,
+        "int8_agreement": None,
+        "portable": None,
+        "error": None,
+    }
+
+
+# --- the child: one model through the chain ---------------------------------------------------
+
+
+def run_chain(name: str, args) -> dict:
+    import torch
+
+    import compress
+    from compress.models import build_model, count_params_macs
+
+    torch.manual_seed(0)
+    row = empty_row(name)
+    row["stages"] = {}
+    errors = []
+
+    def stage(label: str, work):
+        try:
+            result = work()
+        except Exception as exc:  # the verdict is the point: every exception is recorded
+            row["stages"][label] = verdict(exc)
+            errors.append(f"{label}: {type(exc).__name__}: {first_line(exc)}")
+            if row["stages"][label] == "crash":
+                traceback.print_exc()
+            return None
+        row["stages"][label] = "ok"
+        return result
+
+    size, model = fitting_size(name, build_model)
+    row["image_size"] = size
+    params, macs = count_params_macs(model, size)
+    row["params"] = params
+    train, test = cifar(args.data, size)
+    steps = max(20, min(args.steps, int(args.train_gmacs * 1e9 / (3 * macs * 32))))
+    row["train_steps"] = steps
+    ce = [compress.loss("ce")]
+    fit(compress, model, train, steps, ce, lr=1e-3)
+    row["top1_trained"] = top1(model, test)
+
+    teacher = copy.deepcopy(model).eval()
+    kd = [compress.loss("kd", temperature=4, alpha=0.9)]
+    stage("distill", lambda: fit(compress, model, train, 20, kd, teacher=teacher, lr=2e-4))
+    teacher = None  # its memory, for the stages that follow
+
+    example = test[0][0][:2]
+    calibration = [images for images, _ in batches(train, 4)]
+
+    def prune():
+        pruned = copy.deepcopy(model)
+        compress.prune(
+            pruned, example, compress.PruneSpec(speedup=1.5), calibration_data=calibration
+        )
+        fit(compress, pruned, train, 20, ce, lr=2e-4)
+        return pruned
+
+    pruned = stage("prune", prune)
+    if pruned is not None:
+        row["macs_ratio"] = round(macs / count_params_macs(pruned, size)[1], 3)
+        model = pruned
+    row["top1_float"] = top1(model, test)
+    qmodel = stage("quantize", lambda: compress.quantize(model, calibration))
+    network = qmodel if qmodel is not None else model
+    out = ROWS.parent / "files" / name.replace(":", "__")
+    out.mkdir(parents=True, exist_ok=True)
+    check = torch.cat([images for images, _ in test])[:128]
+    record = stage(
+        "export", lambda: compress.export(network, out / "model.onnx", check_inputs=check)
+    )
+    if record is not None:
+        describe_export(row, record, qmodel is not None)
+    if row["stages"].get("export") == "ok":
+        stage(
+            "bench",
+            lambda: compress.bench(
+                {"model": out / "model.onnx"},
+                processes=1,
+                batch_size=8,
+                iterations=20,
+                warmup=2,
+                time_budget_s=3,
+            ),
+        )
+    for label in STAGES:
+        row["stages"].setdefault(label, "crash")
+    row["error"] = "; ".join(errors) or None
+    for path in out.glob("*"):  # the files are not kept: hundreds of MB across models
+        path.unlink()
+    return row
+
+
+def fitting_size(name: str, build_model):
+    """The smallest of :data:`SIZES` the network's forward accepts, and the network built for
+    it (a ViT's position embedding is sized to it)."""
+    import torch
+
+    last = None
+    for size in SIZES:
+        try:
+            model = build_model(name, num_classes=10, image_size=size)
+            with torch.no_grad():
+                model.eval()(torch.zeros(2, 3, size, size))
+            return size, model.train()
+        except Exception as exc:  # too small for its pooling or patches: try the next size
+            last = exc
+    raise last
+
+
+def cifar(folder: Path, size: int):
+    """Training batches (6,400 images, 32 a batch) and test batches (512 images), resized to
+    ``size`` and normalised as CIFAR-10."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    def load(split: str, count: int, batch: int):
+        with np.load(folder / f"{split}.npz") as archive:
+            images, labels = archive["x"][:count], archive["y"][:count]
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        out = []
+        for start in range(0, len(x), batch):
+            chunk = (x[start : start + batch] - mean) / std
+            if size != 32:
+                chunk = F.interpolate(
+                    chunk, size=(size, size), mode="bilinear", align_corners=False
+                )
+            out.append((chunk, torch.from_numpy(labels[start : start + batch]).long()))
+        return out
+
+    return load("train", 6400, 32), load("test", 512, 64)
+
+
+def batches(data: list, count: int):
+    for index in range(count):
+        yield data[index % len(data)]
+
+
+def fit(compress, model, data, steps, losses, *, teacher=None, lr):
+    compress.distill(
+        model.train(),
+        teacher,
+        list(batches(data, steps)),
+        losses=losses,
+        epochs=1,
+        optimizer="adamw",
+        lr=lr,
+        weight_decay=0.0,
+    )
+
+
+def top1(model, data) -> float:
+    import torch
+
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for images, labels in data:
+            right += int((model(images).argmax(1) == labels).sum())
+            total += len(labels)
+    return round(100 * right / total, 2)
+
+
+def describe_export(row: dict, record: dict, int8: bool) -> None:
+    if not int8:
+        return
+    row["int8_max_diff_ratio"] = round(record["max_rel_diff"], 4)  # of the largest logit
+    row["int8_agreement"] = round(record["top1_agreement"], 4)
+    row["portable"] = record.get("portability", {}).get("portable")
+
+
+def verdict(exc: BaseException) -> str:
+    from compress.errors import CompressError, ExportError
+
+    if isinstance(exc, ExportError) or not isinstance(exc, CompressError):
+        return "crash"
+    return "refused"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:300]
+
+
+def summary(row: dict) -> str:
+    stages = " ".join(f"{k}={v}" for k, v in row["stages"].items())
+    extra = ""
+    if row.get("int8_agreement") is not None:
+        extra = f" agree={row['int8_agreement']} diff={row['int8_max_diff_ratio']}"
+    error = f" | {row['error'][:160]}" if row.get("error") else ""
+    return f"{row['source']}:{row['model']} {row.get('image_size')}px {stages}{extra}{error}"
+
+
+def write_result() -> None:
+    from compress.fileio import write_json_atomic
+    from compress.machine import machine_info, versions
+
+    rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
+    ok = [r for r in rows if all(v == "ok" for v in r["stages"].values())]
+    write_json_atomic(RESULT, {"machine": machine_info() | {"versions": versions()}, "rows": rows})
+    print(f"{len(ok)} of {len(rows)} models: whole chain ok; written {RESULT}")
+
+
+if __name__ == "__main__":
+    main()
