@@ -18,11 +18,7 @@ made the exported graph fast:
 * max-pool, flatten, reshape and dropout reuse their input's quantizer (same scale and zero
   point), so no extra rounding and no re-quantization appear around them;
 * activations are uint8 with a zero point for ``onnxruntime-cpu`` (its fast u8s8 kernels) and
-  int8 with zero point 0 for ``tensorrt``;
-* for ``onnxruntime-cpu``, the bias of a layer whose input and output are both quantized is
-  rounded to int32 at scale ``input_scale * weight_scale``: ONNX Runtime stores it so when it fuses
-  the layer into a QLinearConv, and a float bias in the fake-quantized graph flips output codes that
-  networks with squeeze-excitation (EfficientNet) amplify into different predictions.
+  int8 with zero point 0 for ``tensorrt``.
 
 Example:
     >>> qmodel = prepare_quantized(model.eval(), target="onnxruntime-cpu", example_inputs=batch)
@@ -137,22 +133,6 @@ class WeightQuant:
             weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
         )
 
-    def quantized_bias(self) -> torch.Tensor | None:
-        """The bias as the integer kernel adds it: rounded to int32 at scale ``input_scale *
-        weight_scale`` when :func:`_place_quantizers` gave the layer its input quantizer
-        (``input_quant``, set where ONNX Runtime fuses it into a QLinearConv), else as it is.
-
-        Call after :meth:`quantized_weight` (which refreshes the weight scale while training).
-        Straight-through gradient; no rounding while the input's range is being calibrated.
-        """
-        bias = self.bias
-        source = self.__dict__.get("input_quant")  # a plain reference, not a submodule
-        if bias is None or source is None or source.observer is not None:
-            return bias
-        scale = (source.scale * self.weight_scale).clamp_min(_MIN_SCALE * _MIN_SCALE)
-        rounded = torch.clamp(torch.round(bias / scale), -(2**31), 2**31 - 1) * scale
-        return bias + (rounded - bias).detach() if self.training else rounded
-
     def train(self, mode: bool = True):
         if not mode:
             self.refresh_weight_scale()
@@ -163,14 +143,14 @@ class QuantConv2d(WeightQuant, nn.Conv2d):
     """``nn.Conv2d`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class QuantLinear(WeightQuant, nn.Linear):
     """``nn.Linear`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.quantized_bias())
+        return F.linear(x, self.quantized_weight(), self.bias)
 
 
 class ActQuant(nn.Module):
@@ -259,9 +239,7 @@ def prepare_quantized(
     skipped = skipped_layers(model, skip)
     graph_module = fold_batchnorm(model)
     quantized = _swap_layers(graph_module, skipped, weight_range, _bn_gains(model, graph_module))
-    _place_quantizers(
-        graph_module, quantized, signed=target == "tensorrt", int32_bias=target == "onnxruntime-cpu"
-    )
+    _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
     graph_module.to(next(model.parameters()).device)  # new quantizers' buffers start on the CPU
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
@@ -477,16 +455,12 @@ def _twin(
     return new
 
 
-def _place_quantizers(
-    graph_module: fx.GraphModule, quantized: set[str], signed: bool, int32_bias: bool = False
-) -> None:
+def _place_quantizers(graph_module: fx.GraphModule, quantized: set[str], signed: bool) -> None:
     """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module
-    docstring). With ``int32_bias``, each layer whose output is quantized too gets its input
-    quantizer as ``input_quant`` (see :meth:`WeightQuant.quantized_bias`)."""
+    docstring)."""
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     points: list[fx.Node] = []
-    requantized: list[fx.Node] = []  # layers whose output is quantized: integer kernels
 
     def is_point(node) -> bool:
         return isinstance(node, fx.Node) and _source(node, modules) in points
@@ -499,8 +473,6 @@ def _place_quantizers(
         add = node.op == "call_function" and node.target in _ADDS and len(tensor_inputs) == 2
         if (layer or (add and all(is_point(a) for a in tensor_inputs))) and not _only_output(node):
             points.append(_after_activation(node, modules))
-            if layer:
-                requantized.append(node)
     shared: dict[fx.Node, str] = {}
     for point in points:
         if point in shared:
@@ -515,13 +487,6 @@ def _place_quantizers(
             if source.op == "call_module" and source.target in shared.values():
                 shared[node] = source.target
                 _insert_after(graph, node, source.target)
-    for node in requantized if int32_bias else ():
-        source = node.args[0]  # the quantizer call inserted before the layer
-        if source.op == "call_module" and source.target in shared.values():
-            # a plain attribute: registering the quantizer twice would rename state_dict entries
-            object.__setattr__(
-                modules[node.target], "input_quant", graph_module.get_submodule(source.target)
-            )
     graph.lint()
     graph_module.recompile()
 

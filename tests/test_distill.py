@@ -61,13 +61,16 @@ def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, digits_teacher,
             seen["matches"] += 1
             seen["teacher"] = None
 
-    real_frozen, real_build = stage.frozen, stage.build_network
+    real_frozen, real_start = stage.frozen, stage.start_network
     monkeypatch.setattr(
         stage, "frozen", lambda m: real_frozen(m).register_forward_pre_hook(watch_teacher) and m
     )
-    monkeypatch.setattr(
-        stage, "build_network", lambda ctx, arch: _hooked(real_build(ctx, arch), watch_student)
-    )
+
+    def start_watched(*args):
+        model, loaded = real_start(*args)
+        return _hooked(model, watch_student), loaded
+
+    monkeypatch.setattr(stage, "start_network", start_watched)
     real_mix = teaching.BatchMix
 
     class CountingMix(real_mix):

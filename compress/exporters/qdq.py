@@ -54,7 +54,6 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = proto.graph
     _bypass_identities(graph)
-    _fold_constant_arithmetic(graph)
     constants = _constants(graph)
     kept = []
     for node in graph.node:
@@ -74,43 +73,6 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     for init in unused:
         graph.initializer.remove(init)
     return proto
-
-
-_FOLDED = {
-    "Div": np.divide,
-    "Mul": np.multiply,
-    "Add": np.add,
-    "Sub": np.subtract,
-    "Round": np.rint,  # half to even, as ONNX's Round
-}
-
-
-def _fold_constant_arithmetic(graph: onnx.GraphProto) -> None:
-    """Replace arithmetic on constants by its result (float32, as ONNX Runtime would fold it):
-    the int32 rounding of a bias (:meth:`compress.quantization.WeightQuant.quantized_bias`) is
-    exported as Div/Round/Clip/Mul of initializers, which the TorchScript exporter leaves in."""
-    constants = {name: numpy_helper.to_array(t) for name, t in _constants(graph).items()}
-    kept = []
-    for node in graph.node:
-        inputs = [constants.get(name) if name else None for name in node.input]
-        value = None
-        if node.op_type in _FOLDED and node.input and all(v is not None for v in inputs):
-            value = _FOLDED[node.op_type](*inputs)
-        elif node.op_type == "Clip" and all(
-            v is not None for v, name in zip(inputs, node.input, strict=True) if name
-        ):  # a missing bound has an empty name
-            low, high = (inputs + [None, None])[1:3]
-            bounded = low is not None or high is not None
-            value = np.clip(inputs[0], low, high) if bounded else inputs[0]
-        if value is None or len(node.output) != 1:
-            kept.append(node)
-            continue
-        value = np.asarray(value, dtype=inputs[0].dtype)
-        constants[node.output[0]] = value
-        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-    used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
-    del graph.node[:]
-    graph.node.extend(n for n in kept if n.op_type != "Constant" or n.output[0] in used)
 
 
 def _bypass_identities(graph: onnx.GraphProto) -> None:
