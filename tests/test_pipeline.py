@@ -524,7 +524,13 @@ def test_ctrl_c_leaves_no_half_written_artifact_and_resume_completes(tmp_path, t
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(8)  # in the middle of teacher training
+    # in the middle of teacher training: after its first epoch checkpoint, 5 epochs before its
+    # end (a fixed sleep was a race: on a fast, quiet CPU the teacher had finished by then)
+    teacher_dir = tmp_path / "out" / "tiny" / "teacher"
+    deadline = time.monotonic() + 120
+    while not any(teacher_dir.glob("train-*.ckpt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its first teacher epoch"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
