@@ -40,6 +40,8 @@ import time
 import traceback
 from pathlib import Path
 
+from compress.fileio import write_json_atomic
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ROWS = ROOT / "exported" / "architecture_coverage" / "rows"
@@ -85,7 +87,7 @@ def main() -> None:
         started = time.perf_counter()
         row = run_child(name, args)
         row["seconds"] = round(time.perf_counter() - started, 1)
-        path.write_text(json.dumps(row, indent=1))
+        write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row to resume from
         print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
     write_result()
 
@@ -327,13 +329,30 @@ def summary(row: dict) -> str:
 
 
 def write_result() -> None:
-    from compress.fileio import write_json_atomic
     from compress.machine import machine_info, versions
 
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
     ok = [r for r in rows if all(v == "ok" for v in r["stages"].values())]
     write_json_atomic(RESULT, {"machine": machine_info() | {"versions": versions()}, "rows": rows})
+    print(markdown_table(rows))
     print(f"{len(ok)} of {len(rows)} models: whole chain ok; written {RESULT}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The RESULTS.md table: one line per model, its stages' verdicts and INT8 numbers."""
+    lines = [
+        "| model | px | params | " + " | ".join(STAGES) + " | MACs ratio | INT8 agreement "
+        "| INT8 max diff | portable | trained top-1 |",
+        "|---|---:|---:|" + "---|" * len(STAGES) + "---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "-"
+        cells = [f"{r['source']}:{r['model']}", r["image_size"], params]
+        cells += [r["stages"][stage] for stage in STAGES]
+        cells += [r["macs_ratio"], r["int8_agreement"], r["int8_max_diff_ratio"], r["portable"]]
+        cells += [r.get("top1_trained")]
+        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -347,8 +347,6 @@ def _build_timm(
 ) -> tuple[nn.Module, list[str]]:
     timm = _timm(name)
     arch = _timm_architecture(name)
-    if tag is not None:
-        timm_pretrained_cfg(name, tag)  # an unknown tag: the list of known ones
     options = {"pretrained": tag is not None, "num_classes": num_classes, "in_chans": in_channels}
     vit = timm.models.model_entrypoint(arch).__module__ in _TIMM_VIT_MODULES
     if vit:

@@ -198,20 +198,20 @@ def build_pretrained(
             image_size=image_size,
             timm_tag=cfg["tag"],
         )
-    heads = cfg.get("classifier") or ()
-    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    # timm loaded everything but the head it replaced (another class count) and the layers the
+    # stem adaptation replaced after it
     replaced = cfg.get("num_classes") != num_classes
-    head_keys = tuple(
-        f"{head}.{tensor}" for head in heads for tensor in ("weight", "bias") if replaced
-    )
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads) if replaced else ()
+    keys = model.state_dict().keys()
+    head_keys = tuple(k for h in heads for k in (f"{h}.weight", f"{h}.bias") if k in keys)
+    reinitialised = tuple(_tensors_of(model, model.compress_adapted))
     report = WeightsLoaded(
         source=source.text,
-        loaded=len(model.state_dict())
-        - len(head_keys)
-        - len(_tensors_of(model, model.compress_adapted)),
-        head_replaced=tuple(k for k in head_keys if k in model.state_dict()),
+        loaded=len(keys) - len(head_keys) - len(reinitialised),
+        head_replaced=head_keys,
         source_classes=cfg.get("num_classes") if replaced else None,
-        reinitialised=tuple(_tensors_of(model, model.compress_adapted)),
+        reinitialised=reinitialised,
     )
     return model, report
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from compress import config as C
-from compress.errors import RecipeError
+from compress.errors import ModelError, RecipeError
 from compress.recipe.convert import _did_you_mean
 
 # Names that become folders under ``out``: no separators, no "..", no hidden or empty names. A
@@ -187,7 +187,6 @@ def weighted_sections(
 
 
 def _check_weights(field: str, section: C.TeacherConfig | C.StudentConfig) -> None:
-    from compress.errors import ModelError
     from compress.pretrained import check_source, parse_weights
 
     try:
