@@ -51,7 +51,7 @@ from compress.exporters.onnx.verify import open_session
 from compress.quantization import quantized_layers, with_float_layers
 
 RANKING_IMAGES = 300  # NNCF's ranking_subset_size: the held-out images the ranking looks at
-UNINFORMATIVE = 0.01  # the best single reversion recovers less of the error: rank layers alone
+UNINFORMATIVE = 0.05  # the best single reversion recovers less of the error: rank layers alone
 REVERT_ONE, QUANTIZE_ONE = "revert-one", "quantize-one"  # how the ranking was made
 CHECK_IMAGES = 256  # held-out images each exported step is checked against PyTorch on
 # A step's file is measured, not certified (the export stage proves the file it writes): the

@@ -1,5 +1,5 @@
-"""INT8 fake quantization of a CNN: BatchNorm folded, quantizers placed where integer kernels need
-them.
+"""INT8 fake quantization of a CNN or a vision transformer: BatchNorm folded, quantizers placed
+where integer kernels need them.
 
 :func:`prepare_quantized` turns a float network into a ``torch.fx`` graph whose convolutions and
 linear layers compute with INT8-rounded weights (symmetric, per output channel, zero point 0)
@@ -17,8 +17,17 @@ made the exported graph fast:
   is quantized, so ONNX Runtime folds the activation into the integer kernel;
 * max-pool, flatten, reshape and dropout reuse their input's quantizer (same scale and zero
   point), so no extra rounding and no re-quantization appear around them;
+* a linear layer's output stays float: ONNX Runtime runs DQ -> MatMul/Gemm as
+  MatMulIntegerToFloat/QGemm with a float result, which the float ops after it in a transformer
+  (GELU, the residual add, attention's reshapes) read directly; quantizing it would only add a
+  Q/DQ round trip and its error. LayerNorm, softmax, GELU and attention's matrix products of two
+  activations stay float;
 * activations are uint8 with a zero point for ``onnxruntime-cpu`` (its fast u8s8 kernels) and
-  int8 with zero point 0 for ``tensorrt``.
+  int8 with zero point 0 for ``tensorrt``;
+* for ``onnxruntime-cpu``, the bias of a conv whose input and output are both quantized is
+  rounded to int32 at scale ``input_scale * weight_scale``: ONNX Runtime stores it so when it fuses
+  the layer into a QLinearConv, and a float bias in the fake-quantized graph flips output codes that
+  networks with squeeze-excitation (EfficientNet) amplify into different predictions.
 
 Example:
     >>> qmodel = prepare_quantized(model.eval(), target="onnxruntime-cpu", example_inputs=batch)
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -41,7 +51,7 @@ from compress.config import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.errors import SettingError, StageError
 from compress.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.records import QuantSpec
-from compress.weights import is_attention
+from compress.split_attention import with_split_attention
 
 WEIGHT_QMIN, WEIGHT_QMAX = (
     -128,
@@ -133,6 +143,22 @@ class WeightQuant:
             weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
         )
 
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias as the integer kernel adds it: rounded to int32 at scale ``input_scale *
+        weight_scale`` when :func:`_place_quantizers` gave the layer its input quantizer
+        (``input_quant``, set where ONNX Runtime fuses it into a QLinearConv), else as it is.
+
+        Call after :meth:`quantized_weight` (which refreshes the weight scale while training).
+        Straight-through gradient; no rounding while the input's range is being calibrated.
+        """
+        bias = self.bias
+        source = self.__dict__.get("input_quant")  # a plain reference, not a submodule
+        if bias is None or source is None or source.observer is not None:
+            return bias
+        scale = (source.scale * self.weight_scale).clamp_min(_MIN_SCALE * _MIN_SCALE)
+        rounded = torch.clamp(torch.round(bias / scale), -(2**31), 2**31 - 1) * scale
+        return bias + (rounded - bias).detach() if self.training else rounded
+
     def train(self, mode: bool = True):
         if not mode:
             self.refresh_weight_scale()
@@ -143,14 +169,14 @@ class QuantConv2d(WeightQuant, nn.Conv2d):
     """``nn.Conv2d`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 class QuantLinear(WeightQuant, nn.Linear):
     """``nn.Linear`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
 
 class ActQuant(nn.Module):
@@ -220,16 +246,13 @@ def prepare_quantized(
     Raises:
         SettingError: a ``skip`` pattern matches no module, or ``target`` or ``weight_range`` is
             unknown.
-        StageError: ``torch.fx`` cannot trace the model, or it is a transformer
-            (:func:`int8_refusal`).
+        StageError: ``torch.fx`` cannot trace the model.
     """
     if target not in QUANT_TARGETS:
         raise SettingError(
             f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}"
         )
-    refusal = int8_refusal(model)
-    if refusal is not None:
-        raise StageError(refusal)
+    model = with_split_attention(model)  # torchvision's attention projections become Linears
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:
         raise SettingError(
@@ -239,7 +262,9 @@ def prepare_quantized(
     skipped = skipped_layers(model, skip)
     graph_module = fold_batchnorm(model)
     quantized = _swap_layers(graph_module, skipped, weight_range, _bn_gains(model, graph_module))
-    _place_quantizers(graph_module, quantized, signed=target == "tensorrt")
+    _place_quantizers(
+        graph_module, quantized, signed=target == "tensorrt", int32_bias=target == "onnxruntime-cpu"
+    )
     graph_module.to(next(model.parameters()).device)  # new quantizers' buffers start on the CPU
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
@@ -310,23 +335,6 @@ def quantized_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, WeightQuant)]
 
 
-def int8_refusal(model: nn.Module) -> str | None:
-    """Why this pass cannot quantize ``model`` (one line), or None.
-
-    Its placement rules know CNNs: conv, linear, ReLU, add, pooling. A transformer (timm's ViT
-    attention, ``nn.MultiheadAttention``) traces, but its LayerNorm, GELU, softmax and
-    attention matmuls would stay float between quantized linears, and the QDQ graph does not
-    export; refused here rather than after calibration.
-    """
-    if any(is_attention(m) or isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        name = getattr(model, "compress_name", type(model).__name__)
-        return (
-            f"{name} is a transformer: INT8 quantization covers CNNs (conv, linear, ReLU, add); "
-            "drop the quantize stage for this student"
-        )
-    return None
-
-
 def skipped_layers(model: nn.Module, patterns: Sequence[str]) -> set[str]:
     """Names of the convs/linears that ``patterns`` keep FP32 (a matched container covers its
     children).
@@ -365,13 +373,45 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """
     model = copy.deepcopy(model).eval()
     try:
-        return fuse(model, inplace=True)
+        traced = fx.symbolic_trace(model, concrete_args=_optional_arguments(model))
+        _drop_constant_inputs(traced)
+        return fuse(traced, inplace=True, no_trace=True)
     except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
         name = getattr(model, "compress_name", type(model).__name__)
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise StageError(
             f"{name} cannot be traced by torch.fx for quantization: {type(exc).__name__}: {first}"
         ) from exc
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, object]:
+    """``forward``'s parameters after the images, at their defaults: traced as constants (timm's
+    ViT takes ``attn_mask=None, is_causal=False``; left symbolic, ``is_causal`` reaches
+    ``scaled_dot_product_attention`` as a proxy and the traced graph cannot run)."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _drop_constant_inputs(traced: fx.GraphModule) -> None:
+    """Remove the placeholders :func:`_optional_arguments` made constant, with the guards
+    ``torch.fx`` hangs on them (``_assert_is_none``, ``eq`` + ``_assert``): the exporter's tracer
+    passes the images only, and the guards compare a tensor with a bool it has no op for."""
+    graph = traced.graph
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        doomed, frontier = [], [placeholder]
+        while frontier:
+            node = frontier.pop()
+            doomed.append(node)
+            frontier.extend(node.users)
+        for node in reversed(sorted(set(doomed), key=list(graph.nodes).index)):
+            graph.erase_node(node)
+    graph.lint()
+    traced.recompile()
 
 
 def float_convs(model: nn.Module) -> list[str]:
@@ -455,12 +495,16 @@ def _twin(
     return new
 
 
-def _place_quantizers(graph_module: fx.GraphModule, quantized: set[str], signed: bool) -> None:
+def _place_quantizers(
+    graph_module: fx.GraphModule, quantized: set[str], signed: bool, int32_bias: bool = False
+) -> None:
     """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module
-    docstring)."""
+    docstring). With ``int32_bias``, each layer whose output is quantized too gets its input
+    quantizer as ``input_quant`` (see :meth:`WeightQuant.quantized_bias`)."""
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     points: list[fx.Node] = []
+    requantized: list[fx.Node] = []  # layers whose output is quantized: integer kernels
 
     def is_point(node) -> bool:
         return isinstance(node, fx.Node) and _source(node, modules) in points
@@ -471,8 +515,11 @@ def _place_quantizers(graph_module: fx.GraphModule, quantized: set[str], signed:
             points.append(node.args[0])
         tensor_inputs = [a for a in node.args if isinstance(a, fx.Node)]
         add = node.op == "call_function" and node.target in _ADDS and len(tensor_inputs) == 2
-        if (layer or (add and all(is_point(a) for a in tensor_inputs))) and not _only_output(node):
+        conv = layer and isinstance(modules[node.target], nn.Conv2d)
+        if (conv or (add and all(is_point(a) for a in tensor_inputs))) and not _only_output(node):
             points.append(_after_activation(node, modules))
+            if conv:
+                requantized.append(node)
     shared: dict[fx.Node, str] = {}
     for point in points:
         if point in shared:
@@ -487,6 +534,13 @@ def _place_quantizers(graph_module: fx.GraphModule, quantized: set[str], signed:
             if source.op == "call_module" and source.target in shared.values():
                 shared[node] = source.target
                 _insert_after(graph, node, source.target)
+    for node in requantized if int32_bias else ():
+        source = node.args[0]  # the quantizer call inserted before the layer
+        if source.op == "call_module" and source.target in shared.values():
+            # a plain attribute: registering the quantizer twice would rename state_dict entries
+            object.__setattr__(
+                modules[node.target], "input_quant", graph_module.get_submodule(source.target)
+            )
     graph.lint()
     graph_module.recompile()
 

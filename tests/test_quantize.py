@@ -497,3 +497,45 @@ def test_qat_trains_in_fp32_unless_the_recipe_names_a_precision():
     assert train_config_for(float_net, auto) is auto  # a float network keeps auto
     chosen = TrainConfig(precision="bf16")
     assert train_config_for(qat_net, chosen) is chosen
+
+
+def conv_codes_network() -> nn.Sequential:
+    """Conv -> ReLU -> Conv -> ReLU -> 1x1 max-pool: the second conv's quantized output reaches
+    the graph output code for code (a max-pool reuses its input's quantizer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(1),
+        nn.Flatten(),
+    )
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.bias.uniform_(-0.5, 0.5)  # far from any multiple of the int32 bias step
+    return model.eval()
+
+
+def test_biases_are_rounded_as_the_integer_kernel_adds_them(tmp_path):
+    """ONNX Runtime fuses DQ -> Conv -> Q into a QLinearConv whose bias is int32 at scale
+    input_scale * weight_scale. With a float bias the fake-quantized graph flipped 0.1-0.6% of a
+    conv's output codes against ONNX Runtime's, which squeeze-excitation networks (EfficientNet)
+    amplified into 30% disagreement; with the bias rounded as the kernel rounds it the codes are
+    the same (a rare +-1 from float summation order aside)."""
+    model = conv_codes_network()
+    images = torch.randn(16, 3, 16, 16)
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2])
+    calibrate(qmodel, [images], method="minmax")
+    second = qmodel.get_submodule("2")
+    step = second.input_quant.scale * second.weight_scale
+    steps = second.quantized_bias() / step
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    path = export_onnx(qmodel, tmp_path / "codes.onnx", image_size=16, exporter="torchscript")
+    assert "com.microsoft:QLinearConv" in optimized_convs(path, "ORT_ENABLE_ALL")
+    ours = open_session(path).run(None, {"input": images.numpy()})[0]
+    with torch.no_grad():
+        theirs = qmodel(images).numpy()
+    code = np.diff(np.unique(theirs)).min()  # the output quantizer's step
+    flips = np.abs(ours - theirs) > code / 2
+    assert flips.mean() < 1e-4, f"{flips.sum()} of {flips.size} output codes differ"

@@ -1,18 +1,17 @@
 """timm models: built by name without weights, CIFAR stems, clear errors, pruned and reloaded (a
 ViT loses whole heads and MLP width, never its token width), and a CNN and a ViT student through
-distill, prune and export (the CNN through INT8 quantization too)."""
+distill, prune, INT8 quantization and export."""
 
 import subprocess
 import sys
 
 import pytest
 import torch
-import yaml
 from conftest import DIGITS_BASE as BASE
 from conftest import run_recipe
 
 from compress.config import PruneConfig
-from compress.errors import ModelError, RecipeError, StageError
+from compress.errors import ModelError
 from compress.models import build_model, count_params_macs
 from compress.networks import load_stage_network
 from compress.pruning import ChannelPruner, prune_network
@@ -157,13 +156,6 @@ def test_stored_heads_and_layer_norms_are_checked():
     assert model.norm.weight.shape == (96,) and model.blocks[1].attn.attn_dim == 128
 
 
-def test_int8_quantization_refuses_a_vit_in_one_line():
-    from compress.quantization import prepare_quantized
-
-    with pytest.raises(StageError, match=rf"^{VIT} \(num_classes=10\) is a transformer: INT8"):
-        prepare_quantized(vit(), target="onnxruntime-cpu", example_inputs=images(8))
-
-
 # --- the pipeline -------------------------------------------------------------------------------
 
 TRAIN = {"epochs": 2, "optimizer": "adamw", "lr": 0.002, "weight_decay": 0.0}
@@ -184,17 +176,8 @@ def timm_recipe(name: str, student: str, checkpoint: str, quantize: bool) -> dic
     }
 
 
-def test_a_recipe_quantizing_a_vit_is_refused_at_load(tmp_path):
-    from compress.recipe.load import load_recipe
-
-    path = tmp_path / "vit.yaml"
-    path.write_text(yaml.safe_dump(timm_recipe("vit", VIT, "teacher.pt", quantize=True)))
-    with pytest.raises(RecipeError, match=r"^stages\[3\]\.quantize: timm:vit.* is a transformer"):
-        load_recipe(path)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(("student", "quantize"), [(CNNS[0], True), (VIT, False)])
+@pytest.mark.parametrize(("student", "quantize"), [(CNNS[0], True), (VIT, True)])
 def test_timm_student_is_distilled_pruned_quantized_and_exported(
     tmp_path, digits_teacher, student, quantize
 ):
@@ -210,4 +193,5 @@ def test_timm_student_is_distilled_pruned_quantized_and_exported(
     assert exported["student_fp32" if quantize else "student"]["max_abs_diff"] < 1e-3
     if quantize:
         assert artifacts["quantize"].metrics["agreement_with_fp32"] > 0.9
-        assert exported["student"]["qdq"]["qlinear_conv"] > 0
+        assert exported["student"]["qdq"]["int8_weights"] > 0
+        assert exported["student"]["portability"]["portable"]

@@ -54,6 +54,7 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = proto.graph
     _bypass_identities(graph)
+    _fold_constant_arithmetic(graph)
     constants = _constants(graph)
     kept = []
     for node in graph.node:
@@ -73,6 +74,43 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     for init in unused:
         graph.initializer.remove(init)
     return proto
+
+
+_FOLDED = {
+    "Div": np.divide,
+    "Mul": np.multiply,
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Round": np.rint,  # half to even, as ONNX's Round
+}
+
+
+def _fold_constant_arithmetic(graph: onnx.GraphProto) -> None:
+    """Replace arithmetic on constants by its result (float32, as ONNX Runtime would fold it):
+    the int32 rounding of a bias (:meth:`compress.quantization.WeightQuant.quantized_bias`) is
+    exported as Div/Round/Clip/Mul of initializers, which the TorchScript exporter leaves in."""
+    constants = {name: numpy_helper.to_array(t) for name, t in _constants(graph).items()}
+    kept = []
+    for node in graph.node:
+        inputs = [constants.get(name) if name else None for name in node.input]
+        value = None
+        if node.op_type in _FOLDED and node.input and all(v is not None for v in inputs):
+            value = _FOLDED[node.op_type](*inputs)
+        elif node.op_type == "Clip" and all(
+            v is not None for v, name in zip(inputs, node.input, strict=True) if name
+        ):  # a missing bound has an empty name
+            low, high = (inputs + [None, None])[1:3]
+            bounded = low is not None or high is not None
+            value = np.clip(inputs[0], low, high) if bounded else inputs[0]
+        if value is None or len(node.output) != 1:
+            kept.append(node)
+            continue
+        value = np.asarray(value, dtype=inputs[0].dtype)
+        constants[node.output[0]] = value
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(n for n in kept if n.op_type != "Constant" or n.output[0] in used)
 
 
 def _bypass_identities(graph: onnx.GraphProto) -> None:
@@ -439,7 +477,8 @@ def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
     bound of x86 u8s8 kernels without VNNI.
 
     A layer is one Conv, Gemm or MatMul whose weight input is a DequantizeLinear of an INT8
-    initializer. Depthwise convolutions are exact on every CPU and counted, not checked.
+    initializer (through a Transpose, as a linear layer's weight reaches a MatMul). Depthwise
+    convolutions are exact on every CPU and counted, not checked.
 
     Returns:
         The :class:`Int8Portability` record; a file with no integer layer is portable.
@@ -447,12 +486,16 @@ def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
     dequantized = {
-        node.output[0]: inits[node.input[0]]
+        node.output[0]: numpy_helper.to_array(inits[node.input[0]])
         for node in graph.node
         if node.op_type == "DequantizeLinear"
         and node.input[0] in inits
         and inits[node.input[0]].data_type == _INT8
     }
+    for node in graph.node:  # a linear layer's weight reaches its MatMul transposed
+        if node.op_type == "Transpose" and node.input[0] in dequantized:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            dequantized[node.output[0]] = np.transpose(dequantized[node.input[0]], perm)
     layers = paired = at_risk = worst = 0
     worst_layer = None
     for node in graph.node:
@@ -463,7 +506,7 @@ def int8_portability(proto: onnx.ModelProto) -> Int8Portability:
         ):
             continue
         layers += 1
-        weight = numpy_helper.to_array(dequantized[node.input[1]])
+        weight = dequantized[node.input[1]]
         if node.op_type == "Conv":
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
             if is_depthwise(weight.shape[1] * groups, weight.shape[0], groups):

@@ -3,7 +3,6 @@ order that works, teachers that exist, files that are there, layers that the net
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
@@ -155,7 +154,6 @@ def check_references(recipe: C.Recipe) -> None:
     for field, section in weighted_sections(recipe):
         _check_weights(field, section)
     check_layer_names(recipe)
-    check_quantizable(recipe)
     if recipe.data.path is not None and not _path_is(recipe.data.path, "exists", "data.path"):
         raise RecipeError(f"data.path: no such file or folder: {recipe.data.path}")
     if recipe.data.path is not None:
@@ -233,28 +231,6 @@ def check_layer_names(recipe: C.Recipe) -> None:
                             f"{where}.{side}: no layer {layer!r} in "
                             f"{model}{_did_you_mean(layer, names)}"
                         )
-
-
-def check_quantizable(recipe: C.Recipe) -> None:
-    """A quantize stage's ``timm:`` student must be one INT8 quantization covers (no
-    transformer): known at load time, not after hours of distillation and pruning. The model is
-    built once to look (torchvision's ViTs, rarely students, are refused by the stage itself)."""
-    student = recipe.student.model
-    for index, stage in enumerate(recipe.stages):
-        if stage.kind == "distill":
-            student = (stage.config.student or recipe.student).model
-        if stage.kind == "quantize" and student.startswith("timm:"):
-            refusal = _int8_refusal(student)
-            if refusal is not None:
-                raise RecipeError(f"stages[{index}].{stage.name}: {refusal}")
-
-
-@functools.lru_cache(maxsize=8)
-def _int8_refusal(name: str) -> str | None:
-    from compress.models import build_model
-    from compress.quantization import int8_refusal
-
-    return int8_refusal(build_model(name, num_classes=10))
 
 
 def resolve_device(name: str) -> torch.device:

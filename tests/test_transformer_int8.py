@@ -1,0 +1,143 @@
+"""Vision transformers in INT8: their linear layers (attention's projections and the MLPs) compute
+with INT8 weights and inputs, LayerNorm/softmax/GELU stay float, and the exported file proves
+it like a CNN's: ONNX Runtime fuses every linear layer into an integer kernel, reproduces the
+fake-quantized network, and the file is portable."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import compress
+from compress.compat import torchvision
+from compress.quantization import QuantLinear, calibrate, prepare_quantized, quantized_layers
+from compress.split_attention import SplitAttention, with_split_attention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def optimized_ops(path) -> dict[str, int]:
+    """Op counts of ONNX Runtime's optimized graph of ``path`` (no hardware-specific layouts)."""
+    optimized = path.with_name(f"{path.stem}.optimized.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for node in onnx.load(optimized).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_split_attention_computes_what_multihead_attention_computes(batch_first):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 5, 32)
+    split = SplitAttention(attention).eval()
+    assert split.in_proj.weight is attention.in_proj_weight  # the same parameters, not copies
+    with torch.no_grad():
+        expected = attention(x, x, x, need_weights=False)[0]
+        ours, weights = split(x, x, x, need_weights=False)
+    assert weights is None and torch.allclose(ours, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="self-attention"):
+        split(x, x.clone(), x)
+
+
+def test_only_self_attention_of_one_width_is_split_and_the_model_is_not_modified():
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert with_split_attention(plain) is plain  # nothing to split: no copy
+    model = nn.ModuleDict(
+        {
+            "self": nn.MultiheadAttention(8, 2),
+            "cross": nn.MultiheadAttention(8, 2, kdim=4, vdim=4),
+        }
+    )
+    split = with_split_attention(model)
+    assert isinstance(split["self"], SplitAttention) and isinstance(model["self"], nn.Module)
+    assert type(model["self"]) is nn.MultiheadAttention  # the original keeps its module
+    assert type(split["cross"]) is nn.MultiheadAttention  # separate key/value sizes: left alone
+
+
+def small_torchvision_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero
+    return model.eval()
+
+
+def test_torchvision_vit_quantizes_its_attention_projections_too(tmp_path):
+    model = small_torchvision_vit()
+    images = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2])
+    layers = set(quantized_layers(qmodel))
+    block = "encoder.layers.encoder_layer_0"
+    assert {f"{block}.self_attention.in_proj", f"{block}.self_attention.out_proj"} <= layers
+    assert {f"{block}.mlp.0", f"{block}.mlp.3", "conv_proj", "heads.head"} <= layers
+    calibrate(qmodel, [images], method="minmax")
+    record = compress.export(qmodel, tmp_path / "vit.onnx", check_inputs=images)
+    assert record["top1_agreement"] >= 0.95
+    assert record["portability"]["layers"] == len(layers) and record["portability"]["portable"]
+
+
+@pytest.fixture(scope="module")
+def trained_vit():
+    """timm's ViT-Tiny (4x4 patches, 8x8 digits) trained until its logits have real margins."""
+    pytest.importorskip("timm")
+    from sklearn.datasets import load_digits
+
+    from compress.models import build_model
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1)
+    images, labels = images / 8 - 1, torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = build_model("timm:vit_tiny_patch16_224", 10, cifar_stem=True, image_size=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(4):
+        for batch in torch.randperm(1500).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    model.eval()
+    train = [images[:1500][i : i + 250] for i in range(0, 1500, 250)]
+    return model, train, images[1500:], labels[1500:]
+
+
+def top1(logits, labels) -> float:
+    return float((torch.as_tensor(logits).argmax(1) == labels).float().mean() * 100)
+
+
+def test_a_trained_vit_runs_its_linear_layers_in_int8_and_keeps_its_accuracy(tmp_path, trained_vit):
+    model, train, test_images, test_labels = trained_vit
+    with torch.no_grad():
+        float_top1 = top1(model(test_images), test_labels)
+    assert float_top1 > 70  # trained: the INT8 check below means something
+    qmodel = compress.quantize(model, train)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert set(linears) <= set(quantized_layers(qmodel)) and len(linears) == 12 * 4 + 1
+    assert all(isinstance(qmodel.get_submodule(n), QuantLinear) for n in linears)
+    path = tmp_path / "vit_int8.onnx"
+    record = compress.export(qmodel, path, check_inputs=test_images)
+    assert record["qdq"]["int8_weights"] == len(quantized_layers(qmodel))
+    assert record["portability"]["portable"]
+    assert record["portability"]["layers"] == len(quantized_layers(qmodel))
+    ops = optimized_ops(path)  # every linear layer of the blocks is an integer kernel in ORT
+    assert ops.get("MatMulIntegerToFloat", 0) == 12 * 4, ops
+    assert ops.get("LayerNormalization", 0) == 25 and "Softmax" in ops  # these stay float
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: test_images.numpy()})[0]
+    assert np.isfinite(logits).all()
+    assert top1(logits, test_labels) > float_top1 - 3  # INT8 keeps the accuracy (297 images)
