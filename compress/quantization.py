@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -52,6 +51,7 @@ from compress.errors import SettingError, StageError
 from compress.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.records import QuantSpec
 from compress.split_attention import with_split_attention
+from compress.tracing import trace
 
 WEIGHT_QMIN, WEIGHT_QMAX = (
     -128,
@@ -371,47 +371,10 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     Folding first means the INT8 weights are the ones the exported graph runs, and that the
     integer kernels see no separate BatchNorm. Convs keep their original names.
     """
-    model = copy.deepcopy(model).eval()
-    try:
-        traced = fx.symbolic_trace(model, concrete_args=_optional_arguments(model))
-        _drop_constant_inputs(traced)
-        return fuse(traced, inplace=True, no_trace=True)
-    except Exception as exc:  # torch.fx raises many kinds of errors on untraceable code
-        name = getattr(model, "compress_name", type(model).__name__)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise StageError(
-            f"{name} cannot be traced by torch.fx for quantization: {type(exc).__name__}: {first}"
-        ) from exc
-
-
-def _optional_arguments(model: nn.Module) -> dict[str, object]:
-    """``forward``'s parameters after the images, at their defaults: traced as constants (timm's
-    ViT takes ``attn_mask=None, is_causal=False``; left symbolic, ``is_causal`` reaches
-    ``scaled_dot_product_attention`` as a proxy and the traced graph cannot run)."""
-    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
-    return {
-        p.name: p.default
-        for p in parameters
-        if p.default is not inspect.Parameter.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def _drop_constant_inputs(traced: fx.GraphModule) -> None:
-    """Remove the placeholders :func:`_optional_arguments` made constant, with the guards
-    ``torch.fx`` hangs on them (``_assert_is_none``, ``eq`` + ``_assert``): the exporter's tracer
-    passes the images only, and the guards compare a tensor with a bool it has no op for."""
-    graph = traced.graph
-    for placeholder in [n for n in graph.nodes if n.op == "placeholder"][1:]:
-        doomed, frontier = [], [placeholder]
-        while frontier:
-            node = frontier.pop()
-            doomed.append(node)
-            frontier.extend(node.users)
-        for node in reversed(sorted(set(doomed), key=list(graph.nodes).index)):
-            graph.erase_node(node)
-    graph.lint()
-    traced.recompile()
+    traced = trace(copy.deepcopy(model).eval())
+    folded = fuse(traced, inplace=True, no_trace=True)
+    folded.untraced = traced.untraced
+    return folded
 
 
 def float_convs(model: nn.Module) -> list[str]:
@@ -445,7 +408,9 @@ def _swap_layers(
     weight_range: str,
     bn_gains: dict[str, torch.Tensor],
 ) -> set[str]:
-    """Replace every conv/linear not in ``skipped`` by its weight-quantized twin; their names.
+    """Replace every conv/linear the graph calls (not one inside a module kept whole by
+    :func:`compress.tracing.trace`) and not in ``skipped`` by its weight-quantized twin; their
+    names.
 
     Folded biases train: ``fuse`` creates them frozen where the conv had no bias of its own.
     """
@@ -453,8 +418,9 @@ def _swap_layers(
     for module in graph_module.modules():
         if isinstance(module, nn.Conv2d | nn.Linear) and module.bias is not None:
             module.bias.requires_grad_(module.weight.requires_grad)
+    called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
     for name, module in list(graph_module.named_modules()):
-        if name in skipped or type(module) not in (nn.Conv2d, nn.Linear):
+        if name in skipped or name not in called or type(module) not in (nn.Conv2d, nn.Linear):
             continue
         new = _twin(module, weight_range, bn_gains.get(name))
         parent, _, attr = name.rpartition(".")

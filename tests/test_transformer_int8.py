@@ -141,3 +141,55 @@ def test_a_trained_vit_runs_its_linear_layers_in_int8_and_keeps_its_accuracy(tmp
     logits = session.run(None, {session.get_inputs()[0].name: test_images.numpy()})[0]
     assert np.isfinite(logits).all()
     assert top1(logits, test_labels) > float_top1 - 3  # INT8 keeps the accuracy (297 images)
+
+
+class PadToEven(nn.Module):
+    """Pads its input to an even size when it is odd: a Python ``if`` on a shape, as timm's
+    MobileViT block does, which ``torch.fx`` cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+def test_a_module_fx_cannot_trace_is_kept_whole_and_float_and_the_rest_is_int8(tmp_path):
+    from conftest import randomised
+
+    torch.manual_seed(0)
+    model = randomised(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            PadToEven(),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
+    )
+    images = torch.randn(64, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2])
+    assert qmodel.untraced == ("3",)
+    assert set(quantized_layers(qmodel)) == {"0", "5", "9"}  # 3.conv stays float, inside "3"
+    assert type(qmodel.get_submodule("3.conv")) is nn.Conv2d
+    calibrate(qmodel, [images], method="minmax")
+    record = compress.export(qmodel, tmp_path / "padded.onnx", check_inputs=images)
+    assert record["qdq"]["fp32_conv_layers"] == ["3.conv"]
+    assert record["top1_agreement"] >= 0.95
+
+
+def test_a_network_whose_own_forward_cannot_be_traced_is_refused_in_one_line():
+    from compress.errors import StageError
+
+    model = PadToEven().eval()  # the untraceable code is the network's own forward
+    with pytest.raises(StageError, match=r"^PadToEven cannot be traced by torch.fx") as caught:
+        prepare_quantized(model, target="onnxruntime-cpu", example_inputs=torch.randn(2, 8, 5, 5))
+    assert "\n" not in str(caught.value)

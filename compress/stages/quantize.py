@@ -111,6 +111,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "target": cfg.target,
             "skip": list(cfg.skip),
             "weight_range": qmodel.weight_range,
+            "untraced_float": list(qmodel.untraced),  # modules torch.fx kept whole: float
             "calibration": cfg.calibration,
             "percentile": cfg.percentile,
             "calibration_images": cfg.calibration_images,
