@@ -45,6 +45,7 @@ class Artifact:
     network: NetworkSpec | None = None
     key: str = ""
     seconds: float = 0.0
+    peak_rss_mb: float | None = None  # the process's peak resident memory while the stage ran
     skipped: bool = False
     kind: str = ""  # the stage function that made it ("distill", "prune", ...); stage until renamed
 
@@ -81,6 +82,7 @@ def record_stage(
         role=artifact.role,
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=artifact.seconds,
+        peak_rss_mb=artifact.peak_rss_mb,
         files={
             role: FileRecord(os.path.relpath(path, run_dir), sha256_file(path), path.stat().st_size)
             for role, path in artifact.files.items()
@@ -115,6 +117,7 @@ def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
         network=record.network,
         key=key,
         seconds=record.seconds,
+        peak_rss_mb=record.peak_rss_mb,
         skipped=True,
     )
 

@@ -25,6 +25,7 @@ from compress.config import STAGE_KINDS, Recipe, StageSpec
 from compress.context import RunContext
 from compress.errors import RecipeError, StageError
 from compress.fileio import sha256_file, write_text_atomic
+from compress.memory import stage_peak_rss
 from compress.recipe.checks import resolve_device, weighted_sections
 from compress.recipe.serialise import recipe_to_dict
 from compress.report import write_report
@@ -168,9 +169,11 @@ def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Arti
     if ctx.show_progress:
         print(f"[{spec.name}] running", file=sys.stderr)
     started = time.perf_counter()
-    artifact = stage_function(spec.kind)(spec.config, ctx)
+    with stage_peak_rss() as peak:
+        artifact = stage_function(spec.kind)(spec.config, ctx)
     artifact.stage = spec.name
     artifact.key, artifact.seconds = key, time.perf_counter() - started
+    artifact.peak_rss_mb = peak.mb
     return artifact
 
 

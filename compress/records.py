@@ -94,6 +94,7 @@ class StageRecord:
     role: str | None = None
     finished: str = ""
     seconds: float = 0.0
+    peak_rss_mb: float | None = None  # see compress.memory.stage_peak_rss
     files: dict[str, FileRecord] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     network: NetworkSpec | None = None
@@ -144,6 +145,7 @@ class StageRecord:
             "role": self.role,
             "finished": self.finished,
             "seconds": round(self.seconds, 3),
+            "peak_rss_mb": None if self.peak_rss_mb is None else round(self.peak_rss_mb, 1),
             "files": {role: asdict(entry) for role, entry in self.files.items()},
             "metrics": self.metrics,
             "config": self.config,
@@ -172,6 +174,7 @@ class StageRecord:
             role=raw.get("role"),
             finished=str(raw.get("finished", "")),
             seconds=float(raw.get("seconds", 0.0)),
+            peak_rss_mb=None if raw.get("peak_rss_mb") is None else float(raw["peak_rss_mb"]),
             files={
                 role: FileRecord(str(e["path"]), str(e["sha256"]), int(e.get("bytes", 0)))
                 for role, e in (raw.get("files") or {}).items()

@@ -15,10 +15,13 @@ from compress.records import STAGE_RECORD, StageRecord
 
 def summary_table(artifacts: dict[str, Artifact]) -> str:
     """One Markdown row per stage: what happened, how long, and its headline numbers."""
-    lines = ["| stage | status | time | result |", "|---|---|---:|---|"]
+    lines = ["| stage | status | time | peak memory | result |", "|---|---|---:|---:|---|"]
     for name, artifact in artifacts.items():
         status = "skipped (unchanged)" if artifact.skipped else "ran"
-        lines.append(f"| {name} | {status} | {artifact.seconds:.1f}s | {headline(artifact)} |")
+        memory = "-" if artifact.peak_rss_mb is None else f"{artifact.peak_rss_mb:,.0f} MiB"
+        lines.append(
+            f"| {name} | {status} | {artifact.seconds:.1f}s | {memory} | {headline(artifact)} |"
+        )
     return "\n".join(lines)
 
 

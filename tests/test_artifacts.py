@@ -20,6 +20,7 @@ def completed_stage(tmp_path):
     artifact = Artifact(
         "distill", files={"model": path}, metrics={"top1": 50.0}, role="student", key="abc"
     )
+    artifact.peak_rss_mb = 123.45
     record_stage(folder, run_dir, artifact, config={"epochs": 1}, recipe={"name": "run"})
     return run_dir, folder, path
 
@@ -32,6 +33,7 @@ def test_complete_stage_is_found_with_its_files_and_metrics(tmp_path):
         found.files == {"model": path}
         and found.metrics == {"top1": 50.0}
         and found.role == "student"
+        and found.peak_rss_mb == 123.5  # kept to 0.1 MiB
     )
     record = json.loads((folder / "stage.json").read_text())
     assert (
@@ -132,3 +134,22 @@ def test_a_record_that_is_not_one_names_the_file(tmp_path):
     run_dir, folder, _ = completed_stage(tmp_path)
     with pytest.raises(ModelError, match="not a finished stage holding a network"):
         StageRecord.read(folder).network_file()  # a stage without a network spec
+
+
+def test_each_stage_reads_its_own_peak_memory_not_the_process_lifetime_peak():
+    import numpy as np
+
+    from compress.memory import stage_peak_rss
+
+    with stage_peak_rss() as big:
+        block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+        del block
+    with stage_peak_rss() as small:
+        block = np.ones(50 * 2**20 // 8)
+        del block
+    assert big.mb > 400 and small.mb is not None
+    try:
+        open("/proc/self/clear_refs", "w").close()
+    except OSError:
+        pytest.skip("this OS cannot reset a process's peak: the lifetime peak is recorded")
+    assert small.mb < big.mb - 300  # the 400 MiB of the earlier stage are not counted again

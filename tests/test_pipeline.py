@@ -414,6 +414,7 @@ def test_every_artifact_is_written_and_self_describing(finished_run):
         assert record["stage"] == stage and len(record["key"]) == 16
         assert {"torch", "onnxruntime", "compress"} <= set(record["versions"])
         assert record["recipe"]["name"] == "full"
+        assert 50 < record["peak_rss_mb"] < 20_000  # MiB: this process's, while the stage ran
         assert json.loads((run_dir / stage / "metrics.json").read_text()) == record["metrics"]
     assert not list(run_dir.rglob("*.tmp")), "temporary files left behind"
 
