@@ -208,6 +208,41 @@ class ActQuant(nn.Module):
         return f"{kind}, scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}"
 
 
+class ExportableAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that exports at any input size.
+
+    The TorchScript ONNX exporter (the one prepared networks export with) writes an adaptive
+    pool only when the output size divides the input size; AlexNet's and VGG's ``(6, 6)``/
+    ``(7, 7)`` pools on small inputs (a 2x2 feature map at 64 px) made the export crash. When it
+    does not divide, the pool is computed as what it is, a fixed linear map of each axis: two
+    matrix products with averaging matrices built from the (traced, constant) input size.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        out_h, out_w = _pair(self.output_size, (height, width))
+        if height % out_h == 0 and width % out_w == 0:
+            return F.adaptive_avg_pool2d(x, (out_h, out_w))
+        rows = _averaging_matrix(height, out_h, x)
+        columns = _averaging_matrix(width, out_w, x)
+        return torch.einsum("oh,nchw,pw->ncop", rows, x, columns)
+
+
+def _pair(size, current: tuple[int, int]) -> tuple[int, int]:
+    sizes = (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(int(s) if s is not None else c for s, c in zip(sizes, current, strict=True))
+
+
+def _averaging_matrix(length: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """``(out, length)``: row ``i`` averages the window ``adaptive_avg_pool`` gives output ``i``
+    (from ``floor(i * length / out)`` to ``ceil((i + 1) * length / out)``)."""
+    rows = []
+    for i in range(out):
+        start, end = (i * length) // out, -((-(i + 1) * length) // out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(length)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)  # a constant when traced
+
+
 # --- preparation -----------------------------------------------------------------------------
 
 
@@ -426,6 +461,11 @@ def _swap_layers(
         parent, _, attr = name.rpartition(".")
         setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, new)
         quantized.add(name)
+    for name, module in list(graph_module.named_modules()):
+        if type(module) is nn.AdaptiveAvgPool2d and name in called:
+            parent, _, attr = name.rpartition(".")
+            pool = ExportableAdaptiveAvgPool2d(module.output_size)
+            setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, pool)
     for module in graph_module.modules():
         if isinstance(module, _ACTIVATIONS):
             module.inplace = False  # fake quantization must not see a tensor change under it

@@ -9,6 +9,7 @@ import yaml
 from conftest import DIGITS_BASE
 from torch import nn
 
+import compress
 from compress.errors import ExportError, SettingError
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.onnx.verify import open_session
@@ -539,3 +540,33 @@ def test_biases_are_rounded_as_the_integer_kernel_adds_them(tmp_path):
     code = np.diff(np.unique(theirs)).min()  # the output quantizer's step
     flips = np.abs(ours - theirs) > code / 2
     assert flips.mean() < 1e-4, f"{flips.sum()} of {flips.size} output codes differ"
+
+
+@pytest.mark.parametrize(("size", "output"), [((2, 2), (7, 7)), ((1, 1), 6), ((5, 3), (2, 2))])
+def test_the_exportable_adaptive_pool_computes_what_adaptive_avg_pool_computes(size, output):
+    from compress.quantization import ExportableAdaptiveAvgPool2d
+
+    x = torch.randn(2, 3, *size)
+    expected = nn.functional.adaptive_avg_pool2d(x, output)
+    assert torch.allclose(ExportableAdaptiveAvgPool2d(output)(x), expected, atol=1e-6)
+
+
+def test_an_adaptive_pool_whose_output_does_not_divide_its_input_exports_in_int8(tmp_path):
+    """AlexNet's (6, 6) and VGG's (7, 7) pools on a 2x2 map: the TorchScript exporter refused."""
+    from conftest import randomised
+
+    torch.manual_seed(0)
+    model = randomised(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, stride=4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d((3, 3)),
+            nn.Flatten(),
+            nn.Linear(72, 10),
+        )
+    )
+    images = torch.randn(32, 3, 8, 8)
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2])
+    calibrate(qmodel, [images], method="minmax")
+    record = compress.export(qmodel, tmp_path / "pool.onnx", check_inputs=images)
+    assert record["top1_agreement"] >= 0.95 and record["qdq"]["int8_weights"] == 2
