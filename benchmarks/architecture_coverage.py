@@ -98,17 +98,29 @@ def main() -> None:
     write_result()
 
 
+# The heaviest torchvision classifiers (hundreds of MB, minutes per stage): run last, so that a
+# sweep cut short by a session's end has covered the most models.
+HEAVY = (
+    "densenet161", "densenet201", "resnet152", "efficientnet_b4", "efficientnet_b5", "vgg16",
+    "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "resnext101_32x8d", "resnext101_64x4d",
+    "convnext_base", "convnext_large", "maxvit_t", "swin_s", "swin_v2_s", "swin_b", "swin_v2_b",
+    "vit_b_32", "vit_l_32", "vit_l_16", "vit_h_14", "regnet_x_16gf", "regnet_x_32gf",
+    "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf", "efficientnet_v2_m", "efficientnet_v2_l",
+    "efficientnet_b6", "efficientnet_b7",
+)  # fmt: skip
+
+
 def all_models(source: str | None) -> list[str]:
+    """torchvision's classifiers but the heaviest, timm's, then the heaviest (lightest first)."""
     from compress.compat import torchvision
 
-    names = []
-    if source in (None, "torchvision"):
-        names += [
-            f"torchvision:{n}" for n in sorted(torchvision.models.list_models(torchvision.models))
-        ]
-    if source in (None, "timm"):
-        names += [f"timm:{n}" for n in TIMM_MODELS]
-    return names
+    listed = sorted(torchvision.models.list_models(torchvision.models))
+    light = [f"torchvision:{n}" for n in listed if n not in HEAVY]
+    heavy = [f"torchvision:{n}" for n in HEAVY if n in listed]
+    timm = [f"timm:{n}" for n in TIMM_MODELS]
+    if source == "torchvision":
+        return light + heavy
+    return timm if source == "timm" else light + timm + heavy
 
 
 def run_child(name: str, args) -> dict:
