@@ -13,6 +13,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    Torch-Pruning's and tracing's many small forwards slow down 30x when two threads fight a
+    busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cifar10_folder() -> Path | None:
     """../shared/data/cifar10 next to the checkout (or $COMPRESS_CIFAR10), if present."""
     folder = Path(os.environ.get("COMPRESS_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))

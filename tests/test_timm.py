@@ -26,13 +26,7 @@ def timm():
     return pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Torch-Pruning's many small forwards slow down 30x when two threads fight a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vit(image_size: int = 8, **kwargs) -> torch.nn.Module:

@@ -15,13 +15,7 @@ from compress.compat import torchvision
 from compress.quantization import QuantLinear, calibrate, prepare_quantized, quantized_layers
 from compress.split_attention import SplitAttention, with_split_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def optimized_ops(path) -> dict[str, int]:
