@@ -144,7 +144,11 @@ def prune(
 
     Raises:
         StageError: the target cannot be reached within ``max_layer_ratio`` (or, for a latency,
-            is not met by measurement).
+            is not met by measurement), or Torch-Pruning fails on the network (one line, naming
+            the layer where the cut network breaks); the network is left as it was before the
+            failing step. Channels Torch-Pruning cannot follow (a channel shuffle, a split at
+            sizes the forward holds, weights used outside their layer) keep their width instead
+            (:func:`compress.channel_flow.frozen_layers`).
     """
     from compress.batchnorm import recalibrate_batchnorm
     from compress.models import count_params_macs

@@ -6,7 +6,14 @@ Pruning's ``DependencyGraph`` finds those coupled groups and its pruner ranks an
 groups, so this module is glue (STYLE habit 4): importance by name, ignored layers by name, a
 MACs target reached progressively, and a pruned network saved as plain layer widths. A vision
 transformer (timm's ViT) loses whole attention heads and MLP width, never its token width
-(:func:`attention_heads`, :func:`bare_parameter_layers`).
+(:func:`attention_heads`, :func:`compress.channel_flow.frozen_layers`).
+
+Where Torch-Pruning cannot follow the channels (a channel shuffle, a split at sizes the forward
+holds, weights used outside their layer; :mod:`compress.channel_flow`) those channels keep their
+width and the rest is pruned; views and splits are mapped from the shapes torch recorded
+(:func:`map_views`, :func:`map_splits`), as Torch-Pruning 1.6 misreads them on torch 2. Any other
+failure inside Torch-Pruning is one :class:`StageError` line naming the layer where the cut network
+breaks, and the network is left as it was.
 
 A pruned network is stored as ``structure_of(model)`` (ints per layer) next to its state_dict;
 ``apply_structure`` resizes a freshly built network to those widths, so loading never unpickles a
@@ -21,19 +28,22 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from compress.channel_flow import SplitPruner, frozen_layers, map_splits, map_views
 from compress.config import PRUNING_CRITERIA, PruneSpec
-from compress.errors import SettingError, StageError
+from compress.errors import CompressError, SettingError, StageError, first_line
 from compress.models import count_params_macs
 from compress.modes import evaluating
 from compress.registry import load_entry
@@ -103,7 +113,13 @@ class ChannelPruner:
     Widths are always relative to the network the pruner was built on, so ``rounds`` calls of
     :meth:`prune` with fine-tuning in between end exactly where one call would (iterative pruning).
     The model is pruned in place; its modules stay the same objects, so an optimiser must be
-    rebuilt after each round (their parameters are replaced).
+    rebuilt after each round (their parameters are replaced). A round either completes or leaves
+    the network exactly as it was (:meth:`prune` raises then).
+
+    Channels that Torch-Pruning cannot follow keep their width (:func:`frozen_layers` says which
+    and why: a channel shuffle, channels split or sliced at fixed sizes, weights used outside
+    their layer, a parameter of no layer, a layer whose width a checkpoint cannot store); the
+    rest of the network is pruned.
 
     Args:
         model: the network to prune (any mode/device; it is traced in eval mode).
@@ -112,9 +128,13 @@ class ChannelPruner:
         num_classes: every Linear/Conv with this many outputs is the classifier and is never pruned.
         rounds: how many :meth:`prune` calls reach ``cfg.pruning_ratio`` (ignored for MACs targets).
 
+    Attributes:
+        frozen: ``{layer: why}`` for the layers that keep their output width.
+
     Raises:
         SettingError: an ``ignore`` pattern matches no module.
-        StageError: ``pruning_ratio`` exceeds ``max_layer_ratio``.
+        StageError: ``pruning_ratio`` exceeds ``max_layer_ratio``, or Torch-Pruning cannot trace
+            the network (nothing is changed then).
     """
 
     def __init__(
@@ -135,18 +155,21 @@ class ChannelPruner:
             )
         ignored = classifier_layers(model, num_classes) + matching_modules(model, cfg.ignore)
         self._heads = attention_heads(model)
-        with evaluating(model), warnings.catch_warnings():
-            # Torch-Pruning warns that it would prune them; bare_parameter_layers sees it does not
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        with evaluating(model), torch.no_grad():
+            self._output_shape = _output_of(model, example_inputs).shape
+        self._macs = self._count()[1]
+        with _torch_pruning(model, example_inputs, "trace"), evaluating(model):
             self._pruner = self._build(ignored, rounds)
-            frozen = bare_parameter_layers(self._pruner, ignored)
-            if frozen:  # rebuilt, so that global ranking counts only the channels it may remove
-                self._pruner = self._build(ignored + frozen, rounds)
+            self.frozen: dict[nn.Module, str] = frozen_layers(
+                self._pruner, model, self._unfollowable
+            )
+            if self.frozen:  # rebuilt: global ranking counts only the channels it may remove
+                self._pruner = self._build(ignored + list(self.frozen), rounds)
 
     def _build(self, ignored: list[nn.Module], rounds: int) -> tp.pruner.BasePruner:
         cfg = self.cfg
         ratio = cfg.pruning_ratio if self.by_ratio else cfg.max_layer_ratio
-        return tp.pruner.BasePruner(
+        pruner = tp.pruner.BasePruner(
             self.model,
             self.example,
             load_entry(PRUNING_CRITERIA[cfg.criterion])(cfg),
@@ -160,7 +183,14 @@ class ChannelPruner:
             num_heads={attention.qkv: attention.num_heads for attention in self._heads},
             prune_num_heads=not cfg.global_ranking,
             prune_head_dims=False,
+            # views and splits are mapped by map_views and map_splits, from the shapes they saw
+            customized_pruners={
+                tp.ops._ReshapeOp: tp.ops.ReshapePruner(),
+                tp.ops._SplitOp: SplitPruner(),
+            },
         )
+        self._unfollowable = {**map_views(pruner.DG), **map_splits(pruner.DG)}
+        return pruner
 
     def prune(self, target_macs: int | None = None, gradient_fn: GradientFn | None = None) -> dict:
         """One round: the next step of ``pruning_ratio``, or small steps until
@@ -175,24 +205,29 @@ class ChannelPruner:
             ``macs``, ``params`` (one image) and ``pruner_steps`` taken so far.
 
         Raises:
-            StageError: the target is not reached before every layer has lost ``max_layer_ratio``.
+            StageError: the target is not reached before every layer has lost ``max_layer_ratio``,
+                or a cut broke the network; the network is left as it was before the call.
         """
         if self.by_ratio == (target_macs is not None):
             raise ValueError("give target_macs exactly when the config has no pruning_ratio")
         if self.cfg.criterion == "taylor" and gradient_fn is None:
             raise ValueError("the taylor criterion needs a gradient_fn")
-        if self.by_ratio:
-            self._step(gradient_fn)
-        params, macs = self._count()
-        while target_macs is not None and macs > target_macs:
-            if self._pruner.current_step >= self._pruner.iterative_steps:
-                raise StageError(
-                    f"prune: cannot reach {target_macs:,} MACs within max_layer_ratio "
-                    f"{self.cfg.max_layer_ratio} (stopped at {macs:,}); raise max_layer_ratio, "
-                    "lower the target or ignore fewer layers"
-                )
-            self._step(gradient_fn)
+        with _torch_pruning(self.model, self.example, "cut", restore=True):
+            if self.by_ratio:
+                self._step(gradient_fn)
             params, macs = self._count()
+            while target_macs is not None and macs > target_macs:
+                if self._pruner.current_step >= self._pruner.iterative_steps:
+                    raise StageError(
+                        f"prune: cannot reach {target_macs:,} MACs within max_layer_ratio "
+                        f"{self.cfg.max_layer_ratio}: it stops at {macs:,} "
+                        f"({self._macs / macs:.2f}x fewer than {self._macs:,}); the network is "
+                        "left as it was. Lower the target, raise max_layer_ratio or ignore fewer "
+                        f"layers{self._frozen_note()}"
+                    )
+                self._step(gradient_fn)
+                params, macs = self._count()
+            self._check_output()
         return {"macs": macs, "params": params, "pruner_steps": self._pruner.current_step}
 
     def channel_groups(self, gradient_fn: GradientFn | None = None) -> list[ChannelGroup]:
@@ -204,7 +239,7 @@ class ChannelPruner:
         """
         pruner, graph = self._pruner, self._pruner.DG
         names = {module: name for name, module in self.model.named_modules()}
-        with evaluating(self.model):
+        with _torch_pruning(self.model, self.example, "rank"), evaluating(self.model):
             if self.cfg.criterion == "taylor":
                 self.model.zero_grad(set_to_none=True)
                 gradient_fn(self.model)
@@ -239,9 +274,12 @@ class ChannelPruner:
 
     def keep(self, groups: list[ChannelGroup], widths: dict[str, int]) -> None:
         """Cut each group to ``widths[group.name]`` channels, removing its least important ones
-        (groups not named keep their width)."""
+        (groups not named keep their width); all or nothing, as :meth:`prune`."""
         graph = self._pruner.DG
-        with evaluating(self.model):
+        with (
+            _torch_pruning(self.model, self.example, "cut", restore=True),
+            evaluating(self.model),
+        ):
             for group in groups:
                 width = widths.get(group.name, group.channels)
                 if width >= group.channels:
@@ -251,6 +289,7 @@ class ChannelPruner:
                 if not graph.check_pruning_group(cut):
                     raise StageError(f"prune: Torch-Pruning refused to cut {group.name}")
                 cut.prune()
+            self._check_output()
         self.model.zero_grad(set_to_none=True)
 
     def _step(self, gradient_fn: GradientFn | None) -> None:
@@ -289,6 +328,26 @@ class ChannelPruner:
     def _count(self) -> tuple[int, int]:
         _, channels, size, _ = self.example.shape
         return count_params_macs(self.model, size, channels)
+
+    def _check_output(self) -> None:
+        """The cut network still runs and answers in the shape it did (a cut Torch-Pruning got
+        wrong can leave shapes that still multiply)."""
+        with evaluating(self.model), torch.no_grad():
+            shape = _output_of(self.model, self.example).shape
+        if shape != self._output_shape:
+            raise StageError(
+                f"prune: the cut network answers in shape {tuple(shape)} instead of "
+                f"{tuple(self._output_shape)}"
+            )
+
+    def _frozen_note(self) -> str:
+        """Why some layers kept their width, for the error that says the target is out of reach."""
+        if not self.frozen:
+            return ""
+        return (
+            f" ({len(self.frozen)} layers must keep their width, e.g. "
+            f"{next(iter(self.frozen.values()))})"
+        )
 
 
 def prune_network(
@@ -353,32 +412,6 @@ def attention_heads(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if is_attention(m)]
 
 
-def bare_parameter_layers(pruner: tp.pruner.BasePruner, ignored: list[nn.Module]) -> list:
-    """The layers whose output channels also run through a parameter of no layer (a vision
-    transformer's class token and position embedding, a layer scale): they keep their width.
-
-    The stored widths (:func:`compress.weights.structure_of`) describe layers, not such
-    parameters, so a network pruned there could be saved but never rebuilt. For a ViT this
-    keeps the token width (the residual stream) and prunes the MLPs' hidden width and whole
-    attention heads, as Torch-Pruning's "bottleneck" ViT recipe does.
-    """
-    if not pruner.DG.unwrapped_parameters:
-        return []
-    frozen = []
-    for group in pruner.DG.get_all_groups(
-        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
-    ):
-        if any(isinstance(dep.target.module, nn.Parameter) for dep, _ in group):
-            frozen += [
-                dep.target.module
-                for dep, _ in group
-                if isinstance(dep.target.module, nn.Module)
-                and pruner.DG.is_out_channel_pruning_fn(dep.handler)
-                and dep.target.module not in ignored
-            ]
-    return frozen
-
-
 def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
     """Modules whose name matches any fnmatch pattern; a pattern matching nothing is a recipe
     error."""
@@ -392,3 +425,113 @@ def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Mod
             raise SettingError(f"ignore: {pattern!r} matches no module of the student{hint}")
         found += [model.get_submodule(name) for name in hits]
     return found
+
+
+# --- all or nothing ----------------------------------------------------------------------------
+
+_NOISE = (
+    "Unwrapped parameters detected",  # it would prune them: frozen_layers sees it does not
+    "Maximum recursive depth reached",  # it could not infer a width: mapped as unknown
+)
+
+
+@contextmanager
+def _torch_pruning(
+    model: nn.Module, example: torch.Tensor, doing: str, *, restore: bool = False
+) -> Iterator[None]:
+    """Around every call into Torch-Pruning: any exception from inside it, or from the network
+    it cut, becomes a one-line :class:`StageError` naming the layer where the network breaks;
+    with ``restore`` the network is put back as it was on entry (its modules stay the same
+    objects). Its warnings about what :func:`frozen_layers` handles are silenced."""
+    saved = _attributes(model) if restore else None
+    try:
+        with warnings.catch_warnings():
+            for noise in _NOISE:
+                warnings.filterwarnings("ignore", message=noise)
+            yield
+    except BaseException as exc:
+        error = None
+        if isinstance(exc, Exception) and not isinstance(exc, CompressError):
+            error = _stage_error(model, example, doing, exc, restored=restore)
+        if saved is not None:
+            _restore(model, saved)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _stage_error(
+    model: nn.Module, example: torch.Tensor, doing: str, exc: Exception, *, restored: bool
+) -> StageError:
+    label = getattr(model, "compress_name", type(model).__name__)
+    what = f"{type(exc).__name__}: {first_line(exc, 200)}"
+    left = "the network is left as it was" if restored else "nothing was pruned"
+    broken = _failing_layer(model, example) if doing == "cut" else None
+    if broken is None:
+        return StageError(
+            f"prune: Torch-Pruning failed to {doing} {label}: {what}; {left}. Keep the channels "
+            "where it fails with prune.ignore: [layer names or patterns]"
+        )
+    layer, feeder = broken
+    at = f" at {layer!r} ({type(model.get_submodule(layer)).__name__})" if layer else ""
+    keep = f"prune.ignore: [{feeder!r}], the layer feeding it" if feeder else "prune.ignore"
+    return StageError(
+        f"prune: the cut broke {label}{at}: {what}; {left}. Keep the channels that reach it "
+        f"with {keep}"
+    )
+
+
+def _failing_layer(model: nn.Module, example: torch.Tensor) -> tuple[str, str | None] | None:
+    """None if the network runs on ``example``; else the innermost module whose forward raises
+    ("" for the network's own) and the last convolution or Linear that ran before it: what most
+    likely feeds it."""
+    names = {module: name for name, module in model.named_modules()}
+    running: list[nn.Module] = []
+    finished: list[nn.Module] = []
+
+    def leave(module, args, out):
+        finished.append(running.pop())
+
+    hooks = [
+        hook
+        for module in model.modules()
+        for hook in (
+            module.register_forward_pre_hook(lambda module, args: running.append(module)),
+            module.register_forward_hook(leave),
+        )
+    ]
+    try:
+        with evaluating(model), torch.no_grad():
+            model(example)
+    except Exception:
+        layers = [m for m in finished if isinstance(m, tp.ops.TORCH_CONV | tp.ops.TORCH_LINEAR)]
+        return names.get(running[-1], "") if running else "", names[layers[-1]] if layers else None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None
+
+
+def _attributes(model: nn.Module) -> dict[nn.Module, dict]:
+    """Every module's attributes, parameters and buffers (not its submodules), one level deep:
+    enough to undo a cut, as Torch-Pruning replaces tensors and widths rather than editing
+    them (a deep copy would double the memory, and fails on a non-leaf tensor a module caches)."""
+    return {
+        module: {
+            key: copy.copy(value) if isinstance(value, dict | list | set) else value
+            for key, value in vars(module).items()
+            if key != "_modules"
+        }
+        for module in model.modules()
+    }
+
+
+def _restore(model: nn.Module, saved: dict[nn.Module, dict]) -> None:
+    """Put the attributes :func:`_attributes` took back into the same module objects."""
+    for module, attributes in saved.items():
+        vars(module).update(attributes)
+
+
+def _output_of(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    out = model(example)
+    return out if isinstance(out, torch.Tensor) else tp.utils.flatten_as_list(out)[0]

@@ -224,7 +224,7 @@ def _listed_items(items: list[str]) -> list[str]:
 # (only) normalised dimension.
 _FIELDS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (nn.Conv2d, ("in_channels", "out_channels", "groups")),
-    (nn.BatchNorm2d, ("num_features",)),
+    (nn.modules.batchnorm._BatchNorm, ("num_features",)),  # 1d (LeViT's Linear + BN), 2d, 3d
     (nn.Linear, ("in_features", "out_features")),
     (nn.LayerNorm, ("normalized_shape",)),
 )
@@ -256,7 +256,7 @@ def _width(module: nn.Module, field: str) -> int:
 
 
 def structure_of(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The widths of every Conv2d, BatchNorm2d, Linear and LayerNorm, and the head count of every
+    """The widths of every Conv2d, BatchNorm, Linear and LayerNorm, and the head count of every
     multi-head attention: what pruning changes, as plain ints.
 
     Returns:
@@ -347,7 +347,7 @@ def _resize(module: nn.Module, name: str, **widths: int) -> None:
         module.in_channels, module.out_channels, module.groups = cin, cout, groups
         _replace(module, "weight", (cout, cin // groups, *module.kernel_size))
         _replace(module, "bias", (cout,))
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         n = module.num_features = widths["num_features"]
         for tensor in ("weight", "bias", "running_mean", "running_var"):
             _replace(module, tensor, (n,))

@@ -1,12 +1,20 @@
 """Structured pruning: MACs targets are met, the classifier and ignored layers survive, widths
-round, a pruned checkpoint rebuilds without unpickling modules, and the prune stage fine-tunes
-the pruned student back up with its teacher."""
+round, a pruned checkpoint rebuilds without unpickling modules, networks with channels
+Torch-Pruning cannot follow (a channel shuffle, splits at held sizes, functional weights) are
+pruned around them or refused in one line with the network untouched, and the prune stage
+fine-tunes the pruned student back up with its teacher."""
+
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torch_pruning as tp
 from conftest import DIGITS_BASE as BASE
 from conftest import run_recipe
+from torch import nn
 
+import compress
 from compress.backends.timing import torch_latency
 from compress.config import PRUNING_CRITERIA, PruneConfig, PruneSpec
 from compress.errors import ModelError, SettingError, StageError
@@ -400,3 +408,454 @@ def test_stage_target_is_speedup_2_unless_given():
     assert step_targets(PruneSpec(pruning_ratio=0.3), 1000, 3) == [None] * 3
     with pytest.raises(StageError, match="not below the network's 1,000 MACs"):
         step_targets(PruneSpec(target_macs=1000), 1000, 1)
+
+
+# --- what Torch-Pruning cannot follow: pruned around, or refused in one line ---------------------
+# Each tiny network shows one pattern of a real one that Torch-Pruning crashed on, hung on or cut
+# into a network that no longer ran; the layers whose channels pass through the pattern keep
+# their width and the rest is pruned.
+
+
+def conv_bn(cin, cout, k=1, groups=1):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
+
+
+class Head(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv, self.fc = conv_bn(channels, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's: half the channels pass, half go through a branch, then the halves are
+    interleaved by a view / transpose / view (torchvision: ZeroDivisionError in Torch-Pruning)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(
+            conv_bn(half, 32), conv_bn(32, 32, 3, groups=32), conv_bn(32, half)
+        )
+
+    def forward(self, x):
+        kept, through = x.chunk(2, dim=1)
+        x = torch.cat((kept, self.branch(through)), dim=1)
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.units = conv_bn(3, 32, 3), nn.Sequential(ShuffleUnit(32), ShuffleUnit(32))
+        self.head = Head(32)
+
+    def forward(self, x):
+        return self.head(self.units(self.stem(x)))
+
+
+class WindowAttention(nn.Module):
+    """torchvision Swin's: attention within windows of a channel-last map, its Linears applied
+    with ``F.linear`` (torchvision: Torch-Pruning multiplied index lists until it died)."""
+
+    def __init__(self, dim, heads=2, window=2):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.window = heads, window
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        s = self.window
+        x = x.view(b, h // s, s, w // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, c)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(-1, s * s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(-1, s * s, c)
+        x = F.linear(x, self.proj.weight, self.proj.bias)
+        return x.view(b, h // s, w // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    """Swin's downsampling: four interleaved slices of the map, concatenated channel-last."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm, self.reduction = nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2 * dim)
+
+    def forward(self, x):
+        parts = [x[:, i::2, j::2] for i, j in ((0, 0), (1, 0), (0, 1), (1, 1))]
+        return self.reduction(self.norm(torch.cat(parts, -1)))
+
+
+class Swin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm0 = nn.Conv2d(3, 16, 4, stride=4), nn.LayerNorm(16)
+        self.stages = nn.Sequential(SwinBlock(16), PatchMerging(16), SwinBlock(32))
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stages(self.norm0(self.stem(x).permute(0, 2, 3, 1)))
+        return self.head(self.norm(x).mean((1, 2)))
+
+
+class MixedConv(nn.Module):
+    """timm's MixedConv2d: the channels split at sizes the module holds, a kernel size per part
+    (mixnet: split_with_sizes expects the sizes to sum up to the pruned width)."""
+
+    def __init__(self, channels, kernels=(3, 5)):
+        super().__init__()
+        self.splits = [channels // 2, channels - channels // 2]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c)
+            for c, k in zip(self.splits, kernels, strict=True)
+        )
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return torch.cat([conv(part) for conv, part in zip(self.convs, parts, strict=True)], 1)
+
+
+class MixNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.expand = conv_bn(3, 16, 3), conv_bn(16, 64)
+        self.mix, self.project, self.head = MixedConv(64), conv_bn(64, 16), Head(16)
+
+    def forward(self, x):
+        return self.head(self.project(self.mix(self.expand(self.stem(x)))))
+
+
+class GatedNet(nn.Module):
+    """A gated MLP: a chunk whose two halves meet again in a product, so they are cut alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = conv_bn(3, 16, 3), Head(16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 64, 1), nn.Conv2d(32, 16, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        value, gate = self.fc1(x).chunk(2, dim=1)
+        return self.head(x + self.fc2(value * gate.sigmoid()))
+
+
+class CrossStage(nn.Module):
+    """A CSP stage: a split at a width the module holds, one part through residual blocks
+    (cspresnet50: IndexError, index 256 is out of bounds)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.half = channels
+        self.expand = conv_bn(channels, 2 * channels)
+        self.block = nn.Sequential(
+            conv_bn(channels, channels // 2), conv_bn(channels // 2, channels, 3)
+        )
+        self.transition_b, self.transition = (
+            conv_bn(channels, channels),
+            conv_bn(2 * channels, channels),
+        )
+
+    def forward(self, x):
+        kept, through = self.expand(x).split(self.half, dim=1)
+        through = through + self.block(through)
+        return self.transition(torch.cat([kept, self.transition_b(through)], 1))
+
+
+class CspNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stage, self.head = conv_bn(3, 16, 3), CrossStage(16), Head(16)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)))
+
+
+class SplitAttention(nn.Module):
+    """ResNeSt's: radix groups of channels viewed apart and weighted by a softmax across them
+    (resnest14d: shape '[1, 2, 120, 1, 1]' is invalid)."""
+
+    def __init__(self, channels, radix=2):
+        super().__init__()
+        self.radix = radix
+        self.conv = conv_bn(channels, channels * radix, 3, groups=radix)
+        self.fc1, self.fc2 = conv_bn(channels, 32), nn.Conv2d(32, channels * radix, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        attn = self.fc2(self.fc1(x.sum(1).mean((2, 3), keepdim=True)))
+        attn = attn.view(b, self.radix, -1).softmax(1)
+        return (x * attn.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(1)
+
+
+class ResNeSt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.reduce = conv_bn(3, 32, 3), conv_bn(32, 16)
+        self.attn, self.head = SplitAttention(16), Head(16)
+
+    def forward(self, x):
+        return self.head(self.attn(self.reduce(self.stem(x))))
+
+
+class Subsample(nn.Module):
+    """LeViT's: tokens viewed as a channel-last map, every other row and column kept (levit:
+    Torch-Pruning took the row slice for a channel slice; mat1 and mat2 cannot be multiplied)."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        side = round(n**0.5)
+        return x.view(b, side, side, c)[:, ::2, ::2].reshape(b, -1, c)
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d (over the tokens flattened into the batch)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        return self.bn(self.linear(x).flatten(0, 1)).reshape(b, n, -1)
+
+
+class LeViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3)
+        self.mlp1 = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+        self.q = nn.Sequential(Subsample(), nn.Linear(16, 32))
+        self.mlp2 = nn.Sequential(LinearNorm(32, 64), nn.GELU(), LinearNorm(64, 32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = self.q(x + self.mlp1(x))
+        return self.head((x + self.mlp2(x)).mean(1))
+
+
+def prune_tiny(network, size=16, **spec):
+    """``network`` pruned by the library verb to 1.5x fewer MACs (round_to 1): the MACs ratio,
+    and its widths before and after."""
+    torch.manual_seed(0)
+    model = network().eval()
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    before, macs = structure_of(model), count_params_macs(model, size)[1]
+    compress.prune(model, images, PruneSpec(speedup=1.5, round_to=1, **spec))
+    with torch.no_grad():
+        assert model(images).shape == (2, 10)
+    return macs / count_params_macs(model, size)[1], before, structure_of(model)
+
+
+@pytest.mark.parametrize(
+    ("network", "size", "kept", "cut"),
+    [
+        (  # the shuffle's two sides keep their width; the branches' insides and the head do not
+            ShuffleNet,
+            16,
+            ["stem.0", "units.0.branch.2.0", "units.1.branch.2.0"],
+            ["units.0.branch.0.0", "units.1.branch.0.0", "head.conv.0"],
+        ),
+        (  # the token width runs through F.linear(x, qkv.weight): only the MLPs lose width
+            Swin,
+            32,
+            ["stem", "stages.0.attn.qkv", "stages.0.attn.proj", "stages.1.reduction"],
+            ["stages.0.mlp.0", "stages.2.mlp.0"],
+        ),
+        (  # what enters the split at held sizes keeps its width
+            MixNet,
+            16,
+            ["expand.0", "mix.convs.0", "mix.convs.1"],
+            ["stem.0", "project.0", "head.conv.0"],
+        ),
+        (  # the CSP split too; the residual blocks' insides and the transitions do not
+            CspNet,
+            16,
+            ["stage.expand.0", "stage.block.1.0"],
+            ["stage.block.0.0", "stage.transition_b.0", "stage.transition.0"],
+        ),
+        (  # the radix groups keep their width, the attention's bottleneck does not
+            ResNeSt,
+            16,
+            ["attn.conv.0", "attn.fc2"],
+            ["reduce.0", "attn.fc1.0", "head.conv.0"],
+        ),
+        (  # the tokens before the subsampling stay; the MLPs and the stream after it are cut
+            LeViT,  # (a Linear + BatchNorm1d: the checkpoint stores BatchNorm1d widths)
+            16,
+            ["stem.0"],
+            ["mlp1.0", "q.1", "mlp2.2.linear"],
+        ),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else None,
+)
+def test_what_torch_pruning_cannot_follow_keeps_its_width_and_the_rest_is_pruned(
+    network, size, kept, cut
+):
+    ratio, before, after = prune_tiny(network, size)
+    assert 1.5 <= ratio < 1.8
+    for name in kept + cut:
+        width = "out_features" if "out_features" in before[name] else "out_channels"
+        assert (after[name][width] < before[name][width]) == (name in cut), name
+
+
+def test_each_width_kept_says_why():
+    torch.manual_seed(0)
+    pruner = ChannelPruner(Swin().eval(), torch.randn(2, 3, 32, 32), PruneSpec(), num_classes=10)
+    names = {module: name for name, module in pruner.model.named_modules()}
+    why = {names[layer]: reason for layer, reason in pruner.frozen.items()}
+    assert "the weights of stages.2.attn.proj are used outside its forward" in why["norm"]
+    assert "sliced at offsets the forward holds" in why["stem"]
+    assert "stages.0.mlp.0" not in why
+    torch.manual_seed(0)
+    pruner = ChannelPruner(
+        ShuffleNet().eval(), torch.randn(2, 3, 16, 16), PruneSpec(), num_classes=10
+    )
+    names = {module: name for name, module in pruner.model.named_modules()}
+    assert (
+        "regroups its channels (a channel shuffle"
+        in {names[layer]: reason for layer, reason in pruner.frozen.items()}["units.0.branch.2.0"]
+    )
+
+
+def test_a_chunk_whose_halves_are_cut_alike_is_pruned_step_after_step():
+    ratio, before, after = prune_tiny(GatedNet)
+    assert ratio >= 1.5
+    value_and_gate = after["fc1"]["out_channels"]
+    assert value_and_gate < 64 and value_and_gate == 2 * after["fc2"]["in_channels"]
+
+
+def test_a_target_beyond_what_can_be_cut_is_refused_and_the_network_left_as_it_was():
+    torch.manual_seed(0)
+    model = MixNet().eval()
+    before, weights = structure_of(model), copy.deepcopy(model.state_dict())
+    with pytest.raises(StageError) as info:
+        compress.prune(model, torch.randn(2, 3, 16, 16), PruneSpec(speedup=4.0))
+    message = str(info.value)
+    assert message.startswith("prune: cannot reach") and "\n" not in message
+    assert "the network is left as it was" in message and "fewer than" in message
+    assert "must keep their width, e.g. " in message
+    assert "split into parts of sizes the forward holds" in message
+    assert structure_of(model) == before
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+class FixedShift(nn.Module):
+    """Adds a buffer of the width it was built with: no part of the graph Torch-Pruning traces."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+class ShiftNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = conv_bn(3, 16, 3), conv_bn(16, 32)
+        self.shift, self.head = FixedShift(32), Head(32)
+
+    def forward(self, x):
+        return self.head(self.shift(self.body(self.stem(x))))
+
+
+def test_a_cut_that_breaks_the_network_is_undone_and_names_the_layer_to_ignore():
+    torch.manual_seed(0)
+    model = ShiftNet().eval()
+    before, weights = structure_of(model), copy.deepcopy(model.state_dict())
+    with pytest.raises(StageError) as info:
+        compress.prune(model, torch.randn(2, 3, 16, 16), PruneSpec(speedup=1.5))
+    message = str(info.value)
+    assert message.startswith("prune: the cut broke ShiftNet at 'shift' (FixedShift): ")
+    assert "the network is left as it was" in message and "\n" not in message
+    assert message.endswith("prune.ignore: ['body.0'], the layer feeding it")
+    assert structure_of(model) == before
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    ratio, _, after = prune_tiny(ShiftNet, ignore=("body.0",))  # the workaround it names works
+    assert ratio >= 1.5 and after["body.0"]["out_channels"] == 32
+
+
+def test_torch_pruning_failures_are_one_line_and_change_nothing(monkeypatch):
+    name = "cifar:resnet20"
+    model = trained_like(name)
+    before, weights = structure_of(model), copy.deepcopy(model.state_dict())
+
+    def recursion(graph):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("compress.pruning.map_views", recursion)
+        with pytest.raises(StageError, match=r"^prune: Torch-Pruning failed to trace .*Recursion"):
+            ChannelPruner(model, example(name), PruneSpec(), num_classes=10)
+    step = tp.pruner.BasePruner.step
+
+    def step_then_fail(self, interactive=False):  # a half-done step, as an IndexError leaves it
+        step(self)
+        raise IndexError("index 256 is out of bounds for dimension 0 with size 256")
+
+    monkeypatch.setattr(tp.pruner.BasePruner, "step", step_then_fail)
+    with pytest.raises(StageError, match=r"failed to cut .*IndexError: index 256.*left as it was"):
+        prune_network(model, example(name), PruneSpec(), num_classes=10, target_macs=1000)
+    assert structure_of(model) == before
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+class Flattened(nn.Module):
+    """A feature map flattened into a Linear, and a Linear viewed as a feature map (by a view
+    that holds no channel count, which no cut could change)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = conv_bn(3, 16, 3), nn.Linear(16 * 4 * 4, 128)
+        self.up, self.head = conv_bn(8, 32), Head(32)
+
+    def forward(self, x):
+        x = self.fc(F.adaptive_avg_pool2d(self.conv(x), 4).flatten(1))
+        return self.head(self.up(x.view(len(x), -1, 4, 4)))
+
+
+def test_a_flatten_maps_each_channel_to_its_features():
+    ratio, before, after = prune_tiny(Flattened)
+    assert ratio >= 1.5
+    assert after["fc"]["in_features"] == 16 * after["conv.0"]["out_channels"] < 256
+    assert after["fc"]["out_features"] == 16 * after["up.0"]["in_channels"] < 128
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("torchvision:shufflenet_v2_x0_5", 32), ("timm:resnest14d", 32), ("timm:cspresnet50", 32)],
+)
+def test_real_networks_with_those_patterns_prune(name, size):
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10).eval()
+    images = torch.randn(2, 3, size, size)
+    macs = count_params_macs(model, size)[1]
+    compress.prune(model, images, PruneSpec(speedup=1.5))
+    assert macs / count_params_macs(model, size)[1] >= 1.5
+    with torch.no_grad():
+        assert model(images).shape == (2, 10)
