@@ -351,8 +351,9 @@ def _build_timm(
     vit = timm.models.model_entrypoint(arch).__module__ in _TIMM_VIT_MODULES
     if vit:
         options |= _vit_options(name, cifar_stem, image_size)
+    full = arch if tag is None else f"{arch}.{tag}"
     try:
-        model = timm.create_model(arch if tag is None else f"{arch}.{tag}", **options)
+        model = _create_timm(timm, full, options, None if vit else image_size)
     except Exception as exc:  # timm asserts and raises many kinds of errors on bad arguments
         if tag is not None and isinstance(exc, OSError):
             raise  # a download failure: compress.pretrained names the file and where it goes
@@ -360,6 +361,20 @@ def _build_timm(
         raise ModelError(f"{name}: timm cannot {what} ({first_line(exc)})") from None
     adapted = _adapt_timm_cifar_stem(model, name) if cifar_stem and not vit else []
     return model, adapted
+
+
+def _create_timm(timm, name: str, options: dict, image_size: int | None) -> nn.Module:
+    """``timm.create_model``, built for ``image_size`` where the model takes an ``img_size``
+    (Swin, LeViT, MaxViT, EfficientFormer...: their window or attention-bias tables are sized to
+    the input; built for 224 px they refuse a 64 px image), else as timm builds it."""
+    if image_size is None:
+        return timm.create_model(name, **options)
+    try:
+        return timm.create_model(name, **options, img_size=image_size)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        return timm.create_model(name, **options)
 
 
 def timm_pretrained_cfg(name: str, tag: str | None) -> dict:
