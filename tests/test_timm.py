@@ -68,6 +68,15 @@ def test_resnet_stems_become_cifar_shaped():
     assert isinstance(plain.maxpool, torch.nn.Identity)
 
 
+def test_a_model_whose_tables_are_sized_to_its_input_is_built_for_the_runs_images():
+    """LeViT's attention biases are sized to the input: built for 224 px it refused 64 px."""
+    model = build_model("timm:levit_128s", 10, image_size=64).eval()
+    with torch.no_grad():
+        assert model(images(64)).shape == (2, 10)
+    cnn = build_model("timm:resnet10t", 10, image_size=64)  # no img_size argument: built as is
+    assert cnn(images(64)).shape == (2, 10)
+
+
 def test_vit_cifar_stem_is_4x4_patches_at_the_run_image_size():
     model = vit(image_size=16, in_channels=1)
     assert model.patch_embed.proj.kernel_size == (4, 4) and model.patch_embed.proj.in_channels == 1
