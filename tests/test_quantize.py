@@ -318,6 +318,7 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
         "target": "onnxruntime-cpu",
         "skip": [],
         "weight_range": "pair-limit",
+        "untraced_float": [],  # torch.fx traced all of it
         "calibration": "percentile",
         "percentile": 99.99,
         "calibration_images": 256,
