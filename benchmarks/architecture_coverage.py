@@ -78,8 +78,12 @@ def main() -> None:
     parser.add_argument("--train-gmacs", type=float, default=2000.0, help="training work cap")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
     parser.add_argument("--redo", action="store_true", help="run finished models again")
+    parser.add_argument("--report", action="store_true", help="only the table of the rows kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        write_result()
+        return
     if args.child:
         row = run_chain(args.child, args)
         print("ROW " + json.dumps(row))
@@ -369,10 +373,15 @@ def write_result() -> None:
     from compress.machine import machine_info, versions
 
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
-    ok = [r for r in rows if all(v == "ok" for v in r["stages"].values())]
     write_json_atomic(RESULT, {"machine": machine_info() | {"versions": versions()}, "rows": rows})
     print(markdown_table(rows))
-    print(f"{len(ok)} of {len(rows)} models: whole chain ok; written {RESULT}")
+    for source in ("torchvision", "timm"):
+        mine = [r for r in rows if r["source"] == source]
+        verdicts = [set(r["stages"].values()) for r in mine]
+        ok = sum(v == {"ok"} for v in verdicts)
+        crashed = sum("crash" in v for v in verdicts)
+        print(f"{source}: {ok} of {len(mine)} whole chain ok, {crashed} with a crash")
+    print(f"written {RESULT}")
 
 
 def markdown_table(rows: list[dict]) -> str:
