@@ -462,7 +462,11 @@ def _swap_layers(
         setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, new)
         quantized.add(name)
     for name, module in list(graph_module.named_modules()):
-        if type(module) is nn.AdaptiveAvgPool2d and name in called:
+        if (
+            type(module) is nn.AdaptiveAvgPool2d
+            and name in called
+            and module.output_size not in (1, (1, 1))  # a global pool exports at any size
+        ):
             parent, _, attr = name.rpartition(".")
             pool = ExportableAdaptiveAvgPool2d(module.output_size)
             setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, pool)
