@@ -6,6 +6,11 @@ predicts at chance until fine-tuning has moved them (the quickstart fell from 96
 only 1.45x fewer MACs). Re-estimating them on a few training batches, without any gradient
 step, brings the network back (EagleEye's "adaptive BatchNorm", Li et al. 2020): fine-tuning
 then starts from a working network, and candidates can be judged by accuracy at once.
+
+The same holds after a short training run of a network whose BatchNorm updates its statistics
+slowly (torchvision's MobileNetV3, EfficientNet and MNASNet use momentum 0.01 or less), or whose
+statistics came with pretrained weights from another dataset: :func:`lagging_batchnorm` says
+when, and the distill stage and :func:`compress.distill` re-estimate them after training.
 """
 
 from __future__ import annotations
@@ -56,3 +61,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
                 norm.momentum = momentum
     distributed.sync_buffers(model)
     return seen
+
+
+LAGGING_MOMENTUM = 0.1  # PyTorch's default; below it the running statistics trail the weights
+RECALIBRATION_IMAGES = 2048  # training images statistics are re-estimated on after training
+
+
+def lagging_batchnorm(model: nn.Module) -> bool:
+    """Whether a BatchNorm of ``model`` updates its running statistics with a momentum below
+    PyTorch's default 0.1 (after a few hundred steps they still hold much of their start)."""
+    return any(
+        isinstance(m, _BatchNorm)
+        and m.track_running_stats
+        and m.momentum is not None
+        and m.momentum < LAGGING_MOMENTUM
+        for m in model.modules()
+    )

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from compress.artifacts import Artifact
-from compress.batchnorm import recalibrate_batchnorm
+from compress.batchnorm import RECALIBRATION_IMAGES, lagging_batchnorm, recalibrate_batchnorm
 from compress.config import DistillConfig
 from compress.context import RunContext
 from compress.models import count_params_macs
@@ -22,9 +22,6 @@ from compress.teaching import frozen, history_dicts, train_with_teacher
 from compress.train_loop import evaluate
 from compress.weights import save_weights
 
-RECALIBRATION_IMAGES = 2048  # training images a pretrained student's BatchNorm statistics are
-# re-estimated on after training (a cumulative average: a few batches give the estimate)
-
 
 def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     """Train the student with ``cfg.loss`` against the network of stage ``cfg.teacher``.
@@ -36,12 +33,13 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
 
     The student starts from its section's pretrained ``weights`` when it names some (the head
     replaced where the class count differs), else from a fresh initialisation. A student started
-    from weights ends with its BatchNorm statistics re-estimated on
-    :data:`RECALIBRATION_IMAGES` training images: they began as another dataset's (ImageNet's),
-    and torchvision's MobileNetV3 and EfficientNet update them with momentum 0.01, so after a
-    short fine-tune the running statistics still describe the old data (measured at 224 px: a
-    MobileNetV3-Large at 95.6% training accuracy scored 7.4% in eval mode, 94.6% once
-    re-estimated).
+    from weights, or whose BatchNorm updates slowly
+    (:func:`compress.batchnorm.lagging_batchnorm`), ends with its BatchNorm statistics re-
+    estimated on 2,048 training images: they began as another dataset's (ImageNet's), and
+    torchvision's MobileNetV3 and EfficientNet update them with momentum 0.01, so after a short
+    run the running statistics still describe the old data or the early weights (measured at 224
+    px: a MobileNetV3-Large at 95.6% training accuracy scored 7.4% in eval mode, 94.6% once re-
+    estimated).
 
     Returns:
         Artifact with ``files["model"]`` (student state_dict), its network, test accuracy
@@ -71,7 +69,7 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
         **ctx.training(ctx.stage_dir.name if ctx.stage_dir else "distill"),
     )
     stale_top1 = None
-    if loaded is not None:  # its BatchNorm statistics began as another dataset's
+    if loaded is not None or lagging_batchnorm(student):
         stale_top1 = evaluate(student, test_loader, prep, ctx.device)["top1"]
         images = calibration_batches(ctx, ctx.loaders()[0], prep, RECALIBRATION_IMAGES)
         recalibrate_batchnorm(student, images)
