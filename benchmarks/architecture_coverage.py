@@ -21,7 +21,7 @@ model's image size (64 px, or the smallest of 96/128/160/224 its forward accepts
    an EfficientNet-B0 at 21% top-1 on CIFAR-10 agreed 82% with its own ONNX file, at 95%
    top-1 on digits 98.7%);
 2. ``distill``: a few KD steps from a frozen copy of the trained network;
-3. ``prune``: ``compress.prune`` to 1.5x fewer MACs, BatchNorm re-estimated, a few CE steps;
+3. ``prune``: ``compress.prune`` to 1.5x fewer MACs, BatchNorm re-estimated, 60 CE steps;
 4. ``quantize``: ``compress.quantize`` (PTQ, percentile calibration, portable weights);
 5. ``export``: ``compress.export`` of the INT8 network (the float one where quantize did not
    give one) with its checks: ONNX Runtime against PyTorch, INT8 portability;
@@ -212,7 +212,7 @@ def run_chain(name: str, args) -> dict:
         compress.prune(
             pruned, example, compress.PruneSpec(speedup=1.5), calibration_data=calibration
         )
-        fit(compress, pruned, train, 20, ce, lr=2e-4)
+        fit(compress, pruned, train, 60, ce, lr=5e-4)
         return pruned
 
     pruned = stage("prune", prune)
