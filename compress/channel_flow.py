@@ -56,13 +56,16 @@ def map_views(graph: tp.DependencyGraph) -> dict:
     Returns:
         ``{node: why}`` for the views whose channels cannot be followed.
     """
-    opaque = {}
-    for node in graph.module2node.values():
-        if isinstance(node.module, tp.ops._ReshapeOp):
-            why = _map_reshape(graph, node)
-            if why:
-                opaque[node] = why
-    return opaque
+    return _map_each(graph, tp.ops._ReshapeOp, _map_reshape)
+
+
+def _map_each(graph: tp.DependencyGraph, kind: type, mapper) -> dict:
+    """``mapper(graph, node)`` on every node of ``kind``; ``{node: why}`` where it says why not."""
+    reasons = {}
+    for node in list(graph.module2node.values()):
+        if isinstance(node.module, kind) and (why := mapper(graph, node)):
+            reasons[node] = why
+    return reasons
 
 
 def _map_reshape(graph: tp.DependencyGraph, node) -> str | None:
@@ -183,12 +186,7 @@ def map_splits(graph: tp.DependencyGraph) -> dict:
     Returns:
         ``{node: why}`` for the splits of the channels that cannot be followed.
     """
-    unfollowable = {}
-    for node in graph.module2node.values():
-        if isinstance(node.module, tp.ops._SplitOp):
-            why = _map_split(graph, node)
-            if why:
-                unfollowable[node] = why
+    unfollowable = _map_each(graph, tp.ops._SplitOp, _map_split)
     for node in graph.module2node.values():
         if node.type == _OP.CONCAT:  # sizes it inferred while the splits had none
             node.module.concat_sizes = node.module.offsets = None
