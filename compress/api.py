@@ -110,19 +110,8 @@ def distill(
     if history is not None:
         history.extend(logs)
     if lagging_batchnorm(student):  # statistics that trail the weights: re-estimated
-        recalibrate_batchnorm(student, _first_images(train_loader, RECALIBRATION_IMAGES, device))
+        recalibrate_batchnorm(student, _inputs_of(train_loader, device, RECALIBRATION_IMAGES))
     return student
-
-
-def _first_images(loader: Iterable, images: int, device: torch.device) -> list[torch.Tensor]:
-    """The inputs of ``loader``'s first batches, ``images`` of them, on ``device``."""
-    batches, seen = [], 0
-    for inputs, *_ in loader:
-        batches.append(inputs[: images - seen].to(device))
-        seen += len(batches[-1])
-        if seen >= images:
-            break
-    return batches
 
 
 def prune(
@@ -436,10 +425,19 @@ def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _inputs_of(data: Iterable, device: torch.device) -> list[torch.Tensor]:
+def _inputs_of(
+    data: Iterable, device: torch.device, images: int | None = None
+) -> list[torch.Tensor]:
     """The input batches of ``data`` (batches, or ``(inputs, labels, ...)`` batches) on
-    ``device``."""
-    return [(batch[0] if isinstance(batch, list | tuple) else batch).to(device) for batch in data]
+    ``device``; with ``images``, only the first that many."""
+    batches, seen = [], 0
+    for batch in data:
+        if images is not None and seen >= images:
+            break
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        batches.append(inputs[: None if images is None else images - seen].to(device))
+        seen += len(batches[-1])
+    return batches
 
 
 __all__ = ["bench", "distill", "export", "keep_float", "loss", "prune", "quantize"]

@@ -70,7 +70,12 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     )
     stale_top1 = None
     if loaded is not None or lagging_batchnorm(student):
-        stale_top1 = evaluate(student, test_loader, prep, ctx.device)["top1"]
+        # the last epoch's evaluation saw these weights with the old statistics
+        stale_top1 = (
+            history[-1].test_top1
+            if history
+            else evaluate(student, test_loader, prep, ctx.device)["top1"]
+        )
         images = calibration_batches(ctx, ctx.loaders()[0], prep, RECALIBRATION_IMAGES)
         recalibrate_batchnorm(student, images)
     test = evaluate(student, test_loader, prep, ctx.device)
