@@ -176,7 +176,7 @@ class QuantLinear(WeightQuant, nn.Linear):
     """``nn.Linear`` computing with its INT8-rounded weight (see :class:`WeightQuant`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.quantized_bias())
+        return F.linear(x, self.quantized_weight(), self.bias)  # its output stays float
 
 
 class ActQuant(nn.Module):
@@ -445,7 +445,7 @@ def _swap_layers(
 ) -> set[str]:
     """Replace every conv/linear the graph calls (not one inside a module kept whole by
     :func:`compress.tracing.trace`) and not in ``skipped`` by its weight-quantized twin; their
-    names.
+    names. Adaptive pools become :class:`ExportableAdaptiveAvgPool2d`.
 
     Folded biases train: ``fuse`` creates them frozen where the conv had no bias of its own.
     """
@@ -457,9 +457,7 @@ def _swap_layers(
     for name, module in list(graph_module.named_modules()):
         if name in skipped or name not in called or type(module) not in (nn.Conv2d, nn.Linear):
             continue
-        new = _twin(module, weight_range, bn_gains.get(name))
-        parent, _, attr = name.rpartition(".")
-        setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, new)
+        graph_module.set_submodule(name, _twin(module, weight_range, bn_gains.get(name)))
         quantized.add(name)
     for name, module in list(graph_module.named_modules()):
         if (
@@ -467,9 +465,7 @@ def _swap_layers(
             and name in called
             and module.output_size not in (1, (1, 1))  # a global pool exports at any size
         ):
-            parent, _, attr = name.rpartition(".")
-            pool = ExportableAdaptiveAvgPool2d(module.output_size)
-            setattr(graph_module.get_submodule(parent) if parent else graph_module, attr, pool)
+            graph_module.set_submodule(name, ExportableAdaptiveAvgPool2d(module.output_size))
     for module in graph_module.modules():
         if isinstance(module, _ACTIVATIONS):
             module.inplace = False  # fake quantization must not see a tensor change under it
@@ -509,12 +505,12 @@ def _place_quantizers(
     graph_module: fx.GraphModule, quantized: set[str], signed: bool, int32_bias: bool = False
 ) -> None:
     """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module
-    docstring). With ``int32_bias``, each layer whose output is quantized too gets its input
+    docstring). With ``int32_bias``, each conv whose output is quantized too gets its input
     quantizer as ``input_quant`` (see :meth:`WeightQuant.quantized_bias`)."""
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     points: list[fx.Node] = []
-    requantized: list[fx.Node] = []  # layers whose output is quantized: integer kernels
+    requantized: list[fx.Node] = []  # convs whose output is quantized: integer kernels
 
     def is_point(node) -> bool:
         return isinstance(node, fx.Node) and _source(node, modules) in points

@@ -83,6 +83,5 @@ def with_split_attention(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if splittable(module):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, SplitAttention(module))
+            model.set_submodule(name, SplitAttention(module))
     return model

@@ -134,3 +134,18 @@ def assert_one_line_error(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[-1]
     return lines[-1]
+
+
+def optimized_nodes(path: Path, level: str) -> list:
+    """The nodes of ONNX Runtime's graph of ``path`` after its optimizations at ``level``
+    (``"ORT_ENABLE_EXTENDED"``, ``"ORT_ENABLE_ALL"``...): what it will run, fusions included."""
+    import onnx
+    import onnxruntime as ort
+
+    optimized = path.with_name(f"{path.stem}.{level}.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.optimized_model_filepath = str(optimized)
+    options.log_severity_level = 3  # the NCHWc warning of ORT_ENABLE_ALL
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return list(onnx.load(optimized).graph.node)

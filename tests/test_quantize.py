@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import DIGITS_BASE
+from conftest import DIGITS_BASE, optimized_nodes
 from torch import nn
 
 import compress
@@ -165,17 +165,9 @@ def three_convs() -> nn.Sequential:
 
 def optimized_convs(path, level) -> list[str]:
     """``"domain:op"`` of each convolution in ONNX Runtime's optimized graph of ``path``."""
-    import onnxruntime as ort
-
-    optimized = path.with_name(f"{path.stem}.{level}.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    options.optimized_model_filepath = str(optimized)
-    options.log_severity_level = 3  # the NCHWc warning of ORT_ENABLE_ALL
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return [
         f"{node.domain}:{node.op_type}"
-        for node in onnx.load(optimized).graph.node
+        for node in optimized_nodes(path, level)
         if "Conv" in node.op_type
     ]
 

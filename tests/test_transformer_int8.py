@@ -4,10 +4,10 @@ it like a CNN's: ONNX Runtime fuses every linear layer into an integer kernel, r
 fake-quantized network, and the file is portable."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import optimized_nodes
 from torch import nn
 
 import compress
@@ -20,15 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def optimized_ops(path) -> dict[str, int]:
     """Op counts of ONNX Runtime's optimized graph of ``path`` (no hardware-specific layouts)."""
-    optimized = path.with_name(f"{path.stem}.optimized.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(optimized)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    counts: dict[str, int] = {}
-    for node in onnx.load(optimized).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+    nodes = optimized_nodes(path, "ORT_ENABLE_EXTENDED")
+    return {op: sum(node.op_type == op for node in nodes) for op in {n.op_type for n in nodes}}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
