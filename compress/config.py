@@ -163,7 +163,7 @@ class TeacherConfig:
     cifar_stem: bool | None = None  # None: on when data.image_size <= 64
     # the finished teacher: a state_dict of this network for the data's classes, not trained
     checkpoint: str | None = None
-    # where training starts: a file, a torchvision/timm name or hf-hub:org/name (README, Models)
+    # where training starts: a file, a torchvision/timm name or hf-hub:org/name (docs/models.md)
     weights: str | None = field(default=None, metadata={ADDED_LATER: True})
     # false: load the layers of `weights` that fit and record the rest (true: refuse)
     strict_weights: bool = field(default=True, metadata={ADDED_LATER: True})
