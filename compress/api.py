@@ -24,6 +24,8 @@ returns the network, so calls chain.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,9 +34,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.config import BenchConfig, ExportConfig, LossConfig, MixConfig, PruneSpec, TrainConfig
+from compress.config import (
+    BenchConfig,
+    DistillSpec,
+    ExportConfig,
+    LossConfig,
+    MixConfig,
+    PruneSpec,
+    QuantizeSpec,
+)
+from compress.errors import StageError
+from compress.fileio import write_json_atomic
 from compress.losses import LOSSES
-from compress.records import QuantSpec
+from compress.records import PruneStep, QuantSpec
+from compress.teaching import LoopSettings
 from compress.train_loop import EpochLog
 
 if TYPE_CHECKING:
@@ -51,14 +64,16 @@ def distill(
     student: nn.Module,
     teacher: nn.Module | None,
     train_loader: Iterable,
+    spec: DistillSpec | None = None,
     *,
-    losses: Iterable[LossConfig] | None = None,
-    epochs: int = 1,
     test_loader: Iterable | None = None,
-    augment: MixConfig | None = None,
-    device: str | torch.device | None = None,
-    show_progress: bool = False,
+    loop: LoopSettings | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    recalibrate_batchnorm: bool | None = None,
     history: list[EpochLog] | None = None,
+    losses: Iterable[LossConfig] | None = None,
+    epochs: int | None = None,
+    augment: MixConfig | None = None,
     **train: Any,
 ) -> nn.Module:
     """Train ``student`` in place against the frozen ``teacher`` and return it.
@@ -67,51 +82,73 @@ def distill(
     a teacher is trained); every other loss needs the teacher.
 
     Args:
-        losses: the weighted terms (:func:`loss`); default Hinton KD (T=4, alpha=0.9).
-        epochs: passes over ``train_loader``.
+        spec: the loss terms, optimisation and batch mixing (the recipe's ``distill`` section
+            is one); default Hinton KD (T=4, alpha=0.9), one epoch of SGD.
         test_loader: evaluated after every epoch (top-1 in ``history``), if given.
-        augment: mixup / cutmix / cutout applied to the batch both networks see.
-        device: where to train; default: where the student's parameters are.
+        loop: how batches are prepared, where training runs, progress and the epoch
+            checkpoint (:class:`~compress.teaching.LoopSettings`); default: batches as given,
+            on the student's device, quietly.
+        teacher_logits: the teacher's logits for every training image, when the loader also
+            yields each batch's indices: the teacher is not run.
+        recalibrate_batchnorm: re-estimate the BatchNorm statistics on the first 2,048
+            training images after training (:mod:`compress.batchnorm`); None: when they update
+            slowly (momentum below 0.1: torchvision's MobileNetV3, EfficientNet), so after a
+            short run they would still describe the early weights. Pass True for a student
+            that started from another dataset's weights.
         history: a list to append one :class:`~compress.train_loop.EpochLog` per epoch to.
-        **train: any :class:`~compress.config.TrainConfig` field (``lr``, ``optimizer``,
-            ``schedule``, ``weight_decay``, ...).
-
-    A student whose BatchNorm updates its statistics slowly (momentum below 0.1: torchvision's
-    MobileNetV3, EfficientNet) ends with them re-estimated on the first 2,048 training images
-    (:mod:`compress.batchnorm`): after a short run they would still describe its early weights.
+        losses, epochs, augment, **train: override ``spec``'s loss terms (:func:`loss`), its
+            ``train.epochs``, its mixing, and any :class:`~compress.config.TrainConfig` field
+            (``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ...).
     """
-    from compress.batchnorm import RECALIBRATION_IMAGES, lagging_batchnorm, recalibrate_batchnorm
+    from compress.batchnorm import RECALIBRATION_IMAGES, lagging_batchnorm
+    from compress.batchnorm import recalibrate_batchnorm as recalibrate
     from compress.teaching import frozen, train_with_teacher
 
-    device = torch.device(device) if device is not None else _device_of(student)
-    terms = tuple(losses) if losses is not None else (LossConfig(),)
+    spec = _distill_spec(spec, losses, epochs, augment, train)
+    loop = loop or LoopSettings()
+    device = loop.device if loop.device is not None else _device_of(student)
     if teacher is None:
-        needing = [term.name for term in terms if term.name != "ce"]
+        needing = [term.name for term in spec.loss if term.name != "ce"]
         if needing:
             raise ValueError(
                 f"distill: the loss terms {', '.join(needing)} need a teacher; pass one, or train "
                 "with losses=[loss('ce')]"
             )
-        teacher = (
-            nn.Identity()
-        )  # never called: cross-entropy alone skips the teacher's forward pass
+        teacher = nn.Identity()  # never called: cross-entropy alone skips the teacher's forward
     logs = train_with_teacher(
         student.to(device),
         frozen(teacher.to(device)),
-        terms,
-        TrainConfig(epochs=epochs, **train),
-        augment or MixConfig(),
+        spec.loss,
+        spec.train,
+        spec.augment,
         loaders=(train_loader, test_loader),
-        prep=_as_is,
+        prep=loop.inputs,
         device=device,
-        desc="distill",
-        show_progress=show_progress,
+        desc=loop.desc,
+        show_progress=loop.show_progress,
+        checkpoint=loop.checkpoint,
+        checkpoint_key=loop.checkpoint_key,
+        cache=teacher_logits,
     )
     if history is not None:
         history.extend(logs)
-    if lagging_batchnorm(student):  # statistics that trail the weights: re-estimated
-        recalibrate_batchnorm(student, _inputs_of(train_loader, device, RECALIBRATION_IMAGES))
+    if recalibrate_batchnorm is None:
+        recalibrate_batchnorm = lagging_batchnorm(student)
+    if recalibrate_batchnorm:
+        recalibrate(student, _inputs_of(train_loader, device, RECALIBRATION_IMAGES, loop))
     return student
+
+
+def _distill_spec(spec, losses, epochs, augment, train) -> DistillSpec:
+    """``spec`` (default :class:`DistillSpec`) with the keyword overrides of :func:`distill`."""
+    spec = spec or DistillSpec()
+    overrides = train | ({"epochs": epochs} if epochs is not None else {})
+    return dataclasses.replace(
+        spec,
+        loss=tuple(losses) if losses is not None else spec.loss,
+        augment=augment or spec.augment,
+        train=dataclasses.replace(spec.train, **overrides),
+    )
 
 
 def prune(
@@ -124,7 +161,14 @@ def prune(
     finetune: Callable[[nn.Module, int], None] | None = None,
     gradient_fn: Callable[[nn.Module], None] | None = None,
     calibration_data: Iterable | None = None,
+    calibration_images: int | None = None,
+    loop: LoopSettings | None = None,
     judge: Callable[[nn.Module], float] | None = None,
+    score: Callable[[nn.Module], float] | None = None,
+    history: list[PruneStep] | None = None,
+    log: Callable[[str], None] | None = None,
+    latency_cache: Path | None = None,
+    resume: tuple[Path, str] | None = None,
 ) -> nn.Module:
     """Prune ``model``'s channels in place (Torch-Pruning) to ``spec``'s target and return it.
 
@@ -136,18 +180,32 @@ def prune(
     Args:
         spec: criterion, target (``speedup``, ``target_macs``, ``pruning_ratio``, or a measured
             latency: ``target=LatencyTarget(latency_speedup=2.0)``, on ONNX Runtime in FP32
-            unless its ``precision`` is ``int8``), widths' ``round_to``, ``max_layer_ratio``,
-            ``ignore`` patterns; default: 2x fewer MACs by magnitude.
+            unless its ``backend`` and ``precision`` say otherwise), widths' ``round_to``,
+            ``max_layer_ratio``, ``ignore`` patterns; default: 2x fewer MACs by magnitude.
         gradient_fn: runs ``loss.backward()`` on real batches, for the ``taylor`` criterion.
         calibration_data: input batches (or ``(inputs, labels)`` batches) that re-estimate the
             BatchNorm statistics after each cut, before ``finetune``
-            (:func:`compress.batchnorm.recalibrate_batchnorm`); a few thousand images. Without
-            it a cut leaves stale statistics and the network near chance until fine-tuned.
+            (:func:`compress.batchnorm.recalibrate_batchnorm`); a few thousand images, read
+            again at every step (a shuffling loader gives fresh ones). Without it a cut leaves
+            stale statistics and the network near chance until fine-tuned.
+        calibration_images: read only the first this many images of ``calibration_data``.
+        loop: prepares ``calibration_data``'s batches (:class:`~compress.teaching.LoopSettings`
+            ``prepare``, without augmentation); default: as they come.
         judge: for a latency target, scores a cut copy of the network (higher is better, e.g.
             top-1 on held-out images after :func:`compress.batchnorm.recalibrate_batchnorm` and
             a few fine-tuning steps, as the prune stage's judge does);
             each cut then takes the best of :func:`compress.latency_pruning.candidate_plans`.
             None: the importance plan.
+        score: top-1 of the network (e.g. on a test split): recorded after each cut, after the
+            re-estimation and after fine-tuning in ``history``.
+        history: a list to append one :class:`~compress.records.PruneStep` per step to.
+        log: called with one line per step (and per latency measurement).
+        latency_cache: the folder a latency target keeps its per-layer latency table in (None:
+            a temporary one), so a later call on the same network and machine measures nothing
+            again.
+        resume: ``(folder, key)``: each latency cut is recorded there, and a call with the same
+            key replays the recorded cut instead of planning and measuring again, so a resumed
+            run gets the network its fine-tuning checkpoints belong to.
 
     Raises:
         StageError: the target cannot be reached within ``max_layer_ratio`` (or, for a latency,
@@ -162,44 +220,101 @@ def prune(
     from compress.pruning import ChannelPruner, step_targets
 
     spec = spec or PruneSpec()
-    batches = None if calibration_data is None else _inputs_of(calibration_data, _device_of(model))
+    device = _device_of(model)
+    say = log or (lambda line: None)
+
+    def calibration(limit: int | None = None) -> list[torch.Tensor]:
+        """One read of ``calibration_data``: at most ``calibration_images`` and ``limit``."""
+        caps = [n for n in (limit, calibration_images) if n]
+        return _inputs_of(calibration_data, device, min(caps) if caps else None, loop)
+
     if num_classes is None:
         with torch.no_grad():
             num_classes = int(model.eval()(example_inputs).shape[-1])
     _, channels, size, _ = example_inputs.shape
-    _, macs = count_params_macs(model, size, channels)
+    _, macs_before = count_params_macs(model, size, channels)
     if spec.target.active:
+        sample = None if calibration_data is None else calibration(LATENCY_CALIBRATION_IMAGES)
         pruner = _latency_pruner(
-            model, example_inputs, spec, num_classes, batches, gradient_fn, judge
+            model, example_inputs, spec, num_classes, sample, gradient_fn, judge, latency_cache, say
         )
         goals = pruner.step_goals(steps)
     else:
         pruner = ChannelPruner(model, example_inputs, spec, num_classes=num_classes, rounds=steps)
-        goals = step_targets(spec, macs, steps)
+        goals = step_targets(spec, macs_before, steps)
     for step, goal in enumerate(goals, start=1):
+        latency = None
         if spec.target.active:
-            pruner.cut(goal)
+            latency = _latency_cut(pruner, goal, step, resume).to_json()
+            if step == len(goals):
+                pruner.judge = None  # what it holds (fine-tuning batches) is not needed any more
         else:
             pruner.prune(goal, gradient_fn)
-        if batches:
-            recalibrate_batchnorm(model, batches)
+        params, macs = count_params_macs(model, size, channels)
+        top1_pruned = score(model) if score else None
+        top1_recalibrated = None
+        if calibration_data is not None:
+            recalibrate_batchnorm(model, calibration())
+            top1_recalibrated = score(model) if score else None
+        say(_step_line(step, len(goals), macs_before, macs, top1_pruned, top1_recalibrated))
         if finetune is not None:
             finetune(model, step)
+        top1 = top1_pruned if top1_recalibrated is None else top1_recalibrated
+        if score is not None and finetune is not None:
+            top1 = score(model)
+        record = PruneStep(
+            target_macs=None if spec.target.active else goal,
+            macs=macs,
+            params=params,
+            top1_pruned=top1_pruned,
+            top1_recalibrated=top1_recalibrated,
+            top1=top1,
+            latency=latency,
+        )
+        if history is not None:
+            history.append(record)
     return model
+
+
+LATENCY_CALIBRATION_IMAGES = 256  # an INT8 candidate's scales do not change its latency
+
+
+def _step_line(step, steps, macs_before, macs, top1_pruned, top1_recalibrated) -> str:
+    line = f"prune step {step}/{steps}: {macs:,} MACs ({macs_before / macs:.2f}x fewer)"
+    if top1_pruned is not None:
+        line += f", top-1 {top1_pruned:.2f}%"
+        if top1_recalibrated is not None:
+            line += f", {top1_recalibrated:.2f}% with BatchNorm recalibrated"
+        line += " before fine-tuning"
+    return line
+
+
+def _latency_cut(pruner, goal_ms: float, step: int, resume: tuple[Path, str] | None):
+    """Step ``step``'s cut toward ``goal_ms``; with ``resume``, recorded in its folder, and a
+    record of the same key replayed instead of planning and measuring again."""
+    if resume is None:
+        return pruner.cut(goal_ms)
+    folder, key = resume
+    path = folder / f"latency-cut-{step}.json"
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        record = None  # unreadable: cut again
+    if isinstance(record, dict) and record.get("key") == key and "cut" in record:
+        return pruner.replay(record["cut"])
+    cut = pruner.cut(goal_ms)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"key": key, "cut": cut.to_json()})
+    return cut
 
 
 def quantize(
     model: nn.Module,
     calibration_data: Iterable,
+    spec: QuantizeSpec | None = None,
     *,
-    target: str = "onnxruntime-cpu",
-    skip: tuple[str, ...] = (),
-    weight_range: str = "auto",
-    calibration: str = "percentile",
-    percentile: float = 99.99,
-    max_drop: float | None = None,
     holdout: Iterable | None = None,
-    max_float_layers: int | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """The INT8 fake-quantized copy of ``model`` (BatchNorm folded), calibrated and ready to
     export, or to fine-tune with :func:`distill` (quantization-aware training).
@@ -207,18 +322,18 @@ def quantize(
     Args:
         calibration_data: batches of inputs, or ``(inputs, labels)`` batches; a few thousand
             images are enough.
-        target: ``onnxruntime-cpu`` (uint8 activations) or ``tensorrt`` (int8, zero point 0).
-        skip: module names or patterns kept in float.
-        weight_range: ``auto`` (portable across CPUs with and without VNNI on ``onnxruntime-cpu``)
-            or a name of ``compress list weight-ranges``.
-        calibration: ``minmax``, ``percentile`` or ``mse``.
-        max_drop: an accuracy budget in top-1 points: after calibration, :func:`keep_float`
-            puts the most sensitive layers back in float until the exported file is within it
-            on ``holdout``. To apply it after QAT instead, call :func:`keep_float` then.
+        spec: how (the recipe's ``quantize`` section is one): ``target`` ``onnxruntime-cpu``
+            (uint8 activations) or ``tensorrt`` (int8, zero point 0); ``skip``, module names
+            or patterns kept in float; ``weight_range`` ``auto`` (portable across CPUs with and
+            without VNNI on ``onnxruntime-cpu``) or a name of ``compress list weight-ranges``;
+            ``calibration`` ``minmax``, ``percentile`` or ``mse``; and an accuracy budget,
+            ``max_drop`` top-1 points: after calibration, :func:`keep_float` puts the most
+            sensitive layers back in float until the exported file is within it on
+            ``holdout`` (to apply it after QAT instead, call :func:`keep_float` then).
         holdout: ``(inputs, labels)`` batches the budget is measured on (needed with
             ``max_drop``): images kept out of ``calibration_data`` and of training, not the test
             set.
-        max_float_layers: see :func:`keep_float`.
+        **overrides: any :class:`~compress.config.QuantizeSpec` field, e.g. ``skip=("fc",)``.
 
     Returns:
         A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized (with
@@ -226,26 +341,31 @@ def quantize(
     """
     from compress.quantization import calibrate, prepare_quantized
 
+    spec = dataclasses.replace(spec or QuantizeSpec(), **overrides)
     batches = _inputs_of(calibration_data, _device_of(model))
     if not batches:
         raise ValueError("quantize: calibration_data holds no batch")
-    if max_drop is not None and holdout is None:
+    if spec.max_drop is not None and holdout is None:
         raise ValueError("quantize: max_drop needs holdout, the (inputs, labels) to measure it on")
     qmodel = prepare_quantized(
-        model.eval(), target=target, skip=skip, example_inputs=batches[0], weight_range=weight_range
+        model.eval(),
+        target=spec.target,
+        skip=spec.skip,
+        example_inputs=batches[0],
+        weight_range=spec.weight_range,
     )
-    calibrate(qmodel, batches, method=calibration, percentile=percentile)
-    if max_drop is None:
+    calibrate(qmodel, batches, method=spec.calibration, percentile=spec.percentile)
+    if spec.max_drop is None:
         return qmodel.eval()
     return keep_float(
         qmodel.eval(),
         model,
         holdout,
-        max_drop=max_drop,
-        max_float_layers=max_float_layers,
+        max_drop=spec.max_drop,
+        max_float_layers=spec.max_float_layers,
         calibration_data=batches,
-        calibration=calibration,
-        percentile=percentile,
+        calibration=spec.calibration,
+        percentile=spec.percentile,
     )
 
 
@@ -396,29 +516,49 @@ def bench(
     )
 
 
-def _latency_pruner(model, example_inputs, spec, num_classes, batches, gradient_fn, judge):
-    """A latency target from Python: measured on ``spec.target.backend`` (default onnxruntime),
-    in FP32 unless ``spec.target.precision`` says int8 (``auto`` has no recipe to look at)."""
-    from compress.bench_backends import BACKENDS
-    from compress.latency_pruning import LatencyPruner
+def _latency_pruner(
+    model, example_inputs, spec, num_classes, calibration, gradient_fn, judge, cache, log
+):
+    """The :class:`~compress.latency_pruning.LatencyPruner` for ``spec.target``: measured on its
+    ``backend`` (None: onnxruntime) in its ``precision`` (``auto``: FP32; a recipe resolves it
+    from the stages that follow, :func:`compress.recipe.defaults.resolve_latency_targets`).
 
+    Raises:
+        StageError: under torchrun (the measurement is one process's), or a backend that
+            cannot time single layers.
+    """
+    from compress import distributed
+    from compress.bench_backends import BACKENDS, DEFAULT_LATENCY_BACKEND
+    from compress.cpu_features import cpu_features
+    from compress.latency_pruning import LatencyPruner
+    from compress.machine import machine_info
+
+    if distributed.active():
+        raise StageError(
+            "prune: a latency target is measured by one process; run this stage without torchrun "
+            "(or prune to speedup/target_macs)"
+        )
     target = spec.target
+    backend = BACKENDS.get(target.backend or DEFAULT_LATENCY_BACKEND)
+    if backend.table_entry is None:
+        raise StageError(
+            f"prune.target.backend: {backend.name!r} cannot time single layers; name an ONNX "
+            "Runtime backend (e.g. onnxruntime)"
+        )
     return LatencyPruner(
         model,
         example_inputs,
         spec,
-        backend=BACKENDS.get(target.backend or "onnxruntime"),
+        backend=backend,
         precision="int8" if target.precision == "int8" else "fp32",
-        calibration=batches,
+        calibration=calibration,
         num_classes=num_classes,
+        cache=cache,
         gradient_fn=gradient_fn,
+        cpu=f"{machine_info()['cpu']} ({cpu_features().summary()})",
+        log=lambda line: log(f"prune {line}"),
         judge=judge,
     )
-
-
-def _as_is(images: torch.Tensor, train: bool) -> torch.Tensor:
-    """The loaders already yield what the network takes: no augmentation or normalisation here."""
-    return images
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -426,16 +566,20 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _inputs_of(
-    data: Iterable, device: torch.device, images: int | None = None
+    data: Iterable,
+    device: torch.device,
+    images: int | None = None,
+    loop: LoopSettings | None = None,
 ) -> list[torch.Tensor]:
     """The input batches of ``data`` (batches, or ``(inputs, labels, ...)`` batches) on
-    ``device``; with ``images``, only the first that many."""
+    ``device``, prepared for evaluation by ``loop``; with ``images``, only the first that many."""
     batches, seen = [], 0
     for batch in data:
         if images is not None and seen >= images:
             break
         inputs = batch[0] if isinstance(batch, list | tuple) else batch
-        batches.append(inputs[: None if images is None else images - seen].to(device))
+        inputs = inputs[: None if images is None else images - seen].to(device)
+        batches.append(loop.inputs(inputs) if loop is not None else inputs)
         seen += len(batches[-1])
     return batches
 

@@ -85,6 +85,7 @@ class Backend:
 
 
 BACKENDS: Registry[Backend] = Registry("bench backend", StageError)
+DEFAULT_LATENCY_BACKEND = "onnxruntime"  # where a latency target is measured unless a recipe says
 
 
 def register_backend(backend: Backend) -> Backend:

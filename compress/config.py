@@ -234,12 +234,23 @@ class TeacherStageConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """Train a student against a frozen teacher with a weighted sum of registered loss terms."""
+class DistillSpec:
+    """How :func:`compress.distill` trains a student against a frozen teacher: a weighted sum of
+    registered loss terms, the optimisation, and the batch mixing both networks see."""
 
     loss: tuple[LossConfig, ...] = field(default_factory=lambda: (LossConfig(),))
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: MixConfig = field(default_factory=MixConfig)
+
+    def __post_init__(self):
+        _check(len(self.loss) > 0, "loss: expected at least one loss term")
+
+
+@dataclass(frozen=True)
+class DistillConfig(DistillSpec):
+    """The ``distill`` stage: a :class:`DistillSpec`, the stage whose network teaches, and the
+    student it starts from."""
+
     teacher: str = (
         "teacher"  # the stage whose model teaches: "teacher" or an earlier distill stage's name
     )
@@ -250,9 +261,6 @@ class DistillConfig:
     cache_teacher_logits: bool = (
         False  # compute the teacher once per image; needs deterministic inputs
     )
-
-    def __post_init__(self):
-        _check(len(self.loss) > 0, "loss: expected at least one loss term")
 
 
 # Pruning criterion -> ``(PruneConfig) -> torch_pruning importance`` (imported on use).
@@ -433,8 +441,9 @@ CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig:
-    """INT8 quantization of the latest student: calibrate (PTQ), then optionally fine-tune (QAT).
+class QuantizeSpec:
+    """How :func:`compress.quantize` makes a network INT8: calibrated fake quantization (PTQ),
+    with an optional accuracy budget.
 
     ``target`` fixes the activation type of the exported QDQ graph: uint8 for ONNX Runtime on CPU
     (its fast u8s8 kernels), symmetric int8 for TensorRT. Weights are always int8, symmetric,
@@ -443,36 +452,22 @@ class QuantizeConfig:
     ONNX Runtime on CPU (the file computes the same on x86 CPUs with and without VNNI) and
     ``full`` for TensorRT. ``full`` on CPU is an opt-in for files that run only on VNNI CPUs.
 
-    ``max_drop`` (top-1 points, None: off) is an accuracy budget: ``holdout_images`` training
-    images are set aside (calibration and QAT never see them; the test split is never used),
-    and the layers quantization hurts most are put back in float, one at a time, until the
-    exported file is within ``max_drop`` of the float student on them
-    (:mod:`compress.accuracy_budget`); at most ``max_float_layers`` (None: all but one).
+    ``max_drop`` (top-1 points, None: off) is an accuracy budget: the layers quantization hurts
+    most are put back in float, one at a time, until the exported file is within ``max_drop`` of
+    the float network on held-out images (:mod:`compress.accuracy_budget`); at most
+    ``max_float_layers`` (None: all but one).
     """
 
-    mode: str = "qat"
     target: str = "onnxruntime-cpu"
     calibration: str = "percentile"
     percentile: float = 99.99
-    calibration_images: int = 512
     skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32
     weight_range: str = "auto"
-    loss: tuple[LossConfig, ...] | None = (
-        None  # None: the logit terms of the latest distill stage's loss
-    )
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
-    augment: MixConfig = field(default_factory=MixConfig)
-    teacher: str = "teacher"
     # added after runs were recorded: at their defaults they stay out of the stage key
     max_drop: float | None = field(default=None, metadata={ADDED_LATER: True})  # top-1 points
-    holdout_images: int = field(default=2000, metadata={ADDED_LATER: True})  # with max_drop only
     max_float_layers: int | None = field(default=None, metadata={ADDED_LATER: True})  # None: n-1
 
     def __post_init__(self):
-        _check(
-            self.mode in QUANT_MODES,
-            f"mode: expected one of {', '.join(QUANT_MODES)}, got {self.mode!r}",
-        )
         _check(
             self.target in QUANT_TARGETS,
             f"target: expected one of {', '.join(QUANT_TARGETS)}, got {self.target!r}",
@@ -486,10 +481,6 @@ class QuantizeConfig:
             50 < self.percentile <= 100,
             f"percentile: expected 50 < p <= 100, got {self.percentile}",
         )
-        _check(
-            self.calibration_images > 0,
-            f"calibration_images: expected > 0, got {self.calibration_images}",
-        )
         from compress.int8_kernels import WEIGHT_RANGES
 
         _check(
@@ -498,20 +489,49 @@ class QuantizeConfig:
             f"{self.weight_range!r}",
         )
         _check(
-            self.loss is None or len(self.loss) > 0,
-            "loss: expected at least one loss term, or null for the distill stage's loss",
-        )
-        _check(
             self.max_drop is None or 0 <= self.max_drop <= 100,
             f"max_drop: expected top-1 points in 0..100 or null (off), got {self.max_drop}",
         )
         _check(
-            self.holdout_images > 0,
-            f"holdout_images: expected a positive integer, got {self.holdout_images}",
-        )
-        _check(
             self.max_float_layers is None or self.max_float_layers > 0,
             f"max_float_layers: expected a positive integer or null, got {self.max_float_layers}",
+        )
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(QuantizeSpec):
+    """The ``quantize`` stage: a :class:`QuantizeSpec` applied to the latest student, calibrated
+    on ``calibration_images`` training images, then in ``qat`` mode fine-tuned against the
+    teacher. With ``max_drop``, ``holdout_images`` training images are set aside for the budget
+    (calibration and QAT never see them; the test split is never used)."""
+
+    mode: str = "qat"
+    calibration_images: int = 512
+    loss: tuple[LossConfig, ...] | None = (
+        None  # None: the logit terms of the latest distill stage's loss
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
+    augment: MixConfig = field(default_factory=MixConfig)
+    teacher: str = "teacher"
+    holdout_images: int = field(default=2000, metadata={ADDED_LATER: True})  # with max_drop only
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(
+            self.mode in QUANT_MODES,
+            f"mode: expected one of {', '.join(QUANT_MODES)}, got {self.mode!r}",
+        )
+        _check(
+            self.calibration_images > 0,
+            f"calibration_images: expected > 0, got {self.calibration_images}",
+        )
+        _check(
+            self.loss is None or len(self.loss) > 0,
+            "loss: expected at least one loss term, or null for the distill stage's loss",
+        )
+        _check(
+            self.holdout_images > 0,
+            f"holdout_images: expected a positive integer, got {self.holdout_images}",
         )
 
 

@@ -12,6 +12,7 @@ import torch
 from compress.artifacts import Artifact
 from compress.config import Recipe
 from compress.errors import StageError
+from compress.teaching import LoopSettings
 
 
 @dataclass
@@ -61,15 +62,17 @@ class RunContext:
             "checkpoint_key": f"{self.stage_key}:{desc}",
         }
 
-    def training(self, desc: str) -> dict:
-        """The keyword arguments every training call of the running stage takes: the run's
-        device and progress setting, and the checkpoint of the training run ``desc``."""
-        return {
-            "device": self.device,
-            "show_progress": self.show_progress,
-            "desc": desc,
+    def loop(self, desc: str, prepare) -> LoopSettings:
+        """How the running stage's training call ``desc`` reads and reports: ``prepare`` (the
+        run's augmentation and normalisation), the run's device and progress setting, and the
+        call's epoch checkpoint in the stage folder."""
+        return LoopSettings(
+            prepare=prepare,
+            device=self.device,
+            show_progress=self.show_progress,
+            desc=desc,
             **self.checkpointing(desc),
-        }
+        )
 
     def stage_path(self, name: str) -> Path:
         assert self.stage_dir is not None

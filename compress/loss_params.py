@@ -37,7 +37,16 @@ def _check_pairs(pairs: tuple[LayerPair, ...]) -> None:
 
 @dataclass(frozen=True)
 class CEParams:
-    """Cross-entropy has no parameters."""
+    """``label_smoothing`` in 0..1 (0: hard targets): for training a teacher; it hurts
+    distillation (Muller et al. 2019), so no teacher stage default turns it on."""
+
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise RecipeError(
+                f"label_smoothing: expected 0 <= value < 1, got {self.label_smoothing}"
+            )
 
 
 @dataclass(frozen=True)

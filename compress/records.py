@@ -39,6 +39,24 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class PruneStep:
+    """One cut of :func:`compress.prune` and what it cost: the MACs (one image) and parameters
+    it left, top-1 right after the cut, after the BatchNorm re-estimation and after fine-tuning
+    (None where not measured or not done), and for a latency target the measured cut."""
+
+    target_macs: int | None
+    macs: int
+    params: int
+    top1_pruned: float | None = None
+    top1_recalibrated: float | None = None
+    top1: float | None = None
+    latency: dict | None = None  # compress.latency_pruning.LatencyCut.to_json()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class NetworkSpec:
     """Everything needed to rebuild a stage's network from its weights file, besides the input
     (channels, image size) which comes from the data. A pruned network's layer widths live in

@@ -9,7 +9,9 @@ hooks, the batch mixing and the loss set-up live here once and the shared traini
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +22,28 @@ from compress.hooks import FeatureHooks
 from compress.losses.base import DistillBatch
 from compress.losses.composite import build_distill_loss
 from compress.train_loop import EpochLog, fit
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a library verb's training loop reads its batches and reports, beyond the data itself.
+
+    From Python the defaults fit: batches arrive as the network takes them and training runs
+    quietly where the network is. The recipe's stages pass their own: the on-device augmentation
+    and normalisation of uint8 batches, a progress bar, and an epoch checkpoint that a killed run
+    resumes from (:func:`compress.train_loop.fit`).
+    """
+
+    prepare: Callable[..., torch.Tensor] | None = None  # prepare(images, train=bool); None: as is
+    device: torch.device | None = None  # None: where the network's parameters are
+    show_progress: bool = False
+    desc: str = "train"
+    checkpoint: Path | None = None
+    checkpoint_key: str = ""
+
+    def inputs(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """A raw batch as the network takes it."""
+        return images if self.prepare is None else self.prepare(images, train=train)
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:

@@ -74,7 +74,15 @@ def make_loaders(
             drop_last=False,
             **common,
         )
-    test = DataLoader(bundle.test, batch_size=cfg.eval_batch_size, shuffle=False, **common)
+    test = DataLoader(
+        bundle.test,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        # its own generator: without one, every pass draws its workers' seed from torch's global
+        # generator, so evaluating would change the augmentation of the training that follows
+        generator=torch.Generator().manual_seed(seed),
+        **common,
+    )
     return train, test
 
 

@@ -65,7 +65,9 @@ class DistillLoss(torch.nn.Module):
         raise NotImplementedError
 
 
-def hard_ce(logits: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
+def hard_ce(
+    logits: torch.Tensor, batch: DistillBatch, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy with the true labels, mixup/cutmix-aware, over labeled images only.
 
     ``lam * CE(labels) + (1 - lam) * CE(mixed_labels)``, averaged over the images whose
@@ -76,9 +78,11 @@ def hard_ce(logits: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
         labeled &= batch.mixed_labels != UNLABELED
     if not bool(labeled.any()):
         return logits.sum() * 0.0
-    loss = batch.lam * F.cross_entropy(logits[labeled], batch.labels[labeled])
+    loss = batch.lam * F.cross_entropy(
+        logits[labeled], batch.labels[labeled], label_smoothing=label_smoothing
+    )
     if batch.mixed_labels is not None and batch.lam < 1.0:
         loss = loss + (1.0 - batch.lam) * F.cross_entropy(
-            logits[labeled], batch.mixed_labels[labeled]
+            logits[labeled], batch.mixed_labels[labeled], label_smoothing=label_smoothing
         )
     return loss

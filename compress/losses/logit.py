@@ -23,7 +23,7 @@ class CrossEntropy(DistillLoss):
         self.params = params or CEParams()
 
     def forward(self, batch: DistillBatch) -> LossOutput:
-        hard = hard_ce(batch.student_logits, batch)
+        hard = hard_ce(batch.student_logits, batch, self.params.label_smoothing)
         return LossOutput(hard, {"ce": hard.detach()})
 
 

@@ -13,6 +13,7 @@ from compress import config as C
 from compress.errors import RecipeError
 from compress.recipe.checks import _check_recipe, check_references
 from compress.recipe.convert import _build, _build_stages, _kind
+from compress.recipe.defaults import resolve_latency_targets
 from compress.recipe.overrides import apply_override, apply_shorthands
 from compress.recipe.yamlio import YamlProblem, load_yaml
 
@@ -94,7 +95,7 @@ def recipe_from_dict(raw: Any, source: str = "recipe") -> C.Recipe:
             f"{source}: name: missing; every recipe names its run (used as the output folder)"
         )
     recipe = _build(C.Recipe, raw, "")
-    stages = _build_stages(stages_raw)
+    stages = resolve_latency_targets(_build_stages(stages_raw))
     recipe = dataclasses.replace(recipe, stages=stages)
     _check_recipe(recipe)
     return recipe

@@ -6,19 +6,14 @@ import dataclasses
 
 import torch
 
+from compress import api
 from compress.artifacts import Artifact
-from compress.batchnorm import RECALIBRATION_IMAGES, lagging_batchnorm, recalibrate_batchnorm
+from compress.batchnorm import lagging_batchnorm
 from compress.config import DistillConfig
 from compress.context import RunContext
 from compress.models import count_params_macs
-from compress.stages.networks import (
-    calibration_batches,
-    load_network,
-    network_spec,
-    preprocess,
-    start_network,
-)
-from compress.teaching import frozen, history_dicts, train_with_teacher
+from compress.stages.networks import load_network, network_spec, preprocess, start_network
+from compress.teaching import frozen, history_dicts
 from compress.train_loop import evaluate
 from compress.weights import save_weights
 
@@ -57,27 +52,21 @@ def distill(cfg: DistillConfig, ctx: RunContext) -> Artifact:
     cache = teacher_logits_cache(teacher, ctx, prep) if cfg.cache_teacher_logits else None
     train_loader, test_loader = indexed_loaders(ctx) if cache is not None else ctx.loaders()
     start = evaluate(student, test_loader, prep, ctx.device)
-    history = train_with_teacher(
+    history: list = []
+    recalibrate = loaded is not None or lagging_batchnorm(student)
+    api.distill(
         student,
         teacher,
-        cfg.loss,
-        cfg.train,
-        cfg.augment,
-        prep=prep,
-        loaders=(train_loader, test_loader),
-        cache=cache,
-        **ctx.training(ctx.stage_dir.name if ctx.stage_dir else "distill"),
+        train_loader,
+        cfg,
+        test_loader=test_loader,
+        loop=ctx.loop(ctx.stage_dir.name if ctx.stage_dir else "distill", prep),
+        teacher_logits=cache,
+        recalibrate_batchnorm=recalibrate,
+        history=history,
     )
-    stale_top1 = None
-    if loaded is not None or lagging_batchnorm(student):
-        # the last epoch's evaluation saw these weights with the old statistics
-        stale_top1 = (
-            history[-1].test_top1
-            if history
-            else evaluate(student, test_loader, prep, ctx.device)["top1"]
-        )
-        images = calibration_batches(ctx, ctx.loaders()[0], prep, RECALIBRATION_IMAGES)
-        recalibrate_batchnorm(student, images)
+    # the last evaluation before the re-estimation saw these weights with the old statistics
+    stale_top1 = (history[-1].test_top1 if history else start["top1"]) if recalibrate else None
     test = evaluate(student, test_loader, prep, ctx.device)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(student, ctx.stage_path("model.pt"))

@@ -12,34 +12,30 @@ network and the step's record says what the cut itself cost.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from compress import distributed
+from compress import api, distributed
 from compress.artifacts import Artifact
 from compress.backends.timing import torch_latency
 from compress.batchnorm import recalibrate_batchnorm
-from compress.config import UNLABELED, PruneConfig
+from compress.config import UNLABELED, DistillSpec, PruneConfig
 from compress.context import RunContext
 from compress.errors import StageError
-from compress.fileio import write_json_atomic
 from compress.models import count_params_macs
-from compress.pruning import ChannelPruner, step_targets
-from compress.records import NetworkSpec
+from compress.records import NetworkSpec, PruneStep
 from compress.stages.losses import latest_distill_loss
 from compress.stages.networks import (
     build_network,
-    calibration_batches,
     example_batch,
     load_network,
     network_of,
     preprocess,
     training_split,
 )
-from compress.teaching import frozen, history_dicts, train_with_teacher
+from compress.teaching import LoopSettings, frozen, history_dicts
 from compress.train_loop import evaluate
 from compress.weights import apply_structure, save_weights, structure_of
 
@@ -84,68 +80,42 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         f"prune: before {before['params']:,} params, {before['macs']:,} MACs, "
         f"{before['latency_ms_b1']:.2f} ms, top-1 {before['top1']:.2f}%",
     )
-    gradients = taylor_gradients(ctx, loaders[0], prep)
-    if cfg.target.active:
-        judge = plan_judge(ctx, cfg, loaders[0], prep, teacher, loss)
-        pruner = latency_pruner(ctx, cfg, student, network, loaders[0], prep, gradients, judge)
-        goals = pruner.step_goals(cfg.steps)
-    else:
-        pruner = ChannelPruner(
-            student, example_batch(ctx), cfg, num_classes=network.num_classes, rounds=cfg.steps
-        )
-        goals = step_targets(cfg, before["macs"], cfg.steps)
-    steps, history = [], []
-    for k, goal in enumerate(goals, start=1):
-        if cfg.target.active:
-            cut = latency_cut(ctx, pruner, goal, k)
-            if k == len(goals):  # its fine-tuning batches are not needed past the last cut
-                pruner.judge = judge = None
-            params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
-            pruned = {"macs": macs, "params": params, "latency": cut.to_json()}
-        else:
-            pruned = pruner.prune(goal, gradients)
-        pruned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
-        recalibrated_top1 = None
-        if cfg.recalibration_images:
-            recalibrate_batchnorm(
-                student, calibration_batches(ctx, loaders[0], prep, cfg.recalibration_images)
-            )
-            recalibrated_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
-        recalibrated = (
-            f", {recalibrated_top1:.2f}% with BatchNorm recalibrated"
-            if recalibrated_top1 is not None
-            else ""
-        )
-        say(
-            ctx,
-            f"prune step {k}/{cfg.steps}: {pruned['macs']:,} MACs "
-            f"({before['macs'] / pruned['macs']:.2f}x fewer), top-1 {pruned_top1:.2f}%"
-            f"{recalibrated} before fine-tuning",
-        )
-        desc = f"{ctx.stage_dir.name if ctx.stage_dir else 'prune'} step {k}"
-        logs = train_with_teacher(
-            student,
+    steps: list[PruneStep] = []
+    history: list[dict] = []
+
+    def finetune(network: torch.nn.Module, step: int) -> None:
+        logs: list = []
+        api.distill(
+            network,
             teacher,
-            loss,
-            cfg.train,
-            cfg.augment,
-            prep=prep,
-            loaders=loaders,
-            **ctx.training(desc),
+            loaders[0],
+            DistillSpec(loss=loss, train=cfg.train, augment=cfg.augment),
+            test_loader=loaders[1],
+            loop=ctx.loop(f"{ctx.stage_dir.name if ctx.stage_dir else 'prune'} step {step}", prep),
+            recalibrate_batchnorm=False,  # re-estimated after the cut, before fine-tuning
+            history=logs,
         )
-        history += [log | {"step": k} for log in history_dicts(logs)]
-        tuned_top1 = evaluate(student, loaders[1], prep, ctx.device)["top1"]
-        steps.append(
-            {
-                "target_macs": None if cfg.target.active else goal,
-                "latency": pruned.get("latency"),
-                "macs": pruned["macs"],
-                "params": pruned["params"],
-                "top1_pruned": pruned_top1,
-                "top1_recalibrated": recalibrated_top1,
-                "top1": tuned_top1,
-            }
-        )
+        history.extend(log | {"step": step} for log in history_dicts(logs))
+
+    api.prune(
+        student,
+        example_batch(ctx),
+        cfg,
+        steps=cfg.steps,
+        num_classes=network.num_classes,
+        finetune=finetune,
+        gradient_fn=taylor_gradients(ctx, loaders[0], prep),
+        calibration_data=loaders[0] if cfg.recalibration_images else None,
+        calibration_images=cfg.recalibration_images,
+        loop=LoopSettings(prepare=prep, device=ctx.device),
+        judge=plan_judge(ctx, cfg, loaders[0], prep, teacher, loss) if cfg.target.active else None,
+        score=lambda network: evaluate(network, loaders[1], prep, ctx.device)["top1"],
+        history=steps,
+        log=lambda line: say(ctx, line),
+        latency_cache=ctx.run_dir,
+        resume=(ctx.stage_dir, ctx.stage_key) if ctx.stage_dir is not None else None,
+    )
+    last = steps[-1]
     after = measure(ctx, student, loaders[1], prep)
     say(
         ctx,
@@ -161,26 +131,13 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         | {
             "source_stage": source.stage,
             "criterion": cfg.criterion,
-            "target_macs": None if cfg.target.active else goals[-1],
-            "latency_target": (
-                None
-                if not cfg.target.active
-                else {
-                    "backend": pruner.backend.name,
-                    "precision": pruner.precision,
-                    "batch_size": cfg.target.batch_size,
-                    "threads": cfg.target.threads,
-                    "goal_ms": goals[-1],
-                    "base_ms": pruner.base_ms,
-                    "measured_ms": steps[-1]["latency"]["measured_ms"],
-                    "speedup": steps[-1]["latency"]["speedup"],
-                }
-            ),
+            "target_macs": last.target_macs,
+            "latency_target": latency_record(cfg, steps) if cfg.target.active else None,
             "macs_reduction": before["macs"] / after["macs"],
             "params_reduction": before["params"] / after["params"],
             "top1_delta": after["top1"] - before["top1"],
             "loss": [term.name for term in loss],
-            "steps": steps,
+            "steps": [step.to_json() for step in steps],
             "history": history,
         }
     )
@@ -189,71 +146,20 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     )
 
 
-def latency_pruner(
-    ctx: RunContext, cfg: PruneConfig, student, network, train_loader, prep, gradients, judge
-):
-    """The :class:`LatencyPruner` for ``cfg.target``: on its backend (default: the recipe's first
-    bench backend), in the precision that will be deployed (``auto``: INT8 when a quantize stage
-    follows this one), its latency table kept in the run folder.
-
-    Raises:
-        StageError: a distributed run (the measurement is one process's), or a backend that
-            cannot time single layers.
-    """
-    from compress.bench_backends import BACKENDS
-    from compress.cpu_features import cpu_features
-    from compress.latency_pruning import LatencyPruner
-    from compress.machine import machine_info
-
-    if distributed.active():
-        raise StageError(
-            "prune: a latency target is measured by one process; run this stage without torchrun "
-            "(or prune to speedup/target_macs)"
-        )
-    target = cfg.target
-    names = [spec.name for spec in ctx.recipe.stages]
-    here = names.index(ctx.stage_dir.name) if ctx.stage_dir and ctx.stage_dir.name in names else 0
-    later = [spec.kind for spec in ctx.recipe.stages[here + 1 :]]
-    bench = next((s.config for s in ctx.recipe.stages if s.kind == "bench"), None)
-    backend = target.backend or (bench.backends[0] if bench else "onnxruntime")
-    if BACKENDS.get(backend).table_entry is None:
-        raise StageError(
-            f"prune.target.backend: {backend!r} cannot time single layers; name an ONNX Runtime "
-            "backend (e.g. onnxruntime)"
-        )
-    precision = target.precision
-    if precision == "auto":
-        precision = "int8" if "quantize" in later else "fp32"
-    return LatencyPruner(
-        student,
-        example_batch(ctx),
-        cfg,
-        backend=BACKENDS.get(backend),
-        precision=precision,
-        calibration=calibration_batches(ctx, train_loader, prep, 256),
-        num_classes=network.num_classes,
-        cache=ctx.run_dir,
-        gradient_fn=gradients,
-        cpu=f"{machine_info()['cpu']} ({cpu_features().summary()})",
-        log=lambda line: say(ctx, f"prune {line}"),
-        judge=judge,
-    )
-
-
-def latency_cut(ctx: RunContext, pruner, goal_ms: float, step: int):
-    """Step ``step``'s cut toward ``goal_ms``, recorded in the stage folder; a resumed stage
-    (same input key) replays the record instead of planning and measuring again, so its
-    network is the one the step's fine-tuning checkpoint belongs to."""
-    if ctx.stage_dir is None:
-        return pruner.cut(goal_ms)
-    path = ctx.stage_path(f"latency-cut-{step}.json")
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("key") == ctx.stage_key:
-            return pruner.replay(record["cut"])
-    cut = pruner.cut(goal_ms)
-    write_json_atomic(path, {"key": ctx.stage_key, "cut": cut.to_json()})
-    return cut
+def latency_record(cfg: PruneConfig, steps: list[PruneStep]) -> dict:
+    """Where and how the latency target was measured, and what the last cut reached."""
+    target, last = cfg.target, steps[-1].latency or {}
+    first = steps[0].latency or {}
+    return {
+        "backend": target.backend,
+        "precision": target.precision,
+        "batch_size": target.batch_size,
+        "threads": target.threads,
+        "goal_ms": last.get("goal_ms"),
+        "base_ms": first.get("base_ms"),
+        "measured_ms": last.get("measured_ms"),
+        "speedup": last.get("speedup"),
+    }
 
 
 def plan_judge(ctx: RunContext, cfg: PruneConfig, train_loader, prep, teacher, loss):
@@ -283,7 +189,11 @@ def plan_judge(ctx: RunContext, cfg: PruneConfig, train_loader, prep, teacher, l
     labelled = held_labels != UNLABELED
     if not labelled.any():
         return None
-    tune = dataclasses.replace(cfg.train, epochs=1, warmup_epochs=0, schedule="cosine")
+    tune = DistillSpec(
+        loss=loss,
+        train=dataclasses.replace(cfg.train, epochs=1, warmup_epochs=0, schedule="cosine"),
+        augment=cfg.augment,
+    )
 
     def top1(network: torch.nn.Module) -> float:
         with torch.no_grad():
@@ -291,17 +201,13 @@ def plan_judge(ctx: RunContext, cfg: PruneConfig, train_loader, prep, teacher, l
         if tune_batches:
             with torch.random.fork_rng(devices=[] if ctx.device.type == "cpu" else None):
                 torch.manual_seed(ctx.recipe.seed)  # every candidate sees the same augmentation
-                train_with_teacher(
+                api.distill(
                     network,
                     teacher,
-                    loss,
+                    tune_batches,
                     tune,
-                    cfg.augment,
-                    loaders=(tune_batches, None),
-                    prep=prep,
-                    device=ctx.device,
-                    desc="prune judge",
-                    show_progress=False,
+                    loop=LoopSettings(prepare=prep, device=ctx.device, desc="prune judge"),
+                    recalibrate_batchnorm=False,
                 )
         network.eval()
         with torch.no_grad():

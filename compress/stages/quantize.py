@@ -4,27 +4,20 @@ teacher (QAT)."""
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import torch
 
-from compress.accuracy_budget import AccuracyBudget, keep_float
+from compress import api
+from compress.accuracy_budget import AccuracyBudget
 from compress.artifacts import Artifact
-from compress.config import QuantizeConfig
+from compress.config import DistillSpec, QuantizeConfig
 from compress.context import RunContext
 from compress.data.loaders import make_loaders, split_holdout
 from compress.errors import StageError
 from compress.models import count_params_macs
-from compress.quantization import calibrate, prepare_quantized
 from compress.stages.losses import latest_distill_loss
-from compress.stages.networks import (
-    calibration_batches,
-    example_batch,
-    load_network,
-    network_of,
-    preprocess,
-)
-from compress.teaching import frozen, history_dicts, train_with_teacher
+from compress.stages.networks import calibration_batches, load_network, network_of, preprocess
+from compress.teaching import frozen, history_dicts
 from compress.train_loop import evaluate
 from compress.weights import save_weights
 
@@ -65,41 +58,36 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     prep = preprocess(ctx)
     train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
     fp32 = evaluate(student, test_loader, prep, ctx.device)
-    qmodel = prepare_quantized(
-        student,
-        target=cfg.target,
-        skip=cfg.skip,
-        example_inputs=example_batch(ctx),
-        weight_range=cfg.weight_range,
-    )
     batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
-    calibrate(qmodel, batches, method=cfg.calibration, percentile=cfg.percentile)
+    qmodel = api.quantize(student, batches, cfg, max_drop=None)  # the budget comes after QAT
     ptq = evaluate(qmodel, test_loader, prep, ctx.device)
-    history = []
+    history: list = []
     if cfg.mode == "qat" and cfg.train.epochs > 0:
         loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
-        desc = ctx.stage_dir.name if ctx.stage_dir else "quantize"
-        history = train_with_teacher(
+        api.distill(
             qmodel,
             teacher,
-            loss,
-            cfg.train,
-            cfg.augment,
-            prep=prep,
-            loaders=(train_loader, test_loader),
-            **ctx.training(desc),
+            train_loader,
+            DistillSpec(loss=loss, train=cfg.train, augment=cfg.augment),
+            test_loader=test_loader,
+            loop=ctx.loop(ctx.stage_dir.name if ctx.stage_dir else "quantize", prep),
+            recalibrate_batchnorm=False,  # folded into the convolutions
+            history=history,
         )
     qmodel.eval()
     budget = None
     if cfg.max_drop is not None:
-        qmodel, budget = keep_float(
+        qmodel = api.keep_float(
             qmodel,
             student,
             holdout,
             max_drop=cfg.max_drop,
             max_float_layers=cfg.max_float_layers,
-            recalibrate=None if history else partial(recalibrate, cfg, batches),
+            calibration_data=None if history else batches,  # after QAT its ranges are kept
+            calibration=cfg.calibration,
+            percentile=cfg.percentile,
         )
+        budget = qmodel.accuracy_budget
     changed = bool(history) or (budget is not None and bool(budget.float_layers))
     test = evaluate(qmodel, test_loader, prep, ctx.device) if changed else ptq
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
@@ -153,11 +141,6 @@ def split_loaders(ctx: RunContext, cfg: QuantizeConfig, prep) -> tuple:
         for i in range(0, len(images), chunk)
     ]
     return train_loader, test_loader, holdout
-
-
-def recalibrate(cfg: QuantizeConfig, batches: list[torch.Tensor], network) -> None:
-    """Calibrate a network with more layers in float as PTQ calibrated the first one."""
-    calibrate(network, batches, method=cfg.calibration, percentile=cfg.percentile)
 
 
 def _budget_settings(cfg: QuantizeConfig, budget: AccuracyBudget | None) -> dict:

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch.nn.functional as F
-
+from compress import api
 from compress.artifacts import Artifact
-from compress.config import UNLABELED, TeacherStageConfig
+from compress.config import DistillSpec, LossConfig, TeacherStageConfig
 from compress.context import RunContext
 from compress.errors import ModelError
+from compress.loss_params import CEParams
 from compress.models import classifier_key, count_params_macs
 from compress.stages.networks import network_spec, preprocess, start_network
-from compress.train_loop import evaluate, fit
+from compress.train_loop import evaluate
 from compress.weights import load_weights, read_state_dict, save_weights
 
 
@@ -50,21 +50,16 @@ def teacher(cfg: TeacherStageConfig, ctx: RunContext) -> Artifact:
         load_weights(model, spec.checkpoint)
         model.to(ctx.device)
     elif spec.train.epochs >= 1:
-
-        def step_loss(images, labels, epoch):
-            logits = model(images)
-            return F.cross_entropy(
-                logits, labels, ignore_index=UNLABELED, label_smoothing=spec.train.label_smoothing
-            ), logits
-
-        history = fit(
+        history = []
+        ce = LossConfig("ce", params=CEParams(label_smoothing=spec.train.label_smoothing))
+        api.distill(
             model,
+            None,
             train_loader,
-            test_loader,
-            step_loss,
-            spec.train,
-            preprocess=prep,
-            **ctx.training("teacher"),
+            DistillSpec(loss=(ce,), train=spec.train),
+            test_loader=test_loader,
+            loop=ctx.loop("teacher", prep),
+            history=history,
         )
     test = evaluate(model, test_loader, prep, ctx.device)
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
