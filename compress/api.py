@@ -434,19 +434,21 @@ def keep_float(
 def export(
     model: nn.Module,
     path: str | Path,
+    spec: ExportConfig | None = None,
     *,
     check_inputs: torch.Tensor | np.ndarray,
     metadata: Mapping[str, str] | None = None,
-    **settings: Any,
+    **overrides: Any,
 ) -> dict:
     """Write ``model`` as one ONNX file and prove it: ONNX Runtime must reproduce the PyTorch
     outputs on ``check_inputs`` within the tolerance of its precision, and an INT8 model (from
     :func:`quantize`) must be a QDQ graph whose weights compute the same on every CPU.
 
     Args:
+        spec: the recipe's ``export`` section type (:class:`~compress.config.ExportConfig`).
         check_inputs: a batch shaped like the real input (normalised as the model takes it).
         metadata: extra ``metadata_props`` strings.
-        **settings: any :class:`~compress.config.ExportConfig` field (``opset``, ``exporter``,
+        **overrides: any :class:`~compress.config.ExportConfig` field (``opset``, ``exporter``,
             ``batch``, ``tolerance``, ``int8_tolerance``, ``simplify``, ...).
 
     Returns:
@@ -468,7 +470,7 @@ def export(
     return export_network(
         model.cpu().eval(),
         Path(path),
-        ExportConfig(**settings),
+        dataclasses.replace(spec or ExportConfig(), **overrides),
         images,
         dict(metadata or {}),
         quantization,
@@ -479,12 +481,13 @@ def export(
 
 def bench(
     models: Mapping[str, str | Path],
+    spec: BenchConfig | None = None,
     *,
     data: tuple[np.ndarray, np.ndarray] | None = None,
     reference: str | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
-    **settings: Any,
+    **overrides: Any,
 ) -> BenchResult:
     """Measure exported files side by side: latency per batch size, memory, size and, with
     ``data``, top-1 and agreement between the models; ratios against ``reference`` (default: the
@@ -494,7 +497,8 @@ def bench(
         models: name -> ``.onnx`` file (or TensorRT engine, or a run's stage folder).
         data: ``(uint8 NCHW images, labels)``; normalised with the files' metadata (written by
             :func:`export` when given ``metadata``) or ``mean``/``std``.
-        **settings: any :class:`~compress.config.BenchConfig` field (``backends``,
+        spec: the recipe's ``bench`` section type (:class:`~compress.config.BenchConfig`).
+        **overrides: any :class:`~compress.config.BenchConfig` field (``backends``,
             ``batch_size``, ``threads``, ``iterations``, ...).
 
     Returns:
@@ -508,7 +512,7 @@ def bench(
     paths = {name: Path(path) for name, path in models.items()}
     return bench_models(
         paths,
-        BenchConfig(**settings),
+        dataclasses.replace(spec or BenchConfig(), **overrides),
         data,
         reference=reference or next(iter(paths)),
         mean=mean,
