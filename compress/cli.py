@@ -535,6 +535,17 @@ def check(
     sys.exit(0 if all(r.passed for r in results) else 1)
 
 
+@cli.command()
+def schema():
+    """Print the recipe's JSON Schema (draft 2020-12): point your editor's YAML support at it
+    (``# yaml-language-server: $schema=recipe.schema.json``) to complete and check recipes."""
+    import json
+
+    from compress.recipe.schema import recipe_schema
+
+    click.echo(json.dumps(recipe_schema(), indent=2))
+
+
 @cli.command(name="list")
 @click.argument(
     "what",

@@ -7,6 +7,7 @@ a config built from Python is validated the same way as one read from YAML.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +34,67 @@ DATASET_KINDS: dict[str, str] = {
 ADDED_LATER = "added_later"
 
 
+# Field metadata: the values a field may take (a tuple, a dict's keys, or a function returning
+# them, called on use so that registries load lazily): checked by _check_choices, published as
+# the field's enum in the recipe's JSON Schema (compress.recipe.schema).
+CHOICES = "choices"
+
+
+def choice(default: Any, options: Any, **metadata: Any) -> Any:
+    """A field whose value (each value, for a tuple) is one of ``options``."""
+    return field(default=default, metadata={CHOICES: options, **metadata})
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    """The values field ``f`` may take, or None when it is not a choice."""
+    options = f.metadata.get(CHOICES)
+    if options is None:
+        return None
+    return tuple(options() if callable(options) else options)
+
+
+def _backend_names() -> tuple[str, ...]:
+    from compress.bench_backends import BACKENDS
+
+    return tuple(BACKENDS.names())
+
+
+def _format_names() -> tuple[str, ...]:
+    from compress.formats import FORMATS
+
+    return tuple(FORMATS.names())
+
+
+def _weight_range_names() -> tuple[str, ...]:
+    from compress.int8_kernels import WEIGHT_RANGES
+
+    return ("auto", *WEIGHT_RANGES)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise RecipeError(message)
+
+
+def _check_choices(config: Any) -> None:
+    """Every choice field of ``config`` holds one of its values (None passes: "not set")."""
+    for f in dataclasses.fields(config):
+        options = choices_of(f)
+        value = getattr(config, f.name)
+        if options is None or value is None:
+            continue
+        if isinstance(value, tuple):
+            unknown = [item for item in value if item not in options]
+            _check(
+                not unknown,
+                f"{f.name}: unknown {', '.join(map(repr, unknown))}; expected some of "
+                f"{', '.join(map(str, options))}",
+            )
+        else:
+            _check(
+                value in options,
+                f"{f.name}: expected one of {', '.join(map(str, options))}, got {value!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -72,7 +131,7 @@ class UnlabeledConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    kind: str = "digits"
+    kind: str = choice("digits", DATASET_KINDS)
     path: str | None = None
     image_size: int = 32
     batch_size: int = 128
@@ -83,10 +142,7 @@ class DataConfig:
     unlabeled: UnlabeledConfig = field(default_factory=UnlabeledConfig)
 
     def __post_init__(self):
-        _check(
-            self.kind in DATASET_KINDS,
-            f"kind: expected one of {', '.join(DATASET_KINDS)}, got {self.kind!r}",
-        )
+        _check_choices(self)
         _check(
             self.kind == "digits" or self.path is not None,
             f"path: dataset kind {self.kind!r} needs a path (or pass --data PATH)",
@@ -112,31 +168,25 @@ class TrainConfig:
     """Optimisation settings shared by every training stage (teacher, distill, later prune/QAT)."""
 
     epochs: int = 1
-    optimizer: str = "sgd"
+    optimizer: str = choice("sgd", OPTIMIZERS)
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    schedule: str = choice("cosine", SCHEDULES)
     warmup_epochs: int = 0
     label_smoothing: float = (
         0.0  # teacher only; hurts distillation (Muller et al. 2019), so off by default
     )
-    precision: str = "auto"  # auto: bf16 autocast on CUDA GPUs that support it (not QAT), else fp32
+    # auto: bf16 autocast on CUDA GPUs that support it (not QAT), else fp32
+    precision: str = choice("auto", PRECISIONS)
     channels_last: bool | None = None  # None: on for CUDA
     # torch.compile the training step (worth it on CUDA; compiling costs seconds to minutes)
     compile: bool = False
 
     def __post_init__(self):
+        _check_choices(self)
         _check(self.epochs >= 0, f"epochs: expected >= 0, got {self.epochs}")
-        _check(
-            self.optimizer in OPTIMIZERS,
-            f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
-        )
-        _check(
-            self.schedule in SCHEDULES,
-            f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
-        )
         _check(self.lr > 0, f"lr: expected > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
@@ -147,10 +197,6 @@ class TrainConfig:
         _check(
             0 <= self.label_smoothing < 1,
             f"label_smoothing: expected 0 <= value < 1, got {self.label_smoothing}",
-        )
-        _check(
-            self.precision in PRECISIONS,
-            f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
 
 
@@ -300,10 +346,10 @@ class LatencyTarget:
 
     latency_ms: float | None = None
     latency_speedup: float | None = None
-    backend: str | None = None
+    backend: str | None = choice(None, _backend_names)
     batch_size: int = 1
     threads: int = 1
-    precision: str = "auto"
+    precision: str = choice("auto", LATENCY_PRECISIONS)
     grid: int = 8
     processes: int = 5
     judge_images: int = 2048
@@ -314,6 +360,7 @@ class LatencyTarget:
         return self.latency_ms is not None or self.latency_speedup is not None
 
     def __post_init__(self):
+        _check_choices(self)
         _check(
             self.latency_ms is None or self.latency_speedup is None,
             "latency_speedup: give only one of latency_ms, latency_speedup",
@@ -330,20 +377,12 @@ class LatencyTarget:
             from compress.bench_backends import BACKENDS
 
             _check(
-                self.backend in BACKENDS.names(),
-                f"backend: unknown {self.backend!r}; expected one of {', '.join(BACKENDS.names())}",
-            )
-            _check(
                 BACKENDS.get(self.backend).artifact == "onnx",
                 f"backend: {self.backend!r} does not run exported .onnx files; a latency target "
                 "is measured on an ONNX runtime (e.g. onnxruntime)",
             )
         _check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
         _check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
-        _check(
-            self.precision in LATENCY_PRECISIONS,
-            f"precision: expected one of {', '.join(LATENCY_PRECISIONS)}, got {self.precision!r}",
-        )
         _check(self.grid >= 2, f"grid: expected >= 2 candidate widths, got {self.grid}")
         _check(self.processes >= 1, f"processes: expected >= 1, got {self.processes}")
         _check(self.judge_images >= 0, f"judge_images: expected >= 0, got {self.judge_images}")
@@ -360,8 +399,8 @@ class PruneSpec:
     :func:`compress.prune` takes this alone.
     """
 
-    criterion: str = "magnitude"
-    norm: int = 2  # p of the group norm ranked by magnitude and lamp
+    criterion: str = choice("magnitude", PRUNING_CRITERIA)
+    norm: int = choice(2, (1, 2))  # p of the group norm ranked by magnitude and lamp
     speedup: float | None = None
     target_macs: int | None = None
     pruning_ratio: float | None = None
@@ -374,11 +413,7 @@ class PruneSpec:
     target: LatencyTarget = field(default_factory=LatencyTarget, metadata={ADDED_LATER: True})
 
     def __post_init__(self):
-        _check(
-            self.criterion in PRUNING_CRITERIA,
-            f"criterion: expected one of {', '.join(PRUNING_CRITERIA)}, got {self.criterion!r}",
-        )
-        _check(self.norm in (1, 2), f"norm: expected 1 or 2, got {self.norm}")
+        _check_choices(self)
         given = [
             name
             for name in ("speedup", "target_macs", "pruning_ratio")
@@ -458,35 +493,19 @@ class QuantizeSpec:
     ``max_float_layers`` (None: all but one).
     """
 
-    target: str = "onnxruntime-cpu"
-    calibration: str = "percentile"
+    target: str = choice("onnxruntime-cpu", QUANT_TARGETS)
+    calibration: str = choice("percentile", CALIBRATION_METHODS)
     percentile: float = 99.99
     skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32
-    weight_range: str = "auto"
-    # added after runs were recorded: at their defaults they stay out of the stage key
+    weight_range: str = choice("auto", _weight_range_names)
     max_drop: float | None = field(default=None, metadata={ADDED_LATER: True})  # top-1 points
     max_float_layers: int | None = field(default=None, metadata={ADDED_LATER: True})  # None: n-1
 
     def __post_init__(self):
-        _check(
-            self.target in QUANT_TARGETS,
-            f"target: expected one of {', '.join(QUANT_TARGETS)}, got {self.target!r}",
-        )
-        _check(
-            self.calibration in CALIBRATION_METHODS,
-            f"calibration: expected one of {', '.join(CALIBRATION_METHODS)}, got "
-            f"{self.calibration!r}",
-        )
+        _check_choices(self)
         _check(
             50 < self.percentile <= 100,
             f"percentile: expected 50 < p <= 100, got {self.percentile}",
-        )
-        from compress.int8_kernels import WEIGHT_RANGES
-
-        _check(
-            self.weight_range == "auto" or self.weight_range in WEIGHT_RANGES,
-            f"weight_range: expected auto or one of {', '.join(WEIGHT_RANGES)}, got "
-            f"{self.weight_range!r}",
         )
         _check(
             self.max_drop is None or 0 <= self.max_drop <= 100,
@@ -505,7 +524,7 @@ class QuantizeConfig(QuantizeSpec):
     teacher. With ``max_drop``, ``holdout_images`` training images are set aside for the budget
     (calibration and QAT never see them; the test split is never used)."""
 
-    mode: str = "qat"
+    mode: str = choice("qat", QUANT_MODES)
     calibration_images: int = 512
     loss: tuple[LossConfig, ...] | None = (
         None  # None: the logit terms of the latest distill stage's loss
@@ -517,10 +536,6 @@ class QuantizeConfig(QuantizeSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(
-            self.mode in QUANT_MODES,
-            f"mode: expected one of {', '.join(QUANT_MODES)}, got {self.mode!r}",
-        )
         _check(
             self.calibration_images > 0,
             f"calibration_images: expected > 0, got {self.calibration_images}",
@@ -548,9 +563,9 @@ class ExportConfig:
     axis; a number fixes it (some runtimes and accelerators want static shapes).
     """
 
-    formats: tuple[str, ...] = ("onnx",)
+    formats: tuple[str, ...] = choice(("onnx",), _format_names)
     opset: int = 18
-    exporter: str = "dynamo"
+    exporter: str = choice("dynamo", EXPORTERS)
     batch: int | None = None
     tolerance: float = 1e-3
     min_agreement: float = 0.99
@@ -575,19 +590,9 @@ class ExportConfig:
     engine_workspace_mib: int = 2048
 
     def __post_init__(self):
-        from compress.formats import FORMATS
+        _check_choices(self)
 
         _check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")
-        _check(
-            self.exporter in EXPORTERS,
-            f"exporter: expected one of {', '.join(EXPORTERS)}, got {self.exporter!r}",
-        )
-        unknown = [f for f in self.formats if f not in FORMATS.names()]
-        _check(
-            not unknown,
-            f"formats: unknown {', '.join(map(repr, unknown))}; expected some of "
-            f"{', '.join(FORMATS.names())}",
-        )
         _check(
             "onnx" in self.formats,
             "formats: must include onnx (every other format is built from the ONNX file)",
@@ -635,7 +640,7 @@ class BenchConfig:
     pyperf runs 20, which would make a recipe's bench stage several times longer.
     """
 
-    backends: tuple[str, ...] = ("onnxruntime",)
+    backends: tuple[str, ...] = choice(("onnxruntime",), _backend_names)
     batch_size: int = 64  # the throughput batch; batch 1 is always measured too
     warmup: int = 10  # untimed runs per batch size, in every process
     iterations: int = 100  # timed runs per batch size at most, in every process
@@ -645,15 +650,9 @@ class BenchConfig:
     processes: int = 5  # fresh processes per model, interleaved; 1: the old single process
 
     def __post_init__(self):
-        from compress.bench_backends import BACKENDS
+        _check_choices(self)
 
-        unknown = [b for b in self.backends if b not in BACKENDS.names()]
         _check(bool(self.backends), "backends: expected at least one backend")
-        _check(
-            not unknown,
-            f"backends: unknown {', '.join(map(repr, unknown))}; expected some of "
-            f"{', '.join(BACKENDS.names())}",
-        )
         _check(
             len(set(self.backends)) == len(self.backends),
             f"backends: listed twice in {list(self.backends)}",
@@ -691,7 +690,7 @@ class GatesConfig:
     max_accuracy_drop: float = 0.5  # top-1 points
     max_latency_increase: float = 0.10
     max_size_increase: float = 0.05
-    latency: str = "auto"
+    latency: str = choice("auto", GATE_LATENCY_MODES)
     min_int8_agreement: float | None = (
         None  # floor on the INT8 student's top-1 agreement with its float version
     )
@@ -705,13 +704,10 @@ class GatesConfig:
         return self.baseline is not None or self.min_int8_agreement is not None
 
     def __post_init__(self):
+        _check_choices(self)
         _check(
             self.min_int8_agreement is None or 0 <= self.min_int8_agreement <= 1,
             f"min_int8_agreement: expected 0..1 or null, got {self.min_int8_agreement}",
-        )
-        _check(
-            self.latency in GATE_LATENCY_MODES,
-            f"latency: expected one of {', '.join(GATE_LATENCY_MODES)}, got {self.latency!r}",
         )
         for name in ("max_accuracy_drop", "max_latency_increase", "max_size_increase"):
             _check(getattr(self, name) >= 0, f"{name}: expected >= 0, got {getattr(self, name)}")

