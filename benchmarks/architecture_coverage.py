@@ -46,7 +46,7 @@ import time
 import traceback
 from pathlib import Path
 
-from compress.fileio import write_json_atomic
+from compress.core.fileio import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -116,7 +116,7 @@ HEAVY = (
 
 def all_models(source: str | None) -> list[str]:
     """torchvision's classifiers but the heaviest, timm's, then the heaviest (lightest first)."""
-    from compress.compat import torchvision
+    from compress.core.compat import torchvision
 
     listed = sorted(torchvision.models.list_models(torchvision.models))
     light = [f"torchvision:{n}" for n in listed if n not in HEAVY]
@@ -168,7 +168,7 @@ def run_chain(name: str, args) -> dict:
     import torch
 
     import compress
-    from compress.models import build_model, count_params_macs
+    from compress.nets.models import build_model, count_params_macs
 
     torch.manual_seed(0)
     row = empty_row(name)
@@ -370,7 +370,7 @@ def summary(row: dict) -> str:
 
 
 def write_result() -> None:
-    from compress.machine import machine_info, versions
+    from compress.core.machine import machine_info, versions
 
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
     write_json_atomic(RESULT, {"machine": machine_info() | {"versions": versions()}, "rows": rows})

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compress.bench_backends import BACKENDS
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
+from compress.benchmark.backend_table import BACKENDS
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
 
 HERE = Path(__file__).resolve().parent
 TARGET = 0.05  # ours vs plain, relative difference of the medians

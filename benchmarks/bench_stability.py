@@ -18,10 +18,10 @@ import statistics
 from pathlib import Path
 
 from compress.benchmark.compare import bench_models
-from compress.config import BenchConfig
-from compress.cpu_features import cpu_features
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
+from compress.benchmark.spec import BenchConfig
+from compress.core.cpu_features import cpu_features
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
 
 HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "exported" / "quickstart"

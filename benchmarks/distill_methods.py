@@ -20,10 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.pipeline import run
-from compress.recipe.load import load_recipe
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.runner import run
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"

@@ -128,7 +128,7 @@ def main() -> None:
         "bench": json.loads((run_dir / "bench" / "bench.json").read_text()),
         "published": PUBLISHED,
     }
-    from compress.fileio import write_json_atomic
+    from compress.core.fileio import write_json_atomic
 
     write_json_atomic(RESULT, record)
     print(tables(record, run_dir))
@@ -136,7 +136,7 @@ def main() -> None:
 
 
 def machine() -> dict:
-    from compress.machine import machine_info, versions
+    from compress.core.machine import machine_info, versions
 
     return machine_info() | {"versions": versions()}
 
@@ -172,7 +172,7 @@ def make_weights(folder: Path, data: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from compress.models import build_model
+    from compress.nets.models import build_model
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, model, classes in (
@@ -198,10 +198,10 @@ def pretrain(network, data: Path, size: int, steps: int) -> None:
     import torch
 
     import compress
-    from compress.config import DataConfig
     from compress.data.common import IMAGENET_MEAN, IMAGENET_STD
     from compress.data.load import load_dataset
     from compress.data.loaders import make_loaders
+    from compress.data.spec import DataConfig
 
     cfg = DataConfig(kind="imagefolder", path=str(data), image_size=size, batch_size=32, workers=2)
     loader = make_loaders(load_dataset(cfg), cfg, seed=0)[0]
@@ -222,7 +222,7 @@ def pretrain(network, data: Path, size: int, steps: int) -> None:
 
 
 def stage_rows(run_dir: Path) -> list[dict]:
-    from compress.records import StageRecord
+    from compress.core.records import StageRecord
 
     rows = []
     for folder in sorted(p for p in run_dir.iterdir() if (p / "stage.json").is_file()):
@@ -249,7 +249,7 @@ def loader_throughput(run_dir: Path, batches: int) -> dict:
 
     from compress.data.load import load_dataset
     from compress.data.loaders import make_loaders
-    from compress.recipe.load import load_recipe
+    from compress.pipeline.recipe.load import load_recipe
 
     cfg = load_recipe(run_dir / "recipe.yaml").data
     result = {}

@@ -8,7 +8,7 @@ The run's pruned student (its ``prune`` stage, else its last float student) is q
 post-training as the quantize stage does it, calibrated on training images outside a held-out
 slice of ``--holdout-images`` training images (seeded, class-balanced: the stage's
 ``split_holdout``). For each budget of ``--budgets`` the search of
-:func:`compress.accuracy_budget.keep_float` keeps the most sensitive layers in float until the
+:func:`compress.quantization.budget.keep_float` keeps the most sensitive layers in float until the
 exported file is within the budget on the held-out images (a budget it cannot meet is reported
 with its best step). Every file of every step (FP32, full INT8, each number of float layers) is
 evaluated with ONNX Runtime on the held-out images and on the whole test split, and, unless
@@ -27,21 +27,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.accuracy_budget import BudgetNotMet, keep_float
-from compress.artifacts import Artifact
 from compress.benchmark.compare import bench_models
 from compress.benchmark.measure import predict_onnx
-from compress.config import BenchConfig, ExportConfig
-from compress.context import RunContext
+from compress.benchmark.spec import BenchConfig
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
+from compress.core.records import StageRecord
 from compress.data.loaders import make_loaders, split_holdout, test_arrays
-from compress.exporters.network import export_network
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.quantization import calibrate, prepare_quantized, with_float_layers
-from compress.recipe.load import load_recipe
-from compress.records import StageRecord
-from compress.stages.export import normalised_test_images, onnx_metadata
-from compress.stages.networks import calibration_batches, example_batch, load_network, preprocess
+from compress.exporters.network import export_network, run_exported
+from compress.exporters.spec import ExportConfig
+from compress.pipeline.artifacts import Artifact
+from compress.pipeline.context import RunContext
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.stages.export import normalised_test_images, onnx_metadata
+from compress.pipeline.stages.networks import (
+    calibration_batches,
+    example_batch,
+    load_network,
+    preprocess,
+)
+from compress.quantization.budget import BudgetNotMet, keep_float
+from compress.quantization.fake_quant import calibrate, prepare_quantized, with_float_layers
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,7 +88,12 @@ def main() -> None:
     for budget in args.budgets:
         try:
             _, record = keep_float(
-                qmodel, student, holdout, max_drop=budget, recalibrate=recalibrate
+                qmodel,
+                student,
+                holdout,
+                max_drop=budget,
+                run_file=run_exported,
+                recalibrate=recalibrate,
             )
             searches[f"{budget:g}"] = {"met": True, "record": record.to_json()}
         except BudgetNotMet as exc:

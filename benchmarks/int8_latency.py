@@ -17,26 +17,26 @@ from pathlib import Path
 
 import torch
 
-from compress.artifacts import Artifact
 from compress.benchmark.compare import bench_models
 from compress.benchmark.rows import BenchRow
-from compress.config import BenchConfig
-from compress.context import RunContext
+from compress.benchmark.spec import BenchConfig
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
+from compress.core.records import STAGE_RECORD, StageRecord
 from compress.data.loaders import test_arrays
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.qdq import check_qdq, store_int8_weights
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.quantization import calibrate, prepare_quantized
-from compress.recipe.load import load_recipe
-from compress.records import STAGE_RECORD, StageRecord
-from compress.stages.export import onnx_metadata
-from compress.stages.networks import (
+from compress.pipeline.artifacts import Artifact
+from compress.pipeline.context import RunContext
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.stages.export import onnx_metadata
+from compress.pipeline.stages.networks import (
     calibration_batches,
     example_batch,
     load_network,
     preprocess,
 )
+from compress.quantization.fake_quant import calibrate, prepare_quantized
 
 HERE = Path(__file__).resolve().parent
 

@@ -3,7 +3,8 @@
     python benchmarks/int8_portability.py exported/quickstart
     python benchmarks/int8_portability.py exported/cifar10_cpu --network distill --qat-epochs 1
 
-For each weight range of ``compress.int8_kernels.WEIGHT_RANGES`` (portable ones and ``full``)
+For each weight range of ``compress.quantization.int8_kernels.WEIGHT_RANGES`` (portable ones and
+``full``)
 and each mode (PTQ, QAT with the run's own quantize settings), the network is quantized by the
 quantize stage itself, exported and proven by the export stage itself, and the float network
 and every INT8 file are benchmarked side by side with ONNX Runtime (one thread): top-1 on the
@@ -27,20 +28,22 @@ from pathlib import Path
 
 import torch
 
-from compress.artifacts import Artifact
 from compress.benchmark.compare import bench_models
 from compress.benchmark.rows import BenchResult
-from compress.config import BenchConfig, LossConfig, QuantizeConfig
-from compress.context import RunContext
+from compress.benchmark.spec import BenchConfig
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
 from compress.data.loaders import test_arrays
 from compress.exporters.network import export_network
-from compress.fileio import write_json_atomic
-from compress.int8_kernels import WEIGHT_RANGES
-from compress.machine import machine_info, versions
-from compress.recipe.load import load_recipe
-from compress.stages.export import input_of, normalised_test_images, onnx_metadata
-from compress.stages.networks import load_network
-from compress.stages.quantize import quantize
+from compress.pipeline.artifacts import Artifact
+from compress.pipeline.config import QuantizeConfig
+from compress.pipeline.context import RunContext
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.stages.export import input_of, normalised_test_images, onnx_metadata
+from compress.pipeline.stages.networks import load_network
+from compress.pipeline.stages.quantize import quantize
+from compress.quantization.int8_kernels import WEIGHT_RANGES
+from compress.training.spec import LossConfig
 
 HERE = Path(__file__).resolve().parent
 MODES = ("ptq", "qat")
@@ -195,7 +198,7 @@ def quantize_and_export(
 def weight_sqnr_db(model: torch.nn.Module) -> float:
     """Signal-to-quantization-noise ratio of all INT8 weights together (dB): the precision a
     weight range keeps, independent of how many test images there are."""
-    from compress.quantization import WeightQuant
+    from compress.quantization.fake_quant import WeightQuant
 
     signal = noise = 0.0
     with torch.no_grad():
@@ -207,7 +210,7 @@ def weight_sqnr_db(model: torch.nn.Module) -> float:
 
 
 def export_settings(ctx: RunContext):
-    from compress.config import ExportConfig
+    from compress.exporters.spec import ExportConfig
 
     return next(
         (spec.config for spec in ctx.recipe.stages if isinstance(spec.config, ExportConfig)),

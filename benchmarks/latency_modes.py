@@ -137,7 +137,7 @@ def main() -> None:
     for variant, summary in record["variants"].items():
         medians = ", ".join(f"{m:.3f}" for m in summary["sorted_p50_ms"])
         print(f"{variant:9s} slow {summary['slow']:2d}/{summary['measured']}: {medians}")
-    from compress.fileio import write_json_atomic  # here: the children stay numpy + ORT only
+    from compress.core.fileio import write_json_atomic  # here: the children stay numpy + ORT only
 
     out = write_json_atomic(HERE / "results" / "latency_modes.json", record)
     print(f"written: {out}")
@@ -154,7 +154,7 @@ def summarise(runs: list[dict], threshold: float) -> dict:
 
 
 def machine() -> dict:
-    from compress.machine import machine_info, versions
+    from compress.core.machine import machine_info, versions
 
     return {"machine": machine_info(), "versions": versions()}
 

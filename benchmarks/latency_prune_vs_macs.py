@@ -35,17 +35,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from compress.bench_backends import BACKENDS
+from compress.benchmark.backend_table import BACKENDS
 from compress.benchmark.rows import BenchResult
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info
+from compress.core.records import StageRecord
 from compress.data.augment import Preprocess
 from compress.data.load import load_dataset
 from compress.exporters.onnx.graph import read_onnx_info
-from compress.fileio import write_json_atomic
-from compress.latency_pruning import interleaved_p50
-from compress.machine import machine_info
-from compress.pipeline import plan, run
-from compress.recipe.load import load_recipe
-from compress.records import StageRecord
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.runner import plan, run
+from compress.pruning.latency import interleaved_p50
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "cifar10_cpu.yaml"
@@ -299,8 +299,8 @@ def measured_speedup(args, unpruned: Path, pruned) -> float:
 
 
 def load_student(artifact):
-    from compress.models import build_model
-    from compress.weights import load_weights
+    from compress.nets.models import build_model
+    from compress.nets.weights import load_weights
 
     network = artifact.network
     model = build_model(

@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from latency_prune_vs_macs import finished_reference, load_student, machine_record, training_images
 
-from compress.bench_backends import BACKENDS
-from compress.config import LatencyTarget, PruneSpec
+from compress.benchmark.backend_table import BACKENDS
+from compress.core.fileio import write_json_atomic
 from compress.errors import StageError
-from compress.fileio import write_json_atomic
-from compress.latency_pruning import LatencyPruner
+from compress.pruning.latency import LatencyPruner
+from compress.pruning.spec import LatencyTarget, PruneSpec
 
 HERE = Path(__file__).resolve().parent
 NUM_CLASSES = 10  # CIFAR-10
@@ -125,8 +125,8 @@ def random_network(name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """Registry model ``name`` at CIFAR-10 size with random weights, its BatchNorm statistics
     estimated on random images, and those images. (With the statistics it is built with, the
     untrained MobileNetV2's logits were 6e-10 and the INT8 export check cannot compare them.)"""
-    from compress.batchnorm import recalibrate_batchnorm
-    from compress.models import build_model
+    from compress.nets.models import build_model
+    from compress.training.batchnorm import recalibrate_batchnorm
 
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

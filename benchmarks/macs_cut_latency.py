@@ -39,11 +39,11 @@ from latency_prune_vs_macs import (
     unpruned_int8,
 )
 
-from compress.bench_backends import BACKENDS
+from compress.benchmark.backend_table import BACKENDS
+from compress.core.fileio import write_json_atomic
 from compress.errors import StageError
 from compress.exporters.onnx.graph import read_onnx_info
-from compress.fileio import write_json_atomic
-from compress.latency_pruning import interleaved_p50
+from compress.pruning.latency import interleaved_p50
 
 HERE = Path(__file__).resolve().parent
 LATENCY_RUN = "cifar10_cpu-latency-b64-at-r16-x1.6"
@@ -153,7 +153,7 @@ def cut(student, round_to: int, speedup: float, calibration, path: Path) -> bool
     BatchNorm, quantize it (PTQ) and export it to ``path``; False if Torch-Pruning cannot reach
     the reduction within the layers' limits."""
     from compress.api import export, prune, quantize
-    from compress.config import PruneSpec
+    from compress.pruning.spec import PruneSpec
 
     model = copy.deepcopy(student)
     example = torch.zeros(1, 3, 32, 32)

@@ -36,21 +36,21 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.backends.child import child_env
-from compress.bench_backends import BACKENDS
+from compress.benchmark.backend_table import BACKENDS
+from compress.benchmark.backends.child import child_env
 from compress.benchmark.compare import BenchTarget, bench_models
 from compress.benchmark.measure import normalisation, predict_on
 from compress.benchmark.rows import BenchResult
+from compress.benchmark.spec import BenchConfig
 from compress.benchmark.table import bench_table_markdown
-from compress.config import BenchConfig
-from compress.cpu_features import cpu_features
+from compress.core.cpu_features import cpu_features
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
+from compress.core.records import StageRecord
 from compress.data.load import load_dataset
 from compress.data.loaders import test_arrays
 from compress.exporters.onnx.graph import read_onnx_info
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.recipe.load import load_recipe
-from compress.records import StageRecord
+from compress.pipeline.recipe.load import load_recipe
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -160,8 +160,8 @@ import numpy as np
 import openvino as ov
 sys.path.insert(0, sys.argv[1])
 from openvino_vs_onnxruntime import predict
-from compress.backends.openvino import compile_settings, with_batch
-from compress.config import BenchConfig
+from compress.benchmark.backends.openvino import compile_settings, with_batch
+from compress.benchmark.spec import BenchConfig
 path, images, out = sys.argv[2], np.load(sys.argv[3]), sys.argv[4]
 cfg = BenchConfig(batch_size=int(sys.argv[5]), threads=int(sys.argv[6]))
 core = ov.Core()

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from compress.benchmark.rows import BenchResult
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.pipeline import run
-from compress.recipe.load import load_recipe
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.runner import run
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes"

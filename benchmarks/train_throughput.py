@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--device cuda] [--batches 20] [--batch-size 64]
 
-* **ours**: :func:`compress.teaching.train_with_teacher`, what the distill stage runs (the
+* **ours**: :func:`compress.training.teaching.train_with_teacher`, what the distill stage runs (the
   shared ``fit`` loop: batch augmentation and normalisation on the device, the teacher forward
   under ``no_grad``, the registered ``kd`` loss, optimiser and schedule, running accuracy,
   progress accounting, one evaluation pass over a single test batch);
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.config import LossConfig, MixConfig, TrainConfig
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
 from compress.data.augment import Preprocess
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.models import build_model
-from compress.teaching import frozen, train_with_teacher
-from compress.train_loop import autocast_dtype, uses_channels_last
+from compress.data.spec import MixConfig
+from compress.nets.models import build_model
+from compress.training.loop import autocast_dtype, uses_channels_last
+from compress.training.spec import LossConfig, TrainConfig
+from compress.training.teaching import frozen, train_with_teacher
 
 HERE = Path(__file__).resolve().parent
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

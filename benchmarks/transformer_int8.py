@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import compress
-from compress.fileio import write_json_atomic
-from compress.machine import machine_info, versions
-from compress.models import build_model, count_params_macs
-from compress.quantization import quantized_layers
+from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info, versions
+from compress.nets.models import build_model, count_params_macs
+from compress.quantization.fake_quant import quantized_layers
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -34,21 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.config import (
-    BenchConfig,
-    DistillSpec,
-    ExportConfig,
-    LossConfig,
-    MixConfig,
-    PruneSpec,
-    QuantizeSpec,
-)
+from compress.benchmark.spec import BenchConfig
+from compress.core.fileio import write_json_atomic
+from compress.core.records import PruneStep, QuantSpec
+from compress.data.spec import MixConfig
 from compress.errors import StageError
-from compress.fileio import write_json_atomic
-from compress.losses import LOSSES
-from compress.records import PruneStep, QuantSpec
-from compress.teaching import LoopSettings
-from compress.train_loop import EpochLog
+from compress.exporters.spec import ExportConfig
+from compress.pruning.spec import PruneSpec
+from compress.quantization.spec import QuantizeSpec
+from compress.training.loop import EpochLog
+from compress.training.losses import LOSSES
+from compress.training.spec import DistillSpec, LossConfig
+from compress.training.teaching import LoopSettings
 
 if TYPE_CHECKING:
     from compress.benchmark.rows import BenchResult
@@ -86,23 +83,25 @@ def distill(
             is one); default Hinton KD (T=4, alpha=0.9), one epoch of SGD.
         test_loader: evaluated after every epoch (top-1 in ``history``), if given.
         loop: how batches are prepared, where training runs, progress and the epoch
-            checkpoint (:class:`~compress.teaching.LoopSettings`); default: batches as given,
-            on the student's device, quietly.
+            checkpoint (:class:`~compress.training.teaching.LoopSettings`); default: batches as
+            given, on the student's device, quietly.
         teacher_logits: the teacher's logits for every training image, when the loader also
             yields each batch's indices: the teacher is not run.
         recalibrate_batchnorm: re-estimate the BatchNorm statistics on the first 2,048
-            training images after training (:mod:`compress.batchnorm`); None: when they update
-            slowly (momentum below 0.1: torchvision's MobileNetV3, EfficientNet), so after a
+            training images after training (:mod:`compress.training.batchnorm`); None: when they
+            update slowly (momentum below 0.1: torchvision's MobileNetV3, EfficientNet), so after a
             short run they would still describe the early weights. Pass True for a student
             that started from another dataset's weights.
-        history: a list to append one :class:`~compress.train_loop.EpochLog` per epoch to.
-        losses, epochs, augment, **train: override ``spec``'s loss terms (:func:`loss`), its
-            ``train.epochs``, its mixing, and any :class:`~compress.config.TrainConfig` field
+        history: a list to append one :class:`~compress.training.loop.EpochLog` per epoch to.
+        losses: override ``spec``'s loss terms (:func:`loss`).
+        epochs: override ``spec.train.epochs``.
+        augment: override ``spec``'s batch mixing.
+        **train: override any :class:`~compress.training.spec.TrainConfig` field of ``spec``
             (``lr``, ``optimizer``, ``schedule``, ``weight_decay``, ...).
     """
-    from compress.batchnorm import RECALIBRATION_IMAGES, lagging_batchnorm
-    from compress.batchnorm import recalibrate_batchnorm as recalibrate
-    from compress.teaching import frozen, train_with_teacher
+    from compress.training.batchnorm import RECALIBRATION_IMAGES, lagging_batchnorm
+    from compress.training.batchnorm import recalibrate_batchnorm as recalibrate
+    from compress.training.teaching import frozen, train_with_teacher
 
     spec = _distill_spec(spec, losses, epochs, augment, train)
     loop = loop or LoopSettings()
@@ -185,20 +184,22 @@ def prune(
         gradient_fn: runs ``loss.backward()`` on real batches, for the ``taylor`` criterion.
         calibration_data: input batches (or ``(inputs, labels)`` batches) that re-estimate the
             BatchNorm statistics after each cut, before ``finetune``
-            (:func:`compress.batchnorm.recalibrate_batchnorm`); a few thousand images, read
+            (:func:`compress.training.batchnorm.recalibrate_batchnorm`); a few thousand images, read
             again at every step (a shuffling loader gives fresh ones). Without it a cut leaves
             stale statistics and the network near chance until fine-tuned.
         calibration_images: read only the first this many images of ``calibration_data``.
-        loop: prepares ``calibration_data``'s batches (:class:`~compress.teaching.LoopSettings`
-            ``prepare``, without augmentation); default: as they come.
+        loop: prepares ``calibration_data``'s batches (the ``prepare`` of a
+            :class:`~compress.training.teaching.LoopSettings`, without augmentation); default:
+            as they come.
         judge: for a latency target, scores a cut copy of the network (higher is better, e.g.
-            top-1 on held-out images after :func:`compress.batchnorm.recalibrate_batchnorm` and
+            top-1 on held-out images after
+            :func:`compress.training.batchnorm.recalibrate_batchnorm` and
             a few fine-tuning steps, as the prune stage's judge does);
-            each cut then takes the best of :func:`compress.latency_pruning.candidate_plans`.
+            each cut then takes the best of :func:`compress.pruning.latency.candidate_plans`.
             None: the importance plan.
         score: top-1 of the network (e.g. on a test split): recorded after each cut, after the
             re-estimation and after fine-tuning in ``history``.
-        history: a list to append one :class:`~compress.records.PruneStep` per step to.
+        history: a list to append one :class:`~compress.core.records.PruneStep` per step to.
         log: called with one line per step (and per latency measurement).
         latency_cache: the folder a latency target keeps its per-layer latency table in (None:
             a temporary one), so a later call on the same network and machine measures nothing
@@ -213,11 +214,11 @@ def prune(
             the layer where the cut network breaks); the network is left as it was before the
             failing step. Channels Torch-Pruning cannot follow (a channel shuffle, a split at
             sizes the forward holds, weights used outside their layer) keep their width instead
-            (:func:`compress.channel_flow.frozen_layers`).
+            (:func:`compress.pruning.channel_flow.frozen_layers`).
     """
-    from compress.batchnorm import recalibrate_batchnorm
-    from compress.models import count_params_macs
-    from compress.pruning import ChannelPruner, step_targets
+    from compress.nets.models import count_params_macs
+    from compress.pruning.channels import ChannelPruner, step_targets
+    from compress.training.batchnorm import recalibrate_batchnorm
 
     spec = spec or PruneSpec()
     device = _device_of(model)
@@ -333,13 +334,14 @@ def quantize(
         holdout: ``(inputs, labels)`` batches the budget is measured on (needed with
             ``max_drop``): images kept out of ``calibration_data`` and of training, not the test
             set.
-        **overrides: any :class:`~compress.config.QuantizeSpec` field, e.g. ``skip=("fc",)``.
+        **overrides: any :class:`~compress.quantization.spec.QuantizeSpec` field, e.g.
+            ``skip=("fc",)``.
 
     Returns:
         A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized (with
         ``max_drop``, also its ``accuracy_budget`` record).
     """
-    from compress.quantization import calibrate, prepare_quantized
+    from compress.quantization.fake_quant import calibrate, prepare_quantized
 
     spec = dataclasses.replace(spec or QuantizeSpec(), **overrides)
     batches = _inputs_of(calibration_data, _device_of(model))
@@ -383,7 +385,7 @@ def keep_float(
     """Meet an accuracy budget: the layers of the INT8 ``qmodel`` that quantization hurts most
     go back to float, one at a time, until its exported ONNX file (run in ONNX Runtime, float
     layers really in float) is within ``max_drop`` top-1 points of the float ``model`` on
-    ``holdout``; see :mod:`compress.accuracy_budget` for the ranking and the search.
+    ``holdout``; see :mod:`compress.quantization.budget` for the ranking and the search.
 
     Args:
         qmodel: from :func:`quantize` of ``model``, calibrated, perhaps fine-tuned (QAT).
@@ -400,15 +402,16 @@ def keep_float(
     Returns:
         The network to export: ``qmodel`` when it is within the budget already, else a new one
         with the chosen layers in float; its ``accuracy_budget`` attribute is the
-        :class:`~compress.accuracy_budget.AccuracyBudget` record (``.float_layers``, ``.steps``,
+        :class:`~compress.quantization.budget.AccuracyBudget` record (``.float_layers``, ``.steps``,
         ``.ranking``).
 
     Raises:
         BudgetNotMet: the budget cannot be met within ``max_float_layers`` float layers (its
             ``budget`` attribute holds the search).
     """
-    from compress.accuracy_budget import keep_float as search
-    from compress.quantization import calibrate
+    from compress.exporters.network import run_exported
+    from compress.quantization.budget import keep_float as search
+    from compress.quantization.fake_quant import calibrate
 
     if max_drop < 0:
         raise ValueError(f"keep_float: max_drop must be >= 0 top-1 points, got {max_drop}")
@@ -425,6 +428,7 @@ def keep_float(
         list(holdout),
         max_drop=max_drop,
         max_float_layers=max_float_layers,
+        run_file=run_exported,
         recalibrate=recalibrate,
     )
     network.accuracy_budget = record
@@ -445,11 +449,11 @@ def export(
     :func:`quantize`) must be a QDQ graph whose weights compute the same on every CPU.
 
     Args:
-        spec: the recipe's ``export`` section type (:class:`~compress.config.ExportConfig`).
+        spec: the recipe's ``export`` section type (:class:`~compress.exporters.spec.ExportConfig`).
         check_inputs: a batch shaped like the real input (normalised as the model takes it).
         metadata: extra ``metadata_props`` strings.
-        **overrides: any :class:`~compress.config.ExportConfig` field (``opset``, ``exporter``,
-            ``batch``, ``tolerance``, ``int8_tolerance``, ``simplify``, ...).
+        **overrides: any :class:`~compress.exporters.spec.ExportConfig` field (``opset``,
+            ``exporter``, ``batch``, ``tolerance``, ``int8_tolerance``, ``simplify``, ...).
 
     Returns:
         The verification record (max |diff|, top-1 agreement, and for INT8 the graph check and
@@ -497,8 +501,8 @@ def bench(
         models: name -> ``.onnx`` file (or TensorRT engine, or a run's stage folder).
         data: ``(uint8 NCHW images, labels)``; normalised with the files' metadata (written by
             :func:`export` when given ``metadata``) or ``mean``/``std``.
-        spec: the recipe's ``bench`` section type (:class:`~compress.config.BenchConfig`).
-        **overrides: any :class:`~compress.config.BenchConfig` field (``backends``,
+        spec: the recipe's ``bench`` section type (:class:`~compress.benchmark.spec.BenchConfig`).
+        **overrides: any :class:`~compress.benchmark.spec.BenchConfig` field (``backends``,
             ``batch_size``, ``threads``, ``iterations``, ...).
 
     Returns:
@@ -523,19 +527,19 @@ def bench(
 def _latency_pruner(
     model, example_inputs, spec, num_classes, calibration, gradient_fn, judge, cache, log
 ):
-    """The :class:`~compress.latency_pruning.LatencyPruner` for ``spec.target``: measured on its
+    """The :class:`~compress.pruning.latency.LatencyPruner` for ``spec.target``: measured on its
     ``backend`` (None: onnxruntime) in its ``precision`` (``auto``: FP32; a recipe resolves it
-    from the stages that follow, :func:`compress.recipe.defaults.resolve_latency_targets`).
+    from the stages that follow, :func:`compress.pipeline.recipe.defaults.resolve_latency_targets`).
 
     Raises:
         StageError: under torchrun (the measurement is one process's), or a backend that
             cannot time single layers.
     """
-    from compress import distributed
-    from compress.bench_backends import BACKENDS, DEFAULT_LATENCY_BACKEND
-    from compress.cpu_features import cpu_features
-    from compress.latency_pruning import LatencyPruner
-    from compress.machine import machine_info
+    from compress.benchmark.backend_table import BACKENDS, DEFAULT_LATENCY_BACKEND
+    from compress.core import distributed
+    from compress.core.cpu_features import cpu_features
+    from compress.core.machine import machine_info
+    from compress.pruning.latency import LatencyPruner
 
     if distributed.active():
         raise StageError(

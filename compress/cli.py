@@ -13,22 +13,18 @@ from pathlib import Path
 
 import click
 
-from compress import distributed
-from compress.config import (
-    DATASET_KINDS,
-    EXPORTERS,
-    GATE_LATENCY_MODES,
-    PRUNING_CRITERIA,
-    BenchConfig,
-    ExportConfig,
-    GatesConfig,
-)
+from compress.benchmark.spec import BenchConfig
+from compress.core import distributed
+from compress.data.spec import DATASET_KINDS
 from compress.errors import CompressError, output_error
+from compress.exporters.spec import EXPORTERS, ExportConfig
+from compress.pipeline.config import GATE_LATENCY_MODES, GatesConfig
+from compress.pruning.spec import PRUNING_CRITERIA
 
 
 def default(cls: type, name: str):
     """The default of a config field: the CLI shows and uses the recipe's defaults, declared
-    once in :mod:`compress.config` (importing it costs no torch)."""
+    once in the specs (importing them costs no torch)."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
@@ -97,9 +93,9 @@ def recipe_options(fn):
 
 
 def _load(recipe_path, data, epochs, subset, device, out, overrides, *, warn: bool = True):
-    from compress.recipe.checks import recipe_warnings
-    from compress.recipe.load import load_recipe
-    from compress.recipe.overrides import parse_subset
+    from compress.pipeline.recipe.checks import recipe_warnings
+    from compress.pipeline.recipe.load import load_recipe
+    from compress.pipeline.recipe.overrides import parse_subset
 
     recipe = load_recipe(
         recipe_path,
@@ -147,9 +143,9 @@ def cli():
 @user_errors
 def run(recipe_path, data, epochs, subset, device, out, overrides, force, dry_run, wait, nproc):
     """Run RECIPE's stages into <out>/<name>/, skipping stages already done."""
-    from compress.pipeline import plan
-    from compress.pipeline import run as run_pipeline
-    from compress.report import summary_table
+    from compress.pipeline.report import summary_table
+    from compress.pipeline.runner import plan
+    from compress.pipeline.runner import run as run_pipeline
 
     if dry_run:
         recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
@@ -181,7 +177,7 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force, dry_ru
         click.echo("")
         click.echo(artifacts["bench"].files["table"].read_text())
     if recipe.gates.active:
-        from compress.gates import gate_run, gates_table
+        from compress.pipeline.gates import gate_run, gates_table
 
         results = gate_run(recipe.gates, Path(recipe.out) / recipe.name)
         click.echo(gates_table(results), nl=False)
@@ -207,7 +203,7 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
     """Check RECIPE (and the files it names) without running anything."""
     import yaml
 
-    from compress.recipe.serialise import recipe_to_dict
+    from compress.pipeline.recipe.serialise import recipe_to_dict
 
     recipe = _load(recipe_path, data, epochs, subset, device, out, overrides)
     click.echo(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False).rstrip())
@@ -224,7 +220,7 @@ def validate(recipe_path, data, epochs, subset, device, out, overrides):
 
 
 def _backends() -> list[str]:
-    from compress.bench_backends import BACKENDS
+    from compress.benchmark.backend_table import BACKENDS
 
     return BACKENDS.names()
 
@@ -242,8 +238,9 @@ def _backends() -> list[str]:
     show_default=True,
     metavar="NAME",
     help=(
-        "Where to measure (repeatable; `compress list backends`): onnxruntime[-cuda] or "
-        "openvino for .onnx, torch[-compile][-cuda] for a stage folder, tensorrt for .engine."
+        "Where to measure (repeatable; `compress list backends`): onnxruntime or "
+        "onnxruntime-cuda, or openvino for .onnx; torch, torch-compile, torch-cuda or "
+        "torch-compile-cuda for a stage folder, tensorrt for .engine."
     ),
 )
 @click.option(
@@ -325,7 +322,7 @@ def bench(
 ):
     """Benchmark MODEL (an .onnx, a TensorRT .engine or a run's stage folder), and --against OTHER
     side by side."""
-    from compress.stages.bench import bench_files
+    from compress.pipeline.stages.bench import bench_files
 
     cfg = BenchConfig(
         backends=tuple(backends),
@@ -402,7 +399,7 @@ def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp1
     run."""
     import json
 
-    from compress.stages.export import export_file
+    from compress.pipeline.stages.export import export_file
 
     try:
         profile = tuple(int(b) for b in engine_batch.split(","))
@@ -429,7 +426,7 @@ def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp1
 @user_errors
 def report(run_dir):
     """(Re)write RUN_DIR/report.md, report.json and report.png from the run's artifacts."""
-    from compress.report import write_report
+    from compress.pipeline.report import write_report
 
     paths = write_report(run_dir)
     click.echo(paths["markdown"].read_text())
@@ -511,8 +508,8 @@ def check(
     """Gate RESULT (a bench.json, its bench/ folder or a run folder) against a baseline and floors;
     exit 1 on a regression."""
     from compress.errors import RecipeError
-    from compress.gates import check as check_gates
-    from compress.gates import different_networks, gates_table, load_bench_result
+    from compress.pipeline.gates import check as check_gates
+    from compress.pipeline.gates import different_networks, gates_table, load_bench_result
 
     if baseline is None and min_int8_agreement is None:
         raise RecipeError("nothing to check: give --baseline BASELINE and/or --min-int8-agreement")
@@ -536,12 +533,20 @@ def check(
 
 
 @cli.command()
-def schema():
+@click.option(
+    "--markdown", is_flag=True, help="Print the recipe reference page (Markdown) instead."
+)
+def schema(markdown):
     """Print the recipe's JSON Schema (draft 2020-12): point your editor's YAML support at it
     (``# yaml-language-server: $schema=recipe.schema.json``) to complete and check recipes."""
+    if markdown:
+        from compress.pipeline.recipe.reference import recipe_reference
+
+        click.echo(recipe_reference(), nl=False)
+        return
     import json
 
-    from compress.recipe.schema import recipe_schema
+    from compress.pipeline.recipe.schema import recipe_schema
 
     click.echo(json.dumps(recipe_schema(), indent=2))
 
@@ -566,12 +571,12 @@ def schema():
 def list_(what):
     """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export
     formats, bench backends, INT8 weight ranges)."""
-    from compress.bench_backends import BACKENDS
-    from compress.config import STAGE_KINDS
-    from compress.formats import FORMATS
-    from compress.int8_kernels import WEIGHT_RANGES
-    from compress.losses import LOSSES
-    from compress.models import TIMM_NAMES, model_names
+    from compress.benchmark.backend_table import BACKENDS
+    from compress.exporters.formats import FORMATS
+    from compress.nets.models import TIMM_NAMES, model_names
+    from compress.pipeline.config import STAGE_KINDS
+    from compress.quantization.int8_kernels import WEIGHT_RANGES
+    from compress.training.losses import LOSSES
 
     formats = [
         f"{f.name:<10} {f.suffix:<11} {'GPU' if f.needs_gpu else 'CPU'}  {f.options_doc}"

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 
-_WORKER_MARK = (
-    "\nOriginal Traceback"  # torch's DataLoader re-raises a worker's error with this text
-)
+# torch's DataLoader re-raises a worker's error with this text
+_WORKER_MARK = "\nOriginal Traceback"
 
 
 class CompressError(Exception):

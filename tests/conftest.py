@@ -69,8 +69,8 @@ def run_recipe(folder: Path, raw: dict) -> dict:
     """Write ``raw`` to ``folder/<name>.yaml`` and run it quietly into ``folder/out``."""
     import yaml
 
-    from compress.pipeline import run
-    from compress.recipe.load import load_recipe
+    from compress.pipeline.recipe.load import load_recipe
+    from compress.pipeline.runner import run
 
     path = folder / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))

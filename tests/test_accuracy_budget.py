@@ -8,13 +8,14 @@ from conftest import DIGITS_BASE
 from torch import nn
 
 import compress
-from compress.accuracy_budget import BudgetNotMet
-from compress.config import DataConfig, QuantizeConfig, SubsetConfig
 from compress.data.load import load_dataset
 from compress.data.loaders import split_holdout
+from compress.data.spec import DataConfig, SubsetConfig
 from compress.errors import DataError, RecipeError
-from compress.quantization import float_convs
-from compress.recipe.load import load_recipe
+from compress.pipeline.config import QuantizeConfig
+from compress.pipeline.recipe.load import load_recipe
+from compress.quantization.budget import BudgetNotMet
+from compress.quantization.fake_quant import float_convs
 
 # --- settings ----------------------------------------------------------------------------------
 
@@ -52,8 +53,8 @@ def test_a_recipe_names_the_bad_max_drop_with_its_path(tmp_path):
 
 
 def test_a_quantize_stage_without_a_budget_keeps_the_stage_key_of_runs_recorded_before_it():
-    from compress.recipe.load import recipe_from_dict
-    from compress.recipe.serialise import recipe_to_dict
+    from compress.pipeline.recipe.load import recipe_from_dict
+    from compress.pipeline.recipe.serialise import recipe_to_dict
 
     def quantize_section(quantize: dict) -> dict:
         raw = {"name": "t", "stages": ["teacher", "distill", {"quantize": quantize}]}
@@ -91,9 +92,9 @@ def test_the_holdout_is_a_seeded_balanced_slice_of_train_that_training_no_longer
 
 
 def test_without_max_drop_the_stage_uses_the_run_loaders_and_holds_nothing_out(tmp_path):
-    from compress.context import RunContext
-    from compress.stages.networks import preprocess
-    from compress.stages.quantize import split_loaders
+    from compress.pipeline.context import RunContext
+    from compress.pipeline.stages.networks import preprocess
+    from compress.pipeline.stages.quantize import split_loaders
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(DIGITS_BASE | {"stages": ["teacher", "distill", "quantize"]}))
@@ -202,8 +203,8 @@ def test_the_search_keeps_exactly_the_hostile_layer_float_and_the_file_runs_it_i
 
 
 def test_a_layer_put_back_in_float_keeps_every_trained_value_and_reloads(one_hostile, tmp_path):
-    from compress.quantization import prepare_quantized, with_float_layers
-    from compress.weights import load_weights, save_weights
+    from compress.nets.weights import load_weights, save_weights
+    from compress.quantization.fake_quant import prepare_quantized, with_float_layers
 
     model, train, _ = one_hostile
     qmodel = compress.quantize(model, train, calibration="minmax")
@@ -279,8 +280,8 @@ def test_quantize_without_max_drop_needs_no_holdout_and_max_drop_without_one_is_
 
 @pytest.mark.slow
 def test_the_stage_holds_out_training_images_and_records_the_budget(tmp_path, digits_teacher):
-    from compress.pipeline import run
-    from compress.report import headline
+    from compress.pipeline.report import headline
+    from compress.pipeline.runner import run
 
     stages = [
         {"distill": {"loss": "kd", "train": {"epochs": 1, "optimizer": "adamw", "lr": 0.003}}},

@@ -1,4 +1,4 @@
-"""The library API on a plain nn.Module: the README's example, run as written, must train,
+"""The library API on a plain nn.Module: the example of docs/api.md, run as written, must train,
 distil, prune, quantize, export and bench for real."""
 
 from __future__ import annotations
@@ -9,27 +9,27 @@ from pathlib import Path
 import pytest
 
 from compress.errors import RecipeError
-from compress.models import count_params_macs
+from compress.nets.models import count_params_macs
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+API_PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 
-def readme_example() -> str:
-    text = README.read_text()
+def api_page_example() -> str:
+    text = API_PAGE.read_text()
     block = re.search(
         r"<!-- library-example: begin -->\n```python\n(.*?)```\n<!-- library-example: end -->",
         text,
         re.S,
     )
-    assert block, "README.md lost its library example"
+    assert block, "docs/api.md lost its library example"
     return block.group(1)
 
 
 @pytest.mark.slow
 def test_the_readme_library_example_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    scope: dict = {"__name__": "readme_example"}
-    exec(compile(readme_example(), str(README), "exec"), scope)  # noqa: S102  (our own README)
+    scope: dict = {"__name__": "api_page_example"}
+    exec(compile(api_page_example(), str(API_PAGE), "exec"), scope)  # noqa: S102  (our own docs)
     teacher, student, qmodel, history, result = (
         scope[k] for k in ("teacher", "student", "qmodel", "history", "result")
     )

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from compress.artifacts import Artifact, input_key, load_completed, record_stage
+from compress.core.records import NetworkSpec, QuantSpec, StageRecord
 from compress.errors import ModelError
-from compress.models import build_model
-from compress.records import NetworkSpec, QuantSpec, StageRecord
-from compress.weights import load_weights, save_weights
+from compress.nets.models import build_model
+from compress.nets.weights import load_weights, save_weights
+from compress.pipeline.artifacts import Artifact, input_key, load_completed, record_stage
 
 
 def completed_stage(tmp_path):
@@ -139,7 +139,7 @@ def test_a_record_that_is_not_one_names_the_file(tmp_path):
 def test_each_stage_reads_its_own_peak_memory_not_the_process_lifetime_peak():
     import numpy as np
 
-    from compress.memory import stage_peak_rss
+    from compress.pipeline.memory import stage_peak_rss
 
     with stage_peak_rss() as big:
         block = np.ones(400 * 2**20 // 8)  # 400 MiB, touched

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.config import MixConfig
 from compress.data import augment
 from compress.data.augment import BatchMix, MixedBatch, cutmix, cutout, mixup
+from compress.data.spec import MixConfig
 
 
 def _batch(n: int = 8, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.artifacts import Artifact, record_stage
-from compress.backends import tensorrt as trt_backend
-from compress.backends import torch as torch_backend
-from compress.backends.child import child_env
-from compress.bench_backends import BACKENDS
-from compress.models import build_model
-from compress.records import NetworkSpec, QuantSpec
-from compress.weights import save_weights
+from compress.benchmark.backend_table import BACKENDS
+from compress.benchmark.backends import tensorrt as trt_backend
+from compress.benchmark.backends import torch as torch_backend
+from compress.benchmark.backends.child import child_env
+from compress.core.records import NetworkSpec, QuantSpec
+from compress.nets.models import build_model
+from compress.nets.weights import save_weights
+from compress.pipeline.artifacts import Artifact, record_stage
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 IMAGE_SIZE = 8
@@ -80,7 +80,7 @@ def stage(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def qat_stage(tmp_path_factory) -> Path:
     """The same network fake-quantized (QAT graph, uncalibrated scales), as quantize writes it."""
-    from compress.quantization import prepare_quantized
+    from compress.quantization.fake_quant import prepare_quantized
 
     example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     model = prepare_quantized(network(), target="onnxruntime-cpu", example_inputs=example)
@@ -307,12 +307,15 @@ def imported_modules(statement: str) -> set[str]:
 
 
 def test_parent_modules_import_no_runtime():
-    loaded = imported_modules("import compress.backends.torch, compress.backends.tensorrt")
+    loaded = imported_modules(
+        "import compress.benchmark.backends.torch, compress.benchmark.backends.tensorrt"
+    )
     assert not loaded & {"torch", "tensorrt", "onnx", "onnxruntime", "numpy"}
 
 
 def test_torch_worker_imports_no_onnx_runtime():
-    # onnx itself comes in with compress.stages (its export stage); the baseline memory is taken
+    # onnx itself comes in with compress.pipeline.stages (its export stage); the baseline memory is
+    # taken
     # after these imports, so only a runtime (ONNX Runtime, TensorRT) would distort model_rss_mb.
-    loaded = imported_modules("import compress.backends._torch_worker")
+    loaded = imported_modules("import compress.benchmark.backends._torch_worker")
     assert "torch" in loaded and "onnxruntime" not in loaded and "tensorrt" not in loaded

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from compress.batchnorm import recalibrate_batchnorm
+from compress.training.batchnorm import recalibrate_batchnorm
 
 
 def test_statistics_become_the_average_over_the_batches_and_modes_are_restored():
@@ -46,8 +46,8 @@ def test_a_briefly_trained_student_with_slow_batchnorm_ends_with_current_statist
     from sklearn.datasets import load_digits
 
     import compress
-    from compress.batchnorm import lagging_batchnorm
-    from compress.models import build_model
+    from compress.nets.models import build_model
+    from compress.training.batchnorm import lagging_batchnorm
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1)

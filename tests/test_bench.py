@@ -15,17 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-import compress.backends.child as child
-from compress.bench_backends import BACKENDS
+import compress.benchmark.backends.child as child
+from compress.benchmark.backend_table import BACKENDS
 from compress.benchmark.compare import bench_models
 from compress.benchmark.measure import bench_model
 from compress.benchmark.ratios import compare
 from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, LatencyStats, Ratios
+from compress.benchmark.spec import BenchConfig
 from compress.benchmark.table import bench_table_markdown, write_bench
-from compress.config import BenchConfig
+from compress.core.fileio import sha256_file, write_json_atomic
 from compress.errors import StageError
 from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
-from compress.fileio import sha256_file, write_json_atomic
 
 SIZE = 16
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
@@ -215,8 +215,8 @@ def test_peak_memory_is_the_workers_own(models):
 
 def test_worker_stays_import_light():
     code = (
-        "import sys, compress.backends._ort_worker; print(sorted({m.split('.')[0] for m in "
-        "sys.modules} & {'torch', 'onnx', 'torchvision'}))"
+        "import sys, compress.benchmark.backends._ort_worker; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'torchvision'}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -248,7 +248,7 @@ def test_several_processes_per_model_interleaved(monkeypatch, models):
         started.append(os.path.basename(request["path"]))
         return run_child(module, request, timeout_s)
 
-    monkeypatch.setattr("compress.backends.child.run_child", recording)
+    monkeypatch.setattr("compress.benchmark.backends.child.run_child", recording)
     cfg = replace(CFG, processes=2, time_budget_s=1.0)
     result = bench_models(models, cfg, None)
     assert started == ["teacher.onnx", "student.onnx"] * 2  # round by round, A B A B

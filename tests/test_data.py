@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from compress.config import DATASET_KINDS, UNLABELED, DataConfig, SubsetConfig, UnlabeledConfig
 from compress.data.augment import Preprocess
 from compress.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN
 from compress.data.common import IMAGENET_MEAN, balanced_subset
 from compress.data.load import load_dataset
 from compress.data.loaders import make_loaders, test_arrays
+from compress.data.spec import DATASET_KINDS, UNLABELED, DataConfig, SubsetConfig, UnlabeledConfig
 from compress.errors import DataError
 
 
@@ -31,7 +31,7 @@ def _image_bytes(dataset) -> Counter:
 
 
 def test_every_kind_names_a_reader():
-    from compress.registry import load_entry
+    from compress.core.registry import load_entry
 
     assert all(callable(load_entry(entry)) for entry in DATASET_KINDS.values())
 

@@ -7,8 +7,8 @@ import yaml
 from conftest import DIGITS_BASE as BASE
 from conftest import run_recipe
 
-from compress.models import build_model
-from compress.recipe.load import load_recipe
+from compress.nets.models import build_model
+from compress.pipeline.recipe.load import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +47,8 @@ def test_every_method_improves_the_student_and_saves_a_plain_student(
 
 
 def test_mixup_teacher_sees_exactly_the_students_batch(tmp_path, digits_teacher, monkeypatch):
-    import compress.stages.distill as stage
-    import compress.teaching as teaching
+    import compress.pipeline.stages.distill as stage
+    import compress.training.teaching as teaching
 
     seen = {"teacher": None, "matches": 0, "mixed": 0}
 

@@ -1,4 +1,4 @@
-"""Data-parallel training (compress.distributed): the single-process path is a no-op, the batch
+"""Data-parallel training (compress.core.distributed): the single-process path is a no-op, the batch
 split and sampler arithmetic, two gloo ranks that train exactly like one process (a network
 without BatchNorm, spawned here), and `compress run --nproc 2` end to end against a plain run.
 
@@ -25,15 +25,16 @@ from conftest import DIGITS_DATA
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 
-from compress import distributed
-from compress.artifacts import load_completed
 from compress.cli import cli
-from compress.config import DataConfig, SubsetConfig, TrainConfig
+from compress.core import distributed
 from compress.data.augment import Preprocess
 from compress.data.load import load_dataset
 from compress.data.loaders import make_loaders
+from compress.data.spec import DataConfig, SubsetConfig
 from compress.errors import RecipeError
-from compress.train_loop import fit, training_step
+from compress.pipeline.artifacts import load_completed
+from compress.training.loop import fit, training_step
+from compress.training.spec import TrainConfig
 
 CPU = torch.device("cpu")
 DATA = DataConfig(
@@ -546,7 +547,7 @@ def test_a_failing_rank_ends_the_run_with_its_message_and_exit_code(tmp_path):
 
 def test_a_run_folder_the_other_ranks_cannot_see_is_a_clear_error(tmp_path, monkeypatch):
     from compress.errors import StageError
-    from compress.pipeline import check_shared
+    from compress.pipeline.runner import check_shared
 
     (tmp_path / "recipe.yaml").write_text("name: old\n")  # e.g. another machine's local disk
     check_shared(tmp_path / "recipe.yaml", "name: new\n")  # one process: nothing to check

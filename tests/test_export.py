@@ -14,13 +14,13 @@ import torch_pruning as tp
 from conftest import randomised
 from torch import nn
 
-import compress.fileio
-from compress.compat import torchvision
+import compress.core.fileio
+from compress.core.compat import torchvision
 from compress.errors import ExportError
+from compress.exporters.formats import FORMATS
 from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.exporters.onnx.verify import verify_onnx
-from compress.formats import FORMATS
 
 EXPORTERS = ("dynamo", "torchscript")
 SIZE = 32
@@ -168,7 +168,7 @@ def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def interrupted(_path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compress.fileio, "_fsync", interrupted)
+    monkeypatch.setattr(compress.core.fileio, "_fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_onnx(small_cnn(), path, image_size=8, exporter="torchscript")
     assert path.read_bytes() == b"previous export"
@@ -181,9 +181,9 @@ def test_unknown_exporter(tmp_path):
 
 
 def test_formats_table():
+    from compress.core.records import QuantSpec
+    from compress.exporters.formats import format_of_file
     from compress.exporters.fp16 import build_from_onnx, convert_onnx
-    from compress.formats import format_of_file
-    from compress.records import QuantSpec
 
     onnx_fmt, fp16 = FORMATS.get("onnx"), FORMATS.get("onnx-fp16")
     assert (onnx_fmt.suffix, onnx_fmt.needs_gpu, onnx_fmt.artifact) == (".onnx", False, "onnx")

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from torch import nn
 
-from compress.config import DataConfig, ExportConfig
+from compress.core.records import StageRecord
+from compress.data.spec import DataConfig
 from compress.errors import (
     DataError,
     ExportError,
@@ -37,7 +38,7 @@ from compress.errors import (
     StageError,
     output_error,
 )
-from compress.records import StageRecord
+from compress.exporters.spec import ExportConfig
 
 DIGITS = {
     "kind": "digits",
@@ -74,7 +75,7 @@ def digits_recipe(
 
 
 def test_torch_save_on_a_full_disk_is_an_oserror_and_the_old_file_survives(tmp_path, monkeypatch):
-    from compress.weights import save_weights
+    from compress.nets.weights import save_weights
 
     path = save_weights(nn.Linear(2, 2), tmp_path / "model.pt")
     before = path.read_bytes()
@@ -99,7 +100,7 @@ def test_torch_save_on_a_full_disk_is_an_oserror_and_the_old_file_survives(tmp_p
 
 
 def test_other_torch_save_errors_are_not_mistaken_for_a_full_disk(tmp_path, monkeypatch):
-    from compress.weights import save_weights
+    from compress.nets.weights import save_weights
 
     monkeypatch.setattr(
         torch,
@@ -147,7 +148,7 @@ def test_a_run_on_a_full_disk_ends_in_one_line_and_resumes_elsewhere(tmp_path, f
 HOLD = """
 import sys, time
 from pathlib import Path
-from compress.run_lock import run_lock
+from compress.pipeline.run_lock import run_lock
 with run_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(60)
@@ -164,7 +165,7 @@ def _holder(run_dir: Path) -> subprocess.Popen:
 
 
 def test_a_second_run_into_the_same_folder_refuses_naming_the_holder(tmp_path):
-    from compress.run_lock import run_lock
+    from compress.pipeline.run_lock import run_lock
 
     run_dir = tmp_path / "out" / "faults"
     holder = _holder(run_dir)
@@ -185,7 +186,7 @@ def test_a_second_run_into_the_same_folder_refuses_naming_the_holder(tmp_path):
 
 
 def test_a_killed_holder_leaves_no_stale_lock_and_wait_queues(tmp_path):
-    from compress.run_lock import HOLDER_NAME, run_lock
+    from compress.pipeline.run_lock import HOLDER_NAME, run_lock
 
     run_dir = tmp_path / "run"
     holder = _holder(run_dir)
@@ -214,7 +215,7 @@ LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in ran
 
 @pytest.mark.parametrize("field", ["name", "data.unlabeled.path", "stages"])
 def test_billion_laughs_is_refused_before_it_expands(tmp_path, field):
-    from compress.recipe.load import load_recipe
+    from compress.pipeline.recipe.load import load_recipe
 
     tail = {
         "name": "name: *l8\nstages: [teacher]\n",
@@ -232,7 +233,7 @@ def test_billion_laughs_is_refused_before_it_expands(tmp_path, field):
 
 def test_a_recursive_alias_and_a_key_given_twice_are_refused(tmp_path):
     from compress.errors import RecipeError
-    from compress.recipe.load import load_recipe
+    from compress.pipeline.recipe.load import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("name: x\nseed: 1\nstages: [teacher]\nseed: 2\n")
@@ -429,7 +430,7 @@ def test_impossible_metrics_in_a_record_are_refused(finished_stage, tmp_path):
     stage = _tampered_copy(finished_stage, tmp_path, "top1")
     with pytest.raises(ModelError, match="metric top1 = 999 is not a percentage"):
         StageRecord.read(stage)
-    from compress.artifacts import load_completed
+    from compress.pipeline.artifacts import load_completed
 
     assert (
         load_completed(
@@ -579,7 +580,7 @@ def test_converting_a_two_input_onnx_is_one_line_and_leaves_no_file(tmp_path):
 
 
 def test_a_malicious_checkpoint_message_names_what_it_would_import(tmp_path):
-    from compress.weights import read_checkpoint
+    from compress.nets.weights import read_checkpoint
 
     class Payload:
         def __reduce__(self):

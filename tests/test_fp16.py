@@ -17,7 +17,7 @@ from compress.exporters.fp16 import FP16_MIN_AGREEMENT, FP16_TOLERANCE, convert_
 from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.exporters.onnx.verify import verify_onnx
-from compress.models import CifarResNet, build_model
+from compress.nets.models import CifarResNet, build_model
 
 SIZE = 8  # sklearn digits are 8x8
 
@@ -251,8 +251,8 @@ def test_refuses_a_file_that_is_not_onnx(tmp_path, name, content):
 
 
 def test_recipe_defaults_are_the_measured_bounds():
-    from compress.config import ExportConfig
     from compress.exporters.fp16 import FP16_MIN_AGREEMENT, FP16_TOLERANCE
+    from compress.exporters.spec import ExportConfig
 
     assert (ExportConfig().fp16_tolerance, ExportConfig().fp16_min_agreement) == (
         FP16_TOLERANCE,

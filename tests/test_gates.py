@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from compress.benchmark.rows import BenchResult
 from compress.cli import cli
-from compress.config import GatesConfig
 from compress.errors import DataError
-from compress.gates import check, load_bench_result
+from compress.pipeline.config import GatesConfig
+from compress.pipeline.gates import check, load_bench_result
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

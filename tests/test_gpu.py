@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from test_backends import FAST, check_batches, stage  # noqa: F401 (stage is a fixture)
 from torch import nn
 
-from compress.bench_backends import BACKENDS
-from compress.config import TrainConfig
+from compress.benchmark.backend_table import BACKENDS
 from compress.data.augment import Preprocess
 from compress.errors import StageError
-from compress.train_loop import fit
+from compress.training.loop import fit
+from compress.training.spec import TrainConfig
 
 pytestmark = [
     pytest.mark.gpu,
@@ -149,7 +149,7 @@ def test_int8_on_cuda_matches_its_cpu_copy_then_qat_learns_and_exports(tmp_path)
     fake-quantized logits as on the CPU (up to TF32 convolutions moving a value across a
     rounding boundary), QAT in the stage's precision, and a QDQ file ONNX Runtime reproduces."""
     from compress import api
-    from compress.train_loop import train_config_for
+    from compress.training.loop import train_config_for
 
     model = conv_net()
     train(model, epochs=2)

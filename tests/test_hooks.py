@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from compress.errors import StageError
-from compress.hooks import FeatureHooks
-from compress.models import build_model
+from compress.nets.models import build_model
+from compress.training.hooks import FeatureHooks
 
 
 def hook_count(model):

@@ -24,16 +24,17 @@ from onnx import TensorProto, helper
 from PIL import Image
 from torch.utils.data import Subset
 
-from compress import config as C
 from compress.cli import cli
-from compress.config import DataConfig, Recipe
 from compress.data.containers import ImageFileDataset
 from compress.data.load import check_image_files, load_dataset
 from compress.data.loaders import make_loaders
+from compress.data.spec import DataConfig, MixConfig, SubsetConfig, UnlabeledConfig
 from compress.errors import DataError, RecipeError, StageError
-from compress.models import build_model
-from compress.pipeline import prepare_run_dir
-from compress.recipe.load import load_recipe
+from compress.nets.models import build_model
+from compress.pipeline.config import STAGE_KINDS, GatesConfig, Recipe, TeacherConfig
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.runner import prepare_run_dir
+from compress.training.spec import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -373,19 +374,19 @@ def _fuzz_base() -> dict:
 
 # Real field names as well as random text, so an added key is sometimes a known one in a new place.
 _CLASSES = (
-    C.Recipe,
-    C.DataConfig,
-    C.SubsetConfig,
-    C.UnlabeledConfig,
-    C.TrainConfig,
-    C.TeacherConfig,
-    C.GatesConfig,
-    C.MixConfig,
+    Recipe,
+    DataConfig,
+    SubsetConfig,
+    UnlabeledConfig,
+    TrainConfig,
+    TeacherConfig,
+    GatesConfig,
+    MixConfig,
 )
 FIELD_NAMES = sorted(
     {
         f.name
-        for cls in _CLASSES + tuple(kind.config for kind in C.STAGE_KINDS.values())
+        for cls in _CLASSES + tuple(kind.config for kind in STAGE_KINDS.values())
         for f in dataclasses.fields(cls)
     }
 )
@@ -713,7 +714,7 @@ def test_fuzz_places_reach_every_section():
 
 def test_pruned_structure_wider_than_the_network_is_refused_before_allocating(tmp_path):
     from compress.errors import ModelError
-    from compress.weights import load_weights
+    from compress.nets.weights import load_weights
 
     model = build_model("torchvision:mobilenet_v2", num_classes=10, cifar_stem=True)
     hostile = tmp_path / "pruned.pt"
@@ -735,8 +736,8 @@ def test_pruned_structure_wider_than_the_network_is_refused_before_allocating(tm
 def test_stage_record_pointing_outside_the_run_is_not_trusted(tmp_path):
     import json
 
-    from compress.artifacts import Artifact, load_completed, record_stage
-    from compress.fileio import write_bytes_atomic
+    from compress.core.fileio import write_bytes_atomic
+    from compress.pipeline.artifacts import Artifact, load_completed, record_stage
 
     run_dir, outside = tmp_path / "run", tmp_path / "secret.bin"
     (run_dir / "stage").mkdir(parents=True)

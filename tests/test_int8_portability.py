@@ -1,7 +1,8 @@
 """INT8 files that compute the same on every CPU, proven on any CPU.
 
 x86 CPUs without VNNI add pairs of u8 x s8 products in saturating 16-bit lanes (see
-compress/int8_kernels.py). These tests emulate that kernel in numpy on a real exported layer, so
+compress/quantization/int8_kernels.py). These tests emulate that kernel in numpy on a real exported
+layer, so
 they show the difference between full-range and portable weights on a VNNI machine too; none of
 them depends on the instruction set of the machine that runs it.
 """
@@ -18,13 +19,16 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from compress.benchmark.compare import bench_models
-from compress.config import BenchConfig
-from compress.cpu_features import CpuFeatures, cpu_features
+from compress.benchmark.spec import BenchConfig
+from compress.core.cpu_features import CpuFeatures, cpu_features
 from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
 from compress.exporters.onnx.graph import load_onnx
 from compress.exporters.onnx.verify import open_session
 from compress.exporters.qdq import int8_portability, portable_from_metadata, store_int8_weights
-from compress.int8_kernels import (
+from compress.nets.models import build_model
+from compress.nets.weights import load_weights
+from compress.quantization.fake_quant import calibrate, prepare_quantized
+from compress.quantization.int8_kernels import (
     PAIR_LIMIT,
     U8_MAX,
     WEIGHT_RANGES,
@@ -33,9 +37,6 @@ from compress.int8_kernels import (
     resolve_weight_range,
     worst_pair_sums,
 )
-from compress.models import build_model
-from compress.quantization import calibrate, prepare_quantized
-from compress.weights import load_weights
 
 SIZE = 8
 PORTABLE = [name for name, r in WEIGHT_RANGES.items() if r.portable]
@@ -265,7 +266,7 @@ def test_full_range_file_is_verified_with_the_exact_kernels_where_the_cpu_satura
 ):
     """On any CPU: ONNX Runtime's exact u8u8 kernels (what a VNNI CPU computes) reproduce the
     fake-quantized model; on a CPU said to lack VNNI, the export verifies that way and warns."""
-    import compress.cpu_features as features
+    import compress.core.cpu_features as features
     from compress.exporters.network import prove_portability
 
     files, images = exported

@@ -26,11 +26,12 @@ from compress.benchmark.latency import (
 )
 from compress.benchmark.ratios import compare
 from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, ProcessLatency
+from compress.benchmark.spec import BenchConfig
 from compress.benchmark.table import bench_table_markdown
-from compress.config import BenchConfig, GatesConfig
 from compress.errors import DataError, RecipeError, StageError
-from compress.gates import check
-from compress.recipe.load import load_recipe
+from compress.pipeline.config import GatesConfig
+from compress.pipeline.gates import check
+from compress.pipeline.recipe.load import load_recipe
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -281,7 +282,7 @@ def test_the_relative_latency_gate_uses_the_paired_speedup_and_names_unstable_mo
 
 
 def test_the_report_takes_the_benchs_paired_speedup():
-    from compress.report import _paired_speedups, _ratios
+    from compress.pipeline.report import _paired_speedups, _ratios
 
     result = compare(
         [

@@ -17,10 +17,11 @@ import pytest
 import torch
 from onnx import shape_inference
 
-from compress.bench_backends import BACKENDS, Backend
-from compress.config import LatencyTarget, PruneSpec
+from compress.benchmark.backend_table import BACKENDS, Backend
 from compress.errors import RecipeError, StageError
-from compress.latency_pruning import (
+from compress.nets.models import build_model
+from compress.pruning.channels import ChannelGroup, ChannelPruner
+from compress.pruning.latency import (
     PLAN_RULES,
     LatencyPruner,
     candidate_plans,
@@ -28,9 +29,8 @@ from compress.latency_pruning import (
     efficient_widths,
     plan_widths,
 )
-from compress.latency_table import LatencyTable, layer_model, layer_sites, measure_table
-from compress.models import build_model
-from compress.pruning import ChannelGroup, ChannelPruner
+from compress.pruning.latency_table import LatencyTable, layer_model, layer_sites, measure_table
+from compress.pruning.spec import LatencyTarget, PruneSpec
 
 BLOCK = 16
 # what a whole network pays besides its layers and does not save by pruning (its input's
@@ -413,8 +413,8 @@ def test_prune_stage_reaches_a_latency_speedup_measured_in_the_deployed_precisio
 
 
 def test_an_unset_latency_target_leaves_recorded_stage_keys_unchanged():
-    from compress.recipe.load import recipe_from_dict
-    from compress.recipe.serialise import recipe_to_dict
+    from compress.pipeline.recipe.load import recipe_from_dict
+    from compress.pipeline.recipe.serialise import recipe_to_dict
 
     def prune_section(recipe_raw):
         stages = recipe_to_dict(recipe_from_dict(recipe_raw, source="t.yaml"))["stages"]
@@ -483,7 +483,7 @@ def test_a_preview_measures_every_plan_and_cuts_nothing(fake_runtime, tmp_path):
 def test_a_judged_cut_that_misses_plans_again_without_judging_a_plan_twice(
     fake_runtime, tmp_path, monkeypatch
 ):
-    from compress import latency_pruning
+    from compress.pruning import latency as latency_pruning
 
     every_rule = latency_pruning.candidate_plans
 
@@ -541,8 +541,9 @@ def test_the_stage_judge_fine_tunes_every_candidate_alike_before_scoring():
 
     from conftest import tiny_cnn
 
-    from compress.config import LossConfig, PruneConfig, TrainConfig
-    from compress.stages.prune import plan_judge
+    from compress.pipeline.config import PruneConfig
+    from compress.pipeline.stages.prune import plan_judge
+    from compress.training.spec import LossConfig, TrainConfig
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 100, (1600, 3, 8, 8), generator=g, dtype=torch.uint8)
@@ -581,7 +582,7 @@ def test_the_stage_judge_fine_tunes_every_candidate_alike_before_scoring():
 def test_training_split_keeps_the_scored_images_out_of_the_tuning_batches():
     from types import SimpleNamespace
 
-    from compress.stages.networks import training_split
+    from compress.pipeline.stages.networks import training_split
 
     ids = torch.arange(100).float().view(100, 1)
     loader = list(zip(ids.split(16), torch.zeros(100).split(16), strict=True))

@@ -22,8 +22,9 @@ def test_import_contracts_hold():
 
 def test_help_and_the_recipe_vocabulary_import_no_torch():
     code = (
-        "import sys, compress.cli, compress.config, compress.formats, compress.bench_backends, "
-        "compress.loss_params; from click.testing import CliRunner; out = "
+        "import sys, compress.cli, compress.pipeline.config, compress.exporters.formats, "
+        "compress.benchmark.backend_table, compress.training.loss_params; "
+        "from click.testing import CliRunner; out = "
         "CliRunner().invoke(compress.cli.cli, ['--help']); assert out.exit_code == 0, out.output; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', "
         "'onnxruntime', 'torch_pruning'}))"

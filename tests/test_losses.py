@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.config import UNLABELED, LossConfig
+from compress.data.spec import UNLABELED
 from compress.errors import RecipeError
-from compress.loss_params import ATParams, DKDParams, FitNetParams, HybridParams, KDParams
-from compress.losses import LOSSES, LayerPair, build_loss
-from compress.losses.base import DistillBatch, hard_ce
-from compress.losses.composite import CompositeLoss, build_distill_loss
-from compress.losses.dkd import DecoupledKD, dkd_target, nckd, tckd
-from compress.losses.features import AttentionTransfer, FitNet
-from compress.losses.kd import soft_kl
+from compress.training.loss_params import ATParams, DKDParams, FitNetParams, HybridParams, KDParams
+from compress.training.losses import LOSSES, LayerPair, build_loss
+from compress.training.losses.base import DistillBatch, hard_ce
+from compress.training.losses.composite import CompositeLoss, build_distill_loss
+from compress.training.losses.dkd import DecoupledKD, dkd_target, nckd, tckd
+from compress.training.losses.features import AttentionTransfer, FitNet
+from compress.training.losses.kd import soft_kl
+from compress.training.spec import LossConfig
 
 LN3 = math.log(3)
 

@@ -11,8 +11,8 @@ import yaml
 from conftest import DIGITS_BASE
 
 from compress.errors import ModelError, RecipeError
-from compress.models import build_model, count_params_macs, model_names, unknown_model
-from compress.weights import load_weights
+from compress.nets.models import build_model, count_params_macs, model_names, unknown_model
+from compress.nets.weights import load_weights
 
 TORCHVISION = [
     "torchvision:resnet18",
@@ -131,7 +131,7 @@ def test_without_the_extra_a_timm_name_says_how_to_install_it(monkeypatch, tmp_p
         build_model("timm:resnet10t", 10)
     assert str(info.value) == expected
     assert unknown_model("timm:resnet10t") == expected and unknown_model("cifar:resnet8") is None
-    from compress.recipe.load import load_recipe
+    from compress.pipeline.recipe.load import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(DIGITS_BASE | {"student": {"model": "timm:resnet10t"}}))

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import torch
 
 import compress
-from compress.config import DistillSpec, Recipe
 from compress.data.augment import Preprocess
 from compress.data.load import load_dataset
 from compress.data.loaders import make_loaders
-from compress.models import build_model
-from compress.pipeline import seed_everything
-from compress.recipe.load import load_recipe
-from compress.teaching import LoopSettings
-from compress.weights import read_state_dict
+from compress.nets.models import build_model
+from compress.nets.weights import read_state_dict
+from compress.pipeline.config import Recipe
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.runner import seed_everything
+from compress.training.spec import DistillSpec
+from compress.training.teaching import LoopSettings
 from tests.conftest import DIGITS_BASE, run_recipe
 
 DISTILL = {"loss": [{"name": "kd", "temperature": 4}], "train": {"epochs": 2, "lr": 0.01}}

@@ -23,22 +23,22 @@ import pytest
 import torch
 from torch import nn
 
-import compress.backends.child as child
+import compress.benchmark.backends.child as child
 import compress.benchmark.measure as measure_module
-from compress.backends import onnxruntime as ort_backend
-from compress.backends import openvino as ov_backend
-from compress.bench_backends import BACKENDS
+from compress.benchmark.backend_table import BACKENDS
+from compress.benchmark.backends import onnxruntime as ort_backend
+from compress.benchmark.backends import openvino as ov_backend
 from compress.benchmark.compare import bench_models
 from compress.benchmark.measure import bench_model, predict_on
 from compress.benchmark.rows import BenchResult
+from compress.benchmark.spec import BenchConfig
 from compress.benchmark.table import bench_table_markdown
-from compress.config import BenchConfig
-from compress.cpu_features import cpu_features
+from compress.core.cpu_features import cpu_features
 from compress.errors import StageError
 from compress.exporters.onnx.export import export_onnx, preprocessing_metadata
 from compress.exporters.onnx.graph import load_onnx
 from compress.exporters.qdq import store_int8_weights
-from compress.quantization import calibrate, prepare_quantized
+from compress.quantization.fake_quant import calibrate, prepare_quantized
 
 SIZE = 16
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
@@ -161,7 +161,9 @@ def imported_modules(statement: str) -> set[str]:
 
 
 def test_listing_backends_imports_no_openvino():
-    loaded = imported_modules("import compress.bench_backends, compress.backends.openvino")
+    loaded = imported_modules(
+        "import compress.benchmark.backend_table, compress.benchmark.backends.openvino"
+    )
     assert not loaded & {"openvino", "numpy", "onnxruntime", "torch"}
     assert "openvino" in BACKENDS.names()
     backend = BACKENDS.get("openvino")
@@ -173,7 +175,7 @@ def test_every_predictor_takes_the_common_arguments():
     import inspect
 
     predictors = [BACKENDS.get(n).predictor for n in BACKENDS.names()]
-    assert "compress.backends.openvino:open_predictor" in predictors
+    assert "compress.benchmark.backends.openvino:open_predictor" in predictors
     for entry in filter(None, predictors):
         module, _, function = entry.partition(":")
         params = inspect.signature(getattr(importlib.import_module(module), function)).parameters
@@ -340,7 +342,7 @@ def test_a_static_batch_runs_only_at_its_batch(openvino, tmp_path):
 
 
 def test_openvino_worker_imports_no_torch_or_onnx_runtime():
-    loaded = imported_modules("import compress.backends._ov_worker")
+    loaded = imported_modules("import compress.benchmark.backends._ov_worker")
     assert not loaded & {"torch", "onnx", "onnxruntime", "tensorrt", "openvino"}
 
 
@@ -352,7 +354,7 @@ _AVX2_CHILD = """
 import json, sys
 import numpy as np
 import openvino as ov
-from compress.backends.openvino import compile_settings, with_batch
+from compress.benchmark.backends.openvino import compile_settings, with_batch
 core, found = ov.Core(), {}
 for path in sys.argv[1:]:
     compiled = core.compile_model(

@@ -18,7 +18,7 @@ from conftest import run_cli as compress
 
 from compress.benchmark.latency import paired_speedup
 from compress.benchmark.rows import BenchResult
-from compress.run_lock import LOCK_NAME
+from compress.pipeline.run_lock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +215,7 @@ def test_report_lists_every_model_with_its_exported_numbers_and_regenerates(fini
 
 
 def test_pareto_front_keeps_only_undominated_models():
-    from compress.report import pareto_front
+    from compress.pipeline.report import pareto_front
 
     def model(name, ms, top1):
         return {"name": name, "onnx": {"p50_b1_ms": ms, "top1": top1}}
@@ -377,8 +377,8 @@ def test_compress_bench_of_stage_folders_needs_a_torch_backend(finished_run, tmp
 
 
 def test_int8_agreement_floor_on_a_real_run(finished_run):
-    from compress.config import GatesConfig
-    from compress.gates import gate_run
+    from compress.pipeline.config import GatesConfig
+    from compress.pipeline.gates import gate_run
 
     _, run_dir, _ = finished_run
     agreement = BenchResult.read(run_dir / "bench" / "bench.json").agreement["student"][

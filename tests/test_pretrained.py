@@ -13,10 +13,10 @@ import yaml
 from conftest import DIGITS_BASE, assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
-from compress.compat import torchvision
+from compress.core.compat import torchvision
 from compress.errors import ModelError
-from compress.models import build_model
-from compress.pretrained import (
+from compress.nets.models import build_model
+from compress.nets.pretrained import (
     build_pretrained,
     fit_state_dict,
     load_pretrained,
@@ -244,7 +244,7 @@ def test_offline_download_names_the_file_and_where_to_place_it(tmp_path, monkeyp
 
 
 def test_unknown_torchvision_weights_list_the_known_ones():
-    from compress.pretrained import check_source
+    from compress.nets.pretrained import check_source
 
     with pytest.raises(
         ModelError, match="torchvision knows: DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"
@@ -404,8 +404,8 @@ def test_safetensors_teacher_and_pretrained_student_run_end_to_end(
 
 
 def test_a_rewritten_weights_file_reruns_the_stages(tmp_path):
-    from compress.pipeline import stage_keys
-    from compress.recipe.load import load_recipe
+    from compress.pipeline.recipe.load import load_recipe
+    from compress.pipeline.runner import stage_keys
 
     path = save_safetensors(
         build_model("cifar:resnet20", 10).state_dict(), tmp_path / "t.safetensors"
@@ -415,8 +415,8 @@ def test_a_rewritten_weights_file_reruns_the_stages(tmp_path):
     save_safetensors(build_model("cifar:resnet20", 10).state_dict(), path)
     after = [key for _, key, _ in stage_keys(load_recipe(recipe_path))]
     assert before != after
-    from compress.pipeline import shared_inputs
-    from compress.recipe.serialise import recipe_to_dict
+    from compress.pipeline.recipe.serialise import recipe_to_dict
+    from compress.pipeline.runner import shared_inputs
 
     plain = load_recipe(recipe(tmp_path, teacher=DIGITS_BASE["teacher"]))
     assert "weights_sha256" not in shared_inputs(plain, recipe_to_dict(plain))  # old keys stay

@@ -15,13 +15,14 @@ from conftest import run_recipe
 from torch import nn
 
 import compress
-from compress.backends.timing import torch_latency
-from compress.config import PRUNING_CRITERIA, PruneConfig, PruneSpec
+from compress.benchmark.backends.timing import torch_latency
+from compress.core.records import NetworkSpec
 from compress.errors import ModelError, SettingError, StageError
-from compress.models import build_model, count_params_macs
-from compress.pruning import ChannelPruner, prune_network
-from compress.records import NetworkSpec
-from compress.weights import apply_structure, load_weights, save_weights, structure_of
+from compress.nets.models import build_model, count_params_macs
+from compress.nets.weights import apply_structure, load_weights, save_weights, structure_of
+from compress.pipeline.config import PruneConfig
+from compress.pruning.channels import ChannelPruner, prune_network
+from compress.pruning.spec import PRUNING_CRITERIA, PruneSpec
 
 SIZES = {"cifar:resnet20": 8, "torchvision:mobilenet_v2": 16}
 
@@ -112,7 +113,7 @@ def test_pruning_ratio_halves_every_prunable_layer_exactly():
 
 
 def test_every_recipe_criterion_names_an_importance():
-    from compress.registry import load_entry
+    from compress.core.registry import load_entry
 
     assert all(callable(load_entry(entry)) for entry in PRUNING_CRITERIA.values())
 
@@ -396,7 +397,7 @@ def test_pipeline_taylor_by_ratio_keeps_ignored_layers(tmp_path, digits_teacher)
 
 
 def test_stage_target_is_speedup_2_unless_given():
-    from compress.pruning import step_targets, target_macs
+    from compress.pruning.channels import step_targets, target_macs
 
     assert target_macs(PruneConfig(), 1000) == 500
     assert target_macs(PruneConfig(speedup=4.0), 1000) == 250
@@ -808,7 +809,7 @@ def test_torch_pruning_failures_are_one_line_and_change_nothing(monkeypatch):
         raise RecursionError("maximum recursion depth exceeded")
 
     with monkeypatch.context() as patch:
-        patch.setattr("compress.pruning.map_views", recursion)
+        patch.setattr("compress.pruning.channels.map_views", recursion)
         with pytest.raises(StageError, match=r"^prune: Torch-Pruning failed to trace .*Recursion"):
             ChannelPruner(model, example(name), PruneSpec(), num_classes=10)
     step = tp.pruner.BasePruner.step

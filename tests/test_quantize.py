@@ -14,17 +14,17 @@ from compress.errors import ExportError, SettingError
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.onnx.verify import open_session
 from compress.exporters.qdq import check_qdq, onnxruntime_qdq, store_int8_weights
-from compress.models import build_model
-from compress.pipeline import run
-from compress.quantization import (
+from compress.nets.models import build_model
+from compress.nets.weights import load_weights, save_weights
+from compress.pipeline.recipe.load import load_recipe
+from compress.pipeline.runner import run
+from compress.quantization.fake_quant import (
     ActQuant,
     QuantConv2d,
     calibrate,
     float_convs,
     prepare_quantized,
 )
-from compress.recipe.load import load_recipe
-from compress.weights import load_weights, save_weights
 
 TARGETS = ("onnxruntime-cpu", "tensorrt")
 # Measured on 360 digits test images (resnet20, 8x8): ORT's integer requantisation vs PyTorch
@@ -479,8 +479,9 @@ def test_qat_gradients_are_those_of_the_conv_with_its_batchnorm_kept_frozen():
 
 
 def test_qat_trains_in_fp32_unless_the_recipe_names_a_precision():
-    from compress.config import QuantizeConfig, TrainConfig
-    from compress.train_loop import train_config_for
+    from compress.pipeline.config import QuantizeConfig
+    from compress.training.loop import train_config_for
+    from compress.training.spec import TrainConfig
 
     float_net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     qat_net = prepare_quantized(
@@ -537,7 +538,7 @@ def test_biases_are_rounded_as_the_integer_kernel_adds_them(tmp_path):
 
 @pytest.mark.parametrize(("size", "output"), [((2, 2), (7, 7)), ((1, 1), 6), ((5, 3), (2, 2))])
 def test_the_exportable_adaptive_pool_computes_what_adaptive_avg_pool_computes(size, output):
-    from compress.quantization import ExportableAdaptiveAvgPool2d
+    from compress.quantization.fake_quant import ExportableAdaptiveAvgPool2d
 
     x = torch.randn(2, 3, *size)
     expected = nn.functional.adaptive_avg_pool2d(x, output)

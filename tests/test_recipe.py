@@ -10,11 +10,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress.config import Recipe
 from compress.errors import CompressError, RecipeError
-from compress.recipe.load import load_recipe, recipe_from_dict
-from compress.recipe.overrides import parse_subset
-from compress.recipe.serialise import recipe_to_dict
+from compress.pipeline.config import Recipe
+from compress.pipeline.recipe.load import load_recipe, recipe_from_dict
+from compress.pipeline.recipe.overrides import parse_subset
+from compress.pipeline.recipe.serialise import recipe_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -383,7 +383,7 @@ def test_bad_distillation_recipes(tmp_path, old, new, message):
 
 
 def test_label_smoothing_warns_for_the_teacher_and_is_refused_for_distill(tmp_path):
-    from compress.recipe.checks import recipe_warnings
+    from compress.pipeline.recipe.checks import recipe_warnings
 
     recipe = load_recipe(QUICKSTART, ["teacher.train.label_smoothing=0.1"])
     assert (

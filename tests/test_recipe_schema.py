@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from compress.errors import RecipeError
-from compress.recipe.load import recipe_from_dict
-from compress.recipe.schema import field_docs, recipe_schema
-from compress.recipe.serialise import recipe_to_dict
+from compress.pipeline.recipe.load import recipe_from_dict
+from compress.pipeline.recipe.schema import field_docs, recipe_schema
+from compress.pipeline.recipe.serialise import recipe_to_dict
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,10 +83,22 @@ def test_what_the_recipe_reader_rejects_the_schema_rejects_too(path, value, vali
 
 
 def test_fields_are_described_by_the_comment_beside_them():
-    from compress.config import BenchConfig, PruneConfig
+    from compress.benchmark.spec import BenchConfig
+    from compress.pipeline.config import PruneConfig
 
     assert field_docs(BenchConfig)["threads"] == "0: the backend's default"
     docs = field_docs(PruneConfig)  # its own fields and those of PruneSpec
     assert "multiple of this" in docs["round_to"] and "re-estimate" in docs["recalibration_images"]
     described = recipe_schema()["properties"]["data"]["properties"]["unlabeled"]
     assert described["description"]
+
+
+def test_the_recipe_reference_page_is_what_compress_schema_markdown_prints():
+    from compress.pipeline.recipe.reference import recipe_reference
+
+    page = (ROOT / "docs" / "recipe-reference.md").read_text()
+    assert page == recipe_reference(), (
+        "docs/recipe-reference.md is stale: compress schema --markdown > docs/recipe-reference.md"
+    )
+    for field in ("max_drop", "latency_speedup", "mixup_alpha", "cache_teacher_logits"):
+        assert f"| `{field}` |" in page  # every section's fields, nested ones included

@@ -19,11 +19,11 @@ import yaml
 from conftest import DIGITS_DATA
 from torch import nn
 
-from compress.checkpoint import load_training_state
-from compress.config import TrainConfig
 from compress.data.augment import Preprocess
 from compress.errors import StageError
-from compress.train_loop import fit
+from compress.training.checkpoint import load_training_state
+from compress.training.loop import fit
+from compress.training.spec import TrainConfig
 
 CFG = TrainConfig(
     epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine"
@@ -246,7 +246,7 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(
     """Root ignores folder permissions, so the failing write is planted: the stage's weights."""
     from click.testing import CliRunner
 
-    import compress.weights
+    import compress.nets.weights
     from compress.cli import cli
 
     recipe = tmp_path / "r.yaml"
@@ -262,14 +262,14 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(
     )
     teacher_record = (out / "resume" / "teacher" / "stage.json").read_bytes()
 
-    real = compress.weights.atomic_path
+    real = compress.nets.weights.atomic_path
 
     def refuse(path, *args, **kwargs):  # the stage's weights; its epoch checkpoints still write
         if Path(path).name != "model.pt":
             return real(path, *args, **kwargs)
         raise OSError(code, os.strerror(code), str(out / "resume" / "distill" / "model.pt"))
 
-    monkeypatch.setattr(compress.weights, "atomic_path", refuse)
+    monkeypatch.setattr(compress.nets.weights, "atomic_path", refuse)
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
@@ -286,7 +286,7 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
     recomputed (deterministic), its finished fine-tuning restored, and step 2 continues."""
     from conftest import run_recipe
 
-    import compress.train_loop as train_loop
+    import compress.training.loop as train_loop
 
     raw = dict(
         RECIPE,
@@ -344,7 +344,7 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
 def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeypatch):
     from conftest import run_recipe
 
-    import compress.train_loop as train_loop
+    import compress.training.loop as train_loop
 
     raw = dict(
         RECIPE,
@@ -389,7 +389,7 @@ def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeyp
 
 def test_nan_checked_only_every_ten_steps_still_names_its_first_step(tmp_path, monkeypatch):
     """What a GPU does (it reads the flag every 10 steps), played on the CPU."""
-    import compress.train_loop as train_loop
+    import compress.training.loop as train_loop
 
     monkeypatch.setattr(train_loop, "checks_every", lambda device: 10)
     steps = {"n": 0}

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from compress.errors import ExportError
+from compress.exporters.formats import FORMATS
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.tensorrt import build_engine
-from compress.formats import FORMATS
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -83,7 +83,7 @@ def test_engine_builds_with_a_batch_profile_and_reuses_its_timing_cache(tmp_path
 def test_engine_reproduces_its_pytorch_model_and_a_wrong_engine_fails(tmp_path):
     import numpy as np
 
-    from compress.config import ExportConfig
+    from compress.exporters.spec import ExportConfig
     from compress.exporters.tensorrt import verify_engine
 
     model = small_cnn()

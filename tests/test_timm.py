@@ -10,12 +10,12 @@ import torch
 from conftest import DIGITS_BASE as BASE
 from conftest import run_recipe
 
-from compress.config import PruneConfig
 from compress.errors import ModelError
-from compress.models import build_model, count_params_macs
-from compress.networks import load_stage_network
-from compress.pruning import ChannelPruner, prune_network
-from compress.weights import apply_structure, load_weights, save_weights, structure_of
+from compress.nets.models import build_model, count_params_macs
+from compress.nets.rebuild import load_stage_network
+from compress.nets.weights import apply_structure, load_weights, save_weights, structure_of
+from compress.pipeline.config import PruneConfig
+from compress.pruning.channels import ChannelPruner, prune_network
 
 VIT = "timm:vit_tiny_patch16_224"
 CNNS = ["timm:resnet10t", "timm:resnet18", "timm:mobilenetv3_small_050"]
@@ -43,7 +43,7 @@ def images(size: int, batch: int = 2, channels: int = 3) -> torch.Tensor:
 
 def test_compress_imports_timm_only_when_a_timm_model_is_built():
     code = (
-        "import sys, compress.models as m; before = 'timm' in sys.modules; "
+        "import sys, compress.nets.models as m; before = 'timm' in sys.modules; "
         "m.build_model('timm:resnet10t', 10); print(before, 'timm' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

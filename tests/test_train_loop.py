@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_cnn
 
-from compress.config import DataConfig, SubsetConfig, TrainConfig
 from compress.data.augment import Preprocess
 from compress.data.load import load_dataset
 from compress.data.loaders import make_loaders
+from compress.data.spec import DataConfig, SubsetConfig
 from compress.errors import StageError
-from compress.train_loop import build_optimizer, build_scheduler, evaluate, fit
+from compress.training.loop import build_optimizer, build_scheduler, evaluate, fit
+from compress.training.spec import TrainConfig
 
 DATA = DataConfig(
     kind="digits",

@@ -11,9 +11,14 @@ from conftest import optimized_nodes
 from torch import nn
 
 import compress
-from compress.compat import torchvision
-from compress.quantization import QuantLinear, calibrate, prepare_quantized, quantized_layers
-from compress.split_attention import SplitAttention, with_split_attention
+from compress.core.compat import torchvision
+from compress.quantization.fake_quant import (
+    QuantLinear,
+    calibrate,
+    prepare_quantized,
+    quantized_layers,
+)
+from compress.quantization.split_attention import SplitAttention, with_split_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +89,7 @@ def trained_vit():
     pytest.importorskip("timm")
     from sklearn.datasets import load_digits
 
-    from compress.models import build_model
+    from compress.nets.models import build_model
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1)

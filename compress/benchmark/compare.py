@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from compress.bench_backends import BACKENDS
+from compress.benchmark.backend_table import BACKENDS
 from compress.benchmark.latency import LatencyJob, measure_interleaved
 from compress.benchmark.measure import (
     CHECKPOINT,
@@ -18,9 +18,9 @@ from compress.benchmark.measure import (
 )
 from compress.benchmark.ratios import compare, reference_row
 from compress.benchmark.rows import BenchResult, BenchRow
-from compress.config import BenchConfig
-from compress.formats import FORMATS
-from compress.machine import machine_info, versions
+from compress.benchmark.spec import BenchConfig
+from compress.core.machine import machine_info, versions
+from compress.exporters.formats import FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ def bench_models(
     the headline and its rows are named after their model ("teacher", "student"); other rows
     are named ``"student [torch-cuda]"``. Ratios compare each row with the reference model of
     its own group. Accuracy is measured once per ONNX file and predicting runtime: ONNX Runtime
-    on the CPU, or the backend's own (:attr:`compress.bench_backends.Backend.predictor`:
+    on the CPU, or the backend's own (:attr:`compress.benchmark.backend_table.Backend.predictor`:
     OpenVINO's for ``openvino``).
 
     Latency: each target in ``cfg.processes`` fresh processes, interleaved between the targets

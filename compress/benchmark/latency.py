@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.bench_backends import BACKENDS, Backend
+from compress.benchmark.backend_table import BACKENDS, Backend
 from compress.benchmark.rows import LatencyPoint
-from compress.config import BenchConfig
+from compress.benchmark.spec import BenchConfig
 from compress.errors import StageError
 
 # Processes of one model whose medians spread by more than this are flagged unstable. Why 10%:
@@ -142,7 +142,7 @@ def measure_interleaved(backend: Backend, jobs: Sequence[LatencyJob], cfg: Bench
 
     Args:
         backend: what measures (``backend.measure(path, **settings)``, see
-            :mod:`compress.bench_backends`).
+            :mod:`compress.benchmark.backend_table`).
         jobs: the models, in the order each round runs them.
         cfg: the bench settings.
 
@@ -205,8 +205,8 @@ def combine(results: Sequence[dict]) -> dict:
     """The results of one model's processes (in the order they ran) as one backend result.
 
     Shaped like what a backend's ``measure`` returns (see
-    :func:`compress.backends.onnxruntime.measure`), so a row reads it alike. Per batch size:
-    ``latency_ms.p50`` is the median of the process medians, ``throughput_ips`` the median of
+    :func:`compress.benchmark.backends.onnxruntime.measure`), so a row reads it alike. Per batch
+    size: ``latency_ms.p50`` is the median of the process medians, ``throughput_ips`` the median of
     the process throughputs, the other statistics (p90/p95/p99, mean, std, ``cv``, ``noisy``)
     those of the median process (for an even count, the slower of the two middle ones: the
     headline p50, their mean, is then never above its p90; the faster one's p90 was below it

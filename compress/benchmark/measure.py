@@ -10,18 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.bench_backends import BACKENDS
+from compress.benchmark.backend_table import BACKENDS
 from compress.benchmark.latency import LatencyJob, measure_interleaved
 from compress.benchmark.rows import BenchRow, LatencyPoint
-from compress.config import BenchConfig
-from compress.cpu_features import cpu_features
+from compress.benchmark.spec import BenchConfig
+from compress.core.cpu_features import cpu_features
+from compress.core.records import STAGE_RECORD, StageRecord
+from compress.core.registry import load_entry
 from compress.errors import CompressError, DataError, ExportError, ModelError
+from compress.exporters.formats import ONNX_FORMATS, format_of_file
 from compress.exporters.onnx.export import META_MEAN, META_STD
 from compress.exporters.onnx.graph import read_onnx_info
 from compress.exporters.onnx.verify import open_session
-from compress.formats import ONNX_FORMATS, format_of_file
-from compress.records import STAGE_RECORD, StageRecord
-from compress.registry import load_entry
 
 TestData = tuple[np.ndarray, np.ndarray]
 
@@ -121,7 +121,7 @@ def predict_on(
     backend without one predicts through ONNX Runtime on the CPU (:func:`predict_onnx`).
 
     Args:
-        backend: a :class:`compress.bench_backends.Backend` that runs ONNX files.
+        backend: a :class:`compress.benchmark.backend_table.Backend` that runs ONNX files.
         path, images, mean, std, batch_size, threads: as :func:`predict_onnx`.
 
     Returns:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import DataError
-from compress.formats import ONNX_FORMATS
+from compress.exporters.formats import ONNX_FORMATS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +87,7 @@ class LatencyPoint:
     error: str | None = None
     latency_ms: LatencyStats | None = None
     cv: float | None = None  # coefficient of variation of the timed runs
-    noisy: bool | None = None  # cv over compress.backends.timing.NOISY_CV: a busy machine
+    noisy: bool | None = None  # cv over compress.benchmark.backends.timing.NOISY_CV: a busy machine
     runs: int | None = None
     total_s: float | None = None
     throughput_ips: float | None = None
@@ -280,9 +280,9 @@ class BenchResult:
         agreement: row role -> {other row of its group: top-1 agreement}, for the rows with
             predictions.
         groups: the backend groups, headline first.
-        config: the bench settings (:class:`compress.config.BenchConfig`).
-        machine: :func:`compress.machine.machine_info`.
-        versions: :func:`compress.machine.versions`.
+        config: the bench settings (:class:`compress.benchmark.spec.BenchConfig`).
+        machine: :func:`compress.core.machine.machine_info`.
+        versions: :func:`compress.core.machine.versions`.
     """
 
     reference: str | None

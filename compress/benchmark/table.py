@@ -8,8 +8,8 @@ from pathlib import Path
 
 from compress.benchmark.latency import NOISE_BAR
 from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, LatencyStats, Ratios
-from compress.cpu_features import CpuFeatures
-from compress.fileio import write_json_atomic, write_text_atomic
+from compress.core.cpu_features import CpuFeatures
+from compress.core.fileio import write_json_atomic, write_text_atomic
 
 
 def bench_table_markdown(result: BenchResult) -> str:

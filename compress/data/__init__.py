@@ -18,7 +18,7 @@ further in (a truncated JPEG) can only be found by decoding it: it raises a one-
 never skipped silently: remove or fix them.
 
 One reader per source (:mod:`.digits`, :mod:`.cifar`, :mod:`.npz`, :mod:`.imagefolder`), found
-through :data:`compress.config.DATASET_KINDS` by :func:`.load.load_dataset`; :mod:`.loaders`
+through :data:`compress.data.spec.DATASET_KINDS` by :func:`.load.load_dataset`; :mod:`.loaders`
 batches them, :mod:`.augment` augments and normalises whole batches.
 
 Example:
@@ -28,3 +28,7 @@ Example:
     >>> images, labels = next(iter(train_loader))
     >>> x = prep(images, train=True)  # float, normalised, augmented
 """
+
+from compress.data.spec import DATASET_KINDS
+
+__all__ = ["DATASET_KINDS"]

@@ -9,7 +9,7 @@ erased. This is the "function matching" view of distillation of Beyer et al. 202
 distillation: A good teacher is patient and consistent"): aggressive mixing is harmless, even
 helpful, because the target is recomputed for every augmented image instead of being a label
 that no longer fits it. The hard-label term still needs both labels and their weight, so the
-result carries ``mixed_labels`` and ``lam`` for :class:`compress.losses.DistillBatch`.
+result carries ``mixed_labels`` and ``lam`` for :class:`compress.training.losses.DistillBatch`.
 
 Randomness comes from torch's global generators (seed them with ``torch.manual_seed``): the
 per-batch scalars (whether to mix, which method, ``lam``, the cutmix box) from the CPU
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.config import MixConfig
+from compress.data.spec import MixConfig
 
 
 class Preprocess(nn.Module):

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from compress.config import DataConfig
 from compress.data.common import _check_labels, _existing_dir, _in_memory_bundle
 from compress.data.containers import DatasetBundle
 from compress.data.npz import load_npz
+from compress.data.spec import DataConfig
 from compress.errors import DataError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

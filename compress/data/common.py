@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from compress.compat import torchvision
-from compress.config import DataConfig
+from compress.core.compat import torchvision
 from compress.data.containers import DatasetBundle, TensorImageDataset, _targets
+from compress.data.spec import DataConfig
 from compress.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from compress.compat import torchvision
+from compress.core.compat import torchvision
 from compress.errors import DataError
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compress.config import DataConfig
 from compress.data.common import _in_memory_bundle
 from compress.data.containers import DatasetBundle
+from compress.data.spec import DataConfig
 
 DIGITS_SPLIT_SEED = 0  # the digits test split never changes with the recipe seed
 

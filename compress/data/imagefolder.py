@@ -10,8 +10,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from compress.compat import torchvision
-from compress.config import DataConfig
+from compress.core.compat import torchvision
 from compress.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,6 +18,7 @@ from compress.data.common import (
     _is_image_file,
 )
 from compress.data.containers import DatasetBundle, _decode_image
+from compress.data.spec import DataConfig
 from compress.errors import DataError
 
 

@@ -1,4 +1,5 @@
-"""Loading a recipe's data: the reader its ``kind`` names (:data:`compress.config.DATASET_KINDS`),
+"""Loading a recipe's data: the reader its ``kind`` names
+(:data:`compress.data.spec.DATASET_KINDS`),
 the unlabeled pool, the kind of a folder, and the check that every image file opens."""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from compress.compat import torchvision
-from compress.config import DATASET_KINDS, UNLABELED, DataConfig, UnlabeledConfig
+from compress.core.compat import torchvision
+from compress.core.registry import load_entry
 from compress.data.cifar import _CIFAR10, _CIFAR100
 from compress.data.common import (
     TEST_SUBSET_SEED,
@@ -31,8 +32,8 @@ from compress.data.containers import (
     TensorImageDataset,
 )
 from compress.data.npz import _npz_images, _read_unlabeled_npz
+from compress.data.spec import DATASET_KINDS, UNLABELED, DataConfig, UnlabeledConfig
 from compress.errors import DataError
-from compress.registry import load_entry
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetBundle:

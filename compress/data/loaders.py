@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from compress import distributed
-from compress.config import UNLABELED, DataConfig
+from compress.core import distributed
 from compress.data.common import _take, balanced_subset
 from compress.data.containers import DatasetBundle, _targets
+from compress.data.spec import UNLABELED, DataConfig
 from compress.errors import DataError
 
 
@@ -21,7 +21,7 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train and test loaders yielding ``(uint8 NCHW, int64 labels)`` batches.
 
-    In a distributed run (:mod:`compress.distributed`) the train loader gives this rank its
+    In a distributed run (:mod:`compress.core.distributed`) the train loader gives this rank its
     share: a ``DistributedSampler`` (shuffled with ``seed``, reshuffled by ``set_epoch``; the
     split is padded to a multiple of the ranks, nothing is dropped) and ``cfg.batch_size``
     divided by the number of ranks, so one step of all ranks together sees a global batch of
@@ -101,9 +101,8 @@ def test_arrays(bundle: DatasetBundle, limit: int | None = None) -> tuple[np.nda
     return images.numpy(), labels.numpy()
 
 
-test_arrays.__test__ = (
-    False  # its name starts with "test": keep pytest from collecting it where imported
-)
+# its name starts with "test": keep pytest from collecting it where imported
+test_arrays.__test__ = False
 
 
 def split_holdout(

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from compress.config import DataConfig
 from compress.data.common import _check_labels, _existing_dir, _in_memory_bundle
 from compress.data.containers import DatasetBundle
+from compress.data.spec import DataConfig
 from compress.errors import DataError, first_line
 
 

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import onnx
 
-from compress.config import ExportConfig
+from compress.core.fileio import write_bytes_atomic
 from compress.errors import ExportError, first_line
 from compress.exporters.onnx.export import META_PRECISION, _checked_bytes, set_metadata
 from compress.exporters.onnx.graph import load_onnx
 from compress.exporters.onnx.verify import compare_onnx_files, verify_onnx
-from compress.fileio import write_bytes_atomic
+from compress.exporters.spec import ExportConfig
 
 # Bounds for verify_onnx(..., relative=True): max |FP16 - PyTorch FP32| logit over the largest
 # |logit|, and top-1 agreement. Measured on 512 CIFAR-10 test images at 32x32, cifar-stem models

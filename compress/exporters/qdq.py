@@ -1,7 +1,8 @@
 """The INT8 (QDQ) ONNX graph of a fake-quantized model: weights stored as INT8, and proof that it is
 fast.
 
-A fake-quantized model (:mod:`compress.quantization`) exports as QuantizeLinear/DequantizeLinear
+A fake-quantized model (:mod:`compress.quantization.fake_quant`) exports as
+QuantizeLinear/DequantizeLinear
 pairs, with each weight still a float initializer that a QuantizeLinear rounds at run time.
 :func:`store_int8_weights` rounds those weights once and stores the INT8 result (a ~4x smaller
 file, and the form ONNX Runtime and TensorRT expect); :func:`check_qdq` proves the graph is what
@@ -26,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compress.config import QUANT_TARGETS
 from compress.errors import ExportError
-from compress.int8_kernels import PAIR_LIMIT, U8_MAX, is_depthwise, worst_pair_sums
+from compress.quantization.int8_kernels import PAIR_LIMIT, U8_MAX, is_depthwise, worst_pair_sums
+from compress.quantization.spec import QUANT_TARGETS
 
 _QLINEAR_CONVS = ("QLinearConv", "NhwcQLinearConv")
 _FLOAT_CONVS = ("Conv", "FusedConv", "NhwcConv", "NhwcFusedConv")
@@ -87,7 +88,8 @@ _FOLDED = {
 
 def _fold_constant_arithmetic(graph: onnx.GraphProto) -> None:
     """Replace arithmetic on constants by its result (float32, as ONNX Runtime would fold it):
-    the int32 rounding of a bias (:meth:`compress.quantization.WeightQuant.quantized_bias`) is
+    the int32 rounding of a bias
+    (:meth:`compress.quantization.fake_quant.WeightQuant.quantized_bias`) is
     exported as Div/Round/Clip/Mul of initializers, which the TorchScript exporter leaves in."""
     constants = {name: numpy_helper.to_array(t) for name, t in _constants(graph).items()}
     kept = []
@@ -285,7 +287,7 @@ def check_qdq(path: Path | str, *, target: str, float_convs: Collection[str] = (
         path: the exported ``.onnx`` file.
         target: ``"onnxruntime-cpu"`` or ``"tensorrt"``.
         float_convs: names of the convolutions deliberately kept FP32 (see
-            :func:`compress.quantization.float_convs`).
+            :func:`compress.quantization.fake_quant.float_convs`).
 
     Returns:
         ``{"quantize_nodes", "dequantize_nodes", "int8_weights", "int8_weight_bytes",
@@ -439,7 +441,7 @@ _INTEGER_LAYERS = ("Conv", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class Int8Portability:
     """Whether every integer layer of a file stays within the 16-bit lanes of non-VNNI x86
-    kernels (see :mod:`compress.int8_kernels`), and its worst layer.
+    kernels (see :mod:`compress.quantization.int8_kernels`), and its worst layer.
 
     ``worst_pair_sum``: the largest |sum| of two same-signed integer weights of one output
     channel, over the layers whose kernels pair products (not depthwise); the file is portable

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.config import ExportConfig
+from compress.core.fileio import write_bytes_atomic
 from compress.errors import ExportError
-from compress.fileio import write_bytes_atomic
+from compress.exporters.spec import ExportConfig
 
 INSTALL_HINT = "install the extra on a machine with an NVIDIA GPU: pip install -e '.[tensorrt]'"
 
@@ -152,7 +152,7 @@ def convert_onnx(source: Path, target: Path, cfg: ExportConfig) -> dict:
     from compress.exporters.onnx.graph import read_onnx_info
 
     info = read_onnx_info(source)
-    int8 = "compress.quantization" in info["metadata"]
+    int8 = "compress.quantization.fake_quant" in info["metadata"]
     batch = (
         tuple([info["input_shape"][0]] * 3)
         if isinstance(info["input_shape"][0], int)

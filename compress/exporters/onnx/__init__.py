@@ -6,7 +6,7 @@ Three steps, each usable alone (:mod:`.export`, :mod:`.verify`, :mod:`.graph`):
   axis and our preprocessing (mean/std/image size/classes) in its ``metadata_props``, so the file
   alone is enough to run it correctly;
 * :func:`verify_onnx` runs ONNX Runtime and PyTorch on the same images and fails loudly when they
-  disagree (STYLE habit 6: every export proves itself);
+  disagree (CONTRIBUTING.md habit 6: every export proves itself);
 * :func:`read_onnx_info` reads size, parameters, MACs and metadata back from any ONNX file, so the
   report and the benchmark describe the exported artifact, not the PyTorch model it came from.
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from compress.config import EXPORTERS
+from compress.core.fileio import write_bytes_atomic
 from compress.errors import ExportError, first_line
-from compress.fileio import write_bytes_atomic
-from compress.modes import evaluating
+from compress.exporters.spec import EXPORTERS
+from compress.nets.modes import evaluating
 
 if TYPE_CHECKING:
     from torch import nn

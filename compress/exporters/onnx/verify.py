@@ -1,5 +1,6 @@
 """The proof that an exported file matches PyTorch: ONNX Runtime and PyTorch on the same images,
-within the tolerance of the file's precision, failing loudly when they disagree (STYLE habit 6)."""
+within the tolerance of the file's precision, failing loudly when they disagree (CONTRIBUTING.md,
+habit 6)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def verify_onnx(
     relative: bool = False,
     exact_int8: bool = False,
 ) -> dict:
-    """Prove an exported file reproduces the PyTorch model on real inputs (STYLE habit 6).
+    """Prove an exported file reproduces the PyTorch model on real inputs (CONTRIBUTING.md, habit
+    6).
 
     Both run on CPU: ONNX Runtime's CPUExecutionProvider and the model in float32, in eval mode
     under ``no_grad`` (its mode and device are restored afterwards). ONNX Runtime is fed the

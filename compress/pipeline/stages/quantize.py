@@ -1,0 +1,194 @@
+"""Stage ``quantize``: INT8 student by calibration (PTQ), then optional fine-tuning against the
+teacher (QAT)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from compress import api
+from compress.data.loaders import make_loaders, split_holdout
+from compress.errors import StageError
+from compress.nets.models import count_params_macs
+from compress.nets.weights import save_weights
+from compress.pipeline.artifacts import Artifact
+from compress.pipeline.config import QuantizeConfig
+from compress.pipeline.context import RunContext
+from compress.pipeline.stages.losses import latest_distill_loss
+from compress.pipeline.stages.networks import (
+    calibration_batches,
+    load_network,
+    network_of,
+    preprocess,
+)
+from compress.quantization.budget import AccuracyBudget
+from compress.training.loop import evaluate
+from compress.training.spec import DistillSpec
+from compress.training.teaching import frozen, history_dicts
+
+
+def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
+    """Quantize the latest student to INT8 and, in ``qat`` mode, fine-tune it against the teacher.
+
+    The float student is folded and fake-quantized for ``cfg.target``
+    (:func:`compress.quantization.fake_quant.prepare_quantized`), its activation ranges are
+    calibrated on
+    ``cfg.calibration_images`` training images without augmentation, and its PTQ accuracy is
+    measured. QAT then trains it with ``cfg.loss`` (default: the logit terms of the latest
+    distill stage) against the frozen teacher, activation ranges fixed. The saved checkpoint
+    holds every quantizer scale, and the pruned structure of a pruned source, so
+    :func:`compress.pipeline.stages.networks.load_network` rebuilds the same graph.
+
+    With ``cfg.max_drop``, ``cfg.holdout_images`` training images are set aside before any of
+    this (calibration and QAT never see them), and after QAT the layers quantization hurts most
+    go back to float until the exported file is within ``max_drop`` top-1 points of the float
+    student on them (:func:`compress.quantization.budget.keep_float`; without QAT each candidate is
+    calibrated again, after QAT its ranges are kept); the float layers join the network's skip
+    list, so the export stage writes the same file.
+
+    Returns:
+        Artifact with ``files["model"]``, its network (the source's, with the
+        :class:`~compress.core.records.QuantSpec` it is rebuilt with), the ``quantization`` settings
+        (with the resolved ``weight_range``),
+        ``fp32_top1``, ``ptq_top1``, ``top1``, ``top1_delta`` (vs FP32), ``agreement_with_fp32``
+        (top-1 agreement on the test split), params, MACs and the training history; with
+        ``max_drop``, ``quantization`` also holds the budget's settings and ``float_layers``, and
+        ``accuracy_budget`` the search (held-out accuracies, ranking, every step).
+
+    Raises:
+        BudgetNotMet: no file within ``max_float_layers`` float layers meets ``max_drop``.
+    """
+    source = float_student(ctx)
+    student = load_network(ctx, source)
+    teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
+    prep = preprocess(ctx)
+    train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
+    fp32 = evaluate(student, test_loader, prep, ctx.device)
+    batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
+    qmodel = api.quantize(student, batches, cfg, max_drop=None)  # the budget comes after QAT
+    ptq = evaluate(qmodel, test_loader, prep, ctx.device)
+    history: list = []
+    if cfg.mode == "qat" and cfg.train.epochs > 0:
+        loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
+        api.distill(
+            qmodel,
+            teacher,
+            train_loader,
+            DistillSpec(loss=loss, train=cfg.train, augment=cfg.augment),
+            test_loader=test_loader,
+            loop=ctx.loop(ctx.stage_dir.name if ctx.stage_dir else "quantize", prep),
+            recalibrate_batchnorm=False,  # folded into the convolutions
+            history=history,
+        )
+    qmodel.eval()
+    budget = None
+    if cfg.max_drop is not None:
+        qmodel = api.keep_float(
+            qmodel,
+            student,
+            holdout,
+            max_drop=cfg.max_drop,
+            max_float_layers=cfg.max_float_layers,
+            calibration_data=None if history else batches,  # after QAT its ranges are kept
+            calibration=cfg.calibration,
+            percentile=cfg.percentile,
+        )
+        budget = qmodel.accuracy_budget
+    changed = bool(history) or (budget is not None and bool(budget.float_layers))
+    test = evaluate(qmodel, test_loader, prep, ctx.device) if changed else ptq
+    params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
+    path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
+    network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
+    metrics = {
+        "quantization": {
+            "mode": cfg.mode,
+            "target": cfg.target,
+            "skip": list(cfg.skip),
+            "weight_range": qmodel.weight_range,
+            "untraced_float": list(qmodel.untraced),  # modules torch.fx kept whole: float
+            "calibration": cfg.calibration,
+            "percentile": cfg.percentile,
+            "calibration_images": cfg.calibration_images,
+        }
+        | _budget_settings(cfg, budget),
+        "source_stage": source.stage,
+        "fp32_top1": fp32["top1"],
+        "ptq_top1": ptq["top1"],
+        "top1": test["top1"],
+        "top1_delta": test["top1"] - fp32["top1"],
+        "agreement_with_fp32": top1_agreement(qmodel, student, test_loader, prep, ctx.device),
+        "test_loss": test["loss"],
+        "test_samples": test["samples"],
+        "params": params,
+        "macs": macs,
+        "history": history_dicts(history),
+    }
+    if budget is not None:
+        metrics["accuracy_budget"] = budget.to_json()
+    return Artifact(
+        "quantize", files={"model": path}, metrics=metrics, role="student", network=network
+    )
+
+
+def split_loaders(ctx: RunContext, cfg: QuantizeConfig, prep) -> tuple:
+    """``(train_loader, test_loader, holdout)``: with ``max_drop``, ``cfg.holdout_images``
+    training images (seeded, class-balanced) are set aside as ``(inputs, labels)`` batches,
+    preprocessed without augmentation, and the train loader (calibration, QAT) no longer holds
+    them; without it, the run's loaders and no holdout."""
+    if cfg.max_drop is None:
+        return (*ctx.loaders(), [])
+    bundle, (images, labels) = split_holdout(ctx.data, cfg.holdout_images, ctx.recipe.seed)
+    train_loader, test_loader = make_loaders(
+        bundle, ctx.recipe.data, seed=ctx.recipe.seed, pin_memory=ctx.device.type == "cuda"
+    )
+    chunk = ctx.recipe.data.eval_batch_size
+    holdout = [
+        (prep(images[i : i + chunk].to(ctx.device), train=False), labels[i : i + chunk])
+        for i in range(0, len(images), chunk)
+    ]
+    return train_loader, test_loader, holdout
+
+
+def _budget_settings(cfg: QuantizeConfig, budget: AccuracyBudget | None) -> dict:
+    """The accuracy budget's entries of the ``quantization`` record (none when it is off)."""
+    if budget is None:
+        return {}
+    return {
+        "max_drop": cfg.max_drop,
+        "holdout_images": cfg.holdout_images,
+        "max_float_layers": cfg.max_float_layers,
+        "float_layers": list(budget.float_layers),
+    }
+
+
+def float_student(ctx: RunContext) -> Artifact:
+    """The latest student that is not quantized yet (a second quantize stage re-quantizes the float
+    one)."""
+    for artifact in reversed(ctx.artifacts.values()):
+        if artifact.role == "student" and "model" in artifact.files and not artifact.quantized:
+            return artifact
+    raise StageError("quantize needs a float student from an earlier distill or prune stage")
+
+
+@torch.no_grad()
+def top1_agreement(
+    model: torch.nn.Module, reference: torch.nn.Module, loader, prep, device
+) -> float:
+    """Fraction of test images on which both networks predict the same class."""
+    model.eval()
+    reference.eval()
+    same = total = 0
+    for images, *_ in loader:
+        inputs = prep(images.to(device), train=False)
+        same += int((model(inputs).argmax(1) == reference(inputs).argmax(1)).sum())
+        total += len(images)
+    return same / max(total, 1)
+
+
+def pruned_structure(artifact: Artifact) -> dict | None:
+    """The layer widths stored beside the source's weights, if it was pruned."""
+    from compress.nets.weights import read_checkpoint
+
+    checkpoint = read_checkpoint(artifact.files["model"])
+    return checkpoint.get("structure") if isinstance(checkpoint, dict) else None

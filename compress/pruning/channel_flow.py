@@ -1,0 +1,383 @@
+"""Where Torch-Pruning can follow a network's channels, and where it cannot.
+
+Torch-Pruning follows a channel through every operation it traced. Some operations it cannot
+follow, and a cut through them crashes, hangs or leaves a network that no longer runs: the groups
+of channels that pass through one keep their width (:func:`frozen_layers`), the rest is pruned.
+Views and splits it misreads on torch 2 (it looks for ``grad_fn`` attributes torch 1 had) are
+mapped here from the shapes torch recorded (:func:`map_views`, :func:`map_splits`);
+:class:`compress.pruning.channels.ChannelPruner` registers them as customized operations so that
+Torch-Pruning leaves them to this module.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+
+import torch_pruning as tp
+from torch import nn
+
+from compress.nets.weights import structure_of
+
+_OP = tp.ops.OPTYPE
+# the layer kinds Torch-Pruning resizes (the rest of its graph nodes are operations)
+_LAYER_KINDS = {
+    _OP.CONV,
+    _OP.DEPTHWISE_CONV,
+    _OP.BN,
+    _OP.PRELU,
+    _OP.LINEAR,
+    _OP.LN,
+    _OP.EMBED,
+    _OP.MHA,
+    _OP.LSTM,
+    _OP.GN,
+    _OP.IN,
+}
+
+
+def map_views(graph: tp.DependencyGraph) -> dict:
+    """Map the channels of every view and reshape Torch-Pruning traced, from the shapes it saw.
+
+    Torch-Pruning 1.6 reads a view's input shape from ``grad_fn._saved_self_sizes``, which torch
+    2 calls ``_saved_self_sym_sizes``; without it every view of a convolutional network is taken
+    for a flatten before a Linear, mapped by channel counts it infers, so a channel shuffle
+    divides by zero (ShuffleNet) and a window partition multiplies index lists without end
+    (Swin). :class:`ChannelPruner` registers views as customized operations, which Torch-Pruning
+    leaves alone, and maps them here instead:
+
+    - a view that keeps the channel dim, or only adds or drops size-1 dims: channels as they are;
+    - ``(N, C, H, W) -> (N, C*H*W)`` and back: channel ``c`` is features ``c*H*W ...`` (the
+      flatten before a Linear, mapped as Torch-Pruning maps it);
+    - any other view splits or merges the channel dim (a channel shuffle, radix or head groups):
+      its channels cannot be followed.
+
+    Returns:
+        ``{node: why}`` for the views whose channels cannot be followed.
+    """
+    return _map_each(graph, tp.ops._ReshapeOp, _map_reshape)
+
+
+def _map_each(graph: tp.DependencyGraph, kind: type, mapper) -> dict:
+    """``mapper(graph, node)`` on every node of ``kind``; ``{node: why}`` where it says why not."""
+    reasons = {}
+    for node in list(graph.module2node.values()):
+        if isinstance(node.module, kind) and (why := mapper(graph, node)):
+            reasons[node] = why
+    return reasons
+
+
+def _map_reshape(graph: tp.DependencyGraph, node) -> str | None:
+    """Install the view's index mapping; None, or why its channels cannot be followed."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    outputs = getattr(node.grad_fn, "_input_metadata", None)
+    if not sizes or not outputs:
+        return "a view whose shapes torch did not record"
+    a, b = tuple(int(s) for s in sizes), tuple(int(s) for s in outputs[0].shape)
+    if [s for s in a if s != 1] == [s for s in b if s != 1]:
+        return None
+    channels = _channels_into(graph, node)
+    dims = [d for d in range(1, len(a)) if a[d] == channels]
+    if dims and set(dims) <= _whole_dims(a, b):
+        return None
+    if dims == [1] and len(a) > 2 and b == (a[0], math.prod(a[1:])):
+        _map_flatten(node, node.inputs, stride=math.prod(a[2:]))
+        return None
+    if dims == [1] and len(a) == 2 and len(b) > 2 and b[0] == a[0] and math.prod(b[1:]) == a[1]:
+        _map_flatten(node, node.outputs, stride=math.prod(b[2:]))
+        return None
+    return f"a view {a} -> {b} regroups its channels (a channel shuffle or channel groups)"
+
+
+def _whole_dims(a: tuple[int, ...], b: tuple[int, ...]) -> set[int]:
+    """The dims of shape ``a`` that a view as ``b`` carries over whole (size-1 dims aside)."""
+    whole, i, j = set(), 0, 0
+    try:
+        while i < len(a) and j < len(b):
+            if a[i] == 1:
+                i += 1
+                continue
+            if b[j] == 1:
+                j += 1
+                continue
+            if a[i] == b[j]:
+                whole.add(i)
+                i, j = i + 1, j + 1
+                continue
+            left, right = a[i], b[j]
+            i, j = i + 1, j + 1
+            while left != right:
+                if left < right:
+                    left, i = left * a[i], i + 1
+                else:
+                    right, j = right * b[j], j + 1
+    except IndexError:  # the sizes do not multiply up: nothing is known to be kept
+        return set()
+    return whole
+
+
+def _map_flatten(node, channel_side: list, *, stride: int) -> None:
+    """Torch-Pruning's flatten mapping between a view, whose index runs over flat features, and
+    its neighbours on the channel side: channel ``c`` is features ``c*stride ... c*stride +
+    stride - 1``."""
+    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    for neighbour in channel_side:
+        for dep in node.dependencies:
+            if dep.target is neighbour:  # features -> their channel
+                dep.index_mapping[0] = flatten(stride=stride, reverse=True)
+        for dep in neighbour.dependencies:
+            if dep.target is node:  # a channel -> its features
+                dep.index_mapping[0] = flatten(stride=stride, reverse=False)
+
+
+class SplitPruner(tp.ops.SplitPruner):
+    """Cuts the parts of a split of the channels that :func:`map_splits` mapped: it keeps the
+    sizes of the parts, their offsets (read by :class:`_PartMapping`) and, for Torch-Pruning's
+    channel inference, the size each output takes. Torch-Pruning's own pruner kept the first
+    cut's offsets, so a second cut through a split went by stale ones."""
+
+    def prune_out_channels(self, layer, idxs):
+        if getattr(layer, "part_sizes", None) is None:
+            return layer
+        offsets, sizes = layer.offsets, list(layer.part_sizes)
+        for idx in idxs:
+            sizes[bisect.bisect_right(offsets, idx) - 1] -= 1
+        _set_parts(layer, sizes, layer.part_of_output)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
+class _PartMapping:
+    """Channel indices from a split to a consumer of its ``part`` (or, ``reverse``, back): the
+    part's range of the split's current offsets, as Torch-Pruning's ``_SplitIndexMapping``."""
+
+    def __init__(self, split: tp.ops._SplitOp, part: int, reverse: bool):
+        self.split, self.part, self.reverse = split, part, reverse
+
+    def __call__(self, idxs: list) -> list:
+        start, end = self.split.offsets[self.part : self.part + 2]
+        index = tp._helpers._HybridIndex
+        if self.reverse:
+            return [index(idx=i.idx + start, root_idx=i.root_idx) for i in idxs]
+        return [index(idx=i.idx - start, root_idx=i.root_idx) for i in idxs if start <= i.idx < end]
+
+
+def _set_parts(split: tp.ops._SplitOp, sizes: list[int], part_of_output: list[int]) -> None:
+    split.part_sizes, split.part_of_output = sizes, part_of_output
+    split.offsets = [0, *itertools.accumulate(sizes)]
+    split.split_sizes = [sizes[part] for part in part_of_output]  # read by shape inference
+
+
+def map_splits(graph: tp.DependencyGraph) -> dict:
+    """Map the channels of every split Torch-Pruning traced, from the sizes torch saved.
+
+    Torch-Pruning 1.6 reads the sizes of ``chunk`` and ``split(n)`` from attributes torch 2
+    does not have and infers them from the layers around instead, wrongly behind a channel
+    shuffle (ShuffleNet: a part of size None); it also maps the i-th consumer of a split to its
+    i-th part, which fails as soon as a part has two consumers (a CSP stage's split feeding a
+    residual block: an index out of range). Registered as customized operations
+    (:class:`ChannelPruner`), splits are left alone while the pruner is built; here each split
+    of the channels maps every consumer to the part it takes (:class:`_PartMapping`) and is
+    handed back to Torch-Pruning as a split whose mapping it must not redo. Splits of other dims
+    stay customized: their channels pass as they are.
+
+    Returns:
+        ``{node: why}`` for the splits of the channels that cannot be followed.
+    """
+    unfollowable = _map_each(graph, tp.ops._SplitOp, _map_split)
+    for node in graph.module2node.values():
+        if node.type == _OP.CONCAT:  # sizes it inferred while the splits had none
+            node.module.concat_sizes = node.module.offsets = None
+    return unfollowable
+
+
+def _map_split(graph: tp.DependencyGraph, node) -> str | None:
+    fn = node.grad_fn
+    shape, dim = getattr(fn, "_saved_self_sym_sizes", None), getattr(fn, "_saved_dim", None)
+    parts = len(getattr(fn, "_input_metadata", ()))
+    if shape is None or dim is None or not parts:
+        return "a split whose sizes torch did not record"
+    dim = dim if dim < 2**63 else dim - 2**64  # a negative dim is saved as an unsigned one
+    total, channels = int(shape[dim]), _channels_into(graph, node)
+    if (total != channels) if channels else dim not in (1, -1):
+        return None  # another dim: the channels pass as they are
+    if hasattr(fn, "_saved_split_sizes"):
+        sizes = [int(size) for size in fn._saved_split_sizes]
+    else:
+        size = int(fn._saved_split_size)
+        sizes = [min(size, total - k * size) for k in range(parts)]
+    part_of = []
+    for consumer in node.outputs:
+        taken = {k for function, k in consumer.grad_fn.next_functions if function is fn}
+        if len(taken) != 1:
+            return "its channels are split into parts that one operation takes together"
+        part_of.append(taken.pop())
+    _set_parts(node.module, sizes, part_of)
+    for consumer, part in zip(node.outputs, part_of, strict=True):
+        for dep in node.dependencies:
+            if dep.target is consumer:
+                dep.index_mapping[0] = _PartMapping(node.module, part, reverse=False)
+        for dep in consumer.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _PartMapping(node.module, part, reverse=True)
+    node.type, node.enable_index_mapping = _OP.SPLIT, False  # a split, mapped here
+    return None
+
+
+def _channels_into(graph: tp.DependencyGraph, node) -> int | None:
+    """The channels of the tensor an operation takes: those of the nearest layer upstream (or
+    the part of a split it takes), else what Torch-Pruning infers. A width that matches no dim
+    of the tensor (behind an operation that changes it) leaves its channels unknown."""
+    queue, seen = [(source, node) for source in node.inputs], set()
+    while queue:
+        source, taker = queue.pop(0)
+        if source in seen:
+            continue
+        seen.add(source)
+        if tp.ops.module2type(source.module) in _LAYER_KINDS:
+            return graph.get_out_channels(source)
+        part_sizes = getattr(source.module, "part_sizes", None)
+        if part_sizes is not None:  # a split :func:`map_splits` mapped
+            return part_sizes[source.module.part_of_output[source.outputs.index(taker)]]
+        queue += [(upstream, source) for upstream in source.inputs]
+    for source in node.inputs:
+        channels = tp.dependency.shape_infer.infer_out_channels_recursively(graph, source, [0])
+        if channels:
+            return channels
+    return None
+
+
+def frozen_layers(
+    pruner: tp.pruner.BasePruner, model: nn.Module, unfollowable: dict
+) -> dict[nn.Module, str]:
+    """The layers whose output channels pass through something Torch-Pruning cannot follow: they
+    keep their width, and so does every layer their channels reach.
+
+    What cannot be followed (:func:`_blockers`): a view that regroups the channels (a channel
+    shuffle; :func:`map_views`) outside an attention whose heads Torch-Pruning removes whole;
+    channels split (:func:`map_splits`) or sliced at sizes the forward holds as numbers (timm's
+    ``MixedConv2d``, a CSP stage's split), unless a chunk's parts are cut alike; weights used
+    outside their layer's forward (torchvision's Swin attention calls ``F.linear`` on them); a
+    parameter of no layer (a ViT's class token and position embedding, a layer scale); a layer
+    whose width a pruned checkpoint does not store (:func:`compress.nets.weights.structure_of`: a
+    GroupNorm, say), so that every pruned network can be rebuilt. For a ViT this keeps the token
+    width (the residual stream) and prunes the MLPs' hidden width and whole attention heads, as
+    Torch-Pruning's "bottleneck" ViT recipe does.
+
+    Args:
+        unfollowable: ``{node: why}`` of :func:`map_views` and :func:`map_splits`.
+
+    Returns:
+        ``{layer: "<group's first layer>: why"}``.
+    """
+    graph = pruner.DG
+    names = {module: name for name, module in model.named_modules()}
+    blockers = {**unfollowable, **_blockers(graph, names, set(structure_of(model)))}
+    frozen: dict[nn.Module, str] = {}
+    for group in graph.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        heads = any(dep.target.module in pruner.num_heads for dep, _ in group)
+        why = next(
+            (
+                blockers[dep.target]
+                for dep, _ in group
+                if dep.target in blockers
+                and not (heads and isinstance(dep.target.module, tp.ops._ReshapeOp))
+            ),
+            None,
+        )
+        if why is None:
+            continue
+        root = names.get(group[0].dep.target.module, "?")
+        for dep, _ in group:
+            layer = dep.target.module
+            if (
+                isinstance(layer, nn.Module)
+                and layer in names
+                and graph.is_out_channel_pruning_fn(dep.handler)
+                and layer not in pruner.ignored_layers
+            ):
+                frozen[layer] = f"{root}: {why}"
+    return frozen
+
+
+def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
+    """``{node: why}`` for the other nodes of the graph whose channels cannot be cut."""
+    blockers = {}
+    called = {node.module for node in graph.module2node.values()}
+    unused = {  # weights of layers whose forward never ran: used by someone else's
+        id(weight): name
+        for module, name in names.items()
+        if module not in called and tp.ops.module2type(module) in _LAYER_KINDS
+        for weight in module.parameters(recurse=False)
+    }
+    for node in graph.module2node.values():
+        module = node.module
+        if isinstance(module, nn.Parameter):
+            name = graph._param_to_name.get(module, "a parameter")
+            blockers[node] = f"parameter {name} belongs to no layer"
+        elif node.type == _OP.SPLIT and _split_is_fixed(graph, node):
+            blockers[node] = "its channels are split into parts of sizes the forward holds"
+        elif node.type == _OP.SLICE and _slices_channels(node):
+            blockers[node] = "its channels are sliced at offsets the forward holds"
+        elif module in names:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if tensors and names[module] not in stored:
+                blockers[node] = (
+                    f"{names[module]} ({type(module).__name__}) has a width a pruned "
+                    "checkpoint does not store"
+                )
+        elif owner := _foreign_weights(node, unused):
+            blockers[node] = f"the weights of {owner} are used outside its forward"
+    return blockers
+
+
+def _split_is_fixed(graph: tp.DependencyGraph, node) -> bool:
+    """A split of the channels (mapped by :func:`map_splits`) that a cut could leave unequal to
+    the sizes the forward splits at: any but a chunk whose parts are cut alike (a gated MLP)."""
+    split = node.module
+    sizes = getattr(split, "part_sizes", None)
+    if sizes is None:
+        return False
+    if not sizes or len(set(sizes)) > 1:
+        return True
+    pruning_fn = graph.get_pruner_of_module(split).prune_out_channels
+    group = graph.get_pruning_group(split, pruning_fn, [0])
+    reached = {i for dep, idxs in group if dep.target is node for i in idxs}
+    return not all(k * sizes[0] in reached for k in range(len(sizes)))
+
+
+def _slices_channels(node) -> bool:
+    """A slice Torch-Pruning maps onto the channels (dim 1 of 4-d, dim 2 of 3-d tensors), unless
+    it takes them all."""
+    fn = node.grad_fn
+    sizes = getattr(fn, "_saved_self_sym_sizes", None)
+    rank_dim = {4: 1, 3: 2}.get(len(sizes)) if sizes is not None else None
+    if rank_dim is not None and not _maps_dim(node, rank_dim):
+        return False
+    if sizes is None or fn._saved_dim >= len(sizes):
+        return True
+    whole = fn._saved_start == 0 and fn._saved_step == 1 and fn._saved_end >= sizes[fn._saved_dim]
+    return not whole
+
+
+def _maps_dim(node, channel_dim: int) -> bool:
+    """Whether Torch-Pruning maps the op onto the channels: its dim is ``channel_dim``, or one it
+    cannot read (a negative dim is saved as a huge unsigned number)."""
+    dim = getattr(node.grad_fn, "_saved_dim", None)
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if dim is None or sizes is None:
+        return True
+    return not (dim < len(sizes) and dim != channel_dim)
+
+
+def _foreign_weights(node, unused: dict[int, str]) -> str | None:
+    """The layer whose weights this operation uses directly (``F.linear(x, layer.weight)``)."""
+    for function, _ in getattr(node.grad_fn, "next_functions", ()):
+        weight = getattr(function, "variable", None)
+        if weight is not None and id(weight) in unused:
+            return unused[id(weight)]
+    return None

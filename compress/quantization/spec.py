@@ -1,0 +1,66 @@
+"""How :func:`compress.quantize` makes a network INT8 (:class:`QuantizeSpec`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compress.core.fields import ADDED_LATER, check, check_choices, choice
+
+QUANT_TARGETS = ("onnxruntime-cpu", "tensorrt")
+
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+
+
+def weight_range_names() -> tuple[str, ...]:
+    from compress.quantization.int8_kernels import WEIGHT_RANGES
+
+    return ("auto", *WEIGHT_RANGES)
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """How :func:`compress.quantize` makes a network INT8: calibrated fake quantization (PTQ),
+    with an optional accuracy budget.
+
+    ``target`` fixes the activation type of the exported QDQ graph: uint8 for ONNX Runtime on CPU
+    (its fast u8s8 kernels), symmetric int8 for TensorRT. Weights are always int8, symmetric,
+    per output channel, with BatchNorm folded into the convolutions. ``weight_range`` chooses
+    their scale (:data:`compress.quantization.int8_kernels.WEIGHT_RANGES`); ``auto`` is
+    ``pair-limit`` for
+    ONNX Runtime on CPU (the file computes the same on x86 CPUs with and without VNNI) and
+    ``full`` for TensorRT. ``full`` on CPU is an opt-in for files that run only on VNNI CPUs.
+
+    ``max_drop`` (top-1 points, None: off) is an accuracy budget: the layers quantization hurts
+    most are put back in float, one at a time, until the exported file is within ``max_drop`` of
+    the float network on held-out images (:mod:`compress.quantization.budget`); at most
+    ``max_float_layers`` (None: all but one).
+    """
+
+    # the runtime the INT8 graph is for: uint8 activations for onnxruntime-cpu, int8 for tensorrt
+    target: str = choice("onnxruntime-cpu", QUANT_TARGETS)
+    # how activation ranges are set from the calibration images
+    calibration: str = choice("percentile", CALIBRATION_METHODS)
+    # with calibration percentile: the share of values the range covers
+    percentile: float = 99.99
+    skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32
+    # the integer range of the weights (`compress list weight-ranges`; auto: portable on CPUs
+    # without VNNI)
+    weight_range: str = choice("auto", weight_range_names)
+    max_drop: float | None = field(default=None, metadata={ADDED_LATER: True})  # top-1 points
+    max_float_layers: int | None = field(default=None, metadata={ADDED_LATER: True})  # None: n-1
+
+    def __post_init__(self):
+        check_choices(self)
+        check(
+            50 < self.percentile <= 100,
+            f"percentile: expected 50 < p <= 100, got {self.percentile}",
+        )
+        check(
+            self.max_drop is None or 0 <= self.max_drop <= 100,
+            f"max_drop: expected top-1 points in 0..100 or null (off), got {self.max_drop}",
+        )
+        check(
+            self.max_float_layers is None or self.max_float_layers > 0,
+            f"max_float_layers: expected a positive integer or null, got {self.max_float_layers}",
+        )
