@@ -53,9 +53,8 @@ def user_errors(fn):
                 err=True,
             )
             sys.exit(error.exit_code)
-        except (
-            EOFError
-        ) as exc:  # click would print only "Aborted!" for it: a bug must keep its traceback
+        # click would print only "Aborted!" for it: a bug must keep its traceback
+        except EOFError as exc:
             raise RuntimeError(f"unexpected end of input: {exc}") from exc
         except KeyboardInterrupt:
             if distributed.is_main():  # Ctrl-C reaches every process of a torchrun: one message
@@ -161,9 +160,8 @@ def run(recipe_path, data, epochs, subset, device, out, overrides, force, dry_ru
             raise click.UsageError(
                 "--nproc starts torchrun; a process torchrun started runs without it"
             )
-        recipe = _load(
-            recipe_path, data, epochs, subset, device, out, overrides, warn=False
-        )  # a bad recipe: one message, not one per process
+        # a bad recipe: one message, not one per process
+        recipe = _load(recipe_path, data, epochs, subset, device, out, overrides, warn=False)
         distributed.per_process_batch(recipe.data.batch_size, nproc)
         sys.exit(
             distributed.launch(nproc, ["run", *_run_arguments(click.get_current_context().params)])

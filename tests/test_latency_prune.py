@@ -359,8 +359,9 @@ def test_latency_target_config_errors_name_the_field():
         LatencyTarget(latency_speedup=0.5)
     with pytest.raises(RecipeError, match="give only one of latency_ms, latency_speedup"):
         LatencyTarget(latency_ms=1.0, latency_speedup=2.0)
-    with pytest.raises(RecipeError, match="does not run exported .onnx files"):
-        LatencyTarget(latency_ms=1.0, backend="torch")
+    for backend in ("torch", "openvino"):  # PyTorch, or an ONNX runtime without a layer table
+        with pytest.raises(RecipeError, match="cannot time single layers"):
+            LatencyTarget(latency_ms=1.0, backend=backend)
     with pytest.raises(RecipeError, match="give only one of speedup, target_macs"):
         PruneSpec(speedup=2.0, target=LatencyTarget(latency_speedup=2.0))
 

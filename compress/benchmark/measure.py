@@ -91,9 +91,8 @@ def predict_onnx(
     session = open_session(Path(path), threads=threads)
     feed = session.get_inputs()[0]
     dtype = np.float16 if feed.type == "tensor(float16)" else np.float32  # FP16 I/O files
-    static = (
-        feed.shape[0] if isinstance(feed.shape[0], int) else None
-    )  # a static batch runs only at its size
+    # a static batch runs only at its size
+    static = feed.shape[0] if isinstance(feed.shape[0], int) else None
     return _top1_per_batch(
         lambda chunk: session.run(None, {feed.name: chunk})[0],
         images,

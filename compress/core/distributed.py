@@ -242,9 +242,8 @@ def launch(nproc: int, args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if (
-        "OMP_NUM_THREADS" not in os.environ
-    ):  # torchrun would give each process 1 thread: share the cores instead
+    # torchrun would give each process 1 thread: share the cores instead
+    if "OMP_NUM_THREADS" not in os.environ:
         cores = (
             len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
@@ -254,13 +253,13 @@ def launch(nproc: int, args: list[str]) -> int:
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "compress", *args]))
     except ChildFailedError as exc:
+        # SIGTERM: stopped by torchrun
         failed = sorted(
             exc.failures.items(), key=lambda item: (item[1].exitcode in (1, -15), item[1].timestamp)
-        )  # SIGTERM: stopped by torchrun
+        )
         failed_rank, failure = failed[0]
-        code = (
-            failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-        )  # killed by a signal: 128 + signal
+        # killed by a signal: 128 + signal
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
         print(
             f"error: process {failed_rank} of {nproc} exited with code {code}; the others were "
             "stopped (see its message above)",

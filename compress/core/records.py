@@ -182,9 +182,10 @@ class StageRecord:
             raise TypeError("not a JSON object")
         metrics = raw.get("metrics") or {}
         _check_metrics(metrics)
+        # records before NetworkSpec
         network = raw.get("network") or (
             metrics if "model" in metrics and "num_classes" in metrics else None
-        )  # records before NetworkSpec
+        )
         return cls(
             stage=str(raw["stage"]),
             kind=str(raw.get("kind") or raw["stage"]),

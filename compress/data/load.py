@@ -182,7 +182,6 @@ def _image_problem(path: str) -> str | None:
             return None
     except UnidentifiedImageError:
         return "not an image file Pillow can read"
-    except (
-        Exception
-    ) as exc:  # hostile files fail PIL's parsers in many ways (and bombs are refused)
+    # hostile files fail PIL's parsers in many ways (and bombs are refused)
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"

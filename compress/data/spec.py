@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 from compress.core.fields import check, check_choices, choice
 
-UNLABELED = (
-    -1
-)  # label value of an image from the unlabeled pool (datasets, losses and the loop agree on it)
+# label value of an image from the unlabeled pool (datasets, losses and the loop agree on it)
+UNLABELED = -1
 
 
 # Dataset kind -> the reader that loads it, ``(DataConfig) -> DatasetBundle`` (imported on use).

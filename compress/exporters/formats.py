@@ -169,8 +169,7 @@ register_format(
     )
 )
 
-ONNX_FORMATS = tuple(
-    name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx"
-)  # ONNX Runtime runs these; the bench measures accuracy on them
+# ONNX Runtime runs these; the bench measures accuracy on them
+ONNX_FORMATS = tuple(name for name in FORMATS.names() if FORMATS.get(name).artifact == "onnx")
 
 __all__ = ["FORMATS", "ONNX_FORMATS", "ExportFormat", "format_of_file", "register_format"]

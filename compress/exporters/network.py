@@ -40,9 +40,8 @@ def proven(path: Path) -> Iterator[Path]:
     removed.
     """
     path = Path(path)
-    folder = (
-        path.parent / f".{path.name}.unverified"
-    )  # the same name in a hidden folder: messages name the file as it will be
+    # the same name in a hidden folder: messages name the file as it will be
+    folder = path.parent / f".{path.name}.unverified"
     pending, failed = folder / path.name, path.with_name(path.name + FAILED_SUFFIX)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

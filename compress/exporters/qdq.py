@@ -98,9 +98,10 @@ def _fold_constant_arithmetic(graph: onnx.GraphProto) -> None:
         value = None
         if node.op_type in _FOLDED and node.input and all(v is not None for v in inputs):
             value = _FOLDED[node.op_type](*inputs)
+        # a missing bound has an empty name
         elif node.op_type == "Clip" and all(
             v is not None for v, name in zip(inputs, node.input, strict=True) if name
-        ):  # a missing bound has an empty name
+        ):
             low, high = (inputs + [None, None])[1:3]
             bounded = low is not None or high is not None
             value = np.clip(inputs[0], low, high) if bounded else inputs[0]

@@ -47,11 +47,12 @@ class ExportConfig:
     # onnxslim graph simplification, verified against PyTorch like any export
     simplify: bool = False
     engine_fp16: bool = True  # TensorRT may pick FP16 kernels for float layers
+    # TensorRT optimisation profile: min, opt, max batch
     engine_batch: tuple[int, int, int] = (
         1,
         32,
         64,
-    )  # TensorRT optimisation profile: min, opt, max batch
+    )
     # TensorRT's builder workspace
     engine_workspace_mib: int = 2048
 

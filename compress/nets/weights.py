@@ -143,9 +143,8 @@ def _torch_load(path: Path) -> object:
             f"checkpoint {path} is not a PyTorch checkpoint: the file is empty (0 bytes)"
         )
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # e.g. "Detected pickle protocol 4": the error below says it all
+        # e.g. "Detected pickle protocol 4": the error below says it all
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
@@ -305,9 +304,8 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 f"pruned structure: {name!r} must give positive integers {', '.join(fields)}, got "
                 f"{widths!r}"
             )
-        grown = [
-            f for f in fields if f != "groups" and widths[f] > _width(module, f)
-        ]  # groups divide a width
+        # groups divide a width
+        grown = [f for f in fields if f != "groups" and widths[f] > _width(module, f)]
         # pruning only removes channels: a wider layer is a corrupt or hostile file (and could
         # exhaust memory)
         if grown:

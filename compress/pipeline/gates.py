@@ -123,9 +123,8 @@ def _compare(current: BenchResult, baseline: BenchResult, gates: GatesConfig) ->
         # a row kind that never measures accuracy (a PyTorch backend's) gets no accuracy gate
         if base.top1 is not None or row.top1 is not None:
             results.append(_accuracy(model, base, row, gates))
-        if not (
-            relative and base.model_name == current.reference
-        ):  # the reference is the yardstick itself
+        # the reference is the yardstick itself
+        if not (relative and base.model_name == current.reference):
             results.append(_latency(model, base, row, baseline, current, gates, relative))
         results.append(
             _growth(

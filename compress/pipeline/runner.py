@@ -59,9 +59,8 @@ def run(
         CompressError: a stage failed for a reason the user can fix; earlier stages stay done.
     """
     with distributed.process_group(resolve_device(recipe.device)) as device:
-        distributed.per_process_batch(
-            recipe.data.batch_size
-        )  # an uneven split fails before any stage
+        # an uneven split fails before any stage
+        distributed.per_process_batch(recipe.data.batch_size)
         run_dir = distributed.on_main(partial(prepare_run_dir, recipe))
         with run_lock(run_dir, wait=wait) if distributed.is_main() else contextlib.nullcontext():
             return run_stages(
@@ -169,9 +168,8 @@ def finish_stage(
 def run_stage(spec, ctx: RunContext, folder: Path, key: str, index: int) -> Artifact:
     folder.mkdir(parents=True, exist_ok=True)
     ctx.stage_dir, ctx.stage_key = folder, key
-    seed_everything(
-        ctx.recipe.seed + index
-    )  # a stage's result must not depend on which earlier stages were skipped
+    # a stage's result must not depend on which earlier stages were skipped
+    seed_everything(ctx.recipe.seed + index)
     if ctx.show_progress:
         print(f"[{spec.name}] running", file=sys.stderr)
     started = time.perf_counter()

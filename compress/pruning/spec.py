@@ -76,12 +76,10 @@ class LatencyTarget:
             f"latency_speedup: expected a ratio > 1, got {self.latency_speedup}",
         )
         if self.backend is not None:
-            from compress.benchmark.backend_table import BACKENDS
-
             check(
-                BACKENDS.get(self.backend).artifact == "onnx",
-                f"backend: {self.backend!r} does not run exported .onnx files; a latency target "
-                "is measured on an ONNX runtime (e.g. onnxruntime)",
+                BACKENDS.get(self.backend).table_entry is not None,
+                f"backend: {self.backend!r} cannot time single layers; a latency target is "
+                "measured on an ONNX Runtime backend (e.g. onnxruntime)",
             )
         check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
         check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
@@ -113,9 +111,8 @@ class PruneSpec:
     global_ranking: bool = False  # rank channels across layers instead of the same ratio per layer
     round_to: int = 8  # kept channels are a multiple of this (hardware-friendly widths)
     max_layer_ratio: float = 0.9  # no layer group loses more than this fraction of channels
-    ignore: tuple[
-        str, ...
-    ] = ()  # module names or fnmatch patterns never pruned (the classifier never is)
+    # module names or fnmatch patterns never pruned (the classifier never is)
+    ignore: tuple[str, ...] = ()
     # a measured latency to reach instead of MACs
     target: LatencyTarget = field(default_factory=LatencyTarget, metadata={ADDED_LATER: True})
 

@@ -53,10 +53,11 @@ from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.quantization.split_attention import with_split_attention
 from compress.quantization.tracing import trace
 
+# every weight range has scale >= max|w| / 127: -128 is never produced
 WEIGHT_QMIN, WEIGHT_QMAX = (
     -128,
     127,
-)  # every weight range has scale >= max|w| / 127: -128 is never produced
+)
 HISTOGRAM_BINS = 2048
 MSE_CANDIDATES = 100  # clipping ranges tried by the mse calibration: 1%..100% of the observed range
 _MIN_SCALE = 1e-8
@@ -305,9 +306,8 @@ def prepare_quantized(
     graph_module.to(next(model.parameters()).device)  # new quantizers' buffers start on the CPU
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
-    graph_module.quant_spec = QuantSpec(
-        target, tuple(skip), weight_range
-    )  # what export and reloading need
+    # what export and reloading need
+    graph_module.quant_spec = QuantSpec(target, tuple(skip), weight_range)
     graph_module.eval()
     with torch.no_grad():
         graph_module(example_inputs)

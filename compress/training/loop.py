@@ -29,9 +29,8 @@ from compress.training.checkpoint import (
 )
 from compress.training.spec import TrainConfig
 
-StepLoss = Callable[
-    ..., tuple[torch.Tensor, torch.Tensor]
-]  # (images, labels, epoch, *batch extras)
+# (images, labels, epoch, *batch extras)
+StepLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -196,9 +195,8 @@ def fit(
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(
-                epoch
-            )  # a new shuffle per epoch, the same on every rank (and after a resume)
+            # a new shuffle per epoch, the same on every rank (and after a resume)
+            sampler.set_epoch(epoch)
         started = time.perf_counter()
         bar = tqdm(
             train_loader,
@@ -218,9 +216,8 @@ def fit(
                 )
             ) from None
         loss_total, correct_total, labeled_total, seen_total = epoch_totals(*sums)
-        distributed.sync_buffers(
-            model
-        )  # every rank now holds the same network: the same test numbers
+        # every rank now holds the same network: the same test numbers
+        distributed.sync_buffers(model)
         test = (
             evaluate(model, test_loader, preprocess, device)
             if test_loader is not None
@@ -254,10 +251,11 @@ def fit(
     return history
 
 
+# fit without a test loader (the library API)
 _NOT_EVALUATED = {
     "loss": float("nan"),
     "top1": float("nan"),
-}  # fit without a test loader (the library API)
+}
 
 # on a GPU the loop reads device values (progress, the NaN check) every this many steps
 SYNC_EVERY = 10
@@ -302,9 +300,8 @@ def _train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     labeled = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    first_bad = torch.full(
-        (), -1, device=device, dtype=torch.long
-    )  # step of the first non-finite loss
+    # step of the first non-finite loss
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
     check_every = checks_every(device)
     for step, (images, labels, *extras) in enumerate(bar):  # extras: e.g. sample indices
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -324,9 +321,8 @@ def _train_epoch(
         scheduler.step()
         loss_sum += loss.detach() * labels.numel()
         known = labels >= 0  # images from the unlabeled pool have no accuracy
-        correct += (
-            (logits.detach().argmax(1) == labels) & known
-        ).sum()  # no boolean indexing: no host sync
+        # no boolean indexing: no host sync
+        correct += ((logits.detach().argmax(1) == labels) & known).sum()
         seen += labels.numel()
         labeled += known.sum()
         if step % SYNC_EVERY == 0:

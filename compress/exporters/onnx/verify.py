@@ -270,9 +270,8 @@ def compare_onnx_files(
         )
         try:
             outputs.append(session.run(None, {session.get_inputs()[0].name: feed})[0])
-        except (
-            Exception
-        ) as exc:  # onnxruntime's own error types: the file does not run on these inputs
+        # onnxruntime's own error types: the file does not run on these inputs
+        except Exception as exc:
             raise ExportError(
                 f"{path.name}: ONNX Runtime cannot run it on random (N, C, H, W) inputs: "
                 f"{first_line(exc)}"

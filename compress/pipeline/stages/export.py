@@ -67,9 +67,8 @@ def export(cfg: ExportConfig, ctx: RunContext) -> Artifact:
             **input_of(ctx.data),
             warn=ctx.show_progress,
         )
-        metrics[role]["stage"] = (
-            artifact.stage
-        )  # which stage's network the file holds (bench, report)
+        # which stage's network the file holds (bench, report)
+        metrics[role]["stage"] = artifact.stage
         files[role] = path
         derived = export_derived_formats(
             path,

@@ -223,9 +223,8 @@ def plan_judge(ctx: RunContext, cfg: PruneConfig, train_loader, prep, teacher, l
 def measure(ctx: RunContext, model: torch.nn.Module, test_loader, prep) -> dict:
     """Params and MACs (one image), batch-1 PyTorch CPU latency (p50) and test top-1."""
     params, macs = count_params_macs(model, ctx.data.image_size, ctx.data.in_channels)
-    latency = float(
-        "nan"
-    )  # measured by rank 0 alone, which records it: other ranks would disturb its timing
+    # measured by rank 0 alone, which records it: other ranks would disturb its timing
+    latency = float("nan")
     if distributed.is_main():
         latency = torch_latency(model, example_batch(ctx, size=1), time_budget_s=1.0)["p50_ms"]
     top1 = evaluate(model, test_loader, prep, ctx.device)["top1"]
@@ -243,9 +242,8 @@ def taylor_gradients(ctx: RunContext, train_loader, prep):
                 F.cross_entropy(
                     model(prep(images, train=False)), labels, ignore_index=UNLABELED
                 ).backward()
-        distributed.average_gradients(
-            p for p in model.parameters() if p.requires_grad
-        )  # every rank ranks channels alike
+        # every rank ranks channels alike
+        distributed.average_gradients(p for p in model.parameters() if p.requires_grad)
 
     return accumulate
 
