@@ -5,12 +5,15 @@
 
 Each configuration runs ``pytest`` in a child process on this checkout and is timed by the wall
 clock; the machine must be quiet (two cores: anything else running doubles the times). Prints
-a table and writes ``benchmarks/results/test_tiers.json`` with the CPU model and flags.
+a table and writes ``benchmarks/results/test_tiers.json`` with the CPU model and flags; a row
+measured again replaces its old one, and each row names the commit (and the number of changed
+files) it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -38,12 +41,28 @@ def run(tier: str, workers: int) -> dict:
     return {
         "tier": tier,
         "workers": workers,
+        "commit": _commit(),
         "seconds": round(seconds, 1),
         "exit_code": done.returncode,
         "passed": int(match.group(1)) if match else None,
         "failed": int(match.group(2) or 0) if match else None,
         "summary": last,
     }
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    changed = len([line for line in git("status", "--porcelain").splitlines() if line])
+    return git("rev-parse", "--short", "HEAD").strip() + (f" +{changed} changed" if changed else "")
+
+
+def _recorded() -> list[dict]:
+    try:
+        return json.loads(OUT.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def main() -> None:
@@ -64,7 +83,9 @@ def main() -> None:
             f"| {row['tier']} | {row['workers']} | {int(minutes)} min {seconds:04.1f} s | "
             f"{row['summary']} |"
         )
-    write_json_atomic(OUT, {"machine": machine_info(), "rows": rows})
+    measured = {(row["tier"], row["workers"]) for row in rows}
+    kept = [r for r in _recorded() if (r["tier"], r["workers"]) not in measured]
+    write_json_atomic(OUT, {"machine": machine_info(), "rows": kept + rows})
     print(f"\nwrote {OUT.relative_to(ROOT)}")
 
 

@@ -130,6 +130,7 @@ def test_torch_cpu_result_has_the_common_shape(stage):
     assert all("compile_s" not in b for b in result["batches"])
 
 
+@pytest.mark.slow
 def test_torch_timing_stops_at_the_budget(stage):
     budget = 0.2
     result = torch_backend.measure(

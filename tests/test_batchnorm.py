@@ -1,5 +1,6 @@
 """BatchNorm recalibration: statistics re-estimated from batches, nothing else touched."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ def test_the_weights_do_not_change_and_a_network_without_batchnorm_is_left_alone
     assert recalibrate_batchnorm(plain, [torch.randn(4, 3, 8, 8)]) == 0
 
 
+@pytest.mark.slow
 def test_a_briefly_trained_student_with_slow_batchnorm_ends_with_current_statistics():
     """torchvision's MobileNetV3 updates its statistics with momentum 0.01: after 47 steps from
     scratch they still hold much of their start, and in eval mode the network was near chance

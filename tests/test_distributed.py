@@ -304,6 +304,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_exactly_like_one_process(two_ranks, no_torchrun):
     reference = train_exact(
         1, 0

@@ -77,6 +77,7 @@ def ort_logits(path, images: np.ndarray) -> np.ndarray:
 # --- export ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_onnx_matches_torch_with_dynamic_batch(exported, name, exporter):
@@ -212,6 +213,7 @@ def test_formats_table():
 # --- static batch ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("batch", [1, 3])  # 1: the size torch.export would specialise anyway
 def test_static_batch_is_fixed_in_the_graph_and_runs(exported, tmp_path, exporter, batch):
@@ -412,6 +414,7 @@ def test_info_rejects_broken_files(tmp_path, name, content):
     assert name in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_simplified_export_still_matches_torch(tmp_path, exported, exporter):
     model, plain = exported["mobilenet_v2", exporter]

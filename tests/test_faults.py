@@ -413,6 +413,7 @@ def _tampered_copy(stage: Path, tmp_path: Path, how: str) -> Path:
     return run / "teacher"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["path", "symlink"])
 def test_export_and_bench_refuse_records_pointing_outside_the_run(finished_stage, tmp_path, how):
     stage = _tampered_copy(finished_stage, tmp_path, how)
@@ -555,6 +556,7 @@ def test_a_file_that_fails_its_check_never_sits_at_the_deliverable_path(tmp_path
     ]  # a passing export supersedes the failure
 
 
+@pytest.mark.slow
 def test_converting_a_two_input_onnx_is_one_line_and_leaves_no_file(tmp_path):
     graph = helper.make_graph(
         [helper.make_node("Add", ["a", "b"], ["logits"])],

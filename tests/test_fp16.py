@@ -91,6 +91,7 @@ def float_initializer_types(path) -> set[int]:
     [(False, TensorProto.FLOAT16), (True, TensorProto.FLOAT)],
     ids=["fp16-io", "fp32-io"],
 )
+@pytest.mark.slow
 def test_weights_are_fp16_and_io_as_asked(trained, tmp_path, keep_io_types, io):
     _, fp32 = trained
     fp16 = convert_to_fp16(fp32, tmp_path / "m.fp16.onnx", keep_io_types=keep_io_types)

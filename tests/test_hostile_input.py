@@ -667,6 +667,7 @@ def test_the_onnx_model_is_valid():
     onnx.checker.check_model(_onnx_model(), full_check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", [0.1, 0.5, 0.95])
 def test_truncated_onnx_is_one_line(tmp_path, cut):
     real = _onnx_model().SerializeToString()

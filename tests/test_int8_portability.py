@@ -377,6 +377,7 @@ def test_preprocessing_metadata_survives_the_portability_verdict(exported, tmp_p
     assert metadata["compress.image_size"] == "8" and metadata["compress.int8_portable"] == "true"
 
 
+@pytest.mark.slow
 def test_compress_list_shows_the_weight_ranges_and_which_are_portable():
     import subprocess
     import sys

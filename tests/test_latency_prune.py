@@ -336,6 +336,7 @@ def test_channel_groups_and_keep_cut_exactly_the_asked_widths():
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_latency_pruner_meets_the_goal_by_measurement(fake_runtime, precision, tmp_path):
     lines = []
@@ -437,6 +438,7 @@ def test_an_unset_latency_target_leaves_recorded_stage_keys_unchanged():
         recipe_from_dict(raw, source="t.yaml")
 
 
+@pytest.mark.slow
 def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
     model = resnet8()
     judged = []
@@ -464,6 +466,7 @@ def test_a_judge_chooses_among_the_plans_on_copies(fake_runtime, tmp_path):
     assert sum(p.numel() for p in model.parameters()) < before and cut.speedup >= 1.3
 
 
+@pytest.mark.slow
 def test_a_preview_measures_every_plan_and_cuts_nothing(fake_runtime, tmp_path):
     model = resnet8()
     before = [p.shape for p in model.parameters()]
@@ -481,6 +484,7 @@ def test_a_preview_measures_every_plan_and_cuts_nothing(fake_runtime, tmp_path):
     assert pruner.current_ms == pruner.base_ms
 
 
+@pytest.mark.slow
 def test_a_judged_cut_that_misses_plans_again_without_judging_a_plan_twice(
     fake_runtime, tmp_path, monkeypatch
 ):
@@ -502,6 +506,7 @@ def test_a_judged_cut_that_misses_plans_again_without_judging_a_plan_twice(
     assert len(judged) == cut.corrections + 1 and len(set(shapes)) == len(shapes)
 
 
+@pytest.mark.slow
 def test_the_library_prune_passes_its_judge_to_the_latency_planner(fake_runtime):
     from compress import api
 
@@ -512,6 +517,7 @@ def test_the_library_prune_passes_its_judge_to_the_latency_planner(fake_runtime)
     assert len(scored) >= 2 and all(network is not model for network in scored)
 
 
+@pytest.mark.slow
 def test_a_recorded_cut_replays_to_the_same_network_without_measuring(fake_runtime, tmp_path):
     cut_model = resnet8()
     pruner = speedup_pruner(cut_model, fake_runtime, tmp_path)
@@ -597,6 +603,7 @@ def test_training_split_keeps_the_scored_images_out_of_the_tuning_batches():
     assert training_split(ctx, loader, lambda x, train: x, 40, 10)[1][-1][0].numel() == 4  # short
 
 
+@pytest.mark.slow
 def test_a_plan_that_beats_its_goal_by_a_margin_gives_the_room_back_to_a_better_judged_plan(
     tmp_path, monkeypatch
 ):

@@ -232,6 +232,7 @@ def matrix_layers(path) -> int:
     return sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in load_onnx(path).graph.node)
 
 
+@pytest.mark.slow
 def test_openvino_rows_form_their_own_group_with_latency(result, openvino):
     assert result.groups == ("onnxruntime", "openvino")
     rows = [row for row in result.rows if row.group == "openvino"]

@@ -325,12 +325,14 @@ def recipe(tmp_path: Path, **sections) -> Path:
         ),
     ],
 )
+@pytest.mark.slow
 def test_recipe_weights_are_checked_before_anything_runs(tmp_path, teacher, message):
     result = run_cli("run", recipe(tmp_path, teacher=teacher), "--dry-run", cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result.stderr, message)
 
 
+@pytest.mark.slow
 def test_new_head_without_training_is_refused(tmp_path):
     path = save_safetensors(
         build_model("cifar:resnet20", 100).state_dict(), tmp_path / "c100.safetensors"
@@ -422,6 +424,7 @@ def test_a_rewritten_weights_file_reruns_the_stages(tmp_path):
     assert "weights_sha256" not in shared_inputs(plain, recipe_to_dict(plain))  # old keys stay
 
 
+@pytest.mark.slow
 def test_a_pretrained_student_ends_with_batchnorm_statistics_of_the_new_data(
     tmp_path, digits_teacher
 ):

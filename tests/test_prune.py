@@ -155,6 +155,7 @@ def test_taylor_ranks_with_fresh_gradients_before_every_step():
     )  # eval mode: BN statistics untouched
 
 
+@pytest.mark.slow
 def test_classifier_and_ignored_layers_keep_their_width_and_widths_round_to_8():
     name = "torchvision:mobilenet_v2"
     model, original = trained_like(name), trained_like(name)
@@ -850,6 +851,7 @@ def test_a_flatten_maps_each_channel_to_its_features():
     ("name", "size"),
     [("torchvision:shufflenet_v2_x0_5", 32), ("timm:resnest14d", 32), ("timm:cspresnet50", 32)],
 )
+@pytest.mark.slow
 def test_real_networks_with_those_patterns_prune(name, size):
     if name.startswith("timm:"):
         pytest.importorskip("timm")

@@ -203,6 +203,7 @@ def test_parse_subset():
             parse_subset(bad)
 
 
+@pytest.mark.slow
 def test_cli_validate_exit_codes(tmp_path):
     ok = subprocess.run(
         [sys.executable, "-m", "compress", "validate", str(QUICKSTART)],

@@ -281,6 +281,7 @@ def test_a_run_that_cannot_write_ends_with_one_line_and_keeps_finished_stages(
     assert not (out / "resume" / "distill" / "stage.json").exists()
 
 
+@pytest.mark.slow
 def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_path, monkeypatch):
     """Each prune step fine-tunes in its own checkpointed run: on resume the pruning of step 1 is
     recomputed (deterministic), its finished fine-tuning restored, and step 2 continues."""
@@ -341,6 +342,7 @@ def test_prune_interrupted_in_its_second_step_resumes_to_the_same_network(tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_qat_interrupted_resumes_to_the_same_quantized_network(tmp_path, monkeypatch):
     from conftest import run_recipe
 

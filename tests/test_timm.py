@@ -41,6 +41,7 @@ def images(size: int, batch: int = 2, channels: int = 3) -> torch.Tensor:
 # --- building ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compress_imports_timm_only_when_a_timm_model_is_built():
     code = (
         "import sys, compress.nets.models as m; before = 'timm' in sys.modules; "

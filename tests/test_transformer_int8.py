@@ -112,6 +112,7 @@ def top1(logits, labels) -> float:
     return float((torch.as_tensor(logits).argmax(1) == labels).float().mean() * 100)
 
 
+@pytest.mark.slow
 def test_a_trained_vit_runs_its_linear_layers_in_int8_and_keeps_its_accuracy(tmp_path, trained_vit):
     model, train, test_images, test_labels = trained_vit
     with torch.no_grad():
