@@ -19,7 +19,7 @@ import compress.benchmark.backends.child as child
 from compress.benchmark.backend_table import BACKENDS
 from compress.benchmark.compare import bench_models
 from compress.benchmark.measure import bench_model
-from compress.benchmark.ratios import compare
+from compress.benchmark.ratios import compare, did_not_pay
 from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, LatencyStats, Ratios
 from compress.benchmark.spec import BenchConfig
 from compress.benchmark.table import bench_table_markdown, write_bench
@@ -440,3 +440,57 @@ def test_a_fake_quantized_pytorch_row_is_named_simulated_int8():
     assert "Simulated INT8: student ran as fake quantization" in flagged
     plain = dataclasses.replace(student, runtime={"network": {"quantized": False}})
     assert "Simulated INT8" not in bench_table_markdown(compare([teacher, plain]))
+
+
+# --- when compression did not pay -------------------------------------------------------------
+
+
+def on_runtime(row: BenchRow) -> BenchRow:
+    return dataclasses.replace(row, backend="onnxruntime")
+
+
+def test_a_student_slower_than_its_teacher_is_said_in_one_line():
+    teacher = on_runtime(synthetic_row("teacher", 1.0, 2000.0, 4000, 100, 1000, 90.0))
+    student = on_runtime(synthetic_row("student", 2.5, 4000.0, 1000, 25, 250, 88.0))
+    lines = did_not_pay([teacher, student], "teacher")
+    assert lines == ["student is slower than teacher on onnxruntime: 0.40x at batch 1"]
+    table = bench_table_markdown(compare([teacher, student], reference="teacher"))
+    assert "Did not pay: student is slower than teacher on onnxruntime: 0.40x at batch 1." in table
+
+
+def test_an_int8_student_slower_than_its_float_version_is_said_even_when_faster_than_the_teacher():
+    teacher = on_runtime(synthetic_row("teacher", 4.0, 500.0, 4000, 100, 1000, 90.0))
+    fp32 = on_runtime(synthetic_row("student_fp32", 1.0, 2000.0, 1000, 25, 250, 88.0))
+    int8 = on_runtime(synthetic_row("student", 0.8, 1600.0, 300, 25, 250, 87.9))
+    lines = did_not_pay([teacher, fp32, int8], "teacher")
+    assert lines == ["student is slower than its float version on onnxruntime: 0.80x at batch 64"]
+
+
+def test_nothing_is_said_when_compression_paid_everywhere():
+    teacher = on_runtime(synthetic_row("teacher", 4.0, 500.0, 4000, 100, 1000, 90.0))
+    fp32 = on_runtime(synthetic_row("student_fp32", 1.0, 2000.0, 1000, 25, 250, 88.0))
+    int8 = on_runtime(synthetic_row("student", 0.5, 4000.0, 300, 25, 250, 87.9))
+    assert did_not_pay([teacher, fp32, int8], "teacher") == []
+    assert "Did not pay" not in bench_table_markdown(compare([teacher, fp32, int8]))
+
+
+def test_the_run_summary_repeats_what_did_not_pay():
+    from compress.pipeline.artifacts import Artifact
+    from compress.pipeline.report import summary_table
+
+    bench = Artifact(
+        "bench",
+        metrics={
+            "teacher_status": "ok",
+            "student_status": "ok",
+            "speedup_b1": 0.4,
+            "speedup_throughput": 2.0,
+            "size_reduction": 4.0,
+            "did_not_pay": ["student is slower than teacher on onnxruntime: 0.40x at batch 1"],
+        },
+    )
+    bench.seconds = 1.0
+    summary = summary_table({"bench": bench})
+    assert summary.endswith(
+        "Did not pay: student is slower than teacher on onnxruntime: 0.40x at batch 1."
+    )

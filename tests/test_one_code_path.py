@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from conftest import DIGITS_BASE, run_recipe
 
 import compress
 from compress.data.augment import Preprocess
@@ -19,7 +20,6 @@ from compress.pipeline.recipe.load import load_recipe
 from compress.pipeline.runner import seed_everything
 from compress.training.spec import DistillSpec
 from compress.training.teaching import LoopSettings
-from tests.conftest import DIGITS_BASE, run_recipe
 
 DISTILL = {"loss": [{"name": "kd", "temperature": 4}], "train": {"epochs": 2, "lr": 0.01}}
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import run_cli
 
 from compress.errors import RecipeError
 from compress.pipeline.recipe.load import recipe_from_dict
 from compress.pipeline.recipe.schema import field_docs, recipe_schema
 from compress.pipeline.recipe.serialise import recipe_to_dict
-from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -40,6 +40,39 @@ def reference_row(
     return next((r for r in rows if r.model_name == reference and r.group == row.group), None)
 
 
+# the role of the float file an INT8 student was quantized from (the export stage writes both)
+FLOAT_STUDENT, INT8_STUDENT = "student_fp32", "student"
+
+
+def did_not_pay(rows: Sequence[BenchRow], reference: str) -> list[str]:
+    """One line per model and backend where compression did not pay: the model runs slower than
+    ``reference`` (a student slower than its teacher), or the INT8 student slower than the float
+    student it was quantized from, at batch 1 or at the largest batch both measured (paired
+    ratios, as the table's). Seen on real runs: a MobileNetV2 student at 0.41x its teacher in
+    eager PyTorch on a GPU; an INT8 MobileNetV3 slower than FP32 at batch 64 on ONNX Runtime."""
+    pairs = [(row, reference_row(rows, row, reference), reference) for row in rows]
+    pairs += [
+        (row, reference_row(rows, row, FLOAT_STUDENT), "its float version")
+        for row in rows
+        if row.model_name == INT8_STUDENT and reference != FLOAT_STUDENT
+    ]
+    lines = []
+    for row, ref, against in pairs:
+        if ref is None or ref is row or not (row.ok and ref.ok):
+            continue
+        slower = [
+            f"{ratio:.2f}x at batch {batch}"
+            for batch in sorted({1, _common_batch(row, ref) or 1})
+            if (ratio := speedup(row, ref, batch)) is not None and ratio < 1
+        ]
+        if slower:
+            where = row.group or row.backend or "its backend"
+            lines.append(
+                f"{row.model_name} is slower than {against} on {where}: {', '.join(slower)}"
+            )
+    return lines
+
+
 def speedup(row: BenchRow, ref: BenchRow | None, batch_size: int = 1) -> float | None:
     """How many times faster ``row`` runs than ``ref`` at ``batch_size`` (ref p50 / row p50),
     pair by pair over the rounds both were measured in (see

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from compress.benchmark.latency import NOISE_BAR
+from compress.benchmark.ratios import did_not_pay
 from compress.benchmark.rows import BenchResult, BenchRow, LatencyPoint, LatencyStats, Ratios
 from compress.core.cpu_features import CpuFeatures
 from compress.core.fileio import write_json_atomic, write_text_atomic
@@ -76,7 +77,19 @@ def _group_table(result: BenchResult, rows: list[BenchRow]) -> str:
         if noisy
         else ""
     )
-    return "\n".join(lines) + note + _unstable_note(rows, name) + _simulated_int8_note(rows, name)
+    return (
+        "\n".join(lines)
+        + note
+        + _unstable_note(rows, name)
+        + _simulated_int8_note(rows, name)
+        + _did_not_pay_note(rows, result.reference)
+    )
+
+
+def _did_not_pay_note(rows: list[BenchRow], reference: str) -> str:
+    """One line per model that compression made slower (:func:`did_not_pay`)."""
+    lines = did_not_pay(rows, reference)
+    return "".join(f"\n\nDid not pay: {line}." for line in lines)
 
 
 def _simulated_int8_note(rows: list[BenchRow], name: dict[str, str]) -> str:

@@ -22,7 +22,13 @@ def summary_table(artifacts: dict[str, Artifact]) -> str:
         lines.append(
             f"| {name} | {status} | {artifact.seconds:.1f}s | {memory} | {headline(artifact)} |"
         )
-    return "\n".join(lines)
+    warnings = [
+        f"Did not pay: {line}."
+        for artifact in artifacts.values()
+        if artifact.kind == "bench"
+        for line in artifact.metrics.get("did_not_pay") or ()
+    ]
+    return "\n".join(lines + ([""] if warnings else []) + warnings)
 
 
 def headline(artifact: Artifact) -> str:
@@ -381,6 +387,7 @@ def pareto_plot(report: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     models = [
         m
@@ -417,6 +424,10 @@ def pareto_plot(report: dict) -> bytes:
         )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
+    # plain decimals at 1-2-5 steps: matplotlib's minor log labels (3x10^-1 4x10^-1 ...) collide
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency p50, batch 1 (ms, log scale)")
     ax.set_ylabel("top-1 accuracy of the exported model (%)")
     ax.set_title(f"{report['run']}: accuracy vs latency (ONNX Runtime)", fontsize=10)

@@ -10,7 +10,7 @@ from pathlib import Path
 from compress.benchmark.backend_table import BACKENDS
 from compress.benchmark.compare import BenchTarget, backend_runs, bench_models
 from compress.benchmark.measure import artifact_format, describe_artifact
-from compress.benchmark.ratios import compare
+from compress.benchmark.ratios import compare, did_not_pay
 from compress.benchmark.rows import BenchResult, Ratios
 from compress.benchmark.spec import BenchConfig
 from compress.benchmark.table import write_bench
@@ -135,9 +135,11 @@ def headline_metrics(result: BenchResult) -> dict:
     """The few numbers the run summary and CI gates read first (the bench stage's metrics).
 
     ``speedup_b1`` etc. compare the student with the teacher; with a quantized student the
-    ``int8_*`` keys compare it with the float student it was quantized from.
+    ``int8_*`` keys compare it with the float student it was quantized from; ``did_not_pay``
+    holds a line for each model that runs slower than what it was compressed from.
     """
     headline = _headline_ratios(result.ratios.get("student", Ratios()))
+    headline["did_not_pay"] = did_not_pay(result.rows, result.reference)
     for role in ("teacher", "student_fp32", "student"):
         row = result.row(role)
         if row is not None:
