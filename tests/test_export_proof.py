@@ -1,0 +1,103 @@
+"""The export proof judges the file, not the network's confidence: flips of near-tied logits
+within the measured difference do not fail a file, flips the difference cannot explain do, and
+a planted wrong scale in a real INT8 file still fails."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compress.errors import ExportError
+from compress.exporters.onnx.export import export_onnx
+from compress.exporters.onnx.verify import compare_logits, verify_onnx
+from compress.exporters.qdq import store_int8_weights
+from compress.nets.models import build_model
+from compress.nets.weights import load_weights
+from compress.quantization.fake_quant import calibrate, prepare_quantized
+
+INT8 = {"tolerance": 0.2, "min_agreement": 0.95, "relative": True}
+
+
+def weak_network_logits(images: int = 256, seed: int = 0) -> np.ndarray:
+    """Logits of a weak network: most images have a clear winner, a fifth are near ties."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 1.0, (images, 10))
+    winners = rng.integers(0, 10, images)
+    logits[np.arange(images), winners] += 4.0
+    ties = rng.choice(images, images // 5, replace=False)
+    runner_up = (winners[ties] + 1) % 10
+    logits[ties, runner_up] = logits[ties, winners[ties]] - rng.uniform(0.0, 0.05, len(ties))
+    return logits
+
+
+def test_near_ties_that_flip_within_the_measured_difference_do_not_fail_the_file():
+    reference = weak_network_logits()
+    rng = np.random.default_rng(1)
+    file = reference + rng.normal(0.0, 0.1, reference.shape)  # 2.5% of the largest logit
+    record = compare_logits(file, reference, "student.onnx", **INT8)
+    assert record["top1_agreement"] < 0.95  # the raw agreement a weak network gets
+    assert record["decisive_agreement"] == 1.0 and record["near_tie_flips"] > 12
+    assert record["decisive_samples"] < record["samples"]
+
+
+def test_flips_the_difference_cannot_explain_fail_the_file():
+    reference = weak_network_logits()
+    rng = np.random.default_rng(1)
+    file = reference + rng.normal(0.0, 0.01, reference.shape)
+    ordered = np.sort(reference, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2]
+    wrong = np.flatnonzero((margin > 0.2) & (margin < 2.5))[:20]  # clear winners, not ties
+    winner = reference[wrong].argmax(axis=1)
+    second = np.argsort(reference[wrong], axis=1)[:, -2]
+    step = 0.19 * np.abs(reference).max()  # within the 20% tolerance on every logit
+    file[wrong, winner] -= step
+    file[wrong, second] += step  # those images change class: an error on some inputs
+    with pytest.raises(ExportError, match="not near ties") as error:
+        compare_logits(file, reference, "student.onnx", **INT8)
+    record = error.value.result
+    assert record["max_rel_diff"] <= 0.2  # the difference alone would pass
+    assert record["decisive_agreement"] < 0.95
+    counted = (1 - record["decisive_agreement"]) * record["decisive_samples"]
+    assert counted == pytest.approx(len(wrong))  # each planted flip, and no near tie
+
+
+@pytest.fixture(scope="module")
+def int8_file(digits_teacher, tmp_path_factory):
+    """The digits teacher (cifar:resnet20 at 8x8) quantized and exported, with real digits."""
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path_factory.mktemp("proof")
+    pixels = torch.from_numpy(load_digits().images[:256] / 16.0).float()[:, None]
+    images = ((pixels.expand(-1, 3, -1, -1) - 0.5) / 0.25).contiguous()
+    model = load_weights(
+        build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval(), digits_teacher
+    ).eval()
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2])
+    calibrate(qmodel, [images[:128]], method="minmax")
+    path = export_onnx(
+        qmodel.eval(),
+        folder / "int8.onnx",
+        image_size=8,
+        exporter="torchscript",
+        transform=store_int8_weights,
+    )
+    return qmodel.eval(), path, images.numpy()
+
+
+def test_a_correct_int8_file_passes_and_a_planted_wrong_scale_fails(int8_file, tmp_path):
+    qmodel, path, images = int8_file
+    record = verify_onnx(path, qmodel, images, **INT8)
+    assert record["decisive_agreement"] >= 0.95
+    model = onnx.load(path)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    scale_name = producers[conv.input[1]].input[1]  # the first convolution's weight scale
+    scale = next(i for i in model.graph.initializer if i.name == scale_name)
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale_name))
+    planted = tmp_path / "planted.onnx"
+    onnx.save(model, planted)
+    with pytest.raises(ExportError, match="does not reproduce"):
+        verify_onnx(planted, qmodel, images, **INT8)
