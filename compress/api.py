@@ -327,48 +327,102 @@ def quantize(
             (uint8 activations) or ``tensorrt`` (int8, zero point 0); ``skip``, module names
             or patterns kept in float; ``weight_range`` ``auto`` (portable across CPUs with and
             without VNNI on ``onnxruntime-cpu``) or a name of ``compress list weight-ranges``;
-            ``calibration`` ``minmax``, ``percentile`` or ``mse``; and an accuracy budget,
+            ``calibration`` ``minmax``, ``percentile``, ``mse`` or ``auto`` (each, the best
+            top-1 on ``holdout`` kept: :func:`calibration_candidates`); and an accuracy budget,
             ``max_drop`` top-1 points: after calibration, :func:`keep_float` puts the most
             sensitive layers back in float until the exported file is within it on
             ``holdout`` (to apply it after QAT instead, call :func:`keep_float` then).
-        holdout: ``(inputs, labels)`` batches the budget is measured on (needed with
-            ``max_drop``): images kept out of ``calibration_data`` and of training, not the test
-            set.
+        holdout: ``(inputs, labels)`` batches the calibration method and the budget are
+            judged on (needed with ``calibration: auto`` and ``max_drop``): images kept out of
+            ``calibration_data`` and of training, not the test set.
         **overrides: any :class:`~compress.quantization.spec.QuantizeSpec` field, e.g.
             ``skip=("fc",)``.
 
     Returns:
-        A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized (with
-        ``max_drop``, also its ``accuracy_budget`` record).
+        A ``torch.fx.GraphModule`` whose ``quant_spec`` says how it was quantized,
+        ``calibration_method`` which method set its ranges and ``calibration_candidates`` the
+        methods tried with their held-out top-1 (with ``max_drop``, also its
+        ``accuracy_budget`` record).
     """
-    from compress.quantization.fake_quant import calibrate, prepare_quantized
-
     spec = dataclasses.replace(spec or QuantizeSpec(), **overrides)
     batches = _inputs_of(calibration_data, _device_of(model))
     if not batches:
         raise ValueError("quantize: calibration_data holds no batch")
     if spec.max_drop is not None and holdout is None:
         raise ValueError("quantize: max_drop needs holdout, the (inputs, labels) to measure it on")
-    qmodel = prepare_quantized(
-        model.eval(),
-        target=spec.target,
-        skip=spec.skip,
-        example_inputs=batches[0],
-        weight_range=spec.weight_range,
-    )
-    calibrate(qmodel, batches, method=spec.calibration, percentile=spec.percentile)
+    if spec.calibration == "auto" and holdout is None:
+        raise ValueError(
+            "quantize: calibration auto keeps the method with the best top-1 on holdout; pass "
+            "holdout=(inputs, labels) batches, or name a method"
+        )
+    candidates = calibration_candidates(model, batches, spec, holdout)
+    qmodel = candidates[0].network.eval()
+    qmodel.calibration_candidates = [c.to_json() for c in candidates]
     if spec.max_drop is None:
-        return qmodel.eval()
+        return qmodel
     return keep_float(
-        qmodel.eval(),
+        qmodel,
         model,
         holdout,
         max_drop=spec.max_drop,
         max_float_layers=spec.max_float_layers,
         calibration_data=batches,
-        calibration=spec.calibration,
+        calibration=candidates[0].method,
         percentile=spec.percentile,
     )
+
+
+@dataclasses.dataclass
+class CalibrationCandidate:
+    """One PTQ network of :func:`calibration_candidates`: its method, and its top-1 on the
+    held-out images (None without them)."""
+
+    method: str
+    network: nn.Module
+    holdout_top1: float | None
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "holdout_top1": self.holdout_top1}
+
+
+def calibration_candidates(
+    model: nn.Module, batches: list[torch.Tensor], spec: QuantizeSpec, holdout: Iterable | None
+) -> list[CalibrationCandidate]:
+    """The PTQ networks of ``model`` to choose from, best first: one per method of
+    ``compress.quantization.spec.CALIBRATION_METHODS`` with ``calibration: auto`` (ranked by
+    top-1 on ``holdout``, ties to the earlier method), else the one ``spec`` names."""
+    from compress.quantization.fake_quant import calibrate, prepare_quantized
+    from compress.quantization.spec import CALIBRATION_METHODS
+
+    held = list(holdout) if holdout is not None else None
+    methods = CALIBRATION_METHODS if spec.calibration == "auto" else (spec.calibration,)
+    candidates = []
+    for method in methods:
+        qmodel = prepare_quantized(
+            model.eval(),
+            target=spec.target,
+            skip=spec.skip,
+            example_inputs=batches[0],
+            weight_range=spec.weight_range,
+        )
+        calibrate(qmodel, batches, method=method, percentile=spec.percentile)
+        qmodel.calibration_method = method
+        top1 = _top1(qmodel.eval(), held) if held else None
+        candidates.append(CalibrationCandidate(method, qmodel, top1))
+    order = {method: index for index, method in enumerate(methods)}
+    return sorted(candidates, key=lambda c: (-(c.holdout_top1 or 0.0), order[c.method]))
+
+
+@torch.no_grad()
+def _top1(model: nn.Module, batches: list) -> float:
+    """Top-1 (%) of ``model`` on ``(inputs, labels)`` batches."""
+    device = _device_of(model)
+    correct = total = 0
+    for inputs, labels, *_ in batches:
+        predicted = model(inputs.to(device)).argmax(1).cpu()
+        correct += int((predicted == labels.cpu()).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
 
 
 def keep_float(
@@ -379,7 +433,7 @@ def keep_float(
     max_drop: float,
     max_float_layers: int | None = None,
     calibration_data: Iterable | None = None,
-    calibration: str = "percentile",
+    calibration: str | None = None,
     percentile: float = 99.99,
 ) -> nn.Module:
     """Meet an accuracy budget: the layers of the INT8 ``qmodel`` that quantization hurts most
@@ -398,6 +452,7 @@ def keep_float(
             float is calibrated again (``calibration``, ``percentile``), so the result is the
             PTQ network with those layers in ``skip``. None (after QAT): the ranges QAT trained
             with are kept.
+        calibration: the method; None: the one ``qmodel`` was calibrated with.
 
     Returns:
         The network to export: ``qmodel`` when it is within the budget already, else a new one
@@ -416,11 +471,12 @@ def keep_float(
     if max_drop < 0:
         raise ValueError(f"keep_float: max_drop must be >= 0 top-1 points, got {max_drop}")
     recalibrate = None
+    method = calibration or getattr(qmodel, "calibration_method", "percentile")
     if calibration_data is not None:
         batches = _inputs_of(calibration_data, _device_of(model))
 
         def recalibrate(network: nn.Module) -> None:
-            calibrate(network, batches, method=calibration, percentile=percentile)
+            calibrate(network, batches, method=method, percentile=percentile)
 
     network, record = search(
         qmodel,

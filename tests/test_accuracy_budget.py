@@ -29,7 +29,7 @@ from compress.quantization.fake_quant import float_convs
             r"^max_drop: expected top-1 points in 0\.\.100 or null \(off\), got -0\.5$",
         ),
         ("max_drop", 101, r"^max_drop: expected top-1 points in 0\.\.100 or null"),
-        ("holdout_images", 0, r"^holdout_images: expected a positive integer, got 0$"),
+        ("holdout_images", 0, r"^holdout_images: expected a positive integer or null, got 0$"),
         ("max_float_layers", 0, r"^max_float_layers: expected a positive integer or null, got 0$"),
     ],
 )
@@ -49,7 +49,7 @@ def test_a_recipe_names_the_bad_max_drop_with_its_path(tmp_path):
         load_recipe(path)
     path.write_text(path.read_text().replace("half", "0.5"))
     config = load_recipe(path).stages[2].config
-    assert (config.max_drop, config.holdout_images, config.max_float_layers) == (0.5, 2000, None)
+    assert (config.max_drop, config.holdout_images, config.max_float_layers) == (0.5, None, None)
 
 
 def test_a_quantize_stage_without_a_budget_keeps_the_stage_key_of_runs_recorded_before_it():
@@ -91,7 +91,7 @@ def test_the_holdout_is_a_seeded_balanced_slice_of_train_that_training_no_longer
         split_holdout(bundle, 600, seed=0)
 
 
-def test_without_max_drop_the_stage_uses_the_run_loaders_and_holds_nothing_out(tmp_path):
+def test_with_a_named_method_and_no_max_drop_the_stage_holds_nothing_out(tmp_path):
     from compress.pipeline.context import RunContext
     from compress.pipeline.stages.networks import preprocess
     from compress.pipeline.stages.quantize import split_loaders
@@ -100,12 +100,14 @@ def test_without_max_drop_the_stage_uses_the_run_loaders_and_holds_nothing_out(t
     path.write_text(yaml.safe_dump(DIGITS_BASE | {"stages": ["teacher", "distill", "quantize"]}))
     ctx = RunContext(load_recipe(path), tmp_path, torch.device("cpu"), show_progress=False)
     prep = preprocess(ctx)
-    train, test, holdout = split_loaders(ctx, QuantizeConfig(), prep)
+    train, test, holdout = split_loaders(ctx, QuantizeConfig(calibration="percentile"), prep)
     run_train, _ = ctx.loaders()
     assert holdout == [] and len(train.dataset) == len(run_train.dataset) == 600
     assert all(torch.equal(a[0], b[0]) for a, b in zip(train, run_train, strict=True))
     train, _, holdout = split_loaders(ctx, QuantizeConfig(max_drop=0.5, holdout_images=100), prep)
     assert len(train.dataset) == 500 and sum(len(y) for _, y in holdout) == 100
+    _, _, chosen_on = split_loaders(ctx, QuantizeConfig(holdout_images=100), prep)  # auto
+    assert sum(len(y) for _, y in chosen_on) == 100
     assert holdout[0][0].dtype == torch.float32  # preprocessed as the network takes it
 
 

@@ -130,7 +130,12 @@ def test_the_prune_stage_prunes_and_fine_tunes_what_compress_prune_does(tmp_path
 
 
 def test_the_quantize_stage_calibrates_and_trains_what_the_library_does(tmp_path, digits_teacher):
-    quantize = {"mode": "qat", "calibration_images": 64, "train": {"epochs": 1}}
+    quantize = {
+        "mode": "qat",
+        "calibration": "percentile",
+        "calibration_images": 64,
+        "train": {"epochs": 1},
+    }
     stages = ["teacher", {"distill": DISTILL}, {"quantize": quantize}]
     run = run_then_rebuild(tmp_path, digits_teacher, "one_path_qat", stages)
     spec = run.recipe.stages[2].config

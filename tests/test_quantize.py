@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import DIGITS_BASE, optimized_nodes
+from conftest import DIGITS_BASE, optimized_nodes, run_recipe
 from torch import nn
 
 import compress
@@ -304,14 +304,21 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
     assert ptq["source_stage"] == qat["source_stage"] == "distill"
     assert ptq["agreement_with_fp32"] >= 0.97 and ptq["ptq_top1"] >= ptq["fp32_top1"] - 2, ptq
     assert ptq["top1"] == ptq["ptq_top1"] and ptq["history"] == []
-    assert len(qat["history"]) == 1 and qat["top1"] >= qat["ptq_top1"] - 1, qat
-    assert qat["quantization"] == {
+    assert qat["top1"] >= qat["ptq_top1"] - 1, qat
+    best_ptq = max(c["holdout_top1"] for c in qat["candidates"] if c["name"] != "qat")
+    trained = next(c for c in qat["candidates"] if c["name"] == "qat")
+    if qat["shipped"] == "qat":  # QAT at least as good as the best PTQ on the held-out images
+        assert len(qat["history"]) == 1 and trained["holdout_top1"] >= best_ptq
+    else:
+        assert qat["history"] == [] and trained["holdout_top1"] < best_ptq
+    settings = dict(qat["quantization"])
+    assert settings.pop("calibration") in ("minmax", "percentile", "mse")  # auto's choice
+    assert settings == {
         "mode": "qat",
         "target": "onnxruntime-cpu",
         "skip": [],
         "weight_range": "pair-limit",
         "untraced_float": [],  # torch.fx traced all of it
-        "calibration": "percentile",
         "percentile": 99.99,
         "calibration_images": 256,
     }
@@ -564,3 +571,63 @@ def test_an_adaptive_pool_whose_output_does_not_divide_its_input_exports_in_int8
     calibrate(qmodel, [images], method="minmax")
     record = compress.export(qmodel, tmp_path / "pool.onnx", check_inputs=images)
     assert record["top1_agreement"] >= 0.95 and record["qdq"]["int8_weights"] == 2
+
+
+# --- PTQ or QAT, decided on held-out images -------------------------------------------------
+
+
+def test_calibration_auto_keeps_the_method_with_the_best_held_out_top1(digits_teacher):
+    from sklearn.datasets import load_digits
+
+    import compress
+    from compress.nets.models import build_model
+    from compress.nets.weights import load_weights
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images / 16.0).float()[:, None].expand(-1, 3, -1, -1)
+    images, labels = ((pixels - 0.5) / 0.25).contiguous(), torch.from_numpy(digits.target)
+    model = load_weights(
+        build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval(), digits_teacher
+    ).eval()
+    holdout = [(images[1000:1400], labels[1000:1400])]
+    with pytest.raises(ValueError, match="calibration auto keeps the method"):
+        compress.quantize(model, [images[:256]], calibration="auto")
+    qmodel = compress.quantize(model, [images[:256]], calibration="auto", holdout=holdout)
+    tried = qmodel.calibration_candidates
+    assert {c["method"] for c in tried} == {"minmax", "percentile", "mse"}
+    assert tried[0]["method"] == qmodel.calibration_method
+    assert tried[0]["holdout_top1"] == max(c["holdout_top1"] for c in tried)
+    with torch.no_grad():
+        top1 = 100.0 * float((qmodel(holdout[0][0]).argmax(1) == holdout[0][1]).float().mean())
+    assert top1 == pytest.approx(tried[0]["holdout_top1"])  # the shipped network is that one
+
+
+def test_the_stage_records_every_candidate_and_never_ships_qat_below_the_best_ptq(
+    tmp_path, digits_teacher
+):
+    raw = DIGITS_BASE | {
+        "name": "candidates",
+        "teacher": DIGITS_BASE["teacher"] | {"checkpoint": digits_teacher},
+        "stages": [
+            "teacher",
+            {"distill": {"train": {"epochs": 1, "optimizer": "adamw", "lr": 0.003}}},
+            {
+                "quantize": {
+                    "holdout_images": 120,
+                    "calibration_images": 128,
+                    # a learning rate that wrecks the INT8 network: QAT must not be shipped
+                    "train": {"epochs": 1, "optimizer": "sgd", "lr": 5.0},
+                }
+            },
+        ],
+    }
+    metrics = run_recipe(tmp_path, raw)["quantize"].metrics
+    names = [c["name"] for c in metrics["candidates"]]
+    assert sorted(names) == ["ptq-minmax", "ptq-mse", "ptq-percentile", "qat"]
+    ptq_best = max(c["holdout_top1"] for c in metrics["candidates"] if c["name"] != "qat")
+    qat = next(c for c in metrics["candidates"] if c["name"] == "qat")
+    assert qat["holdout_top1"] < ptq_best  # the wrecked QAT
+    assert metrics["shipped"] == f"ptq-{metrics['quantization']['calibration']}"
+    assert metrics["history"] == [] and metrics["top1"] == pytest.approx(metrics["ptq_top1"])
+    for candidate in metrics["candidates"]:
+        assert 0 <= candidate["agreement_with_fp32"] <= 1 and candidate["test_top1"] >= 0

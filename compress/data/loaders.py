@@ -105,8 +105,13 @@ def test_arrays(bundle: DatasetBundle, limit: int | None = None) -> tuple[np.nda
 test_arrays.__test__ = False
 
 
+# the held-out images split_holdout sets aside unless told: a fifth of the labeled training
+# images, at most this many
+HOLDOUT_IMAGES = 2000
+
+
 def split_holdout(
-    bundle: DatasetBundle, size: int, seed: int
+    bundle: DatasetBundle, size: int | None, seed: int
 ) -> tuple[DatasetBundle, tuple[torch.Tensor, torch.Tensor]]:
     """Set ``size`` labeled training images aside, for decisions that must not be taken on the
     test split (the quantize stage's accuracy budget) nor on images the network trained on.
@@ -116,7 +121,8 @@ def split_holdout(
 
     Args:
         bundle: From :func:`load_dataset`.
-        size: Images to set aside.
+        size: Images to set aside; None: a fifth of the labeled training images, at most
+            :data:`HOLDOUT_IMAGES`.
         seed: Seeds the selection: the same seed sets the same images aside.
 
     Returns:
@@ -128,6 +134,8 @@ def split_holdout(
     """
     labels = torch.as_tensor(_targets(bundle.train), dtype=torch.int64)
     labeled = torch.nonzero(labels != UNLABELED).flatten()
+    if size is None:
+        size = max(1, min(HOLDOUT_IMAGES, len(labeled) // 5))
     if size >= len(labeled):
         raise DataError(
             f"holdout_images: {size} would leave no training image (the train split has "

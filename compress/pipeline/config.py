@@ -18,7 +18,7 @@ from compress.core.fields import ADDED_LATER, check, check_choices, choice
 from compress.data.spec import DataConfig, MixConfig
 from compress.exporters.spec import ExportConfig
 from compress.pruning.spec import PruneSpec
-from compress.quantization.spec import QuantizeSpec
+from compress.quantization.spec import CALIBRATION_METHODS, QuantizeSpec
 from compress.training.spec import DistillSpec, LossConfig, TrainConfig
 
 
@@ -118,9 +118,14 @@ QUANT_MODES = ("qat", "ptq")
 class QuantizeConfig(QuantizeSpec):
     """The ``quantize`` stage: a :class:`QuantizeSpec` applied to the latest student, calibrated
     on ``calibration_images`` training images, then in ``qat`` mode fine-tuned against the
-    teacher. With ``max_drop``, ``holdout_images`` training images are set aside for the budget
-    (calibration and QAT never see them; the test split is never used)."""
+    teacher. With ``calibration: auto`` (the default) or ``max_drop``, ``holdout_images``
+    training images are set aside (calibration and QAT never see them; the test split is never
+    used): the best PTQ method and whether QAT beats it are decided on them, and the budget is
+    measured on them. Every candidate is recorded (``candidates``) with the one shipped."""
 
+    # how activation ranges are set: auto tries each method and keeps the best on the held-out
+    # images, where QAT must then beat it to be shipped
+    calibration: str = choice("auto", ("auto", *CALIBRATION_METHODS))
     # qat: calibrate, then fine-tune against the teacher; ptq: calibrate only
     mode: str = choice("qat", QUANT_MODES)
     # training images the activation ranges are calibrated on
@@ -133,7 +138,9 @@ class QuantizeConfig(QuantizeSpec):
     augment: MixConfig = field(default_factory=MixConfig)
     # the stage whose network teaches during QAT
     teacher: str = "teacher"
-    holdout_images: int = field(default=2000, metadata={ADDED_LATER: True})  # with max_drop only
+    # training images set aside to decide on (calibration auto, max_drop); null: a fifth of the
+    # labeled training images, at most 2,000
+    holdout_images: int | None = field(default=None, metadata={ADDED_LATER: True})
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,8 +153,8 @@ class QuantizeConfig(QuantizeSpec):
             "loss: expected at least one loss term, or null for the distill stage's loss",
         )
         check(
-            self.holdout_images > 0,
-            f"holdout_images: expected a positive integer, got {self.holdout_images}",
+            self.holdout_images is None or self.holdout_images > 0,
+            f"holdout_images: expected a positive integer or null, got {self.holdout_images}",
         )
 
 

@@ -43,8 +43,9 @@ def headline(artifact: Artifact) -> str:
             text += f" ({m['macs_reduction']:.2f}x fewer MACs, {m['top1_delta']:+.2f} pts)"
         if artifact.kind == "quantize":
             text += (
-                f" (INT8 {m['quantization']['mode']}, {m['top1_delta']:+.2f} pts vs FP32, PTQ "
-                f"{m['ptq_top1']:.2f}%{_budget_note(m)})"
+                f" (INT8 {m.get('shipped') or m['quantization']['mode']}, "
+                f"{m['top1_delta']:+.2f} pts vs FP32, PTQ {m['ptq_top1']:.2f}%{_qat_note(m)}"
+                f"{_budget_note(m)})"
             )
         return text
     if artifact.kind == "export":
@@ -55,6 +56,14 @@ def headline(artifact: Artifact) -> str:
         )
     if artifact.kind == "bench":
         return bench_headline(m)
+    return ""
+
+
+def _qat_note(m: dict) -> str:
+    """Says so when QAT ran and ended below the best PTQ network on the held-out images."""
+    trained = any(c["name"] == "qat" for c in m.get("candidates") or ())
+    if trained and m.get("shipped") != "qat":
+        return "; QAT not shipped: below the best PTQ on the held-out images"
     return ""
 
 

@@ -314,6 +314,19 @@ def prepare_quantized(
     return graph_module
 
 
+def clone(qmodel: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An independent copy of a fake-quantized network, with what :func:`prepare_quantized` and
+    calibration recorded on it (``quant_spec``, ``weight_range``, ...): ``copy.deepcopy`` of a
+    ``GraphModule`` rebuilds it from its graph and drops such attributes."""
+    import copy
+
+    twin = copy.deepcopy(qmodel)
+    for name, value in vars(qmodel).items():
+        if name not in vars(twin):
+            setattr(twin, name, copy.deepcopy(value))
+    return twin
+
+
 def with_float_layers(
     qmodel: fx.GraphModule,
     model: nn.Module,

@@ -39,8 +39,9 @@ class QuantizeSpec:
 
     # the runtime the INT8 graph is for: uint8 activations for onnxruntime-cpu, int8 for tensorrt
     target: str = choice("onnxruntime-cpu", QUANT_TARGETS)
-    # how activation ranges are set from the calibration images
-    calibration: str = choice("percentile", CALIBRATION_METHODS)
+    # how activation ranges are set from the calibration images; auto: each method, the best
+    # top-1 on the held-out images kept
+    calibration: str = choice("percentile", ("auto", *CALIBRATION_METHODS))
     # with calibration percentile: the share of values the range covers
     percentile: float = 99.99
     skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32

@@ -23,6 +23,7 @@ from compress.pipeline.stages.networks import (
     preprocess,
 )
 from compress.quantization.budget import AccuracyBudget
+from compress.quantization.fake_quant import clone
 from compress.training.loop import evaluate
 from compress.training.spec import DistillSpec
 from compress.training.teaching import frozen, history_dicts
@@ -66,10 +67,19 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
     fp32 = evaluate(student, test_loader, prep, ctx.device)
     batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
-    qmodel = api.quantize(student, batches, cfg, max_drop=None)  # the budget comes after QAT
+    candidates = api.calibration_candidates(student, batches, cfg, holdout or None)
+    qmodel = candidates[0].network.eval()  # the best on the held-out images
     ptq = evaluate(qmodel, test_loader, prep, ctx.device)
+    records = [
+        candidate_record(
+            f"ptq-{c.method}", c.network, c.holdout_top1, student, ctx, test_loader, prep
+        )
+        for c in candidates
+    ]
     history: list = []
+    shipped = f"ptq-{candidates[0].method}"
     if cfg.mode == "qat" and cfg.train.epochs > 0:
+        best_ptq = clone(qmodel)
         loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
         api.distill(
             qmodel,
@@ -81,6 +91,15 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             recalibrate_batchnorm=False,  # folded into the convolutions
             history=history,
         )
+        qmodel.eval()
+        qat_holdout = holdout_top1(qmodel, holdout) if holdout else None
+        records.append(
+            candidate_record("qat", qmodel, qat_holdout, student, ctx, test_loader, prep)
+        )
+        if qat_holdout is not None and qat_holdout < candidates[0].holdout_top1:
+            qmodel, history = best_ptq, []  # QAT ended below the best PTQ: not shipped
+        else:
+            shipped = "qat"
     qmodel.eval()
     budget = None
     if cfg.max_drop is not None:
@@ -91,7 +110,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             max_drop=cfg.max_drop,
             max_float_layers=cfg.max_float_layers,
             calibration_data=None if history else batches,  # after QAT its ranges are kept
-            calibration=cfg.calibration,
+            calibration=candidates[0].method,
             percentile=cfg.percentile,
         )
         budget = qmodel.accuracy_budget
@@ -107,7 +126,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "skip": list(cfg.skip),
             "weight_range": qmodel.weight_range,
             "untraced_float": list(qmodel.untraced),  # modules torch.fx kept whole: float
-            "calibration": cfg.calibration,
+            "calibration": candidates[0].method,
             "percentile": cfg.percentile,
             "calibration_images": cfg.calibration_images,
         }
@@ -123,6 +142,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         "params": params,
         "macs": macs,
         "history": history_dicts(history),
+        "candidates": records,
+        "shipped": shipped,
     }
     if budget is not None:
         metrics["accuracy_budget"] = budget.to_json()
@@ -131,12 +152,35 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     )
 
 
+def candidate_record(name, network, holdout, student, ctx, test_loader, prep) -> dict:
+    """One network the stage could ship: its held-out top-1 (what decides; None when nothing
+    was held out), its test top-1 and its top-1 agreement with the float student on the test
+    split (what it would deliver)."""
+    return {
+        "name": name,
+        "holdout_top1": holdout,
+        "test_top1": evaluate(network, test_loader, prep, ctx.device)["top1"],
+        "agreement_with_fp32": top1_agreement(network, student, test_loader, prep, ctx.device),
+    }
+
+
+@torch.no_grad()
+def holdout_top1(network: torch.nn.Module, holdout: list) -> float:
+    """Top-1 (%) on the held-out ``(inputs, labels)`` batches."""
+    correct = total = 0
+    for inputs, labels in holdout:
+        correct += int((network(inputs).argmax(1).cpu() == labels.cpu()).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
 def split_loaders(ctx: RunContext, cfg: QuantizeConfig, prep) -> tuple:
-    """``(train_loader, test_loader, holdout)``: with ``max_drop``, ``cfg.holdout_images``
+    """``(train_loader, test_loader, holdout)``: with ``max_drop`` or ``calibration: auto``,
+    ``cfg.holdout_images``
     training images (seeded, class-balanced) are set aside as ``(inputs, labels)`` batches,
     preprocessed without augmentation, and the train loader (calibration, QAT) no longer holds
     them; without it, the run's loaders and no holdout."""
-    if cfg.max_drop is None:
+    if cfg.max_drop is None and cfg.calibration != "auto":
         return (*ctx.loaders(), [])
     bundle, (images, labels) = split_holdout(ctx.data, cfg.holdout_images, ctx.recipe.seed)
     train_loader, test_loader = make_loaders(
@@ -156,7 +200,7 @@ def _budget_settings(cfg: QuantizeConfig, budget: AccuracyBudget | None) -> dict
         return {}
     return {
         "max_drop": cfg.max_drop,
-        "holdout_images": cfg.holdout_images,
+        "holdout_images": budget.holdout_images,
         "max_float_layers": cfg.max_float_layers,
         "float_layers": list(budget.float_layers),
     }
