@@ -307,10 +307,10 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
     assert qat["top1"] >= qat["ptq_top1"] - 1, qat
     best_ptq = max(c["holdout_top1"] for c in qat["candidates"] if c["name"] != "qat")
     trained = next(c for c in qat["candidates"] if c["name"] == "qat")
-    if qat["shipped"] == "qat":  # QAT at least as good as the best PTQ on the held-out images
-        assert len(qat["history"]) == 1 and trained["holdout_top1"] >= best_ptq
+    if qat["shipped"] == "qat":  # QAT better than the best PTQ on the held-out images
+        assert len(qat["history"]) == 1 and trained["holdout_top1"] > best_ptq
     else:
-        assert qat["history"] == [] and trained["holdout_top1"] < best_ptq
+        assert qat["history"] == [] and trained["holdout_top1"] <= best_ptq
     settings = dict(qat["quantization"])
     assert settings.pop("calibration") in ("minmax", "percentile", "mse")  # auto's choice
     assert settings == {
@@ -626,7 +626,7 @@ def test_the_stage_records_every_candidate_and_never_ships_qat_below_the_best_pt
     assert sorted(names) == ["ptq-minmax", "ptq-mse", "ptq-percentile", "qat"]
     ptq_best = max(c["holdout_top1"] for c in metrics["candidates"] if c["name"] != "qat")
     qat = next(c for c in metrics["candidates"] if c["name"] == "qat")
-    assert qat["holdout_top1"] < ptq_best  # the wrecked QAT
+    assert qat["holdout_top1"] <= ptq_best  # the wrecked QAT
     assert metrics["shipped"] == f"ptq-{metrics['quantization']['calibration']}"
     assert metrics["history"] == [] and metrics["top1"] == pytest.approx(metrics["ptq_top1"])
     for candidate in metrics["candidates"]:

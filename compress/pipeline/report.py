@@ -60,10 +60,10 @@ def headline(artifact: Artifact) -> str:
 
 
 def _qat_note(m: dict) -> str:
-    """Says so when QAT ran and ended below the best PTQ network on the held-out images."""
+    """Says so when QAT ran and did not beat the best PTQ network on the held-out images."""
     trained = any(c["name"] == "qat" for c in m.get("candidates") or ())
     if trained and m.get("shipped") != "qat":
-        return "; QAT not shipped: below the best PTQ on the held-out images"
+        return "; QAT not shipped: no better than the best PTQ on the held-out images"
     return ""
 
 

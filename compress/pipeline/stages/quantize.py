@@ -96,8 +96,9 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         records.append(
             candidate_record("qat", qmodel, qat_holdout, student, ctx, test_loader, prep)
         )
-        if qat_holdout is not None and qat_holdout < candidates[0].holdout_top1:
-            qmodel, history = best_ptq, []  # QAT ended below the best PTQ: not shipped
+        if qat_holdout is not None and qat_holdout <= candidates[0].holdout_top1:
+            # QAT did not beat the best PTQ network, which stays closer to the float student
+            qmodel, history = best_ptq, []
         else:
             shipped = "qat"
     qmodel.eval()
