@@ -25,7 +25,6 @@ returns the network, so calls chain.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,6 @@ import torch
 from torch import nn
 
 from compress.benchmark.spec import BenchConfig
-from compress.core.fileio import write_json_atomic
 from compress.core.records import PruneStep, QuantSpec
 from compress.data.spec import MixConfig
 from compress.errors import StageError
@@ -246,7 +244,12 @@ def prune(
     for step, goal in enumerate(goals, start=1):
         latency = None
         if spec.target.active:
-            latency = _latency_cut(pruner, goal, step, resume).to_json()
+            cut = (
+                pruner.cut(goal)
+                if resume is None
+                else pruner.recorded_cut(goal, resume[0] / f"latency-cut-{step}.json", resume[1])
+            )
+            latency = cut.to_json()
             if step == len(goals):
                 pruner.judge = None  # what it holds (fine-tuning batches) is not needed any more
         else:
@@ -288,25 +291,6 @@ def _step_line(step, steps, macs_before, macs, top1_pruned, top1_recalibrated) -
             line += f", {top1_recalibrated:.2f}% with BatchNorm recalibrated"
         line += " before fine-tuning"
     return line
-
-
-def _latency_cut(pruner, goal_ms: float, step: int, resume: tuple[Path, str] | None):
-    """Step ``step``'s cut toward ``goal_ms``; with ``resume``, recorded in its folder, and a
-    record of the same key replayed instead of planning and measuring again."""
-    if resume is None:
-        return pruner.cut(goal_ms)
-    folder, key = resume
-    path = folder / f"latency-cut-{step}.json"
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        record = None  # unreadable: cut again
-    if isinstance(record, dict) and record.get("key") == key and "cut" in record:
-        return pruner.replay(record["cut"])
-    cut = pruner.cut(goal_ms)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"key": key, "cut": cut.to_json()})
-    return cut
 
 
 def quantize(
@@ -407,22 +391,18 @@ def calibration_candidates(
         )
         calibrate(qmodel, batches, method=method, percentile=spec.percentile)
         qmodel.calibration_method = method
-        top1 = _top1(qmodel.eval(), held) if held else None
+        top1 = holdout_top1(qmodel, held) if held else None
         candidates.append(CalibrationCandidate(method, qmodel, top1))
     order = {method: index for index, method in enumerate(methods)}
     return sorted(candidates, key=lambda c: (-(c.holdout_top1 or 0.0), order[c.method]))
 
 
-@torch.no_grad()
-def _top1(model: nn.Module, batches: list) -> float:
-    """Top-1 (%) of ``model`` on ``(inputs, labels)`` batches."""
-    device = _device_of(model)
-    correct = total = 0
-    for inputs, labels, *_ in batches:
-        predicted = model(inputs.to(device)).argmax(1).cpu()
-        correct += int((predicted == labels.cpu()).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
+def holdout_top1(network: nn.Module, holdout: Iterable) -> float:
+    """Top-1 (%) of ``network`` on ``(inputs, labels)`` batches already prepared as it takes
+    them (held-out images: what PTQ and QAT candidates are judged on)."""
+    from compress.training.loop import evaluate
+
+    return evaluate(network, holdout, LoopSettings().inputs, _device_of(network))["top1"]
 
 
 def keep_float(

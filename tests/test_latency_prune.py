@@ -355,6 +355,25 @@ def test_latency_pruner_meets_the_goal_by_measurement(fake_runtime, precision, t
     assert any("measured" in line for line in lines)
 
 
+def test_a_recipe_resolves_the_latency_backend_and_precision_once_when_it_is_read():
+    from compress.pipeline.recipe.load import recipe_from_dict
+
+    def target(stages):
+        recipe = recipe_from_dict({"name": "r", "stages": stages})
+        return next(s.config.target for s in recipe.stages if s.kind == "prune")
+
+    prune = {"prune": {"target": {"latency_speedup": 1.5}}}
+    alone = target(["teacher", "distill", prune])
+    assert (alone.backend, alone.precision) == ("onnxruntime", "fp32")
+    quantized = target(["teacher", "distill", prune, "quantize", "export", "bench"])
+    assert (quantized.backend, quantized.precision) == ("onnxruntime", "int8")
+    bench = {"bench": {"backends": ["openvino"]}}  # its first backend cannot time single layers
+    with pytest.raises(
+        RecipeError, match=r"^stages\[2\]\.prune\.target\.backend: 'openvino' cannot"
+    ):
+        target(["teacher", "distill", prune, "quantize", "export", bench])
+
+
 def test_latency_target_config_errors_name_the_field():
     with pytest.raises(RecipeError, match="latency_speedup: expected a ratio > 1"):
         LatencyTarget(latency_speedup=0.5)

@@ -36,6 +36,14 @@ def choices_of(f: dataclasses.Field) -> tuple | None:
     return tuple(options() if callable(options) else options)
 
 
+def default_of(f: dataclasses.Field) -> Any:
+    """Field ``f``'s default value (a fresh one from its factory); ``dataclasses.MISSING`` when
+    the field is required."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise RecipeError(message)

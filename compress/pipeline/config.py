@@ -18,7 +18,7 @@ from compress.core.fields import ADDED_LATER, check, check_choices, choice
 from compress.data.spec import DataConfig, MixConfig
 from compress.exporters.spec import ExportConfig
 from compress.pruning.spec import PruneSpec
-from compress.quantization.spec import CALIBRATION_METHODS, QuantizeSpec
+from compress.quantization.spec import CALIBRATIONS, QuantizeSpec
 from compress.training.spec import DistillSpec, LossConfig, TrainConfig
 
 
@@ -125,7 +125,7 @@ class QuantizeConfig(QuantizeSpec):
 
     # how activation ranges are set: auto tries each method and keeps the best on the held-out
     # images, where QAT must then beat it to be shipped
-    calibration: str = choice("auto", ("auto", *CALIBRATION_METHODS))
+    calibration: str = choice("auto", CALIBRATIONS)
     # qat: calibrate, then fine-tune against the teacher; ptq: calibrate only
     mode: str = choice("qat", QUANT_MODES)
     # training images the activation ranges are calibrated on

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.core.fileio import write_json_atomic
 from compress.errors import StageError
 from compress.pruning.channels import ChannelGroup, ChannelPruner, GradientFn
 from compress.pruning.latency_table import LatencyTable, LayerSite, cached_table, layer_sites
@@ -485,6 +487,21 @@ class LatencyPruner:
             for plan in plans
         }
         return [_with_measurement(plan, measured) for plan in plans]
+
+    def recorded_cut(self, goal_ms: float, path: Path, key: str) -> LatencyCut:
+        """:meth:`cut` toward ``goal_ms``, its record written to ``path`` under ``key``; a
+        readable record of the same key there is replayed instead (:meth:`replay`), so a resumed
+        run gets the network its fine-tuning checkpoints belong to."""
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            record = None  # unreadable: cut again
+        if isinstance(record, dict) and record.get("key") == key and "cut" in record:
+            return self.replay(record["cut"])
+        cut = self.cut(goal_ms)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"key": key, "cut": cut.to_json()})
+        return cut
 
     def replay(self, record: dict) -> LatencyCut:
         """Cut again what a recorded cut (:meth:`LatencyCut.to_json`) cut, without planning or

@@ -10,6 +10,8 @@ QUANT_TARGETS = ("onnxruntime-cpu", "tensorrt")
 
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+# what `calibration` may name: a method, or auto (each method, the best on held-out images)
+CALIBRATIONS = ("auto", *CALIBRATION_METHODS)
 
 
 def weight_range_names() -> tuple[str, ...]:
@@ -41,7 +43,7 @@ class QuantizeSpec:
     target: str = choice("onnxruntime-cpu", QUANT_TARGETS)
     # how activation ranges are set from the calibration images; auto: each method, the best
     # top-1 on the held-out images kept
-    calibration: str = choice("percentile", ("auto", *CALIBRATION_METHODS))
+    calibration: str = choice("percentile", CALIBRATIONS)
     # with calibration percentile: the share of values the range covers
     percentile: float = 99.99
     skip: tuple[str, ...] = ()  # module names or fnmatch patterns whose weights stay FP32

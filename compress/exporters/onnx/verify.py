@@ -190,12 +190,12 @@ def compare_logits(
         "tolerance": tolerance,
         "relative": relative,
         "min_agreement": min_agreement,
-    } | decisive_agreement(ours, theirs)
+    } | decisive_agreement(ours, theirs, diff)
     _raise_if_out_of_bounds(result, Path(path))
     return result
 
 
-def decisive_agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
+def decisive_agreement(ours: np.ndarray, theirs: np.ndarray, diff: np.ndarray) -> dict:
     """Top-1 agreement on the images whose class the measured difference cannot flip.
 
     A file whose logits differ from the reference's by at most d on an image can change its
@@ -214,7 +214,7 @@ def decisive_agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
         ``"near_tie_margin"`` (the margin below which an image is a near tie),
         ``"near_tie_flips"}``.
     """
-    per_image = np.abs(ours - theirs).max(axis=1)
+    per_image = diff.max(axis=1)  # diff: |ours - theirs|, as compare_logits has it
     typical = float(np.quantile(per_image, NEAR_TIE_QUANTILE)) if len(per_image) else 0.0
     near_tie = min(2 * typical, NEAR_TIE_CAP * float(np.abs(theirs).max(initial=0.0)))
     best_two = np.sort(theirs, axis=1)[:, -2:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from compress.benchmark.backend_table import BACKENDS, DEFAULT_LATENCY_BACKEND
+from compress.benchmark.backend_table import DEFAULT_LATENCY_BACKEND
 from compress.errors import RecipeError
 from compress.pipeline.config import StageSpec
 
@@ -27,17 +27,17 @@ def resolve_latency_targets(stages: tuple[StageSpec, ...]) -> tuple[StageSpec, .
         target = getattr(spec.config, "target", None)
         if spec.kind == "prune" and target is not None and target.active:
             backend = target.backend or (bench.backends[0] if bench else DEFAULT_LATENCY_BACKEND)
-            if BACKENDS.get(backend).table_entry is None:
-                raise RecipeError(
-                    f"stages[{index}].{spec.name}.target.backend: {backend!r} (the bench stage's "
-                    "first backend) cannot time single layers; name an ONNX Runtime backend "
-                    "(e.g. onnxruntime)"
-                )
             precision = target.precision
             if precision == "auto":
                 later = {s.kind for s in stages[index + 1 :]}
                 precision = "int8" if "quantize" in later else "fp32"
-            target = dataclasses.replace(target, backend=backend, precision=precision)
+            try:  # LatencyTarget checks the backend it is given now
+                target = dataclasses.replace(target, backend=backend, precision=precision)
+            except RecipeError as exc:
+                raise RecipeError(
+                    f"stages[{index}].{spec.name}.target.{exc} (the default: the bench stage's "
+                    "first backend)"
+                ) from None
             spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, target=target))
         resolved.append(spec)
     return tuple(resolved)

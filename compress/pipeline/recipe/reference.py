@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from compress.core.fields import choices_of
+from compress.core.fields import choices_of, default_of
 from compress.data.spec import DataConfig, MixConfig, SubsetConfig, UnlabeledConfig
 from compress.pipeline.config import STAGE_KINDS, GatesConfig, Recipe, StudentConfig, TeacherConfig
 from compress.pipeline.recipe.schema import field_docs, summary
@@ -127,11 +127,8 @@ def _type_name(hint: Any) -> str:
 
 
 def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
+    value = default_of(f)
+    if value is dataclasses.MISSING:
         return "required"
     if dataclasses.is_dataclass(value):
         return "see its section"

@@ -23,7 +23,7 @@ import typing
 from functools import cache
 from typing import Any
 
-from compress.core.fields import choices_of
+from compress.core.fields import choices_of, default_of
 from compress.pipeline.config import STAGE_KINDS, DistillConfig, Recipe
 from compress.training.loss_params import LOSSES
 
@@ -163,12 +163,9 @@ def _loss_term(name: str) -> dict:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return dataclasses.MISSING
+    value = default_of(f)
+    if value is dataclasses.MISSING:
+        return value
     if dataclasses.is_dataclass(value) or (
         isinstance(value, tuple) and any(dataclasses.is_dataclass(v) for v in value)
     ):

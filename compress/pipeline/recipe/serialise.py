@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from compress.core.fields import ADDED_LATER
+from compress.core.fields import ADDED_LATER, default_of
 from compress.pipeline.config import Recipe
 from compress.training.spec import LossConfig
 
@@ -46,5 +46,5 @@ def _unchanged_addition(f: dataclasses.Field, value: Any) -> bool:
     upgrade does not rerun them."""
     if not f.metadata.get(ADDED_LATER):
         return False
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = default_of(f)
     return value == default

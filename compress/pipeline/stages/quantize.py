@@ -68,14 +68,13 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     fp32 = evaluate(student, test_loader, prep, ctx.device)
     batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
     candidates = api.calibration_candidates(student, batches, cfg, holdout or None)
-    qmodel = candidates[0].network.eval()  # the best on the held-out images
-    ptq = evaluate(qmodel, test_loader, prep, ctx.device)
+    results = [measure(c.network, student, ctx, test_loader, prep) for c in candidates]
     records = [
-        candidate_record(
-            f"ptq-{c.method}", c.network, c.holdout_top1, student, ctx, test_loader, prep
-        )
-        for c in candidates
+        candidate_record(f"ptq-{c.method}", c.holdout_top1, result)
+        for c, result in zip(candidates, results, strict=True)
     ]
+    qmodel = candidates[0].network.eval()  # the best on the held-out images
+    ptq = test = results[0]
     history: list = []
     shipped = f"ptq-{candidates[0].method}"
     if cfg.mode == "qat" and cfg.train.epochs > 0:
@@ -92,16 +91,14 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             history=history,
         )
         qmodel.eval()
-        qat_holdout = holdout_top1(qmodel, holdout) if holdout else None
-        records.append(
-            candidate_record("qat", qmodel, qat_holdout, student, ctx, test_loader, prep)
-        )
+        qat_holdout = api.holdout_top1(qmodel, holdout) if holdout else None
+        qat = measure(qmodel, student, ctx, test_loader, prep)
+        records.append(candidate_record("qat", qat_holdout, qat))
         if qat_holdout is not None and qat_holdout <= candidates[0].holdout_top1:
             # QAT did not beat the best PTQ network, which stays closer to the float student
             qmodel, history = best_ptq, []
         else:
-            shipped = "qat"
-    qmodel.eval()
+            shipped, test = "qat", qat
     budget = None
     if cfg.max_drop is not None:
         qmodel = api.keep_float(
@@ -115,8 +112,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             percentile=cfg.percentile,
         )
         budget = qmodel.accuracy_budget
-    changed = bool(history) or (budget is not None and bool(budget.float_layers))
-    test = evaluate(qmodel, test_loader, prep, ctx.device) if changed else ptq
+        if budget.float_layers:
+            test = measure(qmodel, student, ctx, test_loader, prep)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
     network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
@@ -137,7 +134,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         "ptq_top1": ptq["top1"],
         "top1": test["top1"],
         "top1_delta": test["top1"] - fp32["top1"],
-        "agreement_with_fp32": top1_agreement(qmodel, student, test_loader, prep, ctx.device),
+        "agreement_with_fp32": test["agreement"],
         "test_loss": test["loss"],
         "test_samples": test["samples"],
         "params": params,
@@ -153,26 +150,22 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     )
 
 
-def candidate_record(name, network, holdout, student, ctx, test_loader, prep) -> dict:
+def measure(network, student, ctx: RunContext, test_loader, prep) -> dict:
+    """``network``'s test top-1, loss and samples (:func:`evaluate`), and its top-1 agreement
+    with the float student on the test split: what it would deliver if shipped."""
+    test = evaluate(network, test_loader, prep, ctx.device)
+    return test | {"agreement": top1_agreement(network, student, test_loader, prep, ctx.device)}
+
+
+def candidate_record(name: str, holdout: float | None, result: dict) -> dict:
     """One network the stage could ship: its held-out top-1 (what decides; None when nothing
-    was held out), its test top-1 and its top-1 agreement with the float student on the test
-    split (what it would deliver)."""
+    was held out) and what :func:`measure` found on the test split."""
     return {
         "name": name,
         "holdout_top1": holdout,
-        "test_top1": evaluate(network, test_loader, prep, ctx.device)["top1"],
-        "agreement_with_fp32": top1_agreement(network, student, test_loader, prep, ctx.device),
+        "test_top1": result["top1"],
+        "agreement_with_fp32": result["agreement"],
     }
-
-
-@torch.no_grad()
-def holdout_top1(network: torch.nn.Module, holdout: list) -> float:
-    """Top-1 (%) on the held-out ``(inputs, labels)`` batches."""
-    correct = total = 0
-    for inputs, labels in holdout:
-        correct += int((network(inputs).argmax(1).cpu() == labels.cpu()).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
 
 
 def split_loaders(ctx: RunContext, cfg: QuantizeConfig, prep) -> tuple:
