@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import tempfile
 import time
@@ -33,6 +32,7 @@ from compress.benchmark.rows import BenchResult
 from compress.benchmark.spec import BenchConfig
 from compress.core.fileio import write_json_atomic
 from compress.core.machine import machine_info, versions
+from compress.core.records import StageRecord
 from compress.data.loaders import test_arrays
 from compress.exporters.network import export_network
 from compress.pipeline.artifacts import Artifact
@@ -113,13 +113,16 @@ def main() -> None:
 
 
 def completed_stages(run_dir: Path) -> dict[str, Artifact]:
-    """Every finished stage of the run, oldest first."""
+    """Every finished stage of the run, oldest first, with the network it holds."""
     artifacts = {}
     for path in sorted(run_dir.glob("*/stage.json"), key=lambda p: p.stat().st_mtime):
-        record = json.loads(path.read_text())
-        files = {key: run_dir / entry["path"] for key, entry in record.get("files", {}).items()}
-        artifacts[record["stage"]] = Artifact(
-            record["stage"], files=files, metrics=record.get("metrics", {}), role=record.get("role")
+        record = StageRecord.read(path.parent)
+        artifacts[record.stage] = Artifact(
+            record.stage,
+            files={key: record.path(key) for key in record.files},
+            metrics=record.metrics,
+            role=record.role,
+            network=record.network,
         )
     return artifacts
 

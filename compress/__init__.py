@@ -1,6 +1,7 @@
 """compress: teacher -> distilled, pruned, quantized student -> ONNX -> measured, from one YAML
 recipe (:func:`run`) or from Python on any ``nn.Module`` (:func:`distill`, :func:`prune`,
-:func:`quantize`, :func:`keep_float`, :func:`export`, :func:`bench`).
+:func:`quantize`, :func:`keep_float`, :func:`float_where_slower`, :func:`export`,
+:func:`bench`).
 
 The public API is imported lazily so that light entry points (the CLI's ``--help``, the bench
 worker process whose memory we measure) do not pay for importing torch.
@@ -18,6 +19,7 @@ _PUBLIC = {
     "prune": "compress.api",
     "quantize": "compress.api",
     "keep_float": "compress.api",
+    "float_where_slower": "compress.api",
     "export": "compress.api",
     "bench": "compress.api",
     "loss": "compress.api",

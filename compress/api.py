@@ -7,8 +7,9 @@ no recipe, run folder or stage involved.
     student = compress.prune(student, example_inputs, compress.PruneSpec(speedup=2.0),
                              finetune=lambda m, step: ...)
     qmodel = compress.quantize(student, calibration_batches)
-    qmodel = compress.distill(qmodel, teacher, train_loader,
-                              epochs=2, lr=1e-3)    # QAT is distillation of the INT8 graph
+    qmodel = compress.distill(qmodel, student, train_loader,
+                              epochs=2, lr=1e-3)    # QAT: the INT8 graph distilled from its
+                                                    # float self (or from the teacher)
     qmodel = compress.keep_float(qmodel, student, holdout_loader,
                                  max_drop=0.5)      # float layers until within 0.5 points
     record = compress.export(qmodel, "student.onnx",
@@ -25,6 +26,7 @@ returns the network, so calls chain.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -342,8 +344,15 @@ def quantize(
     candidates = calibration_candidates(model, batches, spec, holdout)
     qmodel = candidates[0].network.eval()
     qmodel.calibration_candidates = [c.to_json() for c in candidates]
-    if spec.max_drop is None:
-        return qmodel
+    if spec.max_drop is not None:
+        qmodel = _within_budget(qmodel, model, batches, holdout, spec, candidates[0].method)
+    if spec.float_where_slower:
+        qmodel = float_where_slower(qmodel, model, batches[0], batch_size=spec.speed_batch_size)
+    return qmodel
+
+
+def _within_budget(qmodel, model, batches, holdout, spec: QuantizeSpec, method: str) -> nn.Module:
+    """:func:`keep_float` after PTQ: each candidate calibrated again with ``method``."""
     return keep_float(
         qmodel,
         model,
@@ -351,7 +360,7 @@ def quantize(
         max_drop=spec.max_drop,
         max_float_layers=spec.max_float_layers,
         calibration_data=batches,
-        calibration=candidates[0].method,
+        calibration=method,
         percentile=spec.percentile,
     )
 
@@ -469,6 +478,122 @@ def keep_float(
     )
     network.accuracy_budget = record
     return network
+
+
+def float_where_slower(
+    qmodel: nn.Module,
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    backend: str = "onnxruntime",
+    batch_size: int = 1,
+    threads: int = 1,
+    processes: int = 3,
+) -> nn.Module:
+    """Leave in float the layers of the INT8 ``qmodel`` that run slower in INT8 on ``backend``.
+
+    Each INT8 convolution is timed alone as an integer kernel and in float between INT8 layers
+    (its transitions included); the layers faster in float are put back in float together, the
+    whole network is exported both ways and measured in ``processes`` interleaved fresh
+    processes, and the mixed network is returned only if it is measured faster (rules and
+    thresholds: :mod:`compress.quantization.speed`). Float layers keep ``qmodel``'s weights and
+    activation ranges (nothing is calibrated again), so accuracy can only move toward the
+    float network.
+
+    Args:
+        qmodel: from :func:`quantize` of ``model`` (calibrated, perhaps fine-tuned).
+        model: the float network.
+        example_inputs: a batch shaped like the real input.
+        backend: a bench backend that times single layers (``compress list backends``).
+        batch_size: the batch the latency is judged at.
+        threads: the runtime's threads.
+        processes: fresh processes per network for the whole-network measurement.
+
+    Returns:
+        ``qmodel`` or the mixed network; either way its ``float_where_slower`` attribute is the
+        :class:`~compress.quantization.speed.FloatWhereSlower` record.
+    """
+    from compress.benchmark.backend_table import BACKENDS
+    from compress.pruning.latency import interleaved_p50
+    from compress.pruning.latency_table import FLOAT_IN_INT8, layer_sites, measure_tables
+    from compress.quantization.fake_quant import quantized_layers, with_float_layers
+    from compress.quantization.speed import (
+        FloatWhereSlower,
+        LayerSpeed,
+        faster_in_float,
+        keep_mixed,
+    )
+
+    runtime = BACKENDS.get(backend)
+    inputs = example_inputs[:1].cpu()
+    integer = set(quantized_layers(qmodel))
+    sites = [
+        site
+        for site in layer_sites(model.eval(), inputs.to(_device_of(model)))
+        if site.kind == "conv" and site.name in integer
+    ]
+    cells = {site.name: {(site.in_channels, site.out_channels)} for site in sites}
+    int8, floated = measure_tables(
+        sites,
+        cells,
+        runtime,
+        batch_size=batch_size,
+        threads=threads,
+        precisions=("int8", FLOAT_IN_INT8),
+    )
+    layers = [
+        LayerSpeed(
+            site.name,
+            int8.cells[(site.name, site.in_channels, site.out_channels)],
+            floated.cells[(site.name, site.in_channels, site.out_channels)],
+        )
+        for site in sites
+    ]
+    record = FloatWhereSlower(backend, batch_size, threads, tuple(layers), faster_in_float(layers))
+    result = qmodel
+    if record.float_layers:
+        mixed = with_float_layers(
+            qmodel,
+            model,
+            [*qmodel.quant_spec.skip, *record.float_layers],
+            example_inputs=example_inputs,
+        )
+        with tempfile.TemporaryDirectory(prefix="compress-float-where-slower-") as folder:
+            paths = [
+                _export_for_timing(network, Path(folder) / f"{name}.onnx", inputs)
+                for name, network in (("int8", qmodel), ("mixed", mixed))
+            ]
+            int8_ms, mixed_ms = interleaved_p50(runtime, paths, batch_size, threads, processes)
+        kept = keep_mixed(int8_ms, mixed_ms)
+        record = dataclasses.replace(
+            record, int8_ms=tuple(int8_ms), mixed_ms=tuple(mixed_ms), kept=kept
+        )
+        if kept:
+            for name in ("calibration_method", "calibration_candidates", "accuracy_budget"):
+                if hasattr(qmodel, name):
+                    setattr(mixed, name, getattr(qmodel, name))
+            result = mixed
+    result.float_where_slower = record
+    return result
+
+
+def _export_for_timing(network: nn.Module, path: Path, inputs: torch.Tensor) -> Path:
+    """``network`` as its deployed ONNX file (QDQ for a quantized one), checked on one input."""
+    from compress.exporters.network import export_network
+    from compress.quantization.fake_quant import clone
+
+    export_network(
+        clone(network).cpu().eval(),
+        path,
+        ExportConfig(),
+        inputs.numpy(),
+        {},
+        getattr(network, "quant_spec", None),
+        image_size=inputs.shape[-1],
+        in_channels=inputs.shape[1],
+        warn=False,
+    )
+    return path
 
 
 def export(

@@ -149,3 +149,20 @@ def optimized_nodes(path: Path, level: str) -> list:
     options.log_severity_level = 3  # the NCHWc warning of ORT_ENABLE_ALL
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return list(onnx.load(optimized).graph.node)
+
+
+def register_fake_backend(monkeypatch, name: str, entry: str, table_entry: str):
+    """A fake runtime registered as a bench backend for one test: whole networks measured by
+    ``entry``, one-layer cells by ``table_entry`` (``"test_module:function"``)."""
+    from compress.benchmark.backend_table import BACKENDS, Backend
+
+    backend = Backend(
+        name=name,
+        description="fake runtime (tests)",
+        device="cpu",
+        artifact="onnx",
+        entry=entry,
+        table_entry=table_entry,
+    )
+    monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
+    return backend

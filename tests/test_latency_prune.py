@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import register_fake_backend
 from onnx import shape_inference
 
 from compress.benchmark.backend_table import BACKENDS, Backend
@@ -111,16 +112,9 @@ def registered_fake(
 ) -> Backend:
     """A fake runtime registered as a bench backend for one test: whole networks measured by
     ``measure``, layer cells by ``cells`` (functions of this module)."""
-    backend = Backend(
-        name=name,
-        description="fake runtime (tests)",
-        device="cpu",
-        artifact="onnx",
-        entry=f"test_latency_prune:{measure}",
-        table_entry=f"test_latency_prune:{cells}",
+    return register_fake_backend(
+        monkeypatch, name, f"test_latency_prune:{measure}", f"test_latency_prune:{cells}"
     )
-    monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
-    return backend
 
 
 @pytest.fixture

@@ -44,9 +44,13 @@ class StageInputs:
         assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def run_then_rebuild(tmp_path, teacher_weights: str, name: str, stages: list) -> StageInputs:
+def run_then_rebuild(
+    tmp_path, teacher_weights: str, name: str, stages: list, self_taught: bool = False
+) -> StageInputs:
     """Run DIGITS_BASE with ``stages`` (a teacher from ``teacher_weights``, a ResNet-8 student),
-    then rebuild the inputs of its last stage; a student from an earlier stage is reloaded."""
+    then rebuild the inputs of its last stage; a student from an earlier stage is reloaded.
+    ``self_taught``: the last stage's teacher is the student itself (QAT's default), built
+    nowhere."""
     raw = copy.deepcopy(DIGITS_BASE) | {"name": name, "stages": stages}
     raw["data"] = raw["data"] | {"augment": True}  # the stage's on-device crop and flip too
     raw["teacher"] = {"model": "cifar:resnet20", "checkpoint": teacher_weights}
@@ -73,7 +77,9 @@ def run_then_rebuild(tmp_path, teacher_weights: str, name: str, stages: list) ->
         student = network("cifar:resnet8")
     else:  # prune, quantize: the earlier stage's student is reloaded, then the teacher
         student = network("cifar:resnet8", artifacts[-2].files["model"])
-        teacher = network("cifar:resnet20", teacher_weights)
+        teacher = (
+            copy.deepcopy(student) if self_taught else network("cifar:resnet20", teacher_weights)
+        )
     train, test = make_loaders(data, recipe.data, seed=recipe.seed)
     return StageInputs(
         recipe,
@@ -137,7 +143,7 @@ def test_the_quantize_stage_calibrates_and_trains_what_the_library_does(tmp_path
         "train": {"epochs": 1},
     }
     stages = ["teacher", {"distill": DISTILL}, {"quantize": quantize}]
-    run = run_then_rebuild(tmp_path, digits_teacher, "one_path_qat", stages)
+    run = run_then_rebuild(tmp_path, digits_teacher, "one_path_qat", stages, self_taught=True)
     spec = run.recipe.stages[2].config
     calibration, seen = [], 0
     for batch, _ in run.train:  # the first calibration_images training images, as the stage
@@ -149,5 +155,6 @@ def test_the_quantize_stage_calibrates_and_trains_what_the_library_does(tmp_path
     tuning = DistillSpec(
         loss=run.recipe.stages[1].config.loss, train=spec.train, augment=spec.augment
     )
+    # the stage's default QAT teacher is "self": the float student the INT8 network came from
     compress.distill(qmodel, run.teacher, run.train, tuning, test_loader=run.test, loop=run.loop)
     run.assert_same_weights(qmodel)

@@ -631,3 +631,47 @@ def test_the_stage_records_every_candidate_and_never_ships_qat_below_the_best_pt
     assert metrics["history"] == [] and metrics["top1"] == pytest.approx(metrics["ptq_top1"])
     for candidate in metrics["candidates"]:
         assert 0 <= candidate["agreement_with_fp32"] <= 1 and candidate["test_top1"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "best_ptq", "float_holdout", "expected"),
+    [
+        ({"mode": "qat"}, 90.0, 90.0, True),  # asked for
+        ({"mode": "qat", "train": {"epochs": 0}}, 80.0, 90.0, False),  # no epochs: nothing to run
+        ({"mode": "ptq"}, 80.0, 90.0, False),  # no budget: PTQ as asked
+        ({"mode": "ptq", "max_drop": 0.5}, 89.6, 90.0, False),  # PTQ within the budget
+        ({"mode": "ptq", "max_drop": 0.5}, 89.0, 90.0, True),  # PTQ misses it: QAT first
+    ],
+)
+def test_qat_runs_when_asked_or_when_ptq_misses_the_budget(
+    monkeypatch, settings, best_ptq, float_holdout, expected
+):
+    from compress import api
+    from compress.pipeline.recipe.load import recipe_from_dict
+    from compress.pipeline.stages.quantize import wants_qat
+
+    raw = {"name": "t", "stages": ["teacher", "distill", {"quantize": settings}]}
+    cfg = recipe_from_dict(raw, source="t.yaml").stages[2].config
+    monkeypatch.setattr(api, "holdout_top1", lambda network, holdout: float_holdout)
+    assert wants_qat(cfg, best_ptq, nn.Identity(), [(torch.zeros(1), torch.zeros(1))]) is expected
+
+
+def test_qat_is_taught_by_the_float_student_unless_a_stage_is_named(tmp_path):
+    from compress.errors import RecipeError
+    from compress.pipeline.recipe.load import recipe_from_dict
+
+    stages = ["teacher", "distill", "quantize"]
+    assert (
+        recipe_from_dict({"name": "t", "stages": stages}, source="t.yaml").stages[2].config.teacher
+        == "self"
+    )
+    named = ["teacher", "distill", {"quantize": {"teacher": "teacher"}}]
+    assert (
+        recipe_from_dict({"name": "t", "stages": named}, source="t.yaml").stages[2].config.teacher
+        == "teacher"
+    )
+    # "self" names the student only where a stage quantizes it
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.distill\.teacher: expected an earlier"):
+        recipe_from_dict(
+            {"name": "t", "stages": ["teacher", {"distill": {"teacher": "self"}}]}, source="t.yaml"
+        )

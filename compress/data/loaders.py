@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from compress.core import distributed
 from compress.data.common import _take, balanced_subset
@@ -96,8 +96,13 @@ def test_arrays(bundle: DatasetBundle, limit: int | None = None) -> tuple[np.nda
     Returns:
         ``(images, labels)``: uint8 NCHW and int64, unnormalised (apply mean/std yourself).
     """
-    count = len(bundle.test) if limit is None else min(limit, len(bundle.test))
-    images, labels = _take(bundle.test, range(count))
+    return split_arrays(bundle.test, limit)
+
+
+def split_arrays(split: Dataset, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``limit`` items of a split (all with None) as ``(uint8 NCHW, int64)`` arrays."""
+    count = len(split) if limit is None else min(limit, len(split))
+    images, labels = _take(split, range(count))
     return images.numpy(), labels.numpy()
 
 

@@ -112,21 +112,26 @@ class PruneConfig(PruneSpec):
 
 
 QUANT_MODES = ("qat", "ptq")
+# the quantize stage's teacher value naming the float student it quantizes (QAT then distils the
+# INT8 network from its own float version, as quantization-aware distillation does)
+SELF_TEACHER = "self"
 
 
 @dataclass(frozen=True)
 class QuantizeConfig(QuantizeSpec):
     """The ``quantize`` stage: a :class:`QuantizeSpec` applied to the latest student, calibrated
-    on ``calibration_images`` training images, then in ``qat`` mode fine-tuned against the
-    teacher. With ``calibration: auto`` (the default) or ``max_drop``, ``holdout_images``
-    training images are set aside (calibration and QAT never see them; the test split is never
-    used): the best PTQ method and whether QAT beats it are decided on them, and the budget is
-    measured on them. Every candidate is recorded (``candidates``) with the one shipped."""
+    on ``calibration_images`` training images, then in ``qat`` mode (or when PTQ misses
+    ``max_drop``) fine-tuned against ``teacher`` (by default its own float version). With
+    ``calibration: auto`` (the default) or ``max_drop``, ``holdout_images`` training images are
+    set aside (calibration and QAT never see them; the test split is never used): the best PTQ
+    method and whether QAT beats it are decided on them, and the budget is measured on them.
+    Every candidate is recorded (``candidates``) with the one shipped."""
 
     # how activation ranges are set: auto tries each method and keeps the best on the held-out
     # images, where QAT must then beat it to be shipped
     calibration: str = choice("auto", CALIBRATIONS)
-    # qat: calibrate, then fine-tune against the teacher; ptq: calibrate only
+    # qat: calibrate, then fine-tune against `teacher`; ptq: calibrate only (and fine-tune only
+    # when the best PTQ network misses max_drop on the held-out images)
     mode: str = choice("qat", QUANT_MODES)
     # training images the activation ranges are calibrated on
     calibration_images: int = 512
@@ -136,8 +141,9 @@ class QuantizeConfig(QuantizeSpec):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
     # batch mixing during QAT
     augment: MixConfig = field(default_factory=MixConfig)
-    # the stage whose network teaches during QAT
-    teacher: str = "teacher"
+    # who teaches during QAT: self (the float student being quantized: the INT8 network learns
+    # to compute what its float version computes) or an earlier stage's name
+    teacher: str = SELF_TEACHER
     # training images set aside to decide on (calibration auto, max_drop); null: a fifth of the
     # labeled training images, at most 2,000
     holdout_images: int | None = field(default=None, metadata={ADDED_LATER: True})

@@ -3,6 +3,7 @@ artifacts of the stages before it, and the dataset (loaded once per run)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -73,6 +74,11 @@ class RunContext:
             desc=desc,
             **self.checkpointing(desc),
         )
+
+    def say(self, line: str) -> None:
+        """Tell the user what the running stage found, unless the run is quiet."""
+        if self.show_progress:
+            print(line, file=sys.stderr)
 
     def stage_path(self, name: str) -> Path:
         assert self.stage_dir is not None

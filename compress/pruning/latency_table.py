@@ -37,6 +37,10 @@ from compress.errors import StageError
 from compress.nets.modes import evaluating
 
 PRECISIONS = ("fp32", "int8")
+# a float convolution between INT8 layers (uint8 NHWC in and out, dequantised, computed in float,
+# quantised again): what a layer costs that stays float inside an INT8 network
+FLOAT_IN_INT8 = "fp32-in-int8"
+CELL_PRECISIONS = (*PRECISIONS, FLOAT_IN_INT8)
 OPSET = 18
 # the form of the one-layer files (layer_model); a table timed in another form is not reused
 # (2: INT8 convolutions with uint8 NHWC ends; 3: the runtime's cost of one call taken out)
@@ -233,8 +237,8 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
     narrowing a layer saves, most at large images (the CIFAR-10 ResNet-8's 32x32 stage: a
     plan measured 10% slower than predicted).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision not in CELL_PRECISIONS:
+        raise ValueError(f"precision: expected one of {CELL_PRECISIONS}, got {precision!r}")
     rng = np.random.default_rng(0)
     int8 = precision == "int8"
     conv = site.kind == "conv"
@@ -246,6 +250,10 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
     initializers = [
         numpy_helper.from_array(rng.standard_normal(out_channels).astype(np.float32), "b")
     ]
+    if precision == FLOAT_IN_INT8 and conv:
+        return _int8_conv_model(
+            site, in_channels, out_channels, groups, weight, initializers, integer_weight=False
+        )
     if int8 and conv:
         return _int8_conv_model(site, in_channels, out_channels, groups, weight, initializers)
     shape = ["batch", in_channels, *site.input_hw] if conv else ["batch", in_channels]
@@ -280,19 +288,30 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
     return _model(graph)
 
 
-def _int8_conv_model(site, in_channels, out_channels, groups, weight, initializers):
+def _int8_conv_model(
+    site, in_channels, out_channels, groups, weight, initializers, integer_weight: bool = True
+):
     """uint8 NHWC in -> transpose -> DequantizeLinear -> Conv -> Relu -> QuantizeLinear ->
-    transpose -> uint8 NHWC out: one QLinearConv once ONNX Runtime has optimised it."""
+    transpose -> uint8 NHWC out: one QLinearConv once ONNX Runtime has optimised it. With a
+    float weight (``integer_weight`` False) the Conv stays float between its dequantiser and
+    quantiser: a float layer inside an INT8 network, its transitions included."""
     # after a ReLU the zero point is 0: ONNX Runtime then drops the ReLU into the quantiser
     initializers += [
         numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
         numpy_helper.from_array(np.array(0, np.uint8), "x_zero"),
-        *_int8_weight(weight),
     ]
     nodes = [
         helper.make_node("Transpose", ["input"], ["xq"], perm=[0, 3, 1, 2]),
         helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
-        helper.make_node("DequantizeLinear", ["w_int8", "w_scale", "w_zero"], ["w"], axis=0),
+    ]
+    if integer_weight:
+        initializers += _int8_weight(weight)
+        nodes.append(
+            helper.make_node("DequantizeLinear", ["w_int8", "w_scale", "w_zero"], ["w"], axis=0)
+        )
+    else:
+        initializers.append(numpy_helper.from_array(weight, "w"))
+    nodes += [
         _conv_node(site, "xd", groups),
         helper.make_node("Relu", ["y"], ["yr"]),
         helper.make_node("QuantizeLinear", ["yr", "x_scale", "x_zero"], ["yq"]),
@@ -385,7 +404,7 @@ def measure_table(
         backend: a :class:`compress.benchmark.backend_table.Backend` with a ``table_entry``.
         batch_size: the batch of the target latency.
         threads: the runtime's threads.
-        precision: "fp32" or "int8".
+        precision: one of :data:`CELL_PRECISIONS`.
         cpu: the CPU, recorded with the table.
         rounds: visits per cell (median of round medians).
         runs: timed runs per visit.
@@ -393,31 +412,71 @@ def measure_table(
     Raises:
         StageError: the backend cannot time single layers, or a cell failed.
     """
+    (table,) = measure_tables(
+        sites,
+        cells,
+        backend,
+        batch_size=batch_size,
+        threads=threads,
+        precisions=(precision,),
+        cpu=cpu,
+        rounds=rounds,
+        runs=runs,
+    )
+    return table
+
+
+def measure_tables(
+    sites: list[LayerSite],
+    cells: dict[str, set[tuple[int, int]]],
+    backend,
+    *,
+    batch_size: int,
+    threads: int,
+    precisions: tuple[str, ...],
+    cpu: str = "",
+    rounds: int = 5,
+    runs: int = 20,
+) -> list[LatencyTable]:
+    """:func:`measure_table` for several precisions at once, one table each: every file of
+    every precision is visited in the same rounds of the same process, so two precisions of a
+    layer are compared without a process's bias between them."""
     by_name = {site.name: site for site in sites}
     order = [(name, cin, cout) for name in cells for cin, cout in sorted(cells[name])]
     with tempfile.TemporaryDirectory(prefix="compress-table-") as folder:
         paths = [Path(folder) / "call.onnx"]
         onnx.save(call_model(), paths[0])
-        for index, (name, cin, cout) in enumerate(order):
-            path = Path(folder) / f"cell{index}.onnx"
-            onnx.save(layer_model(by_name[name], cin, cout, precision), path)
-            paths.append(path)
+        for precision in precisions:
+            for index, (name, cin, cout) in enumerate(order):
+                path = Path(folder) / f"{precision}-cell{index}.onnx"
+                onnx.save(layer_model(by_name[name], cin, cout, precision), path)
+                paths.append(path)
         result = backend.measure_each(
             paths, batch_size=batch_size, threads=threads, rounds=rounds, runs=runs
         )
     if result.get("status") != "ok":
         raise StageError(f"latency table on {backend.name}: {result.get('error')}")
     call_ms, *cell_ms = result["ms"]
-    return LatencyTable(
-        backend=backend.name,
-        batch_size=batch_size,
-        threads=threads,
-        precision=precision,
-        cells={cell: max(ms - call_ms, 0.0) for cell, ms in zip(order, cell_ms, strict=True)},
-        spread=dict(zip(order, result["spread"][1:], strict=True)),
-        cpu=cpu,
-        call_ms=call_ms,
-    )
+    spreads = result["spread"][1:]
+    tables = []
+    for index, precision in enumerate(precisions):
+        own = slice(index * len(order), (index + 1) * len(order))
+        tables.append(
+            LatencyTable(
+                backend=backend.name,
+                batch_size=batch_size,
+                threads=threads,
+                precision=precision,
+                cells={
+                    cell: max(ms - call_ms, 0.0)
+                    for cell, ms in zip(order, cell_ms[own], strict=True)
+                },
+                spread=dict(zip(order, spreads[own], strict=True)),
+                cpu=cpu,
+                call_ms=call_ms,
+            )
+        )
+    return tables
 
 
 def cached_table(folder: Path, sites, cells, backend, **settings) -> LatencyTable:

@@ -37,6 +37,12 @@ class QuantizeSpec:
     most are put back in float, one at a time, until the exported file is within ``max_drop`` of
     the float network on held-out images (:mod:`compress.quantization.budget`); at most
     ``max_float_layers`` (None: all but one).
+
+    ``float_where_slower`` leaves in float the convolutions whose integer kernel is measured
+    slower than the float layer with its transitions (depthwise ones on ONNX Runtime's CPU
+    kernels), if the whole network then measures faster at ``speed_batch_size``
+    (:mod:`compress.quantization.speed`). Off by default: it times the network on this machine,
+    so the file it writes depends on the CPU it ran on.
     """
 
     # the runtime the INT8 graph is for: uint8 activations for onnxruntime-cpu, int8 for tensorrt
@@ -52,6 +58,11 @@ class QuantizeSpec:
     weight_range: str = choice("auto", weight_range_names)
     max_drop: float | None = field(default=None, metadata={ADDED_LATER: True})  # top-1 points
     max_float_layers: int | None = field(default=None, metadata={ADDED_LATER: True})  # None: n-1
+    # leave in float the convolutions measured slower in INT8 on ONNX Runtime's CPU kernels,
+    # if the whole network then measures faster (compress.quantization.speed)
+    float_where_slower: bool = field(default=False, metadata={ADDED_LATER: True})
+    # the batch size float_where_slower judges latency at
+    speed_batch_size: int = field(default=1, metadata={ADDED_LATER: True})
 
     def __post_init__(self):
         check_choices(self)
@@ -62,6 +73,15 @@ class QuantizeSpec:
         check(
             self.max_drop is None or 0 <= self.max_drop <= 100,
             f"max_drop: expected top-1 points in 0..100 or null (off), got {self.max_drop}",
+        )
+        check(
+            not self.float_where_slower or self.target == "onnxruntime-cpu",
+            f"float_where_slower: measured on ONNX Runtime's CPU kernels, so it needs target "
+            f"onnxruntime-cpu, got {self.target}",
+        )
+        check(
+            self.speed_batch_size > 0,
+            f"speed_batch_size: expected a positive batch size, got {self.speed_batch_size}",
         )
         check(
             self.max_float_layers is None or self.max_float_layers > 0,

@@ -12,6 +12,7 @@ import torch
 
 from compress.errors import ModelError, RecipeError
 from compress.pipeline.config import (
+    SELF_TEACHER,
     STAGE_KINDS,
     DistillConfig,
     Recipe,
@@ -87,10 +88,11 @@ def _field(node: Any, dotted: str) -> Any:
 
 def _check_teaching_stage(recipe: Recipe, stage: StageSpec, where: str, models: list[str]) -> None:
     cfg = stage.config
-    if cfg.teacher not in models:
+    own = (SELF_TEACHER,) if stage.kind == "quantize" else ()
+    if cfg.teacher not in (*own, *models):
         raise RecipeError(
             f"{where}.teacher: expected an earlier stage that trains a network "
-            f"({', '.join(models)}), got {cfg.teacher!r}"
+            f"({', '.join((*own, *models))}), got {cfg.teacher!r}"
         )
     if cfg.train.label_smoothing > 0:
         raise RecipeError(
@@ -226,7 +228,7 @@ def check_layer_names(recipe: Recipe) -> None:
             for pair_index, pair in enumerate(getattr(term.params, "pairs", ())):
                 where = f"stages[{index}].{stage.name}.loss[{term_index}].pairs[{pair_index}]"
                 for side, model in (
-                    ("teacher", arch.get(stage.config.teacher)),
+                    ("teacher", arch.get(stage.config.teacher, student)),  # self: the student
                     ("student", student),
                 ):
                     layer = getattr(pair, side)

@@ -12,7 +12,6 @@ working network and the step's record says what the cut itself cost.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +77,7 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
     loaders = ctx.loaders()
     loss = cfg.loss or latest_distill_loss(ctx)
     before = measure(ctx, student, loaders[1], prep)
-    say(
-        ctx,
+    ctx.say(
         f"prune: before {before['params']:,} params, {before['macs']:,} MACs, "
         f"{before['latency_ms_b1']:.2f} ms, top-1 {before['top1']:.2f}%",
     )
@@ -114,14 +112,13 @@ def prune(cfg: PruneConfig, ctx: RunContext) -> Artifact:
         judge=plan_judge(ctx, cfg, loaders[0], prep, teacher, loss) if cfg.target.active else None,
         score=lambda network: evaluate(network, loaders[1], prep, ctx.device)["top1"],
         history=steps,
-        log=lambda line: say(ctx, line),
+        log=ctx.say,
         latency_cache=ctx.run_dir,
         resume=(ctx.stage_dir, ctx.stage_key) if ctx.stage_dir is not None else None,
     )
     last = steps[-1]
     after = measure(ctx, student, loaders[1], prep)
-    say(
-        ctx,
+    ctx.say(
         f"prune: after {after['params']:,} params, {after['macs']:,} MACs, "
         f"{after['latency_ms_b1']:.2f} ms, top-1 {after['top1']:.2f}%",
     )
@@ -265,8 +262,3 @@ def check_rebuildable(
             f"prune: {network.model} was pruned in layers whose widths cannot be stored "
             f"({', '.join(wrong[:3])}); ignore them"
         )
-
-
-def say(ctx: RunContext, line: str) -> None:
-    if ctx.show_progress:
-        print(line, file=sys.stderr)

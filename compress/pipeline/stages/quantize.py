@@ -3,6 +3,7 @@ teacher (QAT)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -13,7 +14,7 @@ from compress.errors import StageError
 from compress.nets.models import count_params_macs
 from compress.nets.weights import save_weights
 from compress.pipeline.artifacts import Artifact
-from compress.pipeline.config import QuantizeConfig
+from compress.pipeline.config import SELF_TEACHER, QuantizeConfig
 from compress.pipeline.context import RunContext
 from compress.pipeline.stages.losses import latest_distill_loss
 from compress.pipeline.stages.networks import (
@@ -62,7 +63,12 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     """
     source = float_student(ctx)
     student = load_network(ctx, source)
-    teacher = frozen(load_network(ctx, ctx.artifacts[cfg.teacher]))
+    # self: a frozen copy (freezing the student itself would freeze the network QAT trains)
+    teacher = frozen(
+        copy.deepcopy(student)
+        if cfg.teacher == SELF_TEACHER
+        else load_network(ctx, ctx.artifacts[cfg.teacher])
+    )
     prep = preprocess(ctx)
     train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
     fp32 = evaluate(student, test_loader, prep, ctx.device)
@@ -77,7 +83,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     ptq = test = results[0]
     history: list = []
     shipped = f"ptq-{candidates[0].method}"
-    if cfg.mode == "qat" and cfg.train.epochs > 0:
+    if wants_qat(cfg, candidates[0].holdout_top1, student, holdout):
         best_ptq = clone(qmodel)
         loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
         api.distill(
@@ -114,6 +120,24 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         budget = qmodel.accuracy_budget
         if budget.float_layers:
             test = measure(qmodel, student, ctx, test_loader, prep)
+    speed = None
+    if cfg.float_where_slower:
+        qmodel = api.float_where_slower(
+            qmodel, student, batches[0], batch_size=cfg.speed_batch_size
+        )
+        speed = qmodel.float_where_slower
+        ctx.say(
+            f"float where slower: {len(speed.float_layers)} of {len(speed.layers)} convolutions "
+            "faster in float alone"
+            + (
+                f"; whole network {speed.ratio:.2f}x the all-INT8 latency at batch "
+                f"{speed.batch_size}: {'kept' if speed.kept else 'not kept'}"
+                if speed.ratio is not None
+                else ""
+            )
+        )
+        if speed.kept:
+            test = measure(qmodel, student, ctx, test_loader, prep)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
     network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
@@ -127,6 +151,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "calibration": candidates[0].method,
             "percentile": cfg.percentile,
             "calibration_images": cfg.calibration_images,
+            "float_where_slower": cfg.float_where_slower,
+            "float_layers_for_speed": list(speed.float_layers if speed and speed.kept else ()),
         }
         | _budget_settings(cfg, budget),
         "source_stage": source.stage,
@@ -145,9 +171,24 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     }
     if budget is not None:
         metrics["accuracy_budget"] = budget.to_json()
+    if speed is not None:
+        metrics["float_where_slower"] = speed.to_json()
     return Artifact(
         "quantize", files={"model": path}, metrics=metrics, role="student", network=network
     )
+
+
+def wants_qat(cfg: QuantizeConfig, best_ptq: float | None, student, holdout) -> bool:
+    """QAT runs when the recipe asks for it (``mode: qat``), or when the best PTQ network misses
+    ``max_drop`` on the held-out images: fine-tuning may recover what calibration lost before
+    the budget puts layers back in float."""
+    if cfg.train.epochs == 0:
+        return False
+    if cfg.mode == "qat":
+        return True
+    if cfg.max_drop is None or best_ptq is None:
+        return False
+    return api.holdout_top1(student, holdout) - best_ptq > cfg.max_drop
 
 
 def measure(network, student, ctx: RunContext, test_loader, prep) -> dict:
