@@ -9,8 +9,11 @@ metadata says) as the run's quantize stage:
 
 * ONNX Runtime ``quantize_static`` after ``quant_pre_process`` (what its documentation asks):
   QDQ, per-channel weights, U8S8, each calibration method (MinMax, Entropy, Percentile,
-  Distribution). The best method on the test split is the ``ort_ptq`` row: the peer's best case,
-  chosen with knowledge we never use (ours decides on held-out training images);
+  Distribution). The ``ort_ptq`` row is the method with the best top-1 on the held-out training
+  images the run's quantize stage decided on (the same images, the same rule as ours; ties to
+  ONNX Runtime's default, MinMax); every method's test top-1 is recorded beside it
+  (``top1_by_method``), with the best of them as ``best_on_test`` (a choice made on the test
+  split, which neither tool may make);
 * NNCF's ``nncf.quantize`` on the ONNX model (its defaults: the ``performance`` preset, 300
   calibration images at most, fast bias correction).
 
@@ -51,13 +54,13 @@ from openvino_vs_onnxruntime import exported_files, test_split  # noqa: E402
 
 from compress.benchmark.backend_table import BACKENDS  # noqa: E402
 from compress.benchmark.compare import BenchTarget, bench_models  # noqa: E402
-from compress.benchmark.latency import NOISE_BAR  # noqa: E402
+from compress.benchmark.latency import NOISE_BAR, paired_ratio  # noqa: E402
 from compress.benchmark.measure import normalisation, normalise_images, predict_on  # noqa: E402
 from compress.benchmark.spec import BenchConfig  # noqa: E402
 from compress.core.fileio import write_json_atomic  # noqa: E402
 from compress.core.machine import machine_info, versions  # noqa: E402
 from compress.data.load import load_dataset  # noqa: E402
-from compress.data.loaders import split_arrays  # noqa: E402
+from compress.data.loaders import split_arrays, split_holdout  # noqa: E402
 from compress.exporters.onnx.graph import read_onnx_info  # noqa: E402
 from compress.exporters.qdq import int8_portability  # noqa: E402
 from compress.pipeline.config import QuantizeConfig  # noqa: E402
@@ -78,7 +81,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, help="test images (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--time-budget", type=float, default=8.0, help="seconds per batch size")
-    parser.add_argument("--processes", type=int, default=3, help="fresh processes per file")
+    parser.add_argument("--processes", type=int, default=5, help="fresh processes per file")
     parser.add_argument("--keep", type=Path, help="copy the compared files here (one run only)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "int8_vs_peers.json")
     args = parser.parse_args()
@@ -122,22 +125,29 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
     settings = next(
         (s.config for s in recipe.stages if isinstance(s.config, QuantizeConfig)), QuantizeConfig()
     )
-    bundle = load_dataset(recipe.data, seed=recipe.seed)
+    bundle, held_out = split_holdout(
+        load_dataset(recipe.data, seed=recipe.seed), settings.holdout_images, recipe.seed
+    )
+    held_out = (held_out[0].numpy(), held_out[1].numpy())
     images, _ = split_arrays(bundle.train, settings.calibration_images)
     calibration = normalise_images(images, mean, std)
-    print(f"{run_dir.name}: {len(calibration)} calibration images", flush=True)
+    print(
+        f"{run_dir.name}: {len(calibration)} calibration, {len(held_out[1])} held-out images",
+        flush=True,
+    )
 
     ort = {m: ort_quantize(fp32, calibration, m, folder / f"ort-{m}.onnx") for m in ORT_METHODS}
-    ort_top1 = {}
+    ort_test, ort_held = {}, {}
     for method, path in ort.items():
-        if path is None:
-            continue
-        predicted = predict_on(
-            BACKENDS.get("onnxruntime"), path, test_data[0], mean=mean, std=std, threads=1
-        )
-        ort_top1[method] = 100 * float(np.mean(predicted == test_data[1]))
-        print(f"  ort_ptq {method}: top-1 {ort_top1[method]:.2f}%", flush=True)
-    best_ort = max(ort_top1, key=ort_top1.get)
+        if path is not None:
+            ort_test[method] = top1_of(path, test_data, mean, std)
+            ort_held[method] = top1_of(path, held_out, mean, std)
+            print(
+                f"  ort_ptq {method}: held-out {ort_held[method]:.2f}%, test "
+                f"{ort_test[method]:.2f}%",
+                flush=True,
+            )
+    best_ort = max(ort_held, key=lambda m: (ort_held[m], m == ORT_METHODS[0]))
     nncf_file = nncf_quantize(fp32, calibration, folder / "nncf.onnx")
     compared = {
         "fp32": fp32,
@@ -176,8 +186,14 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
             "layers_at_risk": portability.layers_at_risk,
             "paired_layers": portability.paired_layers,
         }
-    tools["ort_ptq"]["method"] = best_ort
-    tools["ort_ptq"]["top1_by_method"] = ort_top1
+    tools["ort_ptq"] |= {
+        "method": best_ort,
+        "holdout_top1_by_method": ort_held,
+        "top1_by_method": ort_test,
+        "best_on_test": max(ort_test.values()),
+    }
+    tools["ours"]["holdout_top1"] = top1_of(ours, held_out, mean, std)
+    ratios = {"b1": paired_vs_peers(rows, 1), "b64": paired_vs_peers(rows, args.batch_size)}
     fp32_row = rows[("fp32", "onnxruntime")]
     model = {
         "name": run_dir.name,
@@ -189,12 +205,19 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
         "calibration_images": len(calibration),
         "tools": tools,
         "files": {name: file_record(path) for name, path in compared.items()},
-        "goal": goal(tools),
+        "goal": goal(tools, ratios) | {"one_test_image_points": 100 / len(test_data[1])},
         "bench": result.to_json(),
     }
     if args.keep:
         keep(compared | {"teacher": files.get("teacher")}, args.keep)
     return model
+
+
+def top1_of(path: Path, data: tuple[np.ndarray, np.ndarray], mean, std) -> float:
+    """Top-1 (%) of an ONNX file on ``(uint8 images, labels)``, run by ONNX Runtime."""
+    runtime = BACKENDS.get("onnxruntime")
+    predicted = predict_on(runtime, path, data[0], mean=mean, std=std, threads=1)
+    return 100 * float(np.mean(predicted == data[1]))
 
 
 def ort_quantize(fp32: Path, images: np.ndarray, method: str, out: Path) -> Path | None:
@@ -250,19 +273,30 @@ def nncf_quantize(fp32: Path, images: np.ndarray, out: Path) -> Path:
     return out
 
 
-def goal(tools: dict) -> dict:
+def paired_vs_peers(rows: dict, batch: int) -> dict[str, float | None]:
+    """Per peer, the median over the interleaved rounds of ours / the peer's process median on
+    ONNX Runtime at ``batch`` (:func:`compress.benchmark.latency.paired_ratio`: a round's
+    shared machine state cancels, as in the bench's own ratios)."""
+
+    def processes(name: str) -> list[float | None]:
+        point = rows[(name, "onnxruntime")].latency_at(batch)
+        return [p.p50_ms for p in point.processes] if point else []
+
+    return {peer: paired_ratio(processes("ours"), processes(peer))[0] for peer in TOOLS[1:]}
+
+
+def goal(tools: dict, ratios: dict[str, dict[str, float | None]]) -> dict:
     """Issue 27's goal on one model: top-1 within TOLERANCE_POINTS of the best peer, as fast on
-    ONNX Runtime (slower by no more than the bench's noise bar), portable."""
+    ONNX Runtime as the fastest peer (paired ratio within the bench's noise bar), portable."""
     peers = [tools[name] for name in TOOLS[1:]]
     ours = tools["ours"]
     best_peer = max(p["top1"] for p in peers)
-    fastest = {b: min(p[f"p50_ms_{b}"] for p in peers) for b in ("b1", "b64")}
-    speed = {b: ours[f"p50_ms_{b}"] / fastest[b] for b in fastest}
+    speed = {b: max(r for r in by_peer.values() if r is not None) for b, by_peer in ratios.items()}
     accurate = ours["top1"] >= best_peer - TOLERANCE_POINTS
     fast = all(ratio <= 1 + NOISE_BAR for ratio in speed.values())
     return {
         "top1_vs_best_peer": ours["top1"] - best_peer,
-        "latency_vs_fastest_peer": speed,
+        "latency_vs_fastest_peer": speed,  # ours / the fastest peer, paired by round
         "accurate": accurate,
         "fast": fast,
         "portable": bool(ours["portable"]),
