@@ -675,3 +675,38 @@ def test_qat_is_taught_by_the_float_student_unless_a_stage_is_named(tmp_path):
         recipe_from_dict(
             {"name": "t", "stages": ["teacher", {"distill": {"teacher": "self"}}]}, source="t.yaml"
         )
+
+
+def test_hard_swish_and_gate_products_run_as_integer_products_in_onnx_runtime(tmp_path):
+    """MobileNetV3's hard-swishes and squeeze-excitation gates are products of activations:
+    quantized like ONNX Runtime's own PTQ does it (both factors and the product), they become
+    QLinearMul, and no float activation between integer kernels forces layout transposes."""
+    torch.manual_seed(0)
+    model = build_model("torchvision:mobilenet_v3_small", num_classes=10).eval()
+    images = torch.randn(16, 3, 64, 64)
+    qmodel = compress.quantize(model, [images], calibration="minmax")
+    modules = dict(qmodel.named_modules())
+    assert not any(
+        node.op == "call_module" and isinstance(modules[node.target], nn.Hardswish)
+        for node in qmodel.graph.nodes
+    )  # each written as x * hardsigmoid(x)
+    products = [
+        node
+        for node in qmodel.graph.nodes
+        if node.op == "call_function" and node.target.__name__ == "mul"
+    ]
+    # every product but the classifier's hard-swish (between two float-output linears) is
+    # quantized: its factors and its result pass through quantizers
+    quantized = [
+        node
+        for node in products
+        if all(arg.op == "call_module" and arg.target.startswith("quant_") for arg in node.args)
+    ]
+    assert len(quantized) == len(products) - 1
+    path = tmp_path / "mv3.onnx"
+    record = compress.export(qmodel, path, check_inputs=images)
+    assert record["top1_agreement"] == 1.0
+    ops = [node.op_type for node in optimized_nodes(path, "ORT_ENABLE_EXTENDED")]
+    assert ops.count("QLinearMul") == len(quantized)
+    assert ops.count("Transpose") <= 2  # the network's input and output ends only
+    assert "HardSwish" not in ops
