@@ -50,8 +50,11 @@ import onnx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the helpers of the OpenVINO comparison
 
+import torch  # noqa: E402
+from int8_portability import completed_stages, latest_float  # noqa: E402
 from openvino_vs_onnxruntime import exported_files, test_split  # noqa: E402
 
+import compress  # noqa: E402
 from compress.benchmark.backend_table import BACKENDS  # noqa: E402
 from compress.benchmark.compare import BenchTarget, bench_models  # noqa: E402
 from compress.benchmark.latency import NOISE_BAR, paired_ratio  # noqa: E402
@@ -64,7 +67,10 @@ from compress.data.loaders import split_arrays, split_holdout  # noqa: E402
 from compress.exporters.onnx.graph import read_onnx_info  # noqa: E402
 from compress.exporters.qdq import int8_portability  # noqa: E402
 from compress.pipeline.config import QuantizeConfig  # noqa: E402
+from compress.pipeline.context import RunContext  # noqa: E402
 from compress.pipeline.recipe.load import load_recipe  # noqa: E402
+from compress.pipeline.stages.export import onnx_metadata  # noqa: E402
+from compress.pipeline.stages.networks import load_network  # noqa: E402
 
 RUNTIMES = ("onnxruntime", "openvino")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
@@ -82,6 +88,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--time-budget", type=float, default=8.0, help="seconds per batch size")
     parser.add_argument("--processes", type=int, default=5, help="fresh processes per file")
+    parser.add_argument(
+        "--requantize",
+        action="store_true",
+        help="ours = the run's float student quantized by this checkout (PTQ), not its file",
+    )
     parser.add_argument("--keep", type=Path, help="copy the compared files here (one run only)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "int8_vs_peers.json")
     args = parser.parse_args()
@@ -131,6 +142,8 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
     held_out = (held_out[0].numpy(), held_out[1].numpy())
     images, _ = split_arrays(bundle.train, settings.calibration_images)
     calibration = normalise_images(images, mean, std)
+    if args.requantize:
+        ours = requantize(run_dir, recipe, calibration, held_out, (mean, std), folder)
     print(
         f"{run_dir.name}: {len(calibration)} calibration, {len(held_out[1])} held-out images",
         flush=True,
@@ -198,6 +211,9 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
     model = {
         "name": run_dir.name,
         "student": recipe.student.model if recipe.student else None,
+        "ours": "re-quantized by this checkout (PTQ, calibration auto)"
+        if args.requantize
+        else "the run's student.onnx",
         "fp32_top1": fp32_row.top1,
         "fp32_p50_ms_b1": fp32_row.p50_ms(1),
         "fp32_p50_ms_b64": fp32_row.p50_ms(args.batch_size),
@@ -211,6 +227,30 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
     if args.keep:
         keep(compared | {"teacher": files.get("teacher")}, args.keep)
     return model
+
+
+def requantize(run_dir, recipe, calibration, held_out, normalisation_, folder) -> Path:
+    """The run's float student quantized by this checkout's ``compress.quantize`` (PTQ,
+    ``calibration: auto`` on the same held-out images) and exported by ``compress.export``: ours
+    as the code now makes it, without re-running the pipeline (no QAT)."""
+    mean, std = normalisation_
+    source = latest_float(completed_stages(run_dir))
+    ctx = RunContext(recipe, run_dir, torch.device("cpu"), show_progress=False)
+    model = load_network(ctx, source).eval()
+    batches = [torch.from_numpy(calibration[i : i + 64]) for i in range(0, len(calibration), 64)]
+    holdout = [
+        (
+            torch.from_numpy(normalise_images(held_out[0][i : i + 256], mean, std)),
+            torch.from_numpy(held_out[1][i : i + 256]),
+        )
+        for i in range(0, len(held_out[1]), 256)
+    ]
+    qmodel = compress.quantize(model, batches, calibration="auto", holdout=holdout)
+    path = folder / "ours.onnx"
+    metadata = onnx_metadata(ctx.data, "student", source.network.model, recipe.name)
+    compress.export(qmodel, path, check_inputs=batches[0][:64], metadata=metadata)
+    print(f"  ours re-quantized: PTQ {qmodel.calibration_method}", flush=True)
+    return path
 
 
 def top1_of(path: Path, data: tuple[np.ndarray, np.ndarray], mean, std) -> float:

@@ -397,6 +397,7 @@ def calibration_candidates(
             skip=spec.skip,
             example_inputs=batches[0],
             weight_range=spec.weight_range,
+            integer_products=spec.integer_products,
         )
         calibrate(qmodel, batches, method=method, percentile=spec.percentile)
         qmodel.calibration_method = method

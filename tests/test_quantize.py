@@ -710,3 +710,21 @@ def test_hard_swish_and_gate_products_run_as_integer_products_in_onnx_runtime(tm
     assert ops.count("QLinearMul") == len(quantized)
     assert ops.count("Transpose") <= 2  # the network's input and output ends only
     assert "HardSwish" not in ops
+
+
+def test_integer_products_off_keeps_hard_swish_whole_and_old_records_rebuild_without_them():
+    from compress.core.records import QuantSpec
+
+    torch.manual_seed(0)
+    model = build_model("torchvision:mobilenet_v3_small", num_classes=10).eval()
+    images = torch.randn(8, 3, 64, 64)
+    off = compress.quantize(model, [images], calibration="minmax", integer_products=False)
+    on = compress.quantize(model, [images], calibration="minmax")  # onnxruntime-cpu: on
+    assert (off.quant_spec.integer_products, on.quant_spec.integer_products) == (False, True)
+    modules = dict(off.named_modules())
+    assert any(isinstance(modules.get(n.target), nn.Hardswish) for n in off.graph.nodes)
+    assert len(on.state_dict()) > len(off.state_dict())  # the products' quantizers
+    # a network recorded before the setting existed was quantized without them
+    assert QuantSpec.from_json({"target": "onnxruntime-cpu"}).integer_products is False
+    trt = compress.quantize(model, [images], calibration="minmax", target="tensorrt")
+    assert trt.quant_spec.integer_products is False

@@ -28,6 +28,8 @@ class QuantSpec:
     target: str
     skip: tuple[str, ...] = ()
     weight_range: str = "full"  # stages quantized before weight ranges existed used the full range
+    # activation products quantized (QLinearMul); networks quantized before it existed: not
+    integer_products: bool = False
 
     @classmethod
     def from_json(cls, raw: dict) -> QuantSpec:
@@ -35,6 +37,7 @@ class QuantSpec:
             target=raw["target"],
             skip=tuple(raw.get("skip", ())),
             weight_range=raw.get("weight_range", "full"),
+            integer_products=bool(raw.get("integer_products", False)),
         )
 
 

@@ -45,6 +45,7 @@ def _quantized_graph(quantization: QuantSpec, example: torch.Tensor):
             skip=quantization.skip,
             example_inputs=example,
             weight_range=quantization.weight_range,
+            integer_products=quantization.integer_products,
         )
 
     return prepare

@@ -257,6 +257,7 @@ def prepare_quantized(
     skip: Sequence[str] = (),
     example_inputs: torch.Tensor,
     weight_range: str = "auto",
+    integer_products: bool | None = None,
 ) -> fx.GraphModule:
     """The fake-quantized copy of ``model``: BatchNorm folded, weights and activations INT8.
 
@@ -277,6 +278,9 @@ def prepare_quantized(
             :data:`compress.quantization.int8_kernels.WEIGHT_RANGES`, or ``"auto"``:
             ``"pair-limit"`` for ``onnxruntime-cpu`` (exact on CPUs with and without VNNI),
             ``"full"`` for TensorRT.
+        integer_products: quantize products of activations (hard-swish written as
+            ``x * hardsigmoid(x)``, squeeze-excitation gates): ONNX Runtime then runs them as
+            integer ``QLinearMul`` (:func:`_split_hardswish`); None: on for ``onnxruntime-cpu``.
 
     Returns:
         The prepared ``GraphModule`` on the model's device, in eval mode; its
@@ -302,15 +306,22 @@ def prepare_quantized(
     skipped = skipped_layers(model, skip)
     graph_module = fold_batchnorm(model)
     quantized = _swap_layers(graph_module, skipped, weight_range, _bn_gains(model, graph_module))
-    _split_hardswish(graph_module)
+    if integer_products is None:
+        integer_products = target == "onnxruntime-cpu"
+    if integer_products:
+        _split_hardswish(graph_module)
     _place_quantizers(
-        graph_module, quantized, signed=target == "tensorrt", int32_bias=target == "onnxruntime-cpu"
+        graph_module,
+        quantized,
+        signed=target == "tensorrt",
+        int32_bias=target == "onnxruntime-cpu",
+        products=integer_products,
     )
     graph_module.to(next(model.parameters()).device)  # new quantizers' buffers start on the CPU
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
     # what export and reloading need
-    graph_module.quant_spec = QuantSpec(target, tuple(skip), weight_range)
+    graph_module.quant_spec = QuantSpec(target, tuple(skip), weight_range, integer_products)
     graph_module.eval()
     with torch.no_grad():
         graph_module(example_inputs)
@@ -366,6 +377,7 @@ def with_float_layers(
         skip=skip,
         example_inputs=example_inputs,
         weight_range=spec.weight_range,
+        integer_products=spec.integer_products,
     )
     values = qmodel.state_dict()
     wanted = fresh.state_dict()
@@ -549,7 +561,11 @@ def _split_hardswish(graph_module: fx.GraphModule) -> None:
 
 
 def _place_quantizers(
-    graph_module: fx.GraphModule, quantized: set[str], signed: bool, int32_bias: bool = False
+    graph_module: fx.GraphModule,
+    quantized: set[str],
+    signed: bool,
+    int32_bias: bool = False,
+    products: bool = False,
 ) -> None:
     """Insert an :class:`ActQuant` at each value an integer kernel reads or writes (module
     docstring). With ``int32_bias``, each conv whose output is quantized too gets its input
@@ -568,7 +584,12 @@ def _place_quantizers(
             points.append(node.args[0])
         tensor_inputs = [a for a in node.args if isinstance(a, fx.Node)]
         add = node.op == "call_function" and node.target in _ADDS and len(tensor_inputs) == 2
-        mul = node.op == "call_function" and node.target in _MULS and len(tensor_inputs) == 2
+        mul = (
+            products
+            and node.op == "call_function"
+            and node.target in _MULS
+            and len(tensor_inputs) == 2
+        )
         conv = layer and isinstance(modules[node.target], nn.Conv2d)
         if mul and any(is_point(a) for a in tensor_inputs) and not _only_output(node):
             # a product of activations (a hard-swish, a squeeze-excitation gate): both factors

@@ -43,6 +43,13 @@ class QuantizeSpec:
     kernels), if the whole network then measures faster at ``speed_batch_size``
     (:mod:`compress.quantization.speed`). Off by default: it times the network on this machine,
     so the file it writes depends on the CPU it ran on.
+
+    ``integer_products`` (None: on for ``onnxruntime-cpu``) quantizes the products of two
+    activations (a hard-swish written as ``x * hardsigmoid(x)``, a squeeze-excitation gate),
+    both factors and the result, as ONNX Runtime's own quantizer does: ONNX Runtime runs them as
+    ``QLinearMul`` with no layout changes between its integer kernels (MobileNetV3-Large at
+    224 px, batch 64: 1.3x faster), while OpenVINO runs that pattern about 3x slower than
+    float products (benchmarks/RESULTS.md): set it false for files deployed on OpenVINO.
     """
 
     # the runtime the INT8 graph is for: uint8 activations for onnxruntime-cpu, int8 for tensorrt
@@ -63,6 +70,9 @@ class QuantizeSpec:
     float_where_slower: bool = field(default=False, metadata={ADDED_LATER: True})
     # the batch size float_where_slower judges latency at
     speed_batch_size: int = field(default=1, metadata={ADDED_LATER: True})
+    # quantize products of activations (hard-swish, squeeze-excitation gates) so ONNX Runtime
+    # runs them as integer QLinearMul; null: on for onnxruntime-cpu (OpenVINO runs them slower)
+    integer_products: bool | None = field(default=None, metadata={ADDED_LATER: True})
 
     def __post_init__(self):
         check_choices(self)

@@ -147,6 +147,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "target": cfg.target,
             "skip": list(cfg.skip),
             "weight_range": qmodel.weight_range,
+            "integer_products": qmodel.quant_spec.integer_products,
             "untraced_float": list(qmodel.untraced),  # modules torch.fx kept whole: float
             "calibration": candidates[0].method,
             "percentile": cfg.percentile,
