@@ -10,6 +10,7 @@ import functools
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -33,18 +34,23 @@ def percent(fraction: float) -> str:
 
 
 def user_errors(fn):
-    """Turn CompressError (and a failed write: full disk, read-only folder) into a one-line
-    message and exit code 2 (a traceback with --debug)."""
+    """The exit code contract (README): 0 success, 1 only for a regression a gate found, 2 for
+    bad input or any error, 130 for Ctrl-C. CompressError (and a failed write: full disk,
+    read-only folder) prints its one line; any other exception is a bug in compress, printed as
+    one line with a hint (the traceback with --debug), and also exits 2: a crash must never
+    read as exit 1, "regression", to a CI step."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.pop("debug", False)
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: it prints them and knows their codes
         except (CompressError, OSError) as exc:
             error = exc if isinstance(exc, CompressError) else output_error(exc)
-            if error is None:  # an OSError that is not about writing: a bug, keep its traceback
-                raise
+            if error is None:  # an OSError that is not about writing: a bug
+                unexpected(exc, debug)
             if debug:
                 traceback.print_exc()
             click.echo(
@@ -53,9 +59,6 @@ def user_errors(fn):
                 err=True,
             )
             sys.exit(error.exit_code)
-        # click would print only "Aborted!" for it: a bug must keep its traceback
-        except EOFError as exc:
-            raise RuntimeError(f"unexpected end of input: {exc}") from exc
         except KeyboardInterrupt:
             if distributed.is_main():  # Ctrl-C reaches every process of a torchrun: one message
                 click.echo(
@@ -63,8 +66,23 @@ def user_errors(fn):
                     err=True,
                 )
             sys.exit(130)
+        except Exception as exc:  # click would print only "Aborted!" for an EOFError
+            unexpected(exc, debug)
 
     return click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(wrapper)
+
+
+def unexpected(exc: BaseException, debug: bool) -> NoReturn:
+    """A bug in compress: one line naming the exception (its traceback with ``debug``), exit 2."""
+    if debug:
+        traceback.print_exception(exc)
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")[:300]
+    click.echo(
+        f"error: unexpected {type(exc).__name__}: {first or '(no message)'} (a bug in compress: "
+        "run the same command with --debug for the traceback, and report it)",
+        err=True,
+    )
+    sys.exit(2)
 
 
 def recipe_options(fn):
@@ -337,6 +355,15 @@ def bench(
     )
     click.echo(table_path.read_text())
     click.echo(f"written: {table_path} and {table_path.with_suffix('.json')}", err=True)
+    failed = [row for row in result.rows if row.status != "ok"]
+    if result.rows and len(failed) == len(result.rows):
+        # nothing was measured: a CI step reading the exit code must not pass
+        click.echo(
+            f"error: every model failed to bench ({failed[0].role}: {failed[0].error}); see the "
+            "table above",
+            err=True,
+        )
+        sys.exit(2)
 
 
 @cli.command(name="export")
@@ -534,6 +561,7 @@ def check(
 @click.option(
     "--markdown", is_flag=True, help="Print the recipe reference page (Markdown) instead."
 )
+@user_errors
 def schema(markdown):
     """Print the recipe's JSON Schema (draft 2020-12): point your editor's YAML support at it
     (``# yaml-language-server: $schema=recipe.schema.json``) to complete and check recipes."""
@@ -566,6 +594,7 @@ def schema(markdown):
     ),
     required=False,
 )
+@user_errors
 def list_(what):
     """Print what the registries hold (stages, losses, pruning criteria, models, datasets, export
     formats, bench backends, INT8 weight ranges)."""

@@ -752,3 +752,119 @@ def test_stage_record_pointing_outside_the_run_is_not_trusted(tmp_path):
     record["files"]["model"]["path"] = "../secret.bin"  # same hash, outside the run folder
     (run_dir / "stage" / "stage.json").write_text(json.dumps(record))
     assert load_completed(run_dir / "stage", run_dir, "k") is None
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "expected"),
+    [
+        ("nan,nan,nan", "1,1,1", "compress.mean='nan,nan,nan': expected finite numbers"),
+        ("0.5,0.5,0.5", "0,0,0", "compress.std='0,0,0': expected finite numbers above 0"),
+        ("1e309,0,0", "1,1,1", "expected finite numbers"),
+        ("0.5,0.5,0.5", "-1,1,1", "above 0"),
+    ],
+)
+def test_preprocessing_metadata_must_be_finite_with_a_positive_std(tmp_path, mean, std, expected):
+    """A file whose metadata would make every input NaN or infinite is refused by name, never
+    benched to a top-1 computed on NaNs (issue 28)."""
+    from compress.benchmark.measure import normalisation
+    from compress.errors import ExportError
+
+    metadata = {"compress.mean": mean, "compress.std": std}
+    with pytest.raises(ExportError, match="^m.onnx: metadata ") as caught:
+        normalisation(metadata, tmp_path / "m.onnx")
+    assert expected in str(caught.value)
+    assert normalisation({"compress.mean": "0.5", "compress.std": "0.25"}, tmp_path) == (
+        [0.5],
+        [0.25],
+    )
+
+
+def _forged_npz(path, x_header_shape, x_bytes: bytes, y) -> None:
+    """An npz whose x.npy header declares ``x_header_shape`` over ``x_bytes`` of data."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": x_header_shape}
+    )
+    labels = io.BytesIO()
+    np.save(labels, np.asarray(y, dtype=np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + x_bytes)
+        archive.writestr("y.npy", labels.getvalue())
+
+
+def test_an_npz_header_declaring_terabytes_is_refused_before_any_allocation(tmp_path):
+    from compress.data.npz import load_npz
+    from compress.data.spec import DataConfig
+    from compress.errors import DataError
+
+    _forged_npz(tmp_path / "train.npz", (10**7, 224, 224, 3), bytes(1024), [0, 1])
+    _forged_npz(tmp_path / "test.npz", (2, 8, 8, 3), bytes(2 * 8 * 8 * 3), [0, 1])
+    with pytest.raises(DataError, match=r"train\.npz: array 'x' declares shape \(10000000, 224"):
+        load_npz(DataConfig(kind="npz", path=str(tmp_path), image_size=8))
+
+
+def test_an_npz_label_of_a_billion_is_refused_before_naming_a_billion_classes(tmp_path):
+    from compress.data.npz import MAX_CLASSES, load_npz
+    from compress.data.spec import DataConfig
+    from compress.errors import DataError
+
+    _forged_npz(tmp_path / "train.npz", (2, 8, 8, 3), bytes(2 * 8 * 8 * 3), [0, 10**9])
+    _forged_npz(tmp_path / "test.npz", (2, 8, 8, 3), bytes(2 * 8 * 8 * 3), [0, 1])
+    with pytest.raises(DataError, match=f"up to 1,000,000,000; .* at most {MAX_CLASSES:,}"):
+        load_npz(DataConfig(kind="npz", path=str(tmp_path), image_size=8))
+    # the same archives with sane labels load
+    _forged_npz(tmp_path / "train.npz", (2, 8, 8, 3), bytes(2 * 8 * 8 * 3), [0, 1])
+    bundle = load_npz(DataConfig(kind="npz", path=str(tmp_path), image_size=8))
+    assert len(bundle.train) == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "deep", "huge"])
+def test_records_read_back_are_bounded_regular_files(tmp_path, kind):
+    """A FIFO planted as stage.json hung every command that reads records; a link to /dev/zero
+    read until memory ran out; a JSON nested 100,000 deep raised RecursionError (exit 1). Each
+    is now one line naming the file, at once (issue 28)."""
+    import os
+
+    from compress.core.fileio import MAX_RECORD_BYTES, UnreadableFile, read_json
+    from compress.core.records import StageRecord
+    from compress.errors import ModelError
+
+    record = tmp_path / "export" / "stage.json"
+    record.parent.mkdir()
+    if kind == "fifo":
+        os.mkfifo(record)
+        expected = "a FIFO, not a file"
+    elif kind == "dev-zero":
+        record.symlink_to("/dev/zero")
+        expected = "a device, not a file"
+    elif kind == "deep":
+        record.write_text("[" * 100_000 + "]" * 100_000)
+        expected = "nested deeper than a record can be"
+    else:
+        with open(record, "wb") as handle:  # sparse: no disk used
+            handle.truncate(MAX_RECORD_BYTES + 1)
+        expected = f"a record is at most {MAX_RECORD_BYTES:,}"
+    with pytest.raises(UnreadableFile, match=expected):
+        read_json(record)
+    with pytest.raises(ModelError, match=rf"stage\.json: not a finished stage \(.*{expected}"):
+        StageRecord.read(record.parent)
+
+
+def test_a_baseline_nested_100000_deep_is_bad_input_not_a_regression(tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    baseline = tmp_path / "bench.json"
+    baseline.write_text('{"rows": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    current = tmp_path / "current.json"
+    current.write_text('{"rows": []}')
+    result = CliRunner().invoke(cli, ["check", str(current), "--baseline", str(baseline)])
+    assert result.exit_code == 2, result.output
+    assert "nested deeper than a record can be" in result.output
+    assert "Traceback" not in result.output

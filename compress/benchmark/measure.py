@@ -4,6 +4,7 @@ stage record."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -411,13 +412,22 @@ def _channel_stats(images: np.ndarray, mean, std) -> tuple[np.ndarray, np.ndarra
 
 
 def _floats(metadata: dict[str, str], key: str, path: Path) -> list[float]:
+    """The comma-separated numbers of a preprocessing entry: finite, and for the std positive
+    (a NaN or zero there would make every input NaN or infinite, and top-1 a number anyway)."""
+    text = metadata[key][:1000]
     try:
-        return [float(v) for v in metadata[key].split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise ExportError(
-            f"{Path(path).name}: metadata {key}={metadata[key]!r} is not a comma-separated list of "
-            "numbers"
+            f"{Path(path).name}: metadata {key}={text!r} is not a comma-separated list of numbers"
         ) from None
+    positive = key == META_STD
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        raise ExportError(
+            f"{Path(path).name}: metadata {key}={text!r}: expected finite numbers"
+            + (" above 0" if positive else "")
+        )
+    return values
 
 
 def _describe(exc: BaseException) -> str:

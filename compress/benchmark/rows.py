@@ -13,13 +13,13 @@ files from older versions (keys they lack read as None; keys a newer version add
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from compress.core.fileio import UnreadableFile, read_json
 from compress.errors import DataError
 from compress.exporters.formats import ONNX_FORMATS
 
@@ -328,8 +328,10 @@ class BenchResult:
         """
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raw = read_json(path)
+        except UnreadableFile as exc:
+            raise DataError(f"{path}: not a JSON bench result ({exc})") from None
+        except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a JSON bench result ({type(exc).__name__})") from None
         try:
             return cls.from_json(raw)

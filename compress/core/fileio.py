@@ -1,4 +1,5 @@
-"""Atomic file writes and content hashes, shared by every stage that leaves an artifact.
+"""Atomic file writes, bounded reads and content hashes, shared by every stage that leaves an
+artifact or reads one back.
 
 A run can be interrupted at any moment (Ctrl-C, out of memory, a crashed GPU driver). A reader
 must then find either the previous version of a file or the complete new one, never half of
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +136,65 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays, without importing numpy here
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+# the largest text record the tool reads back (stage records, bench results, baselines, recipes):
+# the biggest it writes is a bench.json of a few hundred KB
+MAX_RECORD_BYTES = 64 << 20
+
+
+class UnreadableFile(ValueError):
+    """A file the tool reads back is not what a record can be (not a regular file, too large,
+    not text, nested beyond what can be parsed); the message says which, without the path
+    (the caller names the file)."""
+
+
+def read_text_bounded(path: str | os.PathLike, *, max_bytes: int = MAX_RECORD_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``max_bytes``.
+
+    Why: a FIFO planted as ``stage.json`` made every command that reads it hang, and a link to
+    ``/dev/zero`` read until memory ran out (issue 28). ``stat`` follows links, so what the path
+    leads to is checked, and no more than ``max_bytes + 1`` bytes are ever read.
+
+    Raises:
+        OSError: the file is missing or cannot be opened.
+        UnreadableFile: not a regular file, larger than ``max_bytes``, or not UTF-8.
+    """
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device"
+            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "not a regular file"
+        )
+        raise UnreadableFile(f"{kind}, not a file")
+    if info.st_size > max_bytes:
+        raise UnreadableFile(f"{info.st_size:,} bytes; a record is at most {max_bytes:,}")
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnreadableFile(f"more than {max_bytes:,} bytes; a record is at most that")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableFile("not a text file: not UTF-8") from None
+
+
+def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_RECORD_BYTES) -> Any:
+    """:func:`read_text_bounded`, parsed as JSON.
+
+    Raises:
+        OSError: the file is missing or cannot be opened.
+        UnreadableFile: as :func:`read_text_bounded`, or nested too deep to parse (a JSON of
+            100,000 levels raised RecursionError through every command).
+        ValueError: not JSON (``json.JSONDecodeError``).
+    """
+    text = read_text_bounded(path, max_bytes=max_bytes)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UnreadableFile("JSON nested deeper than a record can be") from None

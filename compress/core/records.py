@@ -9,12 +9,11 @@ their metrics; :meth:`StageRecord.from_json` still reads them, so old run folder
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.core.fileio import sha256_file
+from compress.core.fileio import UnreadableFile, read_json, sha256_file
 from compress.errors import ModelError
 
 STAGE_RECORD = "stage.json"
@@ -220,9 +219,11 @@ class StageRecord:
         path = Path(path)
         record_path = path if path.name == STAGE_RECORD else path / STAGE_RECORD
         try:
-            return cls.from_json(json.loads(record_path.read_text()), folder=record_path.parent)
+            return cls.from_json(read_json(record_path), folder=record_path.parent)
         except OSError:
             raise ModelError(f"{record_path}: not {expected} (no such file)") from None
+        except UnreadableFile as exc:
+            raise ModelError(f"{record_path}: not {expected} ({exc})") from None
         except (ValueError, KeyError, TypeError) as exc:
             what = (
                 f"no {exc} recorded"

@@ -16,6 +16,10 @@ from compress.data.containers import DatasetBundle
 from compress.data.spec import DataConfig
 from compress.errors import DataError, first_line
 
+# the most classes a dataset may have (ImageNet-21k has 21,841): a label of 10^9 is refused
+# before a name is made for every class below it
+MAX_CLASSES = 100_000
+
 
 def load_npz(cfg: DataConfig) -> DatasetBundle:
     """A folder with ``train.npz`` / ``test.npz`` (``x`` uint8 NHWC or NHW, ``y`` int labels).
@@ -57,6 +61,7 @@ def _arrays(file: Path, names: tuple[str, ...], wanted: str) -> list[np.ndarray]
         raise DataError(
             f"{file}: not a valid numpy .npz archive ({what}); write it with numpy.savez"
         )
+    _check_declared_sizes(file)
     try:
         with np.load(file, allow_pickle=False) as archive:
             missing = [name for name in names if name not in archive]
@@ -75,6 +80,42 @@ def _arrays(file: Path, names: tuple[str, ...], wanted: str) -> list[np.ndarray]
             ) from None
         raise DataError(f"{file}: not a valid numpy .npz archive ({first_line(exc)})") from None
     except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(
+            f"{file}: not a valid numpy .npz archive, or truncated ({type(exc).__name__}: "
+            f"{first_line(exc)})"
+        ) from None
+
+
+def _check_declared_sizes(file: Path) -> None:
+    """Every ``.npy`` member's header must declare exactly the bytes the member holds, read
+    before numpy allocates the array it declares: a planted header of shape (10^7, 224, 224, 3)
+    over 1 KB of data would otherwise ask for 1.4 TiB."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(member)
+                    header = member.tell()
+                if dtype.hasobject:
+                    continue  # refused when read (never unpickled)
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared != info.file_size - header:
+                    raise DataError(
+                        f"{file}: array {info.filename[:-4]!r} declares shape {tuple(shape)} "
+                        f"({declared:,} bytes) but holds {info.file_size - header:,} bytes; the "
+                        "archive is corrupt or forged"
+                    )
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(
             f"{file}: not a valid numpy .npz archive, or truncated ({type(exc).__name__}: "
             f"{first_line(exc)})"
@@ -120,6 +161,11 @@ def _npz_classes(folder: Path, *labels: Tensor) -> list[str]:
             )
         return names
     largest = max((int(y.max()) for y in labels if len(y)), default=-1)
+    if largest >= MAX_CLASSES:
+        raise DataError(
+            f"{folder}: the labels go up to {largest:,}; expected class indices 0..K-1 with K at "
+            f"most {MAX_CLASSES:,}"
+        )
     return [str(k) for k in range(largest + 1)]
 
 

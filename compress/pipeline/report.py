@@ -7,7 +7,12 @@ import io
 from pathlib import Path
 
 from compress.benchmark.rows import BenchResult
-from compress.core.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
+from compress.core.fileio import (
+    read_text_bounded,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from compress.core.records import STAGE_RECORD, StageRecord
 from compress.errors import DataError, ModelError
 from compress.pipeline.artifacts import Artifact
@@ -229,11 +234,11 @@ def _stage_records(run_dir: Path) -> list[StageRecord]:
         records[record.stage] = record
     order = []
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        recipe = yaml.safe_load(read_text_bounded(run_dir / "recipe.yaml", max_bytes=1 << 20))
         for item in recipe.get("stages", []):
             kind, settings = next(iter(item.items())) if isinstance(item, dict) else (item, {})
             order.append((settings or {}).get("name") or kind)
-    except (OSError, yaml.YAMLError, AttributeError, StopIteration):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError, AttributeError, StopIteration):
         pass
     ranked = [records[name] for name in order if name in records]
     return ranked + [r for name, r in sorted(records.items()) if name not in order]

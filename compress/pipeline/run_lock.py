@@ -9,7 +9,6 @@ run refuses with one line naming the holder, or waits for it when asked to.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from compress.core.fileio import write_json_atomic
+from compress.core.fileio import read_json, write_json_atomic
 from compress.errors import StageError
 
 LOCK_NAME = ".lock"
@@ -67,7 +66,7 @@ def run_lock(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
 def holder(run_dir: Path) -> str:
     """Who holds the folder, as the holder wrote it ("pid 123 on host since ...")."""
     try:
-        info = json.loads((run_dir / HOLDER_NAME).read_text())
+        info = read_json(run_dir / HOLDER_NAME, max_bytes=4096)
         return f"pid {info['pid']} on {info['host']} since {info['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not said who it is yet"

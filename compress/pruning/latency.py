@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.core.fileio import write_json_atomic
+from compress.core.fileio import read_json, write_json_atomic
 from compress.errors import StageError
 from compress.pruning.channels import ChannelGroup, ChannelPruner, GradientFn
 from compress.pruning.latency_table import LatencyTable, LayerSite, cached_table, layer_sites
@@ -493,7 +492,7 @@ class LatencyPruner:
         readable record of the same key there is replayed instead (:meth:`replay`), so a resumed
         run gets the network its fine-tuning checkpoints belong to."""
         try:
-            record = json.loads(path.read_text()) if path.is_file() else None
+            record = read_json(path) if path.is_file() else None
         except (OSError, ValueError):
             record = None  # unreadable: cut again
         if isinstance(record, dict) and record.get("key") == key and "cut" in record:

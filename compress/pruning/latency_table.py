@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compress.core.fileio import write_json_atomic
+from compress.core.fileio import read_json, write_json_atomic
 from compress.errors import StageError
 from compress.nets.modes import evaluating
 
@@ -493,7 +493,7 @@ def cached_table(folder: Path, sites, cells, backend, **settings) -> LatencyTabl
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(folder) / f"latency_table-{digest}.json"
     if path.is_file():
-        return LatencyTable.from_json(json.loads(path.read_text()))
+        return LatencyTable.from_json(read_json(path))
     table = measure_table(sites, cells, backend, **settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, table.to_json())

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from compress.core.fileio import UnreadableFile, read_text_bounded
 from compress.errors import RecipeError
 from compress.pipeline.config import Recipe
 from compress.pipeline.recipe.checks import _check_recipe, check_references
@@ -16,6 +17,9 @@ from compress.pipeline.recipe.convert import _build, _build_stages, _kind
 from compress.pipeline.recipe.defaults import resolve_latency_targets
 from compress.pipeline.recipe.overrides import apply_override, apply_shorthands
 from compress.pipeline.recipe.yamlio import YamlProblem, load_yaml
+
+# a recipe is a page of YAML; a value can be long (a pasted list), but 16 MiB is not a recipe
+MAX_RECIPE_BYTES = 16 << 20
 
 
 def load_recipe(
@@ -54,10 +58,12 @@ def load_recipe(
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = load_yaml(path.read_text())
+        raw = load_yaml(read_text_bounded(path, max_bytes=MAX_RECIPE_BYTES))
+    except UnreadableFile as exc:
+        raise RecipeError(f"{path}: not a recipe file ({exc})") from None
     except YamlProblem as exc:
         raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
