@@ -868,3 +868,43 @@ def test_a_baseline_nested_100000_deep_is_bad_input_not_a_regression(tmp_path):
     assert result.exit_code == 2, result.output
     assert "nested deeper than a record can be" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [
+        ({"bench": {"processes": 10_000}}, r"stages\[2\]\.bench\.processes: expected 1\.\.50 "),
+        (
+            {"bench": {"iterations": 10**7}},
+            r"stages\[2\]\.bench\.iterations: expected 1\.\.100,000",
+        ),
+        ({"prune": {"steps": 10_000}}, r"stages\[2\]\.prune\.steps: expected 1\.\.100 "),
+        (
+            {"prune": {"target": {"latency_speedup": 1.5, "grid": 100_000}}},
+            r"stages\[2\]\.prune\.target\.grid: expected 2\.\.64 ",
+        ),
+        (
+            {"prune": {"target": {"latency_speedup": 1.5, "processes": 10_000}}},
+            r"stages\[2\]\.prune\.target\.processes: expected 1\.\.50 ",
+        ),
+        ({"distill": {"train": {"epochs": 100_000}}}, r"train\.epochs: expected 0\.\.10,000 "),
+    ],
+)
+def test_every_count_a_recipe_sets_has_an_upper_bound(stage, expected):
+    """10^4 bench processes validated and would have run about 50 minutes per model (issue 28)."""
+    from compress.errors import RecipeError
+    from compress.pipeline.recipe.load import recipe_from_dict
+
+    with pytest.raises(RecipeError, match=expected):
+        recipe_from_dict({"name": "t", "stages": ["teacher", "distill", stage]}, source="t.yaml")
+
+
+def test_bench_refuses_ten_thousand_processes_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    result = CliRunner().invoke(cli, ["bench", str(model), "--processes", "10000"])
+    assert result.exit_code == 2 and "processes: expected 1..50" in result.output

@@ -7,7 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.benchmark.backend_table import BACKENDS
-from compress.core.fields import check, check_choices, choice
+from compress.core.fields import check, check_choices, check_count, choice
+
+# upper bounds of the bench's counts (issue 28): generous for real use, refusing the typo that
+# would run for hours (100 processes took 30 s to start, and the time budget does not bound that)
+MAX_PROCESSES = 50
+MAX_RUNS = 100_000
+MAX_BATCH = 65_536
+MAX_THREADS = 1_024
+MAX_BUDGET_S = 3_600
 
 
 @dataclass(frozen=True)
@@ -44,15 +52,16 @@ class BenchConfig:
             len(set(self.backends)) == len(self.backends),
             f"backends: listed twice in {list(self.backends)}",
         )
-        check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
-        check(self.warmup >= 0, f"warmup: expected >= 0, got {self.warmup}")
-        check(self.iterations > 0, f"iterations: expected > 0, got {self.iterations}")
+        check_count(self.batch_size, "batch_size", 1, MAX_BATCH, "images per run")
+        check_count(self.warmup, "warmup", 0, MAX_RUNS, "untimed runs per batch size")
+        check_count(self.iterations, "iterations", 1, MAX_RUNS, "timed runs per batch size")
         check(
-            self.time_budget_s is None or self.time_budget_s > 0,
-            f"time_budget_s: expected > 0 or null, got {self.time_budget_s}",
+            self.time_budget_s is None or 0 < self.time_budget_s <= MAX_BUDGET_S,
+            f"time_budget_s: expected 0 < seconds <= {MAX_BUDGET_S:,} or null, got "
+            f"{self.time_budget_s}",
         )
-        check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
-        check(self.processes > 0, f"processes: expected > 0, got {self.processes}")
+        check_count(self.threads, "threads", 0, MAX_THREADS, "0: the runtime's default")
+        check_count(self.processes, "processes", 1, MAX_PROCESSES, "each starts a fresh runtime")
         check(
             self.eval_samples is None or self.eval_samples > 0,
             f"eval_samples: expected > 0 or null, got {self.eval_samples}",

@@ -49,6 +49,15 @@ def check(condition: bool, message: str) -> None:
         raise RecipeError(message)
 
 
+def check_count(value: int, name: str, low: int, high: int, why: str) -> None:
+    """A count a recipe or flag sets is within ``low..high``; ``why`` says what the upper bound
+    protects (a count of 10^4 processes validated and would have run for hours)."""
+    check(
+        low <= value <= high,
+        f"{name}: expected {low}..{high:,} ({why}), got {value}",
+    )
+
+
 def check_choices(config: Any) -> None:
     """Every choice field of ``config`` holds one of its values (None passes: "not set")."""
     for f in dataclasses.fields(config):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.benchmark.spec import BenchConfig
-from compress.core.fields import ADDED_LATER, check, check_choices, choice
+from compress.core.fields import ADDED_LATER, check, check_choices, check_count, choice
 from compress.data.spec import DataConfig, MixConfig
 from compress.exporters.spec import ExportConfig
 from compress.pruning.spec import PruneSpec
@@ -80,6 +80,9 @@ class DistillConfig(DistillSpec):
     cache_teacher_logits: bool = False
 
 
+MAX_PRUNE_STEPS = 100  # prune / fine-tune rounds (each cut is a few percent at that count)
+
+
 @dataclass(frozen=True)
 class PruneConfig(PruneSpec):
     """The ``prune`` stage: a :class:`PruneSpec` reached in ``steps`` prune / fine-tune rounds on
@@ -100,7 +103,7 @@ class PruneConfig(PruneSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.steps >= 1, f"steps: expected >= 1, got {self.steps}")
+        check_count(self.steps, "steps", 1, MAX_PRUNE_STEPS, "prune and fine-tune rounds")
         check(
             self.recalibration_images >= 0,
             f"recalibration_images: expected >= 0, got {self.recalibration_images}",

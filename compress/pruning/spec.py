@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from compress.benchmark.backend_table import BACKENDS
-from compress.core.fields import ADDED_LATER, check, check_choices, choice
+from compress.benchmark.spec import MAX_BATCH, MAX_PROCESSES, MAX_THREADS
+from compress.core.fields import ADDED_LATER, check, check_choices, check_count, choice
 from compress.errors import RecipeError
 
 # Pruning criterion -> ``(PruneConfig) -> torch_pruning importance`` (imported on use).
@@ -21,6 +22,10 @@ PRUNING_CRITERIA: dict[str, str] = {
 
 
 LATENCY_PRECISIONS = ("auto", "fp32", "int8")
+
+
+MAX_GRID = 64  # candidate widths per layer group: the table times every one of them
+MAX_JUDGE_STEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -81,12 +86,14 @@ class LatencyTarget:
                 f"backend: {self.backend!r} cannot time single layers; a latency target is "
                 "measured on an ONNX Runtime backend (e.g. onnxruntime)",
             )
-        check(self.batch_size > 0, f"batch_size: expected > 0, got {self.batch_size}")
-        check(self.threads >= 0, f"threads: expected >= 0, got {self.threads}")
-        check(self.grid >= 2, f"grid: expected >= 2 candidate widths, got {self.grid}")
-        check(self.processes >= 1, f"processes: expected >= 1, got {self.processes}")
+        check_count(self.batch_size, "batch_size", 1, MAX_BATCH, "images per run")
+        check_count(self.threads, "threads", 0, MAX_THREADS, "0: the runtime's default")
+        check_count(self.grid, "grid", 2, MAX_GRID, "candidate widths per layer group, each timed")
+        check_count(self.processes, "processes", 1, MAX_PROCESSES, "each starts a fresh runtime")
         check(self.judge_images >= 0, f"judge_images: expected >= 0, got {self.judge_images}")
-        check(self.judge_steps >= 0, f"judge_steps: expected >= 0, got {self.judge_steps}")
+        check_count(
+            self.judge_steps, "judge_steps", 0, MAX_JUDGE_STEPS, "training batches per candidate"
+        )
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from compress.core.fields import check, check_choices, choice
+from compress.core.fields import check, check_choices, check_count, choice
 from compress.data.spec import MixConfig
 from compress.training.loss_params import LOSSES
 
@@ -18,6 +18,9 @@ SCHEDULES = ("cosine", "step", "onecycle", "constant")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+MAX_EPOCHS = 10_000  # ImageNet schedules run 90-600; 10^4 is a typo, not a schedule
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        check(self.epochs >= 0, f"epochs: expected >= 0, got {self.epochs}")
+        check_count(self.epochs, "epochs", 0, MAX_EPOCHS, "passes over the training split")
         check(self.lr > 0, f"lr: expected > 0, got {self.lr}")
         check(0 <= self.momentum < 1, f"momentum: expected 0 <= momentum < 1, got {self.momentum}")
         check(self.weight_decay >= 0, f"weight_decay: expected >= 0, got {self.weight_decay}")
