@@ -908,3 +908,24 @@ def test_bench_refuses_ten_thousand_processes_in_one_line(tmp_path):
     model.write_bytes(b"x")
     result = CliRunner().invoke(cli, ["bench", str(model), "--processes", "10000"])
     assert result.exit_code == 2 and "processes: expected 1..50" in result.output
+
+
+@pytest.mark.parametrize("field", ["out", "data"])
+def test_a_non_utf8_path_is_refused_before_any_work(tmp_path, field):
+    """A non-UTF-8 byte in --out trained, failed at export, then crashed printing the error
+    (three tracebacks, exit 1). Now one line naming the field, exit 2, nothing run (issue 28)."""
+    import os
+    import subprocess
+    import sys
+
+    bad = os.fsdecode(str(tmp_path).encode() + b"/\xff")  # as argv delivers it
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    args = [sys.executable, "-m", "compress", "run", str(recipe), f"--{field}", bad]
+    proc = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-1000:]
+    expected = "out" if field == "out" else "data.path"
+    assert f"{expected}: the path" in proc.stderr and "not valid UTF-8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
