@@ -518,12 +518,7 @@ def float_where_slower(
     from compress.pruning.latency import interleaved_p50
     from compress.pruning.latency_table import FLOAT_IN_INT8, layer_sites, measure_tables
     from compress.quantization.fake_quant import quantized_layers, with_float_layers
-    from compress.quantization.speed import (
-        FloatWhereSlower,
-        LayerSpeed,
-        faster_in_float,
-        keep_mixed,
-    )
+    from compress.quantization.speed import FloatWhereSlower, LayerSpeed, faster_in_float
 
     runtime = BACKENDS.get(backend)
     inputs = example_inputs[:1].cpu()
@@ -565,14 +560,9 @@ def float_where_slower(
                 for name, network in (("int8", qmodel), ("mixed", mixed))
             ]
             int8_ms, mixed_ms = interleaved_p50(runtime, paths, batch_size, threads, processes)
-        kept = keep_mixed(int8_ms, mixed_ms)
-        record = dataclasses.replace(
-            record, int8_ms=tuple(int8_ms), mixed_ms=tuple(mixed_ms), kept=kept
-        )
-        if kept:
-            for name in ("calibration_method", "calibration_candidates", "accuracy_budget"):
-                if hasattr(qmodel, name):
-                    setattr(mixed, name, getattr(qmodel, name))
+        record = dataclasses.replace(record, int8_ms=tuple(int8_ms), mixed_ms=tuple(mixed_ms))
+        record = dataclasses.replace(record, kept=record.pays)
+        if record.kept:
             result = mixed
     result.float_where_slower = record
     return result

@@ -16,7 +16,7 @@ from torch import nn
 
 import compress
 from compress.quantization.fake_quant import quantized_layers
-from compress.quantization.speed import MARGIN, FloatWhereSlower, LayerSpeed, keep_mixed
+from compress.quantization.speed import MARGIN, FloatWhereSlower, LayerSpeed
 
 DEPTHWISE_INT8_MS, DEPTHWISE_FLOAT_MS = 2.0, 1.0
 DENSE_INT8_MS, DENSE_FLOAT_MS = 1.0, 2.0
@@ -145,8 +145,13 @@ def test_nothing_measured_when_every_layer_is_faster_in_int8(monkeypatch):
 def test_the_rule_margins():
     assert LayerSpeed("a", 1.0, (1 - MARGIN) * 0.99).float_is_faster
     assert not LayerSpeed("a", 1.0, 1.0 - MARGIN / 2).float_is_faster
-    assert keep_mixed([1.0, 1.0, 1.0], [0.9, 0.97, 0.95])  # median ratio 0.95
-    assert not keep_mixed([1.0, 1.0, 1.0], [0.9, 0.99, 1.2])  # median 0.99: within noise
+
+    def measured(int8_ms, mixed_ms):
+        return FloatWhereSlower("x", 1, 1, (), ("a",), tuple(int8_ms), tuple(mixed_ms))
+
+    assert measured([1.0, 1.0, 1.0], [0.9, 0.97, 0.95]).pays  # median ratio 0.95
+    assert not measured([1.0, 1.0, 1.0], [0.9, 0.99, 1.2]).pays  # median 0.99: within noise
+    assert not measured([], []).pays  # nothing measured
     record = FloatWhereSlower("x", 1, 1, (), ("a",), (2.0, 2.0), (1.0, 3.0), False)
     assert record.to_json()["ratio"] == pytest.approx(1.0)
 

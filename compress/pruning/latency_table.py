@@ -383,47 +383,9 @@ def _model(graph):
     return model
 
 
-def measure_table(
-    sites: list[LayerSite],
-    cells: dict[str, set[tuple[int, int]]],
-    backend,
-    *,
-    batch_size: int,
-    threads: int,
-    precision: str,
-    cpu: str = "",
-    rounds: int = 5,
-    runs: int = 20,
-) -> LatencyTable:
-    """Time every wanted cell on ``backend``, in one child process (``backend.measure_each``),
-    with :func:`call_model` first: its time, the cost of a call, is taken out of every cell.
-
-    Args:
-        sites: the network's layers (:func:`layer_sites`).
-        cells: ``layer name -> {(in, out), ...}``: the width pairs to time.
-        backend: a :class:`compress.benchmark.backend_table.Backend` with a ``table_entry``.
-        batch_size: the batch of the target latency.
-        threads: the runtime's threads.
-        precision: one of :data:`CELL_PRECISIONS`.
-        cpu: the CPU, recorded with the table.
-        rounds: visits per cell (median of round medians).
-        runs: timed runs per visit.
-
-    Raises:
-        StageError: the backend cannot time single layers, or a cell failed.
-    """
-    (table,) = measure_tables(
-        sites,
-        cells,
-        backend,
-        batch_size=batch_size,
-        threads=threads,
-        precisions=(precision,),
-        cpu=cpu,
-        rounds=rounds,
-        runs=runs,
-    )
-    return table
+def measure_table(sites, cells, backend, *, precision: str, **settings) -> LatencyTable:
+    """:func:`measure_tables` for one precision (one of :data:`CELL_PRECISIONS`)."""
+    return measure_tables(sites, cells, backend, precisions=(precision,), **settings)[0]
 
 
 def measure_tables(
@@ -438,9 +400,25 @@ def measure_tables(
     rounds: int = 5,
     runs: int = 20,
 ) -> list[LatencyTable]:
-    """:func:`measure_table` for several precisions at once, one table each: every file of
-    every precision is visited in the same rounds of the same process, so two precisions of a
-    layer are compared without a process's bias between them."""
+    """Time every wanted cell on ``backend`` in each of ``precisions``, one table each, in one
+    child process (``backend.measure_each``), with :func:`call_model` first: its time, the cost
+    of a call, is taken out of every cell. Every file of every precision is visited in the same
+    rounds of the same process, so two precisions of a layer compare without a process's bias.
+
+    Args:
+        sites: the network's layers (:func:`layer_sites`).
+        cells: ``layer name -> {(in, out), ...}``: the width pairs to time.
+        backend: a :class:`compress.benchmark.backend_table.Backend` with a ``table_entry``.
+        batch_size: the batch of the target latency.
+        threads: the runtime's threads.
+        precisions: each one of :data:`CELL_PRECISIONS`.
+        cpu: the CPU, recorded with the tables.
+        rounds: visits per cell (median of round medians).
+        runs: timed runs per visit.
+
+    Raises:
+        StageError: the backend cannot time single layers, or a cell failed.
+    """
     by_name = {site.name: site for site in sites}
     order = [(name, cin, cout) for name in cells for cin, cout in sorted(cells[name])]
     with tempfile.TemporaryDirectory(prefix="compress-table-") as folder:

@@ -332,13 +332,18 @@ def clone(qmodel: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """An independent copy of a fake-quantized network, with what :func:`prepare_quantized` and
     calibration recorded on it (``quant_spec``, ``weight_range``, ...): ``copy.deepcopy`` of a
     ``GraphModule`` rebuilds it from its graph and drops such attributes."""
-    import copy
 
     twin = copy.deepcopy(qmodel)
-    for name, value in vars(qmodel).items():
-        if name not in vars(twin):
-            setattr(twin, name, copy.deepcopy(value))
+    _carry_records(qmodel, twin)
     return twin
+
+
+def _carry_records(source: fx.GraphModule, target: fx.GraphModule) -> None:
+    """Give ``target`` what was recorded on ``source`` after preparation (how it was
+    calibrated, the methods tried, an accuracy budget's search) and ``target`` lacks."""
+    for name, value in vars(source).items():
+        if name not in vars(target):
+            setattr(target, name, copy.deepcopy(value))
 
 
 def with_float_layers(
@@ -352,7 +357,8 @@ def with_float_layers(
 
     Prepared again from the float ``model`` with ``skip`` (so it is exactly what
     :func:`prepare_quantized` builds for that list: it saves, reloads and exports like any
-    prepared model), then given ``qmodel``'s weights, biases and activation ranges: a layer
+    prepared model), then given ``qmodel``'s weights, biases, activation ranges and records
+    (``calibration_method``...): a layer
     turned float keeps the weights QAT trained, and no range is calibrated again. Keeping a
     layer in float only removes quantizers, so every value the result holds exists in
     ``qmodel``.
@@ -392,6 +398,7 @@ def with_float_layers(
             f"{missing[0]} of the right shape ({len(missing)} values missing)"
         )
     fresh.load_state_dict({name: values[name] for name in wanted})
+    _carry_records(qmodel, fresh)
     return fresh.eval()
 
 

@@ -71,6 +71,13 @@ class FloatWhereSlower:
             return None
         return statistics.median(m / i for m, i in zip(self.mixed_ms, self.int8_ms, strict=True))
 
+    @property
+    def pays(self) -> bool:
+        """Whether the mixed network measured faster by :data:`MIN_GAIN` (the median of
+        per-process ratios: the processes were interleaved, so each pair shares the machine's
+        state)."""
+        return self.ratio is not None and self.ratio <= 1 - MIN_GAIN
+
     def to_json(self) -> dict:
         return asdict(self) | {"ratio": self.ratio}
 
@@ -78,10 +85,3 @@ class FloatWhereSlower:
 def faster_in_float(layers: list[LayerSpeed]) -> tuple[str, ...]:
     """The layers whose float form beats their integer kernel by more than :data:`MARGIN`."""
     return tuple(layer.name for layer in layers if layer.float_is_faster)
-
-
-def keep_mixed(int8_ms: list[float], mixed_ms: list[float]) -> bool:
-    """Whether the mixed network is faster by :data:`MIN_GAIN` (median of per-process ratios:
-    the processes were interleaved, so each pair shares the machine's state)."""
-    ratio = statistics.median(m / i for m, i in zip(mixed_ms, int8_ms, strict=True))
-    return ratio <= 1 - MIN_GAIN
