@@ -348,6 +348,40 @@ def test_imagefolder_class_mismatch_and_missing_split(tmp_path):
         load_dataset(DataConfig(kind="imagefolder", path=str(empty)))
 
 
+def test_imagefolder_directory_link_loop_is_refused_naming_it(tmp_path):
+    """A loop (``train/ant/loop -> ..``) would walk the split again: bee images labelled ant."""
+    root = _image_tree(tmp_path / "imgs")
+    loop = root / "train" / "ant" / "loop"
+    loop.symlink_to("..", target_is_directory=True)
+    with pytest.raises(DataError, match=re.escape(f"{loop}: a directory link (to ..)")):
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+    loop.unlink()
+    elsewhere = tmp_path / "more_ants"
+    _write_png(elsewhere / "x.png", (8, 8), (1, 2, 3))
+    (root / "val" / "ant" / "more").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(DataError, match="more: a directory link"):  # out of the tree: refused too
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+
+
+def test_imagefolder_class_folder_links_must_not_overlap(tmp_path):
+    """A class folder may be a link to a tree elsewhere, but not to the split or another class."""
+    root = _image_tree(tmp_path / "imgs")
+    outside = tmp_path / "cows"
+    for split in ("train", "val"):
+        _write_png(outside / split / "0.png", (8, 8), (1, 2, 3))
+        (root / split / "cow").symlink_to(outside / split, target_is_directory=True)
+    bundle = load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+    assert bundle.classes == ("ant", "bee", "cow") and len(bundle.train) == 7
+    (root / "train" / "cow").unlink()
+    (root / "train" / "cow").symlink_to(root / "train" / "bee", target_is_directory=True)
+    with pytest.raises(DataError, match="overlaps class 'bee'"):
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+    (root / "train" / "cow").unlink()
+    (root / "train" / "cow").symlink_to(root, target_is_directory=True)
+    with pytest.raises(DataError, match="contains the split itself"):
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+
+
 # --- subsets -----------------------------------------------------------------------------------
 
 
@@ -514,6 +548,10 @@ def test_unlabeled_folder_is_searched_recursively(tmp_path):
     for i, name in enumerate(("a.png", "sub/b.PNG", "sub/deeper/c.jpg", "d.bmp", "e.webp")):
         _write_png(pool / name, (30, 20), (10 * i, 100, 200), mode="L" if i == 1 else "RGB")
     (pool / "notes.txt").write_text("not an image")
+    (pool / "sub" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(DataError, match="loop: a directory link"):  # rglob skips it silently
+        load_dataset(_with_pool(folder, pool))
+    (pool / "sub" / "loop").unlink()
     bundle = load_dataset(_with_pool(folder, pool))
     assert bundle.unlabeled == 5 and _labels(bundle.train)[12:] == [UNLABELED] * 5
     first = bundle.train[12][0]

@@ -169,8 +169,28 @@ def _is_image_file(path: str | Path) -> bool:
     )
 
 
+def refuse_directory_links(folder: Path) -> None:
+    """Raise DataError at the first directory link below ``folder``.
+
+    A link inside an image tree either loops (``a/loop -> ..``: the walk would count the tree
+    again, labelling another class's images as this one) or silently adds or skips a tree
+    elsewhere, depending on whether the walker follows it. Neither is what a user meant to
+    train on, so the tree must be plain folders (links to files are fine).
+    """
+    for root, dirs, _ in os.walk(folder, followlinks=False):
+        for name in sorted(dirs):
+            link = os.path.join(root, name)
+            if os.path.islink(link):
+                raise DataError(
+                    f"{link}: a directory link (to {os.readlink(link)}) inside an image folder; "
+                    "links in the tree are not followed (they can loop or relabel images): "
+                    "copy or move the folder there instead"
+                )
+
+
 def _image_files(folder: Path) -> list[str]:
     """Image files under ``folder`` (recursively), sorted so selections are reproducible."""
+    refuse_directory_links(folder)
     files = sorted(
         str(p)
         for p in folder.rglob("*")

@@ -16,6 +16,7 @@ from compress.data.common import (
     IMAGENET_STD,
     _existing_dir,
     _is_image_file,
+    refuse_directory_links,
 )
 from compress.data.containers import DatasetBundle, _decode_image
 from compress.data.spec import DataConfig
@@ -64,7 +65,34 @@ class _ImageFolder(torchvision.datasets.ImageFolder):
         )
         if not classes:
             raise FileNotFoundError(f"no class folders in {directory}")
+        _check_class_folders(Path(directory), classes)
         return classes, {name: index for index, name in enumerate(classes)}
+
+
+def _check_class_folders(split: Path, classes: list[str]) -> None:
+    """Each class folder a tree of its own: no links inside, none of them inside another.
+
+    A class folder may itself be a link (datasets are often assembled that way), but one
+    that resolves to the split, an ancestor of it, or into another class's folder would count
+    images twice under two labels.
+    """
+    split_real = split.resolve()
+    owners: dict[Path, str] = {}
+    for name in classes:
+        real = (split / name).resolve()
+        if real == split_real or real in split_real.parents:
+            raise DataError(
+                f"{split / name}: the class folder links to {real}, which contains the split "
+                "itself (the walk would loop)"
+            )
+        for other_real, other in owners.items():
+            if real == other_real or other_real in real.parents or real in other_real.parents:
+                raise DataError(
+                    f"{split / name}: the class folder resolves to {real}, which overlaps class "
+                    f"{other!r} ({other_real}): images would be counted under both labels"
+                )
+        owners[real] = name
+        refuse_directory_links(split / name)
 
 
 def _image_folder(root: Path, loader: Callable[[str], Tensor]) -> Dataset:
