@@ -176,6 +176,39 @@ def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["m.onnx"]
 
 
+@pytest.mark.parametrize(
+    ("exporter", "opset"),
+    [("torchscript", 13), ("torchscript", 17), ("dynamo", 18), ("dynamo", 20)],
+)
+def test_file_is_written_at_the_opset_asked(tmp_path, exporter, opset):
+    path = export_onnx(
+        small_cnn(), tmp_path / "m.onnx", image_size=8, opset=opset, exporter=exporter
+    )
+    assert read_onnx_info(path)["opset"] == opset
+
+
+def test_opset_the_exporter_cannot_write_is_refused_not_mislabelled(tmp_path, capfd):
+    """dynamo exports at 18+; torch's own down-conversion of a mean-pooled net fails and kept
+    opset 18 (with tracebacks on stderr) for a run whose record said 17."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ExportError) as info:
+        export_onnx(small_cnn(), path, image_size=8, opset=17, exporter="dynamo")
+    message = str(info.value)
+    assert "\n" not in message and "opset 17" in message
+    assert "use opset >= 18 or exporter: torchscript" in message
+    assert path.read_bytes() == b"previous export"
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_torchscript_opset_above_what_it_implements_is_refused():
+    from compress.errors import RecipeError
+    from compress.exporters.spec import ExportConfig
+
+    with pytest.raises(RecipeError, match="opset: the torchscript exporter writes opsets up to 20"):
+        ExportConfig(exporter="torchscript", opset=21)
+
+
 def test_unknown_exporter(tmp_path):
     with pytest.raises(ExportError, match="unknown ONNX exporter 'jit'"):
         export_onnx(small_cnn(), tmp_path / "m.onnx", image_size=8, exporter="jit")

@@ -12,6 +12,9 @@ from compress.exporters.formats import FORMATS
 EXPORTERS = ("dynamo", "torchscript")
 
 
+TORCHSCRIPT_MAX_OPSET = 20  # newer opsets are stamped on the file but not implemented by it
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Export of teacher and student, each file proven against PyTorch on real test images.
@@ -24,7 +27,8 @@ class ExportConfig:
 
     # the files to write (`compress list formats`); onnx is always one
     formats: tuple[str, ...] = choice(("onnx",), FORMATS.names)
-    # the ONNX opset
+    # the ONNX opset of every file (dynamo exports 18+, converted down by ONNX's converter or
+    # refused; torchscript up to 20): the file is at this opset or the export fails
     opset: int = 18
     # torch.onnx's exporter (torchscript: the fallback when dynamo fails)
     exporter: str = choice("dynamo", EXPORTERS)
@@ -60,6 +64,11 @@ class ExportConfig:
         check_choices(self)
 
         check(7 <= self.opset <= 23, f"opset: expected 7..23, got {self.opset}")
+        check(
+            self.exporter != "torchscript" or self.opset <= TORCHSCRIPT_MAX_OPSET,
+            f"opset: the torchscript exporter writes opsets up to {TORCHSCRIPT_MAX_OPSET}, got "
+            f"{self.opset} (use exporter: dynamo)",
+        )
         check(
             "onnx" in self.formats,
             "formats: must include onnx (every other format is built from the ONNX file)",

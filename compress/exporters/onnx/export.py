@@ -21,7 +21,7 @@ from compress.nets.modes import evaluating
 
 if TYPE_CHECKING:
     from torch import nn
-from compress.exporters.onnx.graph import load_onnx
+from compress.exporters.onnx.graph import load_onnx, opset_of
 
 INPUT_NAME = "input"
 
@@ -155,11 +155,43 @@ def _run_exporter(model, exporter, opset, shape, path) -> onnx.ModelProto:
     export = _export_dynamo if exporter == "dynamo" else _export_torchscript
     with _eval_on_cpu(model), _quiet():
         try:
-            return export(model, example, opset, dynamic=batch is None)
+            # torch.export writes opset 18 and up; below that we convert (quietly) ourselves.
+            asked = max(opset, DYNAMO_MIN_OPSET) if exporter == "dynamo" else opset
+            proto = export(model, example, asked, dynamic=batch is None)
         except Exception as exc:
             raise ExportError(
                 f"{exporter} ONNX exporter failed for {path.name}: {_root_cause(exc)}"
             ) from exc
+        return _at_opset(proto, opset, exporter, path)
+
+
+DYNAMO_MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter has implementations for
+
+
+def _at_opset(proto: onnx.ModelProto, opset: int, exporter: str, path: Path) -> onnx.ModelProto:
+    """``proto`` at exactly ``opset``, converted down if needed, or ExportError.
+
+    The file must be what the record says: the dynamo exporter keeps opset 18 when its own
+    down-conversion fails (with a warning and tracebacks on stderr), so a run asked for 17
+    would have recorded 17 beside a file at 18.
+    """
+    if opset_of(proto) == opset:
+        return proto
+    try:  # the converter can also write a graph its own checker rejects (ReduceMean 18 at 17)
+        converted = onnx.version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise ExportError(
+            f"{path.name}: the {exporter} exporter wrote opset {opset_of(proto)} and ONNX's "
+            f"version converter cannot take this network to opset {opset} "
+            f"({_root_cause(exc)}); use opset >= {opset_of(proto)}"
+            + (" or exporter: torchscript" if exporter == "dynamo" else "")
+        ) from exc
+    if opset_of(converted) != opset:
+        raise ExportError(
+            f"{path.name}: asked for opset {opset}, the converter wrote {opset_of(converted)}"
+        )
+    return converted
 
 
 def _export_dynamo(model, example, opset, dynamic: bool) -> onnx.ModelProto:

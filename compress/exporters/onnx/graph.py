@@ -77,7 +77,7 @@ def read_onnx_info(path: Path | str) -> dict:
         "file_bytes": path.stat().st_size,
         "input_shape": _input_shape(model),
         "metadata": {p.key: p.value for p in model.metadata_props},
-        "opset": _opset(model),
+        "opset": opset_of(model),
     }
 
 
@@ -206,5 +206,6 @@ def _input_shape(model: onnx.ModelProto) -> list[Any]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
 
 
-def _opset(model: onnx.ModelProto) -> int | None:
+def opset_of(model: onnx.ModelProto) -> int | None:
+    """The default-domain (``ai.onnx``) opset a graph imports; None if it imports none."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
