@@ -557,6 +557,47 @@ def test_a_file_that_fails_its_check_never_sits_at_the_deliverable_path(tmp_path
 
 
 @pytest.mark.slow
+def test_a_failed_re_export_leaves_nothing_of_the_earlier_run_downstream(tmp_path):
+    """The earlier run's ``teacher.onnx``, bench results and report were made from inputs this
+    run replaced: after its export fails they must not look like this run's deliverables."""
+    bench = {"bench": {"iterations": 5, "warmup": 1, "time_budget_s": 1, "batch_size": 8}}
+    recipe = digits_recipe(tmp_path, stages=("teacher", "export", bench))
+    run_dir = tmp_path / "out" / "faults"
+    assert run_cli("run", recipe).returncode == 0
+    downstream = [
+        "teacher.onnx",
+        "export/stage.json",
+        "bench/stage.json",
+        "bench/bench.json",
+        "report.md",
+        "report.json",
+    ]
+    assert all((run_dir / name).is_file() for name in downstream)
+    failed = run_cli("run", recipe, "--set", "stages.export.tolerance=1e-12")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: teacher.onnx does not reproduce the PyTorch model")
+    assert [name for name in downstream if (run_dir / name).exists()] == []
+    assert (run_dir / "teacher" / "stage.json").is_file()  # upstream of the failure: kept
+    again = run_cli("run", recipe)
+    assert again.returncode == 0 and "[teacher] running" not in again.stderr
+    assert all((run_dir / name).is_file() for name in downstream)
+
+
+@pytest.mark.slow
+def test_a_re_run_stage_re_runs_every_later_one(tmp_path):
+    """Keys chain recipe sections, not results: a stage re-run because its file was lost must
+    not leave a later stage that was made from the lost file skipped."""
+    recipe = digits_recipe(tmp_path, stages=("teacher", "export"))
+    run_dir = tmp_path / "out" / "faults"
+    assert run_cli("run", recipe).returncode == 0
+    (run_dir / "teacher" / "model.pt").unlink()
+    again = run_cli("run", recipe)
+    assert again.returncode == 0
+    assert "[teacher] running" in again.stderr and "[export] running" in again.stderr
+
+
+@pytest.mark.slow
 def test_converting_a_two_input_onnx_is_one_line_and_leaves_no_file(tmp_path):
     graph = helper.make_graph(
         [helper.make_node("Add", ["a", "b"], ["logits"])],

@@ -23,7 +23,14 @@ from compress.core.fileio import sha256_file, write_json_atomic
 from compress.core.records import STAGE_RECORD, FileRecord, NetworkSpec, StageRecord
 from compress.errors import ModelError
 
-__all__ = ["STAGE_RECORD", "Artifact", "input_key", "invalidate", "load_completed", "record_stage"]
+__all__ = [
+    "STAGE_RECORD",
+    "Artifact",
+    "discard",
+    "input_key",
+    "load_completed",
+    "record_stage",
+]
 
 
 @dataclass
@@ -122,6 +129,21 @@ def load_completed(folder: Path, run_dir: Path, key: str) -> Artifact | None:
     )
 
 
-def invalidate(folder: Path) -> None:
-    """Forget a stage's completion before re-running it, so a crash mid-way cannot look complete."""
-    (folder / STAGE_RECORD).unlink(missing_ok=True)
+def discard(folder: Path, run_dir: Path) -> None:
+    """Forget a stage and delete the files its record lists (inside the run only).
+
+    For a stage that is about to re-run, or that follows one: its old files were made from
+    inputs that are being replaced, and a re-run that fails must not leave them looking like
+    this run's deliverables (an old ``student.onnx`` beside a failed re-export). Links are
+    removed, never followed; epoch checkpoints are not listed, so resume still works.
+    """
+    try:
+        record = StageRecord.read(folder)
+    except ModelError:
+        record = None
+    (folder / STAGE_RECORD).unlink(missing_ok=True)  # first: a crash mid-way cannot look complete
+    inside = run_dir.resolve()
+    for entry in record.files.values() if record else ():
+        path = run_dir / entry.path
+        if path.parent.resolve().is_relative_to(inside) and (path.is_symlink() or path.is_file()):
+            path.unlink(missing_ok=True)

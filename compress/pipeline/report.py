@@ -117,6 +117,15 @@ def bench_headline(m: dict) -> str:
 # --- the run report: every model of a run, side by side, and the accuracy/latency trade-off ---
 
 
+REPORT_FILES = {"json": "report.json", "markdown": "report.md", "plot": "report.png"}
+
+
+def remove_report(run_dir: Path) -> None:
+    """Delete a run's report: a stage is re-running, so it no longer describes the run."""
+    for name in REPORT_FILES.values():
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``report.png`` into a run folder, from its
     artifacts.
@@ -138,10 +147,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     """
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    paths = {"json": write_json_atomic(run_dir / "report.json", report)}
-    paths["markdown"] = write_text_atomic(run_dir / "report.md", report_markdown(report))
+    paths = {"json": write_json_atomic(run_dir / REPORT_FILES["json"], report)}
+    paths["markdown"] = write_text_atomic(
+        run_dir / REPORT_FILES["markdown"], report_markdown(report)
+    )
     if any(m.get("onnx") for m in report["models"]):
-        paths["plot"] = write_bytes_atomic(run_dir / "report.png", pareto_plot(report))
+        paths["plot"] = write_bytes_atomic(run_dir / REPORT_FILES["plot"], pareto_plot(report))
+    else:  # an earlier run's plot would show models this run no longer has
+        (run_dir / REPORT_FILES["plot"]).unlink(missing_ok=True)
     return paths
 
 

@@ -24,8 +24,8 @@ from compress.core.fileio import sha256_file, write_text_atomic
 from compress.errors import RecipeError, StageError
 from compress.pipeline.artifacts import (
     Artifact,
+    discard,
     input_key,
-    invalidate,
     load_completed,
     record_stage,
 )
@@ -34,7 +34,7 @@ from compress.pipeline.context import RunContext
 from compress.pipeline.memory import stage_peak_rss
 from compress.pipeline.recipe.checks import resolve_device, weighted_sections
 from compress.pipeline.recipe.serialise import recipe_to_dict
-from compress.pipeline.report import write_report
+from compress.pipeline.report import remove_report, write_report
 from compress.pipeline.run_lock import run_lock
 from compress.pipeline.stages import stage_function
 
@@ -80,13 +80,21 @@ def run_stages(
     distributed.on_main(partial(write_text_atomic, run_dir / "recipe.yaml", text))
     check_shared(run_dir / "recipe.yaml", text)
     ctx = RunContext(recipe, run_dir, device, show_progress=show_progress)
-    for index, (spec, key, stage_config) in enumerate(stage_keys(recipe, resolved)):
+    stages = stage_keys(recipe, resolved)
+    rerunning = False  # once a stage runs, every later one does: its input is being replaced
+    for index, (spec, key, stage_config) in enumerate(stages):
         folder = run_dir / spec.name
         artifact = (
-            None if force else distributed.on_main(partial(load_completed, folder, run_dir, key))
+            None
+            if force or rerunning
+            else distributed.on_main(partial(load_completed, folder, run_dir, key))
         )
         # rank 0 prepares the folder, every rank (or rank 0 alone) runs the stage, rank 0 records it
         if artifact is None:
+            if not rerunning:
+                later = [run_dir / s.name for s, _, _ in stages[index:]]
+                distributed.on_main(partial(discard_results, run_dir, later))
+                rerunning = True
             distributed.on_main(partial(start_stage, folder, force))
             artifact = (
                 run_stage(spec, ctx, folder, key, index)
@@ -148,11 +156,19 @@ def check_shared(path: Path, text: str) -> None:
         )
 
 
+def discard_results(run_dir: Path, folders: list[Path]) -> None:
+    """Before the first stage that re-runs: forget it and every later stage, delete the files
+    their records list and the run report, so that a re-run failing anywhere leaves no earlier
+    deliverable (``student.onnx``, ``bench/``, ``report.md``) looking like this run's."""
+    for folder in folders:
+        discard(folder, run_dir)
+    remove_report(run_dir)
+
+
 def start_stage(folder: Path, force: bool) -> None:
-    """Forget the stage's completion (a crash mid-way cannot look complete) and, with ``force``,
-    its epoch checkpoints; rank 0 does this before any rank starts the stage."""
+    """Make the stage's folder and, with ``force``, delete its epoch checkpoints; rank 0 does
+    this before any rank starts the stage (its record is already gone: discard_results)."""
     folder.mkdir(parents=True, exist_ok=True)
-    invalidate(folder)
     if force:
         remove_checkpoints(folder)
 
