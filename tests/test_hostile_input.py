@@ -754,6 +754,46 @@ def test_stage_record_pointing_outside_the_run_is_not_trusted(tmp_path):
     assert load_completed(run_dir / "stage", run_dir, "k") is None
 
 
+def test_report_shows_no_row_whose_record_or_files_lie_outside_the_run(tmp_path):
+    """A record listing a file outside the run (or a stage.json linked in from elsewhere) is not
+    this run's: its row is left out and the report says so, naming it (issue 28)."""
+    import json
+
+    from compress.core.fileio import write_bytes_atomic
+    from compress.pipeline.artifacts import Artifact, record_stage
+    from compress.pipeline.report import build_report, report_markdown
+
+    run_dir = tmp_path / "run"
+    for stage, top1 in (("teacher", 90.0), ("distill", 80.0), ("prune", 70.0)):
+        (run_dir / stage).mkdir(parents=True)
+        weights = write_bytes_atomic(run_dir / stage / "model.pt", stage.encode())
+        artifact = Artifact(
+            stage,
+            kind=stage,
+            files={"model": weights},
+            key="k",
+            metrics={"top1": top1, "params": 1000},
+        )
+        record_stage(run_dir / stage, run_dir, artifact, {}, {})
+    assert [m["name"] for m in build_report(run_dir)["models"]] == ["distill", "prune", "teacher"]
+    (tmp_path / "elsewhere.pt").write_bytes(b"distill")
+    record = json.loads((run_dir / "distill" / "stage.json").read_text())
+    record["files"]["model"]["path"] = "../elsewhere.pt"  # same bytes, outside the run
+    (run_dir / "distill" / "stage.json").write_text(json.dumps(record))
+    foreign = tmp_path / "other_run_prune.json"
+    foreign.write_bytes((run_dir / "prune" / "stage.json").read_bytes())
+    (run_dir / "prune" / "stage.json").unlink()
+    (run_dir / "prune" / "stage.json").symlink_to(foreign)
+    report = build_report(run_dir)
+    assert [m["name"] for m in report["models"]] == ["teacher"]
+    assert len(report["not_shown"]) == 2
+    assert (
+        "distill/stage.json: its model file ../elsewhere.pt lies outside" in report["not_shown"][0]
+    )
+    assert f"links to {foreign}, outside the run folder" in report["not_shown"][1]
+    assert "## Not shown (not this run's records)" in report_markdown(report)
+
+
 @pytest.mark.parametrize(
     ("mean", "std", "expected"),
     [

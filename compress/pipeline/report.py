@@ -160,10 +160,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
 
 def build_report(run_dir: Path) -> dict:
     """The report's data (see :func:`write_report`), read from stage records only."""
-    records = _stage_records(run_dir)
+    records, not_shown = _stage_records(run_dir)
     if not records:
-        raise DataError(f"{run_dir}: no completed stage (no */stage.json); run the recipe first")
-    result = _bench_result(run_dir)
+        raise DataError(
+            f"{run_dir}: no completed stage (no */stage.json"
+            + (f"; {not_shown[0]}" if not_shown else "")
+            + "); run the recipe first"
+        )
+    result = _bench_result(records)
     bench = _bench_rows(result, records) if result is not None else {}
     models = []
     for record in records:
@@ -194,17 +198,18 @@ def build_report(run_dir: Path) -> dict:
         "models": models,
         "pareto": pareto_front(models),
         "more": _other_measurements(result) if result is not None else [],
+        "not_shown": not_shown,
     }
 
 
-def _bench_result(run_dir: Path) -> BenchResult | None:
-    """The run's ``bench.json``; None before the bench stage ran.
+def _bench_result(records: list[StageRecord]) -> BenchResult | None:
+    """The ``bench.json`` the run's (last) bench stage recorded; None before a bench stage ran.
 
     Raises:
         DataError: the file is there but is not a bench result.
     """
-    path = run_dir / "bench" / "bench.json"
-    return BenchResult.read(path) if path.is_file() else None
+    bench = next((r for r in reversed(records) if r.kind == "bench" and "json" in r.files), None)
+    return BenchResult.read(bench.path("json")) if bench is not None else None
 
 
 def _other_measurements(result: BenchResult) -> list[dict]:
@@ -234,15 +239,27 @@ def _other_measurements(result: BenchResult) -> list[dict]:
     return more
 
 
-def _stage_records(run_dir: Path) -> list[StageRecord]:
-    """Completed stage records, in the recipe's order when the resolved recipe is there."""
+def _stage_records(run_dir: Path) -> tuple[list[StageRecord], list[str]]:
+    """Completed stage records, in the recipe's order when the resolved recipe is there, and
+    why each other ``stage.json`` is not shown.
+
+    A record is shown only if it and every file it lists are this run's: inside the run folder
+    (no ``..``, no link out) and as the stage wrote them (sha256). Otherwise its numbers would
+    be reported as this run's while describing something else.
+    """
     import yaml
 
-    records = {}
-    for path in run_dir.glob(f"*/{STAGE_RECORD}"):
+    records, not_shown = {}, []
+    inside = run_dir.resolve()
+    for path in sorted(run_dir.glob(f"*/{STAGE_RECORD}")):
         try:
+            if not path.resolve().is_relative_to(inside):
+                raise ModelError(f"{path}: links to {path.resolve()}, outside the run folder")
             record = StageRecord.read(path)
-        except ModelError:
+            for role in record.files:
+                record.path(role)  # inside the run and the file the stage wrote, or ModelError
+        except ModelError as exc:
+            not_shown.append(str(exc))
             continue
         records[record.stage] = record
     order = []
@@ -254,7 +271,7 @@ def _stage_records(run_dir: Path) -> list[StageRecord]:
     except (OSError, ValueError, RecursionError, yaml.YAMLError, AttributeError, StopIteration):
         pass
     ranked = [records[name] for name in order if name in records]
-    return ranked + [r for name, r in sorted(records.items()) if name not in order]
+    return ranked + [r for name, r in sorted(records.items()) if name not in order], not_shown
 
 
 def _bench_rows(result: BenchResult, records: list[StageRecord]) -> dict[str, dict]:
@@ -383,6 +400,9 @@ def report_markdown(report: dict) -> str:
         "",
         "★ on the Pareto front of accuracy vs batch-1 latency (exported files, ONNX Runtime).",
     ]
+    if report.get("not_shown"):
+        lines += ["", "## Not shown (not this run's records)", ""]
+        lines += [f"- {reason}" for reason in report["not_shown"]]
     if report.get("more"):
         lines += [
             "",
