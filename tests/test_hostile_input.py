@@ -29,7 +29,7 @@ from compress.data.containers import ImageFileDataset
 from compress.data.load import check_image_files, load_dataset
 from compress.data.loaders import make_loaders
 from compress.data.spec import DataConfig, MixConfig, SubsetConfig, UnlabeledConfig
-from compress.errors import DataError, RecipeError, StageError
+from compress.errors import DataError, ModelError, RecipeError, StageError
 from compress.nets.models import build_model
 from compress.pipeline.config import STAGE_KINDS, GatesConfig, Recipe, TeacherConfig
 from compress.pipeline.recipe.load import load_recipe
@@ -479,6 +479,162 @@ def test_fuzzed_recipes_load_or_raise_one_line_recipe_error(tmp_path, raw):
     run_dir = (out / recipe.name).resolve()
     assert run_dir.parent == out
     assert all((run_dir / stage.name).resolve().parent == run_dir for stage in recipe.stages)
+
+
+@st.composite
+def mutated_json(draw, base) -> object:
+    """``base`` (a JSON document) with 1-3 edits: a key dropped or a value replaced by garbage."""
+    import copy
+
+    raw = copy.deepcopy(base)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from([path for path, _ in _nodes(raw)]))
+        if not path:
+            raw = draw(_garbage)
+            continue
+        parent = raw
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(_garbage)
+    return raw
+
+
+def _stage_record_json() -> dict:
+    """A real stage record (a quantized network, metrics, a file) as record_stage writes it."""
+    import json
+    import tempfile
+
+    from compress.core.fileio import write_bytes_atomic
+    from compress.core.records import NetworkSpec, QuantSpec
+    from compress.pipeline.artifacts import Artifact, record_stage
+
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = Path(folder)
+        (run_dir / "quantize").mkdir()
+        weights = write_bytes_atomic(run_dir / "quantize" / "model.pt", b"weights")
+        network = NetworkSpec("cifar:resnet8", 10, True, QuantSpec("onnxruntime-cpu", ("fc",)))
+        artifact = Artifact(
+            "quantize",
+            kind="quantize",
+            files={"model": weights},
+            key="k",
+            role="student",
+            network=network,
+            metrics={"top1": 80.5, "params": 1000, "macs": 5000, "history": [{"epoch": 1}]},
+        )
+        record_stage(run_dir / "quantize", run_dir, artifact, {"mode": "ptq"}, {"name": "r"})
+        return json.loads((run_dir / "quantize" / "stage.json").read_text())
+
+
+def _bench_json() -> dict:
+    row = {
+        "role": "student",
+        "status": "ok",
+        "top1": 85.0,
+        "file_bytes": 100,
+        "params": 10,
+        "macs": 100,
+        "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5, "p90": 0.6}}],
+    }
+    return {"rows": [row | {"role": "teacher", "top1": 90.0}, row], "reference": "teacher"}
+
+
+JSON_FUZZ = settings(
+    max_examples=150,
+    deadline=5_000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@JSON_FUZZ
+@given(mutated_json(_stage_record_json()))
+def test_fuzzed_stage_records_read_or_raise_one_model_error(tmp_path, raw):
+    """Every field a stage record holds, dropped or replaced by any JSON value: the reader and
+    the report either accept it or name the file in one line, never a traceback (issue 28)."""
+    import json
+
+    from compress.core.records import StageRecord
+    from compress.errors import CompressError
+    from compress.pipeline.report import build_report
+
+    (tmp_path / "quantize").mkdir(exist_ok=True)
+    (tmp_path / "quantize" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "quantize" / "stage.json").write_text(json.dumps(raw))
+    try:
+        record = StageRecord.read(tmp_path / "quantize")
+    except ModelError as exc:
+        assert "stage.json" in str(exc) and "\n" not in str(exc)
+    else:
+        assert record.stage is not None
+    try:
+        build_report(tmp_path)
+    except CompressError as exc:
+        assert "\n" not in str(exc)
+
+
+@JSON_FUZZ
+@given(mutated_json(_bench_json()))
+def test_fuzzed_bench_results_read_or_raise_one_data_error(tmp_path, raw):
+    """The same for a bench.json, read as ``compress check`` reads a result and a baseline."""
+    import json
+
+    from compress.benchmark.rows import BenchResult
+    from compress.pipeline.gates import check
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(raw))
+    try:
+        result = BenchResult.read(path)
+    except DataError as exc:
+        assert "bench.json" in str(exc) and "\n" not in str(exc)
+        return
+    check(result, BenchResult.read(path), GatesConfig())
+
+
+_DESCRS = st.sampled_from(["|u1", "<f4", "<i8", "|O", ">u2", "<U3", "|b1", "<c8", "|V4"])
+
+
+@settings(
+    max_examples=150,
+    deadline=5_000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(st.integers(0, 10**12), max_size=5),
+    _DESCRS,
+    st.binary(max_size=600),
+    st.lists(st.integers(-(2**40), 2**40), max_size=6),
+)
+def test_fuzzed_npz_headers_are_loaded_or_refused_before_allocation(
+    tmp_path, shape, descr, data, labels
+):
+    """Any declared shape and dtype over any few bytes: a DataError naming the file, never an
+    allocation of what the header declares or a traceback (issue 28)."""
+    import zipfile
+
+    from compress.data.npz import load_npz
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+    )
+    label_bytes = io.BytesIO()
+    np.save(label_bytes, np.asarray(labels, dtype=np.int64))
+    for split in ("train", "test"):
+        with zipfile.ZipFile(tmp_path / f"{split}.npz", "w") as archive:
+            archive.writestr("x.npy", header.getvalue() + data)
+            archive.writestr("y.npy", label_bytes.getvalue())
+    try:
+        load_npz(DataConfig(kind="npz", path=str(tmp_path), image_size=8))
+    except DataError as exc:
+        assert "\n" not in str(exc)
 
 
 @pytest.mark.parametrize(

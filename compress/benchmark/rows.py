@@ -337,7 +337,7 @@ class BenchResult:
             return cls.from_json(raw)
         except ValueError as exc:
             raise DataError(f"{path}: {exc}") from None
-        except (TypeError, KeyError):
+        except (TypeError, KeyError, AttributeError):  # a field missing or of the wrong type
             raise DataError(
                 f"{path}: not a bench result (expected an object with a list of 'rows', as "
                 "compress bench writes)"

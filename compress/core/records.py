@@ -224,7 +224,12 @@ class StageRecord:
             raise ModelError(f"{record_path}: not {expected} (no such file)") from None
         except UnreadableFile as exc:
             raise ModelError(f"{record_path}: not {expected} ({exc})") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:  # a field of the wrong type
             what = (
                 f"no {exc} recorded"
                 if isinstance(exc, KeyError)

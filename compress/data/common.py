@@ -105,6 +105,8 @@ def _resize(images: Tensor, size: int) -> Tensor:
     """Bilinear (antialiased when shrinking) resize of a uint8 NCHW tensor, in chunks."""
     if images.shape[-2:] == (size, size):
         return images
+    if len(images) == 0:  # not interpolated: that costs time in the declared (any) image size
+        return images.new_empty((0, images.shape[1], size, size))
     chunks = [
         F.interpolate(
             chunk.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
@@ -114,7 +116,7 @@ def _resize(images: Tensor, size: int) -> Tensor:
         .to(torch.uint8)
         for chunk in images.split(_RESIZE_CHUNK)
     ]
-    return torch.cat(chunks) if chunks else images.new_empty((0, images.shape[1], size, size))
+    return torch.cat(chunks)
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -119,9 +119,10 @@ def _npz_images(x: np.ndarray, file: Path) -> Tensor:
         raise DataError(f"{file}: x must be uint8 pixels 0..255, got dtype {x.dtype}")
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or 0 in x.shape[1:3]:
         raise DataError(
-            f"{file}: x must be NHWC with 1 or 3 channels, or NHW grey; got shape {x.shape}"
+            f"{file}: x must be NHWC with 1 or 3 channels, or NHW grey, images at least 1x1; got "
+            f"shape {x.shape}"
         )
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
     return images.expand(-1, 3, -1, -1).contiguous()
@@ -171,10 +172,15 @@ def _check_same_size(train_x: Tensor, test_x: Tensor, folder: Path) -> None:
 
 def _read_unlabeled_npz(file: Path) -> np.ndarray:
     (x,) = _arrays(file, ("x",), "an array 'x' (unlabeled images)")
-    if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+    if (
+        x.dtype != np.uint8
+        or x.ndim not in (3, 4)
+        or (x.ndim == 4 and x.shape[-1] not in (1, 3))
+        or 0 in x.shape[1:3]
+    ):
         raise DataError(
-            f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey; got {x.dtype} "
-            f"{x.shape}"
+            f"{file}: x must be uint8 NHWC with 1 or 3 channels, or NHW grey, images at least "
+            f"1x1; got {x.dtype} {x.shape}"
         )
     if len(x) == 0:
         raise DataError(f"{file}: x holds no images")

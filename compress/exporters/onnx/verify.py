@@ -4,6 +4,7 @@ habit 6)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,6 +285,13 @@ def _diff_text(result: dict) -> str:
     return f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})"
 
 
+MAX_CHECK_INPUT_BYTES = 1 << 30  # random inputs a converted file is checked on (64 x 3x1024x1024)
+
+
+def _bytes(sample_shape: list[int]) -> int:
+    return 4 * math.prod(sample_shape)
+
+
 def compare_onnx_files(
     candidate: Path, reference: Path, samples: int, *, tolerance: float, min_agreement: float
 ) -> dict:
@@ -298,14 +306,19 @@ def compare_onnx_files(
                 "classifiers"
             )
     shape = [d if isinstance(d, int) else None for d in sessions[1].get_inputs()[0].shape]
-    if len(shape) != 4:
+    if len(shape) != 4 or None in shape[1:]:
         raise ExportError(
             f"{reference.name}: its input has shape {shape}; compress checks image classifiers "
-            "(N, C, H, W)"
+            "(N, C, H, W) with fixed C, H, W"
         )
-    inputs = np.random.default_rng(0).standard_normal(
-        (shape[0] or min(samples, 64), *shape[1:]), dtype=np.float32
-    )
+    batch = shape[0] or max(1, min(samples, 64, MAX_CHECK_INPUT_BYTES // _bytes(shape[1:])))
+    if batch * _bytes(shape[1:]) > MAX_CHECK_INPUT_BYTES:
+        raise ExportError(
+            f"{reference.name}: its input {[batch, *shape[1:]]} is "
+            f"{batch * _bytes(shape[1:]) / 2**30:.3g} GiB of float32; compress checks inputs up to "
+            f"{MAX_CHECK_INPUT_BYTES / 2**30:g} GiB (an image classifier's input, not this shape)"
+        )
+    inputs = np.random.default_rng(0).standard_normal((batch, *shape[1:]), dtype=np.float32)
     outputs = []
     for path, session in zip((candidate, reference), sessions, strict=True):
         feed = (
