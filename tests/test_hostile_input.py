@@ -481,6 +481,33 @@ def test_fuzzed_recipes_load_or_raise_one_line_recipe_error(tmp_path, raw):
     assert all((run_dir / stage.name).resolve().parent == run_dir for stage in recipe.stages)
 
 
+def test_fp16_conversion_of_a_file_declaring_a_huge_input_is_one_line(tmp_path):
+    """A file whose input is declared 3x100000x100000: its check inputs would be 112 GiB, so the
+    conversion is refused by name instead of a numpy allocation traceback (issue 28)."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [2, 3, 1, 1], np.ones(6, np.float32))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"]),
+            helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["logits"]),
+        ],
+        "huge",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 100000, 100000])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [weight],
+    )
+    source = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), source)
+    result = compress("export", source, "--format", "onnx-fp16")
+    assert result.returncode == 2
+    assert_one_line_error(
+        result.stderr,
+        "huge.onnx: its input [1, 3, 100000, 100000]",
+        "compress checks inputs up to 1 GiB",
+    )
+    assert not (tmp_path / "huge.fp16.onnx").exists()
+
+
 @st.composite
 def mutated_json(draw, base) -> object:
     """``base`` (a JSON document) with 1-3 edits: a key dropped or a value replaced by garbage."""
