@@ -16,6 +16,7 @@ import click
 
 from compress.benchmark.spec import BenchConfig
 from compress.core import distributed
+from compress.core.fields import is_utf8, printable
 from compress.data.spec import DATASET_KINDS
 from compress.errors import CompressError, output_error
 from compress.exporters.spec import EXPORTERS, ExportConfig
@@ -85,10 +86,20 @@ def unexpected(exc: BaseException, debug: bool) -> NoReturn:
     sys.exit(2)
 
 
+class TextPath(click.Path):
+    """A path argument that must be valid UTF-8: one with another byte would be used for the
+    work and then fail to print in the first message that names it (issue 28)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not is_utf8(value):
+            self.fail(f"the path {printable(value)!r} is not valid UTF-8; rename it", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def recipe_options(fn):
     """The overrides shared by ``run`` and ``validate``."""
     options = [
-        click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False)),
+        click.argument("recipe_path", metavar="RECIPE", type=TextPath(dir_okay=False)),
         click.option("--data", help="Dataset path (overrides data.path)."),
         click.option(
             "--epochs", type=click.IntRange(min=0), help="Epochs of every training section."
@@ -242,10 +253,8 @@ def _backends() -> list[str]:
 
 
 @cli.command()
-@click.argument("model", type=click.Path())
-@click.option(
-    "--against", type=click.Path(), help="A reference model (the teacher) to compare with."
-)
+@click.argument("model", type=TextPath())
+@click.option("--against", type=TextPath(), help="A reference model (the teacher) to compare with.")
 @click.option(
     "--backend",
     "backends",
@@ -261,6 +270,7 @@ def _backends() -> list[str]:
 )
 @click.option(
     "--data",
+    type=TextPath(),
     help="Test data for accuracy: a dataset folder (kind detected) or omitted for latency only.",
 )
 @click.option(
@@ -317,7 +327,7 @@ def _backends() -> list[str]:
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False),
+    type=TextPath(file_okay=False),
     help="Folder for bench.json/bench.md (default: next to MODEL).",
 )
 @user_errors
@@ -367,7 +377,7 @@ def bench(
 
 
 @cli.command(name="export")
-@click.argument("source", type=click.Path())
+@click.argument("source", type=TextPath())
 @click.option(
     "--format",
     "fmt",
@@ -378,7 +388,7 @@ def bench(
     ),
 )
 @click.option(
-    "--out", type=click.Path(dir_okay=False), help="The file to write (default: next to SOURCE)."
+    "--out", type=TextPath(dir_okay=False), help="The file to write (default: next to SOURCE)."
 )
 @click.option(
     "--opset", type=click.IntRange(7, 23), default=default(ExportConfig, "opset"), show_default=True
@@ -401,6 +411,7 @@ def bench(
 )
 @click.option(
     "--data",
+    type=TextPath(),
     help=(
         "Dataset for the metadata and check images (default: the data of the recipe that made the "
         "stage)."
@@ -447,7 +458,7 @@ def export_(source, fmt, out, opset, exporter, batch, simplify, data, engine_fp1
 
 
 @cli.command()
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR", type=TextPath(file_okay=False))
 @user_errors
 def report(run_dir):
     """(Re)write RUN_DIR/report.md, report.json and report.png from the run's artifacts."""
@@ -470,9 +481,9 @@ def _fraction(ctx, param, value: str) -> float:
 
 
 @cli.command()
-@click.argument("result", type=click.Path())
+@click.argument("result", type=TextPath())
 @click.option(
-    "--baseline", type=click.Path(), help="The known-good bench.json (or its bench/ or run folder)."
+    "--baseline", type=TextPath(), help="The known-good bench.json (or its bench/ or run folder)."
 )
 @click.option(
     "--max-accuracy-drop",

@@ -1152,3 +1152,41 @@ def test_a_non_utf8_path_is_refused_before_any_work(tmp_path, field):
     assert f"{expected}: the path" in proc.stderr and "not valid UTF-8" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("bench", "{bad}"),
+        ("bench", "{model}", "--out", "{bad}"),
+        ("bench", "{model}", "--data", "{bad}"),
+        ("export", "{bad}", "--format", "onnx-fp16"),
+        ("export", "{model}", "--format", "onnx-fp16", "--out", "{bad}/m.onnx"),
+        ("report", "{bad}"),
+        ("check", "{bad}"),
+        ("check", "{model}", "--baseline", "{bad}"),
+        ("validate", "{bad}"),
+    ],
+)
+def test_every_path_argument_refuses_non_utf8_in_one_line(tmp_path, args):
+    """Each command's path arguments, as argv delivers a non-UTF-8 byte: a usage error naming
+    the argument, exit 2, nothing written (issue 28)."""
+    import os
+    import subprocess
+    import sys
+
+    bad = os.fsdecode(str(tmp_path).encode() + b"/\xff")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    argv = [arg.format(bad=bad, model=model) for arg in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress", *argv],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-1000:]
+    assert "is not valid UTF-8; rename it" in proc.stderr and "\\xff" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

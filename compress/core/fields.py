@@ -44,6 +44,25 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a non-UTF-8 byte of argv arrives as a lone
+    surrogate, which does not: printing it later raises)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """``text`` with each byte that is not UTF-8 written as ``\\xff``, safe to print."""
+    try:  # argv's lone surrogates back to the bytes the user typed
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise RecipeError(message)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from compress.core.fields import is_utf8, printable
 from compress.errors import ModelError, RecipeError
 from compress.pipeline.config import (
     SELF_TEACHER,
@@ -45,12 +46,11 @@ def _check_recipe(recipe: Recipe) -> None:
         value = _field(recipe, field)
         if value is not None and (not value.strip() or "\0" in value):
             raise RecipeError(f"{field}: expected a file or folder path, got {value!r}")
-        if value is not None and not _utf8(value):
+        if value is not None and not is_utf8(value):
             # a non-UTF-8 byte (from the command line) ran training, then failed to print the
             # export's error: refused before any work (issue 28)
             raise RecipeError(
-                f"{field}: the path {value.encode('utf-8', 'backslashreplace').decode()!r} is not "
-                "valid UTF-8; rename it"
+                f"{field}: the path {printable(value)!r} is not valid UTF-8; rename it"
             )
     if not recipe.stages:
         raise RecipeError(
@@ -85,16 +85,6 @@ def _check_recipe(recipe: Recipe) -> None:
             "teacher: give a checkpoint to load, weights to start from, or train.epochs >= 1 to "
             "train one"
         )
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` encodes as UTF-8 (a non-UTF-8 byte of argv arrives as a lone
-    surrogate, which does not)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _field(node: Any, dotted: str) -> Any:
