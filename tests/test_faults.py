@@ -231,6 +231,17 @@ def test_billion_laughs_is_refused_before_it_expands(tmp_path, field):
     assert "aliases expand to more than 100,000 values" in str(info.value)
 
 
+def test_a_long_list_without_aliases_is_called_big_not_an_alias_bomb(tmp_path):
+    from compress.errors import RecipeError
+    from compress.pipeline.recipe.load import load_recipe
+
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\nstages: [teacher]\nnotes: [" + "1, " * 200_000 + "1]\n")
+    with pytest.raises(RecipeError, match="it holds more than 100,000 values") as info:
+        load_recipe(path)
+    assert "aliases" not in str(info.value).split(": ", 1)[1]
+
+
 def test_a_recursive_alias_and_a_key_given_twice_are_refused(tmp_path):
     from compress.errors import RecipeError
     from compress.pipeline.recipe.load import load_recipe

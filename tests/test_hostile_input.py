@@ -1190,3 +1190,60 @@ def test_every_path_argument_refuses_non_utf8_in_one_line(tmp_path, args):
     assert "is not valid UTF-8; rename it" in proc.stderr and "\\xff" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("planted", ["fifo", "device", "folder"])
+def test_what_is_not_a_file_is_named_for_what_it_is(tmp_path, planted):
+    """A FIFO, /dev/zero or a folder given as a model, checkpoint or bench result was reported
+    as "no such file", sending the user looking for a file that is there (issue 28)."""
+    import os
+
+    from compress.exporters.onnx.graph import load_onnx
+    from compress.nets.weights import read_checkpoint
+    from compress.pipeline.gates import load_bench_result
+
+    if planted == "fifo":
+        path, words = tmp_path / "planted", "a FIFO, not a file"
+        os.mkfifo(path)
+    elif planted == "device":
+        path, words = Path("/dev/zero"), "a device, not a file"
+    else:
+        path, words = tmp_path, "a folder, not a file"
+    with pytest.raises(ModelError, match=f"^checkpoint {re.escape(str(path))}: {words}$"):
+        read_checkpoint(path)
+    from compress.errors import ExportError
+
+    with pytest.raises(ExportError, match=f"^{re.escape(str(path))}: {words}; expected an ONNX"):
+        load_onnx(path)
+    if planted != "folder":  # a folder is looked into for bench.json
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))}: {words}; no bench result"):
+            load_bench_result(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"top1": 999.0}, "rows['student'].top1 is 999.0, not a percentage 0..100"),
+        (
+            {"latency": [{"batch_size": "one", "status": "ok", "latency_ms": {"p50": 1.0}}]},
+            "rows['student'].latency batch_size is 'one', not a positive int",
+        ),
+    ],
+)
+def test_a_baseline_with_impossible_values_is_bad_input_not_a_regression(tmp_path, edit, message):
+    """A top-1 of 999% read as a regression (exit 1), a non-numeric batch size was silently
+    skipped: both are bad input, exit 2, naming the field (issue 28)."""
+    import json
+
+    row = {
+        "role": "student",
+        "status": "ok",
+        "top1": 85.0,
+        "file_bytes": 100,
+        "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5}}],
+    }
+    (tmp_path / "current.json").write_text(json.dumps({"rows": [row]}))
+    (tmp_path / "baseline.json").write_text(json.dumps({"rows": [row | edit]}))
+    result = compress("check", tmp_path / "current.json", "--baseline", tmp_path / "baseline.json")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "baseline.json: " + message)

@@ -392,7 +392,10 @@ def _check_numbers(row: dict) -> None:
             raise ValueError(
                 f"rows[{role!r}].latency_ms is {latency_ms!r}, not a mapping of percentiles"
             )
-        values[f"latency[batch {entry.get('batch_size')}].p50"] = (latency_ms or {}).get("p50")
+        batch = entry.get("batch_size")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"rows[{role!r}].latency batch_size is {batch!r}, not a positive int")
+        values[f"latency[batch {batch}].p50"] = (latency_ms or {}).get("p50")
         processes = entry.get("processes")
         if processes is not None and not (
             isinstance(processes, list) and all(isinstance(p, dict) for p in processes)
@@ -411,3 +414,6 @@ def _check_numbers(row: dict) -> None:
             raise ValueError(
                 f"rows[{role!r}].{name} is {value!r}, not a finite non-negative number"
             )
+    top1 = values["top1"]
+    if top1 is not None and top1 > 100:
+        raise ValueError(f"rows[{role!r}].top1 is {top1!r}, not a percentage 0..100")

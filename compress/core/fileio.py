@@ -149,6 +149,36 @@ class UnreadableFile(ValueError):
     (the caller names the file)."""
 
 
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """None if ``path`` leads to a regular file (links followed); else what is there, in words
+    for an error line: "no such file", "a FIFO, not a file", "a device, not a file"...
+
+    Why: ``/dev/zero`` or a FIFO given as a model or a record was reported as "no such file",
+    which sends the user looking for a file that is there (issue 28)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if stat.S_ISREG(info.st_mode) else _kind(info.st_mode)
+
+
+def _kind(mode: int) -> str:
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a folder"
+        if stat.S_ISDIR(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    return f"{kind}, not a file"
+
+
 def read_text_bounded(path: str | os.PathLike, *, max_bytes: int = MAX_RECORD_BYTES) -> str:
     """The UTF-8 text of a regular file of at most ``max_bytes``.
 
@@ -162,16 +192,7 @@ def read_text_bounded(path: str | os.PathLike, *, max_bytes: int = MAX_RECORD_BY
     """
     info = os.stat(path)
     if not stat.S_ISREG(info.st_mode):
-        kind = (
-            "a FIFO"
-            if stat.S_ISFIFO(info.st_mode)
-            else "a device"
-            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
-            else "a folder"
-            if stat.S_ISDIR(info.st_mode)
-            else "not a regular file"
-        )
-        raise UnreadableFile(f"{kind}, not a file")
+        raise UnreadableFile(_kind(info.st_mode))
     if info.st_size > max_bytes:
         raise UnreadableFile(f"{info.st_size:,} bytes; a record is at most {max_bytes:,}")
     with open(path, "rb") as handle:

@@ -220,8 +220,12 @@ class StageRecord:
         record_path = path if path.name == STAGE_RECORD else path / STAGE_RECORD
         try:
             return cls.from_json(read_json(record_path), folder=record_path.parent)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ModelError(f"{record_path}: not {expected} (no such file)") from None
+        except OSError as exc:  # a read error, never "cannot write"
+            raise ModelError(
+                f"{record_path}: not {expected} (cannot read it: {exc.strerror or exc})"
+            ) from None
         except UnreadableFile as exc:
             raise ModelError(f"{record_path}: not {expected} ({exc})") from None
         except (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.core.fileio import write_bytes_atomic
+from compress.core.fileio import not_a_file, write_bytes_atomic
 from compress.errors import ExportError
 from compress.exporters.spec import ExportConfig
 
@@ -59,8 +59,9 @@ def build_engine(
     """
     trt = _import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not onnx_path.is_file():
-        raise ExportError(f"{onnx_path}: no such ONNX file")
+    problem = not_a_file(onnx_path)
+    if problem is not None:
+        raise ExportError(f"{onnx_path}: {problem}; expected an ONNX file")
     if not 1 <= batch[0] <= batch[1] <= batch[2]:
         raise ExportError(f"batch: expected 1 <= min <= opt <= max, got {batch}")
     logger = trt.Logger(trt.Logger.WARNING)

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.core.fileio import not_a_file
 from compress.errors import ModelError, first_line
 from compress.nets.models import TIMM_PREFIX, build_model, classifier_key, timm_pretrained_cfg
 from compress.nets.weights import mismatches, read_state_dict
@@ -151,8 +152,9 @@ def check_source(source: WeightSource, model: str) -> None:
             it knows).
     """
     if source.kind == "file":
-        if not Path(source.name).is_file():
-            raise ModelError(f"no such file: {source.name}")
+        problem = not_a_file(source.name)
+        if problem is not None:
+            raise ModelError(f"{source.name}: {problem}; expected a weights file")
     elif source.kind == "torchvision":
         _torchvision_weights(source, model)
     elif source.kind == "timm":

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compress.core import distributed
-from compress.core.fileio import atomic_path
+from compress.core.fileio import atomic_path, not_a_file
 from compress.errors import ModelError
 
 _MAX_LISTED = 3  # problems named in a load_weights error before "+N more"
@@ -101,8 +101,6 @@ def load_weights(
             mismatch). The message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
     checkpoint = _torch_load(path)
     structure = checkpoint.get("structure") if isinstance(checkpoint, dict) else None
     if structure is not None:
@@ -126,10 +124,7 @@ def load_weights(
 def read_checkpoint(path: str | Path) -> object:
     """A checkpoint file as saved (``weights_only=True``); one-line ModelError when it cannot be
     read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    return _torch_load(path)
+    return _torch_load(Path(path))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -138,6 +133,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> object:
+    problem = not_a_file(path)
+    if problem is not None:
+        what = " does not exist" if problem == "no such file" else f": {problem}"
+        raise ModelError(f"checkpoint {path}{what}")
     if path.stat().st_size == 0:
         raise ModelError(
             f"checkpoint {path} is not a PyTorch checkpoint: the file is empty (0 bytes)"
@@ -147,6 +146,8 @@ def _torch_load(path: Path) -> object:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # a read error, never "cannot write" (issue 28)
+        raise ModelError(f"checkpoint {path}: cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
         text = str(exc)
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from compress.benchmark.ratios import reference_row, speedup
 from compress.benchmark.rows import BenchResult, BenchRow
+from compress.core.fileio import not_a_file
 from compress.errors import DataError
 from compress.pipeline.config import GatesConfig
 
@@ -60,8 +61,11 @@ def load_bench_result(path: str | Path) -> BenchResult:
     for candidate in (path, path / "bench.json", path / "bench" / "bench.json"):
         if candidate.is_file():
             return BenchResult.read(candidate)
+    problem = not_a_file(path)
+    there = "" if problem in ("no such file", "a folder, not a file") else f"{problem}; "
     raise DataError(
-        f"{path}: no bench result here (expected bench.json, its bench/ folder or the run folder)"
+        f"{path}: {there}no bench result here (expected bench.json, its bench/ folder or the run "
+        "folder)"
     )
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from compress.core.fileio import not_a_file
 from compress.errors import ExportError, first_line
 
 if TYPE_CHECKING:
@@ -94,8 +95,9 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
         ExportError: missing, unreadable, not a protobuf, or rejected by ``onnx.checker``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such ONNX file")
+    problem = not_a_file(path)
+    if problem is not None:
+        raise ExportError(f"{path}: {problem}; expected an ONNX file")
     try:
         model = onnx.load(path)
         onnx.checker.check_model(model)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from compress.core.fields import is_utf8, printable
+from compress.core.fileio import not_a_file
 from compress.errors import ModelError, RecipeError
 from compress.pipeline.config import (
     SELF_TEACHER,
@@ -175,7 +176,8 @@ def check_references(recipe: Recipe) -> None:
     if recipe.teacher.checkpoint is not None and not _path_is(
         recipe.teacher.checkpoint, "is_file", "teacher.checkpoint"
     ):
-        raise RecipeError(f"teacher.checkpoint: no such file: {recipe.teacher.checkpoint}")
+        problem = not_a_file(recipe.teacher.checkpoint)
+        raise RecipeError(f"teacher.checkpoint: {problem}: {recipe.teacher.checkpoint}")
     if recipe.gates.baseline is not None and not _path_is(
         recipe.gates.baseline, "exists", "gates.baseline"
     ):

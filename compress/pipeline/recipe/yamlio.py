@@ -26,8 +26,8 @@ def load_yaml(text: str) -> Any:
 
     Raises:
         yaml.YAMLError: not YAML.
-        YamlProblem: aliases that expand beyond :data:`MAX_VALUES`, a recursive alias, or a
-            key given twice in one mapping.
+        YamlProblem: more than :data:`MAX_VALUES` values, or aliases that expand beyond it, a
+            recursive alias, or a key given twice in one mapping.
     """
     loader = yaml.SafeLoader(text)
     try:
@@ -40,7 +40,25 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
+def _check_size(root: yaml.Node) -> None:
+    """A document too big by itself, told apart from one whose aliases make it big."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > MAX_VALUES:
+            raise YamlProblem(
+                f"it holds more than {MAX_VALUES:,} values (line {node.start_mark.line + 1}); a "
+                "recipe has a few hundred"
+            )
+        stack.extend(_children(node))
+
+
 def _check_graph(root: yaml.Node) -> None:
+    _check_size(root)
     expanded: dict[int, int] = {}
     open_nodes: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
