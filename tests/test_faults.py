@@ -99,6 +99,23 @@ def test_torch_save_on_a_full_disk_is_an_oserror_and_the_old_file_survives(tmp_p
     ]  # no temporary file left
 
 
+def test_a_full_disk_during_any_atomic_write_names_the_file_not_its_temporary(
+    tmp_path, monkeypatch
+):
+    import compress.core.fileio as fileio
+
+    def full(_path):
+        raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as fsync raises
+
+    monkeypatch.setattr(fileio, "_fsync", full)
+    target = tmp_path / "bench.json"
+    with pytest.raises(OSError) as info:
+        fileio.write_json_atomic(target, {"rows": []})
+    line = str(output_error(info.value))
+    assert f"cannot write {target}: the disk is full" in line
+    assert os.listdir(tmp_path) == []
+
+
 def test_other_torch_save_errors_are_not_mistaken_for_a_full_disk(tmp_path, monkeypatch):
     from compress.nets.weights import save_weights
 
@@ -139,6 +156,7 @@ def test_a_run_on_a_full_disk_ends_in_one_line_and_resumes_elsewhere(tmp_path, f
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot write") and "the disk is full" in last
+    assert f" {full_disk}/" in last and ".tmp" not in last  # names the file, not a temporary one
     assert not list(full_disk.rglob("*.tmp")) and not list(full_disk.rglob(".*.pt.*"))
 
 

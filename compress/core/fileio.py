@@ -47,6 +47,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename in (None, str(tmp), tmp_name):  # name the file the user knows (disk full)
+            exc.filename = str(path)
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
