@@ -132,6 +132,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _state_dict(read_checkpoint(path), Path(path))
 
 
+_READ_ERRNOS = (errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT)  # torch.load's EINVAL: corrupt
+
+
 def _torch_load(path: Path) -> object:
     problem = not_a_file(path)
     if problem is not None:
@@ -146,9 +149,9 @@ def _torch_load(path: Path) -> object:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:  # a read error, never "cannot write" (issue 28)
-        raise ModelError(f"checkpoint {path}: cannot read it ({exc.strerror or exc})") from None
     except Exception as exc:  # a file that is not a checkpoint fails the unpickler in many ways
+        if isinstance(exc, OSError) and exc.errno in _READ_ERRNOS:  # never "cannot write"
+            raise ModelError(f"checkpoint {path}: cannot read it ({exc.strerror})") from None
         text = str(exc)
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(
             r"unsupported GLOBAL (\S+)", text
