@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import json
 import shutil
 import sys
 import tempfile
@@ -95,6 +96,12 @@ def main() -> None:
     )
     parser.add_argument("--keep", type=Path, help="copy the compared files here (one run only)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "int8_vs_peers.json")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace these runs' models in --out and keep its others (same machine only): "
+        "runs compared with and without --requantize in one table",
+    )
     args = parser.parse_args()
     if args.keep and len(args.run_dirs) != 1:
         parser.error("--keep takes one run")
@@ -118,12 +125,23 @@ def main() -> None:
             "tolerance_points": TOLERANCE_POINTS,
             "speed_noise_bar": NOISE_BAR,
         },
-        "models": models,
+        "models": kept_models(args.out, models) if args.update else models,
         "wall_s": time.perf_counter() - started,
     }
     print(table(record))
     write_json_atomic(args.out, record)
     print(f"written: {args.out}")
+
+
+def kept_models(out: Path, models: list[dict]) -> list[dict]:
+    """The models of the earlier ``out`` with those just compared replaced (or appended): only
+    if it was measured on this machine, since its latencies sit in the same table."""
+    earlier = json.loads(out.read_text())
+    if earlier["machine"].get("cpu") != machine_info().get("cpu"):
+        sys.exit(f"--update: {out} was measured on {earlier['machine'].get('cpu')}, not here")
+    fresh = {m["name"]: m for m in models}
+    merged = [fresh.pop(m["name"], m) for m in earlier["models"]]
+    return merged + list(fresh.values())
 
 
 def compare_run(run_dir: Path, folder: Path, args) -> dict:
