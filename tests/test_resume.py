@@ -435,3 +435,6 @@ def test_dry_run_says_which_stages_would_run_and_writes_nothing(tmp_path):
     forced = runner.invoke(cli, ["run", str(recipe), *out, "--dry-run", "--force"])
     assert "teacher: would run\ndistill: would run" in forced.output
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    (run_dir / "teacher" / "model.pt").rename(tmp_path / "lost.pt")  # the teacher would re-run,
+    lost = runner.invoke(cli, ["run", str(recipe), *out, "--dry-run"])  # so would what follows
+    assert "teacher: would run\ndistill: would run" in lost.output

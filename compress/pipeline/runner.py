@@ -130,14 +130,16 @@ def plan(recipe: Recipe) -> dict[str, bool]:
     """Stage name -> whether :func:`run` would reuse it (a finished stage with the same inputs is
     in the run folder) rather than run it; reads the folder, writes nothing.
 
-    A stage that would run throws its old result away: check before a long run whose inputs
-    may have moved (e.g. the data path spelled differently, which is part of every key).
+    A stage that would run throws its old result away, and every later stage's: check before a
+    long run whose inputs may have moved (e.g. the data path spelled differently, which is part
+    of every key).
     """
     run_dir = Path(recipe.out) / recipe.name
-    return {
-        spec.name: load_completed(run_dir / spec.name, run_dir, key) is not None
-        for spec, key, _ in stage_keys(recipe)
-    }
+    reused, rerunning = {}, False
+    for spec, key, _ in stage_keys(recipe):  # as run_stages: after a stage that runs, all do
+        rerunning = rerunning or load_completed(run_dir / spec.name, run_dir, key) is None
+        reused[spec.name] = not rerunning
+    return reused
 
 
 def check_shared(path: Path, text: str) -> None:
