@@ -76,7 +76,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     candidates = api.calibration_candidates(student, batches, cfg, holdout or None)
     results = [measure(c.network, student, ctx, test_loader, prep) for c in candidates]
     records = [
-        candidate_record(f"ptq-{c.method}", c.holdout_top1, result)
+        candidate_record(f"ptq-{c.method}", c.holdout_top1, c.holdout_agreement, result)
         for c, result in zip(candidates, results, strict=True)
     ]
     qmodel = candidates[0].network.eval()  # the best on the held-out images
@@ -98,10 +98,15 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         )
         qmodel.eval()
         qat_holdout = api.holdout_top1(qmodel, holdout) if holdout else None
+        qat_agreement = api.holdout_agreement(qmodel, student, holdout) if holdout else None
         qat = measure(qmodel, student, ctx, test_loader, prep)
-        records.append(candidate_record("qat", qat_holdout, qat))
-        if qat_holdout is not None and qat_holdout <= candidates[0].holdout_top1:
-            # QAT did not beat the best PTQ network, which stays closer to the float student
+        records.append(candidate_record("qat", qat_holdout, qat_agreement, qat))
+        if (
+            qat_holdout is not None
+            and api.holdout_rank(qat_holdout, qat_agreement) <= candidates[0].rank
+        ):
+            # QAT did not beat the best PTQ network (top-1, then agreement with the float
+            # student): the PTQ network is the smaller change, so it ships
             qmodel, history = best_ptq, []
         else:
             shipped, test = "qat", qat
@@ -199,12 +204,16 @@ def measure(network, student, ctx: RunContext, test_loader, prep) -> dict:
     return test | {"agreement": top1_agreement(network, student, test_loader, prep, ctx.device)}
 
 
-def candidate_record(name: str, holdout: float | None, result: dict) -> dict:
-    """One network the stage could ship: its held-out top-1 (what decides; None when nothing
-    was held out) and what :func:`measure` found on the test split."""
+def candidate_record(
+    name: str, holdout: float | None, holdout_agreement: float | None, result: dict
+) -> dict:
+    """One network the stage could ship: its held-out top-1 and agreement with the float
+    student (what decides: :func:`compress.api.holdout_rank`; None when nothing was held out)
+    and what :func:`measure` found on the test split."""
     return {
         "name": name,
         "holdout_top1": holdout,
+        "holdout_agreement": holdout_agreement,
         "test_top1": result["top1"],
         "agreement_with_fp32": result["agreement"],
     }
