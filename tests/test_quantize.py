@@ -599,14 +599,14 @@ def test_calibration_auto_keeps_the_method_with_the_best_held_out_top1(digits_te
     tried = qmodel.calibration_candidates
     assert {c["method"] for c in tried} == {"minmax", "percentile", "mse"}
     assert tried[0]["method"] == qmodel.calibration_method
-    ranks = [(c["holdout_top1"], c["holdout_agreement"]) for c in tried]
-    assert ranks[0] == max(ranks)  # top-1 first, agreement with the float network on a tie
+    ranks = [(c["holdout_top1"], c["holdout_agreement"], -c["holdout_kl"]) for c in tried]
+    assert ranks[0] == max(ranks)  # top-1 first, then agreement, then KL from the float network
     with torch.no_grad():
         top1 = 100.0 * float((qmodel(holdout[0][0]).argmax(1) == holdout[0][1]).float().mean())
         same = float((qmodel(holdout[0][0]).argmax(1) == model(holdout[0][0]).argmax(1)).sum())
     assert top1 == pytest.approx(tried[0]["holdout_top1"])  # the shipped network is that one
     assert tried[0]["holdout_agreement"] == pytest.approx(same / 400)
-    assert compress.api.holdout_agreement(model, model, holdout) == 1.0
+    assert compress.api.holdout_fidelity(model, model, holdout) == (1.0, 0.0)
 
 
 def test_a_held_out_top1_tie_goes_to_the_candidate_closer_to_the_float_network():
@@ -614,7 +614,8 @@ def test_a_held_out_top1_tie_goes_to_the_candidate_closer_to_the_float_network()
 
     assert holdout_rank(96.67, 1.0) > holdout_rank(96.67, 0.99)  # the same images right
     assert holdout_rank(97.0, 0.90) > holdout_rank(96.67, 1.0)  # top-1 decides first
-    assert holdout_rank(None, None) == (0.0, 0.0)
+    assert holdout_rank(96.67, 0.99, 0.01) > holdout_rank(96.67, 0.99, 0.02)  # then the KL
+    assert holdout_rank(None, None) < holdout_rank(0.0, 0.0, 5.0)
 
 
 def test_the_stage_records_every_candidate_and_never_ships_qat_below_the_best_ptq(
@@ -643,6 +644,7 @@ def test_the_stage_records_every_candidate_and_never_ships_qat_below_the_best_pt
     qat = next(c for c in metrics["candidates"] if c["name"] == "qat")
     assert qat["holdout_top1"] <= ptq_best  # the wrecked QAT
     assert all(0 <= c["holdout_agreement"] <= 1 for c in metrics["candidates"])
+    assert all(c["holdout_kl"] >= 0 for c in metrics["candidates"])
     assert metrics["shipped"] == f"ptq-{metrics['quantization']['calibration']}"
     assert metrics["history"] == [] and metrics["top1"] == pytest.approx(metrics["ptq_top1"])
     for candidate in metrics["candidates"]:

@@ -127,8 +127,8 @@ class QuantizeConfig(QuantizeSpec):
     ``max_drop``) fine-tuned against ``teacher`` (by default its own float version). With
     ``calibration: auto`` (the default) or ``max_drop``, ``holdout_images`` training images are
     set aside (calibration and QAT never see them; the test split is never used): the best PTQ
-    method and whether QAT beats it are decided on them (top-1, then agreement with the float
-    student on a tie), and the budget is measured on them.
+    method and whether QAT beats it are decided on them (top-1; on a tie, agreement with the
+    float student, then the KL divergence from it), and the budget is measured on them.
     Every candidate is recorded (``candidates``) with the one shipped."""
 
     # how activation ranges are set: auto tries each method and keeps the best on the held-out

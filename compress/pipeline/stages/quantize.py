@@ -76,7 +76,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     candidates = api.calibration_candidates(student, batches, cfg, holdout or None)
     results = [measure(c.network, student, ctx, test_loader, prep) for c in candidates]
     records = [
-        candidate_record(f"ptq-{c.method}", c.holdout_top1, c.holdout_agreement, result)
+        candidate_record(f"ptq-{c.method}", c.to_json(), result)
         for c, result in zip(candidates, results, strict=True)
     ]
     qmodel = candidates[0].network.eval()  # the best on the held-out images
@@ -97,14 +97,15 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             history=history,
         )
         qmodel.eval()
-        qat_holdout = api.holdout_top1(qmodel, holdout) if holdout else None
-        qat_agreement = api.holdout_agreement(qmodel, student, holdout) if holdout else None
+        qat_holdout = api.CalibrationCandidate(
+            "qat",
+            qmodel,
+            api.holdout_top1(qmodel, holdout) if holdout else None,
+            *(api.holdout_fidelity(qmodel, student, holdout) if holdout else (None, None)),
+        )
         qat = measure(qmodel, student, ctx, test_loader, prep)
-        records.append(candidate_record("qat", qat_holdout, qat_agreement, qat))
-        if (
-            qat_holdout is not None
-            and api.holdout_rank(qat_holdout, qat_agreement) <= candidates[0].rank
-        ):
+        records.append(candidate_record("qat", qat_holdout.to_json(), qat))
+        if qat_holdout.holdout_top1 is not None and qat_holdout.rank <= candidates[0].rank:
             # QAT did not beat the best PTQ network (top-1, then agreement with the float
             # student): the PTQ network is the smaller change, so it ships
             qmodel, history = best_ptq, []
@@ -204,16 +205,15 @@ def measure(network, student, ctx: RunContext, test_loader, prep) -> dict:
     return test | {"agreement": top1_agreement(network, student, test_loader, prep, ctx.device)}
 
 
-def candidate_record(
-    name: str, holdout: float | None, holdout_agreement: float | None, result: dict
-) -> dict:
-    """One network the stage could ship: its held-out top-1 and agreement with the float
-    student (what decides: :func:`compress.api.holdout_rank`; None when nothing was held out)
-    and what :func:`measure` found on the test split."""
+def candidate_record(name: str, holdout: dict, result: dict) -> dict:
+    """One network the stage could ship: what it scored on the held-out images (what decides:
+    :func:`compress.api.holdout_rank`; None when nothing was held out) and what :func:`measure`
+    found on the test split."""
     return {
         "name": name,
-        "holdout_top1": holdout,
-        "holdout_agreement": holdout_agreement,
+        "holdout_top1": holdout["holdout_top1"],
+        "holdout_agreement": holdout["holdout_agreement"],
+        "holdout_kl": holdout["holdout_kl"],
         "test_top1": result["top1"],
         "agreement_with_fp32": result["agreement"],
     }
