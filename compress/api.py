@@ -432,9 +432,8 @@ def calibration_candidates(
         )
         calibrate(qmodel, batches, method=method, percentile=spec.percentile)
         qmodel.calibration_method = method
-        top1 = holdout_top1(qmodel, held) if held else None
-        agreement, kl = holdout_fidelity(qmodel, model, held) if held else (None, None)
-        candidates.append(CalibrationCandidate(method, qmodel, top1, agreement, kl))
+        scores = holdout_scores(qmodel, model, held) if held else (None, None, None)
+        candidates.append(CalibrationCandidate(method, qmodel, *scores))
     order = {method: index for index, method in enumerate(methods)}
     return sorted(candidates, key=lambda c: (tuple(-k for k in c.rank), order[c.method]))
 
@@ -448,18 +447,19 @@ def holdout_top1(network: nn.Module, holdout: Iterable) -> float:
 
 
 @torch.no_grad()
-def holdout_fidelity(
+def holdout_scores(
     network: nn.Module, reference: nn.Module, holdout: Iterable
-) -> tuple[float, float]:
-    """How close ``network`` stays to ``reference`` (the float network it was quantized from)
-    on the held-out ``(inputs, labels)`` batches: the fraction of images on which both predict
-    the same class, and the mean KL divergence of ``reference``'s class probabilities from
-    ``network``'s."""
-    same = total = 0
+) -> tuple[float, float, float]:
+    """What :func:`holdout_rank` ranks, in one pass over the held-out ``(inputs, labels)``
+    batches: ``network``'s top-1 (%), the fraction of images on which it and ``reference`` (the
+    float network it was quantized from) predict the same class, and the mean KL divergence of
+    ``reference``'s class probabilities from ``network``'s."""
+    correct = same = total = 0
     divergence = 0.0
     with evaluating(network), evaluating(reference):
-        for inputs, *_ in holdout:
+        for inputs, labels in holdout:
             ours, theirs = network(inputs).float(), reference(inputs).float()
+            correct += int((ours.argmax(1) == labels.to(ours.device)).sum())
             same += int((ours.argmax(1) == theirs.argmax(1)).sum())
             divergence += float(
                 torch.nn.functional.kl_div(
@@ -467,7 +467,8 @@ def holdout_fidelity(
                 )
             )
             total += len(inputs)
-    return same / max(total, 1), divergence / max(total, 1)
+    total = max(total, 1)
+    return 100.0 * correct / total, same / total, divergence / total
 
 
 def keep_float(

@@ -97,12 +97,8 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             history=history,
         )
         qmodel.eval()
-        qat_holdout = api.CalibrationCandidate(
-            "qat",
-            qmodel,
-            api.holdout_top1(qmodel, holdout) if holdout else None,
-            *(api.holdout_fidelity(qmodel, student, holdout) if holdout else (None, None)),
-        )
+        scores = api.holdout_scores(qmodel, student, holdout) if holdout else (None, None, None)
+        qat_holdout = api.CalibrationCandidate("qat", qmodel, *scores)
         qat = measure(qmodel, student, ctx, test_loader, prep)
         records.append(candidate_record("qat", qat_holdout.to_json(), qat))
         if qat_holdout.holdout_top1 is not None and qat_holdout.rank <= candidates[0].rank:
