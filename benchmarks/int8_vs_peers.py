@@ -243,7 +243,7 @@ def compare_run(run_dir: Path, folder: Path, args) -> dict:
         "bench": result.to_json(),
     }
     if args.keep:
-        keep(compared | {"teacher": files.get("teacher")}, args.keep)
+        keep(compared, args.keep)  # the teacher (MBs, not compared) stays out of the repository
     return model
 
 
@@ -375,7 +375,7 @@ def sha256(path: Path) -> str:
 
 
 def keep(files: dict[str, Path | None], folder: Path) -> None:
-    """Copy the compared files (and the teacher) to ``folder``, named after what they are."""
+    """Copy the compared files to ``folder``, named after what they are."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, path in files.items():
         if path is not None:
