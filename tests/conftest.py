@@ -166,3 +166,30 @@ def register_fake_backend(monkeypatch, name: str, entry: str, table_entry: str):
     )
     monkeypatch.setitem(BACKENDS._entries, backend.name, backend)
     return backend
+
+
+def bench_result_json(**student) -> dict:
+    """A minimal valid bench.json (teacher and student rows, batch-1 latency); ``student``
+    overrides fields of the student's row."""
+    rows = [
+        {
+            "role": "teacher",
+            "status": "ok",
+            "top1": 90.0,
+            "file_bytes": 1000,
+            "params": 100,
+            "macs": 1000,
+            "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 2.0}}],
+        },
+        {
+            "role": "student",
+            "status": "ok",
+            "top1": 85.0,
+            "file_bytes": 100,
+            "params": 10,
+            "macs": 100,
+            "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5}}],
+        },
+    ]
+    rows[1] |= student
+    return {"rows": rows, "reference": "teacher"}

@@ -22,7 +22,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, bench_result_json, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -476,28 +476,7 @@ def test_impossible_metrics_in_a_record_are_refused(finished_stage, tmp_path):
 
 
 def _bench_result(path: Path, **student) -> Path:
-    rows = [
-        {
-            "role": "teacher",
-            "status": "ok",
-            "top1": 90.0,
-            "file_bytes": 1000,
-            "params": 100,
-            "macs": 1000,
-            "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 2.0}}],
-        },
-        {
-            "role": "student",
-            "status": "ok",
-            "top1": 85.0,
-            "file_bytes": 100,
-            "params": 10,
-            "macs": 100,
-            "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5}}],
-        },
-    ]
-    rows[1] |= student
-    path.write_text(json.dumps({"rows": rows, "reference": "teacher"}))
+    path.write_text(json.dumps(bench_result_json(**student)))
     return path
 
 

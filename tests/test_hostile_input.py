@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, bench_result_json
 from conftest import run_cli as compress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -556,19 +556,6 @@ def _stage_record_json() -> dict:
         return json.loads((run_dir / "quantize" / "stage.json").read_text())
 
 
-def _bench_json() -> dict:
-    row = {
-        "role": "student",
-        "status": "ok",
-        "top1": 85.0,
-        "file_bytes": 100,
-        "params": 10,
-        "macs": 100,
-        "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5, "p90": 0.6}}],
-    }
-    return {"rows": [row | {"role": "teacher", "top1": 90.0}, row], "reference": "teacher"}
-
-
 JSON_FUZZ = settings(
     max_examples=150,
     deadline=5_000,
@@ -605,7 +592,7 @@ def test_fuzzed_stage_records_read_or_raise_one_model_error(tmp_path, raw):
 
 
 @JSON_FUZZ
-@given(mutated_json(_bench_json()))
+@given(mutated_json(bench_result_json()))
 def test_fuzzed_bench_results_read_or_raise_one_data_error(tmp_path, raw):
     """The same for a bench.json, read as ``compress check`` reads a result and a baseline."""
     import json
@@ -626,13 +613,7 @@ def test_fuzzed_bench_results_read_or_raise_one_data_error(tmp_path, raw):
 _DESCRS = st.sampled_from(["|u1", "<f4", "<i8", "|O", ">u2", "<U3", "|b1", "<c8", "|V4"])
 
 
-@settings(
-    max_examples=150,
-    deadline=5_000,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@JSON_FUZZ  # the same budget: 150 examples, 5 s each
 @given(
     st.lists(st.integers(0, 10**12), max_size=5),
     _DESCRS,
@@ -1235,15 +1216,8 @@ def test_a_baseline_with_impossible_values_is_bad_input_not_a_regression(tmp_pat
     skipped: both are bad input, exit 2, naming the field (issue 28)."""
     import json
 
-    row = {
-        "role": "student",
-        "status": "ok",
-        "top1": 85.0,
-        "file_bytes": 100,
-        "latency": [{"batch_size": 1, "status": "ok", "latency_ms": {"p50": 0.5}}],
-    }
-    (tmp_path / "current.json").write_text(json.dumps({"rows": [row]}))
-    (tmp_path / "baseline.json").write_text(json.dumps({"rows": [row | edit]}))
+    (tmp_path / "current.json").write_text(json.dumps(bench_result_json()))
+    (tmp_path / "baseline.json").write_text(json.dumps(bench_result_json(**edit)))
     result = compress("check", tmp_path / "current.json", "--baseline", tmp_path / "baseline.json")
     assert result.returncode == 2
     assert_one_line_error(result.stderr, "baseline.json: " + message)
