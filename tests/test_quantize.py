@@ -313,6 +313,7 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
         assert qat["history"] == [] and trained["holdout_top1"] <= best_ptq
     settings = dict(qat["quantization"])
     assert settings.pop("calibration") in ("minmax", "percentile", "mse")  # auto's choice
+    assert settings.pop("bias_correction") in (True, False)  # so is the correction
     assert settings == {
         "mode": "qat",
         "target": "onnxruntime-cpu",
@@ -639,13 +640,20 @@ def test_the_stage_records_every_candidate_and_never_ships_qat_below_the_best_pt
     }
     metrics = run_recipe(tmp_path, raw)["quantize"].metrics
     names = [c["name"] for c in metrics["candidates"]]
-    assert sorted(names) == ["ptq-minmax", "ptq-mse", "ptq-percentile", "qat"]
+    assert sorted(names) == [  # each method with and without bias correction, then QAT
+        "ptq-minmax", "ptq-minmax+bias", "ptq-mse", "ptq-mse+bias", "ptq-percentile",
+        "ptq-percentile+bias", "qat",
+    ]  # fmt: skip
     ptq_best = max(c["holdout_top1"] for c in metrics["candidates"] if c["name"] != "qat")
     qat = next(c for c in metrics["candidates"] if c["name"] == "qat")
     assert qat["holdout_top1"] <= ptq_best  # the wrecked QAT
     assert all(0 <= c["holdout_agreement"] <= 1 for c in metrics["candidates"])
     assert all(c["holdout_kl"] >= 0 for c in metrics["candidates"])
-    assert metrics["shipped"] == f"ptq-{metrics['quantization']['calibration']}"
+    settings = metrics["quantization"]
+    bias = "+bias" if settings["bias_correction"] else ""
+    assert metrics["shipped"] == f"ptq-{settings['calibration']}{bias}"
+    # the shipped network's correction is recorded, with what each of its rounds found
+    assert ("bias_correction" in metrics) is settings["bias_correction"]
     assert metrics["history"] == [] and metrics["top1"] == pytest.approx(metrics["ptq_top1"])
     for candidate in metrics["candidates"]:
         assert 0 <= candidate["agreement_with_fp32"] <= 1 and candidate["test_top1"] >= 0

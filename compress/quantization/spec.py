@@ -50,6 +50,12 @@ class QuantizeSpec:
     ``QLinearMul`` with no layout changes between its integer kernels (MobileNetV3-Large at
     224 px, batch 64: 1.3x faster), while OpenVINO runs that pattern about 3x slower than
     float products (benchmarks/RESULTS.md): set it false for files deployed on OpenVINO.
+
+    ``bias_correction`` moves each layer's bias by the per-channel mean shift INT8 put on its
+    outputs, measured against the float network on the calibration images
+    (:mod:`compress.quantization.bias_correction`; NNCF applies it by default). ``true``: always;
+    ``false``: never; None: where held-out images decide (``calibration: auto`` or
+    ``max_drop``), each PTQ candidate is tried with and without it, else off.
     """
 
     # the runtime the INT8 graph is for: uint8 activations for onnxruntime-cpu, int8 for tensorrt
@@ -73,6 +79,9 @@ class QuantizeSpec:
     # quantize products of activations (hard-swish, squeeze-excitation gates) so ONNX Runtime
     # runs them as integer QLinearMul; null: on for onnxruntime-cpu (OpenVINO runs them slower)
     integer_products: bool | None = field(default=None, metadata={ADDED_LATER: True})
+    # move each layer's bias by the mean error INT8 put on its outputs (calibration images);
+    # null: each PTQ candidate tried with and without it where held-out images decide, else off
+    bias_correction: bool | None = field(default=None, metadata={ADDED_LATER: True})
 
     def __post_init__(self):
         check_choices(self)

@@ -73,16 +73,16 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
     fp32 = evaluate(student, test_loader, prep, ctx.device)
     batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
-    candidates = api.calibration_candidates(student, batches, cfg, holdout or None)
+    candidates = api.calibration_candidates(student, batches, cfg, holdout or None, ctx.say)
     results = [measure(c.network, student, ctx, test_loader, prep) for c in candidates]
     records = [
-        candidate_record(f"ptq-{c.method}", c.to_json(), result)
+        candidate_record(f"ptq-{c.name}", c.to_json(), result)
         for c, result in zip(candidates, results, strict=True)
     ]
     qmodel = candidates[0].network.eval()  # the best on the held-out images
     ptq = test = results[0]
     history: list = []
-    shipped = f"ptq-{candidates[0].method}"
+    shipped = f"ptq-{candidates[0].name}"
     if wants_qat(cfg, candidates[0].holdout_top1, student, holdout):
         best_ptq = clone(qmodel)
         loss = cfg.loss or latest_distill_loss(ctx, logits_only=True)
@@ -118,6 +118,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             calibration_data=None if history else batches,  # after QAT its ranges are kept
             calibration=candidates[0].method,
             percentile=cfg.percentile,
+            bias_correction=candidates[0].bias_corrected,
         )
         budget = qmodel.accuracy_budget
         if budget.float_layers:
@@ -152,6 +153,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "integer_products": qmodel.quant_spec.integer_products,
             "untraced_float": list(qmodel.untraced),  # modules torch.fx kept whole: float
             "calibration": candidates[0].method,
+            "bias_correction": candidates[0].bias_corrected,
             "percentile": cfg.percentile,
             "calibration_images": cfg.calibration_images,
             "float_where_slower": cfg.float_where_slower,
@@ -176,6 +178,9 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         metrics["accuracy_budget"] = budget.to_json()
     if speed is not None:
         metrics["float_where_slower"] = speed.to_json()
+    correction = getattr(candidates[0].network, "bias_correction", None)
+    if correction is not None:
+        metrics["bias_correction"] = correction.to_json()
     return Artifact(
         "quantize", files={"model": path}, metrics=metrics, role="student", network=network
     )
