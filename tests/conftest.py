@@ -85,6 +85,23 @@ def digits_teacher(tmp_path_factory) -> str:
     return str(artifacts["teacher"].files["model"])
 
 
+@pytest.fixture
+def trained_digits(digits_teacher) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``(model, images, labels)``: the trained digits ResNet-20 (eval mode) and all 1,797
+    digits as it takes them (8x8, 3 channels, normalised), for the INT8 decisions that need
+    real margins (calibration candidates, held-out ranking)."""
+    from sklearn.datasets import load_digits
+
+    from compress.nets.models import build_model
+    from compress.nets.weights import load_weights
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images / 16.0).float()[:, None].expand(-1, 3, -1, -1)
+    images, labels = ((pixels - 0.5) / 0.25).contiguous(), torch.from_numpy(digits.target)
+    model = build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval()
+    return load_weights(model, digits_teacher).eval(), images, labels
+
+
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorm statistics and every bias non-trivial values, and logits of order 1.
 

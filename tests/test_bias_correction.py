@@ -92,17 +92,8 @@ def test_a_corrected_network_exports_and_the_file_reproduces_it(tmp_path):
     assert record["max_rel_diff"] <= 0.2  # within the export check's own tolerance
 
 
-def test_candidates_with_and_without_correction_where_held_out_images_decide(digits_teacher):
-    from sklearn.datasets import load_digits
-
-    from compress.nets.weights import load_weights
-
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images / 16.0).float()[:, None].expand(-1, 3, -1, -1)
-    images, labels = ((pixels - 0.5) / 0.25).contiguous(), torch.from_numpy(digits.target)
-    model = load_weights(
-        build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval(), digits_teacher
-    ).eval()
+def test_candidates_with_and_without_correction_where_held_out_images_decide(trained_digits):
+    model, images, labels = trained_digits
     calibration, holdout = [images[:256]], [(images[1000:1400], labels[1000:1400])]
 
     qmodel = compress.quantize(model, calibration, calibration="minmax", holdout=holdout)

@@ -580,19 +580,8 @@ def test_an_adaptive_pool_whose_output_does_not_divide_its_input_exports_in_int8
 # --- PTQ or QAT, decided on held-out images -------------------------------------------------
 
 
-def test_calibration_auto_keeps_the_method_with_the_best_held_out_top1(digits_teacher):
-    from sklearn.datasets import load_digits
-
-    import compress
-    from compress.nets.models import build_model
-    from compress.nets.weights import load_weights
-
-    digits = load_digits()
-    pixels = torch.from_numpy(digits.images / 16.0).float()[:, None].expand(-1, 3, -1, -1)
-    images, labels = ((pixels - 0.5) / 0.25).contiguous(), torch.from_numpy(digits.target)
-    model = load_weights(
-        build_model("cifar:resnet20", num_classes=10, cifar_stem=True).eval(), digits_teacher
-    ).eval()
+def test_calibration_auto_keeps_the_method_with_the_best_held_out_top1(trained_digits):
+    model, images, labels = trained_digits
     holdout = [(images[1000:1400], labels[1000:1400])]
     with pytest.raises(ValueError, match="calibration auto keeps the method"):
         compress.quantize(model, [images[:256]], calibration="auto")
