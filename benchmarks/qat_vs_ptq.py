@@ -10,9 +10,9 @@ then what the quantize stage does with ``calibration: auto``:
 
 1. ``compress.quantize`` with held-out images: each calibration method, with and without bias
    correction, ranked on the held-out images (top-1, agreement with the float network, KL);
-2. QAT from the best of them: its ranges frozen, BatchNorm folded, ``--qat-epochs`` epochs of
-   SGD at ``--qat-lr`` on a cosine schedule, taught by the float network itself (KD), as the
-   stage's defaults;
+2. QAT from the best of them: its ranges frozen, BatchNorm folded, the quantize stage's default
+   training (``QuantizeConfig().train``: one epoch, AdamW at 3e-5, cosine; ``--qat-optimizer``,
+   ``--qat-lr`` and ``--qat-epochs`` change it), taught by the float network itself (KD);
 3. the verdict: QAT >= PTQ when its held-out rank is at least the best PTQ's (the stage ships
    PTQ otherwise), with each network's test top-1 and agreement beside it.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -49,14 +50,16 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="*", help="networks (torchvision:NAME, timm:NAME)")
     parser.add_argument("--steps", type=int, default=200, help="training batches (default 200)")
-    parser.add_argument("--qat-epochs", type=int, default=1)
-    parser.add_argument("--qat-lr", type=float, default=0.001, help="the stage's default")
+    parser.add_argument("--qat-epochs", type=int, help="default: the quantize stage's")
+    parser.add_argument("--qat-lr", type=float, help="default: the quantize stage's")
+    parser.add_argument("--qat-optimizer", help="default: the quantize stage's")
     parser.add_argument("--timeout", type=float, default=2400.0, help="seconds per network")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_network(args.child, args)), flush=True)
         return
+    print(f"QAT: {qat_settings(args)}", flush=True)
     rows = []
     for name in args.only or MODELS:
         started = time.perf_counter()
@@ -64,13 +67,15 @@ def main() -> None:
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         print(summary(row), flush=True)
-    write_result(rows)
+    write_result(rows, args)
     print(markdown_table(rows))
 
 
 def run_child(name: str, args) -> dict:
-    command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
-               "--qat-epochs", str(args.qat_epochs), "--qat-lr", str(args.qat_lr)]  # fmt: skip
+    command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+    for flag in ("qat_epochs", "qat_lr", "qat_optimizer"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=args.timeout, check=False
@@ -108,13 +113,8 @@ def run_network(name: str, args) -> dict:
         teacher,
         train,
         losses=[compress.loss("kd", temperature=4, alpha=0.9)],
-        epochs=args.qat_epochs,
-        optimizer="sgd",
-        lr=args.qat_lr,
-        momentum=0.9,
-        weight_decay=0.0,
-        schedule="cosine",
         recalibrate_batchnorm=False,  # folded into the convolutions
+        **qat_settings(args),
     )
     qat.eval()
     qat_scores = api.holdout_scores(qat, model, held)
@@ -156,6 +156,17 @@ def run_network(name: str, args) -> dict:
     }
 
 
+def qat_settings(args) -> dict:
+    """The quantize stage's default QAT training, with what the flags change."""
+    from compress.pipeline.config import QuantizeConfig
+
+    settings = dataclasses.asdict(QuantizeConfig().train)
+    for key, flag in (("epochs", "qat_epochs"), ("lr", "qat_lr"), ("optimizer", "qat_optimizer")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    return settings
+
+
 def agreement(network, reference, data) -> float:
     import torch
 
@@ -178,11 +189,12 @@ def summary(row: dict) -> str:
     )
 
 
-def write_result(rows: list[dict]) -> None:
+def write_result(rows: list[dict], args) -> None:
     from compress.core.fileio import write_json_atomic
     from compress.core.machine import machine_info, versions
 
-    write_json_atomic(RESULT, {"machine": machine_info() | {"versions": versions()}, "rows": rows})
+    record = {"machine": machine_info() | {"versions": versions()}, "qat": qat_settings(args)}
+    write_json_atomic(RESULT, record | {"rows": rows})
 
 
 def markdown_table(rows: list[dict]) -> str:

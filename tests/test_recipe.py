@@ -1,6 +1,7 @@
 """Recipe loading: valid recipes, overrides, and clear one-line errors for everything else."""
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,31 @@ def test_overrides_by_stage_name_index_and_shorthands(tmp_path):
         and recipe.data.subset.test == 100
     )
     assert recipe.out == str(tmp_path)
+
+
+def test_a_partial_training_section_keeps_its_stages_own_defaults():
+    """``quantize: {train: {epochs: 2}}`` changes the epochs of QAT's training, not its
+    optimiser: falling back to TrainConfig's SGD at 0.05 wrecked the INT8 network."""
+    from compress.pipeline.config import PruneConfig, QuantizeConfig
+
+    stages = [
+        "teacher",
+        "distill",
+        {"prune": {"speedup": 1.5, "train": {"epochs": 2}}},
+        {"quantize": {"train": {"epochs": 2}}},
+        {"quantize": {"name": "again", "train": None}},
+    ]
+    recipe = recipe_from_dict({"name": "t", "stages": stages}, source="t.yaml")
+    prune, qat, unset = (recipe.stages[i].config.train for i in (2, 3, 4))
+    assert prune == dataclasses.replace(PruneConfig().train, epochs=2)
+    assert qat == dataclasses.replace(QuantizeConfig().train, epochs=2)
+    assert (qat.optimizer, qat.lr, qat.weight_decay) == ("adamw", 3e-5, 0.0)
+    assert unset == QuantizeConfig().train
+    with pytest.raises(RecipeError, match=r"stages\[2\]\.quantize\.train\.lr: expected > 0"):
+        recipe_from_dict(
+            {"name": "t", "stages": ["teacher", "distill", {"quantize": {"train": {"lr": 0}}}]},
+            source="t.yaml",
+        )
 
 
 def test_numbers_in_exponent_form_are_accepted_as_floats(tmp_path):

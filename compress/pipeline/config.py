@@ -141,8 +141,11 @@ class QuantizeConfig(QuantizeSpec):
     calibration_images: int = 512
     # None: the logit terms of the latest distill stage's loss
     loss: tuple[LossConfig, ...] | None = None
-    # QAT's fine-tuning
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.001, weight_decay=0.0))
+    # QAT's fine-tuning: AdamW at a small rate (SGD moves the BatchNorm-folded weights of
+    # channels with large BatchNorm gains by gain^2 times the rate: MobileNets collapsed)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(optimizer="adamw", lr=3e-5, weight_decay=0.0)
+    )
     # batch mixing during QAT
     augment: MixConfig = field(default_factory=MixConfig)
     # who teaches during QAT: self (the float student being quantized: the INT8 network learns

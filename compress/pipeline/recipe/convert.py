@@ -70,13 +70,16 @@ def section_from_dict(cls: type, raw: Any, path: str) -> Any:
     return _build(cls, raw, path)
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
+def _build(cls: type, raw: Any, path: str, base: Any = None) -> Any:
+    """``cls`` from the mapping ``raw``; with ``base`` (an instance), ``raw`` only changes the
+    fields it names."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path or 'recipe'}: expected a mapping, got {_kind(raw)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in raw.items():
         where = _join(path, _show_key(key))
@@ -90,11 +93,28 @@ def _build(cls: type, raw: Any, path: str) -> Any:
             and cls in _TEACHING_CONFIGS
             and not (value is None and cls is not DistillConfig)
         )
-        kwargs[key] = _losses(value, where) if is_loss else _convert(hints[key], value, where)
+        default = _section_default(fields[key])
+        if is_loss:
+            kwargs[key] = _losses(value, where)
+        elif default is not None and (value is None or isinstance(value, dict)):
+            kwargs[key] = _build(type(default), value, where, base=default)
+        else:
+            kwargs[key] = _convert(hints[key], value, where)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except RecipeError as exc:
         raise RecipeError(_join(path, str(exc))) from None
+
+
+def _section_default(field: dataclasses.Field) -> Any:
+    """The default of a field that is a section of its own (a dataclass), else None: a partial
+    section in a recipe changes only what it names, so ``quantize: {train: {epochs: 2}}`` keeps
+    QAT's own learning rate instead of falling back to ``TrainConfig``'s."""
+    if field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        value = field.default
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
 
 
 def _losses(raw: Any, path: str) -> tuple[LossConfig, ...]:
