@@ -54,8 +54,12 @@ def main() -> None:
     parser.add_argument("--qat-lr", type=float, help="default: the quantize stage's")
     parser.add_argument("--qat-optimizer", help="default: the quantize stage's")
     parser.add_argument("--timeout", type=float, default=2400.0, help="seconds per network")
+    parser.add_argument("--report", action="store_true", help="only the table of the JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        print(markdown_table(json.loads(RESULT.read_text())["rows"]))
+        return
     if args.child:
         print(json.dumps(run_network(args.child, args)), flush=True)
         return
@@ -198,22 +202,27 @@ def write_result(rows: list[dict], args) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """One line per network: float, best PTQ and QAT on the held-out images (top-1, then agreement
+    with the float network) and the test split, QAT's held-out top-1 against the best PTQ's, and
+    what the stage's rule would ship."""
     lines = [
-        "| network | float held-out / test | best PTQ (held-out / test / agreement) | QAT "
-        "(held-out / test / agreement) | QAT >= PTQ on held-out |",
-        "|---|---:|---|---|---|",
+        "| network | float held-out / test | best PTQ: held-out / agreement / test | QAT: "
+        "held-out / agreement / test | QAT - PTQ, held-out top-1 | ships |",
+        "|---|---:|---|---|---:|---|",
     ]
     for row in rows:
         if row.get("error"):
-            lines.append(f"| {row['model']} | error: {row['error']} | | | |")
+            lines.append(f"| {row['model']} | error: {row['error']} | | | | |")
             continue
-        f, best, qat = row["float"], row["best_ptq"], row["qat"]
+        f, best, qat, ptq = row["float"], row["best_ptq"], row["qat"], row["ptq"][0]
+        gain = qat["holdout_top1"] - ptq["holdout_top1"]
         lines.append(
             f"| {row['model']} ({row['image_size']} px) | {f['holdout_top1']:.2f} / "
-            f"{f['test_top1']:.2f} | {best['name']}: {row['ptq'][0]['holdout_top1']:.2f} / "
-            f"{best['test_top1']:.2f} / {100 * best['test_agreement']:.1f}% | "
-            f"{qat['holdout_top1']:.2f} / {qat['test_top1']:.2f} / "
-            f"{100 * qat['test_agreement']:.1f}% | {'yes' if row['qat_at_least_ptq'] else 'no'} |"
+            f"{f['test_top1']:.2f} | {best['name']}: {ptq['holdout_top1']:.2f} / "
+            f"{100 * ptq['holdout_agreement']:.1f}% / {best['test_top1']:.2f} | "
+            f"{qat['holdout_top1']:.2f} / {100 * qat['holdout_agreement']:.1f}% / "
+            f"{qat['test_top1']:.2f} | {gain:+.2f} | "
+            f"{'QAT' if row['qat_at_least_ptq'] else 'PTQ'} |"
         )
     return "\n".join(lines)
 
