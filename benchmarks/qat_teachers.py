@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ VARIANTS = {
     "self, run's optimiser": ("self", None, None),
     "teacher stage, run's optimiser": ("teacher", None, None),
     "self, sgd lr 0.001": ("self", "sgd", 0.001),
+    "self, adamw lr 3e-5 (the stage's default)": ("self", "adamw", 3e-5),
 }
 
 
@@ -45,6 +47,9 @@ def main() -> None:
     )
     parser.add_argument("run_dir", type=Path, help="a finished run folder (exported/<name>)")
     parser.add_argument("--epochs", type=int, help="QAT epochs (default: the run's, at least 1)")
+    parser.add_argument(
+        "--only", nargs="*", choices=list(VARIANTS), help="run these variants (default: all)"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -61,6 +66,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, (teacher, optimizer, lr) in VARIANTS.items():
+            if args.only and name not in args.only:
+                continue
             train = dataclasses.replace(
                 base.train,
                 epochs=epochs,
@@ -92,6 +99,8 @@ def main() -> None:
     }
     print(table(results))
     out = HERE / "results" / f"qat_teachers-{args.run_dir.name}.json"
+    if args.only and out.exists():  # the other variants' results stay
+        record["variants"] = json.loads(out.read_text())["variants"] | results
     write_json_atomic(out, record)
     print(f"written: {out}")
 
