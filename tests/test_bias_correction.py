@@ -92,6 +92,23 @@ def test_a_corrected_network_exports_and_the_file_reproduces_it(tmp_path):
     assert record["max_rel_diff"] <= 0.2  # within the export check's own tolerance
 
 
+def test_corrected_biases_are_saved_and_a_rebuilt_network_computes_the_same(tmp_path):
+    from compress.nets.weights import load_weights, save_weights
+
+    model = float_network("cifar:resnet20", size=16)
+    batches = [torch.randn(16, 3, 16, 16)]
+    qmodel = calibrated(model, batches)
+    correct_bias(qmodel, batches)
+    path = save_weights(qmodel, tmp_path / "model.pt")
+    rebuilt = load_weights(
+        float_network("cifar:resnet20", size=16),
+        path,
+        prepare=lambda m: prepare_quantized(m, target="onnxruntime-cpu", example_inputs=batches[0]),
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(batches[0]), qmodel(batches[0]))
+
+
 def test_candidates_with_and_without_correction_where_held_out_images_decide(trained_digits):
     model, images, labels = trained_digits
     calibration, holdout = [images[:256]], [(images[1000:1400], labels[1000:1400])]
