@@ -151,6 +151,7 @@ def _export_and_verify(
         min_agreement=cfg.int8_min_agreement,
         relative=True,
         exact_int8=exact,
+        noise_floor=True,  # one code rounded the other way can cascade through an INT8 network
     )
     result["portability"] = portability
     result["qdq"] = check_qdq(path, target=quantization.target, float_convs=float_convs(model))
