@@ -251,8 +251,9 @@ def run_chain(name: str, args) -> dict:
 
 
 def fitting_size(name: str, build_model):
-    """The smallest of :data:`SIZES` the network's forward accepts, and the network built for
-    it (a ViT's position embedding is sized to it)."""
+    """The smallest of :data:`SIZES` the network's forward accepts in eval and in training mode
+    (Inception's auxiliary head runs only in training, and at 96 px its pooling has nothing left
+    to pool), and the network built for it (a ViT's position embedding is sized to it)."""
     import torch
 
     last = None
@@ -261,6 +262,7 @@ def fitting_size(name: str, build_model):
             model = build_model(name, num_classes=10, image_size=size)
             with torch.no_grad():
                 model.eval()(torch.zeros(2, 3, size, size))
+                model.train()(torch.zeros(2, 3, size, size))
             return size, model.train()
         except Exception as exc:  # too small for its pooling or patches: try the next size
             last = exc

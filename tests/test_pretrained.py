@@ -152,6 +152,26 @@ def test_same_classes_load_every_tensor_and_compute_the_same(tmp_path):
     assert torch.equal(model.eval()(images), source(images))
 
 
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_networks_with_aux_heads_train_on_their_logits_and_load_weights_that_hold_them(
+    tmp_path, name
+):
+    """torchvision's GoogLeNet and Inception-v3 are built without their auxiliary classifiers:
+    in training mode those return a tuple (GoogLeNet crashed inside the loss) and Inception's
+    needs 299 px. A weights file that holds them (torchvision's own do) loads without them."""
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{name}", num_classes=10)
+    logits = model.train()(torch.randn(2, 3, 96, 96))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 10)
+    source = torchvision.models.get_model(name, weights=None, aux_logits=True, init_weights=True)
+    assert any(k.startswith(("aux1.", "AuxLogits.")) for k in source.state_dict())
+    path = save_safetensors(source.state_dict(), tmp_path / f"{name}.safetensors")
+    loaded, report = build_pretrained(f"torchvision:{name}", 1000, str(path))
+    assert report.skipped == () and report.head_replaced == ()
+    for key, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, source.state_dict()[key]), key
+
+
 def test_small_image_stem_is_left_new_and_recorded(tmp_path):
     source = torchvision.models.resnet18(weights=None)
     path = save_safetensors(source.state_dict(), tmp_path / "r18.safetensors")

@@ -109,11 +109,20 @@ def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequenti
 # --- registration ------------------------------------------------------------------------------
 
 
+# torchvision classifiers with auxiliary heads: built without them. In training mode they make the
+# network return a tuple that no loss here reads (GoogLeNet crashed inside the loss), and
+# Inception-v3's needs 299 px inputs (at 224 px its 5x5 convolution meets a 3x3 map). Weights
+# files that hold them load without them (compress.nets.pretrained.AUX_HEADS).
+WITHOUT_AUX_HEADS = ("googlenet", "inception_v3")
+
+
 def _register_torchvision() -> None:
     for name in torchvision.models.list_models(module=torchvision.models):
 
         def build(num_classes: int, image_size: int | None, name: str = name) -> nn.Module:
             sized = {"image_size": image_size} if image_size and name.startswith("vit_") else {}
+            if name in WITHOUT_AUX_HEADS:
+                sized["aux_logits"] = False
             return torchvision.models.get_model(
                 name, weights=None, num_classes=num_classes, **sized
             )

@@ -262,7 +262,7 @@ def fit_state_dict(
     count and the layers the stem adaptation replaced left new, everything else strict."""
     label = label or getattr(model, "compress_name", type(model).__name__)
     expected = model.state_dict()
-    state = _unwrapped(state, expected)
+    state = _without_aux_heads(_unwrapped(state, expected), expected)
     head = _head_keys(model, expected, state)
     adapted = set(_tensors_of(model, getattr(model, "compress_adapted", ())))
     reinitialised = [
@@ -423,6 +423,21 @@ def _downloading(source: WeightSource, cfg: dict) -> Iterator[None]:
 
 
 # --- fitting -------------------------------------------------------------------------------------
+
+
+# the auxiliary classifiers of torchvision's GoogLeNet and Inception-v3, which their weights
+# files hold and compress builds the networks without (compress.nets.models.WITHOUT_AUX_HEADS)
+AUX_HEADS = ("aux1.", "aux2.", "AuxLogits.")
+
+
+def _without_aux_heads(state: dict[str, torch.Tensor], expected: dict) -> dict[str, torch.Tensor]:
+    """``state`` without the auxiliary-head tensors the network has no place for."""
+    present = {prefix for prefix in AUX_HEADS if any(k.startswith(prefix) for k in expected)}
+    return {
+        k: v
+        for k, v in state.items()
+        if not any(k.startswith(p) for p in AUX_HEADS if p not in present)
+    }
 
 
 def _unwrapped(state: dict[str, torch.Tensor], expected: dict) -> dict[str, torch.Tensor]:
