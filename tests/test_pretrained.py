@@ -247,6 +247,28 @@ def test_torchvision_weights_name_loads_from_torch_hub_cache(tmp_path, monkeypat
     )
 
 
+def test_torchvision_googlenet_weights_bring_their_input_transform(tmp_path, monkeypatch):
+    """torchvision's builder turns ``transform_input`` on with its ImageNet weights (they were
+    trained on inputs the network re-normalises); a weights file of the user's does not."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    source = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)
+    torch.save(source.state_dict(), cache / Path(weights.url).name)
+    model, _ = build_pretrained("torchvision:googlenet", 10, "IMAGENET1K_V1")
+    assert model.transform_input is True
+    expected = torchvision.models.googlenet(
+        weights=None, num_classes=10, aux_logits=False, transform_input=True
+    )
+    expected.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), expected.eval()(images))
+    path = save_safetensors(source.state_dict(), tmp_path / "mine.safetensors")
+    assert build_pretrained("torchvision:googlenet", 10, str(path))[0].transform_input is False
+
+
 def test_offline_download_names_the_file_and_where_to_place_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 

@@ -247,7 +247,10 @@ def load_pretrained(
     name = model_name or getattr(model, "compress_name", "").split(" (")[0]
     source = weights if isinstance(weights, WeightSource) else parse_weights(weights, name)
     state = _fetch(source, name)
-    return fit_state_dict(model, state, source.text, strict=strict, label=label)
+    report = fit_state_dict(model, state, source.text, strict=strict, label=label)
+    if source.kind == "torchvision" and name.split(":")[-1] in TRANSFORMED_INPUT:
+        model.transform_input = True  # what torchvision's own builder sets with these weights
+    return report
 
 
 def fit_state_dict(
@@ -425,6 +428,10 @@ def _downloading(source: WeightSource, cfg: dict) -> Iterator[None]:
 # --- fitting -------------------------------------------------------------------------------------
 
 
+# torchvision's GoogLeNet and Inception-v3 weights were trained on inputs the network
+# re-normalises itself (``transform_input``, off when built without weights): loading them
+# turns it on, as torchvision's builder does, or the first layer sees other values
+TRANSFORMED_INPUT = ("googlenet", "inception_v3")
 # the auxiliary classifiers of torchvision's GoogLeNet and Inception-v3, which their weights
 # files hold and compress builds the networks without (compress.nets.models.WITHOUT_AUX_HEADS)
 AUX_HEADS = ("aux1.", "aux2.", "AuxLogits.")
