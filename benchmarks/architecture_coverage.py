@@ -10,7 +10,7 @@ Every torchvision classifier (``torchvision.models.list_models``) and one or two
 timm family in :data:`TIMM_MODELS` run in a child process of their own (a crash or a hang costs
 that model only; ``--timeout`` each). In the child, on scikit-learn's handwritten digits (1,797
 real scanned images, 1,500 to train, 297 to test), or CIFAR-10 with ``--data``, resized to the
-model's image size (64 px, or the smallest of 96/128/160/224 its forward accepts):
+model's image size (64 px, or the smallest of 96/112/128/160/224 its forward accepts):
 
 1. ``train``: cross-entropy, AdamW, ``--steps`` batches scaled down for the heaviest networks
    (at most ``--train-gmacs`` GMACs of forward work in all), so the logits have real margins
@@ -53,7 +53,7 @@ ROOT = HERE.parent
 ROWS = ROOT / "exported" / "architecture_coverage" / "rows"
 RESULT = HERE / "results" / "architecture_coverage.json"
 STAGES = ("distill", "prune", "quantize", "export", "bench")
-SIZES = (64, 96, 128, 160, 224)
+SIZES = (64, 96, 112, 128, 160, 224)  # 112: ViT-H/14's patches of 14 at a quarter of 224 px's work
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
 
 # One or two models per timm family the issue names (the smallest of each family).
