@@ -1,6 +1,8 @@
 """INT8 quantization: quantizer placement, calibration, PTQ/QAT through the pipeline, and the QDQ
 ONNX file (INT8 weights, the target's activation type, every conv a QLinearConv in ONNX Runtime)."""
 
+import operator
+
 import numpy as np
 import onnx
 import pytest
@@ -786,3 +788,37 @@ def test_default_qat_stays_near_ptq_where_sgd_is_thrown_by_large_batchnorm_gains
     default = dataclasses.asdict(QuantizeConfig().train) | {"epochs": 3}
     assert kl_after_qat(**default) < 4 * start
     assert kl_after_qat(optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0) > 8 * start
+
+
+class LayerScaled(nn.Module):
+    """A convolution whose output is scaled per channel by a learned ``gamma`` (timm's
+    LayerScale in FastViT and EfficientFormer), then a hard-swish: one product of an activation
+    with a weight, one of two activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x) * self.gamma.view(1, -1, 1, 1)
+        return self.head(nn.functional.hardswish(x)).mean((2, 3))
+
+
+def test_a_layer_scale_is_a_weight_not_a_second_activation_to_quantize(tmp_path):
+    torch.manual_seed(0)
+    model = LayerScaled().eval()
+    images = torch.randn(32, 3, 8, 8)
+    qmodel = prepare_quantized(model, target="onnxruntime-cpu", example_inputs=images[:2])
+    calibrate(qmodel, [images], method="minmax")
+    modules = dict(qmodel.named_modules())
+    quantized = {
+        n.args[0].name
+        for n in qmodel.graph.nodes
+        if n.op == "call_module" and isinstance(modules[n.target], ActQuant)
+    }
+    assert not any("gamma" in name or name.startswith("view") for name in quantized)
+    assert any(n.target is torch.mul or n.target == operator.mul for n in qmodel.graph.nodes)
+    record = compress.export(qmodel, tmp_path / "scaled.onnx", check_inputs=images)
+    assert record["qdq"]["int8_weights"] == 2  # the two convolutions; gamma stays a float scale

@@ -585,6 +585,7 @@ def _place_quantizers(
     def is_point(node) -> bool:
         return isinstance(node, fx.Node) and _source(node, modules) in points
 
+    constant = _parameter_values(graph)
     for node in list(graph.nodes):
         layer = node.op == "call_module" and node.target in quantized
         if layer and not is_point(node.args[0]):
@@ -596,6 +597,7 @@ def _place_quantizers(
             and node.op == "call_function"
             and node.target in _MULS
             and len(tensor_inputs) == 2
+            and not any(a in constant for a in tensor_inputs)  # a layer scale is a weight
         )
         conv = layer and isinstance(modules[node.target], nn.Conv2d)
         if mul and any(is_point(a) for a in tensor_inputs) and not _only_output(node):
@@ -631,6 +633,23 @@ def _place_quantizers(
             )
     graph.lint()
     graph_module.recompile()
+
+
+def _parameter_values(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes computed from parameters and constants alone (a layer scale's ``gamma``, reshaped
+    to broadcast): no activation flows into them, so a product with one is a scaled activation,
+    not a product of two activations (quantizing it as one fed a weight to QuantizeLinear:
+    FastViT's and EfficientFormer's layer scales failed the INT8 check)."""
+    constant: set[fx.Node] = set()
+    for node in graph.nodes:  # topological order: a node's inputs come before it
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (
+            node.op in ("call_function", "call_method")
+            and inputs
+            and all(a in constant for a in inputs)
+        ):
+            constant.add(node)
+    return constant
 
 
 def _insert_after(graph: fx.Graph, node: fx.Node, quantizer: str) -> fx.Node:
