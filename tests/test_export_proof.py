@@ -154,3 +154,17 @@ def test_a_model_that_does_not_reproduce_itself_on_most_images_cannot_prove_a_fi
     moved, unstable = np.full(100, 0.01), np.ones(100, dtype=bool)
     with pytest.raises(ExportError, match="cannot be proven: the PyTorch model does not reproduce"):
         compare_logits(reference, reference, "m.onnx", **INT8, noise=(moved, unstable))
+
+
+def test_a_difference_the_model_makes_by_itself_cannot_fail_or_pass_the_file():
+    """A barely trained INT8 network whose own logits move by 3 when its inputs change by 1e-6:
+    a file 2.7 away (33% of its largest logit) is not proven wrong, nor right."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0.0, 1.0, (100, 10))
+    reference[:, 0] += 8.0  # clear winners, largest logit about 10
+    file = reference + np.where(np.arange(10) == 1, 2.7, 0.0)  # class 1 raised everywhere
+    moved, unstable = np.full(100, 1.5), np.zeros(100, dtype=bool)
+    with pytest.raises(ExportError, match="cannot be proven"):
+        compare_logits(file, reference, "weak.onnx", **INT8, noise=(moved, unstable))
+    with pytest.raises(ExportError, match="does not reproduce"):  # a steady model: the file's
+        compare_logits(file, reference, "weak.onnx", **INT8, noise=(moved / 10, unstable))

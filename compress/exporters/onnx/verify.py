@@ -275,7 +275,8 @@ def decisive_agreement(
         ``"near_tie_margin"`` (the margin below which an image is a near tie),
         ``"near_tie_flips"}``; with ``noise`` also ``"unstable_samples"`` (images whose top-1
         the reference's own change moved), ``"unreproduced_samples"`` (images that are not near
-        ties but left out for the reference's own change) and ``"reference_noise_p50"``.
+        ties but left out for the reference's own change), ``"reference_noise_p50"`` and
+        ``"reference_noise_max"``.
     """
     per_image = diff.max(axis=1)  # diff: |ours - theirs|, as compare_logits has it
     typical = float(np.quantile(per_image, NEAR_TIE_QUANTILE)) if len(per_image) else 0.0
@@ -294,6 +295,7 @@ def decisive_agreement(
             "unstable_samples": int(unstable.sum()),
             "unreproduced_samples": int((decisive & ~reproduced).sum()),
             "reference_noise_p50": float(np.median(moved)) if len(moved) else 0.0,
+            "reference_noise_max": float(moved.max()) if len(moved) else 0.0,
         }
         decisive &= reproduced
     count = int(decisive.sum())
@@ -320,13 +322,15 @@ def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
     )
     bad_agreement = result["decisive_agreement"] < result["min_agreement"]
     unreproduced = result.get("unreproduced_samples", 0)
-    if unreproduced > (1 - MIN_REPRODUCED_SHARE) * result["samples"] and not bad_diff:
+    # a difference the PyTorch model makes by itself at float32's precision: not the file's
+    own_diff = bad_diff and result["max_abs_diff"] <= 2 * result.get("reference_noise_max", 0.0)
+    if unreproduced > (1 - MIN_REPRODUCED_SHARE) * result["samples"] or own_diff:
         error = ExportError(
-            f"{path.name} cannot be proven: the PyTorch model does not reproduce itself on "
-            f"{unreproduced} of {result['samples']} images "
-            f"(inputs changed by {NOISE_FLOOR_EPSILON:g} of their value change its top-1 on "
-            f"{result['unstable_samples']} and its logits by {result['reference_noise_p50']:.3g} "
-            "on the median image): train the network further before quantizing it"
+            f"{path.name} cannot be proven: the PyTorch model does not reproduce itself "
+            f"(inputs changed by {NOISE_FLOOR_EPSILON:g} of their value move its logits by up to "
+            f"{result['reference_noise_max']:.3g}, the file's largest difference "
+            f"{result['max_abs_diff']:.3g}; its top-1 changes on {result['unstable_samples']} of "
+            f"{result['samples']} images): train the network further before quantizing it"
         )
         error.result = result
         raise error
