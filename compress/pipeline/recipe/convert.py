@@ -10,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+from compress.core.fields import default_of
 from compress.errors import RecipeError
 from compress.pipeline.config import STAGE_KINDS, DistillConfig, StageSpec
 from compress.training.loss_params import LOSSES
@@ -93,11 +94,12 @@ def _build(cls: type, raw: Any, path: str, base: Any = None) -> Any:
             and cls in _TEACHING_CONFIGS
             and not (value is None and cls is not DistillConfig)
         )
-        default = _section_default(fields[key])
+        partial = value is None or isinstance(value, dict)
+        section = _section_default(fields[key]) if partial else None
         if is_loss:
             kwargs[key] = _losses(value, where)
-        elif default is not None and (value is None or isinstance(value, dict)):
-            kwargs[key] = _build(type(default), value, where, base=default)
+        elif section is not None:
+            kwargs[key] = _build(type(section), value, where, base=section)
         else:
             kwargs[key] = _convert(hints[key], value, where)
     try:
@@ -110,10 +112,7 @@ def _section_default(field: dataclasses.Field) -> Any:
     """The default of a field that is a section of its own (a dataclass), else None: a partial
     section in a recipe changes only what it names, so ``quantize: {train: {epochs: 2}}`` keeps
     QAT's own learning rate instead of falling back to ``TrainConfig``'s."""
-    if field.default_factory is not dataclasses.MISSING:
-        value = field.default_factory()
-    else:
-        value = field.default
+    value = default_of(field)
     return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
 
 
