@@ -448,6 +448,7 @@ def calibration_candidates(
     held = list(holdout) if holdout is not None else None
     methods = CALIBRATION_METHODS if spec.calibration == "auto" else (spec.calibration,)
     corrections = bias_corrections(spec.bias_correction, held is not None)
+    reference_logits = _held_out_logits(model, held) if held else None
     candidates = []
     for method in methods:
         calibrated = prepare_quantized(
@@ -464,7 +465,7 @@ def calibration_candidates(
             qmodel = clone(calibrated) if corrected and False in corrections else calibrated
             if corrected:
                 correct_bias(qmodel, batches)
-            scores = holdout_scores(qmodel, model, held) if held else (None, None, None)
+            scores = _scores_against(qmodel, held, reference_logits) if held else (None, None, None)
             candidates.append(CalibrationCandidate(method, qmodel, *scores, corrected))
             if log is not None:
                 log(f"PTQ {candidates[-1].summary()}")
@@ -498,11 +499,26 @@ def holdout_scores(
     batches: ``network``'s top-1 (%), the fraction of images on which it and ``reference`` (the
     float network it was quantized from) predict the same class, and the mean KL divergence of
     ``reference``'s class probabilities from ``network``'s."""
+    held = list(holdout)
+    return _scores_against(network, held, _held_out_logits(reference, held))
+
+
+@torch.no_grad()
+def _held_out_logits(reference: nn.Module, held: list) -> list[torch.Tensor]:
+    """``reference``'s logits on each held-out batch: computed once for all candidates."""
+    with evaluating(reference):
+        return [reference(inputs).float() for inputs, _ in held]
+
+
+@torch.no_grad()
+def _scores_against(
+    network: nn.Module, held: list, reference_logits: list[torch.Tensor]
+) -> tuple[float, float, float]:
     correct = same = total = 0
     divergence = 0.0
-    with evaluating(network), evaluating(reference):
-        for inputs, labels in holdout:
-            ours, theirs = network(inputs).float(), reference(inputs).float()
+    with evaluating(network):
+        for (inputs, labels), theirs in zip(held, reference_logits, strict=True):
+            ours = network(inputs).float()
             correct += int((ours.argmax(1) == labels.to(ours.device)).sum())
             same += int((ours.argmax(1) == theirs.argmax(1)).sum())
             divergence += float(
