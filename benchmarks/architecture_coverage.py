@@ -19,7 +19,7 @@ model's image size (64 px, or the smallest of 96/112/128/160/224 its forward acc
    top-1, while on CIFAR-10 most stay at 20-40%, and a network that barely beats chance turns
    the +-1-code differences any two INT8 runtimes have into different predictions (measured:
    an EfficientNet-B0 at 21% top-1 on CIFAR-10 agreed 82% with its own ONNX file, at 95%
-   top-1 on digits 98.7%);
+   top-1 on digits 98.7%). A network below 50% top-1 trains again, up to twice more;
 2. ``distill``: a few KD steps from a frozen copy of the trained network;
 3. ``prune``: ``compress.prune`` to 1.5x fewer MACs, BatchNorm re-estimated, 60 CE steps;
 4. ``quantize``: ``compress.quantize`` (PTQ, percentile calibration, portable weights);
@@ -54,6 +54,12 @@ ROWS = ROOT / "exported" / "architecture_coverage" / "rows"
 RESULT = HERE / "results" / "architecture_coverage.json"
 STAGES = ("distill", "prune", "quantize", "export", "bench")
 SIZES = (64, 96, 112, 128, 160, 224)  # 112: ViT-H/14's patches of 14 at a quarter of 224 px's work
+# A network below this top-1 after training trains again, at most this many more times: a barely
+# trained INT8 network is chaotic (one code rounded the other way flips its top-1), so its export
+# proof means little (MobileOne-S0 stayed at 25-36% after 200 steps on digits; LCNet-050's logits
+# moved by 5.47 at 40% top-1 on inputs changed by 1e-6).
+WELL_TRAINED_TOP1 = 50.0
+EXTRA_TRAINING_ROUNDS = 2
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
 
 # One or two models per timm family the issue names (the smallest of each family).
@@ -194,10 +200,14 @@ def run_chain(name: str, args) -> dict:
     row["params"] = params
     train, test = cifar(args.data, size) if args.data else digits(size)
     steps = max(20, min(args.steps, int(args.train_gmacs * 1e9 / (3 * macs * 32))))
-    row["train_steps"] = steps
     ce = [compress.loss("ce")]
-    fit(compress, model, train, steps, ce, lr=1e-3)
-    row["top1_trained"] = top1(model, test)
+    row["train_steps"] = 0
+    for _ in range(1 + EXTRA_TRAINING_ROUNDS):  # a weak network's INT8 proof means little
+        fit(compress, model, train, steps, ce, lr=1e-3)
+        row["train_steps"] += steps
+        row["top1_trained"] = top1(model, test)
+        if row["top1_trained"] >= WELL_TRAINED_TOP1:
+            break
 
     teacher = copy.deepcopy(model).eval()
     kd = [compress.loss("kd", temperature=4, alpha=0.9)]
@@ -347,6 +357,7 @@ def describe_export(row: dict, record: dict, int8: bool) -> None:
     row["int8_max_diff_ratio"] = round(record["max_rel_diff"], 4)  # of the largest logit
     row["int8_agreement"] = round(record["top1_agreement"], 4)
     row["portable"] = record.get("portability", {}).get("portable")
+    row["int8_proof"] = record.get("proof", "images")  # "reference noise": only to its own noise
 
 
 def verdict(exc: BaseException) -> str:
@@ -397,7 +408,10 @@ def markdown_table(rows: list[dict]) -> str:
         params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "-"
         cells = [f"{r['source']}:{r['model']}", r["image_size"], params]
         cells += [r["stages"][stage] for stage in STAGES]
-        cells += [r["macs_ratio"], r["int8_agreement"], r["int8_max_diff_ratio"], r["portable"]]
+        agreement = r["int8_agreement"]
+        if agreement is not None and r.get("int8_proof") == "reference noise":
+            agreement = f"{agreement} (own noise)"
+        cells += [r["macs_ratio"], agreement, r["int8_max_diff_ratio"], r["portable"]]
         cells += [r.get("top1_trained")]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)

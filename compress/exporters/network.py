@@ -21,7 +21,7 @@ from compress.core.records import QuantSpec
 from compress.errors import ExportError
 from compress.exporters.formats import FORMATS
 from compress.exporters.onnx.export import export_onnx
-from compress.exporters.onnx.verify import verify_onnx
+from compress.exporters.onnx.verify import NOISE_FLOOR_EPSILON, verify_onnx
 from compress.exporters.spec import ExportConfig
 
 QUANTIZED_EXPORTER = "torchscript"
@@ -153,6 +153,15 @@ def _export_and_verify(
         exact_int8=exact,
         noise_floor=True,  # one code rounded the other way can cascade through an INT8 network
     )
+    if result.get("proof") == "reference noise" and warn:
+        print(
+            f"warning: {path.name} is proven only as far as the PyTorch model reproduces itself "
+            f"(its logits move by up to {result['reference_noise_max']:.3g} and its top-1 on "
+            f"{result['unstable_samples']} of {result['samples']} images when inputs change by "
+            f"{NOISE_FLOOR_EPSILON:g}; the file: {result['max_abs_diff']:.3g}, "
+            f"{result['flips']} images): train the network further for a sharper proof.",
+            file=sys.stderr,
+        )
     result["portability"] = portability
     result["qdq"] = check_qdq(path, target=quantization.target, float_convs=float_convs(model))
     requantized = result["qdq"].get("skipped_but_quantized_by_onnxruntime")

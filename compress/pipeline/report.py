@@ -56,7 +56,7 @@ def headline(artifact: Artifact) -> str:
     if artifact.kind == "export":
         return ", ".join(
             f"{role}: max |diff| {check['max_abs_diff']:.1e}, agreement "
-            f"{100 * check['top1_agreement']:.1f}%{_portability_note(check)}"
+            f"{100 * check['top1_agreement']:.1f}%{_portability_note(check)}{_proof_note(check)}"
             for role, check in m.items()
         )
     if artifact.kind == "bench":
@@ -82,6 +82,16 @@ def _budget_note(m: dict) -> str:
     return (
         f"; max_drop {budget['max_drop']:g}: float {layers}, file drop {step['drop']:.2f} pts "
         f"on {budget['holdout_images']} held-out images"
+    )
+
+
+def _proof_note(check: dict) -> str:
+    """Says so when the file was proven only to the PyTorch model's own reproducibility."""
+    if check.get("proof") != "reference noise":
+        return ""
+    return (
+        f" (proven only as far as the model reproduces itself: its logits move by "
+        f"{check['reference_noise_max']:.2g} alone; train it further)"
     )
 
 

@@ -273,10 +273,10 @@ def decisive_agreement(
     Returns:
         ``{"decisive_agreement"`` (1.0 when no image is decisive), ``"decisive_samples"``,
         ``"near_tie_margin"`` (the margin below which an image is a near tie),
-        ``"near_tie_flips"}``; with ``noise`` also ``"unstable_samples"`` (images whose top-1
-        the reference's own change moved), ``"unreproduced_samples"`` (images that are not near
-        ties but left out for the reference's own change), ``"reference_noise_p50"`` and
-        ``"reference_noise_max"``.
+        ``"near_tie_flips"``, ``"flips"`` (all images whose top-1 differs)}; with ``noise``
+        also ``"unstable_samples"`` (images whose top-1 the reference's own change moved),
+        ``"unreproduced_samples"`` (images that are not near ties but left out for the
+        reference's own change), ``"reference_noise_p50"`` and ``"reference_noise_max"``.
     """
     per_image = diff.max(axis=1)  # diff: |ours - theirs|, as compare_logits has it
     typical = float(np.quantile(per_image, NEAR_TIE_QUANTILE)) if len(per_image) else 0.0
@@ -304,6 +304,7 @@ def decisive_agreement(
         "decisive_samples": count,
         "near_tie_margin": near_tie,
         "near_tie_flips": int((flips & ~decisive).sum()),
+        "flips": int(flips.sum()),
     } | extra
 
 
@@ -315,6 +316,10 @@ def allowed_abs_diff(result: dict) -> float:
 
 
 def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
+    """Fails a file out of bounds. Where the PyTorch model does not reproduce itself (most images
+    left out by the noise floor, or a difference it makes by itself), the file is judged against
+    that instead: within it (:func:`within_reference_noise`) it passes with ``"proof":
+    "reference noise"`` in the record; beyond it, it cannot be proven either way."""
     bad_diff = (
         result["max_rel_diff"] > result["tolerance"]
         if result["relative"]
@@ -325,12 +330,16 @@ def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
     # a difference the PyTorch model makes by itself at float32's precision: not the file's
     own_diff = bad_diff and result["max_abs_diff"] <= 2 * result.get("reference_noise_max", 0.0)
     if unreproduced > (1 - MIN_REPRODUCED_SHARE) * result["samples"] or own_diff:
+        if within_reference_noise(result, bad_agreement=bad_agreement):
+            result["proof"] = "reference noise"
+            return
         error = ExportError(
             f"{path.name} cannot be proven: the PyTorch model does not reproduce itself "
             f"(inputs changed by {NOISE_FLOOR_EPSILON:g} of their value move its logits by up to "
             f"{result['reference_noise_max']:.3g}, the file's largest difference "
             f"{result['max_abs_diff']:.3g}; its top-1 changes on {result['unstable_samples']} of "
-            f"{result['samples']} images): train the network further before quantizing it"
+            f"{result['samples']} images, the file's on {result['flips']}): train the network "
+            "further before quantizing it"
         )
         error.result = result
         raise error
@@ -341,6 +350,23 @@ def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
         )
         error.result = result
         raise error
+
+
+def within_reference_noise(result: dict, *, bad_agreement: bool) -> bool:
+    """Whether a file is as close to a PyTorch model as that model is to itself: its largest
+    difference no larger than the model's own largest movement at float32's precision, no more
+    top-1 changes than the model makes by itself, and the images it does reproduce still agreeing.
+
+    Why not refuse: a chaotic INT8 network (timm LCNet-050 after pruning, 40% top-1: its logits
+    move by 5.47 and its top-1 on 127 of 297 images when its inputs change by 1e-6) can have no
+    better proof, and a file 0.81 away from it is as right as the model can say. A wrong scale
+    moves the logits of every image the same way, past what the model moves by itself, or flips
+    images the model keeps (tests/test_export_proof.py)."""
+    return (
+        not bad_agreement
+        and result["flips"] <= result["unstable_samples"]
+        and result["max_abs_diff"] <= result["reference_noise_max"]
+    )
 
 
 def _agreement_text(result: dict) -> str:
