@@ -248,8 +248,11 @@ def load_pretrained(
     source = weights if isinstance(weights, WeightSource) else parse_weights(weights, name)
     state = _fetch(source, name)
     report = fit_state_dict(model, state, source.text, strict=strict, label=label)
-    if source.kind == "torchvision" and name.split(":")[-1] in TRANSFORMED_INPUT:
-        model.transform_input = True  # what torchvision's own builder sets with these weights
+    if source.kind == "torchvision" and hasattr(model, "transform_input"):
+        # GoogLeNet's and Inception-v3's weights were trained on inputs the network
+        # re-normalises itself (off when built without weights): torchvision's builder turns it
+        # on with them, or the first layer sees other values
+        model.transform_input = True
     return report
 
 
@@ -428,10 +431,6 @@ def _downloading(source: WeightSource, cfg: dict) -> Iterator[None]:
 # --- fitting -------------------------------------------------------------------------------------
 
 
-# torchvision's GoogLeNet and Inception-v3 weights were trained on inputs the network
-# re-normalises itself (``transform_input``, off when built without weights): loading them
-# turns it on, as torchvision's builder does, or the first layer sees other values
-TRANSFORMED_INPUT = ("googlenet", "inception_v3")
 # the auxiliary classifiers of torchvision's GoogLeNet and Inception-v3, which their weights
 # files hold and compress builds the networks without (compress.nets.models.WITHOUT_AUX_HEADS)
 AUX_HEADS = ("aux1.", "aux2.", "AuxLogits.")

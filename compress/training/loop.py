@@ -107,24 +107,36 @@ def uses_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, preprocess, device: torch.device) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy on a loader, model in eval mode."""
+    return evaluate_predictions(model, loader, preprocess, device)[0]
+
+
+@torch.no_grad()
+def evaluate_predictions(
+    model: torch.nn.Module, loader, preprocess, device: torch.device
+) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`evaluate`'s numbers and each image's top-1 class in the loader's order (on CPU):
+    another network's agreement with this one is then measured without running this one again."""
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
+    predictions = []
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(preprocess(images, train=False))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        predicted = logits.argmax(1)
+        correct += (predicted == labels).sum().item()
         total += labels.numel()
+        predictions.append(predicted.cpu())
     model.train(was_training)
-    return {
+    numbers = {
         "top1": 100.0 * correct / max(total, 1),
         "loss": loss_sum / max(total, 1),
         "samples": total,
     }
+    return numbers, torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
 
 
 def fit(

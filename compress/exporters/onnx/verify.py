@@ -134,7 +134,7 @@ def reference_noise(
         for start in range(0, len(inputs), VERIFY_CHUNK):
             stop = start + VERIFY_CHUNK
             out = model(inputs[start:stop] * (1 + NOISE_FLOOR_EPSILON * noise[start:stop]))
-            outputs.append((out[0] if isinstance(out, (tuple, list)) else out).double().numpy())
+            outputs.append(_logits(out).astype(np.float64))
         perturbed = np.concatenate(outputs)
         moved = np.maximum(moved, np.abs(perturbed - reference).max(axis=1))
         unstable |= perturbed.argmax(axis=1) != reference.argmax(axis=1)
@@ -194,13 +194,17 @@ def _chunk_logits(session, model, chunk: np.ndarray, path: Path) -> tuple[np.nda
             f"{path.name}: cannot verify an input of type {feed.type} (float or float16 only)"
         )
     ours = session.run(None, {feed.name: chunk.astype(_INPUT_DTYPES[feed.type])})[0]
-    theirs = model(torch.from_numpy(chunk))
-    theirs = (theirs[0] if isinstance(theirs, (tuple, list)) else theirs).numpy()
+    theirs = _logits(model(torch.from_numpy(chunk)))
     if ours.shape != theirs.shape:
         raise ExportError(
             f"{path.name}: ONNX output shape {ours.shape} differs from PyTorch's {theirs.shape}"
         )
     return ours.astype(np.float64), theirs.astype(np.float64)
+
+
+def _logits(output) -> np.ndarray:
+    """A model's logits as numpy: the first output of a model that returns several."""
+    return (output[0] if isinstance(output, (tuple, list)) else output).numpy()
 
 
 def compare_logits(

@@ -25,7 +25,7 @@ from compress.pipeline.stages.networks import (
 )
 from compress.quantization.budget import AccuracyBudget
 from compress.quantization.fake_quant import clone
-from compress.training.loop import evaluate
+from compress.training.loop import evaluate_predictions
 from compress.training.spec import DistillSpec
 from compress.training.teaching import frozen, history_dicts
 
@@ -71,10 +71,11 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
     )
     prep = preprocess(ctx)
     train_loader, test_loader, holdout = split_loaders(ctx, cfg, prep)
-    fp32 = evaluate(student, test_loader, prep, ctx.device)
+    fp32, student_predictions = evaluate_predictions(student, test_loader, prep, ctx.device)
+
     batches = calibration_batches(ctx, train_loader, prep, cfg.calibration_images)
     candidates = api.calibration_candidates(student, batches, cfg, holdout or None, ctx.say)
-    results = [measure(c.network, student, ctx, test_loader, prep) for c in candidates]
+    results = [measure(c.network, student_predictions, ctx, test_loader, prep) for c in candidates]
     records = [
         candidate_record(f"ptq-{c.name}", c.to_json(), result)
         for c, result in zip(candidates, results, strict=True)
@@ -99,7 +100,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         qmodel.eval()
         scores = api.holdout_scores(qmodel, student, holdout) if holdout else (None, None, None)
         qat_holdout = api.CalibrationCandidate("qat", qmodel, *scores)
-        qat = measure(qmodel, student, ctx, test_loader, prep)
+        qat = measure(qmodel, student_predictions, ctx, test_loader, prep)
         records.append(candidate_record("qat", qat_holdout.to_json(), qat))
         if qat_holdout.holdout_top1 is not None and qat_holdout.rank <= candidates[0].rank:
             # QAT did not beat the best PTQ network (top-1, then agreement with the float
@@ -122,7 +123,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
         )
         budget = qmodel.accuracy_budget
         if budget.float_layers:
-            test = measure(qmodel, student, ctx, test_loader, prep)
+            test = measure(qmodel, student_predictions, ctx, test_loader, prep)
     speed = None
     if cfg.float_where_slower:
         qmodel = api.float_where_slower(
@@ -140,7 +141,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             )
         )
         if speed.kept:
-            test = measure(qmodel, student, ctx, test_loader, prep)
+            test = measure(qmodel, student_predictions, ctx, test_loader, prep)
     params, macs = count_params_macs(student, ctx.data.image_size, ctx.data.in_channels)
     path = save_weights(qmodel, ctx.stage_path("model.pt"), structure=pruned_structure(source))
     network = dataclasses.replace(network_of(source), quantization=qmodel.quant_spec)
@@ -199,11 +200,13 @@ def wants_qat(cfg: QuantizeConfig, best_ptq: float | None, student, holdout) -> 
     return api.holdout_top1(student, holdout) - best_ptq > cfg.max_drop
 
 
-def measure(network, student, ctx: RunContext, test_loader, prep) -> dict:
-    """``network``'s test top-1, loss and samples (:func:`evaluate`), and its top-1 agreement
-    with the float student on the test split: what it would deliver if shipped."""
-    test = evaluate(network, test_loader, prep, ctx.device)
-    return test | {"agreement": top1_agreement(network, student, test_loader, prep, ctx.device)}
+def measure(network, student_predictions: torch.Tensor, ctx: RunContext, test_loader, prep) -> dict:
+    """``network``'s test top-1, loss and samples, and its top-1 agreement with the float
+    student's ``student_predictions`` on the test split (:func:`evaluate_predictions`, in the
+    loader's order): what it would deliver if shipped, in one pass over the test split."""
+    test, predictions = evaluate_predictions(network, test_loader, prep, ctx.device)
+    same = (predictions == student_predictions).float()
+    return test | {"agreement": same.mean().item() if len(same) else 0.0}
 
 
 def candidate_record(name: str, holdout: dict, result: dict) -> dict:
@@ -259,21 +262,6 @@ def float_student(ctx: RunContext) -> Artifact:
         if artifact.role == "student" and "model" in artifact.files and not artifact.quantized:
             return artifact
     raise StageError("quantize needs a float student from an earlier distill or prune stage")
-
-
-@torch.no_grad()
-def top1_agreement(
-    model: torch.nn.Module, reference: torch.nn.Module, loader, prep, device
-) -> float:
-    """Fraction of test images on which both networks predict the same class."""
-    model.eval()
-    reference.eval()
-    same = total = 0
-    for images, *_ in loader:
-        inputs = prep(images.to(device), train=False)
-        same += int((model(inputs).argmax(1) == reference(inputs).argmax(1)).sum())
-        total += len(images)
-    return same / max(total, 1)
 
 
 def pruned_structure(artifact: Artifact) -> dict | None:
