@@ -10,7 +10,7 @@ Every torchvision classifier (``torchvision.models.list_models``) and one or two
 timm family in :data:`TIMM_MODELS` run in a child process of their own (a crash or a hang costs
 that model only; ``--timeout`` each). In the child, on scikit-learn's handwritten digits (1,797
 real scanned images, 1,500 to train, 297 to test), or CIFAR-10 with ``--data``, resized to the
-model's image size (64 px, or the smallest of 96/112/128/160/224 its forward accepts):
+model's image size (64 px, or the first of 56/96/112/128/160/224 its forward accepts):
 
 1. ``train``: cross-entropy, AdamW, ``--steps`` batches scaled down for the heaviest networks
    (at most ``--train-gmacs`` GMACs of forward work in all), so the logits have real margins
@@ -20,8 +20,9 @@ model's image size (64 px, or the smallest of 96/112/128/160/224 its forward acc
    the +-1-code differences any two INT8 runtimes have into different predictions (measured:
    an EfficientNet-B0 at 21% top-1 on CIFAR-10 agreed 82% with its own ONNX file, at 95%
    top-1 on digits 98.7%). A network below 50% top-1 trains again, up to twice more;
-2. ``distill``: a few KD steps from a frozen copy of the trained network;
-3. ``prune``: ``compress.prune`` to 1.5x fewer MACs, BatchNorm re-estimated, 60 CE steps;
+2. ``distill``: a few KD steps (20) from a frozen copy of the trained network;
+3. ``prune``: ``compress.prune`` to 1.5x fewer MACs, BatchNorm re-estimated, 60 CE steps (the
+   giants, whose training the work cap cuts below that, as many as they trained);
 4. ``quantize``: ``compress.quantize`` (PTQ, percentile calibration, portable weights);
 5. ``export``: ``compress.export`` of the INT8 network (the float one where quantize did not
    give one) with its checks: ONNX Runtime against PyTorch, INT8 portability;
@@ -53,7 +54,8 @@ ROOT = HERE.parent
 ROWS = ROOT / "exported" / "architecture_coverage" / "rows"
 RESULT = HERE / "results" / "architecture_coverage.json"
 STAGES = ("distill", "prune", "quantize", "export", "bench")
-SIZES = (64, 96, 112, 128, 160, 224)  # 112: ViT-H/14's patches of 14 at a quarter of 224 px's work
+# tried in this order; 56: ViT-H/14's patches of 14 (4x4 of them, a sixteenth of 224 px's work)
+SIZES = (64, 56, 96, 112, 128, 160, 224)
 # A network below this top-1 after training trains again, at most this many more times: a barely
 # trained INT8 network is chaotic (one code rounded the other way flips its top-1), so its export
 # proof means little (MobileOne-S0 stayed at 25-36% after 200 steps on digits; LCNet-050's logits
@@ -211,7 +213,10 @@ def run_chain(name: str, args) -> dict:
 
     teacher = copy.deepcopy(model).eval()
     kd = [compress.loss("kd", temperature=4, alpha=0.9)]
-    stage("distill", lambda: fit(compress, model, train, 20, kd, teacher=teacher, lr=2e-4))
+    # the giants' training is capped (--train-gmacs): their KD and fine-tuning steps too
+    stage(
+        "distill", lambda: fit(compress, model, train, min(20, steps), kd, teacher=teacher, lr=2e-4)
+    )
     teacher = None  # its memory, for the stages that follow
 
     example = test[0][0][:2]
@@ -222,7 +227,7 @@ def run_chain(name: str, args) -> dict:
         compress.prune(
             pruned, example, compress.PruneSpec(speedup=1.5), calibration_data=calibration
         )
-        fit(compress, pruned, train, 60, ce, lr=5e-4)
+        fit(compress, pruned, train, min(60, steps), ce, lr=5e-4)
         return pruned
 
     pruned = stage("prune", prune)
@@ -261,7 +266,7 @@ def run_chain(name: str, args) -> dict:
 
 
 def fitting_size(name: str, build_model):
-    """The smallest of :data:`SIZES` the network's forward accepts in eval and in training mode
+    """The first of :data:`SIZES` the network's forward accepts in eval and in training mode
     (Inception's auxiliary head runs only in training, and at 96 px its pooling has nothing left
     to pool), and the network built for it (a ViT's position embedding is sized to it)."""
     import torch
