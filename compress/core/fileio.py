@@ -123,6 +123,37 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# A file too large for its own format continues in a sidecar beside it: an ONNX file over
+# protobuf's 2 GiB keeps its weights in ``<name>.onnx.data`` (compress.exporters.onnx.files).
+SIDECAR_SUFFIX = ".data"
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    """Where the rest of a file too large for its format lies: ``<name>.data`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def file_parts(path: str | os.PathLike) -> list[Path]:
+    """The file, and its :func:`sidecar` when it has one."""
+    path = Path(path)
+    return [path, *(part for part in [sidecar(path)] if part.is_file())]
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """:func:`sha256_file` of a file, or of it and its sidecar (the SHA-256 of both digests): a
+    changed sidecar is a changed file."""
+    digests = [sha256_file(part) for part in file_parts(path)]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def content_bytes(path: str | os.PathLike) -> int:
+    """A file's size on disk, its sidecar's included."""
+    return sum(part.stat().st_size for part in file_parts(path))
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as f:
         f.flush()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.core.fileio import UnreadableFile, read_json, sha256_file
+from compress.core.fileio import UnreadableFile, content_sha256, read_json
 from compress.errors import ModelError
 
 STAGE_RECORD = "stage.json"
@@ -145,7 +145,7 @@ class StageRecord:
             )
         if not path.is_file():
             raise ModelError(f"{where}: its {role} file {entry.path} is missing")
-        if sha256_file(path) != entry.sha256:
+        if content_sha256(path) != entry.sha256:
             raise ModelError(
                 f"{where}: its {role} file {entry.path} is not the file the stage wrote (sha256 "
                 "differs); re-run the stage"

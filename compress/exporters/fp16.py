@@ -37,9 +37,9 @@ from pathlib import Path
 
 import onnx
 
-from compress.core.fileio import write_bytes_atomic
 from compress.errors import ExportError, first_line
-from compress.exporters.onnx.export import META_PRECISION, _checked_bytes, set_metadata
+from compress.exporters.onnx.export import META_PRECISION, set_metadata
+from compress.exporters.onnx.files import write_onnx
 from compress.exporters.onnx.graph import load_onnx
 from compress.exporters.onnx.verify import compare_onnx_files, verify_onnx
 from compress.exporters.spec import ExportConfig
@@ -147,9 +147,7 @@ def convert_to_fp16(
         raise ExportError(f"{onnx_path}: cannot convert to FP16: {reason}")
     model = _converted(model, keep_io_types, onnx_path)
     set_metadata(model, {**(metadata or {}), META_PRECISION: "fp16"})
-    data = _checked_bytes(model, out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return write_bytes_atomic(out_path, data)
+    return write_onnx(model, out_path)
 
 
 def _not_fp32_reason(model: onnx.ModelProto) -> str | None:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.core.fileio import write_text_atomic
+from compress.core.fileio import sidecar, write_text_atomic
 from compress.core.records import QuantSpec
 from compress.errors import ExportError
 from compress.exporters.formats import FORMATS
 from compress.exporters.onnx.export import export_onnx
+from compress.exporters.onnx.files import move_onnx, remove_onnx
 from compress.exporters.onnx.verify import NOISE_FLOOR_EPSILON, verify_onnx
 from compress.exporters.spec import ExportConfig
 
@@ -37,7 +38,9 @@ def proven(path: Path) -> Iterator[Path]:
     or is not the graph it should be), the file is kept for inspection as
     ``<name>.failed-check`` with the reason in ``<name>.failed-check.txt``, and a ``path`` left
     by an earlier run is removed: it belongs to other inputs. Interrupted, the pending file is
-    removed.
+    removed. A file over 2 GiB moves with its sidecar (:mod:`compress.exporters.onnx.files`);
+    failed, the two are kept in a folder ``<name>.failed-check/`` under their own names (the
+    graph names its sidecar).
     """
     path = Path(path)
     # the same name in a hidden folder: messages name the file as it will be
@@ -50,18 +53,31 @@ def proven(path: Path) -> Iterator[Path]:
     except ExportError as exc:
         if not pending.exists():  # nothing was written (a format that cannot be built here)
             raise
-        os.replace(pending, failed)
+        _remove_failed(failed)
+        if sidecar(pending).is_file():
+            failed.mkdir()
+            move_onnx(pending, failed / path.name)
+        else:
+            os.replace(pending, failed)
         write_text_atomic(failed.with_name(failed.name + ".txt"), f"{exc}\n")
-        path.unlink(missing_ok=True)
+        remove_onnx(path)
         raise ExportError(
             f"{exc} (not written as {path.name}; the file that failed is kept as {failed.name})"
         ) from None
     else:
-        os.replace(pending, path)
+        move_onnx(pending, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    failed.unlink(missing_ok=True)  # an earlier failure of this file is superseded
+    _remove_failed(failed)  # an earlier failure of this file is superseded
     failed.with_name(failed.name + ".txt").unlink(missing_ok=True)
+
+
+def _remove_failed(failed: Path) -> None:
+    """An earlier failed file: one file, or the folder of a file with a sidecar."""
+    if failed.is_dir() and not failed.is_symlink():
+        shutil.rmtree(failed)
+    else:
+        failed.unlink(missing_ok=True)
 
 
 def export_network(

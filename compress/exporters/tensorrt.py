@@ -68,7 +68,8 @@ def build_engine(
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch: the only mode of TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    # the path: where the parser finds the weights of a file over 2 GiB (its sidecar)
+    if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors or 'unknown error'}")
     config = builder.create_builder_config()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from compress.core.fileio import sha256_file, write_json_atomic
+from compress.core.fileio import content_bytes, content_sha256, sidecar, write_json_atomic
 from compress.core.records import STAGE_RECORD, FileRecord, NetworkSpec, StageRecord
 from compress.errors import ModelError
 
@@ -91,7 +91,9 @@ def record_stage(
         seconds=artifact.seconds,
         peak_rss_mb=artifact.peak_rss_mb,
         files={
-            role: FileRecord(os.path.relpath(path, run_dir), sha256_file(path), path.stat().st_size)
+            role: FileRecord(
+                os.path.relpath(path, run_dir), content_sha256(path), content_bytes(path)
+            )
             for role, path in artifact.files.items()
         },
         metrics=artifact.metrics,
@@ -145,5 +147,7 @@ def discard(folder: Path, run_dir: Path) -> None:
     inside = run_dir.resolve()
     for entry in record.files.values() if record else ():
         path = run_dir / entry.path
-        if path.parent.resolve().is_relative_to(inside) and (path.is_symlink() or path.is_file()):
-            path.unlink(missing_ok=True)
+        for part in (path, sidecar(path)):  # an ONNX file over 2 GiB has its weights beside it
+            inside_run = part.parent.resolve().is_relative_to(inside)
+            if inside_run and (part.is_symlink() or part.is_file()):
+                part.unlink(missing_ok=True)

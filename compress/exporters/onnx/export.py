@@ -1,11 +1,13 @@
-"""PyTorch to one self-contained ``.onnx`` file: the dynamo or TorchScript exporter, a dynamic (or
-fixed) batch axis, optional onnxslim simplification, and our preprocessing (mean/std/image
+"""PyTorch to one self-contained ``.onnx`` file (over 2 GiB, with its weights in a sidecar:
+:mod:`compress.exporters.onnx.files`): the dynamo or TorchScript exporter, a dynamic (or fixed)
+batch axis, optional onnxslim simplification, and our preprocessing (mean/std/image
 size/classes) in ``metadata_props``, so the file alone is enough to run it correctly."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
@@ -14,14 +16,14 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from compress.core.fileio import write_bytes_atomic
 from compress.errors import ExportError, first_line
+from compress.exporters.onnx.files import over_limit, write_onnx
+from compress.exporters.onnx.graph import load_onnx, opset_of
 from compress.exporters.spec import EXPORTERS
 from compress.nets.modes import evaluating
 
 if TYPE_CHECKING:
     from torch import nn
-from compress.exporters.onnx.graph import load_onnx, opset_of
 
 INPUT_NAME = "input"
 
@@ -43,9 +45,6 @@ META_CLASSES = "compress.classes"
 
 
 META_PRECISION = "compress.precision"  # set by converters that change it (fp16.py); absent = fp32
-
-
-_PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model is one protobuf message
 
 
 def export_onnx(
@@ -95,7 +94,7 @@ def export_onnx(
 
     Raises:
         ExportError: the exporter failed (the message is the root cause in one line), the model
-            is over the 2 GiB single-file limit, the ONNX checker rejected the result, or
+            is over 2 GiB with ``simplify``, the ONNX checker rejected the result, or
             ``batch`` is not a positive int.
     """
     if exporter not in EXPORTERS:
@@ -109,9 +108,7 @@ def export_onnx(
     if simplify:
         proto = _simplified(proto, path)
     set_metadata(proto, metadata or {})
-    data = _checked_bytes(proto, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_bytes_atomic(path, data)
+    return write_onnx(proto, path)
 
 
 def preprocessing_metadata(
@@ -213,25 +210,34 @@ def _export_dynamo(model, example, opset, dynamic: bool) -> onnx.ModelProto:
 
 
 def _export_torchscript(model, example, opset, dynamic: bool) -> onnx.ModelProto:
+    """Exported to a scratch folder, not to memory: over 2 GiB, the exporter writes the weights
+    as files beside the graph, which it can only do for a path."""
     import torch
 
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (example,),
-        buffer,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None,
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
-    return onnx.load_model_from_string(buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix="compress-export-") as folder:
+        scratch = Path(folder) / "model.onnx"
+        torch.onnx.export(
+            model,
+            (example,),
+            str(scratch),  # a str: the exporter writes weights beside it only for one
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+        return onnx.load(scratch)  # the weights read into memory, whichever way they were written
 
 
 def _simplified(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     import onnxslim
+
+    if over_limit(proto):
+        raise ExportError(
+            f"{path.name}: simplify works on models up to 2 GiB and this one is larger; set "
+            "export.simplify: false"
+        )
 
     try:
         with _quiet():
@@ -256,23 +262,7 @@ def add_metadata(path: Path | str, metadata: dict[str, str]) -> Path:
     path = Path(path)
     proto = load_onnx(path)
     set_metadata(proto, metadata)
-    return write_bytes_atomic(path, _checked_bytes(proto, path))
-
-
-def _checked_bytes(proto: onnx.ModelProto, path: Path) -> bytes:
-    size = proto.ByteSize()
-    if size > _PROTOBUF_LIMIT:
-        raise ExportError(
-            f"{path.name}: the exported model is {size / 2**30:.1f} GiB, over ONNX's 2 GiB "
-            "single-file limit (external-data export is not supported yet)"
-        )
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as exc:
-        raise ExportError(
-            f"{path.name}: the ONNX checker rejected the export: {first_line(exc)}"
-        ) from exc
-    return proto.SerializeToString()
+    return write_onnx(proto, path)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from compress.core.fileio import not_a_file
+from compress.core.fileio import content_bytes, not_a_file, sidecar
 from compress.errors import ExportError, first_line
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def read_onnx_info(path: Path | str) -> dict:
         "params": count_params(model),
         "macs": macs,
         "macs_skipped": skipped,
-        "file_bytes": path.stat().st_size,
+        "file_bytes": content_bytes(path),  # its sidecar's too
         "input_shape": _input_shape(model),
         "metadata": {p.key: p.value for p in model.metadata_props},
         "opset": opset_of(model),
@@ -99,8 +99,9 @@ def load_onnx(path: Path | str) -> onnx.ModelProto:
     if problem is not None:
         raise ExportError(f"{path}: {problem}; expected an ONNX file")
     try:
-        model = onnx.load(path)
-        onnx.checker.check_model(model)
+        model = onnx.load(path)  # with its sidecar's weights, if it has one
+        # the checker cannot serialise a model over 2 GiB: it reads one with a sidecar from disk
+        onnx.checker.check_model(str(path) if sidecar(path).is_file() else model)
     except Exception as exc:
         raise ExportError(f"{path}: not a valid ONNX model ({first_line(exc)})") from exc
     if not model.graph.node:
