@@ -181,9 +181,11 @@ def run_chain(name: str, args) -> dict:
     torch.manual_seed(0)
     row = empty_row(name)
     row["stages"] = {}
+    row["stage_seconds"] = {}  # where a model's time goes (training: "train")
     errors = []
 
     def stage(label: str, work):
+        started = time.perf_counter()
         try:
             result = work()
         except Exception as exc:  # the verdict is the point: every exception is recorded
@@ -192,6 +194,8 @@ def run_chain(name: str, args) -> dict:
             if row["stages"][label] == "crash":
                 traceback.print_exc()
             return None
+        finally:
+            row["stage_seconds"][label] = round(time.perf_counter() - started, 1)
         row["stages"][label] = "ok"
         return result
 
@@ -204,12 +208,14 @@ def run_chain(name: str, args) -> dict:
     steps = max(20, min(args.steps, int(args.train_gmacs * 1e9 / (3 * macs * 32))))
     ce = [compress.loss("ce")]
     row["train_steps"] = 0
+    started = time.perf_counter()
     for _ in range(1 + EXTRA_TRAINING_ROUNDS):  # a weak network's INT8 proof means little
         fit(compress, model, train, steps, ce, lr=1e-3)
         row["train_steps"] += steps
         row["top1_trained"] = top1(model, test)
         if row["top1_trained"] >= WELL_TRAINED_TOP1:
             break
+    row["stage_seconds"]["train"] = round(time.perf_counter() - started, 1)
 
     teacher = copy.deepcopy(model).eval()
     kd = [compress.loss("kd", temperature=4, alpha=0.9)]
