@@ -84,7 +84,9 @@ def main() -> None:
     parser.add_argument("--source", choices=("torchvision", "timm"), help="one source only")
     parser.add_argument("--steps", type=int, default=200, help="training batches (default 200)")
     parser.add_argument("--train-gmacs", type=float, default=2000.0, help="training work cap")
-    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument(
+        "--timeout", type=float, default=1200.0, help="seconds per model (x3 for the heaviest)"
+    )
     parser.add_argument("--redo", action="store_true", help="run finished models again")
     parser.add_argument("--report", action="store_true", help="only the table of the rows kept")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -120,6 +122,7 @@ HEAVY = (
     "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf", "efficientnet_v2_m", "efficientnet_v2_l",
     "efficientnet_b6", "efficientnet_b7",
 )  # fmt: skip
+HEAVY_TIMEOUT_FACTOR = 3  # their --timeout is this many times longer
 
 
 def all_models(source: str | None) -> list[str]:
@@ -140,12 +143,11 @@ def run_child(name: str, args) -> dict:
     command += ["--data", str(args.data)] if args.data else []
     command += ["--steps", str(args.steps), "--train-gmacs", str(args.train_gmacs)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    timeout = args.timeout * (HEAVY_TIMEOUT_FACTOR if name.split(":")[-1] in HEAVY else 1)
     try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=args.timeout, env=env
-        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return empty_row(name) | {"error": f"timed out after {args.timeout:.0f} s"}
+        return empty_row(name) | {"error": f"timed out after {timeout:.0f} s"}
     for line in done.stdout.splitlines():
         if line.startswith("ROW "):
             return json.loads(line[4:])
