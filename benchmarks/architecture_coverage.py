@@ -72,6 +72,11 @@ TIMM_MODELS = (
     "repvgg_a0", "mobileone_s0", "ghostnet_100", "lcnet_050", "mixnet_s", "dla34",
     "hrnet_w18_small", "cspresnet50", "resnest14d", "levit_128s", "edgenext_xx_small",
     "ghostnetv2_100", "tinynet_e", "rexnet_100", "inception_v3", "densenet121",
+    # and the families deployers bring beyond the list (the edge networks of 2022-2024,
+    # MetaFormers, pyramid transformers)
+    "mobilenetv4_conv_small", "repvit_m0_9", "efficientvit_b0", "tiny_vit_5m_224",
+    "efficientformerv2_s0", "hgnetv2_b0", "pvt_v2_b0", "poolformerv2_s12", "res2net50_14w_8s",
+    "ese_vovnet19b_dw", "repghostnet_050", "mobilevitv2_050", "starnet_s1", "nf_resnet26",
 )  # fmt: skip
 
 
