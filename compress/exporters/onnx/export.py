@@ -60,7 +60,8 @@ def export_onnx(
     simplify: bool = False,
     batch: int | None = None,
 ) -> Path:
-    """Export a classifier to a single ONNX file with a dynamic (or fixed) batch axis.
+    """Export a classifier to one ONNX file with a dynamic (or fixed) batch axis; over 2 GiB,
+    its weights go to ``<name>.onnx.data`` beside it (:mod:`compress.exporters.onnx.files`).
 
     The model is exported in eval mode on CPU and left afterwards in the mode and on the device
     it came in. The graph has one input ``"input"`` (N, C, H, W float32) and one output
