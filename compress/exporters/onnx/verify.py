@@ -79,7 +79,9 @@ def verify_onnx(
         ``{"max_abs_diff", "mean_abs_diff", "max_abs_logit", "max_rel_diff", "top1_agreement",
         "samples", "tolerance", "relative", "min_agreement"}`` plus the keys of
         :func:`decisive_agreement`, which ``min_agreement`` bounds (``samples``: images
-        compared, repeats included); worth writing into the export artifact.
+        compared, repeats included), and ``"proof": "reference noise"`` where the model does
+        not reproduce itself and the file was judged against that
+        (:func:`within_reference_noise`); worth writing into the export artifact.
 
     Raises:
         ExportError: the file cannot be run, its input type is neither float32 nor float16, its
