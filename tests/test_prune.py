@@ -658,6 +658,48 @@ class LeViT(nn.Module):
         return self.head((x + self.mlp2(x)).mean(1))
 
 
+class ReducedAttention(nn.Module):
+    """PVTv2's: separate q and kv Linears reshaped by the num_heads and head_dim it holds, keys
+    and values from tokens reduced by a strided conv, the token width read from its input
+    (pvt_v2_b0: shape '[1, 256, 24]' is invalid for input of size 8192)."""
+
+    def __init__(self, dim, num_heads=1):  # PVTv2-B0 stage 0: one head
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.kv, self.proj = (
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, dim),
+        )
+        self.sr, self.norm = nn.Conv2d(dim, dim, 2, stride=2), nn.LayerNorm(dim)
+
+    def forward(self, x, side):
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        reduced = self.sr(x.transpose(1, 2).reshape(b, c, side, side)).reshape(b, c, -1)
+        kv = self.kv(self.norm(reduced.transpose(1, 2)))
+        k, v = kv.reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Pvt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, 16, 2, stride=2), nn.LayerNorm(16)
+        self.norm1, self.attn = nn.LayerNorm(16), ReducedAttention(16)
+        self.norm2 = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 128), nn.GELU(), nn.Linear(128, 16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.stem(x)
+        side = tokens.shape[-1]
+        x = self.stem_norm(tokens.flatten(2).transpose(1, 2))
+        x = x + self.attn(self.norm1(x), side)
+        return self.head((x + self.mlp(self.norm2(x))).mean(1))
+
+
 def prune_tiny(network, size=16, **spec):
     """``network`` pruned by the library verb to 1.5x fewer MACs (round_to 1): the MACs ratio,
     and its widths before and after."""
@@ -709,6 +751,12 @@ def prune_tiny(network, size=16, **spec):
             16,
             ["stem.0"],
             ["mlp1.0", "q.1", "mlp2.2.linear"],
+        ),
+        (  # an attention reshaping by the heads it holds keeps its widths; the MLP is cut
+            Pvt,
+            16,
+            ["stem", "attn.q", "attn.kv", "attn.sr", "attn.proj"],
+            ["mlp.0"],
         ),
     ],
     ids=lambda value: value.__name__ if isinstance(value, type) else None,
@@ -849,7 +897,12 @@ def test_a_flatten_maps_each_channel_to_its_features():
 
 @pytest.mark.parametrize(
     ("name", "size"),
-    [("torchvision:shufflenet_v2_x0_5", 32), ("timm:resnest14d", 32), ("timm:cspresnet50", 32)],
+    [
+        ("torchvision:shufflenet_v2_x0_5", 32),
+        ("timm:resnest14d", 32),
+        ("timm:cspresnet50", 32),
+        ("timm:pvt_v2_b0", 64),
+    ],
 )
 @pytest.mark.slow
 def test_real_networks_with_those_patterns_prune(name, size):

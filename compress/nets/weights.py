@@ -248,8 +248,8 @@ def is_attention(module: nn.Module) -> bool:
     ``Attention``): pruning whole heads changes its ``num_heads``, read by its forward."""
     return (
         isinstance(getattr(module, "qkv", None), nn.Linear)
-        and _positive_int(getattr(module, "num_heads", None))
-        and _positive_int(getattr(module, "head_dim", None))
+        and positive_int(getattr(module, "num_heads", None))
+        and positive_int(getattr(module, "head_dim", None))
     )
 
 
@@ -302,7 +302,7 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
         if (
             not isinstance(widths, dict)
             or set(widths) != set(fields)
-            or not all(_positive_int(v) for v in widths.values())
+            or not all(positive_int(v) for v in widths.values())
         ):
             raise ModelError(
                 f"pruned structure: {name!r} must give positive integers {', '.join(fields)}, got "
@@ -334,7 +334,7 @@ def _module(model: nn.Module, name: object) -> nn.Module:
     )
 
 
-def _positive_int(value: object) -> bool:
+def positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 

@@ -18,7 +18,7 @@ import math
 import torch_pruning as tp
 from torch import nn
 
-from compress.nets.weights import structure_of
+from compress.nets.weights import is_attention, positive_int, structure_of
 
 _OP = tp.ops.OPTYPE
 # the layer kinds Torch-Pruning resizes (the rest of its graph nodes are operations)
@@ -314,9 +314,12 @@ def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
         if module not in called and tp.ops.module2type(module) in _LAYER_KINDS
         for weight in module.parameters(recurse=False)
     }
+    held = _held_head_layers(names)
     for node in graph.module2node.values():
         module = node.module
-        if isinstance(module, nn.Parameter):
+        if module in held:
+            blockers[node] = f"{held[module]} reshapes by the num_heads and head_dim it holds"
+        elif isinstance(module, nn.Parameter):
             name = graph._param_to_name.get(module, "a parameter")
             blockers[node] = f"parameter {name} belongs to no layer"
         elif node.type == _OP.SPLIT and _split_is_fixed(graph, node):
@@ -333,6 +336,26 @@ def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
         elif owner := _foreign_weights(node, unused):
             blockers[node] = f"the weights of {owner} are used outside its forward"
     return blockers
+
+
+def _held_head_layers(names: dict) -> dict[nn.Module, str]:
+    """``{layer: attention's name}`` for the layers inside an attention whose forward reshapes by
+    the ``num_heads`` and ``head_dim`` it holds but whose heads are not slices of one ``qkv``
+    Linear, so Torch-Pruning cannot remove them whole (timm's PVTv2: separate ``q`` and ``kv``
+    and a spatial-reduction conv, its token width read from its input): their widths, and the
+    token width that reaches them, stay; the MLPs around them still prune."""
+    held = {}
+    for module, name in names.items():
+        if isinstance(module, nn.MultiheadAttention) or is_attention(module):  # pruned whole
+            continue
+        if not all(
+            positive_int(getattr(module, field, None)) for field in ("num_heads", "head_dim")
+        ):
+            continue
+        for layer in module.modules():
+            if layer is not module and tp.ops.module2type(layer) in _LAYER_KINDS:
+                held[layer] = name
+    return held
 
 
 def _split_is_fixed(graph: tp.DependencyGraph, node) -> bool:
