@@ -15,6 +15,7 @@ import bisect
 import itertools
 import math
 
+import torch
 import torch_pruning as tp
 from torch import nn
 
@@ -336,6 +337,44 @@ def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
         elif owner := _foreign_weights(node, unused):
             blockers[node] = f"the weights of {owner} are used outside its forward"
     return blockers
+
+
+def sliced_channel_producers(
+    model: nn.Module, example: torch.Tensor, customized_pruners: dict
+) -> dict[nn.Module, str]:
+    """``{layer: why}`` for the convolutions and Linears whose output channels reach a channel
+    slice at offsets the forward holds (:func:`_slices_channels`), found before Torch-Pruning
+    groups any channel: walking back from each slice through what keeps the channels (norms,
+    activations, depthwise convolutions, adds, concatenations) to the layers that make them.
+
+    Why before: Torch-Pruning's grouping revisits a node once per distinct set of channel
+    indices that reaches it, and prefix slices chained block after block (timm's RexNet:
+    ``cat([x[:, :c] + shortcut, x[:, c:]])``) make those sets multiply: it had not grouped
+    RexNet-100 after 40 minutes. Handed over as ignored layers, these keep their width, as
+    :func:`frozen_layers` would have made them after grouping. ``customized_pruners``: the
+    pruner's own (the graph is traced as it will be)."""
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=example, customized_pruners=customized_pruners
+    )
+    names = {module: name for name, module in model.named_modules()}
+    found: dict[nn.Module, str] = {}
+    for node in list(graph.module2node.values()):
+        if node.type != _OP.SLICE or not _slices_channels(node):
+            continue
+        stack, seen = list(node.inputs), set()
+        while stack:
+            producer = stack.pop()
+            if producer in seen:
+                continue
+            seen.add(producer)
+            if producer.type in (_OP.CONV, _OP.LINEAR) and producer.module in names:
+                found[producer.module] = (
+                    f"{names[producer.module]}: its channels are sliced at offsets the forward "
+                    "holds (found before Torch-Pruning groups them)"
+                )
+            else:
+                stack.extend(producer.inputs)
+    return found
 
 
 def _held_head_layers(names: dict) -> dict[nn.Module, str]:

@@ -47,7 +47,13 @@ from compress.errors import CompressError, SettingError, StageError, first_line
 from compress.nets.models import count_params_macs
 from compress.nets.modes import evaluating
 from compress.nets.weights import is_attention
-from compress.pruning.channel_flow import SplitPruner, frozen_layers, map_splits, map_views
+from compress.pruning.channel_flow import (
+    SplitPruner,
+    frozen_layers,
+    map_splits,
+    map_views,
+    sliced_channel_producers,
+)
 from compress.pruning.spec import PRUNING_CRITERIA, PruneSpec
 
 # With a MACs target the pruner takes this many small steps from 0 to max_layer_ratio and stops at
@@ -160,8 +166,9 @@ class ChannelPruner:
             self._output_shape = _output_of(model, example_inputs).shape
         self._macs = self._count()[1]
         with _torch_pruning(model, example_inputs, "trace"), evaluating(model):
-            self._pruner = self._build(ignored, rounds)
-            self.frozen: dict[nn.Module, str] = frozen_layers(
+            sliced = sliced_channel_producers(model, example_inputs, customized_pruners())
+            self._pruner = self._build(ignored + list(sliced), rounds)
+            self.frozen: dict[nn.Module, str] = sliced | frozen_layers(
                 self._pruner, model, self._unfollowable
             )
             if self.frozen:  # rebuilt: global ranking counts only the channels it may remove
@@ -184,11 +191,7 @@ class ChannelPruner:
             num_heads={attention.qkv: attention.num_heads for attention in self._heads},
             prune_num_heads=not cfg.global_ranking,
             prune_head_dims=False,
-            # views and splits are mapped by map_views and map_splits, from the shapes they saw
-            customized_pruners={
-                tp.ops._ReshapeOp: tp.ops.ReshapePruner(),
-                tp.ops._SplitOp: SplitPruner(),
-            },
+            customized_pruners=customized_pruners(),
         )
         self._unfollowable = {**map_views(pruner.DG), **map_splits(pruner.DG)}
         return pruner
@@ -411,6 +414,11 @@ def attention_heads(model: nn.Module) -> list[nn.Module]:
     ``Attention``). Torch-Pruning removes whole heads of these (its ``num_heads``), never a
     head's inner dimensions, which would change the softmax temperature of every head left."""
     return [m for m in model.modules() if is_attention(m)]
+
+
+def customized_pruners() -> dict:
+    """Views and splits are mapped by map_views and map_splits, from the shapes they saw."""
+    return {tp.ops._ReshapeOp: tp.ops.ReshapePruner(), tp.ops._SplitOp: SplitPruner()}
 
 
 def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
