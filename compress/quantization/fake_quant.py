@@ -51,6 +51,7 @@ from compress.errors import SettingError, StageError
 from compress.quantization.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.quantization.split_attention import with_split_attention
+from compress.quantization.standardised_weights import with_plain_convolutions
 from compress.quantization.tracing import trace
 
 # every weight range has scale >= max|w| / 127: -128 is never produced
@@ -297,6 +298,7 @@ def prepare_quantized(
             f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}"
         )
     model = with_split_attention(model)  # torchvision's attention projections become Linears
+    model = with_plain_convolutions(model)  # weight standardisation computed once, like BatchNorm
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:
         raise SettingError(
