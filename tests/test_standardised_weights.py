@@ -1,0 +1,78 @@
+"""Weight-standardised convolutions (timm's StdConv2d, ScaledStdConv2d: NF-ResNet, NFNet, BiT)
+quantize as the plain convolutions they compute, so ONNX Runtime runs them as QLinearConv; and
+layers with equal weights (zero-initialised ones of an untrained network) export."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import compress
+from compress.core.compat import torchvision  # noqa: F401  (before timm: its CPU import)
+from compress.quantization.standardised_weights import with_plain_convolutions
+
+timm_layers = pytest.importorskip("timm.layers")
+
+
+def standardised_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        timm_layers.ScaledStdConv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        timm_layers.StdConv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    with torch.no_grad():
+        net[0].gain.uniform_(0.5, 2.0)  # a trained gain, not its initial ones
+    return net.eval()
+
+
+def test_the_plain_convolutions_compute_what_the_standardised_ones_do():
+    net = standardised_net()
+    plain = with_plain_convolutions(net)
+    assert [type(m).__name__ for m in plain[:3]] == ["Conv2d", "ReLU", "Conv2d"]
+    assert type(net[0]).__name__ == "ScaledStdConv2d"  # the network itself is left alone
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), net(images), atol=1e-5, rtol=1e-5)
+
+
+def test_a_standardised_network_exports_int8_convolutions(tmp_path):
+    net = standardised_net()
+    images = torch.randn(64, 3, 8, 8)
+    qmodel = compress.quantize(net, [images[:32]])
+    record = compress.export(qmodel, tmp_path / "std.onnx", check_inputs=images)
+    assert record["qdq"]["qlinear_conv"] == 2 and record["qdq"]["fp32_conv"] == 0
+
+
+def test_equal_weights_export_under_names_of_their_own(tmp_path):
+    """Two layers with the same weights, which the exporter shares as one constant: each is
+    quantized, under a name of its own (it failed the ONNX checker: 'initializer name is not
+    unique')."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        conv,
+        nn.ReLU(),
+        copy.deepcopy(conv),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+    images = torch.randn(64, 3, 8, 8)
+    qmodel = compress.quantize(net, [images[:32]])
+    record = compress.export(qmodel, tmp_path / "twins.onnx", check_inputs=images)
+    assert record["qdq"]["qlinear_conv"] == 3
+    weights = onnx.load(tmp_path / "twins.onnx").graph.initializer
+    int8 = [w.name for w in weights if w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1]
+    assert len(int8) == len(set(int8)) >= 3  # unique names (the twins' weight was shared)
