@@ -58,23 +58,18 @@ def store_int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     _fold_constant_arithmetic(graph)
     constants = _constants(graph)
     kept = []
-    stored_by_inputs: dict[tuple, onnx.TensorProto] = {}
+    taken = {init.name for init in graph.initializer}
     for node in graph.node:
         stored = _int8_weight(node, constants)
         if stored is None:
             kept.append(node)
             continue
         # equal weights share one constant in the exporter's graph (zero-initialised layers of
-        # an untrained network): the same QuantizeLinear twice gives one INT8 initializer
-        inputs = (*node.input[:3], *(str(a) for a in node.attribute))
-        if inputs in stored_by_inputs:
-            stored = stored_by_inputs[inputs]
-        else:
-            taken = {init.name for init in graph.initializer}
-            if stored.name in taken:  # the same weight quantized another way: its own name
-                stored.name = f"{node.output[0]}_int8"
-            stored_by_inputs[inputs] = stored
-            graph.initializer.append(stored)
+        # an untrained network): a second QuantizeLinear of it gets an INT8 name of its own
+        if stored.name in taken:
+            stored.name = f"{node.output[0]}_int8"
+        taken.add(stored.name)
+        graph.initializer.append(stored)
         for user in graph.node:
             for i, name in enumerate(user.input):
                 if name == node.output[0]:
