@@ -33,7 +33,10 @@ Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a fa
 documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A stage
 that fails hands the network it was given to the next one. Each model's row is kept in
 ``exported/architecture_coverage/rows/`` (a rerun skips finished models: ``--redo`` runs them
-again) and all rows go to ``benchmarks/results/architecture_coverage.json``.
+again) and all rows go to ``benchmarks/results/architecture_coverage.json``. Several sweeps may
+share the rows folder (two cores, two sweeps over one list in opposite orders): a model being run
+is claimed by a ``<row>.running`` file holding the sweep's process id, and a claim whose process
+is gone (a sweep killed at a session's end) is taken over.
 """
 
 from __future__ import annotations
@@ -110,12 +113,47 @@ def main() -> None:
         path = ROWS / (name.replace(":", "__") + ".json")
         if path.exists() and not args.redo:
             continue
-        started = time.perf_counter()
-        row = run_child(name, args)
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row to resume from
+        claim = path.with_suffix(".running")
+        if not claimed(claim):
+            print(f"[{index}/{len(models)}] {name}: another sweep runs it", flush=True)
+            continue
+        try:
+            started = time.perf_counter()
+            row = run_child(name, args)
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row
+        finally:
+            claim.unlink(missing_ok=True)
         print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
     write_result()
+
+
+def claimed(claim: Path) -> bool:
+    """Claim one model for this sweep; False while another live sweep holds it."""
+    for _ in range(2):
+        try:
+            with open(claim, "x") as file:  # exclusive: of two sweeps, one wins
+                file.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                holder = int(claim.read_text() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if not holder or process_alive(holder):  # no id yet: being written this instant
+                return False
+            claim.unlink(missing_ok=True)  # its sweep is gone: take the model over
+    return False
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # The heaviest torchvision classifiers (hundreds of MB, minutes per stage): run last, so that a
