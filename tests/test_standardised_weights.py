@@ -1,6 +1,7 @@
 """Weight-standardised convolutions (timm's StdConv2d, ScaledStdConv2d: NF-ResNet, NFNet, BiT)
 quantize as the plain convolutions they compute, so ONNX Runtime runs them as QLinearConv; and
-layers with equal weights (zero-initialised ones of an untrained network) export."""
+layers with equal weights (zero-initialised ones of an untrained network) export; and a
+pruned one keeps each channel's gain."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import compress
 from compress.core.compat import torchvision  # noqa: F401  (before timm: its CPU import)
+from compress.nets.weights import load_weights, save_weights, structure_of
 from compress.quantization.standardised_weights import with_plain_convolutions
 
 timm_layers = pytest.importorskip("timm.layers")
@@ -76,3 +78,52 @@ def test_equal_weights_export_under_names_of_their_own(tmp_path):
     weights = onnx.load(tmp_path / "twins.onnx").graph.initializer
     int8 = [w.name for w in weights if w.data_type == onnx.TensorProto.INT8 and len(w.dims) > 1]
     assert len(int8) == len(set(int8)) >= 3  # unique names (the twins' weight was shared)
+
+
+def prunable_standardised_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        timm_layers.ScaledStdConv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        timm_layers.ScaledStdConv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        timm_layers.ScaledStdConv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        for conv in net[:6:2]:
+            conv.gain.uniform_(0.5, 2.0)  # a trained gain, each channel's its own
+            conv.bias.copy_(torch.arange(conv.out_channels))  # which channel it is, after a cut
+    return net.eval()
+
+
+def test_pruning_cuts_each_gain_with_its_channels():
+    """Torch-Pruning cuts a convolution's weight and bias only: the gain of ScaledStdConv2d stayed
+    at the old width and the next forward broke (NF-ResNet-26 was refused). Each channel kept
+    keeps its own gain."""
+    net = prunable_standardised_net()
+    before = copy.deepcopy(net)
+    example = torch.randn(2, 3, 16, 16)
+    compress.prune(net, example, compress.PruneSpec(speedup=1.5))
+    cut = 0
+    for old, new in zip(before[:6:2], net[:6:2], strict=True):
+        kept = new.bias.round().long()  # each channel's bias was its number before the cut
+        torch.testing.assert_close(new.gain, old.gain[kept])
+        cut += old.out_channels - new.out_channels
+    assert cut > 0
+    with torch.no_grad():
+        assert net(example).shape == (2, 10)
+
+
+def test_a_pruned_standardised_network_reloads_identically(tmp_path):
+    net = prunable_standardised_net()
+    example = torch.randn(2, 3, 16, 16)
+    compress.prune(net, example, compress.PruneSpec(speedup=1.5))
+    path = save_weights(net, tmp_path / "model.pt", structure=structure_of(net))
+    fresh = load_weights(prunable_standardised_net(), path).eval()
+    assert [len(conv.gain) for conv in fresh[:6:2]] == [len(conv.gain) for conv in net[:6:2]]
+    with torch.no_grad():
+        assert torch.equal(fresh(example), net(example))

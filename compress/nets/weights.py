@@ -338,6 +338,17 @@ def positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def per_output_channel_tensors(conv: nn.Module) -> list[str]:
+    """Names of the tensors besides ``weight`` and ``bias`` that a convolution holds one entry
+    per output channel of (timm's ``ScaledStdConv2d.gain``)."""
+    tensors = [*conv.named_parameters(recurse=False), *conv.named_buffers(recurse=False)]
+    return [
+        name
+        for name, tensor in tensors
+        if name not in ("weight", "bias") and tensor.dim() and len(tensor) == conv.out_channels
+    ]
+
+
 def _resize(module: nn.Module, name: str, **widths: int) -> None:
     if isinstance(module, nn.Conv2d):
         cin, cout, groups = widths["in_channels"], widths["out_channels"], widths["groups"]
@@ -346,9 +357,12 @@ def _resize(module: nn.Module, name: str, **widths: int) -> None:
                 f"pruned structure: {name!r} has {cin} in / {cout} out channels, not divisible by "
                 f"groups={groups}"
             )
+        per_channel = per_output_channel_tensors(module)  # timm's ScaledStdConv2d gain
         module.in_channels, module.out_channels, module.groups = cin, cout, groups
         _replace(module, "weight", (cout, cin // groups, *module.kernel_size))
         _replace(module, "bias", (cout,))
+        for tensor in per_channel:
+            _replace(module, tensor, (cout, *getattr(module, tensor).shape[1:]))
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         n = module.num_features = widths["num_features"]
         for tensor in ("weight", "bias", "running_mean", "running_var"):

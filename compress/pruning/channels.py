@@ -46,7 +46,7 @@ from compress.core.registry import load_entry
 from compress.errors import CompressError, SettingError, StageError, first_line
 from compress.nets.models import count_params_macs
 from compress.nets.modes import evaluating
-from compress.nets.weights import is_attention
+from compress.nets.weights import is_attention, per_output_channel_tensors
 from compress.pruning.channel_flow import (
     SplitPruner,
     frozen_layers,
@@ -292,7 +292,7 @@ class ChannelPruner:
                 cut = graph.get_pruning_group(group._root, group._handler, drop)
                 if not graph.check_pruning_group(cut):
                     raise StageError(f"prune: Torch-Pruning refused to cut {group.name}")
-                cut.prune()
+                prune_group(cut)
             self._check_output()
         self.model.zero_grad(set_to_none=True)
 
@@ -302,7 +302,8 @@ class ChannelPruner:
             if self.cfg.criterion == "taylor":
                 self.model.zero_grad(set_to_none=True)
                 gradient_fn(self.model)
-            self._pruner.step()
+            for group in self._pruner.step(interactive=True):
+                prune_group(group)
         for attention in self._heads:  # its forward reshapes by the head count it holds
             attention.num_heads = self._pruner.num_heads[attention.qkv]
             if hasattr(attention, "attn_dim"):
@@ -419,6 +420,30 @@ def attention_heads(model: nn.Module) -> list[nn.Module]:
 def customized_pruners() -> dict:
     """Views and splits are mapped by map_views and map_splits, from the shapes they saw."""
     return {tp.ops._ReshapeOp: tp.ops.ReshapePruner(), tp.ops._SplitOp: SplitPruner()}
+
+
+def prune_group(group: tp.dependency.Group) -> None:
+    """Cut one Torch-Pruning group, and with a convolution's output channels every other tensor
+    it holds one entry per output channel: Torch-Pruning's convolution pruner cuts ``weight`` and
+    ``bias`` only, and would leave timm's ``ScaledStdConv2d.gain`` (NF-ResNet, NFNet) at the old
+    width, so the next forward breaks. A convolution subclass keeps Torch-Pruning's own pruner
+    (and so counts in every importance criterion, which know only that one)."""
+    held = []
+    for dep, idxs in group:
+        conv = dep.target.module
+        if dep.handler == tp.pruner.function.prune_conv_out_channels and not conv.transposed:
+            if names := per_output_channel_tensors(conv):
+                keep = sorted(set(range(conv.out_channels)) - set(idxs))
+                held.append((conv, names, keep))
+    group.prune()
+    for conv, names, keep in held:
+        for name in names:
+            tensor = getattr(conv, name)
+            kept = tensor.detach()[keep].clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(conv, name, nn.Parameter(kept, requires_grad=tensor.requires_grad))
+            else:
+                setattr(conv, name, kept)  # a registered buffer stays registered
 
 
 def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
