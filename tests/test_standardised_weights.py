@@ -20,19 +20,25 @@ from compress.quantization.standardised_weights import with_plain_convolutions
 timm_layers = pytest.importorskip("timm.layers")
 
 
-def standardised_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
+def standardised_net(*convs: nn.Module) -> nn.Module:
+    """``convs`` (default: a ScaledStdConv2d and a StdConv2d), each followed by a ReLU, then a
+    10-way classifier; each gain as trained ones are (one per channel), each bias the channel's
+    number (which channel it is, after a cut)."""
+    torch.manual_seed(0)  # the default layers' weights; callers seed their own
+    convs = convs or (
         timm_layers.ScaledStdConv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
         timm_layers.StdConv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
+    )
+    layers = [layer for conv in convs for layer in (conv, nn.ReLU())]
+    net = nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(convs[-1].out_channels, 10)
     )
     with torch.no_grad():
-        net[0].gain.uniform_(0.5, 2.0)  # a trained gain, not its initial ones
+        for conv in convs:
+            if hasattr(conv, "gain"):
+                conv.gain.uniform_(0.5, 2.0)
+            if conv.bias is not None:
+                conv.bias.copy_(torch.arange(conv.out_channels))
     return net.eval()
 
 
@@ -82,22 +88,11 @@ def test_equal_weights_export_under_names_of_their_own(tmp_path):
 
 def prunable_standardised_net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(
+    return standardised_net(
         timm_layers.ScaledStdConv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
         timm_layers.ScaledStdConv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
         timm_layers.ScaledStdConv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
     )
-    with torch.no_grad():
-        for conv in net[:6:2]:
-            conv.gain.uniform_(0.5, 2.0)  # a trained gain, each channel's its own
-            conv.bias.copy_(torch.arange(conv.out_channels))  # which channel it is, after a cut
-    return net.eval()
 
 
 def test_pruning_cuts_each_gain_with_its_channels():
