@@ -49,6 +49,7 @@ from torch.fx.experimental.optimization import fuse
 from compress.core.records import QuantSpec
 from compress.errors import SettingError, StageError
 from compress.quantization.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
+from compress.quantization.layer_swaps import conv_like
 from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.quantization.split_attention import with_split_attention
 from compress.quantization.standardised_weights import with_plain_convolutions
@@ -519,22 +520,15 @@ def _twin(
 ) -> QuantConv2d | QuantLinear:
     """The weight-quantized layer with the same hyper-parameters, sharing ``module``'s
     parameters."""
-    device, bias = module.weight.device, module.bias is not None
     if isinstance(module, nn.Conv2d):
-        new = QuantConv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=bias,
-            padding_mode=module.padding_mode,
-            device=device,
-        )
+        new = conv_like(module, QuantConv2d)
     else:
-        new = QuantLinear(module.in_features, module.out_features, bias=bias, device=device)
+        new = QuantLinear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=module.weight.device,
+        )
     new.weight, new.bias = module.weight, module.bias
     new._init_weight_quant(weight_range, bn_gain)
     return new

@@ -13,11 +13,11 @@ left as it is, its projections float.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from compress.quantization.layer_swaps import with_swapped
 
 
 class SplitAttention(nn.Module):
@@ -78,10 +78,4 @@ def splittable(module: nn.Module) -> bool:
 def with_split_attention(model: nn.Module) -> nn.Module:
     """``model`` itself when it has no splittable attention, else a copy whose
     ``nn.MultiheadAttention`` modules are :class:`SplitAttention` (``model`` is not modified)."""
-    if not any(splittable(m) for m in model.modules()):
-        return model
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if splittable(module):
-            model.set_submodule(name, SplitAttention(module))
-    return model
+    return with_swapped(model, splittable, SplitAttention)

@@ -11,11 +11,11 @@ plain ``nn.Conv2d``, the weight is a constant to quantize like any other, as Bat
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from compress.quantization.layer_swaps import conv_like, with_swapped
 
 # by class name: timm is optional. The "Same" variants pad by their input's size in every
 # forward, which a plain convolution cannot: they are left as they are.
@@ -29,29 +29,13 @@ def standardised(module: nn.Module) -> bool:
 def with_plain_convolutions(model: nn.Module) -> nn.Module:
     """``model`` itself when it has no weight-standardised convolution, else a copy in which each
     is the plain convolution it computes (``model`` is not modified)."""
-    if not any(standardised(m) for m in model.modules()):
-        return model
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if standardised(module):
-            model.set_submodule(name, plain_convolution(module))
-    return model
+    return with_swapped(model, standardised, plain_convolution)
 
 
 @torch.no_grad()
 def plain_convolution(conv: nn.Conv2d) -> nn.Conv2d:
     """The ``nn.Conv2d`` with ``conv``'s standardised weight, its bias and its geometry."""
-    plain = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    ).to(conv.weight)
+    plain = conv_like(conv)
     plain.weight.copy_(standardised_weight(conv))
     if conv.bias is not None:
         plain.bias.copy_(conv.bias)
