@@ -24,7 +24,7 @@ from compress.pipeline.config import PruneConfig
 from compress.pruning.channels import ChannelPruner, prune_network
 from compress.pruning.spec import PRUNING_CRITERIA, PruneSpec
 
-SIZES = {"cifar:resnet20": 8, "torchvision:mobilenet_v2": 16}
+SIZES = {"cifar:resnet20": 8, "torchvision:mobilenet_v2": 16, "torchvision:regnet_x_400mf": 32}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,10 +37,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def untrained(name: str) -> torch.nn.Module:
+    """The network at its CIFAR stem where compress knows one (RegNet has none: 32 px)."""
+    return build_model(name, num_classes=10, cifar_stem=not name.startswith("torchvision:regnet"))
+
+
 def trained_like(name: str, seed: int = 0) -> torch.nn.Module:
     """A network with random weights and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = build_model(name, num_classes=10, cifar_stem=True)
+    model = untrained(name)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.weight.data.uniform_(0.2, 1.5)
@@ -71,6 +76,8 @@ def gradients(name):
     ("name", "round_to", "speedup"),
     [
         ("torchvision:mobilenet_v2", 8, 2.0),
+        # grouped convolutions (2 to 25 groups of 16): Torch-Pruning's rounding halved them
+        ("torchvision:regnet_x_400mf", 8, 1.5),
         ("cifar:resnet20", 1, 2.0),
         ("cifar:resnet20", 1, 3.0),
     ],
@@ -89,7 +96,7 @@ def test_speedup_meets_the_macs_target_within_10_percent(name, round_to, speedup
         speedup, rel=0.1
     )
     assert (result["params"], result["macs"]) == macs_of(model, name)
-    assert result["params"] < params / 1.5
+    assert result["params"] < params / (0.75 * speedup)  # parameters fall with the MACs
     assert model(example(name)).shape == (2, 10) and not model.training
 
 
@@ -245,7 +252,7 @@ def test_pruned_checkpoint_reloads_identically_without_pickled_modules(tmp_path,
     assert saved["structure"] == structure_of(model) and set(saved["state_dict"]) == set(
         model.state_dict()
     )
-    fresh = load_weights(build_model(name, num_classes=10, cifar_stem=True), path).eval()
+    fresh = load_weights(untrained(name), path).eval()
     with torch.no_grad():
         assert torch.equal(fresh(example(name)), model(example(name)))
     assert macs_of(fresh, name) == macs_of(model, name)

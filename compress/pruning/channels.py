@@ -177,7 +177,7 @@ class ChannelPruner:
     def _build(self, ignored: list[nn.Module], rounds: int) -> tp.pruner.BasePruner:
         cfg = self.cfg
         ratio = cfg.pruning_ratio if self.by_ratio else cfg.max_layer_ratio
-        pruner = tp.pruner.BasePruner(
+        pruner = GroupedRoundingPruner(
             self.model,
             self.example,
             load_entry(PRUNING_CRITERIA[cfg.criterion])(cfg),
@@ -415,6 +415,39 @@ def attention_heads(model: nn.Module) -> list[nn.Module]:
     ``Attention``). Torch-Pruning removes whole heads of these (its ``num_heads``), never a
     head's inner dimensions, which would change the softmax temperature of every head left."""
     return [m for m in model.modules() if is_attention(m)]
+
+
+class GroupedRoundingPruner(tp.pruner.BasePruner):
+    """Torch-Pruning's pruner, with ``round_to`` right for grouped convolutions (RegNet,
+    ResNeXt).
+
+    Torch-Pruning picks the channels of a grouped layer per group (each group loses the same
+    ones) but rounds that per-group count as if it were the whole layer's: with ``round_to=8`` a
+    32-channel convolution in 2 groups of 16 lost 8 channels per group, half of it, where one was
+    wanted, and torchvision's RegNetX-400MF asked for 1.5x fewer MACs got 2.27x in one step.
+    Here a group keeps a multiple of ``round_to / gcd(round_to, groups)`` channels, so the
+    layer's width stays a multiple of ``round_to``; where that step is over an eighth of a group
+    (9 groups of 48 in RegNetX-3.2GF: 1.41x went to 1.81x in one step), the group is not rounded
+    at all, as the target matters more than a width the grouped kernels gain little from.
+    """
+
+    _channel_groups = 1  # of the group whose count is being rounded
+
+    def _is_atten_group(self, group):
+        # asked of each group right before its count is rounded (and elsewhere: harmless)
+        self._channel_groups = self._get_channel_groups(group)
+        return super()._is_atten_group(group)
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        groups = self._channel_groups
+        if groups <= 1 or current_channels % groups:
+            return super()._round_to(n_pruned, current_channels, round_to)
+        width = current_channels // groups  # n_pruned counts the channels of one group
+        step = round_to // math.gcd(round_to, groups)
+        if step > width // 8:
+            step = 1
+        kept = width - n_pruned
+        return max(width - max(kept - kept % step, step), 0)
 
 
 def customized_pruners() -> dict:
