@@ -102,3 +102,11 @@ def test_the_recipe_reference_page_is_what_compress_schema_markdown_prints():
     )
     for field in ("max_drop", "latency_speedup", "mixup_alpha", "cache_teacher_logits"):
         assert f"| `{field}` |" in page  # every section's fields, nested ones included
+
+
+def test_the_recipe_shape_in_the_guide_is_a_valid_recipe(validator):
+    guide = (ROOT / "docs" / "recipes.md").read_text()
+    block = guide.split("```yaml\n", 1)[1].split("```", 1)[0]
+    raw = yaml.safe_load(block)
+    assert raw["stages"] and not [e.message for e in validator.iter_errors(raw)]
+    recipe_from_dict(raw)  # what `compress validate` runs: raises on anything it rejects
