@@ -118,12 +118,18 @@ def main() -> None:
             print(f"[{index}/{len(models)}] {name}: another sweep runs it", flush=True)
             continue
         try:
+            if name.split(":")[-1] in HUGE:
+                wait_for(ROWS / "huge.running", name)
             started = time.perf_counter()
             row = run_child(name, args)
             row["seconds"] = round(time.perf_counter() - started, 1)
             write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row
         finally:
             claim.unlink(missing_ok=True)
+            if name.split(":")[-1] in HUGE:
+                huge = ROWS / "huge.running"
+                if huge.exists() and huge.read_text() == str(os.getpid()):
+                    huge.unlink()
         print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
     write_result()
 
@@ -144,6 +150,13 @@ def claimed(claim: Path) -> bool:
                 return False
             claim.unlink(missing_ok=True)  # its sweep is gone: take the model over
     return False
+
+
+def wait_for(claim: Path, name: str) -> None:
+    """Hold ``claim`` for this sweep, waiting while another sweep holds it."""
+    while not claimed(claim):
+        print(f"{name}: waits for the other sweep's {claim.stem} model", flush=True)
+        time.sleep(60)
 
 
 def process_alive(pid: int) -> bool:
@@ -167,6 +180,9 @@ HEAVY = (
     "efficientnet_b6", "efficientnet_b7",
 )  # fmt: skip
 HEAVY_TIMEOUT_FACTOR = 3  # their --timeout is this many times longer
+# Over 600M parameters: 12-13 GB each at the peak of their chain, so two sweeps on a 24 GiB machine
+# run one of them at a time (the second waits for ``huge.running``, see :func:`claimed`).
+HUGE = ("vit_h_14", "regnet_y_128gf")
 
 
 def all_models(source: str | None) -> list[str]:
