@@ -527,21 +527,23 @@ class Swin(nn.Module):
         return self.head(self.norm(x).mean((1, 2)))
 
 
-class MixedConv(nn.Module):
-    """timm's MixedConv2d: the channels split at sizes the module holds, a kernel size per part
-    (mixnet: split_with_sizes expects the sizes to sum up to the pruned width)."""
+class MixedConv(nn.ModuleDict):
+    """timm's MixedConv2d: one convolution per part, a kernel size each, the channels split at
+    the sizes it holds in ``splits`` (after a cut: the widths its parts were left with)."""
 
     def __init__(self, channels, kernels=(3, 5)):
-        super().__init__()
-        self.splits = [channels // 2, channels - channels // 2]
-        self.convs = nn.ModuleList(
-            nn.Conv2d(c, c, k, padding=k // 2, groups=c)
-            for c, k in zip(self.splits, kernels, strict=True)
+        splits = [channels // 2, channels - channels // 2]
+        super().__init__(
+            {
+                str(i): nn.Conv2d(c, c, k, padding=k // 2, groups=c)
+                for i, (c, k) in enumerate(zip(splits, kernels, strict=True))
+            }
         )
+        self.splits = splits
 
     def forward(self, x):
         parts = torch.split(x, self.splits, 1)
-        return torch.cat([conv(part) for conv, part in zip(self.convs, parts, strict=True)], 1)
+        return torch.cat([conv(part) for conv, part in zip(self.values(), parts, strict=True)], 1)
 
 
 class MixNet(nn.Module):
@@ -760,11 +762,11 @@ def prune_tiny(network, size=16, **spec):
             ["stem", "stages.0.attn.qkv", "stages.0.attn.proj", "stages.1.reduction"],
             ["stages.0.mlp.0", "stages.2.mlp.0"],
         ),
-        (  # what enters the split at held sizes keeps its width
+        (  # a mixed convolution's parts are cut, and it splits at their new widths
             MixNet,
             16,
-            ["expand.0", "mix.convs.0", "mix.convs.1"],
-            ["stem.0", "project.0", "head.conv.0"],
+            [],
+            ["stem.0", "expand.0", "mix.0", "mix.1", "project.0", "head.conv.0"],
         ),
         (  # the CSP split too; the residual blocks' insides and the transitions do not
             CspNet,
@@ -850,7 +852,7 @@ def test_a_chunk_whose_halves_are_cut_alike_is_pruned_step_after_step():
 
 def test_a_target_beyond_what_can_be_cut_is_refused_and_the_network_left_as_it_was():
     torch.manual_seed(0)
-    model = MixNet().eval()
+    model = CspNet().eval()  # its split at held sizes keeps a width
     before, weights = structure_of(model), copy.deepcopy(model.state_dict())
     with pytest.raises(StageError) as info:
         compress.prune(model, torch.randn(2, 3, 16, 16), PruneSpec(speedup=4.0))
@@ -939,6 +941,37 @@ class Flattened(nn.Module):
         return self.head(self.up(x.view(len(x), -1, 4, 4)))
 
 
+def test_a_mixed_convolution_loses_the_channels_chosen_in_each_part(tmp_path):
+    """Dead channels spread unevenly over the two parts (three in the first, one in the second)
+    are the ones cut: each part loses its own, the module splits at the widths left, the network
+    computes what it did, and a reload at the pruned structure splits alike."""
+    torch.manual_seed(0)
+    model = MixNet().eval()
+    dead = {"0": [1, 5, 20], "1": [8]}  # of each part's 32 channels
+    channels = dead["0"] + [32 + i for i in dead["1"]]
+    with torch.no_grad():
+        model.expand[0].weight[channels] = 0
+        model.expand[1].weight[channels] = model.expand[1].bias[channels] = 0
+        for part, idxs in dead.items():
+            model.mix[part].weight[idxs] = model.mix[part].bias[idxs] = 0
+        model.project[0].weight[:, channels] = 0
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+    pruner = ChannelPruner(model, images[:2], PruneSpec(round_to=1), num_classes=10)
+    parts = [g for g in pruner.channel_groups() if "expand.0" in g.outs]  # a group per part
+    assert sorted(g.name for g in parts) == ["mix.0", "mix.1"]
+    pruner.keep(parts, {"mix.0": 29, "mix.1": 31})
+    assert model.mix.splits == [29, 31] == [conv.in_channels for conv in model.mix.values()]
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected)
+    path = save_weights(model, tmp_path / "model.pt", structure=structure_of(model))
+    fresh = load_weights(MixNet(), path).eval()
+    assert fresh.mix.splits == [29, 31]
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+
+
 def test_a_flatten_maps_each_channel_to_its_features():
     ratio, before, after = prune_tiny(Flattened)
     assert ratio >= 1.5
@@ -954,6 +987,7 @@ def test_a_flatten_maps_each_channel_to_its_features():
         ("timm:cspresnet50", 32),
         ("timm:pvt_v2_b0", 64),
         ("timm:rexnet_100", 64),
+        ("timm:mixnet_s", 64),
     ],
 )
 @pytest.mark.slow

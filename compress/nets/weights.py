@@ -318,6 +318,7 @@ def apply_structure(model: nn.Module, structure: dict) -> nn.Module:
                 f"unpruned layer's {_width(module, grown[0])}"
             )
         _resize(module, name, **widths)
+    sync_split_sizes(model)
     return model
 
 
@@ -336,6 +337,31 @@ def _module(model: nn.Module, name: object) -> nn.Module:
 
 def positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def split_holders(model: nn.Module) -> list[nn.Module]:
+    """Modules that split their input's channels at the sizes they hold in ``splits`` and give
+    part k to their k-th child (timm's ``MixedConv2d``: MixNet's mixed-kernel convolutions)."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.ModuleDict)
+        and isinstance(getattr(module, "splits", None), list)
+        and len(module.splits) == len(module)
+        and all(isinstance(child, nn.Conv2d) for child in module.values())
+    ]
+
+
+def sync_split_sizes(model: nn.Module) -> None:
+    """Each split holder's sizes (and its widths) from its children's widths again: after a cut
+    of their channels, or a rebuild at a pruned structure."""
+    for holder in split_holders(model):
+        children = list(holder.values())
+        holder.splits = [child.in_channels for child in children]
+        if hasattr(holder, "in_channels"):
+            holder.in_channels = sum(holder.splits)
+        if hasattr(holder, "out_channels"):
+            holder.out_channels = sum(child.out_channels for child in children)
 
 
 def per_output_channel_tensors(conv: nn.Module) -> list[str]:

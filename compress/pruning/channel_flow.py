@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.nets.weights import is_attention, positive_int, structure_of
+from compress.nets.weights import is_attention, positive_int, split_holders, structure_of
 
 _OP = tp.ops.OPTYPE
 # the layer kinds Torch-Pruning resizes (the rest of its graph nodes are operations)
@@ -258,8 +258,10 @@ def frozen_layers(
 
     What cannot be followed (:func:`_blockers`): a view that regroups the channels (a channel
     shuffle; :func:`map_views`) outside an attention whose heads Torch-Pruning removes whole;
-    channels split (:func:`map_splits`) or sliced at sizes the forward holds as numbers (timm's
-    ``MixedConv2d``, a CSP stage's split), unless a chunk's parts are cut alike; weights used
+    channels split (:func:`map_splits`) or sliced at sizes the forward holds as numbers (a CSP
+    stage's split), unless a chunk's parts are cut alike or the module holding the sizes is one
+    whose parts are its children (timm's ``MixedConv2d``: its sizes are set from its parts'
+    widths after each cut, :func:`compress.nets.weights.sync_split_sizes`); weights used
     outside their layer's forward (torchvision's Swin attention calls ``F.linear`` on them); a
     parameter of no layer (a ViT's class token and position embedding, a layer scale); a layer
     whose width a pruned checkpoint does not store (:func:`compress.nets.weights.structure_of`: a
@@ -275,7 +277,8 @@ def frozen_layers(
     """
     graph = pruner.DG
     names = {module: name for name, module in model.named_modules()}
-    blockers = {**unfollowable, **_blockers(graph, names, set(structure_of(model)))}
+    blockers = _blockers(graph, names, set(structure_of(model)), split_holders(model))
+    blockers = {**unfollowable, **blockers}
     frozen: dict[nn.Module, str] = {}
     for group in graph.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
@@ -305,7 +308,9 @@ def frozen_layers(
     return frozen
 
 
-def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
+def _blockers(
+    graph: tp.DependencyGraph, names: dict, stored: set[str], holders: list[nn.Module]
+) -> dict:
     """``{node: why}`` for the other nodes of the graph whose channels cannot be cut."""
     blockers = {}
     called = {node.module for node in graph.module2node.values()}
@@ -316,6 +321,7 @@ def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
         for weight in module.parameters(recurse=False)
     }
     held = _held_head_layers(names)
+    parts_of_holders = [list(holder.values()) for holder in holders]
     for node in graph.module2node.values():
         module = node.module
         if module in held:
@@ -323,7 +329,7 @@ def _blockers(graph: tp.DependencyGraph, names: dict, stored: set[str]) -> dict:
         elif isinstance(module, nn.Parameter):
             name = graph._param_to_name.get(module, "a parameter")
             blockers[node] = f"parameter {name} belongs to no layer"
-        elif node.type == _OP.SPLIT and _split_is_fixed(graph, node):
+        elif node.type == _OP.SPLIT and _split_is_fixed(graph, node, parts_of_holders):
             blockers[node] = "its channels are split into parts of sizes the forward holds"
         elif node.type == _OP.SLICE and _slices_channels(node):
             blockers[node] = "its channels are sliced at offsets the forward holds"
@@ -397,12 +403,21 @@ def _held_head_layers(names: dict) -> dict[nn.Module, str]:
     return held
 
 
-def _split_is_fixed(graph: tp.DependencyGraph, node) -> bool:
+def _split_is_fixed(graph: tp.DependencyGraph, node, parts_of_holders: list[list]) -> bool:
     """A split of the channels (mapped by :func:`map_splits`) that a cut could leave unequal to
-    the sizes the forward splits at: any but a chunk whose parts are cut alike (a gated MLP)."""
+    the sizes the forward splits at: any but a chunk whose parts are cut alike (a gated MLP) and
+    the split of a module whose sizes are set again after each cut
+    (:func:`compress.nets.weights.sync_split_sizes`: timm's ``MixedConv2d``), part k to its
+    k-th child."""
     split = node.module
     sizes = getattr(split, "part_sizes", None)
     if sizes is None:
+        return False
+    takers = [output.module for output in node.outputs]
+    if [
+        takers[split.part_of_output.index(k)] if k in split.part_of_output else None
+        for k in range(len(sizes))
+    ] in parts_of_holders and len(takers) == len(sizes):
         return False
     if not sizes or len(set(sizes)) > 1:
         return True

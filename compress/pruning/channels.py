@@ -46,7 +46,7 @@ from compress.core.registry import load_entry
 from compress.errors import CompressError, SettingError, StageError, first_line
 from compress.nets.models import count_params_macs
 from compress.nets.modes import evaluating
-from compress.nets.weights import is_attention, per_output_channel_tensors
+from compress.nets.weights import is_attention, per_output_channel_tensors, sync_split_sizes
 from compress.pruning.channel_flow import (
     SplitPruner,
     frozen_layers,
@@ -293,6 +293,7 @@ class ChannelPruner:
                 if not graph.check_pruning_group(cut):
                     raise StageError(f"prune: Torch-Pruning refused to cut {group.name}")
                 prune_group(cut)
+            sync_split_sizes(self.model)
             self._check_output()
         self.model.zero_grad(set_to_none=True)
 
@@ -304,6 +305,7 @@ class ChannelPruner:
                 gradient_fn(self.model)
             for group in self._pruner.step(interactive=True):
                 prune_group(group)
+        sync_split_sizes(self.model)  # MixNet's mixed convolutions split at the widths left
         for attention in self._heads:  # its forward reshapes by the head count it holds
             attention.num_heads = self._pruner.num_heads[attention.qkv]
             if hasattr(attention, "attn_dim"):
