@@ -709,6 +709,37 @@ class Pvt(nn.Module):
         return self.head((x + self.mlp(self.norm2(x))).mean(1))
 
 
+class PartitionAttention(nn.Module):
+    """torchvision MaxViT's: one ``to_qkv`` Linear chunked in three, reshaped by the ``n_heads``
+    and ``head_dim`` it holds, the output reshaped to the input's width (maxvit_t: shape
+    '[1, 16, 49, 120]' is invalid for input of size 100352)."""
+
+    def __init__(self, dim, head_dim=8):
+        super().__init__()
+        self.n_heads, self.head_dim = dim // head_dim, head_dim
+        self.to_qkv, self.merge = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = (
+            part.reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+            for part in self.to_qkv(x).chunk(3, dim=-1)
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.merge(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MaxVit(Pvt):
+    def __init__(self):
+        super().__init__()
+        self.attn = PartitionAttention(16)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x).flatten(2).transpose(1, 2))
+        x = x + self.attn(self.norm1(x))
+        return self.head((x + self.mlp(self.norm2(x))).mean(1))
+
+
 class PrefixShortcut(nn.Module):
     """RexNet's: the shortcut added to a channel prefix, the rest passed on, block after block
     (rexnet_100: Torch-Pruning's grouping had not finished after 40 minutes)."""
@@ -790,6 +821,12 @@ def prune_tiny(network, size=16, **spec):
             Pvt,
             16,
             ["stem", "attn.q", "attn.kv", "attn.sr", "attn.proj"],
+            ["mlp.0"],
+        ),
+        (  # so does one holding n_heads (MaxViT)
+            MaxVit,
+            16,
+            ["stem", "attn.to_qkv", "attn.merge"],
             ["mlp.0"],
         ),
         (  # the sliced-and-joined stream keeps its width; the blocks' insides are cut

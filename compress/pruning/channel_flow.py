@@ -385,17 +385,17 @@ def sliced_channel_producers(
 
 def _held_head_layers(names: dict) -> dict[nn.Module, str]:
     """``{layer: attention's name}`` for the layers inside an attention whose forward reshapes by
-    the ``num_heads`` and ``head_dim`` it holds but whose heads are not slices of one ``qkv``
-    Linear, so Torch-Pruning cannot remove them whole (timm's PVTv2: separate ``q`` and ``kv``
-    and a spatial-reduction conv, its token width read from its input): their widths, and the
-    token width that reaches them, stay; the MLPs around them still prune."""
+    the ``num_heads`` (or ``n_heads``) and ``head_dim`` it holds but whose heads are not slices
+    of one ``qkv`` Linear, so Torch-Pruning cannot remove them whole (timm's PVTv2: separate
+    ``q`` and ``kv`` and a spatial-reduction conv, its token width read from its input;
+    torchvision's MaxViT: ``to_qkv``, its output reshaped to the input's width): their widths,
+    and the token width that reaches them, stay; the MLPs around them still prune."""
     held = {}
     for module, name in names.items():
         if isinstance(module, nn.MultiheadAttention) or is_attention(module):  # pruned whole
             continue
-        if not all(
-            positive_int(getattr(module, field, None)) for field in ("num_heads", "head_dim")
-        ):
+        heads = getattr(module, "num_heads", getattr(module, "n_heads", None))
+        if not (positive_int(heads) and positive_int(getattr(module, "head_dim", None))):
             continue
         for layer in module.modules():
             if layer is not module and tp.ops.module2type(layer) in _LAYER_KINDS:
