@@ -55,6 +55,7 @@ from compress.pruning.channel_flow import (
     sliced_channel_producers,
 )
 from compress.pruning.spec import PRUNING_CRITERIA, PruneSpec
+from compress.quantization.standardised_weights import standardised
 
 # With a MACs target the pruner takes this many small steps from 0 to max_layer_ratio and stops at
 # the first one that meets the target (Torch-Pruning's benchmarks' ``progressive_pruning``).
@@ -165,7 +166,11 @@ class ChannelPruner:
         with evaluating(model), torch.no_grad():
             self._output_shape = _output_of(model, example_inputs).shape
         self._macs = self._count()[1]
-        with _torch_pruning(model, example_inputs, "trace"), evaluating(model):
+        with (
+            _torch_pruning(model, example_inputs, "trace"),
+            evaluating(model),
+            traced_as_plain_convolutions(model),
+        ):
             sliced = sliced_channel_producers(model, example_inputs, customized_pruners())
             self._pruner = self._build(ignored + list(sliced), rounds)
             self.frozen: dict[nn.Module, str] = sliced | frozen_layers(
@@ -457,23 +462,51 @@ def customized_pruners() -> dict:
     return {tp.ops._ReshapeOp: tp.ops.ReshapePruner(), tp.ops._SplitOp: SplitPruner()}
 
 
+@contextmanager
+def traced_as_plain_convolutions(model: nn.Module) -> Iterator[None]:
+    """While Torch-Pruning traces the network, each weight-standardised convolution runs as the
+    plain ``nn.Conv2d`` it is (same module, same parameters).
+
+    Its forward computes the weight from the parameter (reshape, ``batch_norm``, reshape back),
+    and Torch-Pruning traced that path as channels flowing into the layer: the reshape of the
+    weight looked like a channel regroup, and every standardised layer kept its width (an
+    NF-ResNet pruned only the layers next to its classifier). Per output channel the
+    standardisation mixes nothing, so the channels are those of a plain convolution.
+    """
+    layers = [module for module in model.modules() if standardised(module)]
+    for layer in layers:
+        layer.forward = nn.Conv2d.forward.__get__(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def prune_group(group: tp.dependency.Group) -> None:
     """Cut one Torch-Pruning group, and with a convolution's output channels every other tensor
     it holds one entry per output channel: Torch-Pruning's convolution pruner cuts ``weight`` and
     ``bias`` only, and would leave timm's ``ScaledStdConv2d.gain`` (NF-ResNet, NFNet) at the old
     width, so the next forward breaks. A convolution subclass keeps Torch-Pruning's own pruner
     (and so counts in every importance criterion, which know only that one)."""
-    held = []
+    cuts_outputs = {  # a depthwise convolution's inputs are its outputs
+        tp.pruner.function.prune_conv_out_channels,
+        tp.pruner.function.prune_depthwise_conv_out_channels,
+        tp.pruner.function.prune_depthwise_conv_in_channels,
+    }
+    held = {}
     for dep, idxs in group:
         conv = dep.target.module
-        if dep.handler == tp.pruner.function.prune_conv_out_channels and not conv.transposed:
+        if dep.handler in cuts_outputs and not conv.transposed and conv not in held:
             if names := per_output_channel_tensors(conv):
                 keep = sorted(set(range(conv.out_channels)) - set(idxs))
-                held.append((conv, names, keep))
+                held[conv] = (names, conv.out_channels, keep)
     group.prune()
-    for conv, names, keep in held:
+    for conv, (names, width, keep) in held.items():
         for name in names:
             tensor = getattr(conv, name)
+            if len(tensor) != width or conv.out_channels != len(keep):
+                continue  # not cut by this group after all
             kept = tensor.detach()[keep].clone()
             if isinstance(tensor, nn.Parameter):
                 setattr(conv, name, nn.Parameter(kept, requires_grad=tensor.requires_grad))
