@@ -116,7 +116,7 @@ class PruneSpec:
     # the fraction of channels each layer group loses
     pruning_ratio: float | None = None
     global_ranking: bool = False  # rank channels across layers instead of the same ratio per layer
-    round_to: int = 8  # kept channels are a multiple of this (hardware-friendly widths)
+    round_to: int = 8  # kept channels are a multiple of this, where a grouped layer allows it
     max_layer_ratio: float = 0.9  # no layer group loses more than this fraction of channels
     # module names or fnmatch patterns never pruned (the classifier never is)
     ignore: tuple[str, ...] = ()
