@@ -822,3 +822,26 @@ def test_a_layer_scale_is_a_weight_not_a_second_activation_to_quantize(tmp_path)
     assert any(n.target is torch.mul or n.target == operator.mul for n in qmodel.graph.nodes)
     record = compress.export(qmodel, tmp_path / "scaled.onnx", check_inputs=images)
     assert record["qdq"]["int8_weights"] == 2  # the two convolutions; gamma stays a float scale
+
+
+def test_no_pixel_of_an_8_bit_image_sits_on_a_rounding_tie_of_the_input_quantizer():
+    """Images normalised to [-1, 1] (mean 0.5, std 0.5) quantized over their plain range have a
+    zero point of 127.5, rounded: every pixel lands half-way between two codes, black on a tie
+    that float error decides either way (1e-6 of input noise moved every image of an INT8
+    MNASNet). The input's lowest value now gets an exact code and no pixel is near a tie."""
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (16, 3, 8, 8))
+    pixels[:, :, :2] = 0  # a black border: the most common value, and the lowest
+    images = (pixels / 255 - 0.5) / 0.5
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    ).eval()
+    qmodel = compress.quantize(net, [images])
+    (quantizer,) = [m for m in qmodel.modules() if isinstance(m, ActQuant) and m.network_input]
+    codes = images / quantizer.scale + quantizer.zero_point
+    assert codes.min().item() == pytest.approx(0, abs=1e-4)  # black, exactly
+    assert codes.max().item() <= 255
+    assert ((codes - codes.floor()) - 0.5).abs().min().item() > 1e-3  # no pixel on a tie
+    noisy = images * (1 + 1e-6 * torch.randn(images.shape))
+    assert torch.equal(quantizer(noisy), quantizer(images))  # float noise moves no code
+    assert quantizer.scale.item() == pytest.approx(2 / 255, rel=1 / 64)  # barely coarser

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -63,6 +64,7 @@ WEIGHT_QMIN, WEIGHT_QMAX = (
 HISTOGRAM_BINS = 2048
 MSE_CANDIDATES = 100  # clipping ranges tried by the mse calibration: 1%..100% of the observed range
 _MIN_SCALE = 1e-8
+INPUT_EXACT_MIN_STEPS = 64  # the input's lowest value made exact where that costs < 1/64 (_qparams)
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _ACTIVATION_FUNCTIONS = (F.relu, F.relu6, torch.relu)
@@ -193,9 +195,11 @@ class ActQuant(nn.Module):
     and the input passes unchanged.
     """
 
-    def __init__(self, signed: bool):
+    def __init__(self, signed: bool, *, network_input: bool = False):
         super().__init__()
         self.signed = signed
+        # quantizes the network's own input: its lowest value is made exact (see _qparams)
+        self.network_input = network_input
         self.quant_min, self.quant_max = (-128, 127) if signed else (0, 255)
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -611,7 +615,7 @@ def _place_quantizers(
         if point in shared:
             continue
         name = f"quant_{point.name}"
-        graph_module.add_submodule(name, ActQuant(signed))
+        graph_module.add_submodule(name, ActQuant(signed, network_input=point.op == "placeholder"))
         shared[point] = name
         _insert_after(graph, point, name)
     for node in list(graph.nodes):  # pass-through ops reuse their input's quantizer
@@ -838,9 +842,23 @@ def _mse_range(quantizer, centers, counts, low, high) -> tuple[float, float]:
 
 
 def _qparams(quantizer: ActQuant, low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point quantizing ``low``..``high``.
+
+    On the network's input (uint8) the lowest value gets an exact code: images normalised to
+    [-1, 1] (mean 0.5, std 0.5) with the plain range have the scale of their own 8-bit grid and a
+    zero point of 127.5, rounded, so every pixel lands half-way between two codes, and the most
+    common one (black, the image's lowest value) on a rounding tie that float error decides
+    either way (ONNX Runtime and PyTorch disagreed on it; 1e-6 of input noise moved every image
+    of an INT8 MNASNet). A scale of ``-low / zero_point`` with the zero point rounded down puts
+    ``low`` on code 0, ``high`` still within 255, the other pixels off the ties; it is used where
+    it coarsens the scale by under 1/64.
+    """
     if quantizer.signed:
         return max(max(-low, high) / 127, _MIN_SCALE), 0
     scale = max((high - low) / 255, _MIN_SCALE)
+    if quantizer.network_input and low < 0 and -low / scale >= INPUT_EXACT_MIN_STEPS:
+        steps = math.floor(-low / scale)
+        return -low / steps, steps
     return scale, int(min(max(round(-low / scale), 0), 255))
 
 
