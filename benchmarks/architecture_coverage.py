@@ -108,6 +108,12 @@ def main() -> None:
         print("ROW " + json.dumps(row))
         return
     models = args.only or all_models(args.source)
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        or None
+    )
     ROWS.mkdir(parents=True, exist_ok=True)
     for index, name in enumerate(models, 1):
         path = ROWS / (name.replace(":", "__") + ".json")
@@ -123,6 +129,7 @@ def main() -> None:
             started = time.perf_counter()
             row = run_child(name, args)
             row["seconds"] = round(time.perf_counter() - started, 1)
+            row["commit"] = commit  # rows of a long sweep come from several versions of the chain
             write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row
         finally:
             claim.unlink(missing_ok=True)
