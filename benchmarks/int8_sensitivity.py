@@ -48,10 +48,7 @@ def main() -> None:
     train, test = sweep.digits(size)
     steps = max(20, min(args.steps, int(2000 * 1e9 / (3 * macs * 32))))
     ce = [compress.loss("ce")]
-    for _ in range(1 + sweep.EXTRA_TRAINING_ROUNDS):
-        sweep.fit(compress, model, train, steps, ce, lr=1e-3)
-        if sweep.top1(model, test) >= sweep.WELL_TRAINED_TOP1:
-            break
+    sweep.train_well(compress, model, train, test, steps, ce, lr=1e-3)
     teacher = copy.deepcopy(model).eval()
     kd = [compress.loss("kd", temperature=4, alpha=0.9)]
     sweep.fit(compress, model, train, min(20, steps), kd, teacher=teacher, lr=2e-4)
@@ -59,10 +56,7 @@ def main() -> None:
     compress.prune(
         model, test[0][0][:2], compress.PruneSpec(speedup=1.5), calibration_data=calibration
     )
-    for _ in range(1 + sweep.EXTRA_TRAINING_ROUNDS):
-        sweep.fit(compress, model, train, min(60, steps), ce, lr=5e-4)
-        if sweep.top1(model, test) >= sweep.WELL_TRAINED_TOP1:
-            break
+    sweep.train_well(compress, model, train, test, min(60, steps), ce, lr=5e-4)
     top1_float = sweep.top1(model, test)
     qmodel = compress.quantize(model, calibration).eval()
 
