@@ -186,3 +186,30 @@ def test_a_network_whose_own_forward_cannot_be_traced_is_refused_in_one_line():
     with pytest.raises(StageError, match=r"^PadToEven cannot be traced by torch.fx") as caught:
         prepare_quantized(model, target="onnxruntime-cpu", example_inputs=torch.randn(2, 8, 5, 5))
     assert "\n" not in str(caught.value)
+
+
+class TableBias(nn.Module):
+    """Swin V2's continuous position bias: an MLP run on a coordinates table the module holds,
+    its output added to the activations."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.register_buffer("table", torch.linspace(-1, 1, 32).reshape(1, 4, 4, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, channels))
+        self.conv, self.head = nn.Conv2d(3, channels, 3, padding=1), nn.Linear(channels, 10)
+
+    def forward(self, x):
+        bias = self.mlp(self.table).permute(0, 3, 1, 2)
+        return self.head(torch.relu(self.conv(x) + bias).mean((2, 3)))
+
+
+def test_a_layer_run_on_constants_alone_stays_float_and_the_file_passes(tmp_path):
+    """Quantized, the MLP's input was the table, a weight fed to QuantizeLinear, and the INT8
+    check failed (torchvision swin_v2_t: "relative_coords_table is not stored as INT8"). It
+    computes a constant ONNX Runtime folds: it stays float, the rest is INT8."""
+    torch.manual_seed(0)
+    model, images = TableBias().eval(), torch.randn(64, 3, 4, 4)
+    qmodel = compress.quantize(model, [images[:32]])
+    assert {type(qmodel.get_submodule(name)) for name in ("mlp.0", "mlp.2")} == {nn.Linear}
+    record = compress.export(qmodel, tmp_path / "table.onnx", check_inputs=images)
+    assert record["qdq"]["int8_weights"] == 2 and record["qdq"]["qlinear_conv"] == 1

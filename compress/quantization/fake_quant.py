@@ -498,8 +498,20 @@ def _swap_layers(
         if isinstance(module, nn.Conv2d | nn.Linear) and module.bias is not None:
             module.bias.requires_grad_(module.weight.requires_grad)
     called = {node.target for node in graph_module.graph.nodes if node.op == "call_module"}
+    # a layer run on constants alone (Swin V2's position-bias MLP on the coordinates table it
+    # holds) computes a constant: ONNX Runtime folds it, and quantized, its input would be a
+    # weight fed to QuantizeLinear (the INT8 check failed: "relative_coords_table is not stored
+    # as INT8")
+    constant = _parameter_values(graph_module.graph)
+    on_constants = {
+        node.target
+        for node in graph_module.graph.nodes
+        if node.op == "call_module" and node in constant
+    }
     for name, module in list(graph_module.named_modules()):
         if name in skipped or name not in called or type(module) not in (nn.Conv2d, nn.Linear):
+            continue
+        if name in on_constants:
             continue
         graph_module.set_submodule(name, _twin(module, weight_range, bn_gains.get(name)))
         quantized.add(name)
@@ -637,14 +649,16 @@ def _place_quantizers(
 
 def _parameter_values(graph: fx.Graph) -> set[fx.Node]:
     """The nodes computed from parameters and constants alone (a layer scale's ``gamma``, reshaped
-    to broadcast): no activation flows into them, so a product with one is a scaled activation,
-    not a product of two activations (quantizing it as one fed a weight to QuantizeLinear:
-    FastViT's and EfficientFormer's layer scales failed the INT8 check)."""
+    to broadcast; Swin V2's position bias, an MLP run on a coordinates table it holds): no
+    activation flows into them, so a product with one is a scaled activation, not a product of
+    two activations (quantizing it as one fed a weight to QuantizeLinear: FastViT's and
+    EfficientFormer's layer scales failed the INT8 check), and a layer fed by one stays float
+    (:func:`_swap_layers`)."""
     constant: set[fx.Node] = set()
     for node in graph.nodes:  # topological order: a node's inputs come before it
         inputs = node.all_input_nodes
         if node.op == "get_attr" or (
-            node.op in ("call_function", "call_method")
+            node.op in ("call_function", "call_method", "call_module")
             and inputs
             and all(a in constant for a in inputs)
         ):
