@@ -493,8 +493,8 @@ def markdown_table(rows: list[dict]) -> str:
     """The RESULTS.md table: one line per model, its stages' verdicts and INT8 numbers."""
     lines = [
         "| model | px | params | " + " | ".join(STAGES) + " | MACs ratio | INT8 agreement "
-        "| INT8 max diff | portable | trained top-1 |",
-        "|---|---:|---:|" + "---|" * len(STAGES) + "---:|---:|---:|---|---:|",
+        "| INT8 max diff | portable | top-1 trained / quantized | commit |",
+        "|---|---:|---:|" + "---|" * len(STAGES) + "---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "-"
@@ -504,7 +504,8 @@ def markdown_table(rows: list[dict]) -> str:
         if agreement is not None and r.get("int8_proof") == "reference noise":
             agreement = f"{agreement} (own noise)"
         cells += [r["macs_ratio"], agreement, r["int8_max_diff_ratio"], r["portable"]]
-        cells += [r.get("top1_trained")]
+        trained, quantized = r.get("top1_trained"), r.get("top1_float")
+        cells += [f"{trained} / {quantized}" if trained is not None else None, r.get("commit")]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
 
