@@ -51,6 +51,7 @@ from compress.core.records import QuantSpec
 from compress.errors import SettingError, StageError
 from compress.quantization.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.quantization.layer_swaps import conv_like
+from compress.quantization.reparameterized import with_reparameterized_branches
 from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.quantization.split_attention import with_split_attention
 from compress.quantization.standardised_weights import with_plain_convolutions
@@ -302,6 +303,7 @@ def prepare_quantized(
         raise SettingError(
             f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}"
         )
+    model = with_reparameterized_branches(model)  # a multi-branch block as deployed: one conv
     model = with_split_attention(model)  # torchvision's attention projections become Linears
     model = with_plain_convolutions(model)  # weight standardisation computed once, like BatchNorm
     weight_range = resolve_weight_range(weight_range, target)
