@@ -46,3 +46,27 @@ def test_each_block_is_quantized_as_the_one_convolution_it_folds_into(tmp_path):
         assert (qmodel(images).argmax(1) == net(images).argmax(1)).float().mean() >= 0.9
     record = compress.export(qmodel, tmp_path / "folded.onnx", check_inputs=images)
     assert record["qdq"]["qlinear_conv"] == 2 and record["qdq"]["fp32_conv"] == 0
+
+
+def test_a_pruned_block_timm_cannot_fold_is_quantized_as_its_branches(tmp_path):
+    """timm folds from attributes a block was built with: a depthwise MobileOne block whose
+    channels were cut keeps its old ``groups``, and its fold divided by zero (the sweep's
+    MobileOne-S0 crashed in quantize). Such a block stays as its branches; the others fold."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        byobnet.MobileOneBlock(3, 16, 3, num_conv_branches=2),
+        byobnet.MobileOneBlock(16, 16, 3, group_size=1, num_conv_branches=2),  # depthwise
+        byobnet.MobileOneBlock(16, 16, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    images = torch.randn(64, 3, 8, 8)
+    compress.prune(net, images[:2], compress.PruneSpec(speedup=1.5, round_to=1))
+    assert net[1].groups == 16 > net[1].conv_kxk[0].conv.groups  # the stale attribute
+    qmodel = compress.quantize(net, [images[:32]])
+    convs = [name for name, m in qmodel.named_modules() if isinstance(m, nn.Conv2d)]
+    assert any(name.startswith("1.conv_kxk") for name in convs)  # the pruned block: branches
+    assert not any(name.startswith("0.conv_kxk") for name in convs)  # the others: folded
+    record = compress.export(qmodel, tmp_path / "pruned.onnx", check_inputs=images)
+    assert record["qdq"]["fp32_conv"] == 0

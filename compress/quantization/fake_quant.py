@@ -303,7 +303,8 @@ def prepare_quantized(
         raise SettingError(
             f"quantize target: expected one of {', '.join(QUANT_TARGETS)}, got {target!r}"
         )
-    model = with_reparameterized_branches(model)  # a multi-branch block as deployed: one conv
+    # a multi-branch block as deployed: one convolution
+    model = with_reparameterized_branches(model, example_inputs)
     model = with_split_attention(model)  # torchvision's attention projections become Linears
     model = with_plain_convolutions(model)  # weight standardisation computed once, like BatchNorm
     weight_range = resolve_weight_range(weight_range, target)

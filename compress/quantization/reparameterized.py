@@ -8,31 +8,88 @@ INT8 output, and their sum is rounded again: three roundings where the deployed 
 three convolutions to run where it has one, and a weakly trained MobileOne-S0 whose INT8 form
 moved its top-1 on a quarter of the images when its inputs changed by 1e-6. Folded first (timm's
 ``reparameterize_model``, on a copy), each block is the one convolution ONNX Runtime runs.
+
+A block is folded only where the folded block computes what the branches did on the example
+inputs: timm folds from attributes the block was built with, and a pruned block's (MobileOne's
+``groups`` of a depthwise block, after its channels were cut) no longer match its layers, so
+its fold fails or computes something else. Such a block is quantized as its branches.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 
+import torch
 from torch import nn
 
 from compress.core.compat import torchvision  # noqa: F401  (imported before timm: see compat)
 
 # timm's names for the method that folds a block into its inference form
 FOLDS = ("fuse", "reparameterize", "switch_to_deploy")
+FOLD_TOLERANCE = 1e-4  # of the block's largest output: float rounding, not a different function
 
 
 def reparameterizable(module: nn.Module) -> bool:
     return any(callable(getattr(module, name, None)) for name in FOLDS)
 
 
-def with_reparameterized_branches(model: nn.Module) -> nn.Module:
-    """``model`` itself when no block of it folds, else a copy with every block folded into its
-    inference form (``model`` is not modified: it may go on training with its branches)."""
+def with_reparameterized_branches(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
+    """``model`` itself when no block of it folds, else a copy with every block that folds
+    exactly in its inference form (``model`` is not modified: it may go on training)."""
     if not any(reparameterizable(m) for m in model.modules()):
         return model
     try:
         timm_model_utils = importlib.import_module("timm.utils.model")  # after compat's torchvision
     except ImportError:  # such blocks come from timm: without it, they are quantized as they are
         return model
-    return timm_model_utils.reparameterize_model(model, inplace=False)
+    model = copy.deepcopy(model)
+    training = model.training
+    model.eval()  # the copy: folding reads BatchNorm's running statistics, as inference does
+    inputs = _block_inputs(model, example_inputs)
+    _fold_children(model, inputs, timm_model_utils.reparameterize_model)
+    return model.train(training)
+
+
+def _block_inputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, tuple]:
+    """What each foldable block is given when ``model`` (in eval mode) runs on
+    ``example_inputs`` (its first call)."""
+    seen: dict[nn.Module, tuple] = {}
+
+    def record(module, args):
+        seen.setdefault(module, args)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if reparameterizable(m)]
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _fold_children(module: nn.Module, inputs: dict, fold_model) -> None:
+    for name, child in module.named_children():
+        folded = _folded(child, inputs.get(child), fold_model) if child in inputs else None
+        if folded is not None:
+            setattr(module, name, folded)
+        else:  # not foldable, or its fold does not hold: its own blocks may
+            _fold_children(child, inputs, fold_model)
+
+
+def _folded(block: nn.Module, args: tuple, fold_model) -> nn.Module | None:
+    """``block`` folded (a copy), or None where the fold fails or computes something else."""
+    holder = nn.Sequential(copy.deepcopy(block))  # timm folds a model's children
+    try:
+        fold_model(holder.eval(), inplace=True)
+        with torch.no_grad():
+            expected, got = block(*args), holder[0](*args)
+    except Exception:  # a fold timm cannot do on this block as it is now
+        return None
+    if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor)):
+        return None
+    if got.shape != expected.shape:
+        return None
+    scale = expected.abs().max().clamp_min(1e-12)
+    return holder[0] if ((got - expected).abs().max() / scale) <= FOLD_TOLERANCE else None
