@@ -413,16 +413,16 @@ def train_well(compress, model, data, test, steps, losses, *, lr) -> tuple[float
     top-1 is below :data:`WELL_TRAINED_TOP1`: a weak network's INT8 proof means little. A round
     that gained less than :data:`STALLED_GAIN` points is followed by one at
     :data:`RETRY_LR_FACTOR` of its learning rate. Returns the top-1 and the rounds trained."""
-    before = top1(model, test)
-    for attempt in range(1 + EXTRA_TRAINING_ROUNDS):
+    before, rounds = top1(model, test), 0
+    while True:
         fit(compress, model, data, steps, losses, lr=lr)
+        rounds += 1
         accuracy = top1(model, test)
-        if accuracy >= WELL_TRAINED_TOP1:
-            break
+        if accuracy >= WELL_TRAINED_TOP1 or rounds > EXTRA_TRAINING_ROUNDS:
+            return accuracy, rounds
         if accuracy - before < STALLED_GAIN:
             lr *= RETRY_LR_FACTOR  # stuck at this learning rate
         before = accuracy
-    return accuracy, attempt + 1
 
 
 def fit(compress, model, data, steps, losses, *, teacher=None, lr):
