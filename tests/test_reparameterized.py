@@ -70,3 +70,25 @@ def test_a_pruned_block_timm_cannot_fold_is_quantized_as_its_branches(tmp_path):
     assert not any(name.startswith("0.conv_kxk") for name in convs)  # the others: folded
     record = compress.export(qmodel, tmp_path / "pruned.onnx", check_inputs=images)
     assert record["qdq"]["fp32_conv"] == 0
+
+
+def test_a_saved_quantized_network_with_folded_blocks_reloads_as_the_stages_do(tmp_path):
+    """A stage's INT8 network is rebuilt from a freshly built float network, resized to the pruned
+    widths (uninitialised tensors), prepared on zeros, then loaded: the preparation must fold the
+    same blocks whatever those weights hold, or the saved state does not fit."""
+    from compress.nets.weights import load_weights, save_weights, structure_of
+    from compress.quantization.fake_quant import prepare_quantized
+
+    net = multi_branch_net()
+    images = torch.randn(64, 3, 8, 8)
+    compress.prune(net, images[:2], compress.PruneSpec(speedup=1.5, round_to=1))
+    qmodel = compress.quantize(net, [images[:32]])
+    path = save_weights(qmodel, tmp_path / "model.pt", structure=structure_of(net))
+
+    def prepare(model):
+        zeros = torch.zeros(2, 3, 8, 8)
+        return prepare_quantized(model.eval(), target="onnxruntime-cpu", example_inputs=zeros)
+
+    rebuilt = load_weights(multi_branch_net(), path, prepare=prepare).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), qmodel.eval()(images))

@@ -9,10 +9,13 @@ three convolutions to run where it has one, and a weakly trained MobileOne-S0 wh
 moved its top-1 on a quarter of the images when its inputs changed by 1e-6. Folded first (timm's
 ``reparameterize_model``, on a copy), each block is the one convolution ONNX Runtime runs.
 
-A block is folded only where the folded block computes what the branches did on the example
-inputs: timm folds from attributes the block was built with, and a pruned block's (MobileOne's
-``groups`` of a depthwise block, after its channels were cut) no longer match its layers, so
-its fold fails or computes something else. Such a block is quantized as its branches.
+A block is folded only where its fold computes what its branches do: timm folds from attributes
+the block was built with, and a pruned block's (MobileOne's ``groups`` of a depthwise block,
+after its channels were cut) no longer match its layers, so its fold fails or computes something
+else; such a block is quantized as its branches. The check runs on a copy of the block with
+fixed made-up values, on inputs of the shapes it is given: which blocks fold depends on the
+network's structure alone, so a stage's INT8 network rebuilt from a fresh network of the same
+structure (uninitialised weights, zeros for input) folds the same blocks and its saved state fits.
 """
 
 from __future__ import annotations
@@ -71,25 +74,42 @@ def _block_inputs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Mod
 
 def _fold_children(module: nn.Module, inputs: dict, fold_model) -> None:
     for name, child in module.named_children():
-        folded = _folded(child, inputs.get(child), fold_model) if child in inputs else None
-        if folded is not None:
-            setattr(module, name, folded)
+        if child in inputs and _fold_holds(child, inputs[child], fold_model):
+            setattr(module, name, _folded(child, fold_model))
         else:  # not foldable, or its fold does not hold: its own blocks may
             _fold_children(child, inputs, fold_model)
 
 
-def _folded(block: nn.Module, args: tuple, fold_model) -> nn.Module | None:
-    """``block`` folded (a copy), or None where the fold fails or computes something else."""
-    holder = nn.Sequential(copy.deepcopy(block))  # timm folds a model's children
-    try:
-        fold_model(holder.eval(), inplace=True)
-        with torch.no_grad():
-            expected, got = block(*args), holder[0](*args)
-    except Exception:  # a fold timm cannot do on this block as it is now
-        return None
+def _folded(block: nn.Module, fold_model) -> nn.Module:
+    holder = nn.Sequential(copy.deepcopy(block).eval())  # timm folds a model's children
+    fold_model(holder, inplace=True)
+    return holder[0]
+
+
+def _fold_holds(block: nn.Module, args: tuple, fold_model) -> bool:
+    """Whether ``block``'s fold computes what its branches do, judged on a copy holding fixed
+    made-up weights and statistics and on made-up inputs of the shapes of ``args``."""
+    generator = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(block).eval()
+    with torch.no_grad():
+        for tensor in probe.parameters():
+            tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+        for norm in probe.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
+                norm.running_mean.copy_(0.1 * torch.randn(norm.num_features, generator=generator))
+                norm.running_var.copy_(0.5 + torch.rand(norm.num_features, generator=generator))
+        made_up = tuple(
+            torch.randn(a.shape, generator=generator) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        try:
+            expected = probe(*made_up)
+            got = _folded(probe, fold_model)(*made_up)
+        except Exception:  # a fold timm cannot do on this block as it is now
+            return False
     if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor)):
-        return None
+        return False
     if got.shape != expected.shape:
-        return None
+        return False
     scale = expected.abs().max().clamp_min(1e-12)
-    return holder[0] if ((got - expected).abs().max() / scale) <= FOLD_TOLERANCE else None
+    return bool((got - expected).abs().max() / scale <= FOLD_TOLERANCE)
