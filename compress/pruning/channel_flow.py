@@ -413,11 +413,10 @@ def _split_is_fixed(graph: tp.DependencyGraph, node, parts_of_holders: list[list
     sizes = getattr(split, "part_sizes", None)
     if sizes is None:
         return False
-    takers = [output.module for output in node.outputs]
-    if [
-        takers[split.part_of_output.index(k)] if k in split.part_of_output else None
-        for k in range(len(sizes))
-    ] in parts_of_holders and len(takers) == len(sizes):
+    taker_of = dict(zip(split.part_of_output, (out.module for out in node.outputs), strict=True))
+    if len(node.outputs) == len(sizes) and [taker_of.get(k) for k in range(len(sizes))] in (
+        parts_of_holders
+    ):
         return False
     if not sizes or len(set(sizes)) > 1:
         return True

@@ -71,21 +71,25 @@ def traced_as_plain_convolutions(model: nn.Module) -> Iterator[None]:
             del layer.forward
 
 
+# Torch-Pruning's handlers that cut a convolution's output channels (a depthwise convolution's
+# inputs are its outputs)
+_CUTS_OUTPUTS = (
+    tp.pruner.function.prune_conv_out_channels,
+    tp.pruner.function.prune_depthwise_conv_out_channels,
+    tp.pruner.function.prune_depthwise_conv_in_channels,
+)
+
+
 def prune_group(group: tp.dependency.Group) -> None:
     """Cut one Torch-Pruning group, and with a convolution's output channels every other tensor
     it holds one entry per output channel: Torch-Pruning's convolution pruner cuts ``weight`` and
     ``bias`` only, and would leave timm's ``ScaledStdConv2d.gain`` (NF-ResNet, NFNet) at the old
     width, so the next forward breaks. A convolution subclass keeps Torch-Pruning's own pruner
     (and so counts in every importance criterion, which know only that one)."""
-    cuts_outputs = {  # a depthwise convolution's inputs are its outputs
-        tp.pruner.function.prune_conv_out_channels,
-        tp.pruner.function.prune_depthwise_conv_out_channels,
-        tp.pruner.function.prune_depthwise_conv_in_channels,
-    }
     held = {}
     for dep, idxs in group:
         conv = dep.target.module
-        if dep.handler in cuts_outputs and not conv.transposed and conv not in held:
+        if dep.handler in _CUTS_OUTPUTS and not conv.transposed and conv not in held:
             if names := per_output_channel_tensors(conv):
                 keep = sorted(set(range(conv.out_channels)) - set(idxs))
                 held[conv] = (names, conv.out_channels, keep)
