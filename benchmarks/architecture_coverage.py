@@ -66,6 +66,7 @@ SIZES = (64, 56, 96, 112, 128, 160, 224)
 # proof means little (MobileOne-S0 stayed at 25-36% after 200 steps on digits; LCNet-050's logits
 # moved by 5.47 at 40% top-1 on inputs changed by 1e-6).
 WELL_TRAINED_TOP1 = 50.0
+TRAIN_GMACS = 2000.0  # the training work cap's default (--train-gmacs)
 EXTRA_TRAINING_ROUNDS = 2
 # A round that gained less than STALLED_GAIN top-1 points has the next one at RETRY_LR_FACTOR of
 # its learning rate: AdamW at 1e-3 left a ViT-Tiny at 20.5% (chance is 10%) after 200 steps at
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="models to run (torchvision:NAME, timm:NAME)")
     parser.add_argument("--source", choices=("torchvision", "timm"), help="one source only")
     parser.add_argument("--steps", type=int, default=200, help="training batches (default 200)")
-    parser.add_argument("--train-gmacs", type=float, default=2000.0, help="training work cap")
+    parser.add_argument("--train-gmacs", type=float, default=TRAIN_GMACS, help="training work cap")
     parser.add_argument(
         "--timeout", type=float, default=1200.0, help="seconds per model (x3 for the heaviest)"
     )
@@ -139,11 +140,8 @@ def main() -> None:
             row["commit"] = commit  # rows of a long sweep come from several versions of the chain
             write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row
         finally:
-            claim.unlink(missing_ok=True)
-            if name.split(":")[-1] in HUGE:
-                huge = ROWS / "huge.running"
-                if huge.exists() and huge.read_text() == str(os.getpid()):
-                    huge.unlink()
+            for held in (claim, ROWS / "huge.running"):
+                release(held)
         print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
     write_result()
 
@@ -166,6 +164,15 @@ def claimed(claim: Path) -> bool:
     return False
 
 
+def release(claim: Path) -> None:
+    """Give up ``claim`` if this sweep holds it."""
+    try:
+        if claim.read_text() == str(os.getpid()):
+            claim.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def wait_for(claim: Path, name: str) -> None:
     """Hold ``claim`` for this sweep, waiting while another sweep holds it."""
     while not claimed(claim):
@@ -178,8 +185,8 @@ def process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -281,7 +288,7 @@ def run_chain(name: str, args) -> dict:
     params, macs = count_params_macs(model, size)
     row["params"] = params
     train, test = cifar(args.data, size) if args.data else digits(size)
-    steps = max(20, min(args.steps, int(args.train_gmacs * 1e9 / (3 * macs * 32))))
+    steps = training_steps(macs, args.steps, args.train_gmacs)
     ce = [compress.loss("ce")]
     started = time.perf_counter()
     row["top1_trained"], rounds = train_well(compress, model, train, test, steps, ce, lr=1e-3)
@@ -406,6 +413,12 @@ def cifar(folder: Path, size: int):
 def batches(data: list, count: int):
     for index in range(count):
         yield data[index % len(data)]
+
+
+def training_steps(macs: int, steps: int, train_gmacs: float) -> int:
+    """``steps`` batches of 32, fewer where their forward and backward work (3x the forward's
+    MACs) would pass ``train_gmacs`` GMACs; at least 20."""
+    return max(20, min(steps, int(train_gmacs * 1e9 / (3 * macs * 32))))
 
 
 def train_well(compress, model, data, test, steps, losses, *, lr) -> tuple[float, int]:

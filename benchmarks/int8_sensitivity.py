@@ -46,7 +46,7 @@ def main() -> None:
     size, model = sweep.fitting_size(args.model, build_model)
     _, macs = count_params_macs(model, size)
     train, test = sweep.digits(size)
-    steps = max(20, min(args.steps, int(2000 * 1e9 / (3 * macs * 32))))
+    steps = sweep.training_steps(macs, args.steps, sweep.TRAIN_GMACS)
     ce = [compress.loss("ce")]
     sweep.train_well(compress, model, train, test, steps, ce, lr=1e-3)
     teacher = copy.deepcopy(model).eval()
