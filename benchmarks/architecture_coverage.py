@@ -34,7 +34,8 @@ Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a fa
 documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A stage
 that fails hands the network it was given to the next one. Each model's row is kept in
 ``exported/architecture_coverage/rows/`` (a rerun skips finished models: ``--redo`` runs them
-again) and all rows go to ``benchmarks/results/architecture_coverage.json``. Several sweeps may
+again) and all rows go to ``benchmarks/results/architecture_coverage.json``, from which a sweep on
+a machine without them (exported/ is not in git) brings them back. Several sweeps may
 share the rows folder (two cores, two sweeps over one list in opposite orders): a model being run
 is claimed by a ``<row>.running`` file holding the sweep's process id, and a claim whose process
 is gone (a sweep killed at a session's end) is taken over.
@@ -53,6 +54,7 @@ import traceback
 from pathlib import Path
 
 from compress.core.fileio import write_json_atomic
+from compress.core.machine import machine_info
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.report:
+        restore_rows()
         write_result()
         return
     if args.child:
@@ -123,6 +126,7 @@ def main() -> None:
         or None
     )
     ROWS.mkdir(parents=True, exist_ok=True)
+    restore_rows()
     for index, name in enumerate(models, 1):
         path = ROWS / (name.replace(":", "__") + ".json")
         if path.exists() and not args.redo:
@@ -138,12 +142,27 @@ def main() -> None:
             row = run_child(name, args)
             row["seconds"] = round(time.perf_counter() - started, 1)
             row["commit"] = commit  # rows of a long sweep come from several versions of the chain
+            row["cpu"] = machine_info()["cpu"]  # and, across sessions, from several machines
             write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row
         finally:
             for held in (claim, ROWS / "huge.running"):
                 release(held)
         print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
     write_result()
+
+
+def restore_rows() -> None:
+    """Write back the rows of :data:`RESULT` (in git) that the rows folder lacks: exported/ is not
+    kept from one machine to the next, and a sweep of the heaviest networks spans sessions. A
+    restored row without a ``cpu`` gets the one the result was written on (every row was, up to
+    the first sweep that recorded it per row)."""
+    if not RESULT.exists():
+        return
+    kept = json.loads(RESULT.read_text())
+    for row in kept["rows"]:
+        path = ROWS / f"{row['source']}__{row['model']}.json"
+        if not path.exists() and not (ROWS.parent / "rows_superseded" / path.name).exists():
+            write_json_atomic(path, {"cpu": kept["machine"]["cpu"]} | row)
 
 
 def claimed(claim: Path) -> bool:
@@ -495,7 +514,7 @@ def summary(row: dict) -> str:
 
 
 def write_result() -> None:
-    from compress.core.machine import machine_info, versions
+    from compress.core.machine import versions
 
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
     write_json_atomic(RESULT, {"machine": machine_info() | {"versions": versions()}, "rows": rows})

@@ -56,3 +56,30 @@ def test_a_huge_model_waits_for_the_other_sweeps_one(tmp_path, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_rows_lost_with_exported_come_back_from_the_result(tmp_path, monkeypatch):
+    """exported/ does not follow the sweep to a new machine; the result in git does."""
+    import json
+
+    rows, result = tmp_path / "rows", tmp_path / "architecture_coverage.json"
+    (tmp_path / "rows_superseded").mkdir()
+    rows.mkdir()
+    kept = [
+        {"source": "torchvision", "model": "resnet18", "seconds": 1.0},
+        {"source": "timm", "model": "lcnet_050", "seconds": 2.0, "cpu": "Intel"},
+        {"source": "torchvision", "model": "efficientnet_b7", "seconds": 3.0},
+        {"source": "torchvision", "model": "alexnet", "seconds": 4.0},
+    ]
+    result.write_text(json.dumps({"machine": {"cpu": "AMD"}, "rows": kept}))
+    (tmp_path / "rows_superseded" / "torchvision__efficientnet_b7.json").write_text("{}")
+    (rows / "torchvision__alexnet.json").write_text(json.dumps({"model": "alexnet", "new": 1}))
+    monkeypatch.setattr(architecture_coverage, "ROWS", rows)
+    monkeypatch.setattr(architecture_coverage, "RESULT", result)
+    architecture_coverage.restore_rows()
+    written = {p.name: json.loads(p.read_text()) for p in rows.glob("*.json")}
+    assert written == {
+        "torchvision__resnet18.json": {"cpu": "AMD"} | kept[0],  # its machine: the result's
+        "timm__lcnet_050.json": kept[1],  # a row's own machine stays
+        "torchvision__alexnet.json": {"model": "alexnet", "new": 1},  # a newer row is not replaced
+    }  # and a superseded row (to be run again) is not brought back
