@@ -312,6 +312,7 @@ def run_chain(name: str, args) -> dict:
     started = time.perf_counter()
     row["top1_trained"], rounds = train_well(compress, model, train, test, steps, ce, lr=1e-3)
     row["train_steps"] = rounds * steps
+    row["train_gmacs"] = args.train_gmacs  # the cap it ran under (raised for a few re-runs)
     row["stage_seconds"]["train"] = round(time.perf_counter() - started, 1)
 
     teacher = copy.deepcopy(model).eval()
