@@ -92,3 +92,17 @@ def test_a_saved_quantized_network_with_folded_blocks_reloads_as_the_stages_do(t
     rebuilt = load_weights(multi_branch_net(), path, prepare=prepare).eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), qmodel.eval()(images))
+
+
+def test_a_float_export_writes_each_block_as_one_convolution(tmp_path):
+    """The FP32 file is the deployed network too (three convolutions per block run as one), and it
+    is proven against the network with its branches, which is left as it was."""
+    import onnx
+
+    net = multi_branch_net()
+    images = torch.randn(16, 3, 8, 8)
+    record = compress.export(net, tmp_path / "float.onnx", check_inputs=images)
+    convs = [n for n in onnx.load(tmp_path / "float.onnx").graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2  # six branch convolutions folded into two
+    assert record["max_abs_diff"] <= 1e-4
+    assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 6

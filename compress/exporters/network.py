@@ -94,6 +94,10 @@ def export_network(
 ) -> dict:
     """One network to one proven ONNX file: FP32, or a QDQ graph for a quantized network.
 
+    Multi-branch blocks (RepVGG, MobileOne, FastViT...) are written in their inference form,
+    one convolution each (:mod:`compress.quantization.reparameterized`), as a quantized
+    network's are; the file is proven against the network as it was trained.
+
     A quantized network goes through the TorchScript exporter (``torch.export`` has no
     fake-tensor kernels for the fake-quantize ops), gets its weights stored as INT8
     initializers, is checked against its fake-quantized PyTorch model with the INT8 bounds
@@ -137,8 +141,14 @@ def _export_and_verify(
         simplify=cfg.simplify,
     )
     if quantization is None:
-        export_onnx(model, path, exporter=cfg.exporter, metadata=metadata, **common)
-        return verify_onnx(
+        import torch
+
+        from compress.quantization.reparameterized import with_reparameterized_branches
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        deployed = with_reparameterized_branches(model, torch.from_numpy(images[:2]).to(device))
+        export_onnx(deployed, path, exporter=cfg.exporter, metadata=metadata, **common)
+        return verify_onnx(  # against the network as trained: the fold is proven with the file
             path, model, images, tolerance=cfg.tolerance, min_agreement=cfg.min_agreement
         ) | {"batch": cfg.batch}
     from compress.exporters.qdq import QDQ_TRANSFORMS, check_qdq
