@@ -19,6 +19,7 @@ from compress.quantization.fake_quant import (
     quantized_layers,
 )
 from compress.quantization.split_attention import SplitAttention, with_split_attention
+from compress.quantization.window_attention import WindowAttention, with_window_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,3 +214,53 @@ def test_a_layer_run_on_constants_alone_stays_float_and_the_file_passes(tmp_path
     assert {type(qmodel.get_submodule(name)) for name in ("mlp.0", "mlp.2")} == {nn.Linear}
     record = compress.export(qmodel, tmp_path / "table.onnx", check_inputs=images)
     assert record["qdq"]["int8_weights"] == 2 and record["qdq"]["qlinear_conv"] == 1
+
+
+def small_torchvision_swin(v2: bool) -> nn.Module:
+    """Two stages of 2x2 patches and 4x4 windows: at 16 px its 8x8 map shifts every other block;
+    at 20 px the map (10x10) is padded to whole windows."""
+    from torchvision.models import swin_transformer as swin
+
+    torch.manual_seed(0)
+    layers = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2)
+    model = swin.SwinTransformer(
+        patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        num_classes=10, **(layers if v2 else {}),
+    )  # fmt: skip
+    for parameter in model.parameters():  # torchvision starts biases and the head at zero
+        nn.init.normal_(parameter, std=0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+@pytest.mark.parametrize("size", [16, 20])
+def test_window_attention_computes_what_torchvision_swin_computes(v2, size):
+    model = small_torchvision_swin(v2)
+    rewritten = with_window_attention(model)
+    attentions = [m for m in rewritten.modules() if isinstance(m, WindowAttention)]
+    assert len(attentions) == 4 and not any(isinstance(m, WindowAttention) for m in model.modules())
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(rewritten(x), model(x), atol=1e-5)
+    if v2:  # the key's part of the qkv bias, which V2 never reads: zeroed in the copy only
+        original, zeroed = model.features[1][0].attn.qkv.bias, attentions[0].attention.qkv.bias
+        assert original[16:32].abs().sum() > 0 and zeroed[16:32].eq(0).all()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_torchvision_swin_quantizes_its_attention_projections_too(tmp_path, v2):
+    """torchvision's Swin hands ``qkv.weight`` and ``proj.weight`` to a function torch.fx keeps
+    whole: they stayed float. Rewritten, every linear layer but V2's position-bias MLP (run on
+    constants) is INT8, and the file is proven."""
+    model = small_torchvision_swin(v2)
+    images = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    qmodel = compress.quantize(model, [images[:32]])
+    layers = set(quantized_layers(qmodel))
+    for stage, block in (("1", "0"), ("1", "1"), ("3", "0"), ("3", "1")):
+        attention = f"features.{stage}.{block}.attn.attention"
+        assert {f"{attention}.qkv", f"{attention}.proj"} <= layers
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "cpb" not in n}
+    assert len(layers) == len(linears) + 1  # and the patch embedding's convolution
+    record = compress.export(qmodel, tmp_path / "swin.onnx", check_inputs=images)
+    assert record["qdq"]["int8_weights"] == len(layers)
+    assert record["portability"]["portable"] and record["portability"]["layers"] == len(layers)
