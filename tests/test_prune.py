@@ -527,6 +527,40 @@ class Swin(nn.Module):
         return self.head(self.norm(x).mean((1, 2)))
 
 
+class CroppedWindows(nn.Module):
+    """timm TinyViT's: a channel-last map padded to whole windows, computed on window by window,
+    the padding cropped (``x[:, :H, :W]``, a slice of dim 1 Torch-Pruning takes for channels)
+    and the result added to the stream."""
+
+    def __init__(self, dim, window=4):
+        super().__init__()
+        self.window = window
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        s = self.window
+        y = F.pad(x, (0, 0, 0, -w % s, 0, -h % s))
+        rows, cols = y.shape[1] // s, y.shape[2] // s
+        y = y.view(b, rows, s, cols, s, c).transpose(2, 3).reshape(-1, s * s, c)
+        y = self.fc2(F.gelu(self.fc1(y)))
+        y = y.view(b, rows, cols, s, s, c).transpose(2, 3).reshape(b, rows * s, cols * s, c)
+        return x + y[:, :h, :w]
+
+
+class TinyVit(nn.Module):
+    """A 5x5 map (10 px input) in windows of 4: every block crops its padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 2, stride=2)
+        self.blocks = nn.Sequential(CroppedWindows(24), CroppedWindows(24))
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
 class MixedConv(nn.ModuleDict):
     """timm's MixedConv2d: one convolution per part, a kernel size each, the channels split at
     the sizes it holds in ``splits`` (after a cut: the widths its parts were left with)."""
@@ -829,6 +863,12 @@ def prune_tiny(network, size=16, **spec):
             ["stem", "attn.to_qkv", "attn.merge"],
             ["mlp.0"],
         ),
+        (  # a channel-last map's padding cropped is not a channel slice: the stream is cut
+            TinyVit,
+            10,
+            [],
+            ["stem", "blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc2"],
+        ),
         (  # the sliced-and-joined stream keeps its width; the blocks' insides are cut
             RexNet,
             16,
@@ -854,7 +894,8 @@ def test_each_width_kept_says_why():
     names = {module: name for name, module in pruner.model.named_modules()}
     why = {names[layer]: reason for layer, reason in pruner.frozen.items()}
     assert "the weights of stages.2.attn.proj are used outside its forward" in why["norm"]
-    assert "sliced at offsets the forward holds" in why["stem"]
+    # the stream runs through F.linear; the patch merging's x[:, 0::2, 0::2] cuts rows, not channels
+    assert "the weights of stages.0.attn.proj are used outside its forward" in why["stem"]
     assert "stages.0.mlp.0" not in why
     torch.manual_seed(0)
     pruner = ChannelPruner(
@@ -878,6 +919,31 @@ def test_channels_reaching_a_slice_are_kept_before_torch_pruning_groups_them():
     for layer in ("blocks.0.project.0", "blocks.3.project.0"):
         assert "found before Torch-Pruning groups them" in why[layer], layer
     assert "blocks.0.expand.0" not in why
+
+
+def test_a_cropped_channel_last_map_loses_the_channels_chosen():
+    """Dead channels of the stream (past the map's 5 rows and 8 padded rows, where a crop
+    mapped as a channel slice would misplace them) are the ones cut, and the network computes
+    what it did (TinyViT-5M: its stream kept its width, 1.36x at most)."""
+    torch.manual_seed(0)
+    model = TinyVit().eval()
+    dead = [6, 9, 21]
+    with torch.no_grad():
+        model.stem.weight[dead] = model.stem.bias[dead] = 0
+        for block in model.blocks:
+            block.fc2.weight[dead] = block.fc2.bias[dead] = 0
+            block.fc1.weight[:, dead] = 0
+        model.head.weight[:, dead] = 0
+    images = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+    pruner = ChannelPruner(model, images[:2], PruneSpec(round_to=1), num_classes=10)
+    assert not pruner.frozen
+    stream = [g for g in pruner.channel_groups() if "stem" in g.outs]
+    pruner.keep(stream, {stream[0].name: 21})
+    assert model.stem.out_channels == 21 and model.blocks[1].fc1.in_features == 21
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected)
 
 
 def test_a_chunk_whose_halves_are_cut_alike_is_pruned_step_after_step():

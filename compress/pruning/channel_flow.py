@@ -4,7 +4,8 @@ Torch-Pruning follows a channel through every operation it traced. Some operatio
 follow, and a cut through them crashes, hangs or leaves a network that no longer runs: the groups
 of channels that pass through one keep their width (:func:`frozen_layers`), the rest is pruned.
 Views and splits it misreads on torch 2 (it looks for ``grad_fn`` attributes torch 1 had) are
-mapped here from the shapes torch recorded (:func:`map_views`, :func:`map_splits`);
+mapped here from the shapes torch recorded (:func:`map_views`, :func:`map_splits`), and so are
+crops of channel-last maps it takes for channel slices (:func:`map_slices`);
 :class:`compress.pruning.channels.ChannelPruner` registers them as customized operations so that
 Torch-Pruning leaves them to this module.
 """
@@ -331,7 +332,7 @@ def _blockers(
             blockers[node] = f"parameter {name} belongs to no layer"
         elif node.type == _OP.SPLIT and _split_is_fixed(graph, node, parts_of_holders):
             blockers[node] = "its channels are split into parts of sizes the forward holds"
-        elif node.type == _OP.SLICE and _slices_channels(node):
+        elif node.type == _OP.SLICE and _slices_channels(graph, node):
             blockers[node] = "its channels are sliced at offsets the forward holds"
         elif module in names:
             tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
@@ -365,7 +366,7 @@ def sliced_channel_producers(
     names = {module: name for name, module in model.named_modules()}
     found: dict[nn.Module, str] = {}
     for node in list(graph.module2node.values()):
-        if node.type != _OP.SLICE or not _slices_channels(node):
+        if node.type != _OP.SLICE or not _slices_channels(graph, node):
             continue
         stack, seen = list(node.inputs), set()
         while stack:
@@ -426,9 +427,46 @@ def _split_is_fixed(graph: tp.DependencyGraph, node, parts_of_holders: list[list
     return not all(k * sizes[0] in reached for k in range(len(sizes)))
 
 
-def _slices_channels(node) -> bool:
+def map_slices(graph: tp.DependencyGraph) -> None:
+    """Undo Torch-Pruning's channel mapping of the slices that cut space, not channels, from a
+    channel-last map (:func:`_slices_space_of_channels_last`).
+
+    Torch-Pruning takes dim 1 of every 4-d tensor for its channels, as in ``(N, C, H, W)``; a
+    window attention computes on ``(N, H, W, C)`` maps and crops their padding with
+    ``x[:, :H, :W]`` (timm's TinyViT, torchvision's Swin), and a patch merging takes every second
+    row (``x[:, 0::2, 0::2]``). Mapped as channel slices, such a crop would cut the wrong
+    channels; kept as they were, every layer upstream kept its width (TinyViT-5M: 1.36x at
+    most). Such a slice is re-typed as the elementwise operation it is for the channels (its
+    mapping is set again before every group Torch-Pruning builds, by type)."""
+    for node in list(graph.module2node.values()):
+        if node.type != _OP.SLICE or not _slices_space_of_channels_last(graph, node):
+            continue
+        node.type = _OP.ELEMENTWISE
+        for dep in node.dependencies:
+            dep.index_mapping[0] = tp.dependency.INDEX_MAPPING_PLACEHOLDER
+        for source in node.inputs:
+            for dep in source.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = tp.dependency.INDEX_MAPPING_PLACEHOLDER
+
+
+def _slices_space_of_channels_last(graph: tp.DependencyGraph, node) -> bool:
+    """A slice along dim 1 of a 4-d tensor whose channels are its last dim: the channels that
+    reach it (:func:`_channels_into`) are as many as its last dim and not as many as dim 1 (where
+    both match, it stays a channel slice: nothing is cut on a guess)."""
+    fn = node.grad_fn
+    sizes = getattr(fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) != 4 or getattr(fn, "_saved_dim", None) != 1:
+        return False
+    channels = _channels_into(graph, node)
+    return channels is not None and int(sizes[-1]) == channels != int(sizes[1])
+
+
+def _slices_channels(graph: tp.DependencyGraph, node) -> bool:
     """A slice Torch-Pruning maps onto the channels (dim 1 of 4-d, dim 2 of 3-d tensors), unless
-    it takes them all."""
+    it takes them all or crops a channel-last map (:func:`map_slices`)."""
+    if _slices_space_of_channels_last(graph, node):
+        return False
     fn = node.grad_fn
     sizes = getattr(fn, "_saved_self_sym_sizes", None)
     rank_dim = {4: 1, 3: 2}.get(len(sizes)) if sizes is not None else None

@@ -50,6 +50,7 @@ from compress.nets.weights import is_attention, sync_split_sizes
 from compress.pruning.channel_flow import (
     SplitPruner,
     frozen_layers,
+    map_slices,
     map_splits,
     map_views,
     sliced_channel_producers,
@@ -199,6 +200,7 @@ class ChannelPruner:
             customized_pruners=customized_pruners(),
         )
         self._unfollowable = {**map_views(pruner.DG), **map_splits(pruner.DG)}
+        map_slices(pruner.DG)
         return pruner
 
     def prune(self, target_macs: int | None = None, gradient_fn: GradientFn | None = None) -> dict:
