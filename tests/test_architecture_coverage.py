@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import architecture_coverage  # noqa: E402
@@ -83,3 +85,34 @@ def test_rows_lost_with_exported_come_back_from_the_result(tmp_path, monkeypatch
         "timm__lcnet_050.json": kept[1],  # a row's own machine stays
         "torchvision__alexnet.json": {"model": "alexnet", "new": 1},  # a newer row is not replaced
     }  # and a superseded row (to be run again) is not brought back
+
+
+@pytest.mark.parametrize(
+    ("scores", "restarted"),
+    [
+        ([10.0, 9.1, 10.0, 60.0], True),  # before, after round 1, after its undoing, round 2
+        ([25.0, 27.0, 60.0], False),  # round 1 gained 2 points, above chance: kept
+    ],
+)
+def test_a_round_ending_near_chance_restarts_from_the_first_weights(monkeypatch, scores, restarted):
+    """SqueezeNet answered one class for every image after a round at 1e-3, and rounds at lower
+    rates continuing from there stayed at chance: such a round is undone. A round that stalls
+    above chance keeps its weights; both go on at 0.3x the rate."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    first = model.weight.detach().clone()
+    rounds = []
+
+    def fit(compress, net, data, steps, losses, lr):
+        rounds.append((lr, net.weight.detach().clone()))
+        with torch.no_grad():
+            net.weight.add_(1.0)  # what a round changes
+
+    scripted = iter(scores)
+    monkeypatch.setattr(architecture_coverage, "fit", fit)
+    monkeypatch.setattr(architecture_coverage, "top1", lambda net, test: next(scripted))
+    accuracy, trained = architecture_coverage.train_well(None, model, [], [], 20, [], lr=1e-3)
+    assert (accuracy, trained) == (60.0, 2)
+    assert rounds[1][0] == pytest.approx(3e-4)
+    assert torch.equal(rounds[1][1], first if restarted else first + 1)
