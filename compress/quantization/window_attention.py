@@ -29,7 +29,8 @@ class WindowAttention(nn.Module):
     """torchvision's shifted-window attention with ``qkv`` and ``proj`` called as layers (the
     modules of the attention it replaces, not copies). Swin V2 ignores the key's part of the
     ``qkv`` bias (torchvision zeroes it on every call); here it is zeroed once, so the layer's
-    output is what the attention reads."""
+    output is what the attention reads. QAT may then train it (a key bias is a valid attention,
+    just not V2's own): the exported file is proven against what the network computes."""
 
     def __init__(self, attention: nn.Module):
         super().__init__()
