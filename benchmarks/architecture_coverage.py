@@ -35,7 +35,8 @@ Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a fa
 documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A stage
 that fails hands the network it was given to the next one. Each model's row is kept in
 ``exported/architecture_coverage/rows/`` (a rerun skips finished models: ``--redo`` runs them
-again) and all rows go to ``benchmarks/results/architecture_coverage.json``, from which a sweep on
+again, and so does moving a row to ``rows_superseded/``; a row deleted comes back from the
+result) and all rows go to ``benchmarks/results/architecture_coverage.json``, from which a sweep on
 a machine without them (exported/ is not in git) brings them back. Several sweeps may
 share the rows folder (two cores, two sweeps over one list in opposite orders): a model being run
 is claimed by a ``<row>.running`` file holding the sweep's process id, and a claim whose process
@@ -50,6 +51,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -453,20 +455,24 @@ def train_well(compress, model, data, test, steps, losses, *, lr) -> tuple[float
     ended near chance (:data:`NEAR_CHANCE_TOP1`): SqueezeNet and VGG (no BatchNorm) answered one
     class for every image after a round at 1e-3, and rounds at lower rates could not revive
     them. Returns the top-1 and the rounds trained."""
-    start = copy.deepcopy(model.state_dict())
-    before, rounds = top1(model, test), 0
-    while True:
-        fit(compress, model, data, steps, losses, lr=lr)
-        rounds += 1
-        accuracy = top1(model, test)
-        if accuracy >= WELL_TRAINED_TOP1 or rounds > EXTRA_TRAINING_ROUNDS:
-            return accuracy, rounds
-        if accuracy - before < STALLED_GAIN:
-            lr *= RETRY_LR_FACTOR  # stuck at this learning rate
-            if accuracy < NEAR_CHANCE_TOP1:  # and nothing learnt worth keeping
-                model.load_state_dict(start)
-                accuracy = top1(model, test)
-        before = accuracy
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:  # on disk: a giant's weights are GBs
+        start = Path(folder) / "start.pt"
+        torch.save(model.state_dict(), start)
+        before, rounds = top1(model, test), 0
+        while True:
+            fit(compress, model, data, steps, losses, lr=lr)
+            rounds += 1
+            accuracy = top1(model, test)
+            if accuracy >= WELL_TRAINED_TOP1 or rounds > EXTRA_TRAINING_ROUNDS:
+                return accuracy, rounds
+            if accuracy - before < STALLED_GAIN:
+                lr *= RETRY_LR_FACTOR  # stuck at this learning rate
+                if accuracy < NEAR_CHANCE_TOP1:  # and nothing learnt worth keeping
+                    model.load_state_dict(torch.load(start, weights_only=True))
+                    accuracy = top1(model, test)
+            before = accuracy
 
 
 def fit(compress, model, data, steps, losses, *, teacher=None, lr):
@@ -557,7 +563,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells += [r["macs_ratio"], agreement, r["int8_max_diff_ratio"], r["portable"]]
         trained, quantized = r.get("top1_trained"), r.get("top1_float")
         top1 = f"{trained} / {quantized}" if trained is not None else None
-        if quantized is not None and quantized < NEAR_CHANCE_TOP1:  # the network proven
+        if top1 is not None and quantized is not None and quantized < NEAR_CHANCE_TOP1:
             top1 += " (near chance: a weak proof)"
         cells += [top1, r.get("commit")]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")

@@ -946,6 +946,32 @@ def test_a_cropped_channel_last_map_loses_the_channels_chosen():
         torch.testing.assert_close(model(images), expected)
 
 
+class GhostPrefix(nn.Module):
+    """GhostNet's: two convolutions' outputs concatenated, a prefix of the channels kept
+    (``out[:, :12]``), on an 8x8 map whose width equals each branch's 8 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3)
+        self.primary, self.cheap = conv_bn(8, 8), conv_bn(8, 8, 3, groups=8)
+        self.head = Head(12)
+
+    def forward(self, x):
+        x = self.primary(self.stem(x[:, :, ::2, ::2]))
+        return self.head(torch.cat([x, self.cheap(x)], dim=1)[:, :12])
+
+
+def test_a_channel_slice_whose_map_width_matches_a_branch_stays_a_channel_slice():
+    """(N, C, H, W) with W equal to the width of a layer upstream: behind a concatenation, not
+    the mark of a channel-last map, so the prefix slice still keeps what feeds it."""
+    torch.manual_seed(0)
+    model = GhostPrefix().eval()
+    pruner = ChannelPruner(model, torch.randn(2, 3, 16, 16), PruneSpec(), num_classes=10)
+    names = {module: name for name, module in pruner.model.named_modules()}
+    why = {names[layer]: reason for layer, reason in pruner.frozen.items()}
+    assert "sliced at offsets the forward holds" in why["primary.0"]
+
+
 def test_a_chunk_whose_halves_are_cut_alike_is_pruned_step_after_step():
     ratio, before, after = prune_tiny(GatedNet)
     assert ratio >= 1.5

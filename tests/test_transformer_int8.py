@@ -216,7 +216,7 @@ def test_a_layer_run_on_constants_alone_stays_float_and_the_file_passes(tmp_path
     assert record["qdq"]["int8_weights"] == 2 and record["qdq"]["qlinear_conv"] == 1
 
 
-def small_torchvision_swin(v2: bool) -> nn.Module:
+def small_torchvision_swin(v2: bool, window=(4, 4)) -> nn.Module:
     """Two stages of 2x2 patches and 4x4 windows: at 16 px its 8x8 map shifts every other block;
     at 20 px the map (10x10) is padded to whole windows."""
     from torchvision.models import swin_transformer as swin
@@ -224,7 +224,7 @@ def small_torchvision_swin(v2: bool) -> nn.Module:
     torch.manual_seed(0)
     layers = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2)
     model = swin.SwinTransformer(
-        patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=list(window),
         num_classes=10, **(layers if v2 else {}),
     )  # fmt: skip
     for parameter in model.parameters():  # torchvision starts biases and the head at zero
@@ -233,13 +233,17 @@ def small_torchvision_swin(v2: bool) -> nn.Module:
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
-@pytest.mark.parametrize("size", [16, 20])
-def test_window_attention_computes_what_torchvision_swin_computes(v2, size):
-    model = small_torchvision_swin(v2)
+@pytest.mark.parametrize(
+    ("size", "window"),
+    [((16, 16), (4, 4)), ((20, 20), (4, 4)), ((12, 20), (4, 2)), ((20, 10), (2, 4))],
+    ids=["square", "padded", "wide", "tall"],  # the last two: rows and columns not alike
+)
+def test_window_attention_computes_what_torchvision_swin_computes(v2, size, window):
+    model = small_torchvision_swin(v2, window)
     rewritten = with_window_attention(model)
     attentions = [m for m in rewritten.modules() if isinstance(m, WindowAttention)]
     assert len(attentions) == 4 and not any(isinstance(m, WindowAttention) for m in model.modules())
-    x = torch.randn(3, 3, size, size)
+    x = torch.randn(3, 3, *size)
     with torch.no_grad():
         assert torch.allclose(rewritten(x), model(x), atol=1e-5)
     if v2:  # the key's part of the qkv bias, which V2 never reads: zeroed in the copy only

@@ -437,29 +437,53 @@ def map_slices(graph: tp.DependencyGraph) -> None:
     row (``x[:, 0::2, 0::2]``). Mapped as channel slices, such a crop would cut the wrong
     channels; kept as they were, every layer upstream kept its width (TinyViT-5M: 1.36x at
     most). Such a slice is re-typed as the elementwise operation it is for the channels (its
-    mapping is set again before every group Torch-Pruning builds, by type)."""
+    mapping is set again before every group Torch-Pruning builds, by type), and the slice
+    mappings Torch-Pruning gave it are removed (no other: a view's or split's mapping next to it
+    is this module's and stays)."""
+    slice_mapping = tp.dependency.index_mapping._SliceIndexMapping
     for node in list(graph.module2node.values()):
         if node.type != _OP.SLICE or not _slices_space_of_channels_last(graph, node):
             continue
         node.type = _OP.ELEMENTWISE
-        for dep in node.dependencies:
-            dep.index_mapping[0] = tp.dependency.INDEX_MAPPING_PLACEHOLDER
-        for source in node.inputs:
-            for dep in source.dependencies:
-                if dep.target is node:
-                    dep.index_mapping[0] = tp.dependency.INDEX_MAPPING_PLACEHOLDER
+        deps = list(node.dependencies)
+        deps += [dep for source in node.inputs for dep in source.dependencies if dep.target is node]
+        for dep in deps:
+            if isinstance(dep.index_mapping[0], slice_mapping):
+                dep.index_mapping[0] = tp.dependency.INDEX_MAPPING_PLACEHOLDER
 
 
 def _slices_space_of_channels_last(graph: tp.DependencyGraph, node) -> bool:
-    """A slice along dim 1 of a 4-d tensor whose channels are its last dim: the channels that
-    reach it (:func:`_channels_into`) are as many as its last dim and not as many as dim 1 (where
-    both match, it stays a channel slice: nothing is cut on a guess)."""
+    """A slice along dim 1 of a 4-d tensor whose channels are its last dim: every path back from
+    it reaches a Linear or a LayerNorm (layers that compute on the last dim) of as many channels
+    as the tensor's last dim, through nothing that joins or parts channels (a concatenation, a
+    split, another slice); and dim 1 is not as large (where both match, it stays a channel slice:
+    nothing is cut on a guess)."""
     fn = node.grad_fn
     sizes = getattr(fn, "_saved_self_sym_sizes", None)
     if sizes is None or len(sizes) != 4 or getattr(fn, "_saved_dim", None) != 1:
         return False
-    channels = _channels_into(graph, node)
-    return channels is not None and int(sizes[-1]) == channels != int(sizes[1])
+    widths = _last_dim_layer_widths(graph, node)
+    return widths == {int(sizes[-1])} and int(sizes[1]) != int(sizes[-1])
+
+
+def _last_dim_layer_widths(graph: tp.DependencyGraph, node) -> set[int] | None:
+    """The output widths of the nearest layers on every path back from ``node``, if all of them
+    are Linears or LayerNorms reached through operations that neither join nor part channels;
+    else None."""
+    widths, stack, seen = set(), list(node.inputs), set()
+    while stack:
+        source = stack.pop()
+        if source in seen:
+            continue
+        seen.add(source)
+        kind = tp.ops.module2type(source.module)
+        if kind in (_OP.LINEAR, _OP.LN):
+            widths.add(graph.get_out_channels(source))
+        elif kind in _LAYER_KINDS or source.type in (_OP.CONCAT, _OP.SPLIT, _OP.SLICE):
+            return None
+        elif source.type != _OP.PARAMETER:  # a weight F.linear reads is no path of channels
+            stack += source.inputs
+    return widths or None
 
 
 def _slices_channels(graph: tp.DependencyGraph, node) -> bool:

@@ -98,8 +98,10 @@ def _fold_holds(block: nn.Module, args: tuple, fold_model) -> bool:
             if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
                 norm.running_mean.copy_(0.1 * torch.randn(norm.num_features, generator=generator))
                 norm.running_var.copy_(0.5 + torch.rand(norm.num_features, generator=generator))
-        made_up = tuple(
-            torch.randn(a.shape, generator=generator) if isinstance(a, torch.Tensor) else a
+        made_up = tuple(  # on the block's device: a network quantized on a GPU folds too
+            torch.randn(a.shape, generator=generator).to(a.device)
+            if isinstance(a, torch.Tensor)
+            else a
             for a in args
         )
         try:
