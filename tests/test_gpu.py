@@ -170,3 +170,18 @@ def test_int8_on_cuda_matches_its_cpu_copy_then_qat_learns_and_exports(tmp_path)
     record = api.export(qmodel, tmp_path / "int8.onnx", check_inputs=calibration[0].cpu())
     assert record["qdq"]["int8_weights"] == 2 and record["qdq"]["fp32_conv"] == 0
     assert record["top1_agreement"] >= 0.95
+
+
+def test_multi_branch_blocks_fold_when_quantized_on_the_gpu():
+    """The fold check runs the block on made-up inputs: on the block's device, or a network
+    prepared on a GPU kept every branch (its check raised and was read as "does not fold")."""
+    pytest.importorskip("timm")
+    from test_reparameterized import multi_branch_net
+
+    from compress.quantization.fake_quant import prepare_quantized
+
+    net = multi_branch_net().to(CUDA)
+    qmodel = prepare_quantized(
+        net, target="onnxruntime-cpu", example_inputs=torch.randn(2, 3, 8, 8, device=CUDA)
+    )
+    assert sum(isinstance(m, nn.Conv2d) for m in qmodel.modules()) == 2  # 6 branches -> 2
