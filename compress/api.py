@@ -721,6 +721,8 @@ def export(
     """Write ``model`` as one ONNX file and prove it: ONNX Runtime must reproduce the PyTorch
     outputs on ``check_inputs`` within the tolerance of its precision, and an INT8 model (from
     :func:`quantize`) must be a QDQ graph whose weights compute the same on every CPU.
+    Multi-branch blocks (timm's RepVGG, MobileOne, FastViT, RepViT) are written folded, one
+    convolution each, as they are deployed (``model`` itself is not changed).
 
     Args:
         spec: the recipe's ``export`` section type (:class:`~compress.exporters.spec.ExportConfig`).
