@@ -4,8 +4,9 @@
 its input's height and width, and its attention unpacks ``x.shape``: neither traces, so every
 transformer block of a TinyViT was kept whole and float (TinyViT-5M: 18 of its 68 layers INT8).
 :class:`TracedTinyVitBlock` computes the same block with the shape-dependent steps in functions
-``torch.fx`` keeps whole (the windows cut from the padded map and put back; the attention
-within windows from its ``qkv`` projection) around calls of the block's own layers: ``attn.norm``,
+``torch.fx`` keeps whole (the windows cut from the padded map and put back, as Swin's are in
+:mod:`compress.quantization.window_attention`; the attention within windows from its ``qkv``
+projection) around calls of the block's own layers: ``attn.norm``,
 ``attn.qkv``, ``attn.proj``, ``local_conv`` and ``mlp`` quantize like any other. Same
 parameters, same arithmetic in the same order.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from compress.core.compat import torchvision  # noqa: F401  (imported before timm: see compat)
+from compress.quantization import window_attention  # its fx-wrapped partition, looked up there
 from compress.quantization.layer_swaps import with_swapped
 
 
@@ -32,7 +34,8 @@ class TracedTinyVitBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block, attention = self.block, self.block.attn
-        windows = _cut_windows(x, block.window_size)
+        window, unshifted = [block.window_size] * 2, [0, 0]  # Swin's partition, no shift
+        windows = window_attention.cut_windows(x, window, unshifted)
         qkv = attention.qkv(attention.norm(windows))
         bias = attention.attention_biases[:, attention.attention_bias_idxs]
         mixed = _attend(
@@ -44,29 +47,12 @@ class TracedTinyVitBlock(nn.Module):
             attention.scale,
             attention.fused_attn,
         )
-        x = x + block.drop_path1(_put_back(attention.proj(mixed), x, block.window_size))
+        out = window_attention.put_back(attention.proj(mixed), x, window, unshifted)
+        x = x + block.drop_path1(out)
         local = block.local_conv(x.permute(0, 3, 1, 2))
         x = local.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H * W, C)
         x = x + block.drop_path2(block.mlp(x))
         return _as_map(x, local)
-
-
-def _padded(size: int, window: int) -> int:
-    return size + (window - size % window) % window
-
-
-@fx.wrap
-def _cut_windows(x: torch.Tensor, window: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> ``(B * windows, window * window, C)``: padded to whole windows and cut
-    (one window of the whole map where it is exactly one window, as timm does)."""
-    batch, height, width, channels = x.shape
-    if height == window and width == window:
-        return x.reshape(batch, height * width, channels)
-    rows, cols = _padded(height, window), _padded(width, window)
-    if rows != height or cols != width:
-        x = F.pad(x, (0, 0, 0, cols - width, 0, rows - height))
-    x = x.view(batch, rows // window, window, cols // window, window, channels).transpose(2, 3)
-    return x.reshape(-1, window * window, channels)
 
 
 @fx.wrap
@@ -89,20 +75,6 @@ def _attend(
     else:
         mixed = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
     return mixed.transpose(1, 2).reshape(count, tokens, heads * val_dim)
-
-
-@fx.wrap
-def _put_back(out: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tensor:
-    """The inverse of :func:`_cut_windows`: windows to the ``(B, H, W, C)`` map ``x`` was."""
-    batch, height, width, channels = x.shape
-    if height == window and width == window:
-        return out.view(batch, height, width, channels)
-    rows, cols = _padded(height, window), _padded(width, window)
-    out = out.view(batch, rows // window, cols // window, window, window, channels)
-    out = out.transpose(2, 3).reshape(batch, rows, cols, channels)
-    if rows != height or cols != width:
-        out = out[:, :height, :width].contiguous()
-    return out
 
 
 @fx.wrap

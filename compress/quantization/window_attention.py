@@ -44,7 +44,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = self.attention
         window, shift = list(attention.window_size), list(attention.shift_size)
-        windows = _cut_windows(x, window, shift)
+        windows = cut_windows(x, window, shift)
         mixed = _attend(
             attention.qkv(windows),
             attention.get_relative_position_bias(),
@@ -57,7 +57,7 @@ class WindowAttention(nn.Module):
             self.training,
         )
         out = F.dropout(attention.proj(mixed), p=attention.dropout, training=self.training)
-        return _put_back(out, x, window, shift)
+        return put_back(out, x, window, shift)
 
 
 def _geometry(x: torch.Tensor, window: list[int], shift: list[int]):
@@ -72,7 +72,7 @@ def _geometry(x: torch.Tensor, window: list[int], shift: list[int]):
 
 
 @fx.wrap
-def _cut_windows(x: torch.Tensor, window: list[int], shift: list[int]) -> torch.Tensor:
+def cut_windows(x: torch.Tensor, window: list[int], shift: list[int]) -> torch.Tensor:
     """``(B, H, W, C)`` -> ``(B * windows, window area, C)``: padded to whole windows, rolled by
     the shift, cut into windows."""
     batch, height, width, channels = x.shape
@@ -132,8 +132,8 @@ def _shift_mask(padded: list[int], window: list[int], shift: list[int], like: to
 
 
 @fx.wrap
-def _put_back(out: torch.Tensor, x: torch.Tensor, window: list[int], shift: list[int]):
-    """The inverse of :func:`_cut_windows`: windows to the ``(B, H, W, C)`` map ``x`` was."""
+def put_back(out: torch.Tensor, x: torch.Tensor, window: list[int], shift: list[int]):
+    """The inverse of :func:`cut_windows`: windows to the ``(B, H, W, C)`` map ``x`` was."""
     batch, height, width, channels = x.shape
     (rows, cols), shift = _geometry(x, window, shift)
     out = out.view(batch, rows // window[0], cols // window[1], window[0], window[1], channels)
