@@ -131,6 +131,7 @@ def main() -> None:
         ).stdout.strip()
         or None
     )
+    cpu = machine_info()["cpu"]
     ROWS.mkdir(parents=True, exist_ok=True)
     restore_rows()
     for index, name in enumerate(models, 1):
@@ -148,7 +149,7 @@ def main() -> None:
             row = run_child(name, args)
             row["seconds"] = round(time.perf_counter() - started, 1)
             row["commit"] = commit  # rows of a long sweep come from several versions of the chain
-            row["cpu"] = machine_info()["cpu"]  # and, across sessions, from several machines
+            row["cpu"] = cpu  # and, across sessions, from several machines
             write_json_atomic(path, row)  # a sweep killed mid-write leaves no half row
         finally:
             for held in (claim, ROWS / "huge.running"):
