@@ -19,7 +19,6 @@ from compress.quantization.fake_quant import (
     quantized_layers,
 )
 from compress.quantization.split_attention import SplitAttention, with_split_attention
-from compress.quantization.tiny_vit_block import TracedTinyVitBlock, with_traced_tiny_vit_blocks
 from compress.quantization.window_attention import WindowAttention, with_window_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,38 +289,3 @@ def test_a_saved_int8_swin_v2_reloads_as_the_stages_do(tmp_path):
     rebuilt = load_weights(small_torchvision_swin(v2=True), path, prepare=prepare).eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), qmodel.eval()(images))
-
-
-def tiny_vit(size: int) -> nn.Module:
-    pytest.importorskip("timm")
-    from compress.nets.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("timm:tiny_vit_5m_224", num_classes=10, image_size=size).eval()
-    for name, parameter in model.named_parameters():
-        if "attention_biases" in name:  # timm starts them at zero
-            nn.init.normal_(parameter)
-    return model
-
-
-@pytest.mark.parametrize("size", [64, 224])  # maps padded to whole windows; maps of one window
-def test_a_traced_tiny_vit_block_computes_what_timm_computes(size):
-    model = tiny_vit(size)
-    traced = with_traced_tiny_vit_blocks(model)
-    assert sum(isinstance(m, TracedTinyVitBlock) for m in traced.modules()) == 10
-    x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        assert torch.allclose(traced(x), model(x), atol=1e-5)
-
-
-def test_tiny_vit_quantizes_its_transformer_blocks(tmp_path):
-    """Its blocks pick a window partition with an ``if`` on the map's size: untraceable, they
-    were kept whole and float (18 of 68 layers INT8)."""
-    model = tiny_vit(64)
-    images = torch.randn(48, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    qmodel = compress.quantize(model, [images[:32]])
-    assert not qmodel.untraced
-    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    assert len(quantized_layers(qmodel)) == len(layers) == 68
-    record = compress.export(qmodel, tmp_path / "tiny_vit.onnx", check_inputs=images[32:])
-    assert record["qdq"]["int8_weights"] == 68 and record["portability"]["portable"]

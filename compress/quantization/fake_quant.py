@@ -55,7 +55,7 @@ from compress.quantization.reparameterized import with_reparameterized_branches
 from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.quantization.split_attention import with_split_attention
 from compress.quantization.standardised_weights import with_plain_convolutions
-from compress.quantization.tiny_vit_block import with_traced_tiny_vit_blocks
+from compress.quantization.timm_blocks import with_traced_timm_blocks
 from compress.quantization.tracing import trace
 from compress.quantization.window_attention import with_window_attention
 
@@ -309,7 +309,7 @@ def prepare_quantized(
     model = with_reparameterized_branches(model, example_inputs)
     model = with_split_attention(model)  # torchvision's attention projections become Linears
     model = with_window_attention(model)  # and its Swin's
-    model = with_traced_tiny_vit_blocks(model)  # timm's TinyViT blocks, traced
+    model = with_traced_timm_blocks(model)  # timm's TinyViT, MobileViT, EfficientViT blocks
     model = with_plain_convolutions(model)  # weight standardisation computed once, like BatchNorm
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:

@@ -13,15 +13,11 @@ parameters, same arithmetic in the same order.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from compress.core.compat import torchvision  # noqa: F401  (imported before timm: see compat)
 from compress.quantization import window_attention  # its fx-wrapped partition, looked up there
-from compress.quantization.layer_swaps import with_swapped
 
 
 class TracedTinyVitBlock(nn.Module):
@@ -82,21 +78,3 @@ def _as_map(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(B, H * W, C)`` tokens as the ``(B, H, W, C)`` map of ``like``'s ``(B, C, H, W)``."""
     batch, channels, height, width = like.shape
     return tokens.view(batch, height, width, channels)
-
-
-def _block_class() -> type | None:
-    try:
-        return importlib.import_module("timm.models.tiny_vit").TinyVitBlock
-    except ImportError:  # without timm there is no such block
-        return None
-
-
-def with_traced_tiny_vit_blocks(model: nn.Module) -> nn.Module:
-    """``model`` itself when it has no timm ``TinyVitBlock``, else a copy in which each is a
-    :class:`TracedTinyVitBlock` (``model`` is not modified)."""
-    if not any(type(module).__name__ == "TinyVitBlock" for module in model.modules()):
-        return model  # no timm import for every other network
-    kind = _block_class()
-    if kind is None:
-        return model
-    return with_swapped(model, lambda module: type(module) is kind, TracedTinyVitBlock)
