@@ -36,6 +36,11 @@ MODELS = (
     "timm:deit_small_patch16_224",
     "torchvision:vit_b_16",
     "torchvision:swin_t",
+    # hybrids whose untraceable blocks quantize through their traced twins (timm_blocks.py)
+    "timm:tiny_vit_5m_224",
+    "timm:mobilevit_xxs",
+    "timm:mobilevitv2_050",
+    "timm:efficientvit_b0",
 )
 BACKENDS = ("onnxruntime", "openvino")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

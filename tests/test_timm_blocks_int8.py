@@ -64,6 +64,9 @@ def test_a_traced_twin_computes_what_the_timm_block_computes(name, size):
     traced = with_traced_timm_blocks(model)
     assert sum(isinstance(m, twin) for m in traced.modules()) == count
     assert not any(isinstance(m, twin) for m in model.modules())  # the caller's is untouched
+    # the same modules under the same names: a user's quantize.skip names what they see
+    assert [n for n, _ in traced.named_modules()] == [n for n, _ in model.named_modules()]
+    assert traced.state_dict().keys() == model.state_dict().keys()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
@@ -122,8 +125,8 @@ def test_quantization_aware_training_trains_the_layers_inside_the_twins(name):
     images = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(32) % 10
     qmodel = compress.quantize(model, [images])
-    inside = "stages.3.1.block.transformer.0.attn.qkv" if "mobilevit" in name else None
-    inside = inside or "stages.3.blocks.1.context_module.main.attention.qkv.conv"
+    inside = "stages.3.1.transformer.0.attn.qkv" if "mobilevit" in name else None
+    inside = inside or "stages.3.blocks.1.context_module.main.qkv.conv"
     before = qmodel.get_submodule(inside).weight.detach().clone()
 
     def loss() -> float:
@@ -135,3 +138,13 @@ def test_quantization_aware_training_trains_the_layers_inside_the_twins(name):
     compress.distill(qmodel.train(), None, [(images, labels)] * 15, losses=ce, epochs=1, lr=1e-3)
     assert loss() < 0.5 * start
     assert not torch.equal(qmodel.get_submodule(inside).weight, before)
+
+
+def test_a_block_is_kept_float_by_the_name_the_network_gives_it():
+    model = randomised(timm_network("timm:mobilevit_xxs", 64))
+    images = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    qmodel = compress.quantize(model, [images], skip=("stages.3.1.transformer",))
+    layers = set(quantized_layers(qmodel))
+    assert len(layers) == 72 - 4 * 4  # its four transformer blocks' qkv, proj, fc1, fc2 float
+    assert not any(name.startswith("stages.3.1.transformer") for name in layers)
+    assert "stages.3.1.conv_1x1" in layers and "stages.2.1.transformer.0.attn.qkv" in layers

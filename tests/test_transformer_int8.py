@@ -247,7 +247,7 @@ def test_window_attention_computes_what_torchvision_swin_computes(v2, size, wind
     with torch.no_grad():
         assert torch.allclose(rewritten(x), model(x), atol=1e-5)
     if v2:  # the key's part of the qkv bias, which V2 never reads: zeroed in the copy only
-        original, zeroed = model.features[1][0].attn.qkv.bias, attentions[0].attention.qkv.bias
+        original, zeroed = model.features[1][0].attn.qkv.bias, attentions[0].qkv.bias
         assert original[16:32].abs().sum() > 0 and zeroed[16:32].eq(0).all()
 
 
@@ -261,10 +261,11 @@ def test_torchvision_swin_quantizes_its_attention_projections_too(tmp_path, v2):
     qmodel = compress.quantize(model, [images[:32]])
     layers = set(quantized_layers(qmodel))
     for stage, block in (("1", "0"), ("1", "1"), ("3", "0"), ("3", "1")):
-        attention = f"features.{stage}.{block}.attn.attention"
+        attention = f"features.{stage}.{block}.attn"  # the network's own names
         assert {f"{attention}.qkv", f"{attention}.proj"} <= layers
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "cpb" not in n}
     assert len(layers) == len(linears) + 1  # and the patch embedding's convolution
+    assert layers <= {name for name, _ in model.named_modules()}
     record = compress.export(qmodel, tmp_path / "swin.onnx", check_inputs=images)
     assert record["qdq"]["int8_weights"] == len(layers)
     assert record["portability"]["portable"] and record["portability"]["layers"] == len(layers)

@@ -6,6 +6,7 @@ network's modules the same way, declared here once."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 from torch import nn
@@ -23,6 +24,32 @@ def with_swapped(
         if wanted(module):
             model.set_submodule(name, swap(module))
     return model
+
+
+def with_forward_of(
+    model: nn.Module, wanted: Callable[[nn.Module], bool], mixin: type[nn.Module]
+) -> nn.Module:
+    """``model`` itself when no module is ``wanted``, else a copy in which each wanted module
+    computes with ``mixin``'s ``forward``: its class becomes ``mixin`` over its own, so it keeps
+    its name, children, parameters, state-dict keys and methods. A module wrapped instead would
+    put a level in every name below it, and a user's ``quantize.skip`` of
+    ``stages.2.1.transformer`` would match nothing."""
+    return with_swapped(
+        model,
+        lambda module: wanted(module) and not isinstance(module, mixin),
+        functools.partial(_reclassed, mixin=mixin),
+    )
+
+
+def _reclassed(module: nn.Module, mixin: type[nn.Module]) -> nn.Module:
+    module.__class__ = _mixed(mixin, type(module))
+    return module
+
+
+@functools.cache
+def _mixed(mixin: type[nn.Module], base: type[nn.Module]) -> type[nn.Module]:
+    """``mixin`` over ``base``, made once per pair (``mixin``'s forward comes first)."""
+    return type(mixin.__name__, (mixin, base), {"__module__": mixin.__module__})
 
 
 def conv_like(conv: nn.Conv2d, kind: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:

@@ -21,20 +21,15 @@ from torch import fx, nn
 
 
 class TracedLiteMLA(nn.Module):
-    """timm's ``LiteMLA`` with its convolutions and kernel function called as modules (those of
-    the attention it replaces, not copies)."""
-
-    def __init__(self, attention: nn.Module):
-        super().__init__()
-        self.attention = attention
+    """The forward of timm's ``LiteMLA``, put over the module's own class
+    (:func:`~compress.quantization.layer_swaps.with_forward_of`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attention = self.attention
-        qkv = attention.qkv(x)
-        scales = torch.cat([qkv] + [aggregate(qkv) for aggregate in attention.aggreg], dim=1)
-        heads = _heads(scales, attention.dim)
-        query, key = attention.kernel_func(heads[0]), attention.kernel_func(heads[1])
-        return attention.proj(_linear_attention(query, key, heads[2], x, attention.eps))
+        qkv = self.qkv(x)
+        scales = torch.cat([qkv] + [aggregate(qkv) for aggregate in self.aggreg], dim=1)
+        heads = _heads(scales, self.dim)
+        query, key = self.kernel_func(heads[0]), self.kernel_func(heads[1])
+        return self.proj(_linear_attention(query, key, heads[2], x, self.eps))
 
 
 @fx.wrap

@@ -22,38 +22,28 @@ from torch import fx, nn
 
 
 class TracedMobileVitBlock(nn.Module):
-    """timm's ``MobileVitBlock`` (V1: attention over tokens ``(B * P, N, C)``) with its layers
-    called as modules (those of the block it replaces, not copies)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
+    """The forward of timm's ``MobileVitBlock`` (V1: attention over tokens ``(B * P, N, C)``), put
+    over the block's own class (:func:`~compress.quantization.layer_swaps.with_forward_of`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block = self.block
         shortcut = x
-        x = block.conv_1x1(block.conv_kxk(x))
-        tokens = block.norm(block.transformer(_tokens(x, block.patch_size)))
-        x = block.conv_proj(_map_from_tokens(tokens, x, block.patch_size))
-        if block.conv_fusion is not None:
-            x = block.conv_fusion(torch.cat((shortcut, x), dim=1))
+        x = self.conv_1x1(self.conv_kxk(x))
+        tokens = self.norm(self.transformer(_tokens(x, self.patch_size)))
+        x = self.conv_proj(_map_from_tokens(tokens, x, self.patch_size))
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
         return x
 
 
 class TracedMobileVitV2Block(nn.Module):
-    """timm's ``MobileVitV2Block`` (linear attention over patches ``(B, C, P, N)``) with its
-    layers called as modules."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
+    """The forward of timm's ``MobileVitV2Block`` (linear attention over patches
+    ``(B, C, P, N)``), put over the block's own class."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block = self.block
-        x = _whole_patches(x, block.patch_size)
-        x = block.conv_1x1(block.conv_kxk(x))
-        patches = block.norm(block.transformer(_patches(x, block.patch_size)))
-        return block.conv_proj(_map_from_patches(patches, x, block.patch_size))
+        x = _whole_patches(x, self.patch_size)
+        x = self.conv_1x1(self.conv_kxk(x))
+        patches = self.norm(self.transformer(_patches(x, self.patch_size)))
+        return self.conv_proj(_map_from_patches(patches, x, self.patch_size))
 
 
 def _patch_grid(height: int, width: int, patch: tuple[int, int]) -> tuple[int, int]:

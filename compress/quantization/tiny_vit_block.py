@@ -3,12 +3,12 @@
 ``TinyVitBlock`` chooses between a plain reshape and a padded window partition with an ``if`` on
 its input's height and width, and its attention unpacks ``x.shape``: neither traces, so every
 transformer block of a TinyViT was kept whole and float (TinyViT-5M: 18 of its 68 layers INT8).
-:class:`TracedTinyVitBlock` computes the same block with the shape-dependent steps in functions
-``torch.fx`` keeps whole (the windows cut from the padded map and put back, as Swin's are in
-:mod:`compress.quantization.window_attention`; the attention within windows from its ``qkv``
-projection) around calls of the block's own layers: ``attn.norm``,
-``attn.qkv``, ``attn.proj``, ``local_conv`` and ``mlp`` quantize like any other. Same
-parameters, same arithmetic in the same order.
+:class:`TracedTinyVitBlock`, put over the block's own class, computes the same block with the
+shape-dependent steps in functions ``torch.fx`` keeps whole (the windows cut from the padded map
+and put back, as Swin's are in :mod:`compress.quantization.window_attention`; the attention
+within windows from its ``qkv`` projection) around calls of the block's own layers:
+``attn.norm``, ``attn.qkv``, ``attn.proj``, ``local_conv`` and ``mlp`` quantize like any other.
+Same parameters, same arithmetic in the same order.
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ from compress.quantization import window_attention  # its fx-wrapped partition, 
 
 
 class TracedTinyVitBlock(nn.Module):
-    """timm's ``TinyVitBlock`` with its layers called as modules (those of the block it
-    replaces, not copies)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
+    """The forward of timm's ``TinyVitBlock``, put over the block's own class
+    (:func:`~compress.quantization.layer_swaps.with_forward_of`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block, attention = self.block, self.block.attn
-        window, unshifted = [block.window_size] * 2, [0, 0]  # Swin's partition, no shift
+        attention = self.attn
+        window, unshifted = [self.window_size] * 2, [0, 0]  # Swin's partition, no shift
         windows = window_attention.cut_windows(x, window, unshifted)
         qkv = attention.qkv(attention.norm(windows))
         bias = attention.attention_biases[:, attention.attention_bias_idxs]
@@ -44,10 +40,10 @@ class TracedTinyVitBlock(nn.Module):
             attention.fused_attn,
         )
         out = window_attention.put_back(attention.proj(mixed), x, window, unshifted)
-        x = x + block.drop_path1(out)
-        local = block.local_conv(x.permute(0, 3, 1, 2))
+        x = x + self.drop_path1(out)
+        local = self.local_conv(x.permute(0, 3, 1, 2))
         x = local.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H * W, C)
-        x = x + block.drop_path2(block.mlp(x))
+        x = x + self.drop_path2(self.mlp(x))
         return _as_map(x, local)
 
 

@@ -20,44 +20,41 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from compress.core.compat import torchvision
-from compress.quantization.layer_swaps import with_swapped
+from compress.quantization.layer_swaps import with_forward_of
 
 MASKED = -100.0  # what torchvision adds to a score between two regions a shift brought together
 
 
 class WindowAttention(nn.Module):
-    """torchvision's shifted-window attention with ``qkv`` and ``proj`` called as layers (the
-    modules of the attention it replaces, not copies). Swin V2 ignores the key's part of the
-    ``qkv`` bias (torchvision zeroes it on every call); here it is zeroed once, so the layer's
-    output is what the attention reads. QAT may then train it (a key bias is a valid attention,
-    just not V2's own): the exported file is proven against what the network computes."""
-
-    def __init__(self, attention: nn.Module):
-        super().__init__()
-        self.attention = attention
-        self.cosine = hasattr(attention, "logit_scale")  # V2: cosine attention, scaled logits
-        if self.cosine and attention.qkv.bias is not None:
-            width = attention.qkv.bias.numel() // 3
-            with torch.no_grad():
-                attention.qkv.bias[width : 2 * width] = 0
+    """The forward of torchvision's shifted-window attention with ``qkv`` and ``proj`` called as
+    layers, put over the attention's own class
+    (:func:`~compress.quantization.layer_swaps.with_forward_of`: same names, parameters and
+    methods). Swin V2 ignores the key's part of the ``qkv`` bias (torchvision zeroes it on every
+    call); :func:`with_window_attention` zeroes it once, so the layer's output is what the
+    attention reads. QAT may then train it (a key bias is a valid attention, just not V2's own):
+    the exported file is proven against what the network computes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attention = self.attention
-        window, shift = list(attention.window_size), list(attention.shift_size)
+        window, shift = list(self.window_size), list(self.shift_size)
         windows = cut_windows(x, window, shift)
         mixed = _attend(
-            attention.qkv(windows),
-            attention.get_relative_position_bias(),
+            self.qkv(windows),
+            self.get_relative_position_bias(),
             x,
             window,
             shift,
-            attention.num_heads,
-            attention.logit_scale if self.cosine else None,
-            attention.attention_dropout,
+            self.num_heads,
+            self.logit_scale if _is_v2(self) else None,
+            self.attention_dropout,
             self.training,
         )
-        out = F.dropout(attention.proj(mixed), p=attention.dropout, training=self.training)
+        out = F.dropout(self.proj(mixed), p=self.dropout, training=self.training)
         return put_back(out, x, window, shift)
+
+
+def _is_v2(attention: nn.Module) -> bool:
+    """Swin V2's attention: cosine similarity, scaled by a learned logit scale."""
+    return hasattr(attention, "logit_scale")
 
 
 def _geometry(x: torch.Tensor, window: list[int], shift: list[int]):
@@ -149,6 +146,18 @@ def is_window_attention(module: nn.Module) -> bool:
 
 
 def with_window_attention(model: nn.Module) -> nn.Module:
-    """``model`` itself when it has no torchvision Swin attention, else a copy in which each is a
-    :class:`WindowAttention` (``model`` is not modified)."""
-    return with_swapped(model, is_window_attention, WindowAttention)
+    """``model`` itself when it has no torchvision Swin attention, else a copy in which each
+    computes with :class:`WindowAttention`'s forward (``model`` is not modified)."""
+    rewritten = with_forward_of(model, is_window_attention, WindowAttention)
+    if rewritten is not model:
+        for attention in rewritten.modules():
+            if isinstance(attention, WindowAttention) and _is_v2(attention):
+                _zero_key_bias(attention.qkv)
+    return rewritten
+
+
+def _zero_key_bias(qkv: nn.Linear) -> None:
+    if qkv.bias is not None:
+        width = qkv.bias.numel() // 3
+        with torch.no_grad():
+            qkv.bias[width : 2 * width] = 0
