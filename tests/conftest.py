@@ -123,6 +123,24 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def rebuilt_as_stages_do(qmodel: nn.Module, model: nn.Module, build, size: int, folder: Path):
+    """``qmodel`` (quantized from ``model``) saved, then rebuilt as a stage rebuilds an INT8
+    network: ``build()``, a fresh float network with other values in every parameter (all must
+    load), prepared for quantization on zeros of ``size`` px, then loaded."""
+    from compress.nets.weights import load_weights, save_weights, structure_of
+    from compress.quantization.fake_quant import prepare_quantized
+
+    path = save_weights(qmodel, folder / "model.pt", structure=structure_of(model))
+
+    def prepare(fresh):
+        for parameter in fresh.parameters():
+            nn.init.normal_(parameter)
+        zeros = torch.zeros(2, 3, size, size)
+        return prepare_quantized(fresh.eval(), target="onnxruntime-cpu", example_inputs=zeros)
+
+    return load_weights(build(), path, prepare=prepare).eval()
+
+
 def tiny_cnn() -> torch.nn.Module:
     """A small CNN (10 classes) for loop tests on tiny images."""
     return torch.nn.Sequential(

@@ -2,13 +2,15 @@
 EfficientViT's linear attention) are swapped for twins that compute the same thing and trace, so
 INT8 reaches every layer of those networks and the exported file is proven like any other."""
 
+import functools
+
 import pytest
 import torch
-from conftest import randomised
+from conftest import randomised, rebuilt_as_stages_do
 from torch import nn
 
 import compress
-from compress.quantization.fake_quant import prepare_quantized, quantized_layers
+from compress.quantization.fake_quant import quantized_layers
 from compress.quantization.lite_mla import TracedLiteMLA
 from compress.quantization.mobile_vit_block import TracedMobileVitBlock, TracedMobileVitV2Block
 from compress.quantization.timm_blocks import TRACED_TWINS, with_traced_timm_blocks
@@ -99,20 +101,11 @@ def test_every_layer_of_a_hybrid_timm_network_is_int8_and_its_file_is_proven(tmp
 def test_a_saved_int8_mobile_vit_reloads_as_the_stages_do(tmp_path):
     """A stage's INT8 network is rebuilt from a fresh float network prepared on zeros, then
     loaded: the twins must give the state the saved network had."""
-    from compress.nets.weights import load_weights, save_weights, structure_of
-
     model = timm_network("timm:mobilevit_xxs", 64)
     images = torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     qmodel = compress.quantize(model, [images])
-    path = save_weights(qmodel, tmp_path / "model.pt", structure=structure_of(model))
-
-    def prepare(fresh):
-        for parameter in fresh.parameters():  # other values than the saved ones: all must load
-            nn.init.normal_(parameter)
-        zeros = torch.zeros(2, 3, 64, 64)
-        return prepare_quantized(fresh.eval(), target="onnxruntime-cpu", example_inputs=zeros)
-
-    rebuilt = load_weights(timm_network("timm:mobilevit_xxs", 64), path, prepare=prepare).eval()
+    build = functools.partial(timm_network, "timm:mobilevit_xxs", 64)
+    rebuilt = rebuilt_as_stages_do(qmodel, model, build, 64, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), qmodel.eval()(images))
 

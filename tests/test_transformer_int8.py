@@ -3,6 +3,8 @@ with INT8 weights and inputs, LayerNorm/softmax/GELU stay float, and the exporte
 it like a CNN's: ONNX Runtime fuses every linear layer into an integer kernel, reproduces the
 fake-quantized network, and the file is portable."""
 
+import functools
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -274,19 +276,12 @@ def test_torchvision_swin_quantizes_its_attention_projections_too(tmp_path, v2):
 def test_a_saved_int8_swin_v2_reloads_as_the_stages_do(tmp_path):
     """A stage's INT8 network is rebuilt from a fresh float network prepared on zeros, then
     loaded: the rewrite (and V2's key bias zeroed in it) must give the same state to load into."""
-    from compress.nets.weights import load_weights, save_weights, structure_of
+    from conftest import rebuilt_as_stages_do
 
     model = small_torchvision_swin(v2=True)
     images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     qmodel = compress.quantize(model, [images])
-    path = save_weights(qmodel, tmp_path / "model.pt", structure=structure_of(model))
-
-    def prepare(fresh):
-        for parameter in fresh.parameters():  # other values than the saved ones: all must load
-            nn.init.normal_(parameter)
-        zeros = torch.zeros(2, 3, 16, 16)
-        return prepare_quantized(fresh.eval(), target="onnxruntime-cpu", example_inputs=zeros)
-
-    rebuilt = load_weights(small_torchvision_swin(v2=True), path, prepare=prepare).eval()
+    build = functools.partial(small_torchvision_swin, v2=True)
+    rebuilt = rebuilt_as_stages_do(qmodel, model, build, 16, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), qmodel.eval()(images))
