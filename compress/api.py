@@ -615,8 +615,9 @@ def float_where_slower(
 ) -> nn.Module:
     """Leave in float the layers of the INT8 ``qmodel`` that run slower in INT8 on ``backend``.
 
-    Each INT8 convolution is timed alone as an integer kernel and in float between INT8 layers
-    (its transitions included); the layers faster in float are put back in float together, the
+    Each INT8 convolution and linear layer is timed alone as an integer kernel and in float
+    between INT8 layers (a convolution's transitions included; a linear layer's output is float
+    either way); the layers faster in float are put back in float together, the
     whole network is exported both ways and measured in ``processes`` interleaved fresh
     processes, and the mixed network is returned only if it is measured faster (rules and
     thresholds: :mod:`compress.quantization.speed`). Float layers keep ``qmodel``'s weights and
@@ -648,7 +649,7 @@ def float_where_slower(
     sites = [
         site
         for site in layer_sites(model.eval(), inputs.to(_device_of(model)))
-        if site.kind == "conv" and site.name in integer
+        if site.name in integer  # convolutions and linear layers (a transformer's too)
     ]
     cells = {site.name: {(site.in_channels, site.out_channels)} for site in sites}
     int8, floated = measure_tables(

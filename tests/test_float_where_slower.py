@@ -2,9 +2,10 @@
 
 No timing decides a test here: a fake runtime's "latency" is a deterministic function of the
 ONNX file. In it a depthwise convolution costs more as an integer kernel than in float (as ONNX
-Runtime's CPU kernels behave), a dense one the other way round, and a float layer between INT8
-layers pays a transition cost that the two fakes set differently: cheap (the mixed network is
-faster: kept) or dear (the cells say float, the whole network says no: not kept).
+Runtime's CPU kernels behave), a dense one the other way round, so does a linear layer on tokens
+(``MatMul``: a small hybrid's), and a float convolution between INT8 layers pays a transition
+cost that the two fakes set differently: cheap (the mixed network is faster: kept) or dear (the
+cells say float, the whole network says no: not kept).
 """
 
 import numpy as np
@@ -20,33 +21,43 @@ from compress.quantization.speed import MARGIN, FloatWhereSlower, LayerSpeed
 
 DEPTHWISE_INT8_MS, DEPTHWISE_FLOAT_MS = 2.0, 1.0
 DENSE_INT8_MS, DENSE_FLOAT_MS = 1.0, 2.0
+TOKENS_INT8_MS, TOKENS_FLOAT_MS = 2.0, 1.0
 CHEAP_TRANSITION_MS, DEAR_TRANSITION_MS = 0.1, 5.0
 
 
-def conv_costs(model: onnx.ModelProto, transition_ms: float) -> float:
-    """Fake runtime: each Conv by its kind (depthwise or dense) and precision (integer when its
-    weight comes out of a DequantizeLinear); a float Conv fed by a DequantizeLinear (a float
-    layer between INT8 ones) also pays ``transition_ms``."""
+def layer_costs(model: onnx.ModelProto, transition_ms: float) -> float:
+    """Fake runtime: each Conv by its kind (depthwise or dense) and each MatMul by precision
+    (integer when its weight comes out of a DequantizeLinear, through a Transpose for a
+    MatMul); a float Conv fed by a DequantizeLinear (a float layer between INT8 ones) also pays
+    ``transition_ms``."""
     producers = {out: node for node in model.graph.node for out in node.output}
+
+    def integer(weight: str) -> bool:
+        node = producers.get(weight)
+        while node is not None and node.op_type == "Transpose":
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
     total = 0.0
     for node in model.graph.node:
+        if node.op_type == "MatMul":
+            total += TOKENS_INT8_MS if integer(node.input[1]) else TOKENS_FLOAT_MS
         if node.op_type != "Conv":
             continue
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        weight = producers.get(node.input[1])
-        integer = weight is not None and weight.op_type == "DequantizeLinear"
+        integer_conv = integer(node.input[1])
         source = producers.get(node.input[0])
         if group > 1:
-            total += DEPTHWISE_INT8_MS if integer else DEPTHWISE_FLOAT_MS
+            total += DEPTHWISE_INT8_MS if integer_conv else DEPTHWISE_FLOAT_MS
         else:
-            total += DENSE_INT8_MS if integer else DENSE_FLOAT_MS
-        if not integer and source is not None and source.op_type == "DequantizeLinear":
+            total += DENSE_INT8_MS if integer_conv else DENSE_FLOAT_MS
+        if not integer_conv and source is not None and source.op_type == "DequantizeLinear":
             total += transition_ms
     return total
 
 
 def _network(path, batch_sizes, transition_ms):
-    cost = conv_costs(onnx.load(path), transition_ms)
+    cost = layer_costs(onnx.load(path), transition_ms)
     return {
         "status": "ok",
         "batches": [{"batch_size": batch_sizes[0], "status": "ok", "latency_ms": {"p50": cost}}],
@@ -66,7 +77,7 @@ def cells(paths, **_):
     here (only whole networks pay it), so the cells always say "float" for depthwise layers."""
     return {
         "status": "ok",
-        "ms": [conv_costs(onnx.load(p), 0.0) for p in paths],
+        "ms": [layer_costs(onnx.load(p), 0.0) for p in paths],
         "spread": [0.0 for _ in paths],
     }
 
@@ -173,6 +184,59 @@ def test_float_in_int8_cell_is_a_float_conv_between_uint8_ends():
     session = ort.InferenceSession(cell.SerializeToString(), providers=["CPUExecutionProvider"])
     out = session.run(None, {"input": np.zeros((2, 16, 16, 16), np.uint8)})[0]
     assert out.shape == (2, 16, 16, 16) and out.dtype == np.uint8
+
+
+class TokenBlock(nn.Module):
+    """conv stem -> its map as 256 tokens -> a linear layer on them -> mean -> classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mlp, self.head = nn.Linear(16, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = torch.relu(self.stem(x)).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(self.mlp(tokens)).mean(1))
+
+
+def test_a_linear_layer_on_tokens_goes_float_when_the_whole_network_is_faster(monkeypatch):
+    torch.manual_seed(0)
+    model, batches = TokenBlock().eval(), [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    qmodel = compress.quantize(model, batches, calibration="minmax")
+    backend = fake_runtime(monkeypatch, "fake-cheap", "cheap_network")
+    result = compress.float_where_slower(qmodel, model, batches[0], backend=backend, processes=3)
+    record = result.float_where_slower
+    assert {layer.name for layer in record.layers} == {"stem", "mlp", "head"}  # all judged
+    assert record.float_layers == ("mlp",) and record.kept
+    assert set(quantized_layers(result)) == {"stem", "head"}
+    assert record.ratio == pytest.approx((1 + 1) / (1 + 2))  # stem + mlp, float vs INT8
+
+
+def test_a_linear_cell_multiplies_the_layers_tokens_as_the_exported_network_does(tmp_path):
+    """INT8: the input quantized, the int8 weight dequantized, transposed, ``MatMul`` and the
+    bias ``Add`` (what torch exports for a ``QuantLinear`` on tokens), which ONNX Runtime fuses
+    into ``MatMulIntegerToFloat``; its float cell is the FP32 layer (no transition)."""
+    import onnxruntime as ort
+    from conftest import optimized_nodes
+
+    from compress.pruning.latency_table import FLOAT_IN_INT8, layer_model, layer_sites
+
+    sites = {s.name: s for s in layer_sites(TokenBlock().eval(), torch.randn(1, 3, 16, 16))}
+    assert (sites["mlp"].tokens, sites["head"].tokens) == (256, 1)
+    feed = {"input": np.random.default_rng(0).standard_normal((2, 256, 16)).astype(np.float32)}
+    outputs = {}
+    for precision in ("int8", "fp32", FLOAT_IN_INT8):
+        cell = layer_model(sites["mlp"], 16, 32, precision)
+        session = ort.InferenceSession(cell.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs[precision] = session.run(None, feed)[0]
+        assert outputs[precision].shape == (2, 256, 32)
+    assert np.array_equal(outputs["fp32"], outputs[FLOAT_IN_INT8])
+    assert np.abs(outputs["int8"] - outputs["fp32"]).max() < 0.05 * np.abs(outputs["fp32"]).max()
+    path = tmp_path / "cell.onnx"
+    onnx.save(layer_model(sites["mlp"], 16, 32, "int8"), path)
+    assert "MatMulIntegerToFloat" in {n.op_type for n in optimized_nodes(path, "ORT_ENABLE_ALL")}
+    head = layer_model(sites["head"], 32, 10, "fp32")  # a classifier: one vector, a Gemm
+    assert [n.op_type for n in head.graph.node] == ["Gemm"]
 
 
 @pytest.mark.slow

@@ -62,6 +62,8 @@ class LayerSite:
             groups follow its width).
         depthwise: groups == in_channels == out_channels.
         input_hw: the spatial size of its input ((1, 1) for a linear layer).
+        tokens: the rows a linear layer multiplies per image (a transformer's tokens, all of a
+            MobileViT block's patches; 1 for a classifier).
     """
 
     name: str
@@ -75,6 +77,7 @@ class LayerSite:
     groups: int = 1
     depthwise: bool = False
     input_hw: tuple[int, int] = (1, 1)
+    tokens: int = 1
 
 
 Cell = tuple[str, int, int]  # (layer name, input width, output width)
@@ -203,6 +206,7 @@ def layer_sites(model: nn.Module, example_inputs: torch.Tensor) -> list[LayerSit
                     kind="linear",
                     in_channels=module.in_features,
                     out_channels=module.out_features,
+                    tokens=max(1, x.numel() // module.in_features),  # one image: batch of 1
                 )
             )
 
@@ -226,8 +230,12 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
     weights, float bias), which ONNX Runtime fuses into one integer kernel.
 
     A convolution is timed with a ReLU and (INT8) the quantiser of its output, the pattern of
-    nearly every convolution of a CNN and what the runtime fuses with it; a linear layer (the
-    classifier) alone. The batch axis is dynamic; the spatial size is the layer's own.
+    nearly every convolution of a CNN and what the runtime fuses with it; a linear layer alone,
+    on its tokens as a transformer's (``MatMul``, then the bias ``Add``, as torch exports it) or
+    on one vector as a classifier (``Gemm``). The batch axis is dynamic; the spatial size and
+    the tokens are the layer's own. A linear layer's output stays float in an INT8 network (only
+    its input is quantized), so in float it pays no transition: its ``fp32-in-int8`` cell is its
+    FP32 one.
 
     An INT8 convolution takes and gives uint8 NHWC tensors, transposed to NCHW and back inside
     the file: ONNX Runtime runs its integer convolutions in NHWC, cancels those transposes
@@ -256,7 +264,8 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
         )
     if int8 and conv:
         return _int8_conv_model(site, in_channels, out_channels, groups, weight, initializers)
-    shape = ["batch", in_channels, *site.input_hw] if conv else ["batch", in_channels]
+    tokens = [site.tokens] if site.tokens > 1 else []
+    shape = ["batch", in_channels, *site.input_hw] if conv else ["batch", *tokens, in_channels]
     nodes, x = [], "input"
     if int8:
         initializers += [
@@ -275,6 +284,13 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
     if conv:
         nodes += [_conv_node(site, x, groups), helper.make_node("Relu", ["y"], ["yr"])]
         y = "yr"
+    elif tokens:
+        nodes += [
+            helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+            helper.make_node("MatMul", [x, "wt"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+        ]
+        y = "y"
     else:
         nodes.append(helper.make_node("Gemm", [x, "w", "b"], ["y"], transB=1))
         y = "y"
@@ -488,7 +504,7 @@ def _pair_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 def _output_shape(site: LayerSite, out_channels: int) -> list:
     if site.kind == "linear":
-        return ["batch", out_channels]
+        return ["batch", *([site.tokens] if site.tokens > 1 else []), out_channels]
     size = [
         (n + 2 * p - d * (k - 1) - 1) // s + 1
         for n, p, d, k, s in zip(

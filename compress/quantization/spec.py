@@ -71,8 +71,9 @@ class QuantizeSpec:
     weight_range: str = choice("auto", weight_range_names)
     max_drop: float | None = field(default=None, metadata={ADDED_LATER: True})  # top-1 points
     max_float_layers: int | None = field(default=None, metadata={ADDED_LATER: True})  # None: n-1
-    # leave in float the convolutions measured slower in INT8 on ONNX Runtime's CPU kernels,
-    # if the whole network then measures faster (compress.quantization.speed)
+    # leave in float the convolutions and linear layers measured slower in INT8 on ONNX
+    # Runtime's CPU kernels, if the whole network then measures faster
+    # (compress.quantization.speed)
     float_where_slower: bool = field(default=False, metadata={ADDED_LATER: True})
     # the batch size float_where_slower judges latency at
     speed_batch_size: int = field(default=1, metadata={ADDED_LATER: True})

@@ -13,6 +13,11 @@ is exported both ways and measured (fresh processes, interleaved), and the mixed
 kept only if it is faster by at least :data:`MIN_GAIN`: what the cells cannot see (neighbouring
 float layers sharing one transition, fusions across layers) is settled by measurement.
 
+A transformer's linear layers are judged the same way, on their tokens: on a CPU an INT8 linear
+layer of a small hybrid (MobileViT, EfficientViT: 64-240 channels) can cost more in its
+quantiser than its integer product saves, and its float form pays no transition (its output is
+float in an INT8 network too).
+
 :func:`compress.api.float_where_slower` does the measuring; this module holds the rule and the
 record.
 """
@@ -30,7 +35,7 @@ MIN_GAIN = 0.02
 
 @dataclass(frozen=True)
 class LayerSpeed:
-    """One convolution timed alone: as an integer kernel, and in float between INT8 layers."""
+    """One layer timed alone: as an integer kernel, and in float between INT8 layers."""
 
     name: str
     int8_ms: float
@@ -47,7 +52,7 @@ class FloatWhereSlower:
 
     Attributes:
         backend, batch_size, threads: where and how it was timed.
-        layers: every INT8 convolution's two timings.
+        layers: every INT8 layer's two timings (convolutions and linear layers).
         float_layers: the layers that were faster in float alone (tried together).
         int8_ms, mixed_ms: the whole network's p50 latency per process, all INT8 and with
             ``float_layers`` in float (interleaved fresh processes; empty when no layer was
