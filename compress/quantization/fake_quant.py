@@ -49,6 +49,7 @@ from torch.fx.experimental.optimization import fuse
 
 from compress.core.records import QuantSpec
 from compress.errors import SettingError, StageError
+from compress.quantization.batchnorm_folding import fold_functional_batchnorm
 from compress.quantization.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.quantization.layer_swaps import conv_like
 from compress.quantization.reparameterized import with_reparameterized_branches
@@ -459,6 +460,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """
     traced = trace(copy.deepcopy(model).eval())
     folded = fuse(traced, inplace=True, no_trace=True)
+    fold_functional_batchnorm(folded)  # timm's BatchNormAct2d: a batch_norm call, not a module
     folded.untraced = traced.untraced
     return folded
 
