@@ -511,8 +511,14 @@ def describe_export(row: dict, record: dict, int8: bool) -> None:
 
 
 def verdict(exc: BaseException) -> str:
-    from compress.errors import CompressError, ExportError
+    """``refused``: the product's own one-line refusal with its workaround, including an INT8
+    file it cannot prove because the network is too little trained (the sweep's training cap:
+    "train the network further"); ``crash``: any other export failure (a file that does not
+    reproduce its network) or an exception from inside a library."""
+    from compress.errors import CompressError, ExportError, UnprovableNetworkError
 
+    if isinstance(exc, UnprovableNetworkError):
+        return "refused"
     if isinstance(exc, ExportError) or not isinstance(exc, CompressError):
         return "crash"
     return "refused"

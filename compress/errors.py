@@ -79,6 +79,13 @@ class ExportError(CompressError):
     """An export failed, or the exported file does not reproduce the PyTorch model."""
 
 
+class UnprovableNetworkError(ExportError):
+    """The file cannot be judged either way: the PyTorch network's own outputs move, under
+    inputs changed at float32's precision, by as much as the file differs (a barely trained
+    network with near-equal logits). Nothing is known to be wrong with the file; the network
+    needs training before its export can be proven."""
+
+
 class OutputError(CompressError):
     """An output could not be written: a full disk, a read-only or unwritable folder."""
 

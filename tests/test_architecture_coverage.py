@@ -116,3 +116,12 @@ def test_a_round_ending_near_chance_restarts_from_the_first_weights(monkeypatch,
     assert (accuracy, trained) == (60.0, 2)
     assert rounds[1][0] == pytest.approx(3e-4)
     assert torch.equal(rounds[1][1], first if restarted else first + 1)
+
+
+def test_a_network_too_little_trained_for_its_proof_is_a_refusal_and_a_bad_file_a_crash():
+    from compress.errors import ExportError, StageError, UnprovableNetworkError
+
+    assert architecture_coverage.verdict(UnprovableNetworkError("train it further")) == "refused"
+    assert architecture_coverage.verdict(StageError("prune.ignore it")) == "refused"
+    assert architecture_coverage.verdict(ExportError("does not reproduce")) == "crash"
+    assert architecture_coverage.verdict(RuntimeError("inside a library")) == "crash"

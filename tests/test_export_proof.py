@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compress.errors import ExportError
+from compress.errors import ExportError, UnprovableNetworkError
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.onnx.verify import compare_logits, verify_onnx
 from compress.exporters.qdq import store_int8_weights
@@ -162,7 +162,9 @@ def test_a_model_that_does_not_reproduce_itself_judges_a_file_by_its_own_noise()
     record = compare_logits(file, reference, "m.onnx", **INT8, noise=(moved, unstable))
     assert record["proof"] == "reference noise" and record["flips"] == 40
     far = reference + np.where(np.arange(10) == 3, 0.15, 0.0)  # class 3 raised past the noise
-    with pytest.raises(ExportError, match="cannot be proven: the PyTorch model does not reproduce"):
+    with pytest.raises(
+        UnprovableNetworkError, match="cannot be proven: the PyTorch model does not reproduce"
+    ):
         compare_logits(far, reference, "m.onnx", **INT8, noise=(moved, unstable))
     stable_flipped = file.copy()
     stable_flipped[40:, :2] = stable_flipped[40:, 1::-1]  # also images the model keeps
@@ -178,10 +180,11 @@ def test_a_difference_the_model_makes_by_itself_cannot_fail_or_pass_the_file():
     reference[:, 0] += 8.0  # clear winners, largest logit about 10
     file = reference + np.where(np.arange(10) == 1, 2.7, 0.0)  # class 1 raised everywhere
     moved, unstable = np.full(100, 1.5), np.zeros(100, dtype=bool)
-    with pytest.raises(ExportError, match="cannot be proven"):
+    with pytest.raises(UnprovableNetworkError, match="cannot be proven"):
         compare_logits(file, reference, "weak.onnx", **INT8, noise=(moved, unstable))
-    with pytest.raises(ExportError, match="does not reproduce"):  # a steady model: the file's
+    with pytest.raises(ExportError, match="does not reproduce") as steady:  # the file's fault
         compare_logits(file, reference, "weak.onnx", **INT8, noise=(moved / 10, unstable))
+    assert not isinstance(steady.value, UnprovableNetworkError)
 
 
 def test_the_report_says_when_a_file_is_proven_only_to_the_models_own_noise():

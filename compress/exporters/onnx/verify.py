@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compress.errors import ExportError, first_line
+from compress.errors import ExportError, UnprovableNetworkError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -339,7 +339,7 @@ def _raise_if_out_of_bounds(result: dict, path: Path) -> None:
         if within_reference_noise(result, bad_agreement=bad_agreement):
             result["proof"] = "reference noise"
             return
-        error = ExportError(
+        error = UnprovableNetworkError(
             f"{path.name} cannot be proven: the PyTorch model does not reproduce itself "
             f"(inputs changed by {NOISE_FLOOR_EPSILON:g} of their value move its logits by up to "
             f"{result['reference_noise_max']:.3g}, the file's largest difference "
