@@ -125,3 +125,19 @@ def test_a_network_too_little_trained_for_its_proof_is_a_refusal_and_a_bad_file_
     assert architecture_coverage.verdict(StageError("prune.ignore it")) == "refused"
     assert architecture_coverage.verdict(ExportError("does not reproduce")) == "crash"
     assert architecture_coverage.verdict(RuntimeError("inside a library")) == "crash"
+
+
+def test_a_network_gets_the_first_size_its_forward_accepts_the_heaviest_from_32_px():
+    from torch import nn
+
+    tried = []
+
+    def build(name, num_classes, image_size):
+        tried.append(image_size)
+        if image_size < 56:  # too small for its pooling
+            raise RuntimeError("output size is too small")
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))
+
+    size, _ = architecture_coverage.fitting_size("x", build, architecture_coverage.HEAVY_SIZES)
+    assert size == 64 and tried == [32, 64]
+    assert architecture_coverage.HEAVY_TRAIN_GMACS > architecture_coverage.TRAIN_GMACS
