@@ -15,6 +15,7 @@ per-tensor activation range was taken before the per-channel scaling BatchNorm a
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,7 @@ def fold_functional_batchnorm(traced: fx.GraphModule) -> int:
     statistics or affine parameters that are not the network's own tensors.
     """
     modules = dict(traced.named_modules())
-    calls: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
     folded = 0
     for node in list(traced.graph.nodes):
         if node.op != "call_function" or node.target is not F.batch_norm:
@@ -44,29 +42,15 @@ def fold_functional_batchnorm(traced: fx.GraphModule) -> int:
         bound.apply_defaults()
         arguments = bound.arguments
         conv_node = arguments["input"]
-        if not _foldable(conv_node, node, modules, calls) or arguments["training"]:
+        if arguments["training"] or not _foldable(conv_node, node, modules, calls):
             continue
-        tensors = [
-            _tensor_of(traced, arguments[name])
-            for name in ("running_mean", "running_var", "weight", "bias")
-        ]
-        if (
-            tensors[0] is None
-            or tensors[1] is None
-            or any(
-                arguments[name] is not None and tensor is None
-                for name, tensor in zip(("weight", "bias"), tensors[2:], strict=True)
-            )
-        ):
+        statistics = _statistics(traced, arguments)
+        if statistics is None:
             continue
         conv = modules[conv_node.target]
-        mean, var, gamma, beta = tensors
-        gamma = torch.ones_like(mean) if gamma is None else gamma
-        beta = torch.zeros_like(mean) if beta is None else beta
-        weight, bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, mean, var, arguments["eps"], gamma, beta
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, *statistics[:2], arguments["eps"], *statistics[2:]
         )
-        conv.weight, conv.bias = weight, bias
         node.replace_all_uses_with(conv_node)
         traced.graph.erase_node(node)
         folded += 1
@@ -75,6 +59,19 @@ def fold_functional_batchnorm(traced: fx.GraphModule) -> int:
         traced.delete_all_unused_submodules()
         traced.recompile()
     return folded
+
+
+def _statistics(traced: fx.GraphModule, arguments: dict):
+    """``(mean, var, gamma, beta)`` the call reads (gamma 1 and beta 0 where it has no affine
+    parameter), or None where one is not a tensor the network holds."""
+    mean = _tensor_of(traced, arguments["running_mean"])
+    var = _tensor_of(traced, arguments["running_var"])
+    if mean is None or var is None:
+        return None
+    gamma, beta = arguments["weight"], arguments["bias"]
+    gamma = torch.ones_like(mean) if gamma is None else _tensor_of(traced, gamma)
+    beta = torch.zeros_like(mean) if beta is None else _tensor_of(traced, beta)
+    return None if gamma is None or beta is None else (mean, var, gamma, beta)
 
 
 def _foldable(conv_node, norm_node: fx.Node, modules: dict, calls: dict) -> bool:
