@@ -264,7 +264,7 @@ def layer_model(site: LayerSite, in_channels: int, out_channels: int, precision:
         )
     if int8 and conv:
         return _int8_conv_model(site, in_channels, out_channels, groups, weight, initializers)
-    tokens = [site.tokens] if site.tokens > 1 else []
+    tokens = _token_axis(site)
     shape = ["batch", in_channels, *site.input_hw] if conv else ["batch", *tokens, in_channels]
     nodes, x = [], "input"
     if int8:
@@ -502,9 +502,14 @@ def _pair_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def _token_axis(site: LayerSite) -> list[int]:
+    """A linear layer's token axis, between the batch and the features: none for a classifier."""
+    return [site.tokens] if site.tokens > 1 else []
+
+
 def _output_shape(site: LayerSite, out_channels: int) -> list:
     if site.kind == "linear":
-        return ["batch", *([site.tokens] if site.tokens > 1 else []), out_channels]
+        return ["batch", *_token_axis(site), out_channels]
     size = [
         (n + 2 * p - d * (k - 1) - 1) // s + 1
         for n, p, d, k, s in zip(
