@@ -51,15 +51,23 @@ def _patch_grid(height: int, width: int, patch: tuple[int, int]) -> tuple[int, i
     return math.ceil(height / patch[0]), math.ceil(width / patch[1])
 
 
+def _resized_up(x: torch.Tensor, patch: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """``x`` resized (bilinear) up to whole patches; itself when it is whole patches already."""
+    height, width = x.shape[-2:]
+    rows, columns = _patch_grid(height, width, patch)
+    size = (rows * patch[0], columns * patch[1])
+    if size == (height, width):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
 @fx.wrap
 def _tokens(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B * P, N, C)``: token ``n`` of sequence ``p`` is pixel ``p`` of patch
     ``n``, the map first resized (bilinear) up to whole patches."""
+    x = _resized_up(x, patch, align_corners=False)
     batch, channels, height, width = x.shape
-    rows, columns = _patch_grid(height, width, patch)
-    if (rows * patch[0], columns * patch[1]) != (height, width):
-        size = (rows * patch[0], columns * patch[1])
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    rows, columns = height // patch[0], width // patch[1]
     x = x.reshape(batch * channels * rows, patch[0], columns, patch[1]).transpose(1, 2)
     x = x.reshape(batch, channels, rows * columns, patch[0] * patch[1]).transpose(1, 3)
     return x.reshape(batch * patch[0] * patch[1], rows * columns, -1)
@@ -82,13 +90,8 @@ def _map_from_tokens(
 
 @fx.wrap
 def _whole_patches(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
-    """V2 resizes its input (bilinear, corners aligned) up to whole patches, and keeps that size."""
-    height, width = x.shape[-2:]
-    rows, columns = _patch_grid(height, width, patch)
-    if (rows * patch[0], columns * patch[1]) == (height, width):
-        return x
-    size = (rows * patch[0], columns * patch[1])
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    """V2 resizes its input (corners aligned) up to whole patches, and keeps that size."""
+    return _resized_up(x, patch, align_corners=True)
 
 
 @fx.wrap
