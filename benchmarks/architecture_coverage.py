@@ -135,12 +135,7 @@ def main() -> None:
         print("ROW " + json.dumps(row))
         return
     models = args.only or all_models(args.source)
-    commit = (
-        subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        or None
-    )
+    commit = source_commit()
     cpu = machine_info()["cpu"]
     ROWS.mkdir(parents=True, exist_ok=True)
     restore_rows()
@@ -166,6 +161,18 @@ def main() -> None:
                 release(held)
         print(f"[{index}/{len(models)}] {summary(row)}", flush=True)
     write_result()
+
+
+def source_commit() -> str | None:
+    """The commit of the ``compress`` checkout imported (a sweep's PYTHONPATH may name a
+    worktree, an A/B run another checkout)."""
+    import compress
+
+    folder = Path(compress.__file__).resolve().parent.parent
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True
+    )
+    return result.stdout.strip() or None
 
 
 def restore_rows() -> None:

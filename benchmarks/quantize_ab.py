@@ -16,7 +16,6 @@ commit of the ``compress`` that quantized, the machine and its CPU flags).
 from __future__ import annotations
 
 import argparse
-import subprocess
 from pathlib import Path
 
 import architecture_coverage as coverage
@@ -58,7 +57,11 @@ def main() -> None:
         print(line(rows[-1]), flush=True)
     if args.phase == "eval":
         out = HERE / "results" / f"quantize_ab-{args.label}.json"
-        record = {"compress": source_commit(), "machine": machine_info(), "versions": versions()}
+        record = {
+            "compress": coverage.source_commit(),
+            "machine": machine_info(),
+            "versions": versions(),
+        }
         write_json_atomic(out, record | {"rows": rows})
         print(f"written: {out}")
 
@@ -89,15 +92,6 @@ def line(row: dict) -> str:
         f"| {row['model']} | {row['float_top1']:.2f} | {row['int8_top1']:.2f} | "
         f"{row['agreement']:.4f} | {row['max_diff_ratio']:.4f} |"
     )
-
-
-def source_commit() -> str | None:
-    """The commit of the ``compress`` package imported (PYTHONPATH may name another checkout)."""
-    folder = Path(compress.__file__).resolve().parent.parent
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True
-    )
-    return result.stdout.strip() or None
 
 
 if __name__ == "__main__":
