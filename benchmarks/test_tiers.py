@@ -31,8 +31,7 @@ SUMMARY = re.compile(r"(\d+) passed(?:, (\d+) failed)?(?:.*?(\d+) skipped)?")
 
 def run(tier: str, workers: int) -> dict:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TIERS[tier]]
-    if workers > 1:
-        command += ["-n", str(workers)]
+    command += ["-n", str(workers if workers > 1 else 0)]  # -n 0: serial, in this process
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - started
