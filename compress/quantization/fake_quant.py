@@ -52,6 +52,7 @@ from compress.errors import SettingError, StageError
 from compress.quantization.batchnorm_folding import fold_functional_batchnorm
 from compress.quantization.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
 from compress.quantization.layer_swaps import conv_like
+from compress.quantization.plain_linear import with_plain_linears
 from compress.quantization.reparameterized import with_reparameterized_branches
 from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
 from compress.quantization.split_attention import with_split_attention
@@ -312,6 +313,7 @@ def prepare_quantized(
     model = with_window_attention(model)  # and its Swin's
     model = with_traced_timm_blocks(model)  # timm's TinyViT, MobileViT, EfficientViT blocks
     model = with_plain_convolutions(model)  # weight standardisation computed once, like BatchNorm
+    model = with_plain_linears(model)  # timm's Linear (a classifier) traced as a layer
     weight_range = resolve_weight_range(weight_range, target)
     if weight_range not in WEIGHT_RANGES:
         raise SettingError(
