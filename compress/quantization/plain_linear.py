@@ -1,4 +1,4 @@
-"""timm's ``Linear`` (the classifier of its MobileNetV3, LCNet, GhostNet and Inception-v3) as the
+"""timm's ``Linear`` (the classifier of its MobileNetV3, LCNet and GhostNet) as the
 ``nn.Linear`` it computes.
 
 timm's ``Linear`` subclasses ``nn.Linear`` only to cast its weight under TorchScript and AMP;
