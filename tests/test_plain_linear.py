@@ -2,7 +2,6 @@
 that ``torch.fx`` traced into a bare ``linear`` call, so the classifier stayed float; held by a
 plain ``nn.Linear`` it is quantized, and the file is proven like any other."""
 
-
 import pytest
 import torch
 from conftest import randomised, rebuilt_as_stages_do

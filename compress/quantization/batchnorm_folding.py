@@ -9,7 +9,9 @@ BatchNorm. The exported file then ran each as an integer kernel whose output was
 dequantized, normalised in float and quantized again (TinyNet, MobileNetV3: every convolution;
 ONNX Runtime cannot fold a BatchNorm into a convolution whose weights are dequantized), and the
 per-tensor activation range was taken before the per-channel scaling BatchNorm applies.
-:func:`fold_functional_batchnorm` folds such calls as ``fuse`` folds the modules.
+:func:`fold_functional_batchnorm` folds such calls as ``fuse`` folds the modules, and also a
+BatchNorm after a channel concat of convolutions (timm's ``MixedConv2d``: MixNet's 34), each
+convolution taking the slice of the statistics its channels are.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ _BATCH_NORM = inspect.signature(F.batch_norm)
 
 
 def fold_functional_batchnorm(traced: fx.GraphModule) -> int:
-    """Fold each eval-mode ``F.batch_norm`` call whose input is a ``Conv2d``'s output (read by
-    nothing else but its shape) into that convolution, in place; returns how many were folded.
+    """Fold each eval-mode ``F.batch_norm`` call whose input is a ``Conv2d``'s output, or the
+    channel concat of several (each read by nothing else but its shape), into those convolutions,
+    in place; returns how many were folded.
 
     A convolution called more than once (shared weights) is left as it is, as are BatchNorm
     statistics or affine parameters that are not the network's own tensors.
@@ -41,17 +44,24 @@ def fold_functional_batchnorm(traced: fx.GraphModule) -> int:
         bound = _BATCH_NORM.bind(*node.args, **node.kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
-        conv_node = arguments["input"]
-        if arguments["training"] or not _foldable(conv_node, node, modules, calls):
+        if arguments["training"]:
             continue
-        statistics = _statistics(traced, arguments)
+        parts = _convolutions(arguments["input"], node, modules, calls)
+        statistics = _statistics(traced, arguments) if parts else None
         if statistics is None:
             continue
-        conv = modules[conv_node.target]
-        conv.weight, conv.bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, *statistics[:2], arguments["eps"], *statistics[2:]
-        )
-        node.replace_all_uses_with(conv_node)
+        convs = [modules[part.target] for part in parts]
+        if sum(conv.out_channels for conv in convs) != len(statistics[0]):
+            continue
+        start = 0
+        for conv in convs:
+            channels = slice(start, start + conv.out_channels)
+            start += conv.out_channels
+            mean, var, gamma, beta = (tensor[channels] for tensor in statistics)
+            conv.weight, conv.bias = fuse_conv_bn_weights(
+                conv.weight, conv.bias, mean, var, arguments["eps"], gamma, beta
+            )
+        node.replace_all_uses_with(arguments["input"])
         traced.graph.erase_node(node)
         folded += 1
     if folded:
@@ -72,6 +82,24 @@ def _statistics(traced: fx.GraphModule, arguments: dict):
     gamma = torch.ones_like(mean) if gamma is None else _tensor_of(traced, gamma)
     beta = torch.zeros_like(mean) if beta is None else _tensor_of(traced, beta)
     return None if gamma is None or beta is None else (mean, var, gamma, beta)
+
+
+def _convolutions(input_node, norm_node: fx.Node, modules: dict, calls: dict) -> list | None:
+    """The convolution nodes whose outputs the BatchNorm normalises: the one it reads, or each
+    part of the ``torch.cat(..., 1)`` it reads, in channel order; None when that is not so."""
+    if _foldable(input_node, norm_node, modules, calls):
+        return [input_node]
+    if not isinstance(input_node, fx.Node) or input_node.target is not torch.cat:
+        return None
+    parts = input_node.args[0]
+    dim = input_node.args[1] if len(input_node.args) > 1 else input_node.kwargs.get("dim", 0)
+    if dim != 1 or not all(user is norm_node or _reads_shape(user) for user in input_node.users):
+        return None
+    if len(set(parts)) < len(parts):  # one convolution's output twice: two slices, one weight
+        return None
+    if not all(_foldable(part, input_node, modules, calls) for part in parts):
+        return None
+    return list(parts)
 
 
 def _foldable(conv_node, norm_node: fx.Node, modules: dict, calls: dict) -> bool:
