@@ -141,3 +141,14 @@ def test_a_network_gets_the_first_size_its_forward_accepts_the_heaviest_from_32_
     size, _ = architecture_coverage.fitting_size("x", build, architecture_coverage.HEAVY_SIZES)
     assert size == 64 and tried == [32, 64]
     assert architecture_coverage.HEAVY_TRAIN_GMACS > architecture_coverage.TRAIN_GMACS
+
+
+def test_a_model_is_limited_by_its_cpu_time_not_the_wall_clock():
+    """A child that computes past its CPU seconds is ended by the kernel; one that waits (starved
+    or stopped, its CPU time standing still) outlives its CPU limit on the wall clock."""
+    env = dict(os.environ)
+    spin = [sys.executable, "-c", "while True: pass"]
+    assert architecture_coverage.run_limited(spin, env, 1) == "ran past its 1 CPU-seconds"
+    sleep = [sys.executable, "-c", "import time; time.sleep(2); print('ROW done')"]
+    done = architecture_coverage.run_limited(sleep, env, 1)
+    assert done.returncode == 0 and done.stdout == "ROW done\n"
