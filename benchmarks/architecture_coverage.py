@@ -568,6 +568,7 @@ def describe_export(row: dict, record: dict, int8: bool) -> None:
     row["int8_max_diff_ratio"] = round(record["max_rel_diff"], 4)  # of the largest logit
     row["int8_agreement"] = round(record["top1_agreement"], 4)
     row["portable"] = record.get("portability", {}).get("portable")
+    row["int8_float_ops"] = record.get("qdq", {}).get("float_ops")  # where INT8 may not pay
     row["int8_proof"] = record.get("proof", "images")  # "reference noise": only to its own noise
 
 

@@ -2,6 +2,7 @@
 ONNX file (INT8 weights, the target's activation type, every conv a QLinearConv in ONNX Runtime)."""
 
 import operator
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ import compress
 from compress.errors import ExportError, SettingError
 from compress.exporters.onnx.export import export_onnx
 from compress.exporters.onnx.verify import open_session
-from compress.exporters.qdq import check_qdq, onnxruntime_qdq, store_int8_weights
+from compress.exporters.qdq import check_qdq, float_ops, onnxruntime_qdq, store_int8_weights
 from compress.nets.models import build_model
 from compress.nets.weights import load_weights, save_weights
 from compress.pipeline.recipe.load import load_recipe
@@ -174,6 +175,14 @@ def optimized_convs(path, level) -> list[str]:
     ]
 
 
+def test_float_ops_are_every_op_but_quantize_dequantize_and_the_integer_kernels():
+    ops = Counter(
+        QuantizeLinear=4, DequantizeLinear=6, QLinearConv=3, NhwcQLinearConv=1, QLinearMul=2,
+        MatMulInteger=1, ConvInteger=1, QGemm=1, Sigmoid=2, Transpose=1, Conv=1,
+    )  # fmt: skip
+    assert float_ops(ops) == {"Conv": 1, "Sigmoid": 2, "Transpose": 1}
+
+
 @pytest.mark.parametrize("transform", [store_int8_weights, onnxruntime_qdq])
 def test_the_middle_conv_kept_in_float_runs_in_float_in_onnx_runtime(tmp_path, transform):
     """Conv 2 of three is kept in float. Written as it is (per-tensor DequantizeLinear -> Conv ->
@@ -201,6 +210,9 @@ def test_the_middle_conv_kept_in_float_runs_in_float_in_onnx_runtime(tmp_path, t
     requantized = 0 if transform is onnxruntime_qdq else 1
     assert result["skipped_but_quantized_by_onnxruntime"] == requantized
     assert result["fp32_conv_layers"] == (["2"] if transform is onnxruntime_qdq else [])
+    # the convolution kept in float is among the ops the file runs in float
+    floats = result["float_ops"]
+    assert floats.get("Conv", 0) == (1 if transform is onnxruntime_qdq else 0), floats
     ours = open_session(path).run(None, {"input": images.numpy()})[0]
     with torch.no_grad():
         theirs = qmodel(images).numpy()

@@ -299,7 +299,9 @@ def check_qdq(path: Path | str, *, target: str, float_convs: Collection[str] = (
     Returns:
         ``{"quantize_nodes", "dequantize_nodes", "int8_weights", "int8_weight_bytes",
         "activation_type", "qlinear_conv", "fp32_conv", "fp32_conv_layers",
-        "skipped_but_quantized_by_onnxruntime"}``: ``fp32_conv_layers`` names the float
+        "skipped_but_quantized_by_onnxruntime", "float_ops"}``: ``float_ops`` counts the op
+        types of the optimized graph that run in float (:func:`float_ops`: where an INT8 file
+        pays for Q/DQ and layout changes), ``fp32_conv_layers`` names the float
         convolutions of ONNX Runtime's optimized graph (by their weight, ``layer1.0.conv1``),
         ``skipped_but_quantized_by_onnxruntime`` counts those of ``float_convs`` it quantized
         anyway (0 for a file written with :func:`keep_float_layers`). The convolution entries
@@ -428,6 +430,7 @@ def _fused_convs(path: Path, skip_count: int) -> dict:
     # per-tensor DequantizeLinear and its output goes to a QuantizeLinear (keep_float_layers
     # says why and how the file avoids it). Recorded, so the export can say so.
     counts["skipped_but_quantized_by_onnxruntime"] = max(skip_count - counts["fp32_conv"], 0)
+    counts["float_ops"] = float_ops(ops)
     if counts["fp32_conv"] > skip_count:
         raise ExportError(
             f"{path.name}: {counts['fp32_conv']} convolutions stay FP32 after ONNX Runtime's "
@@ -435,6 +438,24 @@ def _fused_convs(path: Path, skip_count: int) -> dict:
             "Q/DQ placement defeats the INT8 kernels"
         )
     return counts
+
+
+def float_ops(ops: Counter) -> dict[str, int]:
+    """The op types of an optimized graph that run in float, with their counts: all but Q/DQ
+    and the integer kernels (``QLinear*``, ``*Integer``, ``QGemm``, ``QAttention``...). Layout
+    ops (Transpose, Reshape) count too: between integer kernels they are work INT8 adds."""
+    return {
+        op: count
+        for op, count in sorted(ops.items())
+        if op not in ("QuantizeLinear", "DequantizeLinear") and not _integer_kernel(op)
+    }
+
+
+def _integer_kernel(op: str) -> bool:
+    name = op.removeprefix("Nhwc")
+    return name.startswith(("QLinear", "QGemm", "QAttention", "QOrdered")) or name.endswith(
+        "Integer"
+    )
 
 
 # --- portability: does the file compute the same on CPUs with and without VNNI? -------------
