@@ -366,8 +366,9 @@ def run_chain(name: str, args) -> dict:
         row["stages"][label] = "ok"
         return result
 
-    heavy = name.split(":")[-1] in HEAVY
-    small_first = heavy or name.split(":")[-1] in SMALL_FIRST
+    short_name = name.split(":")[-1]
+    heavy = short_name in HEAVY
+    small_first = heavy or short_name in SMALL_FIRST
     size, model = fitting_size(name, build_model, HEAVY_SIZES if small_first else SIZES)
     row["image_size"] = size
     row["data"] = "cifar10" if args.data else "digits"

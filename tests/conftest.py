@@ -16,10 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_WORKERS = 4  # each worker builds its own session fixtures; one test holds a >2 GiB network
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one worker per core this process may use, at most
     MAX_WORKERS, so a many-core desktop does not run out of memory."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    return max(1, min(usable_cores(), MAX_WORKERS))
 
 
 def pytest_configure(config):
@@ -28,7 +32,7 @@ def pytest_configure(config):
     workers that each spin two OpenMP threads on two cores are slower than one worker alone."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        threads = str(max(1, usable_cores() // workers))
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
         torch.set_num_threads(int(threads))
 

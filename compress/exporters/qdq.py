@@ -402,7 +402,8 @@ def _zero_point(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
 
 
 def _fused_convs(path: Path, skip_count: int) -> dict:
-    """QLinearConv and FP32 Conv counts after ONNX Runtime's graph optimisation."""
+    """QLinearConv and FP32 Conv counts, and the ops that run in float (:func:`float_ops`),
+    after ONNX Runtime's graph optimisation."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:

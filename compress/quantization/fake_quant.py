@@ -51,7 +51,7 @@ from compress.core.records import QuantSpec
 from compress.errors import SettingError, StageError
 from compress.quantization.batchnorm_folding import fold_functional_batchnorm
 from compress.quantization.int8_kernels import WEIGHT_RANGES, is_depthwise, resolve_weight_range
-from compress.quantization.layer_swaps import conv_like
+from compress.quantization.layer_swaps import conv_like, linear_like
 from compress.quantization.plain_linear import with_plain_linears
 from compress.quantization.reparameterized import with_reparameterized_branches
 from compress.quantization.spec import CALIBRATION_METHODS, QUANT_TARGETS
@@ -550,12 +550,7 @@ def _twin(
     if isinstance(module, nn.Conv2d):
         new = conv_like(module, QuantConv2d)
     else:
-        new = QuantLinear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device=module.weight.device,
-        )
+        new = linear_like(module, QuantLinear)
     new.weight, new.bias = module.weight, module.bias
     new._init_weight_quant(weight_range, bn_gain)
     return new

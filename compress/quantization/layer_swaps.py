@@ -67,3 +67,14 @@ def conv_like(conv: nn.Conv2d, kind: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
+
+
+def linear_like(linear: nn.Linear, kind: type[nn.Linear] = nn.Linear) -> nn.Linear:
+    """A fresh ``kind`` linear layer with ``linear``'s widths, bias or not, device and dtype."""
+    return kind(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )

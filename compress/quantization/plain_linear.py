@@ -11,10 +11,9 @@ float, a float Gemm between a DequantizeLinear and the logits. Held by a plain `
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from compress.quantization.layer_swaps import with_swapped
+from compress.quantization.layer_swaps import linear_like, with_swapped
 
 # by qualified class name: timm is optional. Only subclasses whose eager forward is
 # nn.Linear's belong here (not, say, a weight-normalised or LoRA linear).
@@ -34,17 +33,8 @@ def with_plain_linears(model: nn.Module) -> nn.Module:
     return with_swapped(model, plain_subclass, plain_linear)
 
 
-@torch.no_grad()
 def plain_linear(linear: nn.Linear) -> nn.Linear:
-    """The ``nn.Linear`` with ``linear``'s weight, bias, device and dtype."""
-    plain = nn.Linear(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
-    plain.weight.copy_(linear.weight)
-    if linear.bias is not None:
-        plain.bias.copy_(linear.bias)
+    """The ``nn.Linear`` holding ``linear``'s parameters (``with_swapped`` works on a copy)."""
+    plain = linear_like(linear)
+    plain.weight, plain.bias = linear.weight, linear.bias
     return plain
