@@ -946,6 +946,52 @@ def test_a_cropped_channel_last_map_loses_the_channels_chosen():
         torch.testing.assert_close(model(images), expected)
 
 
+class ShiftedStream(nn.Module):
+    """A channel-last stream through blocks that mix tokens by a weight-free shift (``x +
+    x.roll(1, 1)``), then Swin's patch merging without its norm: the stream's four slices
+    concatenated channel-last. Every shift doubles the paths back to the layer that makes the
+    stream; Torch-Pruning walks them all to size the concatenation's inputs, gives up after 500
+    steps and crashed (torchvision's Swin-S and Swin-B: their patch merging after 18 blocks)."""
+
+    def __init__(self, dim=16, blocks=10):
+        super().__init__()
+        self.stem = nn.Linear(12, dim)  # on 2x2 patches
+        self.fc1 = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(blocks))
+        self.reduction, self.head = nn.Linear(4 * dim, 2 * dim), nn.Linear(2 * dim, 10)
+
+    def forward(self, x):
+        x = self.stem(F.pixel_unshuffle(x, 2).permute(0, 2, 3, 1))
+        for fc1, fc2 in zip(self.fc1, self.fc2, strict=True):
+            x = x + fc2(F.gelu(fc1(x)))
+            x = x + x.roll(1, 1)
+        parts = [x[:, i::2, j::2] for i, j in ((0, 0), (1, 0), (0, 1), (1, 1))]
+        return self.head(self.reduction(torch.cat(parts, -1)).mean((1, 2)))
+
+
+def test_a_concatenation_behind_many_blocks_loses_the_channels_chosen_in_each_part():
+    """Dead channels of the stream are the ones cut, in each of the patch merging's four parts,
+    and the network computes what it did."""
+    torch.manual_seed(0)
+    model, dim, dead = ShiftedStream().eval(), 16, [3, 7, 12]
+    with torch.no_grad():
+        model.stem.weight[dead] = model.stem.bias[dead] = 0
+        for fc1, fc2 in zip(model.fc1, model.fc2, strict=True):
+            fc2.weight[dead] = fc2.bias[dead] = 0
+            fc1.weight[:, dead] = 0
+        model.reduction.weight[:, [part * dim + c for part in range(4) for c in dead]] = 0
+    images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+    pruner = ChannelPruner(model, images[:2], PruneSpec(round_to=1), num_classes=10)
+    stream = [g for g in pruner.channel_groups() if "stem" in g.outs]
+    assert stream and "reduction" in stream[0].ins
+    pruner.keep(stream, {stream[0].name: dim - len(dead)})
+    assert model.stem.out_features == 13 and model.reduction.in_features == 4 * 13
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected)
+
+
 class GhostPrefix(nn.Module):
     """GhostNet's: two convolutions' outputs concatenated, a prefix of the channels kept
     (``out[:, :12]``), on an 8x8 map whose width equals each branch's 8 channels."""

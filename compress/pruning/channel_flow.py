@@ -4,8 +4,9 @@ Torch-Pruning follows a channel through every operation it traced. Some operatio
 follow, and a cut through them crashes, hangs or leaves a network that no longer runs: the groups
 of channels that pass through one keep their width (:func:`frozen_layers`), the rest is pruned.
 Views and splits it misreads on torch 2 (it looks for ``grad_fn`` attributes torch 1 had) are
-mapped here from the shapes torch recorded (:func:`map_views`, :func:`map_splits`), and so are
-crops of channel-last maps it takes for channel slices (:func:`map_slices`);
+mapped here from the shapes torch recorded (:func:`map_views`, :func:`map_splits`), the widths
+of concatenations it gives up inferring are read once (:func:`map_concats`), and so are crops of
+channel-last maps it takes for channel slices (:func:`map_slices`);
 :class:`compress.pruning.channels.ChannelPruner` registers them as customized operations so that
 Torch-Pruning leaves them to this module.
 """
@@ -188,11 +189,93 @@ def map_splits(graph: tp.DependencyGraph) -> dict:
     Returns:
         ``{node: why}`` for the splits of the channels that cannot be followed.
     """
-    unfollowable = _map_each(graph, tp.ops._SplitOp, _map_split)
-    for node in graph.module2node.values():
-        if node.type == _OP.CONCAT:  # sizes it inferred while the splits had none
-            node.module.concat_sizes = node.module.offsets = None
-    return unfollowable
+    return _map_each(graph, tp.ops._SplitOp, _map_split)
+
+
+def map_concats(graph: tp.DependencyGraph) -> None:
+    """Give every concatenation Torch-Pruning traced the widths of its inputs, then hand it back
+    to Torch-Pruning to map as a concatenation (call after :func:`map_splits`).
+
+    Torch-Pruning infers a concatenation's input widths by walking back from each input, again
+    before every group it builds, and gives up after 500 steps: behind 18 Swin blocks (Swin-S,
+    Swin-B: the patch merging's ``cat`` of the stage's output) the widths came back unknown and
+    it crashed summing them. Registered as customized operations (:class:`ChannelPruner`),
+    concatenations are left alone while the pruner is built; here each input's width is read as
+    Torch-Pruning reads it (:func:`_output_widths`), once for the whole graph. A concatenation
+    fed by a 3-d parameter of no layer (a ViT's class token) is not mapped, as Torch-Pruning
+    does not map it: it is not one of the channels.
+    """
+    concats = [
+        node for node in graph.module2node.values() if isinstance(node.module, tp.ops._ConcatOp)
+    ]
+    if not concats:
+        return
+    widths = _output_widths(graph)
+    for node in concats:
+        sizes = [_width_into(source, node, widths) for source in node.inputs]
+        node.module.concat_sizes = sizes if None not in sizes else None
+        node.module.offsets = None
+        node.type = _OP.CONCAT  # mapped by Torch-Pruning again before every group, from its sizes
+        if graph.unwrapped_parameters and _fed_by_token_parameter(node):
+            node.enable_index_mapping = False
+
+
+def _output_widths(graph: tp.DependencyGraph) -> dict:
+    """``{node: channels of its output or None}`` by Torch-Pruning's rule
+    (``shape_infer.infer_out_channels_recursively``): a layer's own width, else a
+    concatenation's sum of its inputs, else its last input's; computed once per node, inputs
+    first, where Torch-Pruning walks every path again for every question."""
+    widths: dict = {}
+    for node in _inputs_first(graph):
+        width = graph.get_out_channels(node)
+        if width is None:
+            inputs = [_width_into(source, node, widths) for source in node.inputs]
+            if isinstance(node.module, tp.ops._ConcatOp):
+                width = sum(inputs) if inputs and None not in inputs else None
+            else:
+                width = inputs[-1] if inputs else None
+        widths[node] = width or None
+    return widths
+
+
+def _width_into(source, taker, widths: dict) -> int | None:
+    """The channels ``source`` hands ``taker``: its part, if ``source`` is a split with sizes."""
+    sizes = getattr(source.module, "split_sizes", None) if source.type == _OP.SPLIT else None
+    if sizes is not None and taker in source.outputs:
+        return sizes[source.outputs.index(taker)]
+    return widths.get(source)
+
+
+def _inputs_first(graph: tp.DependencyGraph) -> list:
+    """Every node of the graph, each after all its inputs (the graph has no cycles)."""
+    order, placed = [], set()
+    for start in graph.module2node.values():
+        stack = [(start, False)]
+        while stack:
+            node, ready = stack.pop()
+            if node in placed:
+                continue
+            if ready:
+                placed.add(node)
+                order.append(node)
+                continue
+            stack.append((node, True))
+            stack += [(source, False) for source in node.inputs if source not in placed]
+    return order
+
+
+def _fed_by_token_parameter(node) -> bool:
+    """Whether a 3-d parameter reaches ``node`` (Torch-Pruning's test for a ViT's token concat)."""
+    stack, seen = list(node.inputs), set()
+    while stack:
+        source = stack.pop()
+        if source in seen:
+            continue
+        seen.add(source)
+        if source.type == _OP.PARAMETER and len(source.module.shape) == 3:
+            return True
+        stack += source.inputs
+    return False
 
 
 def _map_split(graph: tp.DependencyGraph, node) -> str | None:
@@ -230,9 +313,22 @@ def _map_split(graph: tp.DependencyGraph, node) -> str | None:
 
 def _channels_into(graph: tp.DependencyGraph, node) -> int | None:
     """The channels of the tensor an operation takes: those of the nearest layer upstream (or
-    the part of a split it takes), else what Torch-Pruning infers. A width that matches no dim
-    of the tensor (behind an operation that changes it) leaves its channels unknown."""
-    queue, seen = [(source, node) for source in node.inputs], set()
+    the part of a split it takes, or the sum over a concatenation of channels), else what
+    Torch-Pruning infers."""
+    channels = _nearest_width(graph, [(source, node) for source in node.inputs])
+    if channels:
+        return channels
+    for source in node.inputs:
+        channels = tp.dependency.shape_infer.infer_out_channels_recursively(graph, source, [0])
+        if channels:
+            return channels
+    return None
+
+
+def _nearest_width(graph: tp.DependencyGraph, queue: list) -> int | None:
+    """Breadth first back from ``(source, taker)`` pairs: the width the nearest layer, split
+    part or concatenation of channels hands on."""
+    seen = set()
     while queue:
         source, taker = queue.pop(0)
         if source in seen:
@@ -243,12 +339,19 @@ def _channels_into(graph: tp.DependencyGraph, node) -> int | None:
         part_sizes = getattr(source.module, "part_sizes", None)
         if part_sizes is not None:  # a split :func:`map_splits` mapped
             return part_sizes[source.module.part_of_output[source.outputs.index(taker)]]
+        if isinstance(source.module, tp.ops._ConcatOp) and _joins_channels(source):
+            parts = [_nearest_width(graph, [(part, source)]) for part in source.inputs]
+            return sum(parts) if parts and None not in parts else None
         queue += [(upstream, source) for upstream in source.inputs]
-    for source in node.inputs:
-        channels = tp.dependency.shape_infer.infer_out_channels_recursively(graph, source, [0])
-        if channels:
-            return channels
     return None
+
+
+def _joins_channels(node) -> bool:
+    """A concatenation Torch-Pruning takes for one of the channels: along dim 1, or a dim it
+    cannot read (a negative dim is saved as a huge unsigned number; channel-last maps join on
+    -1)."""
+    dim = getattr(node.grad_fn, "_saved_dim", None)
+    return dim is None or dim == 1 or dim >= tp.dependency.MAX_VALID_DIM
 
 
 def frozen_layers(
@@ -363,6 +466,7 @@ def sliced_channel_producers(
     graph = tp.DependencyGraph().build_dependency(
         model, example_inputs=example, customized_pruners=customized_pruners
     )
+    map_concats(graph)
     names = {module: name for name, module in model.named_modules()}
     found: dict[nn.Module, str] = {}
     for node in list(graph.module2node.values()):

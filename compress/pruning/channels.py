@@ -50,6 +50,7 @@ from compress.nets.weights import is_attention, sync_split_sizes
 from compress.pruning.channel_flow import (
     SplitPruner,
     frozen_layers,
+    map_concats,
     map_slices,
     map_splits,
     map_views,
@@ -200,6 +201,7 @@ class ChannelPruner:
             customized_pruners=customized_pruners(),
         )
         self._unfollowable = {**map_views(pruner.DG), **map_splits(pruner.DG)}
+        map_concats(pruner.DG)
         map_slices(pruner.DG)
         return pruner
 
@@ -427,8 +429,12 @@ def attention_heads(model: nn.Module) -> list[nn.Module]:
 
 
 def customized_pruners() -> dict:
-    """Views and splits are mapped by map_views and map_splits, from the shapes they saw."""
-    return {tp.ops._ReshapeOp: tp.ops.ReshapePruner(), tp.ops._SplitOp: SplitPruner()}
+    """Views, splits and concatenations are mapped by map_views, map_splits and map_concats."""
+    return {
+        tp.ops._ReshapeOp: tp.ops.ReshapePruner(),
+        tp.ops._SplitOp: SplitPruner(),
+        tp.ops._ConcatOp: tp.ops.ConcatPruner(),
+    }
 
 
 def matching_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[nn.Module]:
