@@ -32,7 +32,9 @@ or CIFAR-10 with ``--data``, resized to the model's image size (64 px, or the fi
    give one) with its checks: ONNX Runtime against PyTorch, INT8 portability;
 6. ``bench``: ``compress.bench``, one process, batch 1 and 8.
 
-Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a failed check: a
+A row whose export fails keeps the pruned float network it quantized (``files/<model>/float.pt``,
+with its layer widths: ``compress.nets.weights.load_weights``) to look into; every other file is
+deleted. Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a failed check: a
 documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A stage
 that fails hands the network it was given to the next one. Each model's row is kept in
 ``exported/architecture_coverage/rows/`` (a rerun skips finished models: ``--redo`` runs them
@@ -344,6 +346,7 @@ def run_chain(name: str, args) -> dict:
 
     import compress
     from compress.nets.models import build_model, count_params_macs
+    from compress.nets.weights import save_weights, structure_of
 
     torch.manual_seed(0)
     row = empty_row(name)
@@ -408,10 +411,11 @@ def run_chain(name: str, args) -> dict:
         row["macs_ratio"] = round(macs / count_params_macs(pruned, size)[1], 3)
         model = pruned
     row["top1_float"] = top1(model, test)
-    qmodel = stage("quantize", lambda: compress.quantize(model, calibration))
-    network = qmodel if qmodel is not None else model
     out = ROWS.parent / "files" / name.replace(":", "__")
     out.mkdir(parents=True, exist_ok=True)
+    weights = save_weights(model, out / "float.pt", structure=structure_of(model))
+    qmodel = stage("quantize", lambda: compress.quantize(model, calibration))
+    network = qmodel if qmodel is not None else model
     check = torch.cat([images for images, _ in test])[:300]
     record = stage(
         "export", lambda: compress.export(network, out / "model.onnx", check_inputs=check)
@@ -434,7 +438,8 @@ def run_chain(name: str, args) -> dict:
         row["stages"].setdefault(label, "crash")
     row["error"] = "; ".join(errors) or None
     for path in out.glob("*"):  # the files are not kept: hundreds of MB across models
-        path.unlink()
+        if path != weights or row["stages"]["export"] == "ok":  # a failure's float net stays
+            path.unlink()
     return row
 
 
