@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 import torch_pruning as tp
@@ -266,16 +267,23 @@ def _inputs_first(graph: tp.DependencyGraph) -> list:
 
 def _fed_by_token_parameter(node) -> bool:
     """Whether a 3-d parameter reaches ``node`` (Torch-Pruning's test for a ViT's token concat)."""
+    return any(
+        source.type == _OP.PARAMETER and len(source.module.shape) == 3 for source in _upstream(node)
+    )
+
+
+def _upstream(node, stop=lambda source: False) -> Iterator:
+    """Every node on a path back from ``node``, once each, not walking on past those ``stop``
+    says (they are still yielded)."""
     stack, seen = list(node.inputs), set()
     while stack:
         source = stack.pop()
         if source in seen:
             continue
         seen.add(source)
-        if source.type == _OP.PARAMETER and len(source.module.shape) == 3:
-            return True
-        stack += source.inputs
-    return False
+        yield source
+        if not stop(source):
+            stack += source.inputs
 
 
 def _map_split(graph: tp.DependencyGraph, node) -> str | None:
@@ -472,19 +480,16 @@ def sliced_channel_producers(
     for node in list(graph.module2node.values()):
         if node.type != _OP.SLICE or not _slices_channels(graph, node):
             continue
-        stack, seen = list(node.inputs), set()
-        while stack:
-            producer = stack.pop()
-            if producer in seen:
-                continue
-            seen.add(producer)
-            if producer.type in (_OP.CONV, _OP.LINEAR) and producer.module in names:
+
+        def makes_channels(source) -> bool:
+            return source.type in (_OP.CONV, _OP.LINEAR) and source.module in names
+
+        for producer in _upstream(node, stop=makes_channels):
+            if makes_channels(producer):
                 found[producer.module] = (
                     f"{names[producer.module]}: its channels are sliced at offsets the forward "
                     "holds (found before Torch-Pruning groups them)"
                 )
-            else:
-                stack.extend(producer.inputs)
     return found
 
 
@@ -574,20 +579,23 @@ def _last_dim_layer_widths(graph: tp.DependencyGraph, node) -> set[int] | None:
     """The output widths of the nearest layers on every path back from ``node``, if all of them
     are Linears or LayerNorms reached through operations that neither join nor part channels;
     else None."""
-    widths, stack, seen = set(), list(node.inputs), set()
-    while stack:
-        source = stack.pop()
-        if source in seen:
-            continue
-        seen.add(source)
+    widths = set()
+    # a weight F.linear reads (a parameter) is no path of channels
+    for source in _upstream(node, stop=lambda source: _is_layer(source) or _is_parameter(source)):
         kind = tp.ops.module2type(source.module)
         if kind in (_OP.LINEAR, _OP.LN):
             widths.add(graph.get_out_channels(source))
         elif kind in _LAYER_KINDS or source.type in (_OP.CONCAT, _OP.SPLIT, _OP.SLICE):
             return None
-        elif source.type != _OP.PARAMETER:  # a weight F.linear reads is no path of channels
-            stack += source.inputs
     return widths or None
+
+
+def _is_layer(node) -> bool:
+    return tp.ops.module2type(node.module) in _LAYER_KINDS
+
+
+def _is_parameter(node) -> bool:
+    return node.type == _OP.PARAMETER
 
 
 def _slices_channels(graph: tp.DependencyGraph, node) -> bool:
