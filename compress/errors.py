@@ -81,9 +81,9 @@ class ExportError(CompressError):
 
 class UnprovableNetworkError(ExportError):
     """The file cannot be judged either way: the PyTorch network's own outputs move, under
-    inputs changed at float32's precision, by as much as the file differs (a barely trained
-    network with near-equal logits). Nothing is known to be wrong with the file; the network
-    needs training before its export can be proven."""
+    inputs and layer outputs changed at float32's precision, by as much as the file differs (a
+    barely trained network with near-equal logits). Nothing is known to be wrong with the file;
+    the network needs training before its export can be proven."""
 
 
 class OutputError(CompressError):

@@ -121,12 +121,34 @@ class ChaoticLogits(torch.nn.Module):
         return torch.stack([first, torch.full_like(first, 0.005)], 1)
 
 
-def test_flips_where_the_model_does_not_reproduce_itself_are_the_models_not_the_files():
+class Half(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(x),), 0.5)
+
+
+class ChaoticInside(torch.nn.Module):
+    """As ChaoticLogits, but what float32 decides is inside: a layer's output that lies on a
+    rounding boundary (``floor(2 * 0.5)``: 1, or 0 a hair below), whatever the input. Changing
+    the inputs never reaches it; a second runtime's rounding of that layer does (an INT8 network
+    rounds every layer's output to its codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.boundary = Half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chaotic = (x[:, 0, 0, 0] > 0).to(x.dtype)
+        first = chaotic * torch.floor(2 * self.boundary(x)) + (1 - chaotic)
+        return torch.stack([first, torch.full_like(first, 0.5)], 1)
+
+
+@pytest.mark.parametrize("network", [ChaoticLogits, ChaoticInside])
+def test_flips_where_the_model_does_not_reproduce_itself_are_the_models_not_the_files(network):
     from compress.exporters.onnx.verify import reference_noise
 
     torch.manual_seed(0)
     images = torch.randn(200, 3, 8, 8)
-    model = ChaoticLogits()
+    model = network()
     with torch.no_grad():
         reference = model(images).double().numpy()
         moved, unstable = reference_noise(model, images.numpy(), reference)

@@ -183,8 +183,8 @@ def _export_and_verify(
         print(
             f"warning: {path.name} is proven only as far as the PyTorch model reproduces itself "
             f"(its logits move by up to {result['reference_noise_max']:.3g} and its top-1 on "
-            f"{result['unstable_samples']} of {result['samples']} images when inputs change by "
-            f"{NOISE_FLOOR_EPSILON:g}; the file: {result['max_abs_diff']:.3g}, "
+            f"{result['unstable_samples']} of {result['samples']} images when inputs and layers "
+            f"change by {NOISE_FLOOR_EPSILON:g}; the file: {result['max_abs_diff']:.3g}, "
             f"{result['flips']} images): train the network further for a sharper proof.",
             file=sys.stderr,
         )
