@@ -491,6 +491,11 @@ def _stage_error(
     label = getattr(model, "compress_name", type(model).__name__)
     what = f"{type(exc).__name__}: {first_line(exc, 200)}"
     left = "the network is left as it was" if restored else "nothing was pruned"
+    if doing == "trace":  # its graph is traced whole: ignored layers are in it too
+        return StageError(
+            f"prune: Torch-Pruning failed to trace {label}: {what}; {left}. prune.ignore does not "
+            "change the graph it builds: run this network without the prune stage"
+        )
     broken = _failing_layer(model, example) if doing == "cut" else None
     if broken is None:
         return StageError(
