@@ -34,9 +34,9 @@ or CIFAR-10 with ``--data``, resized to the model's image size (64 px, or the fi
 
 A row whose export fails keeps the pruned float network it quantized (``files/<model>/float.pt``,
 with its layer widths: ``compress.nets.weights.load_weights``) to look into; every other file is
-deleted. Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a failed check: a
-documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A stage
-that fails hands the network it was given to the next one. Each model's row is kept in
+deleted. Each stage is ``ok``, ``refused`` (a one-line ``CompressError`` that is not a failed
+check: a documented refusal) or ``crash`` (a raw exception, a failed export check, a timeout). A
+stage that fails hands the network it was given to the next one. Each model's row is kept in
 ``exported/architecture_coverage/rows/`` (a rerun skips finished models: ``--redo`` runs them
 again, and so does moving a row to ``rows_superseded/``; a row deleted comes back from the
 result) and all rows go to ``benchmarks/results/architecture_coverage.json``, from which a sweep on
@@ -413,7 +413,6 @@ def run_chain(name: str, args) -> dict:
     row["top1_float"] = top1(model, test)
     out = ROWS.parent / "files" / name.replace(":", "__")
     out.mkdir(parents=True, exist_ok=True)
-    weights = save_weights(model, out / "float.pt", structure=structure_of(model))
     qmodel = stage("quantize", lambda: compress.quantize(model, calibration))
     network = qmodel if qmodel is not None else model
     check = torch.cat([images for images, _ in test])[:300]
@@ -422,6 +421,8 @@ def run_chain(name: str, args) -> dict:
     )
     if record is not None:
         describe_export(row, record, qmodel is not None)
+    else:  # to look into (quantize worked on a copy); written only then: GBs for the giants
+        save_weights(model, out / "float.pt", structure=structure_of(model))
     if row["stages"].get("export") == "ok":
         stage(
             "bench",
@@ -438,7 +439,7 @@ def run_chain(name: str, args) -> dict:
         row["stages"].setdefault(label, "crash")
     row["error"] = "; ".join(errors) or None
     for path in out.glob("*"):  # the files are not kept: hundreds of MB across models
-        if path != weights or row["stages"]["export"] == "ok":  # a failure's float net stays
+        if path.name != "float.pt" or record is not None:  # a failed export's network stays
             path.unlink()
     return row
 
