@@ -240,11 +240,18 @@ def _output_widths(graph: tp.DependencyGraph) -> dict:
 
 
 def _width_into(source, taker, widths: dict) -> int | None:
-    """The channels ``source`` hands ``taker``: its part, if ``source`` is a split with sizes."""
-    sizes = getattr(source.module, "split_sizes", None) if source.type == _OP.SPLIT else None
-    if sizes is not None and taker in source.outputs:
-        return sizes[source.outputs.index(taker)]
-    return widths.get(source)
+    """The channels ``source`` hands ``taker``: its part, if ``source`` is a mapped split."""
+    part = _split_part(source, taker)
+    return part if part is not None else widths.get(source)
+
+
+def _split_part(source, taker) -> int | None:
+    """The size of the part a split :func:`map_splits` mapped hands ``taker``; None for any
+    other node."""
+    part_sizes = getattr(source.module, "part_sizes", None)
+    if part_sizes is None or taker not in source.outputs:
+        return None
+    return part_sizes[source.module.part_of_output[source.outputs.index(taker)]]
 
 
 def _inputs_first(graph: tp.DependencyGraph) -> list:
@@ -292,7 +299,7 @@ def _map_split(graph: tp.DependencyGraph, node) -> str | None:
     parts = len(getattr(fn, "_input_metadata", ()))
     if shape is None or dim is None or not parts:
         return "a split whose sizes torch did not record"
-    dim = dim if dim < 2**63 else dim - 2**64  # a negative dim is saved as an unsigned one
+    dim = _signed(dim)
     total, channels = int(shape[dim]), _channels_into(graph, node)
     if (total != channels) if channels else dim not in (1, -1):
         return None  # another dim: the channels pass as they are
@@ -342,11 +349,11 @@ def _nearest_width(graph: tp.DependencyGraph, queue: list) -> int | None:
         if source in seen:
             continue
         seen.add(source)
-        if tp.ops.module2type(source.module) in _LAYER_KINDS:
+        if _is_layer(source):
             return graph.get_out_channels(source)
-        part_sizes = getattr(source.module, "part_sizes", None)
-        if part_sizes is not None:  # a split :func:`map_splits` mapped
-            return part_sizes[source.module.part_of_output[source.outputs.index(taker)]]
+        part = _split_part(source, taker)
+        if part is not None:
+            return part
         if isinstance(source.module, tp.ops._ConcatOp) and _joins_channels(source):
             parts = [_nearest_width(graph, [(part, source)]) for part in source.inputs]
             return sum(parts) if parts and None not in parts else None
@@ -355,11 +362,15 @@ def _nearest_width(graph: tp.DependencyGraph, queue: list) -> int | None:
 
 
 def _joins_channels(node) -> bool:
-    """A concatenation Torch-Pruning takes for one of the channels: along dim 1, or a dim it
-    cannot read (a negative dim is saved as a huge unsigned number; channel-last maps join on
-    -1)."""
+    """A concatenation Torch-Pruning takes for one of the channels: along dim 1, or a negative
+    one (channel-last maps join on -1)."""
     dim = getattr(node.grad_fn, "_saved_dim", None)
-    return dim is None or dim == 1 or dim >= tp.dependency.MAX_VALID_DIM
+    return dim is None or dim == 1 or _signed(dim) < 0
+
+
+def _signed(dim: int) -> int:
+    """A dim torch saved: a negative one is saved as an unsigned 64-bit number."""
+    return dim if dim < 2**63 else dim - 2**64
 
 
 def frozen_layers(
@@ -429,7 +440,7 @@ def _blockers(
     unused = {  # weights of layers whose forward never ran: used by someone else's
         id(weight): name
         for module, name in names.items()
-        if module not in called and tp.ops.module2type(module) in _LAYER_KINDS
+        if module not in called and _is_layer_module(module)
         for weight in module.parameters(recurse=False)
     }
     held = _held_head_layers(names)
@@ -508,7 +519,7 @@ def _held_head_layers(names: dict) -> dict[nn.Module, str]:
         if not (positive_int(heads) and positive_int(getattr(module, "head_dim", None))):
             continue
         for layer in module.modules():
-            if layer is not module and tp.ops.module2type(layer) in _LAYER_KINDS:
+            if layer is not module and _is_layer_module(layer):
                 held[layer] = name
     return held
 
@@ -591,7 +602,12 @@ def _last_dim_layer_widths(graph: tp.DependencyGraph, node) -> set[int] | None:
 
 
 def _is_layer(node) -> bool:
-    return tp.ops.module2type(node.module) in _LAYER_KINDS
+    return _is_layer_module(node.module)
+
+
+def _is_layer_module(module) -> bool:
+    """A layer Torch-Pruning resizes, not one of its operations."""
+    return tp.ops.module2type(module) in _LAYER_KINDS
 
 
 def _is_parameter(node) -> bool:
