@@ -29,6 +29,9 @@ class QuantSpec:
     weight_range: str = "full"  # stages quantized before weight ranges existed used the full range
     # activation products quantized (QLinearMul); networks quantized before it existed: not
     integer_products: bool = False
+    # the activations written as products to quantize (compress.quantization.fake_quant.
+    # PRODUCT_ACTIVATIONS); networks quantized before SiLU was one: the hard-swish alone
+    product_activations: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, raw: dict) -> QuantSpec:
@@ -37,6 +40,12 @@ class QuantSpec:
             skip=tuple(raw.get("skip", ())),
             weight_range=raw.get("weight_range", "full"),
             integer_products=bool(raw.get("integer_products", False)),
+            product_activations=tuple(
+                raw.get(
+                    "product_activations",
+                    ("hardswish",) if raw.get("integer_products", False) else (),
+                )
+            ),
         )
 
 
@@ -77,6 +86,7 @@ class NetworkSpec:
         raw = asdict(self)
         if self.quantization is not None:
             raw["quantization"]["skip"] = list(self.quantization.skip)
+            raw["quantization"]["product_activations"] = list(self.quantization.product_activations)
         return raw
 
     @classmethod

@@ -46,6 +46,7 @@ def _quantized_graph(quantization: QuantSpec, example: torch.Tensor):
             example_inputs=example,
             weight_range=quantization.weight_range,
             integer_products=quantization.integer_products,
+            product_activations=quantization.product_activations,
         )
 
     return prepare

@@ -40,7 +40,7 @@ import copy
 import fnmatch
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,14 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _ACTIVATION_FUNCTIONS = (F.relu, F.relu6, torch.relu)
 _ADDS = (operator.add, operator.iadd, torch.add)
 _MULS = (operator.mul, torch.mul)
-_HARDSWISH_FUNCTIONS = (F.hardswish,)
+# Activations that are a product of their input and a gate of it, by name: the module and the
+# function that compute them whole, and the gate. Written as ``x * gate(x)`` they quantize like
+# any product of activations (:func:`_split_into_products`); the names are recorded in
+# ``QuantSpec.product_activations`` so a saved network is rebuilt with the same graph.
+PRODUCT_ACTIVATIONS: dict[str, tuple[type[nn.Module], Callable, Callable]] = {
+    "hardswish": (nn.Hardswish, F.hardswish, F.hardsigmoid),
+    "silu": (nn.SiLU, F.silu, torch.sigmoid),
+}
 _PASSTHROUGH_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _PASSTHROUGH_FUNCTIONS = (torch.flatten, torch.reshape, F.max_pool2d, F.dropout)
 _PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "contiguous")
@@ -269,6 +276,7 @@ def prepare_quantized(
     example_inputs: torch.Tensor,
     weight_range: str = "auto",
     integer_products: bool | None = None,
+    product_activations: Sequence[str] | None = None,
 ) -> fx.GraphModule:
     """The fake-quantized copy of ``model``: BatchNorm folded, weights and activations INT8.
 
@@ -290,8 +298,12 @@ def prepare_quantized(
             ``"pair-limit"`` for ``onnxruntime-cpu`` (exact on CPUs with and without VNNI),
             ``"full"`` for TensorRT.
         integer_products: quantize products of activations (hard-swish written as
-            ``x * hardsigmoid(x)``, squeeze-excitation gates): ONNX Runtime then runs them as
-            integer ``QLinearMul`` (:func:`_split_hardswish`); None: on for ``onnxruntime-cpu``.
+            ``x * hardsigmoid(x)``, SiLU as ``x * sigmoid(x)``, squeeze-excitation gates): ONNX
+            Runtime then runs them as integer ``QLinearMul`` (:func:`_split_into_products`);
+            None: on for ``onnxruntime-cpu``.
+        product_activations: with ``integer_products``, the names of
+            :data:`PRODUCT_ACTIVATIONS` written as products; None: all of them (a network is
+            rebuilt with the names its ``quant_spec`` recorded).
 
     Returns:
         The prepared ``GraphModule`` on the model's device, in eval mode; its
@@ -325,8 +337,11 @@ def prepare_quantized(
     quantized = _swap_layers(graph_module, skipped, weight_range, _bn_gains(model, graph_module))
     if integer_products is None:
         integer_products = target == "onnxruntime-cpu"
-    if integer_products:
-        _split_hardswish(graph_module)
+    if not integer_products:
+        product_activations = ()
+    elif product_activations is None:
+        product_activations = tuple(PRODUCT_ACTIVATIONS)
+    _split_into_products(graph_module, product_activations)
     _place_quantizers(
         graph_module,
         quantized,
@@ -338,7 +353,9 @@ def prepare_quantized(
     graph_module.compress_name = getattr(model, "compress_name", type(model).__name__)
     graph_module.weight_range = weight_range
     # what export and reloading need
-    graph_module.quant_spec = QuantSpec(target, tuple(skip), weight_range, integer_products)
+    graph_module.quant_spec = QuantSpec(
+        target, tuple(skip), weight_range, integer_products, tuple(product_activations)
+    )
     graph_module.eval()
     with torch.no_grad():
         graph_module(example_inputs)
@@ -401,6 +418,7 @@ def with_float_layers(
         example_inputs=example_inputs,
         weight_range=spec.weight_range,
         integer_products=spec.integer_products,
+        product_activations=spec.product_activations,
     )
     values = qmodel.state_dict()
     wanted = fresh.state_dict()
@@ -556,29 +574,39 @@ def _twin(
     return new
 
 
-def _split_hardswish(graph_module: fx.GraphModule) -> None:
-    """Write each hard-swish as what it is, ``x * hardsigmoid(x)``, so that its product can be
-    quantized like any other (:func:`_place_quantizers`): ONNX Runtime then runs it as one
-    integer ``QLinearMul`` beside a float ``HardSigmoid``, as its own quantizer does.
+def _split_into_products(graph_module: fx.GraphModule, names: Sequence[str]) -> None:
+    """Write each activation of :data:`PRODUCT_ACTIVATIONS` that ``names`` lists as what it is,
+    ``x * gate(x)`` (a hard-swish ``x * hardsigmoid(x)``, a SiLU ``x * sigmoid(x)``), so that its
+    product can be quantized like any other (:func:`_place_quantizers`): ONNX Runtime then runs
+    it as one integer ``QLinearMul`` (and a SiLU's gate as a ``QLinearSigmoid`` table), as its own
+    quantizer does.
 
-    Why: left whole, a hard-swish between INT8 layers is dequantized, computed in float and
+    Why: left whole, the activation between INT8 layers is dequantized, computed in float and
     quantized again, and the float tensors between the integer kernels make ONNX Runtime
     transpose whole activations between its NHWC integer layout and the float NCHW one: our
     INT8 MobileNetV3-Large at 224 px ran 1.16x slower at batch 64 than ONNX Runtime's own PTQ
-    of the same network (benchmarks/RESULTS.md, issue 27).
+    of the same network, and our INT8 EfficientNet-B0 (SiLU everywhere) 2.3x slower at batch 16
+    (benchmarks/RESULTS.md).
     """
+    kinds = [PRODUCT_ACTIVATIONS[name] for name in names]
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     for node in list(graph.nodes):
-        whole = (
-            node.op == "call_module" and isinstance(modules.get(node.target), nn.Hardswish)
-        ) or (node.op == "call_function" and node.target in _HARDSWISH_FUNCTIONS)
-        if not whole:
+        gate = next(
+            (
+                gate
+                for module_type, function, gate in kinds
+                if (node.op == "call_module" and isinstance(modules.get(node.target), module_type))
+                or (node.op == "call_function" and node.target is function)
+            ),
+            None,
+        )
+        if gate is None:
             continue
         x = node.args[0]
         with graph.inserting_before(node):
-            gate = graph.call_function(F.hardsigmoid, (x,))
-            product = graph.call_function(operator.mul, (x, gate))
+            gated = graph.call_function(gate, (x,))
+            product = graph.call_function(operator.mul, (x, gated))
         node.replace_all_uses_with(product)
         graph.erase_node(node)
     graph.lint()

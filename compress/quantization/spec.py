@@ -45,11 +45,12 @@ class QuantizeSpec:
     so the file it writes depends on the CPU it ran on.
 
     ``integer_products`` (None: on for ``onnxruntime-cpu``) quantizes the products of two
-    activations (a hard-swish written as ``x * hardsigmoid(x)``, a squeeze-excitation gate),
-    both factors and the result, as ONNX Runtime's own quantizer does: ONNX Runtime runs them as
-    ``QLinearMul`` with no layout changes between its integer kernels (MobileNetV3-Large at
-    224 px, batch 64: 1.3x faster), while OpenVINO runs that pattern about 3x slower than
-    float products (benchmarks/RESULTS.md): set it false for files deployed on OpenVINO.
+    activations (a hard-swish written as ``x * hardsigmoid(x)``, a SiLU as ``x * sigmoid(x)``, a
+    squeeze-excitation gate), both factors and the result, as ONNX Runtime's own quantizer does:
+    ONNX Runtime runs them as ``QLinearMul`` (and sigmoids as ``QLinearSigmoid`` tables) with no
+    layout changes between its integer kernels (MobileNetV3-Large at 224 px, batch 64: 1.3x
+    faster; EfficientNet-B0, batch 16: 2.4x), while OpenVINO runs that pattern slower than float
+    products (benchmarks/RESULTS.md): set it false for files deployed on OpenVINO.
 
     ``bias_correction`` moves each layer's bias by the per-channel mean shift INT8 put on its
     outputs, measured against the float network on the calibration images
@@ -77,8 +78,9 @@ class QuantizeSpec:
     float_where_slower: bool = field(default=False, metadata={ADDED_LATER: True})
     # the batch size float_where_slower judges latency at
     speed_batch_size: int = field(default=1, metadata={ADDED_LATER: True})
-    # quantize products of activations (hard-swish, squeeze-excitation gates) so ONNX Runtime
-    # runs them as integer QLinearMul; null: on for onnxruntime-cpu (OpenVINO runs them slower)
+    # quantize products of activations (hard-swish, SiLU, squeeze-excitation gates) so ONNX
+    # Runtime runs them as integer QLinearMul; null: on for onnxruntime-cpu (OpenVINO runs them
+    # slower)
     integer_products: bool | None = field(default=None, metadata={ADDED_LATER: True})
     # move each layer's bias by the mean error INT8 put on its outputs (calibration images);
     # null: each PTQ candidate tried with and without it where held-out images decide, else off

@@ -152,6 +152,7 @@ def quantize(cfg: QuantizeConfig, ctx: RunContext) -> Artifact:
             "skip": list(cfg.skip),
             "weight_range": qmodel.weight_range,
             "integer_products": qmodel.quant_spec.integer_products,
+            "product_activations": list(qmodel.quant_spec.product_activations),
             "untraced_float": list(qmodel.untraced),  # modules torch.fx kept whole: float
             "calibration": candidates[0].method,
             "bias_correction": candidates[0].bias_corrected,
