@@ -337,6 +337,7 @@ def test_ptq_stays_close_to_fp32_and_qat_keeps_it(quant_run):
         "percentile": 99.99,
         "calibration_images": 256,
         "integer_products": True,  # onnxruntime-cpu's default
+        "product_activations": ["hardswish", "silu"],
         "float_where_slower": False,
         "float_layers_for_speed": [],
     }
