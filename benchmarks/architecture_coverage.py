@@ -258,10 +258,10 @@ HEAVY = (
 )  # fmt: skip
 HEAVY_TIMEOUT_FACTOR = 3  # their --timeout is this many times longer
 # 12-15 GB each at the peak of their chain (the two over 600M parameters; MaxViT-T, which runs only
-# at 224 px, reached 14.7 GB before the OOM killer took it beside the test suite), so two sweeps
-# on a 24 GiB machine run one of them at a time (the second waits for ``huge.running``, see
-# :func:`claimed`).
-HUGE = ("vit_h_14", "regnet_y_128gf", "maxvit_t")
+# at 224 px, reached 14.7 GB before the OOM killer took it beside the test suite; ViT-L/32 peaked
+# at 13 GB, and ViT-L/16 beside RegNetY-128GF left 4 GB free), so two sweeps on a 24 GiB machine
+# run one of them at a time (the second waits for ``huge.running``, see :func:`claimed`).
+HUGE = ("vit_h_14", "regnet_y_128gf", "maxvit_t", "vit_l_16")
 
 
 def all_models(source: str | None) -> list[str]:
