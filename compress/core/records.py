@@ -35,16 +35,14 @@ class QuantSpec:
 
     @classmethod
     def from_json(cls, raw: dict) -> QuantSpec:
+        products = bool(raw.get("integer_products", False))
         return cls(
             target=raw["target"],
             skip=tuple(raw.get("skip", ())),
             weight_range=raw.get("weight_range", "full"),
-            integer_products=bool(raw.get("integer_products", False)),
+            integer_products=products,
             product_activations=tuple(
-                raw.get(
-                    "product_activations",
-                    ("hardswish",) if raw.get("integer_products", False) else (),
-                )
+                raw.get("product_activations", ("hardswish",) if products else ())
             ),
         )
 

@@ -592,17 +592,12 @@ def _split_into_products(graph_module: fx.GraphModule, names: Sequence[str]) -> 
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     for node in list(graph.nodes):
-        gate = next(
-            (
-                gate
-                for module_type, function, gate in kinds
-                if (node.op == "call_module" and isinstance(modules.get(node.target), module_type))
-                or (node.op == "call_function" and node.target is function)
-            ),
-            None,
-        )
-        if gate is None:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        function = node.target if node.op == "call_function" else None
+        gates = [gate for kind, call, gate in kinds if isinstance(module, kind) or function is call]
+        if not gates:
             continue
+        gate = gates[0]
         x = node.args[0]
         with graph.inserting_before(node):
             gated = graph.call_function(gate, (x,))
