@@ -43,7 +43,7 @@ import compress
 from compress.benchmark.backends.onnxruntime import measure_each
 from compress.core.fileio import write_json_atomic
 from compress.core.machine import machine_info, versions
-from compress.exporters.qdq import float_ops
+from compress.exporters.qdq import float_ops, optimized_nodes
 from compress.nets.models import build_model, count_params_macs
 from compress.quantization.fake_quant import calibrate, prepare_quantized
 
@@ -114,7 +114,10 @@ def measure(name: str, images: torch.Tensor, args) -> dict:
         }
         with contextlib.redirect_stderr(io.StringIO()):
             ort_quantize(paths["fp32"], calibration.numpy(), "MinMax", paths["ort_ptq"])
-        floats = {key: float_ops(optimized_ops(path)) for key, path in paths.items()}
+        floats = {
+            key: float_ops(Counter(node.op_type for node in optimized_nodes(path)))
+            for key, path in paths.items()
+        }
         timings = {
             batch: measure_each(
                 [paths[key] for key in FILES],
@@ -155,20 +158,6 @@ def measure(name: str, images: torch.Tensor, args) -> dict:
         },
         "timings": {f"b{batch}": timing for batch, timing in timings.items()},
     }
-
-
-def optimized_ops(path: Path) -> Counter:
-    """Op types of ONNX Runtime's optimized graph of ``path`` (extended level: its fusions, no
-    CPU-specific layout)."""
-    import onnx
-    import onnxruntime as ort
-
-    optimized = path.with_suffix(".optimized.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(optimized)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
 
 
 def table(rows: list[dict], batch: int) -> str:

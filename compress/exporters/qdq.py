@@ -401,9 +401,13 @@ def _zero_point(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
     return numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
 
 
-def _fused_convs(path: Path, skip_count: int) -> dict:
-    """QLinearConv and FP32 Conv counts, and the ops that run in float (:func:`float_ops`),
-    after ONNX Runtime's graph optimisation."""
+def optimized_nodes(path: Path) -> list[onnx.NodeProto]:
+    """The nodes ONNX Runtime's CPU provider runs for ``path`` after its graph optimisation
+    (extended level: its fusions into integer kernels, no CPU-specific layout).
+
+    Raises:
+        ExportError: ONNX Runtime cannot load the file.
+    """
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
@@ -418,7 +422,13 @@ def _fused_convs(path: Path, skip_count: int) -> dict:
                 f"{path}: ONNX Runtime cannot load it: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from exc
-        nodes = list(onnx.load(optimized).graph.node)
+        return list(onnx.load(optimized).graph.node)
+
+
+def _fused_convs(path: Path, skip_count: int) -> dict:
+    """QLinearConv and FP32 Conv counts, and the ops that run in float (:func:`float_ops`),
+    after ONNX Runtime's graph optimisation."""
+    nodes = optimized_nodes(path)
     ops = Counter(node.op_type for node in nodes)
     counts = {
         "qlinear_conv": sum(ops[op] for op in _QLINEAR_CONVS),
